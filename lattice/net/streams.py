@@ -1,0 +1,128 @@
+"""The stream interface every protocol driver uses, and length-prefixed msgpack framing.
+
+Owns: `Stream` / `PeerNetwork` (what a driver may ask of the network), `send_frame` /
+`recv_frame`, and the error a vanished or misbehaving peer raises (`PeerError`).
+Must not import libp2p: `lattice.net.host` adapts py-libp2p to this interface and
+`lattice.testing.memnet` provides an in-memory one.
+
+Frame: 4-byte big-endian length, then that many bytes of msgpack (proto/README.md).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from lattice.core.codec import DEFAULT_MAX_BYTES, DecodeError, pack, unpack
+
+_LEN = struct.Struct(">I")
+
+
+class PeerError(Exception):
+    """The remote peer vanished, reset the stream, or broke the protocol.
+
+    The one error a per-peer exchange catches; everything else is a bug and propagates.
+    """
+
+
+class StreamClosedError(PeerError):
+    """The remote closed its side before we got what we needed (EOF or reset)."""
+
+
+class RemoteProtocolError(PeerError):
+    """The remote sent bytes that violate the protocol (bad frame, bad message)."""
+
+
+class Stream(Protocol):
+    """A bidirectional byte stream to one peer, for one protocol."""
+
+    remote_peer_id: str
+    protocol: str
+
+    async def read(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` bytes; ``b""`` at EOF; raises StreamClosedError on reset."""
+        ...
+
+    async def write(self, data: bytes | memoryview) -> None: ...
+
+    async def close_write(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def reset(self) -> None: ...
+
+
+StreamHandler = Callable[[Stream], Awaitable[None]]
+
+
+class PeerNetwork(Protocol):
+    """What a protocol driver may ask of the network."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """Open a stream on an existing or new connection; raises PeerError."""
+        ...
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None: ...
+
+    def connected_peers(self) -> list[str]: ...
+
+
+async def read_exactly(stream: Stream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.read(n - len(buf))
+        if not chunk:
+            raise StreamClosedError(f"stream ended after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def read_into(stream: Stream, view: memoryview) -> None:
+    """Fill ``view`` (a writable byte view) from the stream or raise StreamClosedError."""
+    filled = 0
+    total = len(view)
+    while filled < total:
+        chunk = await stream.read(min(total - filled, 1 << 20))
+        if not chunk:
+            raise StreamClosedError(f"stream ended after {filled} of {total} bytes")
+        view[filled:filled + len(chunk)] = chunk
+        filled += len(chunk)
+
+
+async def send_frame(stream: Stream, message: Any) -> None:
+    body = pack(message)
+    await stream.write(_LEN.pack(len(body)) + body)
+
+
+async def recv_frame(stream: Stream, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
+    """The next framed message; raises StreamClosedError at EOF, RemoteProtocolError
+    for an oversized or undecodable frame."""
+    header = await read_exactly(stream, _LEN.size)
+    (length,) = _LEN.unpack(header)
+    if length > max_bytes:
+        raise RemoteProtocolError(f"frame of {length} bytes exceeds limit {max_bytes}")
+    body = await read_exactly(stream, length)
+    try:
+        return unpack(body, max_bytes=max_bytes)
+    except DecodeError as e:
+        raise RemoteProtocolError(str(e)) from None
+
+
+async def recv_frame_or_eof(stream: Stream, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any | None:
+    """Like recv_frame, but a clean EOF before a new frame returns None."""
+    first = await stream.read(1)
+    if not first:
+        return None
+    header = first + await read_exactly(stream, _LEN.size - 1)
+    (length,) = _LEN.unpack(header)
+    if length > max_bytes:
+        raise RemoteProtocolError(f"frame of {length} bytes exceeds limit {max_bytes}")
+    body = await read_exactly(stream, length)
+    try:
+        return unpack(body, max_bytes=max_bytes)
+    except DecodeError as e:
+        raise RemoteProtocolError(str(e)) from None

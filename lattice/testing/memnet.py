@@ -1,0 +1,176 @@
+"""An in-memory `PeerNetwork`: many fake peers in one trio run, no sockets.
+
+Streams are pairs of bounded trio memory channels carrying byte chunks. A peer can be
+taken offline (`MemoryNetwork.disconnect`) to simulate a crash or a partition: its open
+streams are reset and new streams to or from it fail with `PeerError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import trio
+
+from lattice.core.identity import Identity
+from lattice.net.streams import PeerError, StreamClosedError, StreamHandler
+
+_CHANNEL_DEPTH = 64
+
+
+class MemoryStream:
+    def __init__(self, protocol: str, remote_peer_id: str,
+                 send: trio.MemorySendChannel, recv: trio.MemoryReceiveChannel,
+                 link: "_Link") -> None:
+        self.protocol = protocol
+        self.remote_peer_id = remote_peer_id
+        self._send = send
+        self._recv = recv
+        self._pending = b""
+        self._link = link
+
+    async def read(self, max_bytes: int) -> bytes:
+        if not self._pending:
+            try:
+                self._pending = await self._recv.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                if self._link.reset:
+                    raise StreamClosedError("stream reset") from None
+                return b""
+        chunk, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
+        return chunk
+
+    async def write(self, data: bytes | memoryview) -> None:
+        if self._link.reset:
+            raise StreamClosedError("stream reset")
+        try:
+            await self._send.send(bytes(data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise StreamClosedError("stream closed by remote") from None
+
+    async def close_write(self) -> None:
+        await self._send.aclose()
+
+    async def close(self) -> None:
+        await self._send.aclose()
+
+    async def reset(self) -> None:
+        self._link.reset = True
+        await self._send.aclose()
+        await self._recv.aclose()
+
+
+class _Link:
+    reset = False
+
+
+class MemoryPeer:
+    """One fake peer: implements `lattice.net.streams.PeerNetwork`."""
+
+    def __init__(self, net: "MemoryNetwork", identity: Identity) -> None:
+        self._net = net
+        self.identity = identity
+        self._handlers: dict[str, StreamHandler] = {}
+        self._nursery: trio.Nursery | None = None
+        self.streams: list[MemoryStream] = []
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        self._handlers[protocol] = handler
+
+    def connected_peers(self) -> list[str]:
+        return self._net.neighbours(self.peer_id)
+
+    async def open_stream(self, peer_id: str, protocol: str) -> MemoryStream:
+        await trio.lowlevel.checkpoint()
+        remote = self._net.peers.get(peer_id)
+        if remote is None or not self._net.reachable(self.peer_id, peer_id):
+            raise PeerError(f"cannot reach {peer_id}")
+        handler = remote._handlers.get(protocol)
+        if handler is None or remote._nursery is None:
+            raise PeerError(f"{peer_id} does not speak {protocol}")
+        self._net.links.add(frozenset((self.peer_id, peer_id)))
+        a_send, b_recv = trio.open_memory_channel[bytes](_CHANNEL_DEPTH)
+        b_send, a_recv = trio.open_memory_channel[bytes](_CHANNEL_DEPTH)
+        link = _Link()
+        ours = MemoryStream(protocol, peer_id, a_send, a_recv, link)
+        theirs = MemoryStream(protocol, self.peer_id, b_send, b_recv, link)
+        self.streams.append(ours)
+        remote.streams.append(theirs)
+        remote._nursery.start_soon(remote._run_handler, handler, theirs)
+        return ours
+
+    async def _run_handler(self, handler: StreamHandler, stream: MemoryStream) -> None:
+        try:
+            await handler(stream)
+        except PeerError:
+            pass  # a vanished peer ends only its own exchange
+        finally:
+            await stream.close()
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept inbound streams until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+
+class MemoryNetwork:
+    """A set of fake peers. Every pair can reach each other unless cut apart."""
+
+    def __init__(self) -> None:
+        self.peers: dict[str, MemoryPeer] = {}
+        self.links: set[frozenset[str]] = set()
+        self._offline: set[str] = set()
+        self._partition: dict[str, int] | None = None
+        self._counter = itertools.count()
+
+    def add_peer(self, identity: Identity | None = None) -> MemoryPeer:
+        peer = MemoryPeer(self, identity or Identity.generate())
+        self.peers[peer.peer_id] = peer
+        return peer
+
+    def reachable(self, a: str, b: str) -> bool:
+        if a in self._offline or b in self._offline:
+            return False
+        if self._partition is not None:
+            return self._partition.get(a) == self._partition.get(b)
+        return True
+
+    def neighbours(self, peer_id: str) -> list[str]:
+        out = []
+        for link in self.links:
+            if peer_id in link:
+                (other,) = link - {peer_id}
+                if self.reachable(peer_id, other):
+                    out.append(other)
+        return sorted(out)
+
+    def disconnect(self, peer_id: str) -> None:
+        """Take a peer offline (crash): its links go and its open streams are reset."""
+        self._offline.add(peer_id)
+        self._reset_streams(lambda s, owner: owner == peer_id or s.remote_peer_id == peer_id)
+
+    def reconnect(self, peer_id: str) -> None:
+        self._offline.discard(peer_id)
+
+    def partition(self, *groups: list[str]) -> None:
+        """Cut the network into groups that cannot reach each other."""
+        self._partition = {p: i for i, group in enumerate(groups) for p in group}
+        self._reset_streams(
+            lambda s, owner: not self.reachable(owner, s.remote_peer_id))
+
+    def heal(self) -> None:
+        self._partition = None
+
+    def _reset_streams(self, predicate) -> None:
+        for owner, peer in self.peers.items():
+            for s in peer.streams:
+                if predicate(s, owner):
+                    s._link.reset = True
+                    s._send.close()
+                    s._recv.close()
+            peer.streams = [s for s in peer.streams if not s._link.reset]
