@@ -1,0 +1,5 @@
+import sys
+
+from latticed.main import main
+
+sys.exit(main())

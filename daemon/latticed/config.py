@@ -1,0 +1,280 @@
+"""Effective configuration: defaults < TOML file < LATTICE_* environment < flags.
+
+Owns the table of every setting (key, type, default, doc), loading from each source,
+validation with messages that name the key, and `--print-config` rendering. Adding a
+setting is one `Setting(...)` line; the annotated `daemon/latticed.toml` documents them
+and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lattice.api import paths
+
+ENV_PREFIX = "LATTICE_"
+
+
+class ConfigError(ValueError):
+    """Bad configuration: names the key, the source and what is wrong."""
+
+    def __init__(self, key: str, message: str, source: str = "") -> None:
+        where = f" (from {source})" if source else ""
+        super().__init__(f"{key}: {message}{where}")
+        self.key = key
+
+
+def _xdg_config_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "lattice" / "latticed.toml"
+
+
+def _multiaddr_list(*, need_peer_id: bool) -> Callable[[str, Any], list[str]]:
+    def check(key: str, value: Any) -> list[str]:
+        import multiaddr  # light (no libp2p); only imported when validating
+
+        out = []
+        for item in value:
+            try:
+                m = multiaddr.Multiaddr(item)
+            except Exception as e:  # the multiaddr package raises many unrelated types
+                raise ConfigError(key, f"{item!r} is not a multiaddr ({e})") from None
+            protos = [p.name for p in m.protocols()]
+            if need_peer_id and "p2p" not in protos:
+                raise ConfigError(key, f"{item!r} must end in /p2p/<peer id>")
+            if not need_peer_id and "tcp" not in protos:
+                raise ConfigError(key, f"{item!r}: only TCP listen addresses are supported")
+            out.append(item)
+        return out
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        v = str(value).lower()
+        if v not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return v
+    return check
+
+
+def _at_least(n: float) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        if value < n:
+            raise ConfigError(key, f"must be at least {n}, got {value}")
+        return value
+    return check
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str            # "section.name"
+    type: type          # str, int, float, bool, list, Path
+    default: Any
+    doc: str
+    check: Callable[[str, Any], Any] | None = None
+    env: str = ""       # environment variable; derived from the key when empty
+
+    @property
+    def env_name(self) -> str:
+        if self.env:
+            return self.env
+        section, name = self.key.split(".", 1)
+        tail = name if section == "node" else f"{section}_{name}"
+        return ENV_PREFIX + tail.upper()
+
+
+SETTINGS: list[Setting] = [
+    Setting("node.state_dir", Path, None,
+            "where identity, lock, socket and state live (default: $XDG_STATE_HOME/lattice)"),
+    Setting("node.socket", Path, None, "local RPC socket (default: <state_dir>/latticed.sock)"),
+    Setting("node.name", str, "", "a human-readable name shown to other members"),
+    Setting("node.listen", list, ["/ip4/0.0.0.0/tcp/4001"], "multiaddrs to listen on",
+            _multiaddr_list(need_peer_id=False)),
+    Setting("node.bootstrap", list, [], "peers to dial at start and keep connected "
+            "(multiaddrs ending in /p2p/<peer id>)", _multiaddr_list(need_peer_id=True)),
+    Setting("node.mdns", bool, True, "find daemons on the local network by mDNS"),
+    Setting("log.level", str, "info", "debug | info | warning | error",
+            _one_of("debug", "info", "warning", "error")),
+    Setting("rpc.max_frame_bytes", int, 4 << 20, "largest accepted local RPC frame",
+            _at_least(1024)),
+    Setting("rpc.max_clients", int, 64, "concurrent local RPC connections", _at_least(1)),
+    Setting("rpc.subscriber_queue", int, 256,
+            "events buffered per subscriber before it is marked lagging", _at_least(1)),
+    Setting("limits.max_connections", int, 256, "peer connections kept at most", _at_least(1)),
+    Setting("limits.bootstrap_retry_max_s", float, 30.0,
+            "longest wait between redials of a lost bootstrap peer", _at_least(0.1)),
+    Setting("limits.ping_interval_s", float, 15.0, "how often peers' RTT is measured",
+            _at_least(1.0)),
+]
+BY_KEY = {s.key: s for s in SETTINGS}
+
+
+def _coerce(setting: Setting, value: Any, source: str) -> Any:
+    t = setting.type
+    key = setting.key
+    if value is None:
+        return None
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(key, f"must be true or false, got {value!r}", source)
+    if t is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"must be an integer, got {value!r}", source)
+        try:
+            return int(value) if isinstance(value, (int, str)) else _bad(key, "an integer", value, source)
+        except ValueError:
+            raise ConfigError(key, f"must be an integer, got {value!r}", source) from None
+    if t is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"must be a number, got {value!r}", source)
+        try:
+            return float(value) if isinstance(value, (int, float, str)) else _bad(key, "a number", value, source)
+        except ValueError:
+            raise ConfigError(key, f"must be a number, got {value!r}", source) from None
+    if t is list:
+        if isinstance(value, str):  # from the environment: comma or space separated
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"must be a list of strings, got {value!r}", source)
+        return value
+    if t is Path:
+        if not isinstance(value, (str, Path)) or str(value) == "":
+            raise ConfigError(key, f"must be a path, got {value!r}", source)
+        return Path(value).expanduser()
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, got {value!r}", source)
+    return value
+
+
+def _bad(key: str, what: str, value: Any, source: str) -> Any:
+    raise ConfigError(key, f"must be {what}, got {value!r}", source)
+
+
+class Config:
+    """The effective configuration. ``config["node.listen"]`` or ``config.node.listen``."""
+
+    def __init__(self, values: dict[str, Any], sources: dict[str, str]) -> None:
+        self._values = values
+        self.sources = sources
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __getattr__(self, section: str) -> Any:
+        prefix = section + "."
+        if not any(k.startswith(prefix) for k in self._values):
+            raise AttributeError(section)
+        from types import SimpleNamespace
+        return SimpleNamespace(**{k[len(prefix):]: v for k, v in self._values.items()
+                                  if k.startswith(prefix)})
+
+    @property
+    def state_dir(self) -> Path:
+        return self._values["node.state_dir"]
+
+    @property
+    def socket(self) -> Path:
+        return self._values["node.socket"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def to_toml(self) -> str:
+        """The effective config as TOML, each value annotated with where it came from."""
+        lines: list[str] = []
+        section = None
+        for s in SETTINGS:
+            sec, name = s.key.split(".", 1)
+            if sec != section:
+                if lines:
+                    lines.append("")
+                lines.append(f"[{sec}]")
+                section = sec
+            lines.append(f"{name} = {_toml_value(self._values[s.key])}  # {self.sources[s.key]}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, Path):
+        v = str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def load(*, config_file: Path | None, flags: dict[str, Any],
+         environ: dict[str, str] | None = None) -> Config:
+    """Merge the sources. ``flags`` maps setting keys to values given on the command line
+    (absent or None means not given). Raises ConfigError."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {s.key: s.default for s in SETTINGS}
+    sources = {s.key: "default" for s in SETTINGS}
+
+    path = config_file
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = Path(env[ENV_PREFIX + "CONFIG"])
+    implicit = path is None
+    if path is None:
+        path = _xdg_config_file()
+    if path is not None and (path.exists() or not implicit):
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("config", f"file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(section, "expected a [section] table", str(path))
+            for name, value in table.items():
+                key = f"{section}.{name}"
+                if key not in BY_KEY:
+                    raise ConfigError(key, "unknown setting", str(path))
+                values[key] = _coerce(BY_KEY[key], value, str(path))
+                sources[key] = f"file {path}"
+
+    for s in SETTINGS:
+        if s.env_name in env:
+            values[s.key] = _coerce(s, env[s.env_name], f"environment {s.env_name}")
+            sources[s.key] = f"environment {s.env_name}"
+
+    for key, value in flags.items():
+        if value is None:
+            continue
+        s = BY_KEY[key]
+        values[key] = _coerce(s, value, "command line")
+        sources[key] = "command line"
+
+    for s in SETTINGS:
+        if s.check is not None and values[s.key] is not None:
+            values[s.key] = s.check(s.key, values[s.key])
+
+    if values["node.state_dir"] is None:
+        values["node.state_dir"] = paths.default_state_dir()
+        sources["node.state_dir"] = "default ($XDG_STATE_HOME/lattice)"
+    values["node.state_dir"] = Path(values["node.state_dir"]).expanduser().absolute()
+    if values["node.socket"] is None:
+        values["node.socket"] = paths.socket_in(values["node.state_dir"])
+        sources["node.socket"] = "default (<state_dir>/latticed.sock)"
+    values["node.socket"] = Path(values["node.socket"]).expanduser().absolute()
+    # sun_path is 108 bytes on Linux; a longer path fails later with an obscure error
+    if len(os.fsencode(str(values["node.socket"]))) > 107:
+        raise ConfigError("node.socket", f"path {values['node.socket']} is longer than "
+                          "the 107 bytes a Unix socket path may have; choose a shorter one")
+    return Config(values, sources)

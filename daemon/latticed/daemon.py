@@ -1,0 +1,217 @@
+"""The composition root: one trio nursery running every service of a node.
+
+Order (tailscale's lesson: the socket first, so clients see STARTING rather than
+"no daemon"): state dir lock and identity -> local RPC socket -> the libp2p host
+(imported in a worker thread: the import alone takes ~0.5 s) -> peer-event fan-out,
+bootstrap keepers, RTT pinger -> state RUNNING. Shutdown is cancellation of the nursery.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import trio
+
+from lattice.api.errors import (
+    InvalidArgumentError,
+    NotReadyError,
+    PeerUnreachableError,
+)
+from lattice.api.methods import EVENT_TOPICS, schema
+
+from latticed import __version__
+from latticed import statedir
+from latticed.config import Config
+from latticed.events import EventBus
+from latticed.rpc_server import ClientConnection, RpcServer
+
+log = logging.getLogger("latticed")
+
+STARTING, RUNNING, STOPPING = "starting", "running", "stopping"
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state = STARTING
+        self.started_at = time.time()
+        self._monotonic_start = time.monotonic()
+        self.bus = EventBus(config["rpc.subscriber_queue"])
+        self.identity, self.identity_created = statedir.load_or_create_identity(config.state_dir)
+        self.node: Any = None  # lattice.net.host.Libp2pNode once the host is up
+        self.rpc: RpcServer | None = None
+        self._peer_gone: dict[str, trio.Event] = {}
+        self._net_errors: tuple[type[BaseException], ...] = ()
+        self.ready_seconds: float | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+    def set_state(self, state: str) -> None:
+        self.state = state
+        self.bus.publish("daemon", {"event": "state", "state": state})
+        log.info("state=%s", state)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        async with trio.open_nursery() as nursery:
+            self.rpc = RpcServer(cfg.socket, self.handlers(), self.bus,
+                                 max_frame=cfg["rpc.max_frame_bytes"],
+                                 max_clients=cfg["rpc.max_clients"])
+            await nursery.start(self.rpc.serve)
+            log.info("local RPC socket %s (starting)", cfg.socket)
+
+            host_mod = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.host")
+            host_mod.quiet_libp2p_logging(logging.getLogger("latticed").getEffectiveLevel())
+            self._net_errors = host_mod.PEER_ERRORS
+            async with host_mod.open_libp2p_node(
+                    self.identity, cfg["node.listen"], mdns=cfg["node.mdns"],
+                    max_connections=cfg["limits.max_connections"],
+                    event_buffer=cfg["rpc.subscriber_queue"]) as (node, peer_events):
+                self.node = node
+                nursery.start_soon(self._fan_out_peer_events, peer_events)
+                nursery.start_soon(self._measure_rtts)
+                for addr in cfg["node.bootstrap"]:
+                    nursery.start_soon(self._keep_bootstrap_peer, addr)
+                self.ready_seconds = time.monotonic() - self._monotonic_start
+                log.info("peer id %s listening on %s", self.identity.peer_id,
+                         ", ".join(node.listen_addrs()))
+                self.set_state(RUNNING)
+                task_status.started(self)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self.state = STOPPING
+                    self.bus.publish("daemon", {"event": "state", "state": STOPPING})
+
+    # -- services ---------------------------------------------------------------------
+    async def _fan_out_peer_events(self, events: trio.MemoryReceiveChannel) -> None:
+        async with trio.open_nursery() as nursery:
+            async for ev in events:
+                if ev.kind == "disconnected":
+                    gone = self._peer_gone.pop(ev.peer_id, None)
+                    if gone is not None:
+                        gone.set()
+                else:
+                    nursery.start_soon(self._measure_one, ev.peer_id)
+                log.info("peer=%s %s (%s %s)", ev.peer_id, ev.kind, ev.direction, ev.addr)
+                self.bus.publish("peers", {"event": ev.kind, "peer_id": ev.peer_id,
+                                           "direction": ev.direction, "addr": ev.addr})
+
+    async def _measure_one(self, peer_id: str) -> None:
+        await self.node.measure_rtt(peer_id)
+
+    async def _measure_rtts(self) -> None:
+        interval = self.config["limits.ping_interval_s"]
+        while True:
+            await trio.sleep(interval)
+            async with trio.open_nursery() as nursery:
+                for peer_id in self.node.connected_peers():
+                    nursery.start_soon(self._measure_one, peer_id)
+
+    def wait_disconnected(self, peer_id: str) -> trio.Event:
+        return self._peer_gone.setdefault(peer_id, trio.Event())
+
+    async def _keep_bootstrap_peer(self, addr: str) -> None:
+        """Dial a bootstrap peer and redial with exponential backoff whenever it drops."""
+        peer_id = addr.rsplit("/p2p/", 1)[-1]
+        backoff = 0.25
+        max_backoff = self.config["limits.bootstrap_retry_max_s"]
+        while True:
+            if peer_id in self.node.connected_peers():
+                backoff = 0.25
+                gone = self.wait_disconnected(peer_id)
+                if peer_id in self.node.connected_peers():
+                    await gone.wait()
+                continue
+            try:
+                await self.node.connect(addr)
+                log.info("bootstrap peer=%s connected", peer_id)
+                continue
+            except self._net_errors as e:
+                log.warning("bootstrap peer=%s unreachable (%s); retry in %.1f s",
+                            peer_id, e, backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff)
+
+    # -- RPC handlers -----------------------------------------------------------------
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "api.info": self.rpc_api_info,
+            "status": self.rpc_status,
+            "peers.list": self.rpc_peers_list,
+            "peers.connect": self.rpc_peers_connect,
+            "subscribe": self.rpc_subscribe,
+            "unsubscribe": self.rpc_unsubscribe,
+        }
+
+    def _require_node(self) -> Any:
+        if self.node is None:
+            raise NotReadyError("the daemon is still starting; retry in a moment")
+        return self.node
+
+    async def rpc_api_info(self, client: ClientConnection) -> dict[str, Any]:
+        return {**schema(), "version": __version__}
+
+    async def rpc_status(self, client: ClientConnection) -> dict[str, Any]:
+        node = self.node
+        return {
+            "peer_id": self.identity.peer_id,
+            "version": __version__,
+            "name": self.config["node.name"],
+            "state": self.state,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self._monotonic_start, 3),
+            "ready_s": self.ready_seconds,
+            "listen_addrs": node.listen_addrs() if node else [],
+            "advertised_addrs": node.advertised_addrs() if node else [],
+            "observed_addrs": node.observed_addrs() if node else [],
+            "peers": len(node.connected_peers()) if node else 0,
+            "state_dir": str(self.config.state_dir),
+            "socket": str(self.config.socket),
+            "rpc": self.rpc.stats.as_dict() if self.rpc else {},
+            "events": {"subscribers": self.bus.subscribers, "published": self.bus.published,
+                       "dropped": self.bus.dropped},
+        }
+
+    async def rpc_peers_list(self, client: ClientConnection) -> list[dict[str, Any]]:
+        node = self._require_node()
+        return node.connections()
+
+    async def rpc_peers_connect(self, client: ClientConnection, addr: str,
+                                timeout: float) -> dict[str, Any]:
+        node = self._require_node()
+        if not (0 < timeout <= 120) or math.isnan(timeout):
+            raise InvalidArgumentError("timeout must be in (0, 120] seconds")
+        host_mod = importlib.import_module("lattice.net.host")
+        t0 = time.perf_counter()
+        try:
+            peer_id = await node.connect(addr, timeout=timeout)
+        except host_mod.DialError as e:
+            msg = str(e)
+            if msg.startswith("not a dialable multiaddr") or "this daemon itself" in msg:
+                raise InvalidArgumentError(msg) from None
+            raise PeerUnreachableError(msg) from None
+        return {"peer_id": peer_id, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    async def rpc_subscribe(self, client: ClientConnection, topics: list[str]) -> dict[str, Any]:
+        unknown = sorted(set(topics) - set(EVENT_TOPICS))
+        if unknown or not topics:
+            raise InvalidArgumentError(
+                f"unknown topic(s) {', '.join(unknown) or '(none given)'}; "
+                f"known: {', '.join(EVENT_TOPICS)}")
+        sub = self.bus.subscribe(topics)
+        # every topic starts with the full state (tailscale's watch stream does the same)
+        if "daemon" in topics:
+            self.bus.deliver(sub, {"topic": "daemon", "event": "snapshot", "state": self.state})
+        if "peers" in topics:
+            self.bus.deliver(sub, {"topic": "peers", "event": "snapshot",
+                                   "peers": self.node.connections() if self.node else []})
+        client.start_subscription(sub)
+        return {"subscription": sub.id, "topics": sorted(topics)}
+
+    async def rpc_unsubscribe(self, client: ClientConnection, subscription: int) -> dict[str, Any]:
+        return {"stopped": client.stop_subscription(subscription)}

@@ -1,0 +1,66 @@
+"""The daemon's event bus: topics fanned out to bounded per-subscriber queues.
+
+A subscriber that stops reading loses events, never memory: when its queue is full,
+events are dropped and counted, and the next event it does get is preceded by a
+``{"topic": "lagged", "dropped": N}`` marker so it knows to re-read state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+
+@dataclass
+class Subscription:
+    id: int
+    topics: frozenset[str]
+    send: trio.MemorySendChannel
+    receive: trio.MemoryReceiveChannel
+    dropped: int = 0
+
+
+class EventBus:
+    def __init__(self, queue_size: int) -> None:
+        self.queue_size = queue_size
+        self._subs: dict[int, Subscription] = {}
+        self._ids = itertools.count(1)
+        self.published = 0
+        self.dropped = 0
+
+    def subscribe(self, topics: list[str]) -> Subscription:
+        send, receive = trio.open_memory_channel[dict[str, Any]](self.queue_size)
+        sub = Subscription(next(self._ids), frozenset(topics), send, receive)
+        self._subs[sub.id] = sub
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if self._subs.pop(sub.id, None) is not None:
+            sub.send.close()
+
+    def publish(self, topic: str, event: dict[str, Any]) -> None:
+        self.published += 1
+        message = {"topic": topic, **event}
+        for sub in list(self._subs.values()):
+            if topic in sub.topics:
+                self.deliver(sub, message)
+
+    def deliver(self, sub: Subscription, message: dict[str, Any]) -> None:
+        """Queue one message for one subscriber (used for per-subscriber snapshots)."""
+        try:
+            if sub.dropped:
+                sub.send.send_nowait({"topic": "lagged", "dropped": sub.dropped})
+                sub.dropped = 0
+            sub.send.send_nowait(message)
+        except trio.WouldBlock:
+            sub.dropped += 1
+            self.dropped += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._subs.pop(sub.id, None)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)

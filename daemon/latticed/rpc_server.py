@@ -1,0 +1,299 @@
+"""The local RPC server: msgpack-RPC over a Unix domain socket.
+
+Owns the socket file (mode 0600), peer-credential checks (same uid or root), framing
+limits, dispatch through the method table, and streaming notifications to subscribers.
+
+Failure policy (`serve_rpc`): a misbehaving client gets a typed error or, for bytes that
+cannot be framed, a closed connection; it is counted in `RpcStats` and every other
+client is unaffected. A handler that raises `LatticeError` answers with its code; any
+other exception in a handler is a daemon bug: it is logged with its traceback and
+answered with INTERNAL so one bad request cannot take the daemon down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lattice.api.errors import (
+    ErrorCode,
+    FrameTooLargeError,
+    InternalError,
+    InvalidRequestError,
+    LatticeError,
+    MethodNotFoundError,
+    OverloadedError,
+    ParseError,
+    PermissionDeniedError,
+)
+from lattice.api.framing import (
+    NOTIFICATION,
+    REQUEST,
+    RESPONSE,
+    BadFrame,
+    Frame,
+    FrameDecoder,
+    OversizedFrame,
+    Unrecoverable,
+    frame,
+)
+from lattice.api.methods import METHODS, Method
+
+from latticed.events import EventBus, Subscription
+
+log = logging.getLogger("latticed.rpc")
+
+MAX_IN_FLIGHT_PER_CLIENT = 32
+
+
+@dataclass
+class RpcStats:
+    connections_total: int = 0
+    connections_open: int = 0
+    refused_credentials: int = 0
+    refused_overloaded: int = 0
+    requests: int = 0
+    parse_errors: int = 0
+    invalid_requests: int = 0
+    unknown_methods: int = 0
+    invalid_params: int = 0
+    oversized_frames: int = 0
+    unrecoverable_streams: int = 0
+    internal_errors: int = 0
+    notifications_sent: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class ClientConnection:
+    """One local client: what a handler may use (credentials, subscriptions)."""
+
+    def __init__(self, server: "RpcServer", stream: trio.SocketStream, uid: int, pid: int) -> None:
+        self.server = server
+        self.stream = stream
+        self.uid = uid
+        self.pid = pid
+        self._send_lock = trio.Lock()
+        self.subscriptions: dict[int, Subscription] = {}
+        self.nursery: trio.Nursery | None = None
+        self.in_flight = 0
+
+    async def send(self, message: Any) -> None:
+        data = frame(message)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    def start_subscription(self, sub: Subscription) -> None:
+        assert self.nursery is not None
+        self.subscriptions[sub.id] = sub
+        self.nursery.start_soon(self._pump, sub)
+
+    async def _pump(self, sub: Subscription) -> None:
+        async for event in sub.receive:
+            await self.send([NOTIFICATION, "event", {"subscription": sub.id, **event}])
+            self.server.stats.notifications_sent += 1
+
+    def stop_subscription(self, sub_id: int) -> bool:
+        sub = self.subscriptions.pop(sub_id, None)
+        if sub is None:
+            return False
+        self.server.bus.unsubscribe(sub)
+        return True
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class RpcServer:
+    def __init__(self, path: Path, handlers: dict[str, Handler], bus: EventBus, *,
+                 max_frame: int, max_clients: int) -> None:
+        missing = sorted(set(METHODS) - set(handlers))
+        if missing:
+            raise RuntimeError(f"no handler for RPC method(s): {', '.join(missing)}")
+        extra = sorted(set(handlers) - set(METHODS))
+        if extra:
+            raise RuntimeError(f"handler(s) for undeclared method(s): {', '.join(extra)}")
+        self.path = path
+        self.handlers = handlers
+        self.bus = bus
+        self.max_frame = max_frame
+        self.max_clients = max_clients
+        self.stats = RpcStats()
+        self._allowed_uids = {os.getuid(), 0}
+        self._inode = -1
+
+    def bind(self) -> trio.socket.SocketType:
+        """Create the listening socket, mode 0600, replacing a stale socket file only."""
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+            if _socket_is_live(path):
+                raise RuntimeError(f"another daemon is serving {path}")
+            path.unlink()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the socket is created 0600: no window with wider mode
+        try:
+            sock._sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        self._inode = path.stat().st_ino
+        sock.listen(64)
+        return sock
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        sock = self.bind()
+        listener = trio.SocketListener(sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started(self)
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self._serve_client, stream)
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+            # only remove the socket file if it is still ours, not a successor's
+            try:
+                if self.path.stat().st_ino == self._inode:
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    async def _serve_client(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            pid, uid, _gid = _peer_credentials(stream.socket)
+            self.stats.connections_total += 1
+            if uid not in self._allowed_uids:
+                self.stats.refused_credentials += 1
+                log.warning("refused local client pid=%s uid=%s: not our uid", pid, uid)
+                await _send_error_and_close(stream, PermissionDeniedError(
+                    f"uid {uid} may not use this daemon (only uid {os.getuid()} or root)"))
+                return
+            if self.stats.connections_open >= self.max_clients:
+                self.stats.refused_overloaded += 1
+                await _send_error_and_close(stream, OverloadedError(
+                    f"too many local clients (limit rpc.max_clients={self.max_clients})"))
+                return
+            self.stats.connections_open += 1
+            client = ClientConnection(self, stream, uid, pid)
+            try:
+                async with trio.open_nursery() as nursery:
+                    client.nursery = nursery
+                    await self._read_loop(client, nursery)
+                    nursery.cancel_scope.cancel()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client went away mid-reply
+            finally:
+                self.stats.connections_open -= 1
+                for sub_id in list(client.subscriptions):
+                    client.stop_subscription(sub_id)
+
+    async def _read_loop(self, client: ClientConnection, nursery: trio.Nursery) -> None:
+        decoder = FrameDecoder(self.max_frame)
+        while True:
+            try:
+                data = await client.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            for event in decoder.feed(data):
+                if isinstance(event, Frame):
+                    self._dispatch(client, event.value, nursery)
+                elif isinstance(event, BadFrame):
+                    self.stats.parse_errors += 1
+                    await _reply_error(client, None, ParseError(f"undecodable frame: {event.reason}"))
+                elif isinstance(event, OversizedFrame):
+                    self.stats.oversized_frames += 1
+                    await _reply_error(client, None, FrameTooLargeError(
+                        f"frame of {event.length} bytes exceeds rpc.max_frame_bytes={self.max_frame}"))
+                elif isinstance(event, Unrecoverable):
+                    self.stats.unrecoverable_streams += 1
+                    log.info("closing local client pid=%s: %s", client.pid, event.reason)
+                    return
+
+    def _dispatch(self, client: ClientConnection, msg: Any, nursery: trio.Nursery) -> None:
+        if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == REQUEST
+                and isinstance(msg[1], int) and not isinstance(msg[1], bool)
+                and isinstance(msg[2], str)):
+            self.stats.invalid_requests += 1
+            msgid = msg[1] if isinstance(msg, list) and len(msg) > 1 and isinstance(msg[1], int) else None
+            nursery.start_soon(_reply_error, client, msgid, InvalidRequestError(
+                "expected [0, msgid:int, method:str, params:map]"))
+            return
+        _, msgid, name, params = msg
+        self.stats.requests += 1
+        method = METHODS.get(name)
+        if method is None:
+            self.stats.unknown_methods += 1
+            nursery.start_soon(_reply_error, client, msgid, MethodNotFoundError(
+                f"no method {name!r}; api.info lists them"))
+            return
+        if client.in_flight >= MAX_IN_FLIGHT_PER_CLIENT:
+            nursery.start_soon(_reply_error, client, msgid, OverloadedError(
+                f"more than {MAX_IN_FLIGHT_PER_CLIENT} requests in flight on one connection"))
+            return
+        client.in_flight += 1
+        nursery.start_soon(self._call, client, msgid, method, params)
+
+    async def _call(self, client: ClientConnection, msgid: int, method: Method, params: Any) -> None:
+        try:
+            try:
+                kwargs = method.bind(params)
+                result = await self.handlers[method.name](client, **kwargs)
+            except LatticeError as e:
+                if e.code == ErrorCode.INVALID_PARAMS:
+                    self.stats.invalid_params += 1
+                await _reply_error(client, msgid, e)
+                return
+            except Exception:  # the RPC boundary: a handler bug must not kill the daemon
+                self.stats.internal_errors += 1
+                log.exception("handler for %s failed (request %s)", method.name, msgid)
+                await _reply_error(client, msgid, InternalError(
+                    f"{method.name} failed inside the daemon; see the daemon log"))
+                return
+            await client.send([RESPONSE, msgid, None, result])
+        finally:
+            client.in_flight -= 1
+
+
+async def _reply_error(client: ClientConnection, msgid: int | None, error: LatticeError) -> None:
+    await client.send([RESPONSE, msgid, error.to_wire(), None])
+
+
+async def _send_error_and_close(stream: trio.SocketStream, error: LatticeError) -> None:
+    try:
+        await stream.send_all(frame([RESPONSE, None, error.to_wire(), None]))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+def _peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end (Linux SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def _socket_is_live(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(0.5)
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()

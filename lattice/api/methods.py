@@ -1,0 +1,135 @@
+"""The local RPC method table, declared once.
+
+The daemon refuses to start if a method here has no handler; clients, the CLI and
+`proto/local-rpc.json` (exported by `schema()`) all derive from this table. Params
+travel as one msgpack map ``{name: value}``; each is type-checked before a handler runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lattice.api.errors import ERROR_CLASSES, InvalidParamsError
+
+API_VERSION = 1
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "bytes": (bytes,),
+    "list[str]": (list,),
+    "map": (dict,),
+    "any": (object,),
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    doc: str
+    required: bool = True
+    default: Any = None
+    max_len: int | None = None  # for str/bytes/list: a bound on length
+
+    def check(self, value: Any) -> Any:
+        allowed = _TYPES[self.type]
+        if self.type in ("int", "float") and isinstance(value, bool):
+            raise InvalidParamsError(f"parameter {self.name!r} must be {self.type}, got bool")
+        if not isinstance(value, allowed):
+            raise InvalidParamsError(
+                f"parameter {self.name!r} must be {self.type}, got {type(value).__name__}")
+        if self.type == "list[str]" and not all(isinstance(v, str) for v in value):
+            raise InvalidParamsError(f"parameter {self.name!r} must be a list of strings")
+        if self.max_len is not None and hasattr(value, "__len__") and len(value) > self.max_len:
+            raise InvalidParamsError(
+                f"parameter {self.name!r} is longer than {self.max_len}")
+        return float(value) if self.type == "float" else value
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    doc: str
+    params: tuple[Param, ...] = ()
+    result: str = "map"
+    access: str = "read"  # "read" | "write": write methods change daemon or network state
+    since: int = 1
+    streams: bool = False  # True: the method starts notifications on this connection
+
+    def bind(self, params: Any) -> dict[str, Any]:
+        """Validated keyword arguments for the handler, or InvalidParamsError."""
+        if params is None or params == []:
+            params = {}
+        if not isinstance(params, dict):
+            raise InvalidParamsError(f"{self.name}: params must be a map of name to value")
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(params) - set(known), key=str)
+        if unknown:
+            raise InvalidParamsError(f"{self.name}: unknown parameter(s) {', '.join(map(str, unknown))}")
+        out = {}
+        for p in self.params:
+            if p.name in params and params[p.name] is not None:
+                out[p.name] = p.check(params[p.name])
+            elif p.required:
+                raise InvalidParamsError(f"{self.name}: missing parameter {p.name!r}")
+            else:
+                out[p.name] = p.default
+        return out
+
+
+_METHOD_LIST = [
+    Method("api.info", "The method table, error codes and versions (this schema)."),
+    Method("status", "Peer id, version, uptime, addresses, daemon state, subsystems."),
+    Method("peers.list", "Connected peers: peer_id, addrs, direction, connection, rtt_ms.",
+           result="list"),
+    Method("peers.connect", "Dial a peer by multiaddr (must end in /p2p/<peer id>).",
+           params=(Param("addr", "str", "multiaddr to dial", max_len=1024),
+                   Param("timeout", "float", "seconds", required=False, default=10.0)),
+           access="write"),
+    Method("subscribe", "Stream events as notifications [2, 'event', {...}]. Topics: "
+           "'peers' (connected/disconnected), 'daemon' (state). Each topic starts with "
+           "a snapshot event.",
+           params=(Param("topics", "list[str]", "topics to receive", max_len=16),),
+           streams=True),
+    Method("unsubscribe", "Stop a subscription on this connection.",
+           params=(Param("subscription", "int", "id returned by subscribe"),)),
+]
+
+METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}
+
+EVENT_TOPICS = ("peers", "daemon")
+
+
+def schema() -> dict[str, Any]:
+    """The language-neutral contract (what `api.info` returns, minus runtime versions)."""
+    return {
+        "api_version": API_VERSION,
+        "framing": "4-byte big-endian length, then one msgpack value (proto/local-rpc.md)",
+        "methods": [
+            {
+                "name": m.name,
+                "doc": m.doc,
+                "access": m.access,
+                "since": m.since,
+                "streams": m.streams,
+                "result": m.result,
+                "params": [
+                    {"name": p.name, "type": p.type, "required": p.required, "doc": p.doc,
+                     **({"default": p.default} if not p.required else {}),
+                     **({"max_len": p.max_len} if p.max_len is not None else {})}
+                    for p in m.params
+                ],
+            }
+            for m in _METHOD_LIST
+        ],
+        "errors": [
+            {"code": int(code), "name": cls.code.name, "class": cls.__name__,
+             "doc": cls.__doc__}
+            for code, cls in sorted(ERROR_CLASSES.items())
+        ],
+        "event_topics": list(EVENT_TOPICS),
+    }

@@ -1,0 +1,137 @@
+"""The blocking client (`lattice.connect()`), for scripts, notebooks and the CLI."""
+
+from __future__ import annotations
+
+import socket as socket_mod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lattice.client._methods import METHOD_MAP, params_for
+from lattice.client._session import DaemonNotRunningError, RpcSession, resolve_socket
+
+
+class Client:
+    """A connection to the local daemon. Use as a context manager or call `close()`."""
+
+    def __init__(self, socket: str | Path | None = None, *, timeout: float | None = 60.0) -> None:
+        self.socket_path = resolve_socket(socket)
+        self.timeout = timeout
+        self._sock = _open(self.socket_path, timeout)
+        self._session = RpcSession()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, **params: Any) -> Any:
+        """Call any RPC method by name (see `api_info()` for the table)."""
+        msgid, data = self._session.request(method, params)
+        try:
+            self._sock.sendall(data)
+            while not self._session.has_response(msgid):
+                self._receive()
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise DaemonNotRunningError(self.socket_path, f"connection lost: {e}") from None
+        return self._session.take_response(msgid)
+
+    def _receive(self) -> None:
+        try:
+            chunk = self._sock.recv(1 << 16)
+        except socket_mod.timeout:
+            raise TimeoutError(f"the daemon did not answer within {self.timeout} s") from None
+        if not chunk:
+            raise DaemonNotRunningError(self.socket_path, "the daemon closed the connection")
+        self._session.feed(chunk)
+        if self._session.unsolicited_errors:
+            raise self._session.unsolicited_errors.pop(0)
+
+    def subscribe(self, topics: list[str] | tuple[str, ...] = ("peers", "daemon"),
+                  *, timeout: float | None = None) -> "Subscription":
+        """Stream events on a dedicated connection: ``for event in client.subscribe(...)``."""
+        return Subscription(self.socket_path, list(topics), timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in METHOD_MAP:
+            raise AttributeError(name)
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            rpc, params = params_for(name, args, kwargs)
+            return self.call(rpc, **params)
+
+        method.__name__ = name
+        return method
+
+    # explicit signatures for the common calls (help() and IDEs see these)
+    def status(self) -> dict[str, Any]:
+        return self.call("status")
+
+    def peers(self) -> list[dict[str, Any]]:
+        return self.call("peers.list")
+
+    def connect_peer(self, addr: str, timeout: float = 10.0) -> dict[str, Any]:
+        return self.call("peers.connect", addr=addr, timeout=timeout)
+
+    def api_info(self) -> dict[str, Any]:
+        return self.call("api.info")
+
+
+class Subscription:
+    """An event stream; iterate it, and `close()` (or use `with`) when done."""
+
+    def __init__(self, socket_path: Path, topics: list[str], timeout: float | None) -> None:
+        self._client = Client(socket_path, timeout=timeout)
+        result = self._client.call("subscribe", topics=topics)
+        self.id: int = result["subscription"]
+        self.topics = result["topics"]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            event = self._client._session.take_notification(self.id)
+            if event is not None:
+                event.pop("subscription", None)
+                return event
+            try:
+                self._client._receive()
+            except DaemonNotRunningError:
+                raise StopIteration from None
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "Subscription":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open(path: Path, timeout: float | None) -> socket_mod.socket:
+    s = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+    except FileNotFoundError:
+        s.close()
+        raise DaemonNotRunningError(path, "the socket does not exist") from None
+    except ConnectionRefusedError:
+        s.close()
+        raise DaemonNotRunningError(path, "stale socket: nothing accepts connections") from None
+    except PermissionError:
+        s.close()
+        raise DaemonNotRunningError(path, "permission denied: the daemon belongs to another user") from None
+    return s
+
+
+def connect(socket: str | Path | None = None, *, timeout: float | None = 60.0) -> Client:
+    """A blocking client for the daemon on ``socket`` (default: `$LATTICE_SOCKET`, else
+    `<state dir>/latticed.sock`). Raises `DaemonNotRunningError` if none answers."""
+    return Client(socket, timeout=timeout)

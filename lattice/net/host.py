@@ -1,0 +1,363 @@
+"""The py-libp2p host behind our `PeerNetwork` interface.
+
+Owns: building a TCP + Noise + Yamux host from our `Identity` (the only combination
+PY-LIBP2P.md found sound), adapting libp2p streams to `lattice.net.streams.Stream`,
+connection events, RTT measurement and the per-connection view `lattice peers` shows.
+Everything libp2p-specific stays here; protocol drivers see `PeerNetwork` only.
+
+Sharp edges handled here (measured, PY-LIBP2P.md):
+- `ConnectionConfig(max_connections_per_peer=1)`: dials take ~9 ms instead of 252 ms.
+- libp2p configures logging at import; `quiet_libp2p_logging` reattaches ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import multiaddr
+import trio
+
+from libp2p import new_host
+from libp2p.abc import INetConn, INetStream, INotifee
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.host.ping import PingService
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.exceptions import MuxedStreamError
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from lattice.core.identity import Identity
+from lattice.net.streams import PeerError, StreamClosedError, StreamHandler
+
+log = logging.getLogger("lattice.net.host")
+
+# What a libp2p stream or dial raises when the remote vanished or misbehaved.
+_LIBP2P_PEER_ERRORS: tuple[type[BaseException], ...] = (
+    StreamError, MuxedStreamError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+)
+try:  # swarm dial failures
+    from libp2p.network.exceptions import SwarmException
+    _LIBP2P_PEER_ERRORS += (SwarmException,)
+except ImportError:  # pragma: no cover - libp2p layout differs
+    pass
+try:
+    from libp2p.protocol_muxer.exceptions import MultiselectClientError, MultiselectError
+    _LIBP2P_PEER_ERRORS += (MultiselectClientError, MultiselectError)
+except ImportError:  # pragma: no cover
+    pass
+try:
+    from libp2p.host.exceptions import StreamFailure
+    _LIBP2P_PEER_ERRORS += (StreamFailure,)
+except ImportError:  # pragma: no cover
+    pass
+
+PEER_ERRORS = _LIBP2P_PEER_ERRORS + (PeerError,)
+
+
+class DialError(PeerError):
+    """A dial failed; the message says why in words a user can act on."""
+
+
+def quiet_libp2p_logging(level: int) -> None:
+    """libp2p sets handlers at import time; route its records through ours instead and
+    keep its chattiest loggers (DHT, DCUtR, UPnP) at WARNING unless we debug."""
+    root = logging.getLogger("libp2p")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.propagate = True
+    root.setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("libp2p.") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.NOTSET)  # some set INFO on themselves at import
+
+
+class Libp2pStream:
+    """Adapts a libp2p `INetStream` to our `Stream` (EOF is b"", resets are PeerError)."""
+
+    def __init__(self, stream: INetStream, protocol: str) -> None:
+        self._s = stream
+        self.protocol = protocol
+        self.remote_peer_id = stream.muxed_conn.peer_id.to_base58()
+
+    async def read(self, max_bytes: int) -> bytes:
+        try:
+            return await self._s.read(max_bytes)
+        except EOFError:
+            return b""
+        except _LIBP2P_PEER_ERRORS as e:
+            raise StreamClosedError(f"stream from {self.remote_peer_id[-8:]} failed: {e}") from None
+
+    async def write(self, data: bytes | memoryview) -> None:
+        try:
+            await self._s.write(bytes(data))
+        except _LIBP2P_PEER_ERRORS as e:
+            raise StreamClosedError(f"stream to {self.remote_peer_id[-8:]} failed: {e}") from None
+
+    async def close_write(self) -> None:
+        try:
+            await self._s.close_write()
+        except _LIBP2P_PEER_ERRORS:
+            pass  # the remote is gone; nothing left to flush
+
+    async def close(self) -> None:
+        try:
+            await self._s.close()
+        except _LIBP2P_PEER_ERRORS:
+            pass
+
+    async def reset(self) -> None:
+        try:
+            await self._s.reset()
+        except _LIBP2P_PEER_ERRORS:
+            pass
+
+
+@dataclass
+class PeerEvent:
+    kind: str  # "connected" | "disconnected"
+    peer_id: str
+    direction: str
+    addr: str
+
+
+@dataclass
+class _Conn:
+    direction: str
+    addrs: list[str]
+    relayed: bool
+    since: float
+
+
+class _Notifee(INotifee):
+    def __init__(self, node: "Libp2pNode") -> None:
+        self._node = node
+
+    async def opened_stream(self, network: Any, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: INetStream) -> None:
+        pass
+
+    async def connected(self, network: Any, conn: INetConn) -> None:
+        self._node._on_connected(conn)
+
+    async def disconnected(self, network: Any, conn: INetConn) -> None:
+        self._node._on_disconnected(conn)
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+
+def _direction(conn: INetConn) -> str:
+    d = getattr(conn, "direction", None)
+    name = getattr(d, "name", str(d)).lower()
+    return name if name in ("inbound", "outbound") else "unknown"
+
+
+def _conn_addrs(conn: INetConn) -> list[str]:
+    try:
+        addrs = conn.get_transport_addresses()
+    except _LIBP2P_PEER_ERRORS:
+        addrs = []
+    if not addrs:
+        remote = None
+        muxed = getattr(conn, "muxed_conn", None)
+        if muxed is not None and hasattr(muxed, "get_remote_address"):
+            remote = muxed.get_remote_address()
+        if remote:
+            host, port = remote
+            proto = "ip6" if ":" in host else "ip4"
+            return [f"/{proto}/{host}/tcp/{port}"]
+    return [str(a) for a in addrs]
+
+
+class Libp2pNode:
+    """A running libp2p host: implements `PeerNetwork` plus what the daemon shows."""
+
+    def __init__(self, host: Any, identity: Identity, events: trio.MemorySendChannel) -> None:
+        self.host = host
+        self.identity = identity
+        self._events = events
+        self._conns: dict[str, _Conn] = {}
+        self._rtt_ms: dict[str, float] = {}
+        self._ping = PingService(host)
+        self.dropped_events = 0
+
+    # -- PeerNetwork -------------------------------------------------------------
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        async def _handle(stream: INetStream) -> None:
+            wrapped = Libp2pStream(stream, protocol)
+            try:
+                await handler(wrapped)
+            except PeerError as e:
+                log.debug("peer=%s protocol=%s exchange ended: %s",
+                          wrapped.remote_peer_id, protocol, e)
+            finally:
+                await wrapped.close()
+
+        self.host.set_stream_handler(protocol, _handle)
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Libp2pStream:
+        try:
+            s = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
+        except _LIBP2P_PEER_ERRORS as e:
+            raise PeerError(f"cannot open {protocol} to {peer_id}: {e}") from None
+        return Libp2pStream(s, protocol)
+
+    def connected_peers(self) -> list[str]:
+        return sorted(p.to_base58() for p in self.host.get_connected_peers())
+
+    # -- addresses and dialing ------------------------------------------------------
+    def listen_addrs(self) -> list[str]:
+        return [str(a) for a in self.host.get_transport_addrs()]
+
+    def advertised_addrs(self) -> list[str]:
+        return [str(a) for a in self.host.get_addrs()]
+
+    def observed_addrs(self) -> list[str]:
+        mgr = getattr(self.host, "_observed_addr_manager", None) or getattr(
+            self.host, "observed_addr_manager", None)
+        if mgr is None or not hasattr(mgr, "addrs"):
+            return []
+        try:
+            return sorted({str(a) for a in mgr.addrs()})
+        except (TypeError, AttributeError):
+            return []
+
+    async def connect(self, addr: str, *, timeout: float = 10.0) -> str:
+        """Dial ``addr`` (must end in /p2p/<peer id>); return the peer id."""
+        try:
+            maddr = multiaddr.Multiaddr(addr)
+            info = info_from_p2p_addr(maddr)
+        except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error) as e:
+            raise DialError(
+                f"not a dialable multiaddr: {addr!r} ({e}); expected e.g. "
+                "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...") from None
+        peer_id = info.peer_id.to_base58()
+        if peer_id == self.peer_id:
+            raise DialError("that address is this daemon itself")
+        with trio.move_on_after(timeout) as scope:
+            try:
+                await self.host.connect(info)
+            except _LIBP2P_PEER_ERRORS as e:
+                raise DialError(f"dial {addr} failed: {_reason(e)}") from None
+        if scope.cancelled_caught:
+            raise DialError(f"dial {addr} timed out after {timeout:g} s")
+        return peer_id
+
+    async def measure_rtt(self, peer_id: str, *, timeout: float = 5.0) -> float | None:
+        """Round-trip time in ms of the fastest of 3 pings (the first includes stream
+        setup), or None when the peer does not answer."""
+        best = None
+        with trio.move_on_after(timeout):
+            try:
+                t = time.perf_counter()
+                async for _ in self._ping.ping_iter(ID.from_base58(peer_id), ping_amt=3):
+                    now = time.perf_counter()
+                    rtt = (now - t) * 1000.0
+                    best = rtt if best is None else min(best, rtt)
+                    t = now
+            except _LIBP2P_PEER_ERRORS:
+                return None
+        if best is not None:
+            self._rtt_ms[peer_id] = best
+        return best
+
+    def connections(self) -> list[dict[str, Any]]:
+        out = []
+        for peer_id, c in sorted(self._conns.items()):
+            out.append({
+                "peer_id": peer_id,
+                "addrs": c.addrs,
+                "direction": c.direction,
+                "connection": "relayed" if c.relayed else "direct",
+                "rtt_ms": self._rtt_ms.get(peer_id),
+            })
+        return out
+
+    # -- events -------------------------------------------------------------------
+    def _on_connected(self, conn: INetConn) -> None:
+        peer_id = conn.muxed_conn.peer_id.to_base58()
+        addrs = _conn_addrs(conn)
+        relayed = any("p2p-circuit" in a for a in addrs)
+        self._conns[peer_id] = _Conn(_direction(conn), addrs, relayed, time.time())
+        self._emit(PeerEvent("connected", peer_id, _direction(conn), addrs[0] if addrs else ""))
+
+    def _on_disconnected(self, conn: INetConn) -> None:
+        peer_id = conn.muxed_conn.peer_id.to_base58()
+        if self.host.get_network().connections.get(conn.muxed_conn.peer_id):
+            return  # another connection to the same peer is still up
+        c = self._conns.pop(peer_id, None)
+        self._rtt_ms.pop(peer_id, None)
+        self._emit(PeerEvent("disconnected", peer_id, c.direction if c else "unknown",
+                             c.addrs[0] if c and c.addrs else ""))
+
+    def _emit(self, event: PeerEvent) -> None:
+        try:
+            self._events.send_nowait(event)
+        except trio.WouldBlock:
+            self.dropped_events += 1  # bounded: a stuck consumer loses events, not memory
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if "Connection refused" in text or isinstance(e, ConnectionRefusedError):
+        return "connection refused (is a daemon listening there?)"
+    return text.splitlines()[0][:300]
+
+
+def build_host(identity: Identity, listen: list[str], *, mdns: bool,
+               max_connections: int = 256) -> Any:
+    key_pair = create_new_key_pair(identity.seed)
+    security = {NOISE_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)}
+    return new_host(
+        key_pair=key_pair,
+        sec_opt=security,
+        muxer_opt={YAMUX_ID: Yamux},
+        listen_addrs=[multiaddr.Multiaddr(a) for a in listen],
+        # min_connections/low_watermark 0: libp2p's auto-connector would otherwise dial
+        # up to 200 peerstore entries on its own; we decide whom to connect to.
+        connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0,
+                                           low_watermark=0, max_connections=max_connections,
+                                           high_watermark=max_connections),
+        enable_mDNS=mdns,
+        enable_upnp=False,
+    )
+
+
+@asynccontextmanager
+async def open_libp2p_node(identity: Identity, listen: list[str], *, mdns: bool = False,
+                           max_connections: int = 256, event_buffer: int = 256) -> AsyncIterator[tuple[Libp2pNode, trio.MemoryReceiveChannel]]:
+    """Run a host listening on ``listen``; yields the node and its peer-event channel."""
+    try:
+        maddrs = [multiaddr.Multiaddr(a) for a in listen]
+    except (ValueError, multiaddr.exceptions.Error) as e:
+        raise ValueError(f"bad listen address: {e}") from None
+    host = build_host(identity, listen, mdns=mdns, max_connections=max_connections)
+    send, recv = trio.open_memory_channel[PeerEvent](event_buffer)
+    node = Libp2pNode(host, identity, send)
+    host.get_network().register_notifee(_Notifee(node))
+    async with host.run(maddrs):
+        try:
+            yield node, recv
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await host.close()
