@@ -21,6 +21,14 @@ class Subscription:
     send: trio.MemorySendChannel
     receive: trio.MemoryReceiveChannel
     dropped: int = 0
+    pending: int = 0  # queued or being written to the client
+    idle: trio.Event = field(default_factory=trio.Event)
+
+    def sent_one(self) -> None:
+        """The pump wrote one event out."""
+        self.pending -= 1
+        if self.pending == 0:
+            self.idle.set()
 
 
 class EventBus:
@@ -34,6 +42,7 @@ class EventBus:
     def subscribe(self, topics: list[str]) -> Subscription:
         send, receive = trio.open_memory_channel[dict[str, Any]](self.queue_size)
         sub = Subscription(next(self._ids), frozenset(topics), send, receive)
+        sub.idle.set()
         self._subs[sub.id] = sub
         return sub
 
@@ -53,13 +62,27 @@ class EventBus:
         try:
             if sub.dropped:
                 sub.send.send_nowait({"topic": "lagged", "dropped": sub.dropped})
+                self._queued(sub)
                 sub.dropped = 0
             sub.send.send_nowait(message)
+            self._queued(sub)
         except trio.WouldBlock:
             sub.dropped += 1
             self.dropped += 1
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             self._subs.pop(sub.id, None)
+
+    @staticmethod
+    def _queued(sub: Subscription) -> None:
+        if sub.pending == 0:
+            sub.idle = trio.Event()
+        sub.pending += 1
+
+    async def wait_drained(self) -> None:
+        """Until every subscriber has been sent what was published so far (used at
+        shutdown so clients see the 'stopping' event)."""
+        for sub in list(self._subs.values()):
+            await sub.idle.wait()
 
     @property
     def subscribers(self) -> int:

@@ -108,6 +108,8 @@ async def _run(cfg: config_mod.Config) -> int:
                 async for signum in signals:
                     log.info("received %s, stopping", signal.Signals(signum).name)
                     daemon.set_state("stopping")
+                    with trio.move_on_after(0.5):  # let subscribers see "stopping"
+                        await daemon.bus.wait_drained()
                     nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S
                     nursery.cancel_scope.cancel()
                     return

@@ -102,12 +102,15 @@ class ClientConnection:
         async for event in sub.receive:
             await self.send([NOTIFICATION, "event", {"subscription": sub.id, **event}])
             self.server.stats.notifications_sent += 1
+            sub.sent_one()
 
     def stop_subscription(self, sub_id: int) -> bool:
         sub = self.subscriptions.pop(sub_id, None)
         if sub is None:
             return False
         self.server.bus.unsubscribe(sub)
+        sub.pending = 0
+        sub.idle.set()
         return True
 
 

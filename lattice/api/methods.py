@@ -133,3 +133,9 @@ def schema() -> dict[str, Any]:
         ],
         "event_topics": list(EVENT_TOPICS),
     }
+
+
+def schema_json() -> str:
+    import json
+    return json.dumps(schema(), indent=2, sort_keys=True) + "\n"
+

@@ -27,7 +27,7 @@ from libp2p.abc import INetConn, INetStream, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.host.ping import PingService
-from libp2p.network.config import ConnectionConfig
+from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -254,6 +254,7 @@ class Libp2pNode:
         peer_id = info.peer_id.to_base58()
         if peer_id == self.peer_id:
             raise DialError("that address is this daemon itself")
+        self._forget_dial_failures(info.peer_id)
         with trio.move_on_after(timeout) as scope:
             try:
                 await self.host.connect(info)
@@ -262,6 +263,14 @@ class Libp2pNode:
         if scope.cancelled_caught:
             raise DialError(f"dial {addr} timed out after {timeout:g} s")
         return peer_id
+
+    def _forget_dial_failures(self, peer_id: ID) -> None:
+        # The swarm refuses to redial a peer whose addresses all failed recently
+        # ("negative cache"), even after it came back. Our callers (bootstrap keeper,
+        # a user's `peers connect`) decide when to retry, so an explicit dial clears it.
+        cache = getattr(self.host.get_network(), "_negative_peer_cache", None)
+        if cache is not None and hasattr(cache, "evict"):
+            cache.evict(str(peer_id))
 
     async def measure_rtt(self, peer_id: str, *, timeout: float = 5.0) -> float | None:
         """Round-trip time in ms of the fastest of 3 pings (the first includes stream
@@ -328,7 +337,7 @@ def build_host(identity: Identity, listen: list[str], *, mdns: bool,
                max_connections: int = 256) -> Any:
     key_pair = create_new_key_pair(identity.seed)
     security = {NOISE_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)}
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt=security,
         muxer_opt={YAMUX_ID: Yamux},
@@ -341,6 +350,10 @@ def build_host(identity: Identity, listen: list[str], *, mdns: bool,
         enable_mDNS=mdns,
         enable_upnp=False,
     )
+    # One attempt per dial: the swarm's own retries (3, with backoff) made a dial to a
+    # dead address take seconds; retry policy belongs to the caller (bootstrap keeper).
+    host.get_network().retry_config = RetryConfig(max_retries=0)
+    return host
 
 
 @asynccontextmanager

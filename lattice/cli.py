@@ -1,0 +1,236 @@
+"""`lattice`: the command line. Presentation over `lattice.client` — no logic here.
+
+`--json` prints exactly one JSON document on stdout; otherwise a readable table.
+Exit codes: 0 ok, 1 the daemon is unreachable or reported an error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lattice.api.errors import LatticeError
+from lattice.client import DaemonNotRunningError, connect
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    cells = [headers] + rows
+    widths = [max(len(str(r[i])) for r in cells) for i in range(len(headers))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    out = [fmt.format(*headers).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+    out += [fmt.format(*map(str, r)).rstrip() for r in rows]
+    return "\n".join(out)
+
+
+def _emit_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + (f"{h}h " if h or d else "") + f"{m}m {s}s"
+
+
+def _short(peer_id: str) -> str:
+    return peer_id if len(peer_id) <= 20 else f"{peer_id[:8]}…{peer_id[-8:]}"
+
+
+# -- commands -----------------------------------------------------------------------
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        st = c.status()
+    if args.json:
+        _emit_json(st)
+        return 0
+    lines = [
+        ("peer id", st["peer_id"]),
+        ("name", st.get("name") or "-"),
+        ("version", st["version"]),
+        ("state", st["state"]),
+        ("uptime", _duration(st["uptime_s"])),
+        ("peers", str(st["peers"])),
+        ("listen", "\n".join(st["listen_addrs"]) or "-"),
+        ("observed", "\n".join(st["observed_addrs"]) or "-"),
+    ]
+    for extra in ("dht", "reachability", "state_sync"):
+        if isinstance(st.get(extra), dict):
+            lines.append((extra, ", ".join(f"{k}={v}" for k, v in st[extra].items())))
+    lines.append(("socket", st["socket"]))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        first, *rest = value.split("\n")
+        print(f"{key:<{width}}  {first}")
+        for r in rest:
+            print(f"{'':<{width}}  {r}")
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        peers = c.peers()
+    if args.json:
+        _emit_json(peers)
+        return 0
+    if not peers:
+        print("no connected peers")
+        return 0
+    rows = [[p["peer_id"], p["direction"], p["connection"],
+             "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f}", ", ".join(p["addrs"])]
+            for p in peers]
+    print(_table(rows, ["PEER ID", "DIRECTION", "CONNECTION", "RTT MS", "ADDRS"]))
+    return 0
+
+
+def cmd_peers_connect(args: argparse.Namespace) -> int:
+    with connect(args.socket, timeout=args.timeout + 5) as c:
+        result = c.connect_peer(args.multiaddr, timeout=args.timeout)
+    if args.json:
+        _emit_json(result)
+    else:
+        print(f"connected to {result['peer_id']} in {result['elapsed_ms']:.0f} ms")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        with c.subscribe(args.topic or ["peers", "daemon"]) as events:
+            for ev in events:
+                print(json.dumps(ev, sort_keys=True, default=str), flush=True)
+    return 0
+
+
+def cmd_localnet(args: argparse.Namespace) -> int:
+    from lattice.client.localnet import LocalNet, LocalNetError
+
+    base = Path(args.base_dir) if args.base_dir else Path(tempfile.mkdtemp(prefix="lattice-localnet-"))
+    net = LocalNet(args.nodes, base, log_level=args.log_level)
+    stopping = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"starting {args.nodes} daemons under {base}", file=sys.stderr, flush=True)
+    try:
+        try:
+            net.start(on_ready=lambda n: print(f"node {n.index} {n.peer_id} {n.socket}", flush=True))
+        except LocalNetError as e:
+            print(f"lattice: localnet: {e}", file=sys.stderr)
+            return 1
+        if args.demo:
+            return _demo_mesh(net)
+        print("all nodes running; Ctrl-C stops them", file=sys.stderr, flush=True)
+        while True:
+            for node in net.nodes:
+                if node.process.poll() is not None:
+                    print(f"lattice: localnet: node {node.index} exited with code "
+                          f"{node.process.returncode}; log: {node.log_path}", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)  # supervising child processes: nothing to wait on in one call
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        codes = net.stop()
+        bad = {i: c for i, c in codes.items() if c != 0}
+        print(f"stopped {len(codes)} daemons" + (f"; non-zero exits: {bad}" if bad else " cleanly"),
+              file=sys.stderr)
+    return 0
+
+
+def _demo_mesh(net: Any) -> int:
+    """The main job until training exists: show the nodes finding each other."""
+    want = len(net.nodes) - 1
+    deadline = time.monotonic() + 30
+    seen: dict[int, int] = {}
+    while time.monotonic() < deadline:
+        counts = {}
+        for node in net.nodes:
+            with node.client() as c:
+                counts[node.index] = len(c.peers())
+        if counts != seen:
+            print("peers per node: " + "  ".join(f"node {i}: {k}" for i, k in counts.items()), flush=True)
+            seen = counts
+        if counts[0] == want and all(v >= 1 for v in counts.values()):
+            print(f"network up: node 0 sees all {want} others, every node has a peer", flush=True)
+            return 0
+        time.sleep(0.2)
+    print("lattice: localnet: the nodes did not find each other within 30 s", file=sys.stderr)
+    return 1
+
+
+# -- parser -------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="daemon socket (default: $LATTICE_SOCKET, else <state dir>/latticed.sock)")
+    js = argparse.ArgumentParser(add_help=False)
+    js.add_argument("--json", action="store_true", help="print one JSON document")
+
+    p = argparse.ArgumentParser(prog="lattice", parents=[common],
+                                description="Talk to a local Lattice daemon (latticed).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("status", parents=[common, js], help="daemon identity, state and addresses")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("peers", parents=[common, js], help="connected peers")
+    s.set_defaults(func=cmd_peers)
+    psub = s.add_subparsers(dest="peers_command", metavar="SUBCOMMAND")
+    c = psub.add_parser("connect", parents=[common, js], help="dial a peer by multiaddr")
+    c.add_argument("multiaddr", help="/ip4/…/tcp/…/p2p/<peer id>")
+    c.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    c.set_defaults(func=cmd_peers_connect)
+
+    s = sub.add_parser("events", parents=[common], help="stream daemon events as JSON lines")
+    s.add_argument("--topic", action="append", help="peers | daemon (repeatable; default both)")
+    s.set_defaults(func=cmd_events)
+
+    s = sub.add_parser("localnet", help="run N daemons on 127.0.0.1 in the foreground")
+    s.add_argument("--nodes", type=int, default=4, help="how many daemons (default 4)")
+    s.add_argument("--base-dir", help="where their state dirs go (default: a new temp dir)")
+    s.add_argument("--log-level", default="info", help="daemon log level")
+    s.add_argument("--demo", action="store_true",
+                   help="exit once the nodes have found each other (the README's main job)")
+    s.set_defaults(func=cmd_localnet)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "socket"):
+        args.socket = None
+    try:
+        return args.func(args)
+    except DaemonNotRunningError as e:
+        print(f"lattice: {e}", file=sys.stderr)
+        return 1
+    except LatticeError as e:
+        print(f"lattice: error: {e}", file=sys.stderr)
+        return 1
+    except TimeoutError as e:
+        print(f"lattice: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `lattice peers | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Real `latticed` processes for tests (ours and users'): start, wait until running,
+drive through the client, stop. Real time: every wait is on a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lattice
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.01):
+    """Poll a condition we cannot subscribe to (a file appearing, a process exiting)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class DaemonProc:
+    def __init__(self, state_dir: Path, *extra: str, env: dict | None = None) -> None:
+        self.state_dir = state_dir
+        self.socket = state_dir / "latticed.sock"
+        self.log = state_dir.parent / f"{state_dir.name}.log"
+        self.args = [sys.executable, "-m", "latticed", "--state-dir", str(state_dir),
+                     "--listen", LOOPBACK, "--no-mdns", "--log-level", "debug", *extra]
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
+        self.env.update(env or {})
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+
+    def start(self) -> "DaemonProc":
+        self.started_at = time.monotonic()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, stdin=subprocess.DEVNULL)
+        return self
+
+    def wait_running(self, timeout: float = 20.0) -> dict:
+        """Wait for the socket, then for the 'running' state event (not polling status)."""
+        wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, timeout,
+                 f"socket {self.socket}")
+        assert self.proc.poll() is None, f"latticed exited {self.proc.returncode}:\n{self.log_text()}"
+        with lattice.connect(self.socket, timeout=timeout) as c:
+            with c.subscribe(["daemon"], timeout=timeout) as events:
+                for ev in events:
+                    if ev.get("state") == "running":
+                        break
+            return c.status()
+
+    def client(self) -> lattice.Client:
+        return lattice.connect(self.socket, timeout=30)
+
+    def addr(self) -> str:
+        with self.client() as c:
+            return c.status()["advertised_addrs"][0]
+
+    def peer_id(self) -> str:
+        with self.client() as c:
+            return c.status()["peer_id"]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"latticed did not stop within {timeout} s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
+def run_cli(*args: str, socket: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lattice.cli"]
+    if socket is not None:
+        cmd += ["--socket", str(socket)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env)

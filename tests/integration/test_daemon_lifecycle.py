@@ -1,0 +1,165 @@
+"""A volunteer's daemon: identity, lock, clean stops, bootstrap connections kept up."""
+
+import json
+import os
+import signal
+import stat
+import time
+
+import pytest
+
+import lattice
+from lattice.testing.daemons import run_cli, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_identity_is_created_0600_once_and_reused(daemons, tmp_path):
+    d = daemons()
+    first = d.wait_running()
+    key = d.state_dir / "identity.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(d.socket.stat().st_mode) == 0o600
+    assert stat.S_IMODE(d.state_dir.stat().st_mode) == 0o700
+    assert d.stop() == 0
+    again = daemons(state_dir=d.state_dir)
+    assert again.wait_running()["peer_id"] == first["peer_id"]
+
+
+def test_second_daemon_on_same_state_dir_refuses_and_first_keeps_serving(daemons):
+    first = daemons()
+    pid = first.wait_running()["peer_id"]
+    second = daemons(state_dir=first.state_dir)
+    assert second.proc.wait(20) == 1
+    assert "already using state dir" in second.log_text()
+    with first.client() as c:
+        assert c.status()["peer_id"] == pid  # socket and identity untouched
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_within_5s(daemons, sig):
+    d = daemons()
+    d.wait_running()
+    with d.client() as c:
+        events = c.subscribe(["daemon"])
+        assert next(events)["event"] == "snapshot"
+        t0 = time.monotonic()
+        d.proc.send_signal(sig)
+        assert next(events)["state"] == "stopping"
+        events.close()
+    assert d.proc.wait(10) == 0
+    assert time.monotonic() - t0 < 5.0
+    assert not d.socket.exists(), "the socket file is removed on a clean stop"
+
+
+def test_status_and_peers_through_library_and_cli(daemons):
+    a, b = daemons(), daemons()
+    a.wait_running()
+    b.wait_running()
+    r = run_cli("peers", "connect", a.addr(), socket=b.socket)
+    assert r.returncode == 0, r.stderr
+    assert a.peer_id() in r.stdout
+
+    r = run_cli("status", "--json", socket=a.socket)
+    st = json.loads(r.stdout)
+    assert st["state"] == "running" and st["peers"] == 1 and st["version"]
+    assert st["listen_addrs"][0].startswith("/ip4/127.0.0.1/tcp/")
+    assert run_cli("status", socket=a.socket).stdout.startswith("peer id")
+
+    with a.client() as c:
+        (p,) = c.peers()
+    assert p["peer_id"] == b.peer_id() and p["direction"] == "inbound"
+    assert p["connection"] == "direct" and p["addrs"][0].startswith("/ip4/127.0.0.1/")
+    with b.client() as c:
+        (p,) = wait_for(lambda: [x for x in c.peers() if x["rtt_ms"] is not None], 10, "an RTT")
+    assert p["direction"] == "outbound" and 0 < p["rtt_ms"] < 1000
+    table = run_cli("peers", socket=b.socket).stdout
+    assert "PEER ID" in table and a.peer_id() in table and "direct" in table
+
+
+def test_connect_to_nothing_gives_a_clear_reason(daemons):
+    d = daemons()
+    d.wait_running()
+    with d.client() as c:
+        with pytest.raises(lattice.LatticeError) as e:
+            c.connect_peer("/ip4/127.0.0.1/tcp/1/p2p/" + c.status()["peer_id"])
+        assert "this daemon itself" in str(e.value)
+        with pytest.raises(lattice.LatticeError) as e:
+            c.connect_peer("not-a-multiaddr")
+        assert type(e.value).__name__ == "InvalidArgumentError"
+    other = "12D3KooWHSXNwKrT2cFFNvCehHD9V9NYvfyenZsWeBiWy4csEYdT"
+    r = run_cli("peers", "connect", f"/ip4/127.0.0.1/tcp/1/p2p/{other}", "--timeout", "3",
+                socket=d.socket)
+    assert r.returncode == 1 and "failed" in r.stderr
+
+
+def test_bootstrap_peer_is_redialed_after_it_restarts(daemons):
+    boot = daemons()
+    boot.wait_running()
+    boot_addr = boot.addr()
+    # a restarted bootstrap keeps its identity; pin its port so the address stays valid
+    port = boot_addr.split("/tcp/")[1].split("/")[0]
+    assert boot.stop() == 0
+    boot = daemons("--listen", f"/ip4/127.0.0.1/tcp/{port}", state_dir=boot.state_dir)
+    boot.wait_running()
+    node = daemons("--bootstrap", boot_addr)
+    node.wait_running()
+    with node.client() as c:
+        with c.subscribe(["peers"]) as events:
+            snap = next(events)
+            if not snap["peers"]:
+                assert next(events)["event"] == "connected"
+            assert boot.stop() == 0
+            assert next(events)["event"] == "disconnected"
+            boot2 = daemons("--listen", f"/ip4/127.0.0.1/tcp/{port}", state_dir=boot.state_dir)
+            boot2.wait_running()
+            ev = next(events)
+            assert ev["event"] == "connected" and ev["peer_id"] == boot_addr.rsplit("/", 1)[1]
+
+
+def test_cli_without_a_daemon_says_how_to_start_one(tmp_path):
+    r = run_cli("status", socket=tmp_path / "none.sock")
+    assert r.returncode == 1
+    assert "no Lattice daemon is listening" in r.stderr and "latticed" in r.stderr
+    r = run_cli("peers", "--json", socket=tmp_path / "none.sock")
+    assert r.returncode == 1 and r.stdout == ""
+
+
+def test_async_client_mirrors_the_blocking_one(daemons):
+    import trio
+
+    d = daemons()
+    d.wait_running()
+
+    async def main():
+        async with lattice.open_client(d.socket) as c:
+            st, peers = await c.status(), await c.peers()
+            info = await c.api_info()
+            with pytest.raises(lattice.LatticeError) as e:
+                await c.call("no.such.method")
+            async with c.subscribe(["daemon"]) as events:
+                async for ev in events:
+                    assert ev == {"topic": "daemon", "event": "snapshot", "state": "running"}
+                    break
+            return st, peers, info, e.value
+
+    st, peers, info, err = trio.run(main)
+    assert st["state"] == "running" and peers == []
+    assert {m["name"] for m in info["methods"]} >= {"status", "peers.list", "peers.connect"}
+    assert type(err).__name__ == "MethodNotFoundError" and err.code == 3
+
+
+def test_localnet_brings_up_n_nodes_and_stops_them_on_sigterm(tmp_path):
+    import subprocess, sys
+    proc = subprocess.Popen([sys.executable, "-m", "lattice.cli", "localnet", "--nodes", "3",
+                             "--base-dir", str(tmp_path / "net")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline() for _ in range(3)]
+    assert [l.split()[:2] for l in lines] == [["node", "0"], ["node", "1"], ["node", "2"]]
+    sockets = [l.split()[3] for l in lines]
+    with lattice.connect(sockets[0]) as c:
+        wait_for(lambda: len(c.peers()) == 2, 20, "node 0 to see both others")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert "stopped 3 daemons cleanly" in proc.stderr.read()
+    assert not any(os.path.exists(s) for s in sockets)
