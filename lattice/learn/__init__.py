@@ -28,6 +28,7 @@ from lattice.learn.merge import linear as linear
 from lattice.learn.merge import load_npz as load_npz
 from lattice.learn.merge import load_safetensors as load_safetensors
 from lattice.learn.merge import loads_safetensors as loads_safetensors
+from lattice.learn.merge import merge_models as merge_models
 from lattice.learn.merge import model_id as model_id
 from lattice.learn.merge import save_npz as save_npz
 from lattice.learn.merge import save_safetensors as save_safetensors
@@ -56,7 +57,7 @@ __all__ = [
     "CompressionSpecError", "DatasetsUnavailable", "ErrorFeedback", "InvalidTensor", "JobSpec", "LocalTrainer",
     "ModelFormatError", "NormBound", "OuterNesterov", "ParamChannel", "PartitionSchemeError", "Task", "TaskError",
     "canonical_model_bytes", "centralized_baseline", "dare", "exchange_in_process", "get_codec", "get_task",
-    "linear", "load_npz", "load_safetensors", "loads_safetensors", "model_id", "pair_average", "pair_weights",
+    "linear", "load_npz", "load_safetensors", "loads_safetensors", "merge_models", "model_id", "pair_average", "pair_weights",
     "parse_scheme", "participant_rng", "partition", "save_npz", "save_safetensors", "simulate", "slerp",
     "task_arithmetic", "ties", "validate_tensor", "weighted_average",
 ]

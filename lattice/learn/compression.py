@@ -145,7 +145,8 @@ class NoCompression(Codec):
 
     def _decode_flat(self, payload, size):
         _check_len(payload["data"], "data", size)
-        return payload["data"].astype(np.float32, copy=True)
+        # no copy: callers never write into a decoded array (pair_average allocates)
+        return payload["data"]
 
 
 class Fp16(Codec):

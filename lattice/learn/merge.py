@@ -42,6 +42,8 @@ __all__ = [
     "load_npz",
     "load_safetensors",
     "loads_safetensors",
+    "MERGE_METHODS",
+    "merge_models",
     "model_id",
     "save_npz",
     "save_safetensors",
@@ -204,7 +206,7 @@ def dare(
     models: Sequence[np.ndarray],
     weights: Sequence[float] | None = None,
     density: float = 0.5,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     scale: float = 1.0,
 ) -> np.ndarray:
     """DARE (Yu et al. 2024) with linear combination: drop each task-vector entry with
@@ -221,6 +223,55 @@ def dare(
         keep = rng.random(b64.shape) < density
         acc += wi * np.where(keep, (np.asarray(m, np.float64) - b64) / density, 0.0)
     return (b64 + scale * acc).astype(np.float32)
+
+
+MERGE_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare")
+
+
+def merge_models(
+    method: str,
+    models: Sequence[Mapping[str, np.ndarray]],
+    *,
+    base: Mapping[str, np.ndarray] | None = None,
+    weights: Sequence[float] | None = None,
+    **params: Any,
+) -> dict[str, np.ndarray]:
+    """Merge models given as named tensors, tensor by tensor (as mergekit does).
+
+    `linear` (weights), `slerp` (exactly two models, `t`), `task_arithmetic`
+    (`base`, weights, `scale`), `ties` (`base`, weights, `density`, `scale`), `dare`
+    (`base`, weights, `density`, `seed`, `scale`; tensor i of the sorted names uses the
+    seed sequence [seed, i]). Every model (and base) must have the same names and
+    shapes. Results are float32; inputs should be in canonical order."""
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {method!r}: expected one of {MERGE_METHODS}")
+    if not models:
+        raise ValueError("need at least one model")
+    names = sorted(models[0])
+    for i, m in enumerate([*models, *([base] if base is not None else [])]):
+        if sorted(m) != names:
+            raise ValueError(f"input {i} has tensors {sorted(m)}, expected {names}")
+    needs_base = method in ("task_arithmetic", "ties", "dare")
+    if needs_base != (base is not None):
+        raise ValueError(f"{method} {'needs' if needs_base else 'takes no'} base model")
+    if method == "slerp" and (len(models) != 2 or weights is not None):
+        raise ValueError("slerp merges exactly two models, with t instead of weights")
+    out = {}
+    for i, name in enumerate(names):
+        tensors = [np.asarray(m[name]) for m in models]
+        if method == "linear":
+            out[name] = linear(tensors, weights, **params)
+        elif method == "slerp":
+            out[name] = slerp(tensors[0], tensors[1], **params)
+        elif method == "task_arithmetic":
+            out[name] = task_arithmetic(base[name], tensors, weights, **params)  # type: ignore[index]
+        elif method == "ties":
+            out[name] = ties(base[name], tensors, weights, **params)  # type: ignore[index]
+        else:
+            p = dict(params)
+            p["seed"] = [int(p.get("seed", 0)), i]
+            out[name] = dare(base[name], tensors, weights, **p)  # type: ignore[index]
+    return out
 
 
 # ---------------------------------------------------------------- canonical bytes

@@ -51,8 +51,15 @@ class NormBound:
 
 
 def tensor_norm(x: np.ndarray) -> float:
-    """L2 norm accumulated in float64 (a float32 sum of squares can overflow)."""
+    """L2 norm. A float32 BLAS dot is fast (a 10M-parameter model in a few ms) and
+    accurate enough for a bound check; only when its sum of squares overflows (values
+    above ~1e19) is it redone in float64, in chunks that bound the extra memory."""
     flat = x.reshape(-1)
+    if flat.dtype == np.float32:
+        with np.errstate(over="ignore"):  # overflow is expected here and handled below
+            fast = float(np.dot(flat, flat))
+        if np.isfinite(fast):
+            return float(np.sqrt(fast))
     total = 0.0
     for start in range(0, flat.size, _NORM_CHUNK):  # chunks bound the float64 copy
         part = flat[start : start + _NORM_CHUNK].astype(np.float64)

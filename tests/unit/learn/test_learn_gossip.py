@@ -24,6 +24,15 @@ def test_pair_average_is_bitwise_symmetric(w):
     np.testing.assert_allclose(ab, w[0] * A + w[1] * B, rtol=1e-6, atol=1e-6)
 
 
+def test_pair_average_can_write_into_an_input():
+    expected = pair_average(A, B, 0.3, 0.7)
+    own = A.copy()
+    assert pair_average(own, B, 0.3, 0.7, out=own) is own
+    assert own.tobytes() == expected.tobytes()
+    with pytest.raises(ValueError):
+        pair_average(A, B, out=np.empty(1000, np.float64))
+
+
 def test_pair_weights():
     assert pair_weights(100, 300, "uniform") == (0.5, 0.5)
     assert pair_weights(100, 300, "samples") == (0.25, 0.75)
@@ -67,6 +76,20 @@ def test_garbage_from_the_peer_leaves_everything_untouched():
     with pytest.raises(InvalidTensor, match="non_finite"):
         ParamChannel("none").receive(nan_payload, B)
     assert not cb.residual.any() and not ca.residual.any()
+
+
+def test_channel_memory_survives_a_checkpoint():
+    ca, cb = ParamChannel("int8", reference=REF), ParamChannel("int8", reference=REF)
+    exchange_in_process(A, B, ca, cb)
+    pending = ca.prepare(A)
+    restored = ParamChannel("int8", reference=REF)
+    restored.load_state(ca.state())
+    np.testing.assert_array_equal(restored.residual, ca.residual)
+    assert restored.prepare(A).estimate.tobytes() == pending.estimate.tobytes()
+    ca.load_state(ca.state())
+    with pytest.raises(RuntimeError, match="stale"):
+        ca.commit(pending)
+    assert ParamChannel("none").state() == {}
 
 
 def test_lossy_channel_needs_the_shared_reference():

@@ -17,6 +17,7 @@ from lattice.learn.merge import (
     load_npz,
     load_safetensors,
     loads_safetensors,
+    merge_models,
     model_id,
     save_npz,
     save_safetensors,
@@ -92,6 +93,26 @@ def test_dare_is_seeded_drops_and_rescales():
     out = dare(np.zeros_like(big), [big], density=0.25, seed=0)
     assert set(np.unique(out)) == {0.0, 4.0}
     assert np.mean(out) == pytest.approx(1.0, abs=0.05)  # unbiased in expectation
+
+
+def test_merge_models_works_tensor_by_tensor():
+    a = {"w": M[0][:10], "b": M[1][:3]}
+    b = {"w": M[2][:10], "b": M[3][:3]}
+    base = {"w": BASE[:10], "b": BASE[:3]}
+    lin = merge_models("linear", [a, b], weights=[1, 3])
+    np.testing.assert_allclose(lin["w"], 0.25 * a["w"] + 0.75 * b["w"], rtol=1e-6, atol=1e-6)
+    assert merge_models("slerp", [a, b], t=0.0)["b"].tobytes() == a["b"].tobytes()
+    ta = merge_models("task_arithmetic", [a, b], base=base)
+    np.testing.assert_allclose(ta["b"], a["b"] + b["b"] - base["b"], rtol=1e-5, atol=1e-5)
+    assert set(merge_models("ties", [a, b], base=base, density=0.5)) == {"w", "b"}
+    d1 = merge_models("dare", [a, b], base=base, density=0.5, seed=3)
+    assert d1["w"].tobytes() == merge_models("dare", [a, b], base=base, density=0.5, seed=3)["w"].tobytes()
+    with pytest.raises(ValueError, match="base"):
+        merge_models("ties", [a, b])
+    with pytest.raises(ValueError, match="tensors"):
+        merge_models("linear", [a, {"w": a["w"]}])
+    with pytest.raises(ValueError, match="unknown"):
+        merge_models("frankenmerge", [a])
 
 
 ARRAYS = {"W1": M[0][:256].reshape(16, 16), "b1": M[1][:16], "count": np.arange(3, dtype=np.int64)}
