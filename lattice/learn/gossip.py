@@ -113,7 +113,6 @@ class ParamChannel:
         codec: Codec | str = "none",
         *,
         reference: np.ndarray | None = None,
-        shape: tuple[int, ...] | None = None,
         error_feedback: bool = True,
     ):
         self.codec = get_codec(codec)
