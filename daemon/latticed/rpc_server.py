@@ -153,7 +153,7 @@ class RpcServer:
             os.umask(old_umask)
         os.chmod(path, 0o600)
         self._inode = path.stat().st_ino
-        sock.listen(64)
+        sock.listen(512)  # bursts of local clients queue instead of getting EAGAIN
         return sock
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -197,8 +197,8 @@ class RpcServer:
                     client.nursery = nursery
                     await self._read_loop(client, nursery)
                     nursery.cancel_scope.cancel()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client went away mid-reply
+            except* (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client went away mid-reply; only its own tasks end
             finally:
                 self.stats.connections_open -= 1
                 for sub_id in list(client.subscriptions):

@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from lattice.api.errors import PermissionDeniedError
 from lattice.client._methods import METHOD_MAP, params_for
 from lattice.client._session import DaemonNotRunningError, RpcSession, resolve_socket
 
@@ -129,7 +130,9 @@ async def _connect_unix(path: Path) -> trio.SocketStream:
         raise DaemonNotRunningError(path, "stale socket: nothing accepts connections") from None
     except PermissionError:
         sock.close()
-        raise DaemonNotRunningError(path, "permission denied") from None
+        raise PermissionDeniedError(
+            f"cannot open {path}: permission denied (the daemon runs as another user; "
+            "run this as that user or root)") from None
     return trio.SocketStream(sock)
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket as socket_mod
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lattice.api.errors import PermissionDeniedError
 from lattice.client._methods import METHOD_MAP, params_for
 from lattice.client._session import DaemonNotRunningError, RpcSession, resolve_socket
 
@@ -37,8 +39,20 @@ class Client:
             while not self._session.has_response(msgid):
                 self._receive()
         except (BrokenPipeError, ConnectionResetError) as e:
+            self._raise_close_reason()
             raise DaemonNotRunningError(self.socket_path, f"connection lost: {e}") from None
         return self._session.take_response(msgid)
+
+    def _raise_close_reason(self) -> None:
+        """The daemon may have said why it hung up (permission, overload) before closing."""
+        try:
+            self._sock.settimeout(0.5)
+            while chunk := self._sock.recv(1 << 16):
+                self._session.feed(chunk)
+        except OSError:
+            pass
+        if self._session.unsolicited_errors:
+            raise self._session.unsolicited_errors.pop(0)
 
     def _receive(self) -> None:
         try:
@@ -46,6 +60,7 @@ class Client:
         except socket_mod.timeout:
             raise TimeoutError(f"the daemon did not answer within {self.timeout} s") from None
         if not chunk:
+            self._raise_close_reason()
             raise DaemonNotRunningError(self.socket_path, "the daemon closed the connection")
         self._session.feed(chunk)
         if self._session.unsolicited_errors:
@@ -118,7 +133,7 @@ def _open(path: Path, timeout: float | None) -> socket_mod.socket:
     s = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        s.connect(str(path))
+        _connect_patiently(s, path, timeout)
     except FileNotFoundError:
         s.close()
         raise DaemonNotRunningError(path, "the socket does not exist") from None
@@ -127,8 +142,26 @@ def _open(path: Path, timeout: float | None) -> socket_mod.socket:
         raise DaemonNotRunningError(path, "stale socket: nothing accepts connections") from None
     except PermissionError:
         s.close()
-        raise DaemonNotRunningError(path, "permission denied: the daemon belongs to another user") from None
+        raise PermissionDeniedError(
+            f"cannot open {path}: permission denied (the daemon runs as another user; "
+            "run this as that user or root)") from None
     return s
+
+
+def _connect_patiently(s: socket_mod.socket, path: Path, timeout: float | None) -> None:
+    """A Unix socket whose accept backlog is full fails at once with EAGAIN instead of
+    waiting; a busy daemon is not a dead one, so retry until the timeout."""
+    deadline = time.monotonic() + (timeout if timeout is not None else 60.0)
+    delay = 0.001
+    while True:
+        try:
+            s.connect(str(path))
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the daemon on {path} is not accepting connections") from None
+            time.sleep(delay)  # no readiness event exists for a full backlog
+            delay = min(delay * 2, 0.05)
 
 
 def connect(socket: str | Path | None = None, *, timeout: float | None = 60.0) -> Client:
