@@ -68,7 +68,7 @@ class Daemon:
             host_mod.quiet_libp2p_logging(logging.getLogger("latticed").getEffectiveLevel())
             self._net_errors = host_mod.PEER_ERRORS
             async with host_mod.open_libp2p_node(
-                    self.identity, cfg["node.listen"], mdns=cfg["node.mdns"],
+                    self.identity, cfg["node.listen"],
                     max_connections=cfg["limits.max_connections"],
                     event_buffer=cfg["rpc.subscriber_queue"]) as (node, peer_events):
                 self.node = node
@@ -81,6 +81,9 @@ class Daemon:
                          ", ".join(node.listen_addrs()))
                 self.set_state(RUNNING)
                 task_status.started(self)
+                if cfg["node.mdns"]:  # after RUNNING: zeroconf's start-up blocks ~1.7 s
+                    mdns = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.mdns")
+                    await nursery.start(mdns.serve_mdns, node)
                 try:
                     await trio.sleep_forever()
                 finally:

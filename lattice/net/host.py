@@ -333,8 +333,7 @@ def _reason(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def build_host(identity: Identity, listen: list[str], *, mdns: bool,
-               max_connections: int = 256) -> Any:
+def build_host(identity: Identity, listen: list[str], *, max_connections: int = 256) -> Any:
     key_pair = create_new_key_pair(identity.seed)
     security = {NOISE_ID: NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)}
     host = new_host(
@@ -347,7 +346,7 @@ def build_host(identity: Identity, listen: list[str], *, mdns: bool,
         connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0,
                                            low_watermark=0, max_connections=max_connections,
                                            high_watermark=max_connections),
-        enable_mDNS=mdns,
+        enable_mDNS=False,  # lattice.net.mdns starts it after the node is up
         enable_upnp=False,
     )
     # One attempt per dial: the swarm's own retries (3, with backoff) made a dial to a
@@ -357,14 +356,13 @@ def build_host(identity: Identity, listen: list[str], *, mdns: bool,
 
 
 @asynccontextmanager
-async def open_libp2p_node(identity: Identity, listen: list[str], *, mdns: bool = False,
-                           max_connections: int = 256, event_buffer: int = 256) -> AsyncIterator[tuple[Libp2pNode, trio.MemoryReceiveChannel]]:
+async def open_libp2p_node(identity: Identity, listen: list[str], *, max_connections: int = 256, event_buffer: int = 256) -> AsyncIterator[tuple[Libp2pNode, trio.MemoryReceiveChannel]]:
     """Run a host listening on ``listen``; yields the node and its peer-event channel."""
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
     except (ValueError, multiaddr.exceptions.Error) as e:
         raise ValueError(f"bad listen address: {e}") from None
-    host = build_host(identity, listen, mdns=mdns, max_connections=max_connections)
+    host = build_host(identity, listen, max_connections=max_connections)
     send, recv = trio.open_memory_channel[PeerEvent](event_buffer)
     node = Libp2pNode(host, identity, send)
     host.get_network().register_notifee(_Notifee(node))
