@@ -1,0 +1,60 @@
+"""Limits of the shared state: protocol constants and local policy.
+
+Owns every bound the state store and the sync protocol enforce. Must not import trio,
+libp2p or read the clock.
+
+Two kinds of limit, kept apart on purpose:
+
+- *Protocol limits* (module constants, in proto/crdt-sync.md). Every honest peer uses
+  the same numbers, so an envelope one honest peer accepts is accepted by all. Breaking
+  one is proof of misbehaviour and the sender is penalized.
+- *Local policy* (`StateLimits`, from the daemon config). They protect this process's
+  memory and may differ between peers; hitting one is never blamed on the sender.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# -- protocol limits (same on every peer; changing one needs a new protocol version) --
+MAX_ENVELOPE_BYTES = 256 * 1024
+"""Largest encoded envelope (a delta or a snapshot)."""
+MAX_AUTHOR_BYTES = 1024 * 1024
+"""Largest sum of an author's retained envelopes (from its last snapshot on)."""
+MAX_VALUE_BYTES = 64 * 1024
+"""Largest encoded value of one record (a member field, a job spec, ...)."""
+MAX_KEY_CHARS = 128
+"""Longest record key (job id, model id, counter name)."""
+MAX_SEQ = 2**53
+"""Sequence numbers stay exact in every language's number type."""
+MAX_FRAME_BYTES = 1024 * 1024 + 64 * 1024
+"""Largest sync frame: one batch of envelopes plus framing."""
+MAX_BATCH_BYTES = 512 * 1024
+"""A sender packs envelopes into one message up to this many bytes (one envelope
+always fits, whatever its size)."""
+MAX_ITEMS_PER_MESSAGE = 1024
+MAX_SUMMARY_ENTRIES = 8192
+"""A summary names at most this many authors (about 500 KiB), so it fits a frame."""
+
+
+@dataclass(frozen=True)
+class StateLimits:
+    """Local policy: how much this process keeps for others (see module docstring)."""
+
+    max_authors: int = 4096
+    """Authors we replicate; beyond it new authors are refused (Sybil bound). At most
+    MAX_SUMMARY_ENTRIES, so our summary always fits one message."""
+    max_gap_per_author: int = 64
+    """Out-of-order envelopes buffered per author while waiting for the missing seq."""
+    max_gap_bytes: int = 4 * 1024 * 1024
+    """Out-of-order envelopes buffered in total."""
+    snapshot_min_bytes: int = 64 * 1024
+    """Our own log is compacted into a snapshot once it holds this many bytes and twice
+    the size of a fresh snapshot."""
+    heartbeat_timeout: float = 60.0
+    """A member whose heartbeat is older than this is shown as not alive."""
+    max_subscribers: int = 64
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.max_authors <= MAX_SUMMARY_ENTRIES):
+            raise ValueError(f"max_authors must be in [1, {MAX_SUMMARY_ENTRIES}]")

@@ -1,0 +1,400 @@
+"""The `/lattice/crdt-sync/1` protocol as a sans-I/O state machine.
+
+Owns what a sync session says and when: message shapes and their validation, the
+per-session view of what the remote has, what to send next, and the penalty/backoff
+bookkeeping for peers that send invalid envelopes. Must not import trio, libp2p,
+sockets or read the clock: the driver (`lattice.net.crdt_sync`) feeds it decoded
+frames and ``now``, and writes whatever `SyncSession.next_message` returns.
+
+Theory of operation (proto/crdt-sync.md has the normative text)
+---------------------------------------------------------------
+A session is one stream between two peers; both ends run the same machine. The
+dialer sends ``hello`` (a fresh session id, its summary ``{author: seq}`` and the
+authors it has banned); the acceptor answers with its own ``hello`` under the same id.
+From then on each side knows what the other has (`remote_known`) and sends it what it
+lacks: every author whose envelopes changed is marked *dirty* on every session, and
+the writer turns dirty authors into ``envelopes`` messages from `StateStore` (no
+queue of envelopes exists, so nothing can pile up: the store is the buffer, and a
+slow peer just gets a bigger batch later). Received envelopes raise
+``remote_known``, so nothing is echoed back. Anti-entropy is a ``summary`` request,
+answered with a ``summary`` reply; each side then sends what the other lacks, which
+repairs anything a crossing or a dropped stream lost. Equivocation proofs travel as
+``proof`` messages until every peer has banned the author.
+
+An invalid envelope (bad signature, out-of-bounds content, ...) or a malformed message
+ends the session with `SyncProtocolError` and a penalty: the peer is not dialed or
+accepted again until its backoff (doubling per offence) expires.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lattice.core.state.envelope import Envelope
+from lattice.core.state.limits import (
+    MAX_BATCH_BYTES,
+    MAX_ITEMS_PER_MESSAGE,
+    MAX_SEQ,
+    MAX_SUMMARY_ENTRIES,
+)
+from lattice.core.state.store import StateStore
+
+PROTOCOL_ID = "/lattice/crdt-sync/1"
+PROTOCOL_VERSION = 1
+MAX_SESSION_ID_CHARS = 64
+MAX_SESSIONS_PER_PEER = 2  # one each way when two peers dial each other at once
+
+
+class SyncProtocolError(ValueError):
+    """The remote broke the sync protocol; ``reason`` is the penalty/statistics key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class SessionRefused(Exception):
+    """We will not run a session with this peer now (backoff, or too many sessions)."""
+
+
+@dataclass
+class Outcome:
+    """What handling one message did: envelopes applied and authors banned."""
+
+    accepted: list[Envelope] = field(default_factory=list)
+    banned: list[str] = field(default_factory=list)
+
+
+def _fail(reason: str, detail: str) -> None:
+    raise SyncProtocolError(reason, detail)
+
+
+TIP_BYTES = 8
+"""A summary names each author's highest seq and the first bytes of that envelope's
+digest: enough to notice two peers holding different envelopes for the same seq."""
+
+
+def _check_summary(value: Any) -> dict[str, tuple[int, bytes]]:
+    if not isinstance(value, dict) or len(value) > MAX_SUMMARY_ENTRIES:
+        _fail("malformed", "summary must be a map of at most "
+              f"{MAX_SUMMARY_ENTRIES} authors")
+    out = {}
+    for author, entry in value.items():
+        if (not isinstance(author, str) or len(author) > 128 or not isinstance(entry, list)
+                or len(entry) != 2 or type(entry[0]) is not int
+                or not (1 <= entry[0] <= MAX_SEQ) or not isinstance(entry[1], bytes)
+                or len(entry[1]) != TIP_BYTES):
+            _fail("malformed", "summary maps author ids to [seq, tip]")
+        out[author] = (entry[0], entry[1])
+    return out
+
+
+def encode_summary(store: StateStore) -> dict[str, list]:
+    return {a: [seq, digest[:TIP_BYTES]] for a, (seq, digest) in store.tips().items()}
+
+
+def _check_authors(value: Any) -> set[str]:
+    if not isinstance(value, list) or len(value) > MAX_SUMMARY_ENTRIES or not all(
+            isinstance(a, str) and len(a) <= 128 for a in value):
+        _fail("malformed", "banned must be a list of author ids")
+    return set(value)
+
+
+class SyncSession:
+    """One session with one peer (see the module docstring)."""
+
+    def __init__(self, store: StateStore, *, remote_peer: str, initiator: bool,
+                 session_id: str | None) -> None:
+        if initiator and not session_id:
+            raise ValueError("the dialer chooses the session id")
+        self.store = store
+        self.remote_peer = remote_peer
+        self.initiator = initiator
+        self.session_id = session_id
+        self.remote_known: dict[str, int] = {}
+        self.remote_banned: set[str] = set()
+        self._hello_sent = False
+        self._hello_received = False
+        self._dirty: set[str] = set()
+        self._proofs: set[str] = set()
+        self._ask_summary = False
+        self._owe_summary = False
+        self.envelopes_sent = 0
+        self.envelopes_received = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    @property
+    def open(self) -> bool:
+        return self._hello_sent and self._hello_received
+
+    # -- inputs ---------------------------------------------------------------------------
+    def mark_dirty(self, author: str) -> None:
+        self._dirty.add(author)
+
+    def mark_proof(self, author: str) -> None:
+        self._dirty.discard(author)
+        if author not in self.remote_banned:
+            self._proofs.add(author)
+
+    def request_summary(self) -> None:
+        """Anti-entropy: ask the remote for its summary (and send ours with the reply)."""
+        if self._hello_received:
+            self._ask_summary = True
+
+    def handle(self, msg: Any, now: float) -> Outcome:
+        """Process one received message. Raises SyncProtocolError if the remote broke
+        the protocol or sent an envelope that proves it misbehaved."""
+        if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+            _fail("malformed", "a message is a map with a type 't'")
+        kind = msg["t"]
+        sid = msg.get("sid")
+        if not isinstance(sid, str) or not (1 <= len(sid) <= MAX_SESSION_ID_CHARS):
+            _fail("malformed", "missing session id")
+        if self.session_id is None:
+            self.session_id = sid
+        elif sid != self.session_id:
+            _fail("malformed", f"session id {sid!r} in session {self.session_id}")
+        if kind == "hello":
+            return self._on_hello(msg)
+        if not self._hello_received:
+            _fail("unexpected", f"{kind!r} before hello")
+        if kind == "envelopes":
+            return self._on_envelopes(msg, now)
+        if kind == "summary":
+            return self._on_summary(msg)
+        if kind == "proof":
+            return self._on_proof(msg, now)
+        _fail("malformed", f"unknown message type {kind[:32]!r}")
+        raise AssertionError  # unreachable
+
+    def _on_hello(self, msg: dict) -> Outcome:
+        if self._hello_received:
+            _fail("unexpected", "second hello")
+        if msg.get("v") != PROTOCOL_VERSION:
+            _fail("version", f"protocol version {msg.get('v')!r}")
+        self._learn_summary(_check_summary(msg.get("summary")))
+        self.remote_banned = _check_authors(msg.get("banned"))
+        self._hello_received = True
+        for author in self.store.banned():
+            self.mark_proof(author)
+        return Outcome()
+
+    def _learn_summary(self, summary: dict[str, tuple[int, bytes]]) -> None:
+        self.remote_known = {a: seq for a, (seq, _) in summary.items()}
+        for author, (seq, digest) in self.store.tips().items():
+            remote = summary.get(author)
+            if remote is not None and remote[0] == seq and remote[1] != digest[:TIP_BYTES]:
+                # Same seq, different envelope: the author forked. Send ours so the
+                # remote can verify the fork itself and send back the proof.
+                self.remote_known[author] = seq - 1
+            self._dirty.add(author)
+
+    def _on_envelopes(self, msg: dict, now: float) -> Outcome:
+        items = msg.get("items")
+        if not isinstance(items, list) or len(items) > MAX_ITEMS_PER_MESSAGE \
+                or not all(isinstance(i, bytes) for i in items):
+            _fail("malformed", f"items must be a list of at most {MAX_ITEMS_PER_MESSAGE} "
+                  "envelopes")
+        out = Outcome()
+        for raw in items:
+            self.envelopes_received += 1
+            result = self.store.receive(raw, now, sender=self.remote_peer)
+            if result.penalize:
+                _fail(result.reason or "invalid", f"envelope from {self.remote_peer}: "
+                      f"{result.detail or result.reason}")
+            out.accepted.extend(result.accepted)
+            if result.proof is not None:
+                out.banned.append(result.author or "")
+            if result.author is not None and result.seq is not None:
+                # whatever the outcome, the remote holds this envelope: never echo it
+                known = self.remote_known.get(result.author, 0)
+                self.remote_known[result.author] = max(known, result.seq)
+        return out
+
+    def _on_summary(self, msg: dict) -> Outcome:
+        reply = msg.get("reply")
+        if not isinstance(reply, bool):
+            _fail("malformed", "summary needs a boolean 'reply'")
+        # The remote's own word replaces our guesses: anything it lacks is resent.
+        self._learn_summary(_check_summary(msg.get("summary")))
+        if not reply:
+            self._owe_summary = True
+        return Outcome()
+
+    def _on_proof(self, msg: dict, now: float) -> Outcome:
+        pair = msg.get("envelopes")
+        if not isinstance(pair, list) or len(pair) != 2 \
+                or not all(isinstance(e, bytes) for e in pair):
+            _fail("malformed", "a proof is two envelopes")
+        result = self.store.receive_proof(pair[0], pair[1], now, sender=self.remote_peer)
+        if result.penalize:
+            _fail(result.reason or "bad_proof", f"proof from {self.remote_peer}")
+        out = Outcome()
+        if result.author is not None:
+            self.remote_banned.add(result.author)
+            self._proofs.discard(result.author)
+            if result.status == "accepted":
+                out.banned.append(result.author)
+        return out
+
+    # -- outputs --------------------------------------------------------------------------
+    def has_pending(self) -> bool:
+        if not self._hello_sent:
+            return self.initiator or self._hello_received
+        return self._hello_received and bool(
+            self._ask_summary or self._owe_summary or self._proofs or self._dirty)
+
+    def next_message(self, max_bytes: int = MAX_BATCH_BYTES) -> dict[str, Any] | None:
+        """The next message to send, or None when the remote is up to date."""
+        if not self._hello_sent:
+            if not (self.initiator or self._hello_received):
+                return None  # the acceptor learns the session id from the dialer's hello
+            self._hello_sent = True
+            return {"t": "hello", "sid": self.session_id, "v": PROTOCOL_VERSION,
+                    "summary": encode_summary(self.store),
+                    "banned": sorted(self.store.banned())}
+        if not self._hello_received:
+            return None
+        if self._owe_summary or self._ask_summary:
+            reply = self._owe_summary
+            self._owe_summary = self._ask_summary = False
+            return {"t": "summary", "sid": self.session_id,
+                    "summary": encode_summary(self.store), "reply": reply}
+        banned = self.store.banned()
+        while self._proofs:
+            author = self._proofs.pop()
+            if author in banned and author not in self.remote_banned:
+                self.remote_banned.add(author)
+                return {"t": "proof", "sid": self.session_id, "envelopes": list(banned[author])}
+        items: list[bytes] = []
+        size = 0
+        for author in sorted(self._dirty):
+            pending = self.store.envelopes_after(author, self.remote_known.get(author, 0))
+            for env in pending:
+                if items and (size + len(env.raw) > max_bytes
+                              or len(items) >= MAX_ITEMS_PER_MESSAGE):
+                    return self._envelopes(items)
+                items.append(env.raw)
+                size += len(env.raw)
+                self.remote_known[author] = env.seq
+            self._dirty.discard(author)
+        return self._envelopes(items) if items else None
+
+    def _envelopes(self, items: list[bytes]) -> dict[str, Any]:
+        self.envelopes_sent += len(items)
+        return {"t": "envelopes", "sid": self.session_id, "items": items}
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "sid": self.session_id, "peer": self.remote_peer, "initiator": self.initiator,
+            "open": self.open, "dirty_authors": len(self._dirty),
+            "envelopes_sent": self.envelopes_sent, "envelopes_received": self.envelopes_received,
+            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+        }
+
+
+@dataclass
+class _Penalty:
+    offences: int
+    until: float
+    last_reason: str
+
+
+class SyncHub:
+    """All sync sessions of one peer, fan-out of new envelopes, and penalties.
+
+    ``wake(session)`` is called whenever a session gained something to send; the
+    driver uses it to wake that session's writer.
+    """
+
+    def __init__(self, store: StateStore, *, max_sessions: int = 256,
+                 backoff_base: float = 5.0, backoff_max: float = 600.0,
+                 max_penalized: int = 4096,
+                 wake: Callable[[SyncSession], None] = lambda session: None) -> None:
+        self.store = store
+        self.max_sessions = max_sessions
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.max_penalized = max_penalized
+        self.wake = wake
+        self.sessions: dict[int, SyncSession] = {}
+        self._penalties: dict[str, _Penalty] = {}
+        self.sessions_opened = 0
+        self.sessions_refused = 0
+        self.penalties: dict[str, int] = {}
+        self._closed_bytes_sent = 0
+        self._closed_bytes_received = 0
+        store.add_envelope_listener(self._on_envelope)
+        store.add_ban_listener(self._on_ban)
+
+    def _on_envelope(self, env: Envelope, local: bool) -> None:
+        for session in self.sessions.values():
+            session.mark_dirty(env.author)
+            self.wake(session)
+
+    def _on_ban(self, author: str, proof: tuple[bytes, bytes]) -> None:
+        for session in self.sessions.values():
+            session.mark_proof(author)
+            self.wake(session)
+
+    def in_backoff(self, peer: str, now: float) -> bool:
+        p = self._penalties.get(peer)
+        return p is not None and now < p.until
+
+    def open_session(self, remote_peer: str, *, initiator: bool, session_id: str | None,
+                     now: float) -> SyncSession:
+        """Register a new session or raise SessionRefused."""
+        if self.in_backoff(remote_peer, now):
+            self.sessions_refused += 1
+            raise SessionRefused(f"peer {remote_peer} is in backoff")
+        same_peer = sum(1 for s in self.sessions.values() if s.remote_peer == remote_peer)
+        if len(self.sessions) >= self.max_sessions or same_peer >= MAX_SESSIONS_PER_PEER:
+            self.sessions_refused += 1
+            raise SessionRefused("too many sync sessions")
+        session = SyncSession(self.store, remote_peer=remote_peer, initiator=initiator,
+                              session_id=session_id)
+        self.sessions[id(session)] = session
+        self.sessions_opened += 1
+        return session
+
+    def close_session(self, session: SyncSession) -> None:
+        if self.sessions.pop(id(session), None) is not None:
+            self._closed_bytes_sent += session.bytes_sent
+            self._closed_bytes_received += session.bytes_received
+
+    def has_session(self, peer: str) -> bool:
+        return any(s.remote_peer == peer for s in self.sessions.values())
+
+    def penalize(self, peer: str, reason: str, now: float) -> float:
+        """Record an offence; returns the backoff (seconds) before we talk to it again."""
+        p = self._penalties.get(peer)
+        offences = 1 if p is None else p.offences + 1
+        backoff = min(self.backoff_base * 2 ** (offences - 1), self.backoff_max)
+        self._penalties[peer] = _Penalty(offences, now + backoff, reason)
+        self.penalties[reason] = self.penalties.get(reason, 0) + 1
+        if len(self._penalties) > self.max_penalized:
+            # forget the peer whose backoff ends first (bounded memory beats long grudges)
+            oldest = min(self._penalties, key=lambda k: self._penalties[k].until)
+            del self._penalties[oldest]
+        return backoff
+
+    def pick_anti_entropy(self, rng: random.Random) -> SyncSession | None:
+        candidates = [s for s in self.sessions.values() if s.open]
+        return rng.choice(candidates) if candidates else None
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "sessions": len(self.sessions),
+            "sessions_opened": self.sessions_opened,
+            "sessions_refused": self.sessions_refused,
+            "penalized_peers": len(self._penalties),
+            "penalties": dict(self.penalties),
+            "bytes_sent": self._closed_bytes_sent
+            + sum(s.bytes_sent for s in self.sessions.values()),
+            "bytes_received": self._closed_bytes_received
+            + sum(s.bytes_received for s in self.sessions.values()),
+        }

@@ -1,0 +1,467 @@
+"""The trio driver of `/lattice/crdt-sync/1`, and the file that persists the state.
+
+Owns the I/O around `lattice.core.state`: running `SyncSession` machines over
+`PeerNetwork` streams (dialing connected peers, accepting inbound sessions, waking
+writers, periodic anti-entropy, penalizing peers that send invalid envelopes) and
+`FileStateLog`, the append-only log in the state dir. Must not import libp2p: it talks
+to the network only through `lattice.net.streams.PeerNetwork`, so it runs unchanged
+over the real host and `lattice.testing.memnet`.
+
+Failure policy (`serve_crdt_sync`): a session ends quietly when its peer vanishes or
+resets (`PeerError`); a peer that breaks the protocol or sends an envelope proving
+misbehaviour is reset and put in backoff; anything else is our bug and propagates,
+taking the service (and the daemon's nursery) down.
+
+The log is a separate object the daemon opens (`open_state`): the store calls it
+synchronously for every applied envelope, so our own new envelopes are on disk
+(fsync) *before* any session can send them. Otherwise a crash right after a send
+could make us reuse that sequence number with different content after restart, which
+peers would rightly treat as equivocation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lattice.core.codec import pack
+from lattice.core.identity import Identity
+from lattice.core.state.envelope import Envelope
+from lattice.core.state.limits import MAX_BATCH_BYTES, MAX_FRAME_BYTES, StateLimits
+from lattice.core.state.log import LOG_MAGIC, Record, encode_record, scan
+from lattice.core.state.schema import Change, Set
+from lattice.core.state.store import StateStore
+from lattice.core.state.sync import (
+    PROTOCOL_ID,
+    SessionRefused,
+    SyncHub,
+    SyncProtocolError,
+    SyncSession,
+)
+from lattice.net.streams import (
+    PeerError,
+    PeerNetwork,
+    RemoteProtocolError,
+    Stream,
+    StreamClosedError,
+    recv_frame_or_eof,
+    send_frame,
+)
+
+log = logging.getLogger("lattice.net.crdt_sync")
+
+PROTOCOL = PROTOCOL_ID
+
+
+# -- persistence ----------------------------------------------------------------------------
+
+class FileStateLog:
+    """Append-only, crash-safe log of envelopes and proofs (`lattice.core.state.log`).
+
+    Our own envelopes are fsynced before `StateStore.apply_local` returns; received
+    ones are written without fsync (after a power loss they are fetched again from
+    peers). When the file holds much more than the store keeps (snapshots made older
+    envelopes useless), it is rewritten: temp file, fsync, atomic rename.
+    """
+
+    def __init__(self, path: Path, *, compact_min_bytes: int = 4 * 1024 * 1024) -> None:
+        self.path = Path(path)
+        self.compact_min_bytes = compact_min_bytes
+        self._fd: int | None = None
+        self._store: StateStore | None = None
+        self.size = 0
+        self.appended = 0
+        self.fsyncs = 0
+        self.compactions = 0
+        self.dropped_tail_bytes = 0
+        self._since_check = 0
+
+    def open(self) -> list[Record]:
+        """Read the log (creating it if absent), cut off a torn tail, and return its
+        records. Raises `LogFormatError` if the file is not a state log."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        result = scan(data)
+        if result.dropped_bytes:
+            log.warning("state log %s: dropping %d bytes of torn tail", self.path,
+                        result.dropped_bytes)
+            self.dropped_tail_bytes = result.dropped_bytes
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.ftruncate(self._fd, result.valid_length)
+        os.lseek(self._fd, 0, os.SEEK_END)
+        self.size = result.valid_length
+        if self.size == 0:
+            self._write(LOG_MAGIC, durable=True)
+        return result.records
+
+    def attach(self, store: StateStore) -> None:
+        """Persist everything ``store`` applies from now on."""
+        self._store = store
+        store.add_envelope_listener(self._on_envelope)
+        store.add_ban_listener(self._on_ban)
+
+    def _on_envelope(self, env: Envelope, local: bool) -> None:
+        self.append(("envelope", (env.raw,)), durable=local)
+
+    def _on_ban(self, author: str, proof: tuple[bytes, bytes]) -> None:
+        self.append(("proof", proof), durable=True)
+
+    def append(self, record: Record, *, durable: bool) -> None:
+        self._write(encode_record(record), durable=durable)
+        self.appended += 1
+        self._since_check += 1
+        if self._since_check >= 64:
+            self._since_check = 0
+            self.maybe_compact()
+
+    def _write(self, data: bytes, *, durable: bool) -> None:
+        if self._fd is None:
+            raise RuntimeError("state log is not open")
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.size += len(data)
+        if durable:
+            os.fsync(self._fd)
+            self.fsyncs += 1
+
+    def maybe_compact(self) -> bool:
+        if self._store is None:
+            return False
+        live = self._store.statistics()["retained_bytes"]
+        if self.size <= max(self.compact_min_bytes, 4 * live):
+            return False
+        self.rewrite(self._store.records())
+        return True
+
+    def rewrite(self, records: list[Record]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            data = LOG_MAGIC + b"".join(encode_record(r) for r in records)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.close()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.size = len(data)
+        self.compactions += 1
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def statistics(self) -> dict[str, Any]:
+        return {"path": str(self.path), "bytes": self.size, "appended": self.appended,
+                "fsyncs": self.fsyncs, "compactions": self.compactions,
+                "dropped_tail_bytes": self.dropped_tail_bytes}
+
+
+def open_state(identity: Identity, path: Path | None, *, now: float,
+               limits: StateLimits = StateLimits()) -> tuple[StateStore, FileStateLog | None]:
+    """A store loaded from the log at ``path`` (None: in memory only), with the log
+    attached so that everything applied from now on is persisted. Call before the
+    sync service starts, so state is there at once."""
+    store = StateStore(identity, limits=limits)
+    if path is None:
+        return store, None
+    state_log = FileStateLog(path)
+    records = state_log.open()
+    counts = store.load(records, now)
+    if counts:
+        log.info("state log %s: %s", path, dict(counts))
+    state_log.attach(store)
+    state_log.maybe_compact()
+    return store, state_log
+
+
+# -- sync driver ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """Driver settings (daemon config section ``[state]``)."""
+
+    anti_entropy_interval: float = 10.0
+    """Mean seconds between summary exchanges with one random connected peer."""
+    connect_interval: float = 2.0
+    """How often connected peers without a session are looked for."""
+    hello_timeout: float = 10.0
+    max_sessions: int = 256
+    backoff_base: float = 5.0
+    backoff_max: float = 600.0
+    max_batch_bytes: int = MAX_BATCH_BYTES
+
+
+class _CountingStream:
+    """Counts a session's bytes both ways (for statistics and the benchmark)."""
+
+    def __init__(self, stream: Stream, session: SyncSession) -> None:
+        self._stream = stream
+        self._session = session
+        self.remote_peer_id = stream.remote_peer_id
+        self.protocol = stream.protocol
+
+    async def read(self, max_bytes: int) -> bytes:
+        data = await self._stream.read(max_bytes)
+        self._session.bytes_received += len(data)
+        return data
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self._session.bytes_sent += len(data)
+        await self._stream.write(data)
+
+    async def close_write(self) -> None:
+        await self._stream.close_write()
+
+    async def close(self) -> None:
+        await self._stream.close()
+
+    async def reset(self) -> None:
+        await self._stream.reset()
+
+
+class CrdtSync:
+    """The running sync service (what `serve_crdt_sync` hands back)."""
+
+    def __init__(self, network: PeerNetwork, store: StateStore, config: SyncConfig,
+                 clock: Callable[[], float], rng: random.Random) -> None:
+        self.network = network
+        self.store = store
+        self.config = config
+        self._clock = clock
+        self._rng = rng
+        self.hub = SyncHub(store, max_sessions=config.max_sessions,
+                           backoff_base=config.backoff_base, backoff_max=config.backoff_max,
+                           wake=self._wake)
+        self._wakers: dict[int, trio.Event] = {}
+        self._dialing: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._closed = False
+        self.anti_entropy_rounds = 0
+
+    # -- public -------------------------------------------------------------------------
+    async def connect(self, peer_id: str) -> bool:
+        """Start a sync session with ``peer_id`` unless one runs already; False when
+        the peer cannot be reached, is in backoff, or is ourselves."""
+        if (self._nursery is None or peer_id == self.network.peer_id
+                or peer_id in self._dialing or self.hub.has_session(peer_id)
+                or self.hub.in_backoff(peer_id, self._clock())):
+            return False
+        self._dialing.add(peer_id)
+        try:
+            stream = await self.network.open_stream(peer_id, PROTOCOL)
+        except PeerError as e:
+            log.debug("peer=%s crdt-sync dial failed: %s", peer_id, e)
+            return False
+        finally:
+            self._dialing.discard(peer_id)
+        self._nursery.start_soon(self._run_session, stream, True, None)
+        return True
+
+    def write(self, changes: list[Change]) -> Envelope | None:
+        """Apply local changes now (`StateStore.apply_local` with our clock); the new
+        envelope is persisted by the attached log and pushed to every session."""
+        return self.store.apply_local(changes, self._clock())
+
+    def sync_now(self) -> int:
+        """Ask every open session for a summary exchange (used after a partition heals
+        or by `lattice state sync`); returns how many were asked."""
+        n = 0
+        for session in list(self.hub.sessions.values()):
+            if session.open:
+                session.request_summary()
+                self._wake(session)
+                n += 1
+        return n
+
+    def statistics(self) -> dict[str, Any]:
+        return {"store": self.store.statistics(),
+                "sync": {**self.hub.statistics(), "anti_entropy_rounds": self.anti_entropy_rounds,
+                         "sessions_detail": [s.statistics() for s in self.hub.sessions.values()]}}
+
+    # -- internals ----------------------------------------------------------------------
+    def _wake(self, session: SyncSession) -> None:
+        event = self._wakers.get(id(session))
+        if event is not None:
+            event.set()
+
+    async def _handle_inbound(self, stream: Stream) -> None:
+        if self._closed or self._nursery is None:
+            await stream.reset()
+            return
+        done = trio.Event()
+        # The session runs in our nursery (so stopping the service stops it); the
+        # network's handler task just waits, because returning would close the stream.
+        self._nursery.start_soon(self._run_session, stream, False, done)
+        await done.wait()
+
+    async def _run_session(self, raw_stream: Stream, initiator: bool,
+                           done: trio.Event | None) -> None:
+        peer = raw_stream.remote_peer_id
+        try:
+            try:
+                session = self.hub.open_session(
+                    peer, initiator=initiator,
+                    session_id=secrets.token_hex(8) if initiator else None, now=self._clock())
+            except SessionRefused as e:
+                log.debug("peer=%s crdt-sync session refused: %s", peer, e)
+                await _quietly(raw_stream.reset)
+                return
+            try:
+                await self._serve_session(_CountingStream(raw_stream, session), session)
+            finally:
+                self.hub.close_session(session)
+                self._wakers.pop(id(session), None)
+        finally:
+            if done is not None:
+                done.set()
+
+    async def _serve_session(self, stream: _CountingStream, session: SyncSession) -> None:
+        peer = stream.remote_peer_id
+        failure: list[BaseException] = []
+        penalized = False
+        try:
+            async with trio.open_nursery() as nursery:
+                async def guarded(loop) -> None:
+                    try:
+                        await loop(stream, session)
+                    except (PeerError, SyncProtocolError, trio.TooSlowError) as e:
+                        failure.append(e)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(guarded, self._write_loop)
+                nursery.start_soon(guarded, self._read_loop)
+            error = failure[0] if failure else None
+            sid = session.session_id
+            if isinstance(error, (SyncProtocolError, RemoteProtocolError)):
+                reason = error.reason if isinstance(error, SyncProtocolError) else "malformed"
+                backoff = self.hub.penalize(peer, reason, self._clock())
+                log.warning("peer=%s sid=%s crdt-sync penalized (%s); backoff %.0f s",
+                            peer, sid, error, backoff)
+                penalized = True
+            elif error is not None:
+                log.debug("peer=%s sid=%s crdt-sync session ended: %r", peer, sid, error)
+        finally:
+            await _quietly(stream.reset if penalized else stream.close)
+
+    async def _read_loop(self, stream: _CountingStream, session: SyncSession) -> None:
+        with trio.fail_after(self.config.hello_timeout):
+            first = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
+        msg = first
+        while msg is not None:
+            outcome = session.handle(msg, self._clock())
+            for author in outcome.banned:
+                log.warning("peer=%s sid=%s author=%s banned: equivocation proof",
+                            session.remote_peer, session.session_id, author)
+            if session.has_pending():
+                self._wake(session)
+            msg = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
+        raise StreamClosedError("remote ended the session")
+
+    async def _write_loop(self, stream: _CountingStream, session: SyncSession) -> None:
+        while True:
+            msg = session.next_message(self.config.max_batch_bytes)
+            if msg is None:
+                # No await between the None above and registering the event, so a wake
+                # cannot slip in between and be lost.
+                event = trio.Event()
+                self._wakers[id(session)] = event
+                await event.wait()
+                continue
+            await send_frame(stream, msg)
+
+    async def _connect_loop(self) -> None:
+        """Keep one session per connected peer. Only the smaller peer id dials, so two
+        peers noticing each other at once do not open two sessions."""
+        me = self.network.peer_id
+        while True:
+            now = self._clock()
+            for peer in self.network.connected_peers():
+                if (me < peer and not self.hub.has_session(peer) and peer not in self._dialing
+                        and not self.hub.in_backoff(peer, now)):
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self.connect, peer)
+            await trio.sleep(self.config.connect_interval)
+
+    async def _anti_entropy_loop(self) -> None:
+        interval = self.config.anti_entropy_interval
+        while True:
+            await trio.sleep(interval * self._rng.uniform(0.5, 1.5))
+            session = self.hub.pick_anti_entropy(self._rng)
+            if session is not None:
+                session.request_summary()
+                self._wake(session)
+                self.anti_entropy_rounds += 1
+
+
+async def _quietly(action: Callable[[], Any]) -> None:
+    """Close or reset a stream whose peer may already be gone, even while cancelled."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            await action()
+        except PeerError:
+            pass  # already closed by the other side; nothing left to release
+
+
+async def serve_heartbeat(store: StateStore, member: dict[str, Any], *,
+                          interval: float = 15.0, clock: Callable[[], float] = time.time,
+                          task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Publish our member record (``member``: name, version, reachability, addrs,
+    capabilities; see `lattice.core.state.schema`) and refresh its heartbeat every
+    ``interval`` seconds until cancelled. Others show us as alive while the heartbeat is
+    younger than their ``heartbeat_timeout`` (default 60 s: keep interval well below)."""
+    fields = {"peer_id": store.peer_id, **member, "started": clock()}
+    store.apply_local([Set(f"member/{k}", v) for k, v in fields.items()]
+                      + [Set("member/heartbeat", clock())], clock())
+    task_status.started()
+    while True:
+        await trio.sleep(interval)
+        store.apply_local([Set("member/heartbeat", clock())], clock())
+
+
+async def serve_crdt_sync(network: PeerNetwork, store: StateStore, *,
+                          config: SyncConfig = SyncConfig(),
+                          clock: Callable[[], float] = time.time,
+                          rng: random.Random | None = None,
+                          task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Replicate ``store`` with every connected peer until cancelled.
+
+    Registers the `PROTOCOL` stream handler, starts sessions with connected peers (and
+    with any peer passed to `CrdtSync.connect`), pushes new envelopes, runs
+    anti-entropy, and hands back the `CrdtSync` handle via ``task_status``. ``clock``
+    gives the wall time used for penalties and views (tests pass ``trio.current_time``).
+    Failure policy: see the module docstring.
+    """
+    sync = CrdtSync(network, store, config, clock, rng or random.Random())
+    async with trio.open_nursery() as nursery:
+        sync._nursery = nursery
+        network.set_stream_handler(PROTOCOL, sync._handle_inbound)
+        nursery.start_soon(sync._connect_loop)
+        nursery.start_soon(sync._anti_entropy_loop)
+        task_status.started(sync)
+        try:
+            await trio.sleep_forever()
+        finally:
+            sync._closed = True

@@ -1,0 +1,131 @@
+"""Shared state over the in-memory network: spread, partitions, restarts."""
+
+import trio
+
+from lattice.core.state import Set
+
+SIXTEEN_PLUS = 20
+
+
+async def test_a_write_on_one_peer_reaches_all_twenty_within_five_seconds(cluster,
+                                                                          autojump_clock):
+    nodes = await cluster.add(SIXTEEN_PLUS)
+    rng = cluster.rng
+    for i, node in enumerate(nodes):  # a ring plus random chords: diameter > 1
+        await cluster.link(node, nodes[(i + 1) % len(nodes)])
+        other = nodes[rng.randrange(len(nodes))]
+        if other is not node:
+            await node.sync.connect(other.peer_id)
+    await trio.testing.wait_all_tasks_blocked()
+    writer = nodes[0]
+    path = f"members/{writer.peer_id}"
+    seen = trio.Event()
+    remaining = {n.peer_id for n in nodes[1:]}
+
+    def watcher(node):
+        def on_change(event):
+            if event.path == path:
+                remaining.discard(node.peer_id)
+                if not remaining:
+                    seen.set()
+        return on_change
+
+    for node in nodes[1:]:
+        node.store.subscribe(watcher(node))
+    start = trio.current_time()
+    writer.announce("writer")
+    with trio.fail_after(5):
+        await seen.wait()
+    assert trio.current_time() - start < 5
+    for node in nodes:
+        assert node.store.get(f"{path}/name", 0) == "writer"
+
+
+async def test_everyone_writing_at_once_converges_to_one_view(cluster, autojump_clock):
+    nodes = await cluster.add(16)
+    for i, node in enumerate(nodes):
+        await cluster.link(node, nodes[(i + 1) % len(nodes)])
+        await cluster.link(node, nodes[(i + 5) % len(nodes)])
+    for i, node in enumerate(nodes):
+        node.announce(f"n{i}")
+        node.write(Set("counters/jobs_done", i))
+    await cluster.wait_until(cluster.converged)
+    assert len(nodes[3].store.members(trio.current_time())) == 16
+    assert nodes[7].store.counters() == {"jobs_done": sum(range(16))}
+
+
+async def test_partitioned_halves_written_independently_converge_after_heal(cluster,
+                                                                           autojump_clock):
+    nodes = await cluster.add(8)
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            await cluster.link(a, b)
+    left, right = nodes[:4], nodes[4:]
+    nodes[0].announce("before")
+    await cluster.wait_until(cluster.converged)
+
+    cluster.net.partition([n.peer_id for n in left], [n.peer_id for n in right])
+    left[1].write(Set("jobs/left-job", {"submitter": left[1].peer_id, "task": "t"}))
+    right[2].write(Set("jobs/right-job", {"submitter": right[2].peer_id, "task": "t"}))
+    right[2].write(Set("participation/left-job", {"state": "joined"}))
+    nodes[0].write(Set("member/name", "renamed in the left half"))
+    await cluster.wait_until(lambda: cluster.converged(left) and cluster.converged(right))
+    assert "right-job" not in left[0].store.jobs()
+    assert "left-job" not in right[0].store.jobs()
+
+    cluster.net.heal()
+    await cluster.wait_until(cluster.converged, timeout=30)
+    view = nodes[5].store.jobs()
+    assert set(view) == {"left-job", "right-job"}
+    assert list(view["left-job"]["participants"]) == [right[2].peer_id]
+    assert nodes[6].store.get(f"members/{nodes[0].peer_id}/name", 0) == "renamed in the left half"
+
+
+async def test_a_restarted_peer_has_its_state_at_once_and_catches_up(cluster, autojump_clock,
+                                                                     tmp_path):
+    a, b, c = await cluster.add(3, log_dir=tmp_path)
+    await cluster.link(a, b)
+    await cluster.link(b, c)
+    a.announce("a")
+    b.write(Set("jobs/j1", {"submitter": b.peer_id, "task": "t"}))
+    await cluster.wait_until(cluster.converged)
+    before = a.store.get("", 0)
+
+    a.stop()
+    cluster.net.disconnect(a.peer_id)  # a crash: its streams reset
+    b.write(Set("jobs/j1", {"submitter": b.peer_id, "task": "t", "state": "cancelled"}))
+    c.announce("c, while a was down")
+    with open(a.log_path, "ab") as f:
+        f.write(b"\x00\x00\x01\x00torn")  # the crash cut a record short
+
+    cluster.net.reconnect(a.peer_id)
+    await a.start()
+    assert a.store.get("", 0) == before  # at once, before any sync
+    assert a.log.dropped_tail_bytes == 8
+    await cluster.link(a, b)
+    await cluster.wait_until(cluster.converged)
+    assert a.store.get("jobs/j1/status", 0) == "cancelled"
+    assert c.peer_id in a.store.members(0)
+    # a continues its own sequence: its next write is accepted everywhere
+    a.write(Set("member/name", "a again"))
+    await cluster.wait_until(cluster.converged)
+    assert c.store.get(f"members/{a.peer_id}/name", 0) == "a again"
+    assert all(not n.store.banned() for n in cluster.nodes)
+
+
+async def test_snapshot_compaction_keeps_restarts_and_late_joiners_exact(cluster,
+                                                                         autojump_clock,
+                                                                         tmp_path):
+    a, b = await cluster.add(2, log_dir=tmp_path)
+    await cluster.link(a, b)
+    for i in range(400):  # a long run of heartbeats: several snapshots
+        a.write(Set("member/peer_id", a.peer_id), Set("member/heartbeat", float(i)))
+    await cluster.wait_until(cluster.converged)
+    assert a.store.statistics()["snapshots"] >= 1
+    (late,) = await cluster.add(1)
+    await cluster.link(late, b)
+    await cluster.wait_until(cluster.converged)
+    assert late.store.statistics()["retained_envelopes"] < 400
+    a.stop()
+    await a.start()
+    assert a.store.get("", 0) == b.store.get("", 0)
