@@ -5,7 +5,7 @@ import random
 import pytest
 import trio
 
-from lattice.core.state import Set
+from lattice.core.state import Set, StateLimits
 from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync
 from lattice.testing.memnet import MemoryNetwork
 
@@ -22,7 +22,7 @@ class Node:
     async def start(self):
         """Load state (from the log, if any) and start the sync service."""
         self.store, self.log = open_state(self.peer.identity, self.log_path,
-                                          now=trio.current_time())
+                                          now=trio.current_time(), limits=self.cluster.limits)
         self.sync = await self.cluster.nursery.start(self._run)
         return self
 
@@ -53,6 +53,7 @@ class Cluster:
         self.rng = random.Random(7)
         self.config = SyncConfig(anti_entropy_interval=5.0, connect_interval=1.0)
         self.nodes: list[Node] = []
+        self.limits = StateLimits()
 
     async def add(self, n=1, log_dir=None):
         out = []

@@ -2,7 +2,9 @@
 
 import trio
 
-from lattice.core.state import Set
+from lattice.core.identity import Identity
+from lattice.core.state import Set, StateLimits
+from lattice.net.crdt_sync import FileStateLog, open_state, serve_heartbeat
 
 SIXTEEN_PLUS = 20
 
@@ -116,16 +118,54 @@ async def test_a_restarted_peer_has_its_state_at_once_and_catches_up(cluster, au
 async def test_snapshot_compaction_keeps_restarts_and_late_joiners_exact(cluster,
                                                                          autojump_clock,
                                                                          tmp_path):
+    cluster.limits = StateLimits(snapshot_min_bytes=4096)
     a, b = await cluster.add(2, log_dir=tmp_path)
     await cluster.link(a, b)
-    for i in range(400):  # a long run of heartbeats: several snapshots
+    for i in range(120):  # a long run of heartbeats: several snapshots
         a.write(Set("member/peer_id", a.peer_id), Set("member/heartbeat", float(i)))
     await cluster.wait_until(cluster.converged)
-    assert a.store.statistics()["snapshots"] >= 1
+    assert a.store.statistics()["snapshots"] >= 3
     (late,) = await cluster.add(1)
     await cluster.link(late, b)
     await cluster.wait_until(cluster.converged)
-    assert late.store.statistics()["retained_envelopes"] < 400
+    assert late.store.statistics()["retained_envelopes"] < 40
     a.stop()
     await a.start()
     assert a.store.get("", 0) == b.store.get("", 0)
+
+
+async def test_heartbeats_keep_a_member_alive_until_it_stops(cluster, autojump_clock):
+    a, b = await cluster.add(2)
+    await cluster.link(a, b)
+    with trio.CancelScope() as beating:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda **kw: serve_heartbeat(
+                a.store, {"name": "a", "version": "0.1", "capabilities": {"cpus": 2}},
+                interval=15.0, clock=trio.current_time, **kw))
+            await cluster.wait_until(lambda: a.peer_id in b.store.members(0))
+            await trio.sleep(100)
+            member = b.store.members(trio.current_time())[a.peer_id]
+            assert member["alive"] and member["capabilities"] == {"cpus": 2}
+            beating.cancel()
+    await trio.sleep(61)
+    assert not b.store.members(trio.current_time())[a.peer_id]["alive"]
+
+
+def test_the_log_compacts_and_reloads_to_the_same_state(tmp_path):
+    me = Identity.generate()
+    path = tmp_path / "state.log"
+    store, log = open_state(me, path, now=0.0,
+                            limits=StateLimits(snapshot_min_bytes=2048))
+    log.compact_min_bytes = 8192
+    for i in range(300):
+        store.apply_local([Set("member/peer_id", me.peer_id),
+                           Set("member/heartbeat", float(i))], 0.0)
+    assert log.compactions >= 1
+    assert path.stat().st_size < 4 * 8192
+    view = store.get("", 0.0)
+    log.close()
+    again, log2 = open_state(me, path, now=0.0)
+    assert again.get("", 0.0) == view
+    assert again.seq_of(me.peer_id) == 300
+    log2.close()
+    assert isinstance(log2, FileStateLog)
