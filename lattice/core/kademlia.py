@@ -548,10 +548,8 @@ def parse_peer_info(raw: Any) -> PeerInfo:
     peer_id, addrs, mode = raw["peer_id"], raw["addrs"], raw["mode"]
     if not isinstance(peer_id, str) or len(peer_id) > 128:
         raise MalformedMessage("peer_id is a string")
-    try:
-        public_key_from_peer_id(peer_id)
-    except InvalidPeerId:
-        raise MalformedMessage(f"not an Ed25519 peer id: {peer_id[:64]!r}") from None
+    if not _is_ed25519_peer_id(peer_id):
+        raise MalformedMessage(f"not an Ed25519 peer id: {peer_id[:64]!r}")
     if not isinstance(addrs, list) or len(addrs) > MAX_ADDRS_PER_PEER:
         raise MalformedMessage(f"addrs is a list of at most {MAX_ADDRS_PER_PEER}")
     for a in addrs:
@@ -560,6 +558,16 @@ def parse_peer_info(raw: Any) -> PeerInfo:
     if mode not in (Mode.SERVER.value, Mode.CLIENT.value):
         raise MalformedMessage("mode is 'server' or 'client'")
     return PeerInfo(peer_id, tuple(addrs), Mode(mode))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _is_ed25519_peer_id(peer_id: str) -> bool:
+    # memoized: every answer repeats the same peer ids, and base58 decoding is slow
+    try:
+        public_key_from_peer_id(peer_id)
+    except InvalidPeerId:
+        return False
+    return True
 
 
 def _parse_field(kind: str, value: Any, name: str) -> Any:

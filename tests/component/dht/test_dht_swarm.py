@@ -1,0 +1,247 @@
+"""A 24+ node DHT on the in-memory network: join through one node, put anywhere, get
+everywhere within log2(N)+2 hops, refuse bad records, survive churn, keep clients out
+of routing tables."""
+
+import math
+import random
+
+import pytest
+import trio
+
+from lattice.core import codec
+from lattice.core.identity import Identity
+from lattice.core.kademlia import PROTOCOL_ID, Mode, PeerInfo, make_message, parse_message
+from lattice.core.records import RecordLimits, peer_key, sign_record, user_key
+from lattice.net.dht import DHTConfig, PeerNotFound
+from lattice.net.streams import recv_frame, send_frame
+
+from .conftest import wall_clock
+
+N = 24
+HOP_BOUND = math.ceil(math.log2(N)) + 2
+
+
+async def test_every_put_is_readable_from_every_node_within_log_n_hops(swarm, autojump_clock):
+    nodes = await swarm.grow(N)
+    assert all(len(d.table) >= 10 for d in nodes)
+    rnd = random.Random(1)
+    worst = 0
+    for i in range(6):
+        writer = rnd.choice(nodes)
+        put = await writer.put(user_key(f"k{i}"), {"n": i}, ttl=600)
+        assert len(put.stored_at) >= 15
+        assert put.hops <= HOP_BOUND
+        for reader in nodes:
+            got = await reader.get_result(user_key(f"k{i}"))
+            assert [(r.publisher, r.unpack_value()) for r in got.records] == [
+                (writer.peer_id, {"n": i})]
+            worst = max(worst, got.hops)
+    assert 1 <= worst <= HOP_BOUND
+    for reader in nodes[:4]:
+        lookup = await reader.find_closest_peers(12345)
+        assert len(lookup.peers) == 20 and lookup.hops <= HOP_BOUND
+
+
+async def test_several_publishers_under_one_key_and_newest_wins(swarm, autojump_clock):
+    nodes = await swarm.grow(N)
+    key = user_key("shared")
+    for i, writer in enumerate(nodes[:5]):
+        await writer.put(key, i, ttl=600)
+    await nodes[0].put(key, "updated", ttl=900)
+    got = await nodes[-1].get(key)
+    assert {r.publisher: r.unpack_value() for r in got} == {
+        nodes[0].peer_id: "updated", **{n.peer_id: i for i, n in enumerate(nodes[1:5], 1)}}
+
+
+async def test_records_expire_everywhere(swarm, autojump_clock):
+    nodes = await swarm.grow(N)
+    await nodes[3].put(user_key("short"), "x", ttl=30)
+    assert await nodes[7].get(user_key("short"))
+    await trio.sleep(31)
+    assert await nodes[7].get(user_key("short")) == []
+    await trio.sleep(DHTConfig().gc_interval)
+    assert all(n.statistics()["records_stored"] == 0 for n in nodes)
+
+
+async def _raw_request(swarm, rogue, target, mtype, **body):
+    stream = await rogue.open_stream(target, PROTOCOL_ID)
+    msg = make_message(mtype, 99, False, PeerInfo(rogue.peer_id, (), Mode.CLIENT), **body)
+    await send_frame(stream, msg.to_wire())
+    answer = parse_message(await recv_frame(stream))
+    await stream.close()
+    return answer
+
+
+async def test_bad_records_are_refused_by_every_node(swarm, autojump_clock):
+    nodes = await swarm.grow(N)
+    rogue = swarm.net.add_peer()
+    await swarm.nursery.start(rogue.serve)
+    now = wall_clock()
+    good = sign_record(rogue.identity, user_key("good"), codec.pack(1), now + 60)
+    forged = good.to_wire() | {"value": codec.pack(2)}
+    expired = sign_record(rogue.identity, user_key("old"), codec.pack(1), now - 1)
+    oversize = sign_record(rogue.identity, user_key("big"),
+                           codec.pack(b"x" * (RecordLimits().max_value_bytes + 1)), now + 60)
+    far = sign_record(rogue.identity, user_key("far"), codec.pack(1), now + 30 * 86400)
+    cases = [(forged, "bad_signature"), (expired.to_wire(), "expired"),
+             (oversize.to_wire(), "too_large"), (far.to_wire(), "too_large")]
+    for node in nodes:
+        for record, reason in cases:
+            answer = await _raw_request(swarm, rogue, node.peer_id, "PUT_VALUE", record=record)
+            assert answer.body == {"ok": False, "reason": reason}
+        answer = await _raw_request(swarm, rogue, node.peer_id, "PUT_VALUE", record=good.to_wire())
+        assert answer.body == {"ok": True, "reason": ""}
+    for node in nodes:
+        assert node.statistics()["rejected"] == {"bad_signature": 1, "expired": 1, "too_large": 2}
+        assert [r.unpack_value() for r in await node.get(user_key("good"))] == [1]
+        for key in ("old", "big", "far"):
+            assert await node.get(user_key(key)) == []
+
+
+async def test_a_peer_sending_garbage_is_counted_and_dropped(swarm, autojump_clock):
+    nodes = await swarm.grow(8)
+    victim = nodes[2]
+    rogue = swarm.net.add_peer()
+    await swarm.nursery.start(rogue.serve)
+    # the rogue first looks like a good server...
+    answer = await _raw_request(swarm, rogue, victim.peer_id, "PING")
+    assert answer.type == "PING" and answer.response
+    stream = await rogue.open_stream(victim.peer_id, PROTOCOL_ID)
+    await send_frame(stream, make_message(
+        "PING", 1, False, PeerInfo(rogue.peer_id, (), Mode.SERVER)).to_wire())
+    await recv_frame(stream)
+    assert rogue.peer_id in victim.table
+    # ...then sends a frame that is not a message
+    await send_frame(stream, {"type": "PING", "id": "not an int"})
+    await trio.testing.wait_all_tasks_blocked()
+    assert rogue.peer_id not in victim.table
+    assert victim.statistics()["rejected"]["malformed_message"] == 1
+
+    # a responder answering with garbage is dropped by the requester too
+    async def garbage(stream):
+        await recv_frame(stream)
+        await stream.write(b"\x00\x00\x00\x03\xc1\xc1\xc1")
+
+    rogue.set_stream_handler(PROTOCOL_ID, garbage)
+    victim.table.observe(rogue.peer_id, Mode.SERVER, trio.current_time())
+    await victim.find_closest_peers(7)
+    assert rogue.peer_id not in victim.table
+    assert victim.statistics()["rejected"]["malformed_message"] == 2
+
+
+async def test_forged_records_in_answers_are_dropped_and_blamed(swarm, autojump_clock):
+    nodes = await swarm.grow(6)
+    liar = nodes[1]
+    key = user_key("lie")
+    # the liar stores a forged record behind its own validation's back
+    record = sign_record(liar.identity, key, codec.pack("true"), wall_clock() + 60)
+    forged = record.to_wire() | {"value": codec.pack("false")}
+    liar.records._by_key[key] = {liar.peer_id: type(record)(**forged)}
+    liar.records._total += 1
+    reader = nodes[4]
+    assert await reader.get(key) == []
+    assert reader.statistics()["rejected"]["bad_signature"] == 1
+    assert liar.peer_id not in reader.table
+
+
+async def test_churn_a_third_of_the_nodes_and_the_rest_still_find_records(swarm, autojump_clock):
+    # a small replication factor so that churn really loses replicas and republishing
+    # has to restore them
+    config = DHTConfig(replication=4, republish_interval=300.0, refresh_interval=120.0)
+    nodes = await swarm.grow(N, config=config)
+    for i, node in enumerate(nodes):
+        await node.put(user_key(f"c{i}"), i, ttl=3600)
+    # kill the third of the nodes that hold the most replicas
+    dead = set(sorted(range(N), key=lambda i: -len(nodes[i].records))[:N // 3])
+    for i in dead:
+        swarm.net.disconnect(nodes[i].peer_id)
+    alive = [n for i, n in enumerate(nodes) if i not in dead]
+    survivors = [i for i in range(N) if i not in dead]
+    lost = [i for i in survivors if not await alive[0].get(user_key(f"c{i}"))]
+    assert lost, "churn lost no replica set: this test would not exercise republishing"
+    await trio.sleep(config.republish_interval + 1)
+    for reader in alive:
+        for i, writer in enumerate(nodes):
+            if i in dead:
+                continue
+            got = await reader.get(user_key(f"c{i}"))
+            assert [r.unpack_value() for r in got] == [i], (reader.peer_id, i)
+    for node in alive:
+        assert not any(nodes[i].peer_id in node.table for i in dead)
+
+
+async def test_client_mode_peers_never_enter_routing_tables(swarm, autojump_clock):
+    servers = await swarm.grow(N)
+    clients = [await swarm.add(config=DHTConfig(mode=Mode.CLIENT)) for _ in range(4)]
+    for c in clients:
+        await c.bootstrap([servers[0].peer_id])
+        assert len(c.table) >= 10
+        await c.put(user_key(f"from-{c.peer_id}"), "hi", ttl=600)
+    await trio.testing.wait_all_tasks_blocked()  # clients publish their peer records
+    for s in servers:
+        await s.refresh()
+    for c in clients:
+        for s in servers[::5]:
+            assert [r.unpack_value() for r in await s.get(user_key(f"from-{c.peer_id}"))] == ["hi"]
+    await clients[0].get(user_key(f"from-{clients[1].peer_id}"))
+    for node in servers + clients:
+        assert not any(c.peer_id in node.table for c in clients)
+    # a client is still found by id through its signed peer record
+    assert await servers[5].find_peer(clients[2].peer_id) == []
+    assert await servers[5].get(peer_key(clients[2].peer_id))
+    # a server that loses reachability turns client and leaves the tables it reaches
+    servers[7].set_mode(Mode.CLIENT)
+    await servers[7].refresh()
+    assert sum(servers[7].peer_id in s.table for s in servers) <= 2
+
+
+async def test_providers_and_peer_routing(swarm, autojump_clock):
+    nodes = await swarm.grow(N)
+    for p in nodes[3:6]:
+        await p.provide("blob-abc")
+    found = await nodes[20].find_providers("blob-abc")
+    assert sorted(p.peer_id for p in found) == sorted(n.peer_id for n in nodes[3:6])
+    assert await nodes[20].find_providers("blob-none") == []
+    # find a peer that is not in our table: someone on the way names it
+    seeker, stranger = nodes[11], nodes[17]
+    seeker.table.remove(stranger.peer_id)
+    assert await seeker.find_peer(stranger.peer_id) == []  # memnet: no addresses
+    with pytest.raises(PeerNotFound):
+        await seeker.find_peer(Identity.generate().peer_id)
+
+
+async def test_restarted_node_rejoins_from_its_state_and_republishes(swarm, autojump_clock):
+    nodes = await swarm.grow(N)
+    old = nodes[9]
+    await old.put(user_key("persisted"), "still here", ttl=3600)
+    await old.provide("model-1")
+    state = old.export_state()
+    identity = old.identity
+    # crash it, and let every other node forget its records
+    swarm.net.disconnect(old.peer_id)
+    for n in nodes:
+        n.records._by_key.clear()
+        n.records._total = 0
+        n.providers._by_key.clear()
+        n.providers._total = 0
+    assert await nodes[0].get(user_key("persisted")) == []
+    # restart: same identity, new process, no bootstrap peers given
+    del swarm.net.peers[identity.peer_id]
+    swarm.net.reconnect(identity.peer_id)
+    fresh = await swarm.add(peer=swarm.net.add_peer(identity), state=state)
+    assert len(fresh.table) >= 10
+    assert await fresh.bootstrap([]) >= 10
+    await trio.testing.wait_all_tasks_blocked()
+    assert [r.unpack_value() for r in await nodes[0].get(user_key("persisted"))] == ["still here"]
+    assert [p.peer_id for p in await nodes[0].find_providers("model-1")] == [fresh.peer_id]
+
+
+async def test_statistics_report_the_table_mode_and_traffic(swarm, autojump_clock):
+    nodes = await swarm.grow(4)
+    stats = nodes[0].statistics()
+    assert stats["mode"] == "server"
+    assert stats["routing_table_size"] == 3
+    assert stats["requests_in"]["PING"] == 3  # one bootstrap ping from each joiner
+    assert stats["inflight_out"] == 0 and stats["inbound_streams"] <= 3
+    assert nodes[3].statistics()["requests_out"]["FIND_NODE"] > 0
+    assert nodes[3].statistics()["rejected"] == {}
