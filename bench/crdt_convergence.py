@@ -137,6 +137,25 @@ async def measure(transport: Transport, n: int, writes: int, degree: int, seed: 
     return times, env_sizes, sent
 
 
+def cpu_costs(n: int = 300) -> tuple[float, float]:
+    """Microseconds to write one heartbeat locally and to receive it on another peer
+    (signature, pycrdt apply on a copy, schema check), single-threaded."""
+    from lattice.core.identity import Identity
+
+    me = Identity.generate()
+    writer, reader = StateStore(me), StateStore(Identity.generate())
+    writer.apply_local([Set("member/peer_id", me.peer_id), Set("member/name", "bench"),
+                        Set("member/capabilities", {"cpus": 8, "tasks": ["digits-mlp"]})], 0.0)
+    reader.receive(writer.missing_for({})[0].raw, 0.0)
+    start = time.perf_counter()
+    envs = [writer.apply_local([Set("member/heartbeat", float(i))], 0.0) for i in range(n)]
+    mid = time.perf_counter()
+    for env in envs:
+        reader.receive(env.raw, 0.0)
+    end = time.perf_counter()
+    return (mid - start) / n * 1e6, (end - mid) / n * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 24])
@@ -156,6 +175,9 @@ def main() -> None:
         print(f"{n:>5} {args.writes:>6} {statistics.median(times_ms):>9.2f} {p90:>7.2f} "
               f"{times_ms[-1]:>7.2f} {statistics.median(sizes):>10.0f} {per_update:>13.0f} "
               f"{per_update / (n - 1):>13.0f}")
+    write_us, receive_us = cpu_costs()
+    print(f"cpu: local write {write_us:.0f} us, receive {receive_us:.0f} us per heartbeat "
+          "envelope")
 
 
 if __name__ == "__main__":

@@ -33,13 +33,12 @@ from typing import Any
 
 import trio
 
-from lattice.core.codec import pack
 from lattice.core.identity import Identity
 from lattice.core.state.envelope import Envelope
 from lattice.core.state.limits import MAX_BATCH_BYTES, MAX_FRAME_BYTES, StateLimits
 from lattice.core.state.log import LOG_MAGIC, Record, encode_record, scan
 from lattice.core.state.schema import Change, Set
-from lattice.core.state.store import StateStore
+from lattice.core.state.store import AuthorBanned, StateStore
 from lattice.core.state.sync import (
     PROTOCOL_ID,
     SessionRefused,
@@ -180,14 +179,16 @@ class FileStateLog:
 
 
 def open_state(identity: Identity, path: Path | None, *, now: float,
-               limits: StateLimits = StateLimits()) -> tuple[StateStore, FileStateLog | None]:
+               limits: StateLimits = StateLimits(),
+               compact_min_bytes: int = 4 * 1024 * 1024
+               ) -> tuple[StateStore, FileStateLog | None]:
     """A store loaded from the log at ``path`` (None: in memory only), with the log
     attached so that everything applied from now on is persisted. Call before the
     sync service starts, so state is there at once."""
     store = StateStore(identity, limits=limits)
     if path is None:
         return store, None
-    state_log = FileStateLog(path)
+    state_log = FileStateLog(path, compact_min_bytes=compact_min_bytes)
     records = state_log.open()
     counts = store.load(records, now)
     if counts:
@@ -259,6 +260,7 @@ class CrdtSync:
         self._dialing: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._closed = False
+        self._self_synced = trio.Event()
         self.anti_entropy_rounds = 0
 
     # -- public -------------------------------------------------------------------------
@@ -279,6 +281,16 @@ class CrdtSync:
             self._dialing.discard(peer_id)
         self._nursery.start_soon(self._run_session, stream, True, None)
         return True
+
+    async def wait_self_synced(self) -> None:
+        """Wait until a peer has shown that we hold our own latest envelope.
+
+        A peer whose state log was lost or rolled back (disk corruption, a restored
+        backup) while its identity survived would reuse sequence numbers it already
+        published, which is equivocation and gets its peer id banned. Peers send us our
+        own envelopes back like any other author's; once one session's hello shows it
+        has nothing of ours that we lack, our next seq is safe to use."""
+        await self._self_synced.wait()
 
     def write(self, changes: list[Change]) -> Envelope | None:
         """Apply local changes now (`StateStore.apply_local` with our clock); the new
@@ -370,8 +382,12 @@ class CrdtSync:
         with trio.fail_after(self.config.hello_timeout):
             first = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
         msg = first
+        me = self.network.peer_id
         while msg is not None:
             outcome = session.handle(msg, self._clock())
+            if session.hello_received and \
+                    self.store.seq_of(me) >= session.hello_seqs.get(me, 0):
+                self._self_synced.set()
             for author in outcome.banned:
                 log.warning("peer=%s sid=%s author=%s banned: equivocation proof",
                             session.remote_peer, session.session_id, author)
@@ -427,18 +443,36 @@ async def _quietly(action: Callable[[], Any]) -> None:
 
 async def serve_heartbeat(store: StateStore, member: dict[str, Any], *,
                           interval: float = 15.0, clock: Callable[[], float] = time.time,
+                          sync: CrdtSync | None = None, initial_sync_timeout: float = 10.0,
                           task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Publish our member record (``member``: name, version, reachability, addrs,
     capabilities; see `lattice.core.state.schema`) and refresh its heartbeat every
     ``interval`` seconds until cancelled. Others show us as alive while the heartbeat is
-    younger than their ``heartbeat_timeout`` (default 60 s: keep interval well below)."""
+    younger than their ``heartbeat_timeout`` (default 60 s: keep interval well below).
+
+    With ``sync``, the first write waits (at most ``initial_sync_timeout``) for
+    `CrdtSync.wait_self_synced`. A member record the schema refuses raises
+    `LocalStateError` before ``task_status.started()`` (a config error). If peers hold
+    proof that this identity equivocated, it logs the fact and stops writing."""
+    if sync is not None:
+        with trio.move_on_after(initial_sync_timeout):
+            await sync.wait_self_synced()
     fields = {"peer_id": store.peer_id, **member, "started": clock()}
-    store.apply_local([Set(f"member/{k}", v) for k, v in fields.items()]
-                      + [Set("member/heartbeat", clock())], clock())
-    task_status.started()
-    while True:
-        await trio.sleep(interval)
-        store.apply_local([Set("member/heartbeat", clock())], clock())
+    started = False
+    try:
+        store.apply_local([Set(f"member/{k}", v) for k, v in fields.items()]
+                          + [Set("member/heartbeat", clock())], clock())
+        task_status.started()
+        started = True
+        while True:
+            await trio.sleep(interval)
+            store.apply_local([Set("member/heartbeat", clock())], clock())
+    except AuthorBanned as e:
+        log.error("peer=%s %s; start with a new identity to take part again",
+                  store.peer_id, e)
+        if not started:
+            task_status.started()
+        await trio.sleep_forever()
 
 
 async def serve_crdt_sync(network: PeerNetwork, store: StateStore, *,
@@ -465,3 +499,4 @@ async def serve_crdt_sync(network: PeerNetwork, store: StateStore, *,
             await trio.sleep_forever()
         finally:
             sync._closed = True
+            sync._nursery = None

@@ -16,6 +16,7 @@ from lattice.core.state.schema import Change as Change
 from lattice.core.state.schema import Delete as Delete
 from lattice.core.state.schema import OutOfBounds as OutOfBounds
 from lattice.core.state.schema import Set as Set
+from lattice.core.state.store import AuthorBanned as AuthorBanned
 from lattice.core.state.store import ChangeEvent as ChangeEvent
 from lattice.core.state.store import LocalStateError as LocalStateError
 from lattice.core.state.store import ReceiveResult as ReceiveResult
@@ -31,7 +32,7 @@ from lattice.core.state.views import join_status as join_status
 __all__ = [
     "KIND_DELTA", "KIND_SNAPSHOT", "Envelope", "EnvelopeError", "open_envelope", "seal",
     "StateLimits", "LogFormatError", "Change", "Delete", "OutOfBounds", "Set",
-    "ChangeEvent", "LocalStateError", "ReceiveResult", "StateStore", "PROTOCOL_ID",
+    "AuthorBanned", "ChangeEvent", "LocalStateError", "ReceiveResult", "StateStore", "PROTOCOL_ID",
     "SyncHub", "SyncProtocolError", "SyncSession", "STATUS_ORDER", "StatePathError",
     "join_status",
 ]

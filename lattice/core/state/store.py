@@ -53,7 +53,13 @@ from pycrdt import Doc
 
 from lattice.core.codec import canonical
 from lattice.core.identity import Identity
-from lattice.core.state.document import UpdateError, apply_checked, read_content, write_delta, write_snapshot
+from lattice.core.state.document import (
+    UpdateError,
+    apply_checked,
+    read_content,
+    write_delta,
+    write_snapshot,
+)
 from lattice.core.state.envelope import (
     KIND_DELTA,
     KIND_SNAPSHOT,
@@ -91,6 +97,11 @@ IGNORED = "ignored"
 
 class LocalStateError(ValueError):
     """A local change the rules forbid (bad path, a record we may not hold, too big)."""
+
+
+class AuthorBanned(LocalStateError):
+    """Peers hold proof that this identity forked its own history (equivocation), so
+    its writes are void everywhere; only a new identity can write again."""
 
 
 @dataclass
@@ -228,7 +239,7 @@ class StateStore:
         Raises LocalStateError for a change the rules forbid (nothing is applied)."""
         changes = list(changes)
         if self.peer_id in self._banned:
-            raise LocalStateError("this peer was banned for equivocating; its writes are void")
+            raise AuthorBanned("this peer id was banned for equivocating; its writes are void")
         st = self._authors.get(self.peer_id) or _Author()
         try:
             content = apply_changes(st.content, changes)

@@ -116,6 +116,8 @@ class SyncSession:
         self.session_id = session_id
         self.remote_known: dict[str, int] = {}
         self.remote_banned: set[str] = set()
+        self.hello_seqs: dict[str, int] = {}
+        """What the remote held when the session opened (from its hello)."""
         self._hello_sent = False
         self._hello_received = False
         self._dirty: set[str] = set()
@@ -130,6 +132,10 @@ class SyncSession:
     @property
     def open(self) -> bool:
         return self._hello_sent and self._hello_received
+
+    @property
+    def hello_received(self) -> bool:
+        return self._hello_received
 
     # -- inputs ---------------------------------------------------------------------------
     def mark_dirty(self, author: str) -> None:
@@ -176,7 +182,9 @@ class SyncSession:
             _fail("unexpected", "second hello")
         if msg.get("v") != PROTOCOL_VERSION:
             _fail("version", f"protocol version {msg.get('v')!r}")
-        self._learn_summary(_check_summary(msg.get("summary")))
+        summary = _check_summary(msg.get("summary"))
+        self._learn_summary(summary)
+        self.hello_seqs = {a: seq for a, (seq, _) in summary.items()}
         self.remote_banned = _check_authors(msg.get("banned"))
         self._hello_received = True
         for author in self.store.banned():

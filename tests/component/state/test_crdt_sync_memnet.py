@@ -169,3 +169,24 @@ def test_the_log_compacts_and_reloads_to_the_same_state(tmp_path):
     assert again.seq_of(me.peer_id) == 300
     log2.close()
     assert isinstance(log2, FileStateLog)
+
+
+async def test_a_peer_that_lost_its_log_recovers_its_own_history_before_writing(
+        cluster, autojump_clock, tmp_path):
+    a, b = await cluster.add(2, log_dir=tmp_path)
+    await cluster.link(a, b)
+    for i in range(3):
+        a.announce(f"a{i}")
+    await cluster.wait_until(cluster.converged)
+    a.stop()
+    a.log_path.unlink()  # state log lost, identity kept
+    await a.start()
+    assert a.store.seq_of(a.peer_id) == 0
+    await cluster.link(a, b)
+    with trio.fail_after(5):
+        await a.sync.wait_self_synced()
+    assert a.store.seq_of(a.peer_id) == 3
+    a.announce("after recovery")
+    await cluster.wait_until(cluster.converged)
+    assert not b.store.banned()
+    assert b.store.get(f"members/{a.peer_id}/name", 0) == "after recovery"

@@ -54,8 +54,8 @@ def test_signed_but_mangled_updates_are_applied_whole_or_not_at_all(edits):
 @settings(max_examples=100, deadline=None)
 @given(st.dictionaries(st.sampled_from(["v", "author", "seq", "kind", "prev", "update", "sig",
                                         "x"]),
-                       st.one_of(st.integers(-2**63, 2**64 - 1), st.binary(max_size=40), st.text(max_size=60),
-                                 st.none()), max_size=8))
+                       st.one_of(st.integers(-2**63, 2**64 - 1), st.binary(max_size=40),
+                                 st.text(max_size=60), st.none()), max_size=8))
 def test_envelope_shaped_maps_are_rejected_not_raised(fields):
     store = StateStore(Identity.generate())
     assert store.receive(pack(fields), 0.0).status == "rejected"
