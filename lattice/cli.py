@@ -28,8 +28,18 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(out)
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"$bytes_hex": value.hex()}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
 def _emit_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
+    json.dump(_jsonable(value), sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
 
 
@@ -99,6 +109,50 @@ def cmd_peers_connect(args: argparse.Namespace) -> int:
         _emit_json(result)
     else:
         print(f"connected to {result['peer_id']} in {result['elapsed_ms']:.0f} ms")
+    return 0
+
+
+def cmd_members(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        members = c.members()
+    if args.json:
+        _emit_json(members)
+        return 0
+    if not members:
+        print("no members known yet")
+        return 0
+    now = time.time()
+    rows = []
+    for pid, m in sorted(members.items(), key=lambda kv: (not kv[1].get("alive"), kv[0])):
+        hb = m.get("heartbeat")
+        caps = m.get("capabilities") or {}
+        rows.append([pid, m.get("name") or "-", "alive" if m.get("alive") else "dead",
+                     "-" if hb is None else f"{max(0, now - hb):.0f}s ago",
+                     m.get("version") or "-", str(caps.get("cpus", "-")),
+                     m.get("reachability") or "-"])
+    print(_table(rows, ["PEER ID", "NAME", "LIVENESS", "HEARTBEAT", "VERSION", "CPUS", "REACHABILITY"]))
+    return 0
+
+
+def cmd_state_get(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        value = c.state_get(args.path)
+    if args.json or not isinstance(value, (str, int, float)):
+        _emit_json(value)
+    else:
+        print(value)
+    return 0
+
+
+def cmd_state_watch(args: argparse.Namespace) -> int:
+    prefix = args.path.strip("/")
+    with connect(args.socket) as c:
+        with c.subscribe(["state"]) as events:
+            for ev in events:
+                if ev["event"] == "snapshot":
+                    continue
+                if ev.get("path", "").startswith(prefix):
+                    print(json.dumps(_jsonable(ev), sort_keys=True, default=str), flush=True)
     return 0
 
 
@@ -195,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("multiaddr", help="/ip4/…/tcp/…/p2p/<peer id>")
     c.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     c.set_defaults(func=cmd_peers_connect)
+
+    s = sub.add_parser("members", parents=[common, js], help="network members and their liveness")
+    s.set_defaults(func=cmd_members)
+
+    s = sub.add_parser("state", parents=[common], help="the replicated shared state")
+    ssub = s.add_subparsers(dest="state_command", metavar="SUBCOMMAND", required=True)
+    g = ssub.add_parser("get", parents=[common, js], help="print the value at PATH")
+    g.add_argument("path", nargs="?", default="",
+                   help="'' (all), members[/<peer>], jobs[/<id>], models/<id>, counters/<name>")
+    g.set_defaults(func=cmd_state_get)
+    w = ssub.add_parser("watch", parents=[common], help="stream changes under PATH as JSON lines")
+    w.add_argument("path", nargs="?", default="")
+    w.set_defaults(func=cmd_state_watch)
 
     s = sub.add_parser("events", parents=[common], help="stream daemon events as JSON lines")
     s.add_argument("--topic", action="append", help="peers | daemon (repeatable; default both)")

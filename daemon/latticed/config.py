@@ -110,6 +110,14 @@ SETTINGS: list[Setting] = [
             "longest wait between redials of a lost bootstrap peer", _at_least(0.1)),
     Setting("limits.ping_interval_s", float, 15.0, "how often peers' RTT is measured",
             _at_least(1.0)),
+    Setting("state.heartbeat_interval_s", float, 15.0,
+            "how often our member record's heartbeat is refreshed", _at_least(0.5)),
+    Setting("state.heartbeat_timeout_s", float, 60.0,
+            "a member is shown dead when its heartbeat is older than this", _at_least(1.0)),
+    Setting("state.anti_entropy_interval_s", float, 10.0,
+            "mean seconds between catch-up exchanges with a random peer", _at_least(0.5)),
+    Setting("jobs.accept_tasks", list, ["digits-softmax", "digits-mlp", "breast-cancer-logreg"],
+            "training tasks this daemon volunteers for (advertised in its member record)"),
 ]
 BY_KEY = {s.key: s for s in SETTINGS}
 

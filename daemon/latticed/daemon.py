@@ -8,6 +8,7 @@ bootstrap keepers, RTT pinger -> state RUNNING. Shutdown is cancellation of the 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -19,6 +20,7 @@ import trio
 
 from lattice.api.errors import (
     InvalidArgumentError,
+    NotFoundError,
     NotReadyError,
     PeerUnreachableError,
 )
@@ -48,6 +50,9 @@ class Daemon:
         self._peer_gone: dict[str, trio.Event] = {}
         self._net_errors: tuple[type[BaseException], ...] = ()
         self.ready_seconds: float | None = None
+        self.store: Any = None       # lattice.core.state.StateStore
+        self.state_log: Any = None   # its file log in the state dir
+        self.sync: Any = None        # lattice.net.crdt_sync.CrdtSync once peers can sync
 
     # -- lifecycle ------------------------------------------------------------------
     def set_state(self, state: str) -> None:
@@ -65,6 +70,8 @@ class Daemon:
             log.info("local RPC socket %s (starting)", cfg.socket)
 
             host_mod = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.host")
+            crdt = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.crdt_sync")
+            self._open_state(crdt)
             host_mod.quiet_libp2p_logging(logging.getLogger("latticed").getEffectiveLevel())
             self._net_errors = host_mod.PEER_ERRORS
             async with host_mod.open_libp2p_node(
@@ -72,6 +79,12 @@ class Daemon:
                     max_connections=cfg["limits.max_connections"],
                     event_buffer=cfg["rpc.subscriber_queue"]) as (node, peer_events):
                 self.node = node
+                self.sync = await nursery.start(functools.partial(
+                    crdt.serve_crdt_sync, node, self.store, config=crdt.SyncConfig(
+                        anti_entropy_interval=cfg["state.anti_entropy_interval_s"])))
+                nursery.start_soon(functools.partial(
+                    crdt.serve_heartbeat, self.store, self._member_record(),
+                    interval=cfg["state.heartbeat_interval_s"], sync=self.sync))
                 nursery.start_soon(self._fan_out_peer_events, peer_events)
                 nursery.start_soon(self._measure_rtts)
                 for addr in cfg["node.bootstrap"]:
@@ -89,6 +102,32 @@ class Daemon:
                 finally:
                     self.state = STOPPING
                     self.bus.publish("daemon", {"event": "state", "state": STOPPING})
+                    if self.state_log is not None:
+                        self.state_log.close()
+
+    # -- replicated state ---------------------------------------------------------------
+    def _open_state(self, crdt: Any) -> None:
+        """Load the replicated state from the state dir before the network is up, so a
+        restarted daemon has its state at once (peers then fill in what it missed)."""
+        from lattice.core.state import StateLimits
+        limits = StateLimits(heartbeat_timeout=self.config["state.heartbeat_timeout_s"])
+        self.store, self.state_log = crdt.open_state(
+            self.identity, self.config.state_dir / "state.log", now=time.time(), limits=limits)
+        self.store.subscribe(self._on_state_change)
+
+    def _on_state_change(self, ev: Any) -> None:
+        self.bus.publish("state", {"event": "change", "path": ev.path, "value": ev.value,
+                                   "author": ev.author})
+
+    def _member_record(self) -> dict[str, Any]:
+        return {
+            "name": self.config["node.name"][:64],
+            "version": __version__,
+            "reachability": "unknown",
+            "addrs": self.node.advertised_addrs()[:16],
+            "capabilities": {"cpus": os.cpu_count() or 1,
+                             "tasks": list(self.config["jobs.accept_tasks"])[:64]},
+        }
 
     # -- services ---------------------------------------------------------------------
     async def _fan_out_peer_events(self, events: trio.MemoryReceiveChannel) -> None:
@@ -149,6 +188,10 @@ class Daemon:
             "peers.connect": self.rpc_peers_connect,
             "subscribe": self.rpc_subscribe,
             "unsubscribe": self.rpc_unsubscribe,
+            "members.list": self.rpc_members_list,
+            "state.get": self.rpc_state_get,
+            "state.set": self.rpc_state_set,
+            "state.stats": self.rpc_state_stats,
         }
 
     def _require_node(self) -> Any:
@@ -178,7 +221,16 @@ class Daemon:
             "rpc": self.rpc.stats.as_dict() if self.rpc else {},
             "events": {"subscribers": self.bus.subscribers, "published": self.bus.published,
                        "dropped": self.bus.dropped},
+            "state_sync": self._state_summary(),
         }
+
+    def _state_summary(self) -> dict[str, Any] | None:
+        if self.store is None:
+            return None
+        st = self.store.statistics()
+        return {"authors": st["authors"], "members_alive": sum(
+            1 for m in self.store.members(time.time()).values() if m.get("alive")),
+            "banned": st["banned"]}
 
     async def rpc_peers_list(self, client: ClientConnection) -> list[dict[str, Any]]:
         node = self._require_node()
@@ -213,8 +265,45 @@ class Daemon:
         if "peers" in topics:
             self.bus.deliver(sub, {"topic": "peers", "event": "snapshot",
                                    "peers": self.node.connections() if self.node else []})
+        if "state" in topics:
+            self.bus.deliver(sub, {"topic": "state", "event": "snapshot",
+                                   "state": self.store.get("", time.time()) if self.store else None})
         client.start_subscription(sub)
         return {"subscription": sub.id, "topics": sorted(topics)}
+
+    def _require_store(self) -> Any:
+        if self.store is None:
+            raise NotReadyError("the replicated state is still loading; retry in a moment")
+        return self.store
+
+    async def rpc_members_list(self, client: ClientConnection) -> dict[str, Any]:
+        return self._require_store().members(time.time())
+
+    async def rpc_state_get(self, client: ClientConnection, path: str) -> Any:
+        from lattice.core.state import StatePathError
+        try:
+            return self._require_store().get(path, time.time())
+        except StatePathError as e:
+            raise NotFoundError(str(e)) from None
+
+    async def rpc_state_set(self, client: ClientConnection, path: str, value: Any) -> dict[str, Any]:
+        from lattice.core.state import LocalStateError, Set
+        if self.sync is None:
+            raise NotReadyError("state sync is not running yet")
+        try:
+            env = self.sync.write([Set(path, value)])
+        except LocalStateError as e:
+            raise InvalidArgumentError(str(e)) from None
+        return {"seq": env.seq if env is not None else None}
+
+    async def rpc_state_stats(self, client: ClientConnection) -> dict[str, Any]:
+        self._require_store()
+        out = {"store": self.store.statistics()}
+        if self.sync is not None:
+            out["sync"] = self.sync.statistics()
+        if self.state_log is not None:
+            out["log"] = self.state_log.statistics()
+        return out
 
     async def rpc_unsubscribe(self, client: ClientConnection, subscription: int) -> dict[str, Any]:
         return {"stopped": client.stop_subscription(subscription)}

@@ -91,17 +91,30 @@ _METHOD_LIST = [
                    Param("timeout", "float", "seconds", required=False, default=10.0)),
            access="write"),
     Method("subscribe", "Stream events as notifications [2, 'event', {...}]. Topics: "
-           "'peers' (connected/disconnected), 'daemon' (state). Each topic starts with "
-           "a snapshot event.",
+           "'peers' (connected/disconnected), 'daemon' (state), 'state' (replicated state "
+           "changes: path, value, author). Each topic starts with a snapshot event.",
            params=(Param("topics", "list[str]", "topics to receive", max_len=16),),
            streams=True),
     Method("unsubscribe", "Stop a subscription on this connection.",
            params=(Param("subscription", "int", "id returned by subscribe"),)),
+    Method("members.list", "Members of the network from the replicated state, with liveness.",
+           result="map"),
+    Method("state.get", "Any part of the replicated state: '' (all), members[/<peer>], "
+           "jobs[/<id>], models/<id>, counters/<name>, authors/<peer>/<root>/<key>.",
+           params=(Param("path", "str", "state path", required=False, default="",
+                         max_len=1024),),
+           result="any"),
+    Method("state.set", "Write a value into this daemon's own record (schema-checked: "
+           "member/<field>, counters/<name>, ...).",
+           params=(Param("path", "str", "<root>/<key>", max_len=1024),
+                   Param("value", "any", "msgpack value")),
+           access="write"),
+    Method("state.stats", "Replication statistics: sessions, bytes, rejections by reason."),
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}
 
-EVENT_TOPICS = ("peers", "daemon")
+EVENT_TOPICS = ("peers", "daemon", "state")
 
 
 def schema() -> dict[str, Any]:

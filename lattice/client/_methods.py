@@ -13,6 +13,10 @@ METHOD_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
     "status": ("status", ()),
     "peers": ("peers.list", ()),
     "connect_peer": ("peers.connect", ("addr", "timeout")),
+    "members": ("members.list", ()),
+    "state_get": ("state.get", ("path",)),
+    "state_set": ("state.set", ("path", "value")),
+    "state_stats": ("state.stats", ()),
 }
 
 
