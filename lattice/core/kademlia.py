@@ -20,7 +20,9 @@ ping fails the driver removes the head and the newest replacement takes its plac
 
 A lookup (`Lookup`, after rust-libp2p ``query/peers/closest.rs``) keeps the candidates
 ordered by distance to the target, asks up to ``alpha`` at a time, and finishes when the
-``num_results`` closest candidates that did not fail have all answered. If ``alpha``
+``num_results`` closest candidates that did not fail have all answered. Unlike
+rust-libp2p it never asks a candidate while the ``num_results`` closer ones are all
+answered or in flight: that request could only matter if one of them failed. If ``alpha``
 answers in a row bring nobody closer, it is *stalled* and widens to ``num_results``
 requests in flight, so a lookup never ends before the closest known peers were asked.
 Each candidate remembers its depth: seeds have depth 0, a peer first learnt from a
@@ -318,6 +320,7 @@ class Lookup:
             return FINISHED
         to_query: list[str] = []
         succeeded = 0
+        active = 0  # answered or in flight, among the closest candidates so far
         for c in self._ordered():
             if c.state is _PeerState.WAITING and now >= c.deadline:
                 c.state = _PeerState.UNRESPONSIVE
@@ -325,18 +328,23 @@ class Lookup:
                 self._no_progress += 1
             if c.state is _PeerState.SUCCEEDED:
                 succeeded += 1
+                active += 1
                 if succeeded >= self.num_results:
                     break
+            elif c.state is _PeerState.WAITING:
+                active += 1
             elif c.state is _PeerState.NOT_CONTACTED:
-                if self._num_waiting >= self._parallelism():
+                # Peers beyond the num_results closest live ones cannot change the
+                # result unless one of those fails: ask them only then (this keeps a
+                # get with a small quorum at exactly `quorum` requests).
+                if active >= self.num_results or self._num_waiting >= self._parallelism():
                     break
                 c.state = _PeerState.WAITING
                 c.deadline = now + self.request_timeout
                 self._num_waiting += 1
                 self.requests_sent += 1
+                active += 1
                 to_query.append(c.peer_id)
-            elif c.state is _PeerState.WAITING:
-                pass  # still in flight; later candidates may still be asked
         self._update_stall()
         if to_query:
             return to_query

@@ -24,6 +24,7 @@ import itertools
 import logging
 import math
 import random
+import struct
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -79,8 +80,6 @@ from lattice.net.streams import (
     RemoteProtocolError,
     Stream,
     StreamClosedError,
-    recv_frame,
-    recv_frame_or_eof,
     send_frame,
 )
 
@@ -189,6 +188,69 @@ class StateError(ValueError):
     """Persisted DHT state that does not decode (the daemon should start empty)."""
 
 
+_LEN = struct.Struct(">I")
+_READ_CHUNK = 64 * 1024
+
+
+class _Framed:
+    """A stream with a read buffer, framed as in `lattice.net.streams`.
+
+    `streams.recv_frame` reads the 4-byte header and the body separately; over
+    py-libp2p's yamux every read sends a window update, so one read per frame halves
+    the frames a request/response costs. Buffered bytes never outlive an exchange:
+    a peer that sends more than one answer breaks the protocol.
+    """
+
+    __slots__ = ("stream", "_buf")
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self._buf = bytearray()
+
+    @property
+    def remote_peer_id(self) -> str:
+        return self.stream.remote_peer_id
+
+    @property
+    def idle(self) -> bool:
+        return not self._buf
+
+    async def send(self, message: Any) -> None:
+        await send_frame(self.stream, message)
+
+    async def recv(self, max_bytes: int) -> Any | None:
+        """The next message; None at a clean EOF between frames. Raises
+        StreamClosedError (EOF mid-frame, reset) or RemoteProtocolError."""
+        while True:
+            if len(self._buf) >= _LEN.size:
+                (length,) = _LEN.unpack_from(self._buf)
+                if length > max_bytes:
+                    raise RemoteProtocolError(f"frame of {length} bytes exceeds {max_bytes}")
+                end = _LEN.size + length
+                if len(self._buf) >= end:
+                    body = bytes(self._buf[_LEN.size:end])
+                    del self._buf[:end]
+                    try:
+                        return codec.unpack(body, max_bytes=max_bytes)
+                    except codec.DecodeError as e:
+                        raise RemoteProtocolError(str(e)) from None
+                want = end - len(self._buf)
+            else:
+                want = _LEN.size - len(self._buf)
+            chunk = await self.stream.read(max(want, _READ_CHUNK))
+            if not chunk:
+                if self._buf:
+                    raise StreamClosedError(f"stream ended inside a frame ({len(self._buf)} bytes)")
+                return None
+            self._buf += chunk
+
+    async def close(self) -> None:
+        await self.stream.close()
+
+    async def reset(self) -> None:
+        await self.stream.reset()
+
+
 class KademliaDHT:
     """One node's DHT. Obtain it from `serve_dht`, which runs its background work."""
 
@@ -205,8 +267,12 @@ class KademliaDHT:
         self.peer_id = identity.peer_id
         self.config = config
         self.mode = Mode(config.mode)
-        self.address_book: AddressBook = address_book or MemoryAddressBook()
-        self._self_addrs = self_addrs or (lambda: [])
+        # Our own bounded copy of every address learnt; the host's book (which may be
+        # costly: multiaddr parsing) only hears about changes.
+        self._addrs = MemoryAddressBook()
+        self.address_book = address_book
+        self._self_addrs_fn = self_addrs or (lambda: [])
+        self._self_cache: tuple[float, list[str]] = (-math.inf, [])
         self._wall = wall_clock
         self._rng = rng or random.Random()
         self.table = RoutingTable(self.peer_id, k=config.k)
@@ -220,7 +286,7 @@ class KademliaDHT:
         self._ids = itertools.count(self._rng.getrandbits(48))
         self._outbound = trio.CapacityLimiter(config.max_inflight_requests)
         self._inbound_streams = 0
-        self._idle: OrderedDict[str, list[tuple[Stream, float]]] = OrderedDict()
+        self._idle: OrderedDict[str, list[tuple[_Framed, float]]] = OrderedDict()
         self._pings_in_flight = 0
         self._nursery: trio.Nursery | None = None
         self._republish_now = trio.Event()
@@ -228,6 +294,7 @@ class KademliaDHT:
         self.requests_out: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.failures = 0
+        self.streams_opened = 0
 
     # --- public operations ----------------------------------------------------------
 
@@ -240,7 +307,7 @@ class KademliaDHT:
             pid, addrs = (p, ()) if isinstance(p, str) else (p[0], p[1])
             if pid == self.peer_id:
                 continue
-            self.address_book.add_addrs(pid, list(addrs))
+            self._learn_addrs(pid, list(addrs))
             ids.append(pid)
         self._bootstrap_peers = list(dict.fromkeys([*ids, *self._bootstrap_peers]))[:64]
         async with trio.open_nursery() as nursery:
@@ -334,7 +401,7 @@ class KademliaDHT:
         out = []
         for r in merge_records(found):
             addrs = record_addrs(r)
-            self.address_book.add_addrs(r.publisher, addrs)
+            self._learn_addrs(r.publisher, addrs)
             out.append(Provider(r.publisher, addrs, r.expires_at))
         return out
 
@@ -345,7 +412,7 @@ class KademliaDHT:
         if peer_id == self.peer_id:
             return list(self._self_addrs())
         if peer_id in self.table:
-            return self.address_book.get_addrs(peer_id)
+            return self._known_addrs(peer_id)
         seen: list[PeerInfo] = []
 
         def on_answer(lookup: Lookup, peer: str, answer: Message) -> list[PeerInfo]:
@@ -359,11 +426,11 @@ class KademliaDHT:
         await self._run_lookup(target, "FIND_NODE", {"target": target_bytes(target)},
                                num_results=self.config.k, on_answer=on_answer)
         if seen or peer_id in self.table:
-            return self.address_book.get_addrs(peer_id)
+            return self._known_addrs(peer_id)
         records = [r for r in await self.get(peer_key(peer_id)) if r.publisher == peer_id]
         if records:
             addrs = record_addrs(records[0])
-            self.address_book.add_addrs(peer_id, addrs)
+            self._learn_addrs(peer_id, addrs)
             return addrs
         raise PeerNotFound(peer_id)
 
@@ -375,7 +442,7 @@ class KademliaDHT:
             del self._own[key]
         if self.mode is Mode.CLIENT:
             record = sign_record(self.identity, peer_key(self.peer_id),
-                                 address_value(list(self._self_addrs())[:16]),
+                                 address_value(self._self_addrs()),
                                  now + self.config.peer_record_ttl)
             self._own[record.key] = record
             self.records.put(record, now)
@@ -425,6 +492,7 @@ class KademliaDHT:
             "inbound_streams": self._inbound_streams,
             "max_inbound_streams": self.config.max_inbound_streams,
             "pooled_streams": sum(len(v) for v in self._idle.values()),
+            "streams_opened": self.streams_opened,
         }
 
     # --- persistence ----------------------------------------------------------------
@@ -433,7 +501,7 @@ class KademliaDHT:
         """Routing table (with addresses) and our own records, for the state dir."""
         return codec.pack({
             "version": STATE_VERSION,
-            "peers": [{"peer_id": p, "addrs": self.address_book.get_addrs(p)[:16]}
+            "peers": [{"peer_id": p, "addrs": self._known_addrs(p)[:16]}
                       for p in self.table.peers()],
             "records": [r.to_wire() for r in self._own.values()],
             "providing": [split_key(k)[1] for k in self._providing],
@@ -458,7 +526,7 @@ class KademliaDHT:
                 info = PeerInfo(**{**_peer_fields(raw), "mode": Mode.SERVER})
             except (MalformedMessage, TypeError):
                 raise StateError("bad peer entry in DHT state") from None
-            self.address_book.add_addrs(info.peer_id, list(info.addrs))
+            self._learn_addrs(info.peer_id, list(info.addrs))
             self.table.add_unverified(info.peer_id, trio.current_time())
             self._bootstrap_peers.append(info.peer_id)
         self._bootstrap_peers = self._bootstrap_peers[:64]
@@ -502,7 +570,7 @@ class KademliaDHT:
                     closer = (on_answer(lookup, peer, answer) if on_answer
                               else answer.body["closer"])
                     for info in closer:
-                        self.address_book.add_addrs(info.peer_id, list(info.addrs))
+                        self._learn_addrs(info.peer_id, list(info.addrs))
                     lookup.on_success(peer, [i.peer_id for i in closer
                                              if i.mode is Mode.SERVER])
             nursery.cancel_scope.cancel()
@@ -558,13 +626,37 @@ class KademliaDHT:
         return out
 
     def _sign_provider(self, key: str) -> Record:
-        return sign_record(self.identity, key, address_value(list(self._self_addrs())[:16]),
+        return sign_record(self.identity, key, address_value(self._self_addrs()),
                            self._wall() + self.config.provider_ttl)
 
     # --- outbound requests ----------------------------------------------------------
 
+    def _self_addrs(self) -> list[str]:
+        # asked for on every message; the host computes them from its listeners, so
+        # re-read them at most once a second
+        now = trio.current_time()
+        if now - self._self_cache[0] >= 1.0:
+            self._self_cache = (now, [str(a) for a in self._self_addrs_fn()][:16])
+        return self._self_cache[1]
+
     def _self_info(self) -> PeerInfo:
-        return PeerInfo(self.peer_id, tuple(list(self._self_addrs())[:16]), self.mode)
+        return PeerInfo(self.peer_id, tuple(self._self_addrs()), self.mode)
+
+    def _learn_addrs(self, peer_id: str, addrs: Sequence[str]) -> None:
+        if not addrs or peer_id == self.peer_id:
+            return
+        known = self._addrs.get_addrs(peer_id)
+        if set(addrs) <= set(known):
+            return
+        self._addrs.add_addrs(peer_id, list(addrs))
+        if self.address_book is not None:
+            self.address_book.add_addrs(peer_id, list(addrs))
+
+    def _known_addrs(self, peer_id: str) -> list[str]:
+        addrs = self._addrs.get_addrs(peer_id)
+        if not addrs and self.address_book is not None:
+            addrs = self.address_book.get_addrs(peer_id)
+        return addrs
 
     async def _request(self, peer_id: str, mtype: str, **body: Any) -> Message:
         """One request/response with ``peer_id``; raises PeerError (a timeout too).
@@ -604,7 +696,7 @@ class KademliaDHT:
             if not reused:
                 raise
             # the remote closed the idle stream under us: once more on a fresh one
-            stream = await self.network.open_stream(peer_id, PROTOCOL_ID)
+            stream = await self._open(peer_id)
             try:
                 raw = await self._roundtrip(stream, request)
             except BaseException:
@@ -621,11 +713,14 @@ class KademliaDHT:
         await self._checkin(peer_id, stream)
         return answer
 
-    async def _roundtrip(self, stream: Stream, request: dict[str, Any]) -> Any:
-        await send_frame(stream, request)
-        return await recv_frame(stream, max_bytes=self.config.max_message_bytes)
+    async def _roundtrip(self, stream: _Framed, request: dict[str, Any]) -> Any:
+        await stream.send(request)
+        raw = await stream.recv(self.config.max_message_bytes)
+        if raw is None:
+            raise StreamClosedError("stream closed before the answer")
+        return raw
 
-    async def _checkout(self, peer_id: str) -> tuple[Stream, bool]:
+    async def _checkout(self, peer_id: str) -> tuple[_Framed, bool]:
         now = trio.current_time()
         idle = self._idle.get(peer_id)
         while idle:
@@ -635,12 +730,16 @@ class KademliaDHT:
             if now - since < self.config.pool_idle_timeout:
                 return stream, True
             await _discard(stream, graceful=True)
-        return await self.network.open_stream(peer_id, PROTOCOL_ID), False
+        return await self._open(peer_id), False
 
-    async def _checkin(self, peer_id: str, stream: Stream) -> None:
+    async def _open(self, peer_id: str) -> _Framed:
+        self.streams_opened += 1
+        return _Framed(await self.network.open_stream(peer_id, PROTOCOL_ID))
+
+    async def _checkin(self, peer_id: str, stream: _Framed) -> None:
         idle = self._idle.setdefault(peer_id, [])
         self._idle.move_to_end(peer_id)
-        if len(idle) >= 2:
+        if len(idle) >= 2 or not stream.idle:
             await _discard(stream, graceful=True)
             return
         idle.append((stream, trio.current_time()))
@@ -649,7 +748,7 @@ class KademliaDHT:
             for s, _ in streams:
                 await _discard(s, graceful=True)
 
-    def _drop_pooled(self, peer_id: str) -> list[Stream]:
+    def _drop_pooled(self, peer_id: str) -> list[_Framed]:
         return [s for s, _ in self._idle.pop(peer_id, [])]
 
     def _failed(self, peer_id: str) -> None:
@@ -670,7 +769,7 @@ class KademliaDHT:
 
     def _observe(self, info: PeerInfo) -> None:
         if info.mode is Mode.SERVER:
-            self.address_book.add_addrs(info.peer_id, list(info.addrs))
+            self._learn_addrs(info.peer_id, list(info.addrs))
         seen = self.table.observe(info.peer_id, info.mode, trio.current_time())
         if seen.status is ObserveStatus.ADDED:
             log.debug("peer=%s added to routing table", info.peer_id)
@@ -699,8 +798,9 @@ class KademliaDHT:
 
     # --- inbound requests -----------------------------------------------------------
 
-    async def handle_stream(self, stream: Stream) -> None:
+    async def handle_stream(self, raw_stream: Stream) -> None:
         """Serve requests on one inbound stream, one at a time, until EOF or idle."""
+        stream = _Framed(raw_stream)
         remote = stream.remote_peer_id
         if self._inbound_streams >= self.config.max_inbound_streams:
             self.rejected["inbound_streams_full"] += 1
@@ -711,7 +811,7 @@ class KademliaDHT:
             while True:
                 raw = None
                 with trio.move_on_after(self.config.server_idle_timeout):
-                    raw = await recv_frame_or_eof(stream, max_bytes=self.config.max_message_bytes)
+                    raw = await stream.recv(self.config.max_message_bytes)
                 if raw is None:
                     break
                 try:
@@ -722,7 +822,7 @@ class KademliaDHT:
                     raise RemoteProtocolError("not a request from the stream's peer")
                 self.requests_in[request.type] += 1
                 self._observe(request.sender)
-                await send_frame(stream, self._answer(request, remote))
+                await stream.send(self._answer(request, remote))
         except RemoteProtocolError as e:
             self._penalize(remote, "malformed_message")
             log.info("peer=%s sent a malformed request: %s", remote, e)
@@ -777,7 +877,7 @@ class KademliaDHT:
         return True, ""
 
     def _closer(self, target: int, remote: str) -> list[PeerInfo]:
-        return [PeerInfo(p, tuple(self.address_book.get_addrs(p)[:16]), Mode.SERVER)
+        return [PeerInfo(p, tuple(self._known_addrs(p)[:16]), Mode.SERVER)
                 for p in self.table.closest(target, self.config.k, exclude={remote})]
 
     # --- background work ------------------------------------------------------------
@@ -824,7 +924,7 @@ def _peer_fields(raw: Any) -> dict[str, Any]:
     return {"peer_id": info.peer_id, "addrs": info.addrs}
 
 
-async def _discard(stream: Stream, *, graceful: bool = False) -> None:
+async def _discard(stream: Stream | _Framed, *, graceful: bool = False) -> None:
     """Close (graceful) or reset a stream we stop using, even while being cancelled."""
     with trio.CancelScope(shield=True), trio.move_on_after(1.0):
         try:

@@ -93,14 +93,17 @@ def test_random_targets_land_in_their_bucket():
 def test_lookup_asks_alpha_at_a_time_and_finishes_when_closest_answered():
     target = key_hash("/v/t")
     seeds = PEERS[1:10]
-    lk = Lookup(target, seeds, local_peer_id=LOCAL, num_results=2, alpha=3)
+    lk = Lookup(target, seeds, local_peer_id=LOCAL, num_results=4, alpha=3)
     first = lk.next(0.0)
-    assert first == sorted(seeds, key=lambda p: peer_hash(p) ^ target)[:3]
+    ordered = sorted(seeds, key=lambda p: peer_hash(p) ^ target)
+    assert first == ordered[:3]
     assert lk.next(0.0) is WAITING
-    for p in first:
+    lk.on_success(first[0], [])
+    assert lk.next(0.0) == [ordered[3]]
+    for p in first[1:] + [ordered[3]]:
         lk.on_success(p, [])
     assert lk.next(0.0) is FINISHED
-    assert lk.result() == first[:2]
+    assert lk.result() == ordered[:4]
     assert lk.hops == 1
 
 
@@ -134,8 +137,25 @@ def test_stalled_lookup_widens_to_num_results():
     assert lk.next(0.0) == [closer]  # progress: still alpha in flight
     lk.on_success(b, [])
     lk.on_success(closer, [])
-    # alpha answers in a row with nobody closer: stalled, num_results in flight
-    assert len(lk.next(0.0)) == 10
+    # alpha answers in a row with nobody closer: stalled, the rest of the num_results
+    # closest are asked at once
+    assert len(lk.next(0.0)) == 10 - 3
+
+
+def test_lookup_asks_no_one_beyond_the_closest_it_needs():
+    target = key_hash("/v/q")
+    seeds = PEERS[1:30]
+    lk = Lookup(target, seeds, local_peer_id=LOCAL, num_results=3, alpha=3)
+    first = lk.next(0.0)
+    assert len(first) == 3
+    lk.on_success(first[0], [])
+    assert lk.next(0.0) is WAITING  # the two others in flight suffice
+    lk.on_failure(first[1])
+    (replacement,) = lk.next(0.0)  # a failure frees a place among the closest
+    assert replacement not in first
+    lk.on_success(first[2], [])
+    lk.on_success(replacement, [])
+    assert lk.next(0.0) is FINISHED and lk.requests_sent == 4
 
 
 def test_lookup_bounds_its_candidates():
