@@ -11,7 +11,7 @@ Topology (theory of operation)
 ------------------------------
 ::
 
-    ns <p>-inet: bridge br0 ("the internet", 198.18.0.0/24, no address of its own)
+    ns <p>-inet: bridge br0 ("the internet", 198.18.0.0/24; 198.18.0.1 drops the rest)
        |-- veth --> ns <p>-bootstrap  eth0 198.18.0.10    (public host)
        |-- veth --> ns <p>-relay      eth0 198.18.0.11    (public host)
        |-- veth --> ns <p>-gw-<lan>   wan0 198.18.0.101   (NAT router, one per LAN)
@@ -26,6 +26,11 @@ to the router's own WAN address that matches no NAT mapping is local traffic; wi
 the drop the router's kernel answers with a RST, which kills the peer's half of a TCP
 simultaneous open (real routers that do this break hole punching; ours do not).
 A `firewalled` public host has a public address but drops NEW inbound traffic itself.
+The internet itself (198.18.0.1 on br0, the default route of every public host and
+router) silently drops packets for destinations it does not hold, as the real internet
+does with private addresses: a dial to a peer's LAN address from elsewhere hangs until
+its timeout instead of failing fast (libraries that dial every advertised address must
+survive that). ``Spec(unknown_dst="unreachable")`` answers with ICMP instead.
 
 Every namespace is named ``<prefix>-<role>`` where prefix is ``nl`` + 6 hex digits,
 unique per run, so parallel runs never clash. Links are created directly inside the
@@ -62,6 +67,7 @@ from typing import Any
 
 PUBLIC_NET = ipaddress.ip_network("198.18.0.0/24")
 LAN_NET_TEMPLATE = "198.19.{n}.0/24"
+_INET_ADDR = 1  # 198.18.0.1: the internet's router, where unknown destinations die
 _PUBLIC_HOST_BASE = 10  # public hosts: 198.18.0.10, .11, ...
 _ROUTER_WAN_BASE = 100  # router of LAN n: 198.18.0.(100 + n)
 _LAN_HOST_BASE = 10  # hosts of LAN n: 198.19.n.10, .11, ...
@@ -104,6 +110,10 @@ class Spec:
     name: str
     public: tuple[PublicHost, ...] = ()
     lans: tuple[Lan, ...] = ()
+    # What happens to packets for addresses outside the testbed (e.g. a peer's LAN
+    # address dialed from another LAN): "blackhole" drops them silently like the real
+    # internet; "unreachable" answers with ICMP so such dials fail at once.
+    unknown_dst: str = "blackhole"
 
     def __post_init__(self) -> None:
         names = [h.name for h in self.public] + [h for lan in self.lans for h in lan.hosts]
@@ -113,6 +123,8 @@ class Spec:
                 raise ValueError(f"bad name {name!r}: want [a-z][a-z0-9]{{0,11}}")
         if len(set(roles)) != len(roles) or "inet" in roles:
             raise ValueError(f"names must be unique and not 'inet': {roles}")
+        if self.unknown_dst not in ("blackhole", "unreachable"):
+            raise ValueError(f"unknown_dst must be blackhole or unreachable: {self.unknown_dst!r}")
         if len(self.lans) > 150 or len(self.public) > 80:
             raise ValueError("too many LANs or public hosts for the address plan")
 
@@ -450,11 +462,18 @@ class Testbed:
         self._add_netns("inet")
         _run(["ip", "-n", self.inet, "link", "add", "br0", "type", "bridge"])
         _run(["ip", "-n", self.inet, "link", "set", "br0", "up"])
+        inet_ip = str(pub[_INET_ADDR - 1])
+        _run(["ip", "-n", self.inet, "addr", "add", f"{inet_ip}/{plen}", "dev", "br0"])
+        _run(["ip", "-n", self.inet, "route", "add", self.spec.unknown_dst, "default"])
+        self._sysctl(self.inet, "net.ipv4.ip_forward", "1")
+        # A blackhole route on the sending host itself fails connect() at once (EINVAL);
+        # only a router's blackhole makes a SYN vanish. So hosts route via the internet.
 
         for i, host in enumerate(self.spec.public):
             addr = str(pub[_PUBLIC_HOST_BASE + i - 1])
             ns = self._add_netns(host.name)
             self._plug(self.inet, "br0", f"v-{host.name}", ns, "eth0", f"{addr}/{plen}")
+            _run(["ip", "-n", ns, "route", "add", "default", "via", inet_ip])
             role = "firewalled" if host.firewalled else "public"
             if host.firewalled:
                 self._restore(ns, _FIREWALL_RULES)
@@ -482,6 +501,7 @@ class Testbed:
                 self._nodes[name] = Node(name, ns, addr, "private", lan=lan.name,
                                          gateway=router, _testbed=self)
             _run(["ip", "-n", gw, "addr", "add", f"{gw_ip}/{lan_net.prefixlen}", "dev", "lan0"])
+            _run(["ip", "-n", gw, "route", "add", "default", "via", inet_ip])
             self._sysctl(gw, "net.ipv4.ip_forward", "1")
             self._restore(gw, _router_rules(lan.nat))
             self._routers[lan.name] = router
@@ -509,7 +529,8 @@ class Testbed:
     def describe(self) -> str:
         """Human-readable: namespaces, addresses, and how to poke at them."""
         lines = [f"natlab {self.spec.name}  prefix={self.prefix}",
-                 f"  {self.inet:<28} internet bridge br0, {PUBLIC_NET}"]
+                 f"  {self.inet:<28} internet bridge br0, {PUBLIC_NET}, unknown "
+                 f"destinations: {self.spec.unknown_dst}"]
         for node in self.hosts():
             where = f"{node.addr}"
             if node.gateway is not None:
