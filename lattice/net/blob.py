@@ -1,0 +1,532 @@
+"""`/lattice/blob/1`: content-addressed, chunked, resumable transfer of blobs (models).
+
+Owns the local blob store (`BlobStore`: a directory of files named by their SHA-256,
+written to a temp file then renamed, bounded in total size), the protocol driver
+(`serve_blobs` -> `BlobService`: answer ``have``/``get``, and `BlobService.fetch` from
+any provider, resuming by offset, verified against the id), and the `Providers` seam
+for discovery (default: ask the connected peers; `DhtProviders` adapts the DHT). Spec:
+proto/blob.md. Must not import libp2p: it speaks through `lattice.net.streams`.
+
+Verification. A blob id is the plain SHA-256 of the bytes, so `sha256sum model.safetensors`
+prints a model's id. A flat hash can only be checked once the last byte is in: a provider
+that sends wrong bytes costs at most one blob's worth of transfer, then it is penalized
+and the fetch starts over from the next provider (bytes from a provider that only
+dropped out mid-way are kept, and the next provider continues from that offset).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from lattice.net.streams import (
+    PeerError,
+    PeerNetwork,
+    RemoteProtocolError,
+    Stream,
+    read_into,
+    recv_frame,
+    recv_frame_or_eof,
+    send_frame,
+)
+
+log = logging.getLogger("lattice.net.blob")
+
+PROTOCOL = "/lattice/blob/1"
+VERSION = 1
+MAX_CONTROL_BYTES = 16 * 1024
+MAX_REQUESTS_PER_STREAM = 1 << 20
+_ID_RE = re.compile(r"[0-9a-f]{64}")
+
+Compute = Callable[[Callable[[], Any]], Awaitable[Any]]
+
+
+def is_blob_id(value: Any) -> bool:
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
+def blob_id(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlobError(Exception):
+    """A local blob-store problem (not a peer's fault)."""
+
+
+class BlobNotFound(BlobError, KeyError):
+    """No such blob here, and (for a fetch) no provider delivered it."""
+
+
+class BlobStoreFull(BlobError):
+    """Storing this blob would exceed the store's byte limit."""
+
+
+class BlobCorrupt(RemoteProtocolError):
+    """A provider's bytes do not hash to the blob id."""
+
+
+@dataclass(frozen=True)
+class BlobConfig:
+    """Limits and timeouts (daemon config section ``[blobs]``)."""
+
+    max_store_bytes: int = 4 << 30
+    max_blob_bytes: int = 1 << 30
+    chunk_bytes: int = 256 * 1024
+    """Bytes per ``get`` (a provider serves at most max_chunk_bytes per request)."""
+    max_chunk_bytes: int = 1 << 20
+    request_timeout: float = 30.0
+    """One request/response on a stream."""
+    find_timeout: float = 5.0
+    max_serving: int = 64
+    """Concurrent inbound streams; beyond it requests get ``busy``."""
+    max_providers_asked: int = 32
+
+
+# -- the local store ----------------------------------------------------------------------
+
+
+class BlobStore:
+    """Blobs by id: files in ``root`` (or in memory when ``root`` is None).
+
+    Complete blobs are ``<root>/<id>``; partial downloads ``<root>/partial/<id>``. A blob
+    is written to a temp file, fsynced and renamed, so a crash leaves no torn blob.
+    Methods do blocking file I/O: call the big ones (`put`, `finish_partial`) off the
+    event loop."""
+
+    def __init__(self, root: Path | str | None, *, max_bytes: int = 4 << 30) -> None:
+        self.root = Path(root) if root is not None else None
+        self.max_bytes = max_bytes
+        self._memory: dict[str, bytes] = {}
+        self._partial_memory: dict[str, bytearray] = {}
+        self._sizes: dict[str, int] = {}
+        if self.root is not None:
+            (self.root / "partial").mkdir(parents=True, exist_ok=True)
+            for entry in self.root.iterdir():
+                if entry.is_file() and is_blob_id(entry.name):
+                    self._sizes[entry.name] = entry.stat().st_size
+                elif entry.is_file() and entry.name.startswith(".tmp-"):
+                    entry.unlink()  # a put interrupted by a crash
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def has(self, bid: str) -> bool:
+        return bid in self._sizes
+
+    def size(self, bid: str) -> int | None:
+        return self._sizes.get(bid)
+
+    def ids(self) -> list[str]:
+        return sorted(self._sizes)
+
+    def _reserve(self, n: int) -> None:
+        if self.used_bytes + n > self.max_bytes:
+            raise BlobStoreFull(f"storing {n} bytes would exceed the limit of {self.max_bytes}")
+
+    def put(self, data: bytes | bytearray | memoryview) -> str:
+        """Store ``data``; returns its id (idempotent)."""
+        bid = blob_id(data)
+        if bid in self._sizes:
+            return bid
+        self._reserve(len(data))
+        if self.root is None:
+            self._memory[bid] = bytes(data)
+        else:
+            tmp = self.root / f".tmp-{secrets.token_hex(8)}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.root / bid)
+        self._sizes[bid] = len(data)
+        return bid
+
+    def read(self, bid: str, offset: int, length: int) -> bytes:
+        size = self._sizes.get(bid)
+        if size is None:
+            raise BlobNotFound(bid)
+        end = min(size, offset + length)
+        if self.root is None:
+            return self._memory[bid][offset:end]
+        with open(self.root / bid, "rb") as f:
+            f.seek(offset)
+            return f.read(max(0, end - offset))
+
+    def get(self, bid: str) -> bytes:
+        size = self._sizes.get(bid)
+        if size is None:
+            raise BlobNotFound(bid)
+        return self.read(bid, 0, size)
+
+    def delete(self, bid: str) -> None:
+        if self._sizes.pop(bid, None) is None:
+            return
+        if self.root is None:
+            self._memory.pop(bid, None)
+        else:
+            (self.root / bid).unlink(missing_ok=True)
+
+    # partial downloads ----------------------------------------------------------------------
+    def partial_size(self, bid: str) -> int:
+        if self.root is None:
+            return len(self._partial_memory.get(bid, b""))
+        path = self.root / "partial" / bid
+        return path.stat().st_size if path.exists() else 0
+
+    def append_partial(self, bid: str, offset: int, data: bytes) -> None:
+        if offset != self.partial_size(bid):
+            raise BlobError(f"partial {bid[:12]} is at {self.partial_size(bid)}, not {offset}")
+        self._reserve(offset + len(data))
+        if self.root is None:
+            self._partial_memory.setdefault(bid, bytearray()).extend(data)
+            return
+        with open(self.root / "partial" / bid, "ab") as f:
+            f.write(data)
+
+    def discard_partial(self, bid: str) -> None:
+        if self.root is None:
+            self._partial_memory.pop(bid, None)
+        else:
+            (self.root / "partial" / bid).unlink(missing_ok=True)
+
+    def finish_partial(self, bid: str) -> bool:
+        """Verify the partial download against its id and make it a blob; False (and the
+        partial is discarded) when the bytes do not hash to the id."""
+        if self.root is None:
+            data = bytes(self._partial_memory.pop(bid, b""))
+            if blob_id(data) != bid:
+                return False
+            self._memory[bid] = data
+            self._sizes[bid] = len(data)
+            return True
+        path = self.root / "partial" / bid
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != bid:
+            path.unlink(missing_ok=True)
+            return False
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(path, self.root / bid)
+        self._sizes[bid] = (self.root / bid).stat().st_size
+        return True
+
+    def statistics(self) -> dict[str, Any]:
+        return {"blobs": len(self._sizes), "bytes": self.used_bytes, "max_bytes": self.max_bytes}
+
+
+# -- discovery ----------------------------------------------------------------------------
+
+
+class Providers(Protocol):
+    """Where to find a blob, and announcing that we hold one."""
+
+    async def find_providers(self, bid: str) -> list[str]: ...
+
+    async def provide(self, bid: str) -> None: ...
+
+
+class AskConnectedPeers:
+    """Default discovery: ask every connected peer (at most ``max_asked``, at once)
+    whether it has the blob. Announcing is a no-op: we are asked directly."""
+
+    def __init__(self, network: PeerNetwork, service: BlobService) -> None:
+        self.network = network
+        self.service = service
+
+    async def find_providers(self, bid: str) -> list[str]:
+        peers = [p for p in self.network.connected_peers() if p != self.network.peer_id]
+        peers = peers[: self.service.config.max_providers_asked]
+        found: list[str] = []
+
+        async def ask(peer: str) -> None:
+            if await self.service.ask_have(peer, bid) is not None:
+                found.append(peer)
+
+        with trio.move_on_after(self.service.config.find_timeout):
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    nursery.start_soon(ask, peer)
+        return sorted(found)
+
+    async def provide(self, bid: str) -> None:
+        return None
+
+
+class DhtProviders:
+    """Discovery through `lattice.net.dht` (anything with ``provide(name)`` and
+    ``find_providers(name) -> [obj with .peer_id]``)."""
+
+    def __init__(self, dht: Any) -> None:
+        self.dht = dht
+
+    async def find_providers(self, bid: str) -> list[str]:
+        return [p.peer_id for p in await self.dht.find_providers(f"blob:{bid}")]
+
+    async def provide(self, bid: str) -> None:
+        await self.dht.provide(f"blob:{bid}")
+
+
+# -- the service --------------------------------------------------------------------------
+
+
+def _expect(msg: Any, kinds: tuple[str, ...], rid: int) -> dict[str, Any]:
+    if not isinstance(msg, dict) or msg.get("t") not in kinds or msg.get("rid") != rid:
+        raise RemoteProtocolError(f"expected {kinds} for request {rid}, got {str(msg)[:80]}")
+    return msg
+
+
+async def _compute_inline(fn: Callable[[], Any]) -> Any:
+    await trio.lowlevel.checkpoint()
+    return fn()
+
+
+async def _compute_thread(fn: Callable[[], Any]) -> Any:
+    return await trio.to_thread.run_sync(fn)
+
+
+class BlobService:
+    """The running `/lattice/blob/1` service (what `serve_blobs` hands back)."""
+
+    def __init__(self, network: PeerNetwork, store: BlobStore, config: BlobConfig,
+                 providers: Providers | None, compute: Compute) -> None:
+        self.network = network
+        self.store = store
+        self.config = config
+        self.providers: Providers = providers or AskConnectedPeers(network, self)
+        self.compute = compute
+        self._serving = 0
+        self._fetching: dict[str, trio.Lock] = {}
+        self.counts: Counter[str] = Counter()
+        self.penalized: Counter[str] = Counter()
+        self.bytes_served = 0
+        self.bytes_fetched = 0
+
+    # local ------------------------------------------------------------------------------------
+    async def put(self, data: bytes, *, announce: bool = True) -> str:
+        """Store ``data`` and (by default) announce that we provide it."""
+        bid = await self.compute(lambda: self.store.put(data))
+        if announce:
+            await self.providers.provide(bid)
+        return bid
+
+    # client -------------------------------------------------------------------------------------
+    async def ask_have(self, peer: str, bid: str) -> int | None:
+        """The blob's size if ``peer`` has it; None if not or unreachable."""
+        try:
+            with trio.fail_after(self.config.request_timeout):
+                stream = await self.network.open_stream(peer, PROTOCOL)
+                try:
+                    await send_frame(stream, {"t": "have", "v": VERSION, "rid": 0, "id": bid})
+                    reply = _expect(await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
+                                    ("have", "missing", "error"), 0)
+                finally:
+                    await _quietly(stream.close)
+        except (PeerError, trio.TooSlowError) as e:
+            log.debug("peer=%s blob=%s have? failed: %r", peer, bid[:12], e)
+            return None
+        size = reply.get("size")
+        if reply["t"] == "have" and type(size) is int and 0 <= size <= self.config.max_blob_bytes:
+            return size
+        return None
+
+    async def fetch(self, bid: str, *, hints: Iterable[str] = (), timeout: float | None = None) -> bytes:
+        """The blob's bytes, from the local store or any provider (``hints`` first, then
+        `Providers.find_providers`); stored locally once verified. Raises BlobNotFound."""
+        if not is_blob_id(bid):
+            raise ValueError(f"not a blob id: {bid!r}")
+        lock = self._fetching.setdefault(bid, trio.Lock())
+        async with lock:  # one download per blob; later callers find it stored
+            if not self.store.has(bid):
+                with trio.move_on_after(timeout if timeout is not None else float("inf")):
+                    await self._download(bid, list(hints))
+            self._fetching.pop(bid, None)
+        if not self.store.has(bid):
+            self.counts["fetch_failed"] += 1
+            raise BlobNotFound(f"no provider delivered blob {bid}")
+        return await self.compute(lambda: self.store.get(bid))
+
+    async def _download(self, bid: str, hints: list[str]) -> None:
+        me = self.network.peer_id
+        tried: set[str] = set()
+        pending = [p for p in dict.fromkeys(hints) if p != me]
+        found_more = False
+        contributors: set[str] = set()
+        while True:
+            if not pending:
+                if found_more:
+                    return
+                found_more = True
+                with trio.move_on_after(self.config.find_timeout):
+                    found = await self.providers.find_providers(bid)
+                    pending = [p for p in found if p != me and p not in tried]
+                if not pending:
+                    return
+            provider = pending.pop(0)
+            tried.add(provider)
+            try:
+                done = await self._download_from(provider, bid, contributors)
+            except BlobCorrupt as e:
+                for peer in contributors:
+                    self.penalized[peer] += 1
+                log.warning("blob=%s corrupt after download (providers %s): %s; starting over",
+                            bid[:12], sorted(contributors), e)
+                self.counts["corrupt"] += 1
+                contributors.clear()
+                continue
+            except (PeerError, trio.TooSlowError) as e:
+                if isinstance(e, RemoteProtocolError):
+                    self.penalized[provider] += 1
+                self.counts["provider_failed"] += 1
+                log.debug("peer=%s blob=%s fetch interrupted at %d: %r", provider, bid[:12],
+                          self.store.partial_size(bid), e)
+                continue
+            if done:
+                return
+
+    async def _download_from(self, provider: str, bid: str, contributors: set[str]) -> bool:
+        """Continue the partial download from ``provider``; True when the blob is stored,
+        False when the provider does not have it. Raises BlobCorrupt, PeerError."""
+        cfg = self.config
+        with trio.fail_after(cfg.request_timeout):
+            raw = await self.network.open_stream(provider, PROTOCOL)
+        try:
+            with trio.fail_after(cfg.request_timeout):
+                await send_frame(raw, {"t": "have", "v": VERSION, "rid": 0, "id": bid})
+                reply = _expect(await recv_frame(raw, max_bytes=MAX_CONTROL_BYTES),
+                                ("have", "missing", "error"), 0)
+            if reply["t"] != "have":
+                return False
+            size = reply.get("size")
+            if type(size) is not int or not 0 <= size <= cfg.max_blob_bytes:
+                raise RemoteProtocolError(f"blob size {size!r} outside [0, {cfg.max_blob_bytes}]")
+            offset = self.store.partial_size(bid)
+            if offset > size:
+                self.store.discard_partial(bid)  # an earlier provider claimed a longer blob
+                contributors.clear()
+                offset = 0
+            if offset:
+                self.counts["resumed"] += 1
+            rid = 1
+            while offset < size:
+                length = min(cfg.chunk_bytes, size - offset)
+                with trio.fail_after(cfg.request_timeout):
+                    await send_frame(raw, {"t": "get", "v": VERSION, "rid": rid, "id": bid,
+                                           "offset": offset, "length": length})
+                    head = _expect(await recv_frame(raw, max_bytes=MAX_CONTROL_BYTES),
+                                   ("data", "missing", "error"), rid)
+                    if head["t"] != "data":
+                        raise RemoteProtocolError(f"provider answered {head['t']} after have")
+                    n = head.get("length")
+                    if head.get("offset") != offset or type(n) is not int or not 0 < n <= length:
+                        raise RemoteProtocolError("data header does not match the request")
+                    buf = bytearray(n)
+                    await read_into(raw, memoryview(buf))
+                contributors.add(provider)
+                await self.compute(lambda: self.store.append_partial(bid, offset, bytes(buf)))
+                offset += n
+                self.bytes_fetched += n
+                rid += 1
+            await _quietly(raw.close)
+        except BaseException:
+            await _quietly(raw.reset)
+            raise
+        if not await self.compute(lambda: self.store.finish_partial(bid)):
+            raise BlobCorrupt(f"bytes do not hash to {bid}")
+        self.counts["fetched"] += 1
+        return True
+
+    # server ---------------------------------------------------------------------------------------
+    async def handle(self, stream: Stream) -> None:
+        """Serve ``have``/``get`` requests on one stream until the client closes it."""
+        peer = stream.remote_peer_id
+        if self._serving >= self.config.max_serving:
+            self.counts["refused_busy"] += 1
+            try:
+                msg = await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES)
+                rid = msg.get("rid") if isinstance(msg, dict) else None
+                await send_frame(stream, {"t": "error", "rid": rid, "reason": "busy"})
+            finally:
+                await _quietly(stream.close)
+            return
+        self._serving += 1
+        try:
+            for _ in range(MAX_REQUESTS_PER_STREAM):
+                with trio.fail_after(self.config.request_timeout):
+                    msg = await recv_frame_or_eof(stream, max_bytes=MAX_CONTROL_BYTES)
+                if msg is None:
+                    break
+                await self._answer(stream, msg)
+        except RemoteProtocolError as e:
+            log.info("peer=%s blob request refused: %s", peer, e)
+            self.counts["bad_requests"] += 1
+            await _quietly(stream.reset)
+        except trio.TooSlowError:
+            await _quietly(stream.reset)
+        finally:
+            self._serving -= 1
+
+    async def _answer(self, stream: Stream, msg: Any) -> None:
+        if not isinstance(msg, dict) or msg.get("v") != VERSION or type(msg.get("rid")) is not int:
+            raise RemoteProtocolError("malformed request")
+        rid, bid = msg["rid"], msg.get("id")
+        if not is_blob_id(bid):
+            raise RemoteProtocolError("bad blob id")
+        size = self.store.size(bid)
+        if msg.get("t") == "have":
+            self.counts["have"] += 1
+            reply = {"t": "have", "rid": rid, "size": size} if size is not None else {"t": "missing", "rid": rid}
+            await send_frame(stream, reply)
+            return
+        if msg.get("t") != "get":
+            raise RemoteProtocolError(f"unknown request {str(msg.get('t'))[:16]!r}")
+        offset, length = msg.get("offset"), msg.get("length")
+        if size is None:
+            await send_frame(stream, {"t": "missing", "rid": rid})
+            return
+        if type(offset) is not int or type(length) is not int or not (0 <= offset < size and length > 0):
+            await send_frame(stream, {"t": "error", "rid": rid, "reason": "range"})
+            return
+        n = min(length, self.config.max_chunk_bytes, size - offset)
+        data = self.store.read(bid, offset, n)  # <= 1 MiB from the page cache
+        await send_frame(stream, {"t": "data", "rid": rid, "offset": offset, "length": len(data)})
+        await stream.write(data)
+        self.counts["chunks_served"] += 1
+        self.bytes_served += len(data)
+
+    def statistics(self) -> dict[str, Any]:
+        return {**self.counts, "serving": self._serving, "bytes_served": self.bytes_served,
+                "bytes_fetched": self.bytes_fetched, "penalized": dict(self.penalized),
+                "store": self.store.statistics()}
+
+
+async def _quietly(action: Callable[[], Awaitable[Any]]) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            await action()
+        except PeerError:
+            pass  # the peer is gone already: nothing left to release
+
+
+async def serve_blobs(network: PeerNetwork, store: BlobStore, *, config: BlobConfig = BlobConfig(),
+                      providers: Providers | None = None, compute: Compute | None = None,
+                      task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `/lattice/blob/1` from ``store`` until cancelled; hands back the
+    `BlobService`. ``compute`` runs file hashing and big writes (default: a thread)."""
+    service = BlobService(network, store, config, providers, compute or _compute_thread)
+    network.set_stream_handler(PROTOCOL, service.handle)
+    task_status.started(service)
+    await trio.sleep_forever()
