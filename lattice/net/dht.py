@@ -357,10 +357,11 @@ class KademliaDHT:
     async def get_result(self, key: str) -> GetResult:
         split_key(key)  # Malformed for keys no node would store
         found: list[Record] = list(self.records.get(key, self._wall()))
+        verified: dict[bytes, Record] = {r.signature: r for r in found}
         holders: list[str] = []
 
         def on_answer(lookup: Lookup, peer: str, answer: Message) -> list[PeerInfo]:
-            records = self._accept_records(peer, key, answer.body["records"])
+            records = self._accept_records(peer, key, answer.body["records"], verified)
             if records:
                 found.extend(records)
                 holders.append(peer)
@@ -391,9 +392,10 @@ class KademliaDHT:
         """Live providers of ``name``; their addresses go to the address book."""
         key = provider_key(name)
         found: list[Record] = list(self.providers.get(key, self._wall()))
+        verified: dict[bytes, Record] = {r.signature: r for r in found}
 
         def on_answer(lookup: Lookup, peer: str, answer: Message) -> list[PeerInfo]:
-            found.extend(self._accept_records(peer, key, answer.body["providers"]))
+            found.extend(self._accept_records(peer, key, answer.body["providers"], verified))
             return answer.body["closer"]
 
         await self._run_lookup(key_hash(key), "GET_PROVIDERS", {"key": key},
@@ -605,12 +607,20 @@ class KademliaDHT:
                 nursery.start_soon(store, peer)
         return PutResult(record, stored, lookup.hops)
 
-    def _accept_records(self, peer: str, key: str, raw_records: list[Any]) -> list[Record]:
+    def _accept_records(self, peer: str, key: str, raw_records: list[Any],
+                        verified: dict[bytes, Record]) -> list[Record]:
         """Validate records in an answer. Forged or oversized ones, or ones for another
-        key, mean the responder skipped validation: a protocol violation."""
+        key, mean the responder skipped validation: a protocol violation. ``verified``
+        holds the records this lookup already checked (replicas answer with the same
+        signed bytes; verifying them once is enough)."""
         out = []
         now = self._wall()
         for raw in raw_records:
+            sig = raw.get("signature") if isinstance(raw, dict) else None
+            known = verified.get(sig) if isinstance(sig, bytes) else None
+            if known is not None and known.to_wire() == raw:
+                out.append(known)
+                continue
             try:
                 record = validate_record(raw, now, self.config.limits)
             except (BadSignature, Malformed, TooLarge) as e:
@@ -622,6 +632,7 @@ class KademliaDHT:
             if record.key != key:
                 self._penalize(peer, "wrong_key")
                 return out
+            verified[record.signature] = record
             out.append(record)
         return out
 

@@ -10,7 +10,14 @@ import trio
 
 from lattice.core import codec
 from lattice.core.identity import Identity
-from lattice.core.kademlia import PROTOCOL_ID, Mode, PeerInfo, make_message, parse_message
+from lattice.core.kademlia import (
+    PROTOCOL_ID,
+    Mode,
+    PeerInfo,
+    key_hash,
+    make_message,
+    parse_message,
+)
 from lattice.core.records import RecordLimits, peer_key, sign_record, user_key
 from lattice.net.dht import DHTConfig, PeerNotFound
 from lattice.net.streams import recv_frame, send_frame
@@ -131,14 +138,15 @@ async def test_a_peer_sending_garbage_is_counted_and_dropped(swarm, autojump_clo
 
 async def test_forged_records_in_answers_are_dropped_and_blamed(swarm, autojump_clock):
     nodes = await swarm.grow(6)
-    liar = nodes[1]
-    key = user_key("lie")
+    liar, reader = nodes[1], nodes[4]
+    # a key the liar is among the closest to, so the reader's get asks it
+    key = next(k for k in (user_key(f"lie-{i}") for i in range(1000))
+               if liar.peer_id in reader.table.closest(key_hash(k), 2))
     # the liar stores a forged record behind its own validation's back
     record = sign_record(liar.identity, key, codec.pack("true"), wall_clock() + 60)
     forged = record.to_wire() | {"value": codec.pack("false")}
     liar.records._by_key[key] = {liar.peer_id: type(record)(**forged)}
     liar.records._total += 1
-    reader = nodes[4]
     assert await reader.get(key) == []
     assert reader.statistics()["rejected"]["bad_signature"] == 1
     assert liar.peer_id not in reader.table
@@ -189,10 +197,16 @@ async def test_client_mode_peers_never_enter_routing_tables(swarm, autojump_cloc
     # a client is still found by id through its signed peer record
     assert await servers[5].find_peer(clients[2].peer_id) == []
     assert await servers[5].get(peer_key(clients[2].peer_id))
-    # a server that loses reachability turns client and leaves the tables it reaches
-    servers[7].set_mode(Mode.CLIENT)
-    await servers[7].refresh()
-    assert sum(servers[7].peer_id in s.table for s in servers) <= 2
+    # a server that loses reachability turns client and leaves the tables of the peers
+    # it talks to
+    turned = servers[7]
+    assert sum(turned.peer_id in s.table for s in servers) >= 10
+    turned.set_mode(Mode.CLIENT)
+    await turned.refresh()
+    for s in servers:
+        if s is not turned:
+            await turned._request(s.peer_id, "PING")
+    assert not any(turned.peer_id in s.table for s in servers)
 
 
 async def test_providers_and_peer_routing(swarm, autojump_clock):
