@@ -463,26 +463,23 @@ class MergeDecision:
 def merge_decision(roster: list[str], participants: Mapping[str, Mapping[str, Any]], *,
                    me: str, now: float, deadline: float, takeover: float,
                    dead: frozenset[str] | set[str] = frozenset()) -> MergeDecision:
-    """Whether (and who) merges, deterministically from the same records.
+    """Who merges, deterministically from the same records.
 
     Candidates are the members with a published final that are not in ``dead``, in
     rank order. The first merges once the inputs are complete or ``deadline`` passed;
     candidate k takes over at ``deadline + k * takeover`` if no model appeared (the
-    caller only asks while the job is not done)."""
+    caller only asks while the job is not done). ``merger`` is None while nobody
+    should merge yet; the caller merges when it is itself."""
     inputs = [p for p in roster if _final_of(participants.get(p, {})) is not None]
     gone = [p for p in roster if participants.get(p, {}).get("state") in ("left", "failed")]
     missing = [p for p in roster if p not in inputs]
     complete = all(p in inputs or p in gone for p in roster)
     candidates = [p for p in inputs if p not in dead]
     merger = None
-    if me in candidates:
-        k = candidates.index(me)
-        if k == 0 and (complete or now >= deadline):
-            merger = me
-        elif k > 0 and now >= deadline + k * takeover:
-            merger = me
-    elif candidates and (complete or now >= deadline):
-        merger = candidates[0]
+    if candidates and (complete or now >= deadline):
+        merger = candidates[0]  # whom we expect to merge (informational unless it is us)
+        if me in candidates[1:] and now >= deadline + candidates.index(me) * takeover:
+            merger = me  # no model appeared in time: we take over
     return MergeDecision(merger, inputs, missing, complete)
 
 

@@ -128,6 +128,9 @@ class JobsConfig:
     """The merger waits this long for one participant's final model blob."""
     compute_threads: int = 1
     """Worker threads for training and averaging math."""
+    max_params: int = 50_000_000
+    """Largest model (parameters) we train: task options come from the network, and
+    e.g. a huge hidden layer must not exhaust our memory."""
     gossip: GossipConfig = field(default_factory=GossipConfig)
     blob: BlobConfig = field(default_factory=BlobConfig)
 
@@ -399,6 +402,9 @@ class JobsService:
                 compression=spec.compression, weighting=spec.weighting, outer_lr=spec.outer_lr,
                 outer_momentum=spec.outer_momentum, seed=spec.seed, norm_factor=spec.norm_factor)
             task = await self._task(spec)
+            if task.num_params > self.config.max_params:
+                raise TaskError(f"{task.num_params} parameters exceed this daemon's limit of "
+                                f"{self.config.max_params}")
             participant = await self.compute(lambda: make_participant(lspec, task, run.rank))
         except (TaskError, DatasetsUnavailable, ValueError) as e:
             log.warning("job=%s cannot take part: %s", run.job_id, e)

@@ -159,3 +159,19 @@ async def test_only_volunteers_for_the_task_join_and_extra_joiners_step_aside(cl
     assert [e.get("reason") for e in view["participants"].values() if e["state"] == "left"] in (
         [], ["not_selected"])
     assert np.isfinite(view["accuracy"])
+
+
+async def test_with_math_in_worker_threads_and_the_real_clock(cluster, small_job):
+    """The daemon's configuration: training and averaging in a worker thread. Real
+    time (no autojump: a thread's work is invisible to the virtual clock); the bounds
+    are generous upper limits, nothing sleeps."""
+    nodes = await cluster.add(2, jobs=False)
+    for node in nodes:
+        await node.start_jobs(compute=None)
+    job_id = nodes[0].jobs.submit(small_job(min_peers=2, steps=30))
+    with trio.fail_after(60):
+        summary = await nodes[1].jobs.wait_job(job_id)
+    assert summary["status"] == "done"
+    await cluster.wait_until(lambda: nodes[0].store.models(), timeout=30)
+    _, record = _model_of(nodes[0], job_id)
+    assert record["metrics"]["participants"] == 2 and record["metrics"]["accuracy"] > 0.85
