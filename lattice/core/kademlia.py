@@ -24,7 +24,9 @@ ordered by distance to the target, asks up to ``alpha`` at a time, and finishes 
 rust-libp2p it never asks a candidate while the ``num_results`` closer ones are all
 answered or in flight: that request could only matter if one of them failed. If ``alpha``
 answers in a row bring nobody closer, it is *stalled* and widens to ``num_results``
-requests in flight, so a lookup never ends before the closest known peers were asked.
+requests in flight, so a lookup never ends before the closest known peers were asked;
+it does the same while it knows no more candidates than ``num_results`` (it has to ask
+them all anyway).
 Each candidate remembers its depth: seeds have depth 0, a peer first learnt from a
 depth-d responder has depth d+1. Asking a depth-d peer is hop d+1, so `Lookup.hops`
 is the length of the longest responder chain needed to reach the result.
@@ -416,7 +418,11 @@ class Lookup:
     # -- internals --
 
     def _parallelism(self) -> int:
-        return max(self.num_results, self.alpha) if self._stalled else self.alpha
+        # While no more candidates are known than results wanted, every one of them
+        # must be asked anyway: asking them all at once saves rounds in small networks.
+        if self._stalled or len(self._candidates) <= self.num_results:
+            return max(self.num_results, self.alpha)
+        return self.alpha
 
     def _update_stall(self) -> None:
         if self._no_progress >= self.alpha:

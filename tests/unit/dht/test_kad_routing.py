@@ -205,3 +205,13 @@ def test_simulated_lookups_converge_within_log_n_hops(n, k):
         assert lk.result() == truth[:k]
         worst = max(worst, lk.hops)
     assert 1 <= worst <= bound
+
+
+def test_small_networks_are_asked_in_one_round():
+    # knowing fewer candidates than results wanted, all must be asked anyway: at once
+    lk = Lookup(key_hash("/v/small"), PEERS[1:8], local_peer_id=LOCAL, num_results=20, alpha=3)
+    first = lk.next(0.0)
+    assert sorted(first) == sorted(PEERS[1:8])
+    for p in first:
+        lk.on_success(p, [])
+    assert lk.next(0.0) is FINISHED
