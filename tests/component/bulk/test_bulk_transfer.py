@@ -1,0 +1,167 @@
+"""Arrays arrive bit-exact over the side channel and over the fallback path, one way and
+both ways at once, and the control stream stays usable afterwards."""
+
+import numpy as np
+import pytest
+import trio
+
+from lattice.core.bulk_frames import BulkLimits
+from lattice.net.bulk import (
+    BulkConfig,
+    exchange_arrays,
+    push_array,
+    receive_array,
+    send_array,
+    serve_bulk,
+    serve_bulk_listener,
+)
+from lattice.net.streams import recv_frame, send_frame
+
+SMALL_CHUNKS = BulkConfig(chunk_bytes=4096, stream_chunk_bytes=1024)
+
+ARRAYS = {
+    "f32-vector": np.arange(100_003, dtype=np.float32),
+    "f64-3d": np.random.default_rng(1).standard_normal((7, 11, 13)),
+    "f16-matrix": np.ones((64, 33), dtype=np.float16) / 3,
+    "i8": np.arange(-128, 128, dtype=np.int8),
+    "u64": np.array([0, 1, 2**64 - 1], dtype=np.uint64),
+    "i32-scalar": np.array(7, dtype=np.int32),
+    "empty": np.zeros((0, 5), dtype=np.float32),
+    "non-contiguous": np.arange(200, dtype=np.int16).reshape(10, 20)[:, ::3],
+    "big-endian": np.arange(1000, dtype=">f4"),
+}
+
+
+async def transfer(a, b, array, *, listener=None, config=SMALL_CHUNKS, limits=BulkLimits()):
+    got = []
+    async with trio.open_nursery() as n:
+        async def receive():
+            got.append(await receive_array(b, listener=listener, config=config, limits=limits))
+        n.start_soon(receive)
+        await send_array(a, array, config=config)
+    return got[0]
+
+
+def assert_same(received, sent):
+    assert received.shape == sent.shape
+    assert received.dtype == sent.dtype.newbyteorder("<")
+    assert received.flags.c_contiguous and received.flags.writeable
+    np.testing.assert_array_equal(received, sent)
+
+
+@pytest.mark.parametrize("name", ARRAYS)
+async def test_round_trip_over_the_side_channel(stream_pair, listener, name):
+    a, b = await stream_pair()
+    sent = ARRAYS[name]
+    received = await transfer(a, b, sent, listener=listener)
+    assert_same(received, sent)
+    stats = listener.statistics()
+    assert stats["authenticated"] == (1 if sent.nbytes else 0)
+    assert stats["pending_sessions"] == 0
+
+
+@pytest.mark.parametrize("name", ARRAYS)
+async def test_round_trip_over_the_stream_when_no_channel_is_offered(stream_pair, name):
+    a, b = await stream_pair()
+    sent = ARRAYS[name]
+    assert_same(await transfer(a, b, sent, listener=None), sent)
+
+
+async def test_sender_can_refuse_the_side_channel(stream_pair, listener):
+    a, b = await stream_pair()
+    sent = ARRAYS["f32-vector"]
+    config = BulkConfig(direct=False, stream_chunk_bytes=4096)
+    assert_same(await transfer(a, b, sent, listener=listener, config=config), sent)
+    assert listener.statistics()["authenticated"] == 0
+
+
+async def test_unreachable_side_channel_falls_back_to_the_stream(stream_pair, nursery):
+    # A listener advertising an address nobody listens on (NAT, firewall).
+    probe = trio.socket.socket()
+    await probe.bind(("127.0.0.1", 0))
+    dead = probe.getsockname()
+    probe.close()
+    unreachable = await nursery.start(lambda task_status: serve_bulk_listener(
+        advertise=[dead], task_status=task_status))
+    a, b = await stream_pair()
+    sent = ARRAYS["f64-3d"]
+    assert_same(await transfer(a, b, sent, listener=unreachable), sent)
+
+
+async def test_listener_at_its_session_limit_offers_no_channel(stream_pair, nursery):
+    full = await nursery.start(lambda task_status: serve_bulk_listener(
+        max_sessions=0, task_status=task_status))
+    a, b = await stream_pair()
+    sent = ARRAYS["f32-vector"]
+    assert_same(await transfer(a, b, sent, listener=full), sent)
+    assert full.statistics()["authenticated"] == 0
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["side-channel", "stream"])
+async def test_exchange_moves_both_arrays_at_once(stream_pair, listener, direct):
+    a, b = await stream_pair()
+    ours = np.random.default_rng(2).standard_normal(50_000).astype(np.float32)
+    theirs = -ours
+    got = {}
+    chan = listener if direct else None
+    async with trio.open_nursery() as n:
+        async def side_b():
+            got["b"] = await exchange_arrays(b, theirs, listener=chan, config=SMALL_CHUNKS)
+        n.start_soon(side_b)
+        got["a"] = await exchange_arrays(a, ours, listener=chan, config=SMALL_CHUNKS)
+    assert_same(got["a"], theirs)
+    assert_same(got["b"], ours)
+    assert listener.statistics()["authenticated"] == (2 if direct else 0)
+
+
+async def test_control_stream_stays_usable_after_a_transfer(stream_pair, listener):
+    # gossip averaging runs an exchange inside its own protocol, then commits on it
+    a, b = await stream_pair()
+    async with trio.open_nursery() as n:
+        async def side_b():
+            await exchange_arrays(b, np.ones(10), listener=listener)
+            assert await recv_frame(b) == {"commit": 1}
+            await send_frame(b, {"ok": True})
+        n.start_soon(side_b)
+        await exchange_arrays(a, np.zeros(10), listener=listener)
+        await send_frame(a, {"commit": 1})
+        assert await recv_frame(a) == {"ok": True}
+
+
+async def test_progress_reports_every_chunk_up_to_the_total(stream_pair, listener):
+    a, b = await stream_pair()
+    sent = np.arange(10_000, dtype=np.float32)  # 40000 bytes = 10 chunks of 4096
+    seen_sent, seen_received = [], []
+
+    async def on_sent(done, total):
+        seen_sent.append((done, total))
+
+    async def on_received(done, total):
+        seen_received.append((done, total))
+
+    async with trio.open_nursery() as n:
+        async def receive():
+            await receive_array(b, listener=listener, config=SMALL_CHUNKS,
+                                on_progress=on_received)
+        n.start_soon(receive)
+        await send_array(a, sent, config=SMALL_CHUNKS, on_progress=on_sent)
+    for seen in (seen_sent, seen_received):
+        assert len(seen) == 10
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+        assert seen[-1] == (40_000, 40_000)
+
+
+async def test_push_array_to_a_serving_peer(stream_pair, listener):
+    net = stream_pair.net
+    a, b = list(net.peers.values())
+    inbox_send, inbox_recv = trio.open_memory_channel(1)
+
+    async def on_array(peer_id, array):
+        await inbox_send.send((peer_id, array))
+
+    serve_bulk(b, on_array, listener=listener)
+    sent = ARRAYS["f64-3d"]
+    await push_array(a, b.peer_id, sent)
+    peer_id, received = await inbox_recv.receive()
+    assert peer_id == a.peer_id
+    assert_same(received, sent)
