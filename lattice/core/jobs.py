@@ -55,6 +55,7 @@ from lattice.core.codec import canonical
 __all__ = [
     "ALGORITHMS",
     "BUILTIN_TASKS",
+    "ClaimFailed",
     "IllegalTransition",
     "JOB_TRANSITIONS",
     "JobSpecError",
@@ -399,7 +400,15 @@ class Stop:
     reason: str
 
 
-Action = SealRoster | Join | Start | Withdraw | Stop
+@dataclass(frozen=True)
+class ClaimFailed:
+    """Every roster member left or failed without a final model: nobody can finish the
+    job, so a member says so (each one does: the claim is idempotent)."""
+
+    job_id: str
+
+
+Action = SealRoster | Join | Start | Withdraw | Stop | ClaimFailed
 
 _OUR_FINISHED = ("done", "left", "failed")
 
@@ -443,6 +452,10 @@ def plan(me: str, job_id: str, view: Mapping[str, Any], spec: TrainSpec, *, poli
         return actions
     if our_state not in _OUR_FINISHED:
         actions.append(Start(job_id, list(roster), rank, resume=our_state in ("running", "merging")))
+    elif (our_state in ("left", "failed") and ours.get("job_state") != "failed"
+          and all(participants.get(p, {}).get("state") in ("left", "failed")
+                  and _final_of(participants.get(p, {})) is None for p in roster)):
+        actions.append(ClaimFailed(job_id))
     return actions
 
 
@@ -473,7 +486,8 @@ def merge_decision(roster: list[str], participants: Mapping[str, Mapping[str, An
     inputs = [p for p in roster if _final_of(participants.get(p, {})) is not None]
     gone = [p for p in roster if participants.get(p, {}).get("state") in ("left", "failed")]
     missing = [p for p in roster if p not in inputs]
-    complete = all(p in inputs or p in gone for p in roster)
+    # a member known dead without a final will not publish one: no need to wait for it
+    complete = all(p in inputs or p in gone or p in dead for p in roster)
     candidates = [p for p in inputs if p not in dead]
     merger = None
     if candidates and (complete or now >= deadline):

@@ -42,6 +42,7 @@ from lattice.core.codec import canonical
 from lattice.core.jobs import (
     BUILTIN_TASKS,
     TERMINAL,
+    ClaimFailed,
     Join,
     JobSpecError,
     Policy,
@@ -371,6 +372,11 @@ class JobsService:
             run = _Run(job_id, spec, action.roster, action.rank, action.resume)
             self._runs[job_id] = run
             self._nursery.start_soon(self._run, run)
+        elif isinstance(action, ClaimFailed):
+            old = view["participants"].get(self.me, {})
+            log.warning("job=%s every participant left or failed: the job failed", job_id)
+            self._write([Set(f"participation/{job_id}", {**old, "job_state": "failed",
+                                                          "updated": self._clock()})])
         elif isinstance(action, Stop):
             run = self._runs.get(job_id)
             if run is not None and run.stop_reason is None:

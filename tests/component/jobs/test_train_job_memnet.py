@@ -175,3 +175,37 @@ async def test_with_math_in_worker_threads_and_the_real_clock(cluster, small_job
     await cluster.wait_until(lambda: nodes[0].store.models(), timeout=30)
     _, record = _model_of(nodes[0], job_id)
     assert record["metrics"]["participants"] == 2 and record["metrics"]["accuracy"] > 0.85
+
+
+async def test_when_the_merger_dies_the_next_in_rank_takes_over(cluster, autojump_clock, small_job):
+    nodes = await cluster.add(4)
+    job_id = nodes[0].jobs.submit(small_job(steps=60))
+    await cluster.wait_until(lambda: nodes[0].store.jobs()[job_id]["spec"].get("roster"))
+    roster = nodes[0].store.jobs()[job_id]["spec"]["roster"]
+    merger = next(n for n in nodes if n.peer_id == roster[0])
+    crashed = trio.Event()
+
+    def crash_once_final_published(event):
+        if not crashed.is_set() and _entry(merger, job_id).get("final"):
+            crashed.set()
+            merger.crash()  # its final is announced, but it never merges
+
+    merger.store.subscribe(crash_once_final_published)
+    with trio.fail_after(600):
+        summary = await nodes[(nodes.index(merger) + 1) % 4].jobs.wait_job(job_id)
+    assert crashed.is_set() and summary["status"] == "done"
+    survivor = next(n for n in nodes if n is not merger)
+    await cluster.wait_until(lambda: any(r.get("job") == job_id for r in survivor.store.models().values()))
+    _, record = _model_of(survivor, job_id)
+    assert record["producer"] == roster[1]
+    assert record["missing"] == [merger.peer_id] and record["metrics"]["participants"] == 3
+
+
+async def test_a_job_nobody_can_run_fails_with_the_reasons(cluster, autojump_clock, small_job, fast_config):
+    nodes = await cluster.add(3, config=replace(fast_config, max_params=100))
+    job_id = nodes[0].jobs.submit(small_job(min_peers=3))
+    with trio.fail_after(60):
+        summary = await nodes[1].jobs.wait_job(job_id)
+    assert summary["status"] == "failed"
+    entries = nodes[1].jobs.get(job_id)["participants"].values()
+    assert all(e["state"] == "failed" and "exceed" in e["reason"] for e in entries)

@@ -254,3 +254,23 @@ def test_a_summary_is_compact_and_tolerates_partial_views():
     assert s["status"] == "submitted" and s["loss"] == 0.5 and s["accuracy"] == 0.9
     assert s["steps_total"] == 3 * SPEC.steps and s["steps"] == 4 and s["model"] is None
     assert J.job_summary({"id": "x"})["status"] is None
+
+
+def test_a_member_known_dead_is_not_waited_for():
+    partial = {**finals(A, B), C: {"state": "running"}}
+    assert decide(A, partial, now=0).merger is None
+    d = decide(A, partial, now=0, dead={C})
+    assert d.merger == A and d.complete and d.missing == [C]
+
+
+def test_when_everyone_left_or_failed_a_member_claims_the_job_failed():
+    roster = sorted([A, B, C])
+    entries = {A: {"state": "failed", "reason": "task"}, B: {"state": "left"}, C: {"state": "running"}}
+    assert plan(A, view(roster=roster, participants=entries)) == []  # C may still finish
+    entries[C] = {"state": "failed"}
+    v = view(roster=roster, participants=entries)
+    assert plan(A, v) == [J.ClaimFailed(JOB)] and plan(B, v) == [J.ClaimFailed(JOB)]
+    entries[A] = {**entries[A], "job_state": "failed"}
+    assert plan(A, view(roster=roster, participants=entries)) == []  # terminal now
+    with_final = {**entries, B: {"state": "left", "final": {"blob": "b" * 64, "samples": 3}}}
+    assert plan(C, view(roster=roster, participants={**with_final, A: {"state": "failed"}})) == []
