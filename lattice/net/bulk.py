@@ -16,10 +16,16 @@ per core, so the cost is one pass of AES and one kernel copy per side. TCP's own
 control pauses the sender when the reader pauses, with no timer to trip.
 
 Fallback. When the receiver offers no channel or none of its addresses connects (NAT,
-relay), the same sealed chunks travel over the control stream, with credits: the sender
-keeps at most `stream_window_bytes` (granted by the receiver, below Yamux's 256 KiB initial
-window minus its half-window update hysteresis) unacknowledged, so it waits on our credit
-frame, never inside Yamux's 5-second window wait, however long the reader pauses.
+relay, a hole-punched connection), the same sealed chunks travel over the control stream.
+The receiver's control reader drains the stream as fast as it arrives into a buffer of
+`stream_window_bytes`, and the sender may only run that far ahead of what the consumer has
+taken (credit frames). So a consumer that pauses - a slow progress callback, a busy
+decrypt - holds the sender back on *our* credit, while Yamux keeps seeing prompt reads and
+never reaches its 5-second window timeout. (What this cannot survive is the receiving event
+loop itself frozen for 5 s; nothing in the daemon does that, math runs in threads.) Big
+chunks and a big window matter here: each py-libp2p frame costs ~1 ms of CPU, so 32 KiB
+chunks under a window small enough to fit Yamux's initial 256 KiB ran at ~7 MB/s, 1 MiB
+chunks under an 8 MiB window at about what a bare stream does.
 
 Why the AEAD runs on the event loop. Each 1 MiB chunk seals or opens in ~0.3 ms, so the
 loop never blocks for longer than that; handing every chunk to a worker thread cost more
@@ -118,11 +124,11 @@ class BulkConfig:
 
     chunk_bytes: int = 1 << 20
     """Plaintext bytes per sealed chunk on the side channel (bf.DIRECT_CHUNK_MIN..MAX)."""
-    stream_chunk_bytes: int = 32 << 10
-    """Plaintext bytes per sealed chunk on the fallback path."""
-    stream_window_bytes: int = 96 << 10
-    """Fallback credit we grant: sealed bytes the sender may have unacknowledged. Keep it
-    below Yamux's 256 KiB initial window minus its 128 KiB update hysteresis."""
+    stream_chunk_bytes: int = 1 << 20
+    """Plaintext bytes per sealed chunk on the fallback path (bf.STREAM_CHUNK_MIN..MAX)."""
+    stream_window_bytes: int = 8 << 20
+    """Fallback credit we grant as receiver: sealed bytes the sender may run ahead of our
+    consumer, i.e. what we buffer per inbound transfer while the consumer pauses."""
     direct: bool = True
     """As sender: use the side channel the receiver offers. False forces the fallback."""
     connect_timeout: float = 3.0
@@ -411,8 +417,8 @@ class _Session:
         self.sent_progress = sent_progress
         self.received_progress = received_progress
         self._write_lock = trio.StrictFIFOLock()
-        self._max_frame = max(bf.CONTROL_MAX_BYTES, config.stream_chunk_bytes
-                              + bf.TAG_BYTES + bf.FRAME_OVERHEAD)
+        # what the protocol allows a sender to choose, not what we would choose
+        self._max_frame = bf.STREAM_CHUNK_MAX + bf.TAG_BYTES + bf.FRAME_OVERHEAD
         self.peer = stream.remote_peer_id[-8:]
         # outbound progress, updated by the control reader
         self._acked = 0
@@ -710,7 +716,10 @@ class _Session:
     async def _pump_in_stream(self, aead: AESGCM, dst: memoryview, nbytes: int,
                               chunk: int) -> None:
         assert self._in_recv is not None
-        for i in range(bf.chunk_count(nbytes, chunk)):
+        count = bf.chunk_count(nbytes, chunk)
+        # Credit in quarter windows: the sender never idles, and credit frames stay rare.
+        batch = max(1, self._window_chunks(self.config.stream_window_bytes, chunk) // 4)
+        for i in range(count):
             start, stop = bf.chunk_span(i, nbytes, chunk)
             with _within(self.config.idle_timeout, "receiving on the stream"):
                 msg = await self._in_recv.receive()
@@ -721,8 +730,8 @@ class _Session:
                 raise BulkIntegrityError(f"chunk {i} failed authentication") from None
             if self.received_progress is not None:
                 await self.received_progress(stop, nbytes)
-            self._credited = i + 1
-            if i + 1 < bf.chunk_count(nbytes, chunk):
+            if i + 1 < count and i + 1 - self._credited >= batch:
+                self._credited = i + 1
                 await self._send(bf.credit(i + 1))
 
 

@@ -237,12 +237,29 @@ async def test_yamux_like_stream_resets_a_writer_whose_reader_pauses(windowed_pa
 
 
 async def test_fallback_survives_a_reader_pausing_10_s(windowed_pair, autojump_clock):
+    # Twice the default 8 MiB credit window: the sender ends up waiting on our credit
+    # (no timer but idle_timeout) while the consumer sleeps, not inside Yamux's window.
+    array = np.arange(4 << 20, dtype=np.float32)
     a, b = windowed_pair()
-    paused = []
-    sent, received = await transfer(a, b, config=BulkConfig(), on_received=pause_once(10, paused))
-    np.testing.assert_array_equal(received, PAYLOAD)
+    paused, sender_at_resume = [], []
+    sent_so_far = [0]
+
+    async def on_sent(done, total):
+        sent_so_far[0] = done
+
+    async def on_received(done, total):
+        if not paused:
+            paused.append(trio.current_time())
+            await trio.sleep(10)
+            sender_at_resume.append(sent_so_far[0])
+
+    sent, received = await run_both(
+        lambda: send_array(a, array, on_progress=on_sent),
+        lambda: receive_array(b, on_progress=on_received))
     assert sent is None
+    np.testing.assert_array_equal(received, array)
     assert trio.current_time() >= paused[0] + 10
+    assert sender_at_resume[0] < array.nbytes
 
 
 async def test_side_channel_survives_a_reader_pausing_10_s(stream_pair, listener,
@@ -279,7 +296,7 @@ async def test_side_channel_survives_a_reader_pausing_10_s(stream_pair, listener
 @pytest.mark.parametrize("direct", [True, False], ids=["side-channel", "stream"])
 async def test_a_reader_gone_silent_stalls_the_sender_after_idle_timeout(
         stream_pair, listener, autojump_clock, direct):
-    array = np.arange(8 << 20, dtype=np.float32) if direct else PAYLOAD
+    array = np.arange((8 if direct else 4) << 20, dtype=np.float32)
     config = BulkConfig(idle_timeout=30)
     a, b = await stream_pair()
     forever = trio.Event()
