@@ -450,6 +450,9 @@ def plan(me: str, job_id: str, view: Mapping[str, Any], spec: TrainSpec, *, poli
         if our_state == "joined":
             actions.append(Withdraw(job_id, "not_selected"))
         return actions
+    if our_state is None:
+        # a roster we never volunteered for (a submitter cannot draft us): ignore it
+        return actions
     if our_state not in _OUR_FINISHED:
         actions.append(Start(job_id, list(roster), rank, resume=our_state in ("running", "merging")))
     elif (our_state in ("left", "failed") and ours.get("job_state") != "failed"

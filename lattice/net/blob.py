@@ -343,23 +343,26 @@ class BlobService:
             return size
         return None
 
-    async def fetch(self, bid: str, *, hints: Iterable[str] = (), timeout: float | None = None) -> bytes:
+    async def fetch(self, bid: str, *, hints: Iterable[str] = (), timeout: float | None = None,
+                    max_bytes: int | None = None) -> bytes:
         """The blob's bytes, from the local store or any provider (``hints`` first, then
-        `Providers.find_providers`); stored locally once verified. Raises BlobNotFound."""
+        `Providers.find_providers`); stored locally once verified. A provider announcing
+        more than ``max_bytes`` (default: the config's max_blob_bytes) is refused.
+        Raises BlobNotFound."""
         if not is_blob_id(bid):
             raise ValueError(f"not a blob id: {bid!r}")
         lock = self._fetching.setdefault(bid, trio.Lock())
         async with lock:  # one download per blob; later callers find it stored
             if not self.store.has(bid):
                 with trio.move_on_after(timeout if timeout is not None else float("inf")):
-                    await self._download(bid, list(hints))
+                    await self._download(bid, list(hints), max_bytes or self.config.max_blob_bytes)
             self._fetching.pop(bid, None)
         if not self.store.has(bid):
             self.counts["fetch_failed"] += 1
             raise BlobNotFound(f"no provider delivered blob {bid}")
         return await self.compute(lambda: self.store.get(bid))
 
-    async def _download(self, bid: str, hints: list[str]) -> None:
+    async def _download(self, bid: str, hints: list[str], max_bytes: int) -> None:
         me = self.network.peer_id
         tried: set[str] = set()
         pending = [p for p in dict.fromkeys(hints) if p != me]
@@ -378,7 +381,7 @@ class BlobService:
             provider = pending.pop(0)
             tried.add(provider)
             try:
-                done = await self._download_from(provider, bid, contributors)
+                done = await self._download_from(provider, bid, contributors, max_bytes)
             except BlobCorrupt as e:
                 for peer in contributors:
                     self.penalized[peer] += 1
@@ -397,7 +400,7 @@ class BlobService:
             if done:
                 return
 
-    async def _download_from(self, provider: str, bid: str, contributors: set[str]) -> bool:
+    async def _download_from(self, provider: str, bid: str, contributors: set[str], max_bytes: int) -> bool:
         """Continue the partial download from ``provider``; True when the blob is stored,
         False when the provider does not have it. Raises BlobCorrupt, PeerError."""
         cfg = self.config
@@ -411,8 +414,8 @@ class BlobService:
             if reply["t"] != "have":
                 return False
             size = reply.get("size")
-            if type(size) is not int or not 0 <= size <= cfg.max_blob_bytes:
-                raise RemoteProtocolError(f"blob size {size!r} outside [0, {cfg.max_blob_bytes}]")
+            if type(size) is not int or not 0 <= size <= min(max_bytes, cfg.max_blob_bytes):
+                raise RemoteProtocolError(f"blob size {size!r} outside [0, {min(max_bytes, cfg.max_blob_bytes)}]")
             offset = self.store.partial_size(bid)
             if offset > size:
                 self.store.discard_partial(bid)  # an earlier provider claimed a longer blob

@@ -466,6 +466,7 @@ class JobsService:
 
     async def _finish(self, run: _Run, party: AveragingParty, task: Task) -> None:
         trainer = party.participant.trainer
+        await party.wait_idle()  # an exchange accepted before we closed commits first
         if run.final_blob is None:
             data = await self.compute(lambda: canonical_model_bytes(
                 {FINAL_TENSOR: trainer.params},
@@ -480,9 +481,9 @@ class JobsService:
             view = self._job_view(run.job_id)
             if view is None:
                 return
-            if view["status"] == "done":
-                models = sorted(e["model"] for e in view["participants"].values() if isinstance(e.get("model"), str))
-                run.model = models[0] if models else None
+            model = self._published_model(run, view)
+            if model is not None:
+                run.model = model
                 run.state = "done"
                 await self._publish_progress(run, task, force=True)
                 self._drop_checkpoint(run.job_id)
@@ -504,6 +505,17 @@ class JobsService:
                 wake = min(wake, deadline)
             with trio.move_on_at(wake):
                 await changed.wait()
+
+    def _published_model(self, run: _Run, view: Mapping[str, Any]) -> str | None:
+        """The job's merged model, if a roster member published one. A bare ``done``
+        claim is not enough: any author can write one, only a model record backs it."""
+        models = self.store.models()
+        found = sorted(
+            e["model"] for p, e in view["participants"].items()
+            if p in run.roster and e.get("job_state") == "done" and isinstance(e.get("model"), str)
+            and models.get(e["model"], {}).get("job") == run.job_id
+            and p in models.get(e["model"], {}).get("producers", []))
+        return found[0] if found else None
 
     async def _merge(self, run: _Run, view: Mapping[str, Any], inputs: list[str], task: Task) -> None:
         participants = view["participants"]
@@ -546,7 +558,8 @@ class JobsService:
                             ) -> np.ndarray | None:
         """A participant's final parameters from its blob, checked; None if unavailable."""
         try:
-            data = await self.blobs.fetch(final["blob"], hints=[peer], timeout=self.config.fetch_timeout)
+            data = await self.blobs.fetch(final["blob"], hints=[peer], timeout=self.config.fetch_timeout,
+                                          max_bytes=4 * task.num_params + (64 << 10))
         except BlobNotFound:
             log.warning("job=%s peer=%s final model %s not delivered: merging without it",
                         run.job_id, peer, final["blob"][:12])

@@ -99,6 +99,14 @@ async def test_providers_are_found_among_connected_peers(swarm, autojump_clock):
     assert await client.fetch(BID) == DATA
 
 
+async def test_a_blob_larger_than_the_caller_expects_is_refused(swarm, autojump_clock):
+    _, (client, provider) = await swarm(2)
+    await provider.put(DATA)
+    with pytest.raises(BlobNotFound):
+        await client.fetch(BID, hints=[provider.network.peer_id], max_bytes=len(DATA) - 1)
+    assert client.penalized == {provider.network.peer_id: 1} and provider.counts["chunks_served"] == 0
+
+
 async def test_nobody_has_it(swarm, autojump_clock):
     _, (client, other) = await swarm(2)
     with pytest.raises(BlobNotFound):

@@ -190,6 +190,8 @@ def test_members_of_the_roster_start_and_others_step_aside():
     assert plan(B, running) == [J.Start(JOB, roster, roster.index(B), resume=True)]  # after a restart
     done = view(roster=roster, participants={B: {"state": "done", "job_state": "done"}})
     assert plan(B, done) == []
+    drafted = view(roster=roster, participants=joined(A, C))  # B never volunteered
+    assert plan(B, drafted) == []
 
 
 def test_a_cancel_stops_runners_and_releases_joiners():
