@@ -2,7 +2,8 @@
 
 Owns the protocol driver (offer -> accept | busy -> tensors both ways -> commit -> ack,
 and the ``status`` query that settles an exchange whose ack was lost), the
-`TensorTransport` seam with its default framed implementation, `AveragingParty` (one
+`TensorTransport` seam with its default framed implementation and the `/lattice/bulk/1`
+one (`BulkTensorTransport`), `AveragingParty` (one
 participant's side: its parameters, when it can take part, what it committed) and the
 penalties for peers that send garbage. Spec: proto/gossip-avg.md. Must not import
 libp2p: it speaks through `lattice.net.streams`. The math is `lattice.learn.gossip`'s
@@ -39,9 +40,11 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import trio
 
+from lattice.core.bulk_frames import BulkLimits
 from lattice.learn.gossip import Outgoing, ParamChannel, pair_average, pair_weights
 from lattice.learn.optim import OuterNesterov
 from lattice.learn.validate import InvalidTensor, NormBound
+from lattice.net import bulk
 from lattice.net.streams import (
     PeerError,
     PeerNetwork,
@@ -189,6 +192,64 @@ class FramedTensorTransport:
             out[name] = arr.astype(dtype, copy=False)
             total += arr.nbytes
         return out, total
+
+
+class BulkTensorTransport:
+    """Big arrays through `/lattice/bulk/1`'s `exchange_arrays` (AES-GCM over a raw TCP
+    side channel when the peer offers one, else credit-controlled chunks on the
+    stream); headers and small arrays (shapes, scales) framed as above.
+
+    Both sides first swap `arrays` headers; then, for each array in header order, an
+    array whose dtype and shape are the same on both sides and that holds at least
+    ``min_bulk_bytes`` goes through bulk, any other one as raw bytes on the stream. The
+    choice depends only on the two headers, which both sides hold, so they agree."""
+
+    def __init__(self, *, listener: Any = None, config: Any = None, min_bulk_bytes: int = 64 * 1024) -> None:
+        self.listener = listener
+        self.config = config
+        self.min_bulk_bytes = min_bulk_bytes
+
+    async def exchange(self, stream: Stream, ours: Mapping[str, np.ndarray], *,
+                       expect: Mapping[str, np.dtype], max_bytes: int
+                       ) -> tuple[dict[str, np.ndarray], int, int]:
+        arrays = {n: np.ascontiguousarray(a, dtype=np.asarray(a).dtype.newbyteorder("<")) for n, a in ours.items()}
+        got: dict[str, Any] = {}
+
+        async def send_header() -> None:
+            await send_frame(stream, {"t": "arrays", "items": [
+                [n, a.dtype.name, [int(x) for x in a.shape], int(a.nbytes)] for n, a in arrays.items()]})
+
+        async def recv_header() -> None:
+            got["specs"] = parse_array_header(await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
+                                              expect=expect, max_bytes=max_bytes)
+
+        await run_both(send_header, recv_header)
+        theirs: dict[str, np.ndarray] = {}
+        sent = received = 0
+        limits = BulkLimits(max_bytes=max(1, max_bytes))
+        kwargs = {"listener": self.listener, **({"config": self.config} if self.config is not None else {})}
+        for name, dtype, shape in got["specs"]:
+            mine = arrays[name]
+            if mine.dtype == dtype and mine.shape == shape and mine.nbytes >= self.min_bulk_bytes:
+                arr = await bulk.exchange_arrays(stream, mine, limits=limits, **kwargs)
+                theirs[name] = arr.astype(dtype, copy=False)
+            else:
+                buf = np.empty(shape, dtype=dtype.newbyteorder("<"))
+                view = memoryview(mine).cast("B")
+
+                async def write(view: memoryview = view) -> None:
+                    for start in range(0, len(view), WRITE_CHUNK):
+                        await stream.write(view[start:start + WRITE_CHUNK])
+
+                async def read(buf: np.ndarray = buf) -> None:
+                    if buf.nbytes:
+                        await read_into(stream, memoryview(buf).cast("B"))
+
+                await run_both(write, read)
+                theirs[name] = buf.astype(dtype, copy=False)
+            sent += mine.nbytes
+            received += theirs[name].nbytes
+        return theirs, sent, received
 
 
 def parse_array_header(header: Any, *, expect: Mapping[str, np.dtype] | None,

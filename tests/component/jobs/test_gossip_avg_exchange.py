@@ -17,6 +17,7 @@ from lattice.learn.validate import NormBound
 from lattice.net.gossip_avg import (
     PROTOCOL,
     AveragingParty,
+    BulkTensorTransport,
     FramedTensorTransport,
     GossipConfig,
     Outcome,
@@ -99,8 +100,8 @@ class _FaultyStream:
 class Pair:
     """Two participants of one job on two memnet peers, each serving gossip-avg."""
 
-    def __init__(self, nursery, task, spec: JobSpec) -> None:
-        self.nursery, self.task, self.spec = nursery, task, spec
+    def __init__(self, nursery, task, spec: JobSpec, transport=None) -> None:
+        self.nursery, self.task, self.spec, self.transport = nursery, task, spec, transport
 
     async def start(self):
         self.net = MemoryNetwork()
@@ -109,7 +110,7 @@ class Pair:
             await self.nursery.start(p.serve)
         self.nets = [FaultyNetwork(p) for p in peers]
         self.services = [await self.nursery.start(lambda task_status, n=n: serve_gossip_avg(
-            n, config=CONFIG, task_status=task_status)) for n in self.nets]
+            n, config=CONFIG, transport=self.transport, task_status=task_status)) for n in self.nets]
         roster = sorted(p.peer_id for p in peers)
         self.parties = []
         for net, service in zip(self.nets, self.services):
@@ -128,9 +129,9 @@ class Pair:
 
 @pytest.fixture
 def pair(nursery, task):
-    async def make(**kw):
+    async def make(transport=None, **kw):
         spec = JobSpec(task="digits-softmax", participants=2, steps=20, sync_every=5, seed=4, **kw)
-        return await Pair(nursery, task, spec).start()
+        return await Pair(nursery, task, spec, transport).start()
     return make
 
 
@@ -138,6 +139,18 @@ def pair(nursery, task):
                                      {"weighting": "samples", "compression": "fp16"}])
 async def test_a_committed_exchange_gives_both_the_in_process_result_bit_for_bit(pair, autojump_clock, options):
     p = await pair(**options)
+    await _check_exchange_matches_the_reference(p)
+
+
+@pytest.mark.parametrize("options", [{}, {"compression": "int8"}])
+async def test_the_bulk_transport_plugs_into_the_same_exchange(pair, options):
+    # real clock: bulk's timers are its own (the fallback path runs over the memnet stream)
+    p = await pair(transport=BulkTensorTransport(min_bulk_bytes=1024), **options)
+    with trio.fail_after(30):
+        await _check_exchange_matches_the_reference(p)
+
+
+async def _check_exchange_matches_the_reference(p):
     reference = [copy.deepcopy(x.participant) for x in p.parties]
     sync_pair(reference[0], reference[1], p.spec)
     outcome = await p.services[0].initiate(p.parties[0], p.parties[1].me)
