@@ -127,12 +127,15 @@ class GossipConfig:
 
 
 class TensorTransport(Protocol):
-    """Moves a dict of named numpy arrays both ways over a stream.
+    """Moves a dict of named numpy arrays both ways over a stream; ``name`` identifies
+    its wire format in the offer/accept negotiation.
 
     ``expect`` maps every name the peer must send to its dtype; anything else is refused
     before allocation (raise `RemoteProtocolError`). Returns (theirs, bytes sent, bytes
     received). Both sides call ``exchange`` at the same point of the protocol, and it
     must leave the stream at a frame boundary."""
+
+    name: str
 
     async def exchange(self, stream: Stream, ours: Mapping[str, np.ndarray], *,
                        expect: Mapping[str, np.dtype], max_bytes: int
@@ -145,6 +148,8 @@ class FramedTensorTransport:
     checks the header against ``expect`` and ``max_bytes`` and reads into a
     preallocated array. Both directions run at once, so neither side's writes wait on
     the other's reads."""
+
+    name = "framed"
 
     async def exchange(self, stream: Stream, ours: Mapping[str, np.ndarray], *,
                        expect: Mapping[str, np.dtype], max_bytes: int
@@ -203,6 +208,8 @@ class BulkTensorTransport:
     array whose dtype and shape are the same on both sides and that holds at least
     ``min_bulk_bytes`` goes through bulk, any other one as raw bytes on the stream. The
     choice depends only on the two headers, which both sides hold, so they agree."""
+
+    name = "bulk"
 
     def __init__(self, *, listener: Any = None, config: Any = None, min_bulk_bytes: int = 64 * 1024) -> None:
         self.listener = listener
@@ -572,6 +579,9 @@ class GossipAverager:
         self.network = network
         self.config = config
         self.transport = transport
+        # what we can speak, preferred first; "framed" always works
+        self.transports: dict[str, TensorTransport] = {transport.name: transport}
+        self.transports.setdefault("framed", FramedTensorTransport())
         self.health = PeerHealth(config)
         self._parties: dict[str, AveragingParty] = {}
         # (initiator, xid) -> "pending" | "committed" | "aborted", oldest first
@@ -649,7 +659,8 @@ class GossipAverager:
         try:
             with trio.fail_after(cfg.accept_timeout):
                 await send_frame(stream, {"t": "offer", "v": VERSION, "job": party.job_id, "xid": xid,
-                                          "samples": party.samples, "codec": party.channel.codec.spec})
+                                          "samples": party.samples, "codec": party.channel.codec.spec,
+                                          "transports": list(self.transports)})
                 reply = _expect(await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
                                 ("accept", "busy"), xid)
             self.health.reachable(peer)
@@ -657,9 +668,12 @@ class GossipAverager:
                 await _quietly(stream.close)
                 return Outcome.BUSY
             peer_samples = _samples_of(reply)
+            transport = self.transports.get(reply.get("transport", "framed"))
+            if transport is None:
+                raise RemoteProtocolError(f"accepted with a transport we did not offer: {str(reply.get('transport'))[:32]}")
             out = await party.compute(lambda: party.channel.prepare(party.params))
             with trio.fail_after(cfg.step_timeout):
-                payload, _, _ = await self.transport.exchange(
+                payload, _, _ = await transport.exchange(
                     stream, out.payload, expect=party.expected_payload(),
                     max_bytes=party.max_payload_bytes(cfg))
             try:
@@ -784,6 +798,9 @@ class GossipAverager:
             reason = "codec_mismatch"
         else:
             reason = party.busy_reason()
+        transport = self._pick_transport(offer)
+        if reason is None and transport is None:
+            reason = "transport"
         if reason is None and party is not None and party.training:
             # hold the offer until our round ends (the initiator waits up to accept_timeout)
             held = party.held = _Held(xid)
@@ -801,11 +818,11 @@ class GossipAverager:
             await send_frame(stream, {"t": "busy", "xid": xid, "reason": reason})
             await _quietly(stream.close)
             return
-        assert party is not None
+        assert party is not None and transport is not None
         key = (peer, xid)
         self._remember(key, "pending")
         try:
-            outcome = await self._respond_exchange(stream, party, peer, xid, peer_samples)
+            outcome = await self._respond_exchange(stream, party, peer, xid, peer_samples, transport)
         finally:
             if self._outcomes.get(key) == "pending":
                 self._outcomes[key] = "aborted"
@@ -815,15 +832,24 @@ class GossipAverager:
         self.counts[f"responded_{outcome.value}"] += 1
         party.stats[outcome.value] += 1
 
+    def _pick_transport(self, offer: dict[str, Any]) -> TensorTransport | None:
+        """Our preferred transport among those the initiator offered (absent: framed)."""
+        offered = offer.get("transports", ["framed"])
+        if not isinstance(offered, list):
+            raise RemoteProtocolError("'transports' must be a list")
+        names = [n for n in offered[:8] if isinstance(n, str)]
+        return next((t for n, t in self.transports.items() if n in names), None)
+
     async def _respond_exchange(self, stream: _CountingStream, party: AveragingParty, peer: str,
-                                xid: str, peer_samples: int) -> Outcome:
+                                xid: str, peer_samples: int, transport: TensorTransport) -> Outcome:
         cfg = self.config
         key = (peer, xid)
         try:
-            await send_frame(stream, {"t": "accept", "xid": xid, "samples": party.samples})
+            await send_frame(stream, {"t": "accept", "xid": xid, "samples": party.samples,
+                                      "transport": transport.name})
             out = await party.compute(lambda: party.channel.prepare(party.params))
             with trio.fail_after(cfg.step_timeout):
-                payload, _, _ = await self.transport.exchange(
+                payload, _, _ = await transport.exchange(
                     stream, out.payload, expect=party.expected_payload(),
                     max_bytes=party.max_payload_bytes(cfg))
             try:

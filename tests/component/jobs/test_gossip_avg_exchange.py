@@ -109,8 +109,9 @@ class Pair:
         for p in peers:
             await self.nursery.start(p.serve)
         self.nets = [FaultyNetwork(p) for p in peers]
-        self.services = [await self.nursery.start(lambda task_status, n=n: serve_gossip_avg(
-            n, config=CONFIG, transport=self.transport, task_status=task_status)) for n in self.nets]
+        transports = self.transport if isinstance(self.transport, list) else [self.transport] * 2
+        self.services = [await self.nursery.start(lambda task_status, n=n, t=t: serve_gossip_avg(
+            n, config=CONFIG, transport=t, task_status=task_status)) for n, t in zip(self.nets, transports)]
         roster = sorted(p.peer_id for p in peers)
         self.parties = []
         for net, service in zip(self.nets, self.services):
@@ -148,6 +149,16 @@ async def test_the_bulk_transport_plugs_into_the_same_exchange(pair, options):
     p = await pair(transport=BulkTensorTransport(min_bulk_bytes=1024), **options)
     with trio.fail_after(30):
         await _check_exchange_matches_the_reference(p)
+
+
+async def test_peers_with_different_transports_agree_on_one_they_both_speak(pair):
+    p = await pair(transport=[BulkTensorTransport(min_bulk_bytes=1024), None])
+    with trio.fail_after(30):
+        await _check_exchange_matches_the_reference(p)  # bulk offered, framed chosen
+    p.services.reverse()
+    p.parties.reverse()
+    with trio.fail_after(30):
+        assert await p.services[0].initiate(p.parties[0], p.parties[1].me) is Outcome.COMMITTED
 
 
 async def _check_exchange_matches_the_reference(p):
