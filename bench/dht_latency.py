@@ -11,6 +11,8 @@ random *other* node gets it; put and get are timed separately from the caller's 
   `lattice.net.host`), one process per node as daemons run, driven over a loopback
   control socket. `get` returns every publisher's record once the 3 closest live
   peers answered; `put` returns when the 20 closest (here: all others) stored it.
+- lattice-1proc: the same, all N hosts in one trio process (no inter-process wake-ups,
+  but one core for every node's work).
 - hivemind (`bench/.venv-hivemind`): `hivemind.DHT`, one background process + p2pd per
   node; `store` then `get(key)` (default: returns the first value found).
 - Lattica (`bench/.venv-lattica`): `Lattica.store` / `get` (rust-libp2p Kademlia), all
@@ -35,6 +37,7 @@ ROOT = HERE.parent
 HIVEMIND_PY = HERE / ".venv-hivemind" / "bin" / "python"
 LATTICA_PY = HERE / ".venv-lattica" / "bin" / "python"
 WARMUP = 10
+SYSTEMS = ("lattice", "lattice-1proc", "hivemind", "lattica")
 
 # --- workers: each prints one JSON line {"put_ms": [...], "get_ms": [...], ...} -------
 
@@ -218,6 +221,55 @@ async def _node_main() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def _one_process_worker(n: int, ops: int, warmup: int, seed: int) -> dict:
+    """All N hosts in one trio process: no process wake-ups, but one core for all."""
+    import logging
+    import random
+    from contextlib import AsyncExitStack
+    from functools import partial
+    from importlib.metadata import version
+
+    import trio
+
+    from lattice.core.identity import Identity
+    from lattice.net.dht import serve_dht
+    from lattice.net.host import open_libp2p_node, quiet_libp2p_logging
+
+    quiet_libp2p_logging(logging.CRITICAL)
+    put_ms, get_ms, failures, hops = [], [], 0, []
+    async with AsyncExitStack() as stack:
+        hosts = []
+        for _ in range(n):
+            ident = Identity.generate()
+            node, _events = await stack.enter_async_context(
+                open_libp2p_node(ident, ["/ip4/127.0.0.1/tcp/0"]))
+            hosts.append((ident, node))
+        async with trio.open_nursery() as nursery:
+            dhts = [await nursery.start(partial(
+                serve_dht, node, ident, address_book=PeerstoreAddressBook(node.host),
+                self_addrs=node.listen_addrs)) for ident, node in hosts]
+            for dht in dhts[1:]:
+                await dht.bootstrap([(dhts[0].peer_id, hosts[0][1].listen_addrs())])
+            rnd = random.Random(seed)
+            for i in range(warmup + ops):
+                writer, reader = rnd.sample(dhts, 2)
+                key = f"/v/bench-{seed}-{i}"
+                t0 = time.perf_counter()
+                put = await writer.put(key, {"i": i, "pad": "x" * 64}, ttl=600)
+                t1 = time.perf_counter()
+                got = await reader.get_result(key)
+                t2 = time.perf_counter()
+                if not put.stored_at or [r.unpack_value()["i"] for r in got.records] != [i]:
+                    failures += 1
+                if i >= warmup:
+                    put_ms.append((t1 - t0) * 1e3)
+                    get_ms.append((t2 - t1) * 1e3)
+                    hops.append(got.hops)
+            nursery.cancel_scope.cancel()
+    return {"put_ms": put_ms, "get_ms": get_ms, "failures": failures,
+            "version": f"py-libp2p {version('libp2p')}", "max_hops": max(hops, default=0)}
+
+
 def _lattice_driver(n: int, ops: int, warmup: int, seed: int, timeout: float) -> dict:
     """N node processes (one per daemon, as deployed), driven over loopback sockets;
     latency is measured here, around the control call (like hivemind's RPC to its
@@ -312,6 +364,8 @@ def _run_worker(python: Path, args: list[str], timeout: float) -> dict:
 
 def measure(system: str, n: int, ops: int, seed: int, timeout: float) -> dict:
     argv = [str(n), str(ops), str(WARMUP), str(seed)]
+    if system == "lattice-1proc":
+        return _run_worker(Path(sys.executable), [__file__, "--worker", *argv], timeout)
     if system == "lattice":
         try:
             return _lattice_driver(n, ops, WARMUP, seed, timeout)
@@ -355,16 +409,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleave the systems this many times (ops split evenly)")
-    parser.add_argument("--only", choices=["lattice", "hivemind", "lattica"], nargs="+")
+    parser.add_argument("--only", choices=SYSTEMS, nargs="+")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--json", action="store_true", help="also print raw results")
     parser.add_argument("--node", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        import trio
+        print(json.dumps(trio.run(_one_process_worker, *args.worker)))
+        return
     if args.node:
         import trio
         trio.run(_node_main)
         return
-    systems = args.only or ["lattice", "hivemind", "lattica"]
+    systems = args.only or list(SYSTEMS)
     # The machine is shared: interleave the systems in rounds so that load spikes
     # hit all of them alike, and pool the rounds.
     load = os.getloadavg()
@@ -384,15 +443,15 @@ def main() -> None:
                 acc["get_ms"] += r["get_ms"]
                 acc["failures"] += r["failures"]
                 acc["version"] = r.get("version")
-                acc["max_hops"] = max(acc.get("max_hops", 0), r.get("max_hops", 0))
+                if "max_hops" in r:
+                    acc["max_hops"] = max(acc.get("max_hops", 0), r["max_hops"])
     print(render(results))
     print(f"{per_round * args.rounds} measured ops per row in {args.rounds} interleaved rounds; "
           f"load average at start {load[0]:.1f}, at end {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
-    lattice_hops = [r.get("max_hops") for (s, _), r in results.items()
-                    if s == "lattice" and "max_hops" in r]
-    if any(h is not None for h in lattice_hops):
-        print(f"lattice: max get hops per size {lattice_hops}")
+    hops = {f"{s}/{n}": r["max_hops"] for (s, n), r in results.items() if "max_hops" in r}
+    if hops:
+        print(f"lattice: max hops behind a get: {hops}")
     if args.json:
         print(json.dumps({f"{s}/{n}": r for (s, n), r in results.items()}))
 

@@ -368,7 +368,7 @@ class KademliaDHT:
             return answer.body["closer"]
 
         lookup = await self._run_lookup(key_hash(key), "GET_VALUE", {"key": key},
-                                        num_results=self.config.get_quorum,
+                                        num_results=self._answers_needed(key_hash(key)),
                                         on_answer=on_answer)
         hops = max((lookup.hops_to(p) for p in holders), default=lookup.hops)
         return GetResult(merge_records(found), hops, lookup.requests_sent)
@@ -399,7 +399,8 @@ class KademliaDHT:
             return answer.body["closer"]
 
         await self._run_lookup(key_hash(key), "GET_PROVIDERS", {"key": key},
-                               num_results=self.config.get_quorum, on_answer=on_answer)
+                               num_results=self._answers_needed(key_hash(key)),
+                               on_answer=on_answer)
         out = []
         for r in merge_records(found):
             addrs = record_addrs(r)
@@ -545,6 +546,16 @@ class KademliaDHT:
                 self._providing[provider_key(name)] = self._sign_provider(provider_key(name))
 
     # --- lookups --------------------------------------------------------------------
+
+    def _answers_needed(self, target: int) -> int:
+        """Answers a get waits for: the quorum, minus one when we are ourselves among
+        the quorum closest peers to the target (our own store is one of the answers)."""
+        quorum = self.config.get_quorum
+        closest = self.table.closest(target, quorum)
+        ours = peer_hash(self.peer_id) ^ target
+        if len(closest) < quorum or ours < peer_hash(closest[-1]) ^ target:
+            return max(quorum - 1, 1)
+        return quorum
 
     async def _run_lookup(
         self, target: int, mtype: str, body: dict[str, Any], *, num_results: int,

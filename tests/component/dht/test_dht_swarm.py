@@ -16,6 +16,7 @@ from lattice.core.kademlia import (
     PeerInfo,
     key_hash,
     make_message,
+    peer_hash,
     parse_message,
 )
 from lattice.core.records import RecordLimits, peer_key, sign_record, user_key
@@ -259,3 +260,22 @@ async def test_statistics_report_the_table_mode_and_traffic(swarm, autojump_cloc
     assert stats["inflight_out"] == 0 and stats["inbound_streams"] <= 3
     assert nodes[3].statistics()["requests_out"]["FIND_NODE"] > 0
     assert nodes[3].statistics()["rejected"] == {}
+
+
+async def test_a_get_costs_a_quorum_of_requests(swarm, autojump_clock):
+    nodes = await swarm.grow(N)
+    writer, reader = nodes[2], nodes[9]
+    ours = peer_hash(reader.peer_id)
+
+    def among_closest(key):
+        target = key_hash(key)
+        others = sorted(peer_hash(p) ^ target for p in reader.table.peers())
+        return (ours ^ target) < others[2]
+
+    near = next(k for k in (user_key(f"near-{i}") for i in range(1000)) if among_closest(k))
+    far = next(k for k in (user_key(f"far-{i}") for i in range(1000)) if not among_closest(k))
+    for key, expected in ((far, 3), (near, 2)):  # our own store answers for us
+        await writer.put(key, key, ttl=600)
+        before = reader.requests_out["GET_VALUE"]
+        assert [r.unpack_value() for r in await reader.get(key)] == [key]
+        assert reader.requests_out["GET_VALUE"] - before == expected
