@@ -702,10 +702,6 @@ class KademliaDHT:
             except PeerError:
                 self._failed(peer_id)
                 raise
-        if (answer.type != mtype or not answer.response or answer.id != rid
-                or answer.sender.peer_id != peer_id):
-            self._penalize(peer_id, "mismatched_response")
-            raise RemoteProtocolError(f"answer to {mtype} id={rid} does not match it")
         self._observe(answer.sender)
         return answer
 
@@ -729,6 +725,10 @@ class KademliaDHT:
             raise
         try:
             answer = parse_message(raw)
+            if (answer.type != request["type"] or not answer.response
+                    or answer.id != request["id"] or answer.sender.peer_id != peer_id):
+                raise MalformedMessage(
+                    f"answer to {request['type']} id={request['id']} does not match it")
         except MalformedMessage as e:
             await _discard(stream)
             raise RemoteProtocolError(str(e)) from None
