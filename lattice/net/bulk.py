@@ -304,22 +304,28 @@ async def send_array(stream: Stream, array: np.ndarray, *, config: BulkConfig = 
     """Send ``array`` to the peer at the other end of ``stream`` (which runs
     `receive_array`); returns once the peer confirmed it received every byte intact."""
     await _Session(stream, config, None, sent_progress=on_progress).run(
-        outgoing=array, receive=False, limits=DEFAULT_LIMITS, expect=None)
+        outgoing=array, receive=False, limits=DEFAULT_LIMITS, expect=None, out=None)
 
 
 async def receive_array(stream: Stream, *, limits: BulkLimits = DEFAULT_LIMITS,
                         listener: BulkListener | None = None,
                         config: BulkConfig = DEFAULT_CONFIG,
                         expect: tuple[str, tuple[int, ...]] | None = None,
+                        out: np.ndarray | None = None,
                         on_progress: Progress | None = None) -> np.ndarray:
     """Receive the array the peer sends with `send_array`.
 
     With a ``listener`` the peer is offered the side channel; without, or when it cannot
     connect, the data comes over ``stream`` itself. ``expect=(dtype_str, shape)`` refuses
-    anything else. Returns a fresh, writable array that authenticated chunk by chunk.
+    anything else. Returns a fresh, writable array that authenticated chunk by chunk, or
+    ``out`` filled in place (which implies ``expect`` = its dtype and shape). Reusing one
+    ``out`` across exchanges saves the page faults of a fresh buffer (~0.1 s per 256 MiB);
+    when this raises, ``out`` holds garbage and must not be used.
     """
+    if out is not None:
+        expect = _check_out(out)
     result = await _Session(stream, config, listener, received_progress=on_progress).run(
-        outgoing=None, receive=True, limits=limits, expect=expect)
+        outgoing=None, receive=True, limits=limits, expect=expect, out=out)
     assert result is not None
     return result
 
@@ -328,13 +334,18 @@ async def exchange_arrays(stream: Stream, ours: np.ndarray, *,
                           limits: BulkLimits = DEFAULT_LIMITS,
                           listener: BulkListener | None = None,
                           config: BulkConfig = DEFAULT_CONFIG,
+                          out: np.ndarray | None = None,
                           on_progress: Progress | None = None) -> np.ndarray:
     """Send ``ours`` and receive the peer's array of the same dtype and shape, both
-    directions at once (the peer calls `exchange_arrays` too). Returns theirs;
-    ``on_progress`` reports the inbound direction."""
+    directions at once (the peer calls `exchange_arrays` too). Returns theirs (in ``out``
+    if given, as for `receive_array`); ``on_progress`` reports the inbound direction."""
     header, _ = _prepare(ours)
+    expect = (header.dtype, header.shape)
+    if out is not None and _check_out(out) != expect:
+        raise ValueError(f"out is {out.dtype.str}{list(out.shape)}, ours is "
+                         f"{header.dtype}{list(header.shape)}")
     result = await _Session(stream, config, listener, received_progress=on_progress).run(
-        outgoing=ours, receive=True, limits=limits, expect=(header.dtype, header.shape))
+        outgoing=ours, receive=True, limits=limits, expect=expect, out=out)
     assert result is not None
     return result
 
@@ -386,6 +397,13 @@ def _prepare(array: np.ndarray) -> tuple[ArrayHeader, memoryview]:
     return ArrayHeader(a.dtype.str, tuple(int(d) for d in a.shape), int(a.nbytes)), view
 
 
+def _check_out(out: np.ndarray) -> tuple[str, tuple[int, ...]]:
+    if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.flags.writeable
+            and out.dtype.str in bf.DEFAULT_DTYPES):
+        raise ValueError("out must be a writable C-contiguous little-endian numeric array")
+    return out.dtype.str, tuple(int(d) for d in out.shape)
+
+
 @contextlib.contextmanager
 def _within(seconds: float, what: str) -> Iterator[None]:
     try:
@@ -434,6 +452,7 @@ class _Session:
         # send our own `done` (cancelled just before, so no frame is half-read).
         self._abort_watch = trio.CancelScope()
         self._done_sent = False
+        self._out: np.ndarray | None = None
 
     async def _send(self, message: dict[str, Any]) -> None:
         async with self._write_lock:
@@ -447,7 +466,9 @@ class _Session:
         self._changed = trio.Event()
 
     async def run(self, *, outgoing: np.ndarray | None, receive: bool, limits: BulkLimits,
-                  expect: tuple[str, tuple[int, ...]] | None) -> np.ndarray | None:
+                  expect: tuple[str, tuple[int, ...]] | None,
+                  out: np.ndarray | None) -> np.ndarray | None:
+        self._out = out
         try:
             return await self._run(outgoing, receive, limits, expect)
         except (BulkAbortedError, BulkRejectedError, BulkHeaderError):
@@ -671,7 +692,8 @@ class _Session:
         assert self._in_recv is not None
         with _within(self.config.idle_timeout, "waiting for the sender to start"):
             _, mode, chunk = await self._in_recv.receive()
-        array = np.empty(header.shape, dtype=np.dtype(header.dtype))
+        array = self._out if self._out is not None else np.empty(
+            header.shape, dtype=np.dtype(header.dtype))
         dst = memoryview(array.reshape(-1).view(np.uint8))
         aead = AESGCM(keys.data_key)
         if mode == "direct":

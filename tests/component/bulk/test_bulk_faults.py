@@ -189,6 +189,14 @@ async def test_headers_outside_limits_are_refused(stream_pair, listener, offered
     assert listener.statistics()["pending_sessions"] == 0
 
 
+async def test_a_reused_buffer_refuses_an_array_of_another_shape(stream_pair, listener):
+    a, b = await stream_pair()
+    sent, received = await run_both(
+        lambda: send_array(a, np.zeros(10, np.float32)),
+        lambda: receive_array(b, listener=listener, out=np.empty(11, np.float32)))
+    assert isinstance(received, BulkHeaderError) and isinstance(sent, BulkRejectedError)
+
+
 async def test_exchange_refuses_a_model_of_another_shape(stream_pair, listener):
     a, b = await stream_pair()
     sent, received = await run_both(

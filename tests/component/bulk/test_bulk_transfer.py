@@ -165,3 +165,30 @@ async def test_push_array_to_a_serving_peer(stream_pair, listener):
     peer_id, received = await inbox_recv.receive()
     assert peer_id == a.peer_id
     assert_same(received, sent)
+
+
+async def test_receiving_into_a_reused_buffer(stream_pair, listener):
+    a, b = await stream_pair()
+    out = np.empty(50_000, np.float32)
+    for sent in (np.arange(50_000, dtype=np.float32), -np.arange(50_000, dtype=np.float32)):
+        got = []
+        async with trio.open_nursery() as n:
+            async def receive():
+                got.append(await receive_array(b, listener=listener, out=out))
+            n.start_soon(receive)
+            await send_array(a, sent)
+        assert got[0] is out
+        np.testing.assert_array_equal(out, sent)
+
+
+async def test_exchange_into_a_reused_buffer(stream_pair, listener):
+    a, b = await stream_pair()
+    out_a, out_b = np.empty(1000), np.empty(1000)
+    async with trio.open_nursery() as n:
+        async def side_b():
+            assert await exchange_arrays(b, np.ones(1000), listener=listener, out=out_b) is out_b
+        n.start_soon(side_b)
+        assert await exchange_arrays(a, np.zeros(1000), listener=listener, out=out_a) is out_a
+    assert (out_a == 1).all() and (out_b == 0).all()
+    with pytest.raises(ValueError, match="out is"):
+        await exchange_arrays(a, np.zeros(1000), out=np.empty(999))
