@@ -108,6 +108,70 @@ class MemnetTransport:
         return nodes
 
 
+class DaemonNode:
+    """One real latticed driven over its local RPC socket."""
+
+    def __init__(self, socket: Path, peer_id: str) -> None:
+        self.socket = socket
+        self.peer_id = peer_id
+        self.names: dict[str, str] = {}
+        self.changed = trio.Condition()
+
+    async def follow(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        import lattice
+        async with lattice.open_client(self.socket) as c:
+            async with c.subscribe(["state"]) as events:
+                async for ev in events:
+                    if ev["event"] == "snapshot":
+                        for pid, m in (ev["state"] or {}).get("members", {}).items():
+                            self.names[pid] = m.get("name")
+                        task_status.started()
+                        continue
+                    path = ev.get("path", "")
+                    if path.startswith("members/") and isinstance(ev.get("value"), dict):
+                        async with self.changed:
+                            self.names[path.split("/", 1)[1]] = ev["value"].get("name")
+                            self.changed.notify_all()
+
+    async def write(self, name: str) -> int:
+        import lattice
+        async with lattice.open_client(self.socket) as c:
+            await c.state_set("member/name", name)
+        return 0  # the RPC does not report envelope sizes; memnet does
+
+    async def wait_name(self, author: str, name: str) -> None:
+        async with self.changed:
+            while self.names.get(author) != name:
+                await self.changed.wait()
+
+    def sync_bytes_sent(self) -> int:
+        import lattice
+        with lattice.connect(self.socket) as c:
+            return c.state_stats()["sync"]["sync"]["bytes_sent"]
+
+
+class DaemonTransport:
+    """N real daemons on loopback (`lattice localnet`: all bootstrapped off node 0)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.nets = []
+
+    async def start(self, nursery, n, degree, rng):
+        from lattice.client.localnet import LocalNet
+        net = LocalNet(n, self.base / f"net-{n}", log_level="warning", ready_timeout=120)
+        self.nets.append(net)
+        await trio.to_thread.run_sync(net.start)
+        nodes = [DaemonNode(node.socket, node.peer_id) for node in net.nodes]
+        for node in nodes:
+            await nursery.start(node.follow)
+        return nodes
+
+    def stop(self) -> None:
+        for net in self.nets:
+            net.stop()
+
+
 async def measure(transport: Transport, n: int, writes: int, degree: int, seed: int):
     rng = random.Random(seed)
     async with trio.open_nursery() as nursery:
@@ -162,13 +226,26 @@ def main() -> None:
     parser.add_argument("--writes", type=int, default=20)
     parser.add_argument("--degree", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--transport", choices=["memnet", "daemons"], default="daemons",
+                        help="daemons: real latticed processes on loopback (default)")
     args = parser.parse_args()
-    print("transport: memnet (in-memory streams, one process, real clock)")
+    import tempfile
+    tmp = tempfile.TemporaryDirectory(prefix="lattice-crdt-bench-")
+    if args.transport == "daemons":
+        print("transport: real latticed daemons on 127.0.0.1, all bootstrapped off node 0 "
+              "(--degree ignored), timed through the local RPC")
+    else:
+        print("transport: memnet (in-memory streams, one process, real clock)")
     print(f"{'peers':>5} {'writes':>6} {'median ms':>9} {'p90 ms':>7} {'max ms':>7} "
           f"{'envelope B':>10} {'sync B/update':>13} {'B/update/peer':>13}")
     for n in args.sizes:
-        times, sizes, sent = trio.run(measure, MemnetTransport(), n, args.writes,
-                                      args.degree, args.seed)
+        transport = DaemonTransport(Path(tmp.name)) if args.transport == "daemons" else MemnetTransport()
+        try:
+            times, sizes, sent = trio.run(measure, transport, n, args.writes,
+                                          args.degree, args.seed)
+        finally:
+            if args.transport == "daemons":
+                transport.stop()
         times_ms = sorted(t * 1000 for t in times)
         p90 = times_ms[min(len(times_ms) - 1, int(0.9 * len(times_ms)))]
         per_update = sent / args.writes

@@ -290,8 +290,13 @@ class Daemon:
         from lattice.core.state import LocalStateError, Set
         if self.sync is None:
             raise NotReadyError("state sync is not running yet")
+        changes = [Set(path, value)]
+        if path.startswith("member/") and path != "member/peer_id":
+            # a member record always names its author; before the first heartbeat it
+            # may not yet, so say it in the same signed update
+            changes.insert(0, Set("member/peer_id", self.identity.peer_id))
         try:
-            env = self.sync.write([Set(path, value)])
+            env = self.sync.write(changes)
         except LocalStateError as e:
             raise InvalidArgumentError(str(e)) from None
         return {"seq": env.seq if env is not None else None}

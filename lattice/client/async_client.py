@@ -142,10 +142,20 @@ async def open_client(socket: str | Path | None = None) -> AsyncIterator[AsyncCl
     path = resolve_socket(socket)
     stream = await _connect_unix(path)
     client = AsyncClient(stream, path)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client._reader)
-        try:
-            yield client
-        finally:
-            nursery.cancel_scope.cancel()
-            await stream.aclose()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._reader)
+            try:
+                yield client
+            finally:
+                # Close before cancelling: an await inside the cancelled scope would raise
+                # Cancelled, which the nursery absorbs — silently eating the body's error.
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The reader task never fails on its own, so a group holds the caller's one
+        # exception: hand it back as itself (users catch LatticeError, not groups).
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
