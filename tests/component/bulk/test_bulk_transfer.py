@@ -1,6 +1,8 @@
 """Arrays arrive bit-exact over the side channel and over the fallback path, one way and
 both ways at once, and the control stream stays usable afterwards."""
 
+import socket
+
 import numpy as np
 import pytest
 import trio
@@ -86,6 +88,30 @@ async def test_unreachable_side_channel_falls_back_to_the_stream(stream_pair, nu
     a, b = await stream_pair()
     sent = ARRAYS["f64-3d"]
     assert_same(await transfer(a, b, sent, listener=unreachable), sent)
+
+
+async def test_an_unreachable_first_address_does_not_delay_the_side_channel(stream_pair,
+                                                                           listener):
+    # A loopback listener that never accepts, its queue full: Linux drops further SYNs,
+    # so a connect there hangs like one to a filtered address.
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(black_hole.getsockname())
+        fillers.append(filler)
+    listener.addresses = [black_hole.getsockname(), *listener.addresses]
+    a, b = await stream_pair()
+    sent = ARRAYS["f32-vector"]
+    start = trio.current_time()
+    assert_same(await transfer(a, b, sent, listener=listener), sent)
+    assert listener.statistics()["authenticated"] == 1
+    assert trio.current_time() - start < 2.0  # well under the 3 s connect timeout
+    for sock in (black_hole, *fillers):
+        sock.close()
 
 
 async def test_listener_at_its_session_limit_offers_no_channel(stream_pair, nursery):
