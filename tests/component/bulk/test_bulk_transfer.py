@@ -140,6 +140,21 @@ async def test_exchange_moves_both_arrays_at_once(stream_pair, listener, direct)
     assert listener.statistics()["authenticated"] == (2 if direct else 0)
 
 
+async def test_exchange_with_one_direction_on_each_path(stream_pair, listener):
+    # only b offers a side channel: a -> b goes direct, b -> a over the stream
+    a, b = await stream_pair()
+    ours, theirs = np.arange(30_000, dtype=np.float32), -np.arange(30_000, dtype=np.float32)
+    got = {}
+    async with trio.open_nursery() as n:
+        async def side_b():
+            got["b"] = await exchange_arrays(b, theirs, listener=listener, config=SMALL_CHUNKS)
+        n.start_soon(side_b)
+        got["a"] = await exchange_arrays(a, ours, listener=None, config=SMALL_CHUNKS)
+    assert_same(got["a"], theirs)
+    assert_same(got["b"], ours)
+    assert listener.statistics()["authenticated"] == 1
+
+
 async def test_control_stream_stays_usable_after_a_transfer(stream_pair, listener):
     # gossip averaging runs an exchange inside its own protocol, then commits on it
     a, b = await stream_pair()
