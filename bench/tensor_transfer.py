@@ -345,12 +345,15 @@ def _lattica_service():
 def lattica_recv(args) -> None:
     from lattica import Lattica
     service = _lattica_service()
-    node = Lattica.builder().with_listen_addrs(["/ip4/127.0.0.1/tcp/0"]).with_mdns(False).build()
+    import socket
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # Lattica reports no visible address for a loopback listener: fix the port
+    node = Lattica.builder().with_listen_addrs([f"/ip4/127.0.0.1/tcp/{port}"]).with_mdns(
+        False).build()
     service(node)
-    addr = next(a for a in node.get_visible_maddrs() if "127.0.0.1" in a)
-    if "/p2p/" not in addr:
-        addr = f"{addr}/p2p/{node.peer_id()}"
-    emit(addr=addr, cpu=tree_cpu())
+    emit(addr=f"/ip4/127.0.0.1/tcp/{port}/p2p/{node.peer_id()}", cpu=tree_cpu())
     deadline = time.monotonic() + 600
     while len(service.received) < args.reps and time.monotonic() < deadline:
         time.sleep(0.05)
