@@ -75,6 +75,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     for extra in ("dht", "reachability", "state_sync"):
         if isinstance(st.get(extra), dict):
+            st[extra] = {k: v for k, v in st[extra].items() if not isinstance(v, (dict, list))}
+        if isinstance(st.get(extra), dict):
             lines.append((extra, ", ".join(f"{k}={v}" for k, v in st[extra].items())))
     lines.append(("socket", st["socket"]))
     width = max(len(k) for k, _ in lines)
@@ -153,6 +155,52 @@ def cmd_state_watch(args: argparse.Namespace) -> int:
                     continue
                 if ev.get("path", "").startswith(prefix):
                     print(json.dumps(_jsonable(ev), sort_keys=True, default=str), flush=True)
+    return 0
+
+
+def _parse_value(text: str, as_json: bool) -> Any:
+    if not as_json:
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"lattice: VALUE is not JSON ({e}); drop --value-json to store it as text")
+
+
+def cmd_dht_put(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        r = c.dht_put(args.key, _parse_value(args.value, args.value_json), args.ttl)
+    if args.json:
+        _emit_json(r)
+    else:
+        print(f"stored {r['key']} at {r['stored_at']} peers ({r['hops']} hops), "
+              f"expires in {args.ttl:g} s")
+    return 0
+
+
+def cmd_dht_get(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        r = c.dht_get(args.key)
+    if args.json:
+        _emit_json(r)
+        return 0
+    if not r["records"]:
+        print(f"no live records under {r['key']}", file=sys.stderr)
+        return 1
+    now = time.time()
+    rows = [[rec["publisher"], json.dumps(_jsonable(rec["value"]), default=str)[:80],
+             f"{max(0, rec['expires_at'] - now):.0f}s"] for rec in r["records"]]
+    print(_table(rows, ["PUBLISHER", "VALUE", "EXPIRES IN"]))
+    return 0
+
+
+def cmd_peers_find(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        r = c.find_peer(args.peer_id)
+    if args.json:
+        _emit_json(r)
+    else:
+        print("\n".join(r["addrs"]) or "(found, but it published no addresses)")
     return 0
 
 
@@ -249,6 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("multiaddr", help="/ip4/…/tcp/…/p2p/<peer id>")
     c.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     c.set_defaults(func=cmd_peers_connect)
+    f = psub.add_parser("find", parents=[common, js], help="resolve a peer id through the DHT")
+    f.add_argument("peer_id")
+    f.set_defaults(func=cmd_peers_find)
+
+    s = sub.add_parser("dht", parents=[common], help="store and fetch small signed values")
+    dsub = s.add_subparsers(dest="dht_command", metavar="SUBCOMMAND", required=True)
+    d = dsub.add_parser("put", parents=[common, js], help="sign and store VALUE under KEY")
+    d.add_argument("key")
+    d.add_argument("value")
+    d.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    d.add_argument("--value-json", action="store_true", help="VALUE is JSON (else text)")
+    d.set_defaults(func=cmd_dht_put)
+    d = dsub.add_parser("get", parents=[common, js], help="every live value under KEY")
+    d.add_argument("key")
+    d.set_defaults(func=cmd_dht_get)
 
     s = sub.add_parser("members", parents=[common, js], help="network members and their liveness")
     s.set_defaults(func=cmd_members)

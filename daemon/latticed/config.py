@@ -116,6 +116,18 @@ SETTINGS: list[Setting] = [
             "a member is shown dead when its heartbeat is older than this", _at_least(1.0)),
     Setting("state.anti_entropy_interval_s", float, 10.0,
             "mean seconds between catch-up exchanges with a random peer", _at_least(0.5)),
+    Setting("dht.mode", str, "server", "server: answer DHT queries; client: only ask "
+            "(for daemons that others cannot dial); auto follows reachability",
+            _one_of("server", "client", "auto")),
+    Setting("dht.replication", int, 20, "a put is stored at this many closest peers",
+            _at_least(1)),
+    Setting("dht.request_timeout_s", float, 5.0, "one DHT request's deadline", _at_least(0.1)),
+    Setting("dht.refresh_interval_s", float, 600.0, "random-walk refresh of the routing table",
+            _at_least(1.0)),
+    Setting("dht.republish_interval_s", float, 3600.0, "our records and provider "
+            "announcements are re-sent this often", _at_least(1.0)),
+    Setting("dht.max_records_total", int, 20000, "records stored for others, at most",
+            _at_least(1)),
     Setting("jobs.accept_tasks", list, ["digits-softmax", "digits-mlp", "breast-cancer-logreg"],
             "training tasks this daemon volunteers for (advertised in its member record)"),
 ]

@@ -53,6 +53,7 @@ class Daemon:
         self.store: Any = None       # lattice.core.state.StateStore
         self.state_log: Any = None   # its file log in the state dir
         self.sync: Any = None        # lattice.net.crdt_sync.CrdtSync once peers can sync
+        self.dht: Any = None         # lattice.net.dht.KademliaDHT
 
     # -- lifecycle ------------------------------------------------------------------
     def set_state(self, state: str) -> None:
@@ -79,6 +80,8 @@ class Daemon:
                     max_connections=cfg["limits.max_connections"],
                     event_buffer=cfg["rpc.subscriber_queue"]) as (node, peer_events):
                 self.node = node
+                dht_mod = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.dht")
+                self.dht = await self._start_dht(nursery, dht_mod, node)
                 self.sync = await nursery.start(functools.partial(
                     crdt.serve_crdt_sync, node, self.store, config=crdt.SyncConfig(
                         anti_entropy_interval=cfg["state.anti_entropy_interval_s"])))
@@ -104,6 +107,124 @@ class Daemon:
                     self.bus.publish("daemon", {"event": "state", "state": STOPPING})
                     if self.state_log is not None:
                         self.state_log.close()
+                    if self.dht is not None:
+                        self._save_dht_state()
+
+    # -- DHT ------------------------------------------------------------------------------
+    @property
+    def _dht_state_path(self) -> Any:
+        return self.config.state_dir / "dht.state"
+
+    async def _start_dht(self, nursery: trio.Nursery, dht_mod: Any, node: Any) -> Any:
+        """Serve the DHT, rejoining from the routing table and records saved by the last
+        run (a corrupt file is logged and ignored), then bootstrap in the background."""
+        cfg = self.config
+        mode = "server" if cfg["dht.mode"] == "auto" else cfg["dht.mode"]
+        config = dht_mod.DHTConfig(
+            mode=dht_mod.Mode(mode), replication=cfg["dht.replication"],
+            request_timeout=cfg["dht.request_timeout_s"],
+            refresh_interval=cfg["dht.refresh_interval_s"],
+            republish_interval=cfg["dht.republish_interval_s"],
+            max_records_total=cfg["dht.max_records_total"])
+        try:
+            state = self._dht_state_path.read_bytes()
+        except FileNotFoundError:
+            state = None
+        start = functools.partial(dht_mod.serve_dht, node, self.identity, config=config,
+                                  address_book=node, self_addrs=node.listen_addrs)
+        try:
+            dht = await nursery.start(functools.partial(start, state=state))
+        except dht_mod.StateError as e:
+            log.warning("ignoring unreadable DHT state %s: %s", self._dht_state_path, e)
+            dht = await nursery.start(functools.partial(start, state=None))
+        nursery.start_soon(self._dht_bootstrap_and_persist, dht)
+        return dht
+
+    async def _dht_bootstrap_and_persist(self, dht: Any) -> None:
+        peers = []
+        for addr in self.config["node.bootstrap"]:
+            base, _, peer_id = addr.rpartition("/p2p/")
+            peers.append((peer_id, [base]))
+        if peers or dht.statistics().get("routing_table_size", 0):
+            # the bootstrap keepers dial in parallel; the DHT pings and looks itself up
+            size = await dht.bootstrap(peers)
+            log.info("dht: routing table holds %d peers after bootstrap", size)
+        while True:
+            await trio.sleep(300)  # persist the routing table so a restart rejoins fast
+            self._save_dht_state()
+
+    def _save_dht_state(self) -> None:
+        path = self._dht_state_path
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(self.dht.export_state())
+        os.replace(tmp, path)
+
+    def _require_dht(self) -> Any:
+        if self.dht is None:
+            raise NotReadyError("the DHT is still starting; retry in a moment")
+        return self.dht
+
+    @staticmethod
+    def _dht_key(key: str) -> str:
+        from lattice.core.records import user_key
+        return key if key.startswith("/") else user_key(key)
+
+    async def rpc_dht_put(self, client: ClientConnection, key: str, value: Any,
+                          ttl: float) -> dict[str, Any]:
+        from lattice.core.records import RecordError
+        dht = self._require_dht()
+        if not (0 < ttl <= 7 * 86400) or math.isnan(ttl):
+            raise InvalidArgumentError("ttl must be in (0, 604800] seconds")
+        try:
+            result = await dht.put(self._dht_key(key), value, ttl)
+        except (RecordError, ValueError) as e:
+            raise InvalidArgumentError(f"record refused: {e}") from None
+        return {"key": result.record.key, "publisher": result.record.publisher,
+                "expires_at": result.record.expires_at, "stored_at": len(result.stored_at),
+                "hops": result.hops}
+
+    async def rpc_dht_get(self, client: ClientConnection, key: str) -> dict[str, Any]:
+        from lattice.core.codec import DecodeError, unpack
+        from lattice.core.records import RecordError
+        dht = self._require_dht()
+        try:
+            result = await dht.get_result(self._dht_key(key))
+        except (RecordError, ValueError) as e:
+            raise InvalidArgumentError(f"bad key: {e}") from None
+        records = []
+        for r in result.records:
+            try:
+                value = unpack(r.value)
+            except DecodeError:
+                continue  # signed but not msgpack: not ours to show
+            records.append({"publisher": r.publisher, "value": value, "expires_at": r.expires_at})
+        return {"key": self._dht_key(key), "records": records, "hops": result.hops}
+
+    async def rpc_dht_provide(self, client: ClientConnection, name: str) -> dict[str, Any]:
+        from lattice.core.records import RecordError
+        try:
+            result = await self._require_dht().provide(name)
+        except (RecordError, ValueError) as e:
+            raise InvalidArgumentError(str(e)) from None
+        return {"name": name, "stored_at": len(result.stored_at), "hops": result.hops}
+
+    async def rpc_dht_find_providers(self, client: ClientConnection, name: str) -> list[dict[str, Any]]:
+        providers = await self._require_dht().find_providers(name)
+        return [{"peer_id": p.peer_id, "addrs": p.addrs, "expires_at": p.expires_at}
+                for p in providers]
+
+    async def rpc_peers_find(self, client: ClientConnection, peer_id: str) -> dict[str, Any]:
+        from lattice.core.identity import InvalidPeerId, public_key_from_peer_id
+        dht_mod = importlib.import_module("lattice.net.dht")
+        try:
+            public_key_from_peer_id(peer_id)
+        except InvalidPeerId as e:
+            raise InvalidArgumentError(str(e)) from None
+        try:
+            addrs = await self._require_dht().find_peer(peer_id)
+        except dht_mod.PeerNotFound:
+            raise NotFoundError(f"no route to {peer_id} found in the DHT") from None
+        return {"peer_id": peer_id, "addrs": addrs}
 
     # -- replicated state ---------------------------------------------------------------
     def _open_state(self, crdt: Any) -> None:
@@ -192,6 +313,11 @@ class Daemon:
             "state.get": self.rpc_state_get,
             "state.set": self.rpc_state_set,
             "state.stats": self.rpc_state_stats,
+            "dht.put": self.rpc_dht_put,
+            "dht.get": self.rpc_dht_get,
+            "dht.provide": self.rpc_dht_provide,
+            "dht.find_providers": self.rpc_dht_find_providers,
+            "peers.find": self.rpc_peers_find,
         }
 
     def _require_node(self) -> Any:
@@ -222,7 +348,16 @@ class Daemon:
             "events": {"subscribers": self.bus.subscribers, "published": self.bus.published,
                        "dropped": self.bus.dropped},
             "state_sync": self._state_summary(),
+            "dht": self._dht_summary(),
         }
+
+    def _dht_summary(self) -> dict[str, Any] | None:
+        if self.dht is None:
+            return None
+        st = self.dht.statistics()
+        keep = ("mode", "routing_table_size", "records_stored", "providers_stored",
+                "own_records", "rejected")
+        return {k: st[k] for k in keep if k in st}
 
     def _state_summary(self) -> dict[str, Any] | None:
         if self.store is None:

@@ -110,6 +110,21 @@ _METHOD_LIST = [
                    Param("value", "any", "msgpack value")),
            access="write"),
     Method("state.stats", "Replication statistics: sessions, bytes, rejections by reason."),
+    Method("dht.put", "Sign and store a small msgpack value under KEY for TTL seconds; "
+           "several publishers may write one key (one record each).",
+           params=(Param("key", "str", "a name (stored as /v/<name>) or a full /ns/name key",
+                         max_len=512),
+                   Param("value", "any", "msgpack value (size-limited)"),
+                   Param("ttl", "float", "seconds until expiry", required=False, default=3600.0)),
+           access="write"),
+    Method("dht.get", "Every live record under KEY, one per publisher, with hop count.",
+           params=(Param("key", "str", "as for dht.put", max_len=512),)),
+    Method("dht.provide", "Announce that this daemon provides NAME (a blob, a job).",
+           params=(Param("name", "str", "what we provide", max_len=512),), access="write"),
+    Method("dht.find_providers", "Live providers of NAME with their addresses.",
+           params=(Param("name", "str", "what to find", max_len=512),), result="list"),
+    Method("peers.find", "Resolve a peer id to its addresses through the DHT.",
+           params=(Param("peer_id", "str", "12D3KooW...", max_len=128),)),
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}

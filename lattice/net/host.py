@@ -13,6 +13,7 @@ Sharp edges handled here (measured, PY-LIBP2P.md):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from libp2p import new_host
 from libp2p.abc import INetConn, INetStream, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
-from libp2p.host.ping import PingService
+from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.id import ID
@@ -38,7 +39,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from lattice.core.identity import Identity
-from lattice.net.streams import PeerError, StreamClosedError, StreamHandler
+from lattice.net.streams import PeerError, StreamClosedError, StreamHandler, read_exactly
 
 log = logging.getLogger("lattice.net.host")
 
@@ -194,7 +195,7 @@ class Libp2pNode:
         self._events = events
         self._conns: dict[str, _Conn] = {}
         self._rtt_ms: dict[str, float] = {}
-        self._ping = PingService(host)
+        self._measuring: set[str] = set()
         self.dropped_events = 0
 
     # -- PeerNetwork -------------------------------------------------------------
@@ -224,6 +225,33 @@ class Libp2pNode:
 
     def connected_peers(self) -> list[str]:
         return sorted(p.to_base58() for p in self.host.get_connected_peers())
+
+    # -- address book (lattice.net.dht.AddressBook) ------------------------------------
+    def add_addrs(self, peer_id: str, addrs: list[str], ttl: float = 3600.0) -> None:
+        """Remember addresses a protocol learned so `open_stream` can dial the peer;
+        a peer's malformed addresses are skipped, not raised."""
+        good = []
+        for a in addrs:
+            try:
+                good.append(multiaddr.Multiaddr(a.split("/p2p/")[0] if "/p2p/" in a else a))
+            except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error):
+                continue
+        if good:
+            try:
+                pid = ID.from_base58(peer_id)
+            except (ValueError, KeyError):
+                return
+            self.host.get_peerstore().add_addrs(pid, good, int(ttl))
+
+    def get_addrs(self, peer_id: str) -> list[str]:
+        try:
+            return [str(a) for a in self.host.get_peerstore().addrs(ID.from_base58(peer_id))]
+        except (ValueError, KeyError, LookupError):
+            return []
+        except Exception as e:  # py-libp2p raises PeerStoreError (an Exception) for unknown peers
+            if type(e).__name__ == "PeerStoreError":
+                return []
+            raise
 
     # -- addresses and dialing ------------------------------------------------------
     def listen_addrs(self) -> list[str]:
@@ -273,19 +301,33 @@ class Libp2pNode:
             cache.evict(str(peer_id))
 
     async def measure_rtt(self, peer_id: str, *, timeout: float = 5.0) -> float | None:
-        """Round-trip time in ms of the fastest of 3 pings (the first includes stream
-        setup), or None when the peer does not answer."""
+        """Round-trip time in ms: the fastest of 3 echoes of 32 random bytes on one
+        `/ipfs/ping/1.0.0` stream (the first pays for stream setup, the min does not),
+        or None when the peer does not answer. Our own loop, not py-libp2p's
+        PingService: its stream reuse calls a bool (`is_closed()`) and raised TypeError."""
+        if peer_id in self._measuring:
+            return self._rtt_ms.get(peer_id)
+        self._measuring.add(peer_id)
         best = None
-        with trio.move_on_after(timeout):
-            try:
-                t = time.perf_counter()
-                async for _ in self._ping.ping_iter(ID.from_base58(peer_id), ping_amt=3):
-                    now = time.perf_counter()
-                    rtt = (now - t) * 1000.0
-                    best = rtt if best is None else min(best, rtt)
-                    t = now
-            except _LIBP2P_PEER_ERRORS:
-                return None
+        try:
+            with trio.move_on_after(timeout):
+                stream = await self.open_stream(peer_id, PING_PROTOCOL)
+                try:
+                    for _ in range(3):
+                        payload = os.urandom(32)
+                        t = time.perf_counter()
+                        await stream.write(payload)
+                        echoed = await read_exactly(stream, 32)
+                        if echoed != payload:
+                            return None
+                        rtt = (time.perf_counter() - t) * 1000.0
+                        best = rtt if best is None else min(best, rtt)
+                finally:
+                    await stream.close()
+        except PeerError:
+            return None
+        finally:
+            self._measuring.discard(peer_id)
         if best is not None:
             self._rtt_ms[peer_id] = best
         return best

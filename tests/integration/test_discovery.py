@@ -1,0 +1,77 @@
+"""Discovery across real daemons: one bootstrap address is enough to find everyone,
+records put anywhere are readable everywhere within log2(N)+2 hops, and survive churn."""
+
+import math
+import random
+import signal
+
+import pytest
+
+import lattice
+from lattice.client.localnet import LocalNet
+from lattice.testing.daemons import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.slow
+def test_24_daemons_find_each_other_and_every_record_everywhere_then_survive_churn(tmp_path):
+    n = 24
+    bound = math.ceil(math.log2(n)) + 2
+    rng = random.Random(3)
+    with LocalNet(n, tmp_path / "net", log_level="warning", ready_timeout=90) as net:
+        net.start()
+        clients = [lattice.connect(node.socket, timeout=60) for node in net.nodes]
+        try:
+            # everyone bootstrapped off node 0 only; lookups fill the routing tables
+            for i, c in enumerate(clients):
+                wait_for(lambda: c.status()["dht"]["routing_table_size"] >= n // 2, 60,
+                         f"node {i}'s routing table to fill", interval=0.2)
+
+            keys = {}
+            for j in range(6):
+                writer = rng.randrange(n)
+                key = f"rec-{j}"
+                r = clients[writer].dht_put(key, {"from": writer, "j": j}, 600)
+                assert r["stored_at"] >= 3 and r["hops"] <= bound
+                keys[key] = (writer, net.nodes[writer].peer_id)
+
+            for key, (writer, publisher) in keys.items():
+                for i, c in enumerate(clients):
+                    got = c.dht_get(key)
+                    assert [rec["publisher"] for rec in got["records"]] == [publisher], (key, i)
+                    assert got["records"][0]["value"]["from"] == writer
+                    assert got["hops"] <= bound, f"{got['hops']} hops for {key} from node {i}"
+
+            # peer routing: any node resolves any other's addresses by peer id
+            target = net.nodes[rng.randrange(1, n)]
+            found = clients[rng.randrange(1, n)].find_peer(target.peer_id)
+            assert target.addr.rsplit("/p2p/", 1)[0] in found["addrs"]
+
+            # churn: kill a third of the nodes (not the bootstrap) without warning
+            doomed = rng.sample(range(1, n), n // 3)
+            for i in doomed:
+                net.nodes[i].process.send_signal(signal.SIGKILL)
+                net.nodes[i].process.wait()
+            alive = [i for i in range(n) if i not in doomed]
+            for key, (writer, publisher) in keys.items():
+                for i in alive:
+                    got = clients[i].dht_get(key)
+                    assert [rec["publisher"] for rec in got["records"]] == [publisher], (key, i)
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_bad_records_are_refused(daemons):
+    a = daemons()
+    a.wait_running()
+    with a.client() as c:
+        with pytest.raises(lattice.LatticeError) as e:
+            c.dht_put("big", "x" * 100_000, 60)
+        assert type(e.value).__name__ == "InvalidArgumentError"
+        with pytest.raises(lattice.LatticeError) as e:
+            c.dht_put("forever", 1, 10 * 86400)
+        assert "ttl" in str(e.value)
+        with pytest.raises(lattice.LatticeError):
+            c.dht_put("/nonsense-namespace/x", 1, 60)
