@@ -204,6 +204,108 @@ def cmd_peers_find(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_submit(args: argparse.Namespace) -> int:
+    spec: dict[str, Any] = {"task": args.task, "min_peers": args.min_peers}
+    for name in ("steps", "sync_every", "algorithm", "partition", "compression", "seed",
+                 "batch", "lr"):
+        value = getattr(args, name)
+        if value is not None:
+            spec[name] = value
+    with connect(args.socket) as c:
+        job_id = c.submit_job(spec)["job_id"]
+    if args.json:
+        _emit_json({"job_id": job_id, "spec": spec})
+    else:
+        print(job_id)
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        jobs = c.jobs()
+    if args.json:
+        _emit_json(jobs)
+        return 0
+    if not jobs:
+        print("no jobs")
+        return 0
+    rows = [[j["id"], j.get("task") or "-", j.get("status") or "-",
+             f"{j.get('steps', 0)}/{j.get('steps_total', 0)}",
+             "-" if j.get("accuracy") is None else f"{100 * j['accuracy']:.1f}%",
+             str(len(j.get("peers") or {})), (j.get("model") or "-")[:16]] for j in jobs]
+    print(_table(rows, ["JOB ID", "TASK", "STATUS", "STEPS", "ACCURACY", "PEERS", "MODEL"]))
+    return 0
+
+
+def cmd_jobs_get(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        job = c.job(args.job_id)
+    if args.json:
+        _emit_json(job)
+        return 0
+    from lattice.demo import ProgressLine
+    print(f"job      {job['id']}\ntask     {job.get('task')}\nstatus   {job.get('status')}\n"
+          f"progress {ProgressLine().format(job)}\nmodel    {job.get('model') or '-'}")
+    rows = [[pid, e.get("state", "-"), str(e.get("steps", "-")),
+             "-" if e.get("loss") is None else f"{e['loss']:.3f}",
+             "-" if e.get("accuracy") is None else f"{100 * e['accuracy']:.1f}%"]
+            for pid, e in sorted((job.get("participants") or {}).items())]
+    if rows:
+        print(_table(rows, ["PARTICIPANT", "STATE", "STEPS", "LOSS", "ACCURACY"]))
+    return 0
+
+
+def cmd_jobs_watch(args: argparse.Namespace) -> int:
+    from lattice.demo import watch_job
+    with connect(args.socket, timeout=None) as c:
+        summary = watch_job(c, args.job_id)
+    return 0 if summary.get("status") == "done" else 1
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        r = c.cancel_job(args.job_id)
+    print("cancelled" if r["cancelled"] else "the job had already ended")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        models = c.models()
+    if args.json:
+        _emit_json(models)
+        return 0
+    if not models:
+        print("no models")
+        return 0
+    rows = []
+    for mid, m in sorted(models.items()):
+        metrics = m.get("metrics") or {}
+        acc = metrics.get("accuracy")
+        rows.append([mid, (m.get("job") or "-")[:16], "-" if acc is None else f"{100 * acc:.2f}%",
+                     str(metrics.get("participants", "-"))])
+    print(_table(rows, ["MODEL ID", "JOB", "ACCURACY", "PARTICIPANTS"]))
+    return 0
+
+
+def cmd_models_get(args: argparse.Namespace) -> int:
+    from lattice.demo import download_model
+    out = Path(args.output)
+    if out.suffix not in (".npz", ".safetensors"):
+        print("lattice: -o FILE must end in .npz or .safetensors", file=sys.stderr)
+        return 2
+    with connect(args.socket, timeout=None) as c:
+        data = download_model(c, args.model_id)
+    if out.suffix == ".safetensors":
+        out.write_bytes(data)
+    else:
+        from lattice.learn.merge import loads_safetensors, save_npz
+        arrays, meta = loads_safetensors(data)
+        save_npz(out, arrays, meta)
+    print(f"wrote {out} ({out.stat().st_size} bytes), model {args.model_id} verified")
+    return 0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     with connect(args.socket) as c:
         with c.subscribe(args.topic or ["peers", "daemon"]) as events:
@@ -214,6 +316,11 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def cmd_localnet(args: argparse.Namespace) -> int:
     from lattice.client.localnet import LocalNet, LocalNetError
+
+    if args.train:
+        from lattice.demo import run_main_job
+        return run_main_job(nodes=args.nodes, task=args.train, steps=args.steps,
+                            base_dir=Path(args.base_dir) if args.base_dir else None)
 
     base = Path(args.base_dir) if args.base_dir else Path(tempfile.mkdtemp(prefix="lattice-localnet-"))
     net = LocalNet(args.nodes, base, log_level=args.log_level)
@@ -326,6 +433,42 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("path", nargs="?", default="")
     w.set_defaults(func=cmd_state_watch)
 
+    s = sub.add_parser("jobs", parents=[common], help="submit, list, watch and cancel jobs")
+    jsub = s.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND", required=True)
+    j = jsub.add_parser("submit", parents=[common, js], help="submit a job; prints its id")
+    j.add_argument("kind", choices=["train"], help="job kind")
+    j.add_argument("--task", required=True, help="digits-mlp | digits-softmax | breast-cancer-logreg | plugin")
+    j.add_argument("--min-peers", type=int, default=4, help="participants (default 4)")
+    j.add_argument("--steps", type=int, help="local steps per participant")
+    j.add_argument("--sync-every", type=int, help="average with a random peer every H steps")
+    j.add_argument("--algorithm", choices=["gossip", "noloco", "none"])
+    j.add_argument("--partition", help="iid | dirichlet:ALPHA")
+    j.add_argument("--compression", help="none | fp16 | int8 | topk:R")
+    j.add_argument("--seed", type=int)
+    j.add_argument("--batch", type=int)
+    j.add_argument("--lr", type=float)
+    j.set_defaults(func=cmd_jobs_submit)
+    j = jsub.add_parser("list", parents=[common, js], help="every job, newest first")
+    j.set_defaults(func=cmd_jobs_list)
+    j = jsub.add_parser("get", parents=[common, js], help="one job in detail")
+    j.add_argument("job_id")
+    j.set_defaults(func=cmd_jobs_get)
+    j = jsub.add_parser("watch", parents=[common], help="live progress until the job ends")
+    j.add_argument("job_id")
+    j.set_defaults(func=cmd_jobs_watch)
+    j = jsub.add_parser("cancel", parents=[common], help="cancel a job you submitted")
+    j.add_argument("job_id")
+    j.set_defaults(func=cmd_jobs_cancel)
+
+    s = sub.add_parser("models", parents=[common], help="the model registry")
+    msub = s.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+    m = msub.add_parser("list", parents=[common, js], help="published models and metrics")
+    m.set_defaults(func=cmd_models_list)
+    m = msub.add_parser("get", parents=[common], help="fetch a model by id into a file")
+    m.add_argument("model_id")
+    m.add_argument("-o", "--output", required=True, help="FILE.npz or FILE.safetensors")
+    m.set_defaults(func=cmd_models_get)
+
     s = sub.add_parser("events", parents=[common], help="stream daemon events as JSON lines")
     s.add_argument("--topic", action="append", help="peers | daemon (repeatable; default both)")
     s.set_defaults(func=cmd_events)
@@ -335,7 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base-dir", help="where their state dirs go (default: a new temp dir)")
     s.add_argument("--log-level", default="info", help="daemon log level")
     s.add_argument("--demo", action="store_true",
-                   help="exit once the nodes have found each other (the README's main job)")
+                   help="exit once the nodes have found each other")
+    s.add_argument("--train", metavar="TASK",
+                   help="the main job: train TASK across the nodes, compare the merged model "
+                        "with centralized SGD, then stop (e.g. --train digits-mlp)")
+    s.add_argument("--steps", type=int, default=300, help="with --train: steps per node")
     s.set_defaults(func=cmd_localnet)
     return p
 

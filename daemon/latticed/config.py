@@ -130,6 +130,16 @@ SETTINGS: list[Setting] = [
             _at_least(1)),
     Setting("jobs.accept_tasks", list, ["digits-softmax", "digits-mlp", "breast-cancer-logreg"],
             "training tasks this daemon volunteers for (advertised in its member record)"),
+    Setting("jobs.allowed_plugins", list, [], "plugin tasks (entry points in group "
+            "lattice.tasks, installed on this machine) this daemon may run"),
+    Setting("jobs.max_jobs", int, 1, "jobs joined or running at once", _at_least(0)),
+    Setting("jobs.compute_threads", int, 1, "worker threads for training math", _at_least(1)),
+    Setting("jobs.checkpoint_every", int, 20, "rounds between checkpoints (0: only at the end)",
+            _at_least(0)),
+    Setting("jobs.max_params", int, 50_000_000, "largest model (parameters) this daemon "
+            "trains", _at_least(1)),
+    Setting("blobs.max_store_bytes", int, 4 << 30, "disk used for model blobs, at most",
+            _at_least(1 << 20)),
 ]
 BY_KEY = {s.key: s for s in SETTINGS}
 

@@ -54,6 +54,7 @@ class Daemon:
         self.state_log: Any = None   # its file log in the state dir
         self.sync: Any = None        # lattice.net.crdt_sync.CrdtSync once peers can sync
         self.dht: Any = None         # lattice.net.dht.KademliaDHT
+        self.jobs: Any = None        # lattice.net.jobs.JobsService
 
     # -- lifecycle ------------------------------------------------------------------
     def set_state(self, state: str) -> None:
@@ -88,6 +89,7 @@ class Daemon:
                 nursery.start_soon(functools.partial(
                     crdt.serve_heartbeat, self.store, self._member_record(),
                     interval=cfg["state.heartbeat_interval_s"], sync=self.sync))
+                self.jobs = await self._start_jobs(nursery)
                 nursery.start_soon(self._fan_out_peer_events, peer_events)
                 nursery.start_soon(self._measure_rtts)
                 for addr in cfg["node.bootstrap"]:
@@ -226,6 +228,78 @@ class Daemon:
             raise NotFoundError(f"no route to {peer_id} found in the DHT") from None
         return {"peer_id": peer_id, "addrs": addrs}
 
+    # -- jobs -----------------------------------------------------------------------------
+    async def _start_jobs(self, nursery: trio.Nursery) -> Any:
+        cfg = self.config
+        jobs_mod = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.jobs")
+        blob_mod = importlib.import_module("lattice.net.blob")
+        config = jobs_mod.JobsConfig(
+            accept_tasks=tuple(cfg["jobs.accept_tasks"]),
+            allowed_plugins=tuple(cfg["jobs.allowed_plugins"]),
+            max_jobs=cfg["jobs.max_jobs"], compute_threads=cfg["jobs.compute_threads"],
+            checkpoint_every=cfg["jobs.checkpoint_every"], max_params=cfg["jobs.max_params"],
+            blob=blob_mod.BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"]))
+        jobs = await nursery.start(functools.partial(
+            jobs_mod.serve_jobs, self.node, self.store, self.sync, config=config,
+            checkpoint_dir=cfg.state_dir / "jobs", blob_dir=cfg.state_dir / "blobs",
+            providers=blob_mod.DhtProviders(self.dht)))
+        jobs.subscribe(lambda note: self.bus.publish("jobs", {"event": "progress", **note}))
+        return jobs
+
+    def _require_jobs(self) -> Any:
+        if self.jobs is None:
+            raise NotReadyError("the job runner is still starting; retry in a moment")
+        return self.jobs
+
+    async def rpc_jobs_submit(self, client: ClientConnection, spec: dict[str, Any]) -> dict[str, Any]:
+        from lattice.core.jobs import JobSpecError
+        try:
+            job_id = self._require_jobs().submit(spec)
+        except JobSpecError as e:
+            raise InvalidArgumentError(f"bad job spec: {e}", data={"field": e.field}) from None
+        return {"job_id": job_id}
+
+    async def rpc_jobs_list(self, client: ClientConnection) -> list[dict[str, Any]]:
+        return self._require_jobs().list()
+
+    async def rpc_jobs_get(self, client: ClientConnection, job_id: str) -> dict[str, Any]:
+        jobs_mod = importlib.import_module("lattice.net.jobs")
+        try:
+            return self._require_jobs().get(job_id)
+        except jobs_mod.JobNotFound:
+            raise NotFoundError(f"no job {job_id}") from None
+
+    async def rpc_jobs_cancel(self, client: ClientConnection, job_id: str) -> dict[str, Any]:
+        from lattice.api.errors import PermissionDeniedError
+        jobs_mod = importlib.import_module("lattice.net.jobs")
+        try:
+            return {"cancelled": self._require_jobs().cancel(job_id)}
+        except jobs_mod.JobNotFound:
+            raise NotFoundError(f"no job {job_id}") from None
+        except jobs_mod.NotSubmitter as e:
+            raise PermissionDeniedError(f"only the submitter may cancel: {e}") from None
+
+    async def rpc_jobs_stats(self, client: ClientConnection) -> dict[str, Any]:
+        return self._require_jobs().statistics()
+
+    async def rpc_models_list(self, client: ClientConnection) -> dict[str, Any]:
+        return self._require_jobs().models()
+
+    async def rpc_models_read(self, client: ClientConnection, model_id: str, offset: int,
+                              length: int) -> dict[str, Any]:
+        jobs_mod = importlib.import_module("lattice.net.jobs")
+        blob_mod = importlib.import_module("lattice.net.blob")
+        if offset < 0 or not (0 < length <= 1 << 20):
+            raise InvalidArgumentError("offset must be >= 0 and length in (0, 1 MiB]")
+        try:
+            data = await self._require_jobs().fetch_model(model_id)
+        except (jobs_mod.JobNotFound, ValueError):
+            raise NotFoundError(f"no model {model_id}") from None
+        except blob_mod.BlobNotFound:
+            raise PeerUnreachableError(f"no provider delivered model {model_id}") from None
+        return {"model_id": model_id, "size": len(data), "offset": offset,
+                "data": data[offset:offset + length]}
+
     # -- replicated state ---------------------------------------------------------------
     def _open_state(self, crdt: Any) -> None:
         """Load the replicated state from the state dir before the network is up, so a
@@ -318,6 +392,13 @@ class Daemon:
             "dht.provide": self.rpc_dht_provide,
             "dht.find_providers": self.rpc_dht_find_providers,
             "peers.find": self.rpc_peers_find,
+            "jobs.submit": self.rpc_jobs_submit,
+            "jobs.list": self.rpc_jobs_list,
+            "jobs.get": self.rpc_jobs_get,
+            "jobs.cancel": self.rpc_jobs_cancel,
+            "jobs.stats": self.rpc_jobs_stats,
+            "models.list": self.rpc_models_list,
+            "models.read": self.rpc_models_read,
         }
 
     def _require_node(self) -> Any:
@@ -400,6 +481,9 @@ class Daemon:
         if "peers" in topics:
             self.bus.deliver(sub, {"topic": "peers", "event": "snapshot",
                                    "peers": self.node.connections() if self.node else []})
+        if "jobs" in topics:
+            self.bus.deliver(sub, {"topic": "jobs", "event": "snapshot",
+                                   "jobs": self.jobs.list() if self.jobs else []})
         if "state" in topics:
             self.bus.deliver(sub, {"topic": "state", "event": "snapshot",
                                    "state": self.store.get("", time.time()) if self.store else None})

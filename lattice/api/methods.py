@@ -92,7 +92,7 @@ _METHOD_LIST = [
            access="write"),
     Method("subscribe", "Stream events as notifications [2, 'event', {...}]. Topics: "
            "'peers' (connected/disconnected), 'daemon' (state), 'state' (replicated state "
-           "changes: path, value, author). Each topic starts with a snapshot event.",
+           "changes: path, value, author), 'jobs' (job progress and status). Each topic starts with a snapshot event.",
            params=(Param("topics", "list[str]", "topics to receive", max_len=16),),
            streams=True),
     Method("unsubscribe", "Stop a subscription on this connection.",
@@ -125,11 +125,28 @@ _METHOD_LIST = [
            params=(Param("name", "str", "what to find", max_len=512),), result="list"),
     Method("peers.find", "Resolve a peer id to its addresses through the DHT.",
            params=(Param("peer_id", "str", "12D3KooW...", max_len=128),)),
+    Method("jobs.submit", "Submit a train job; returns its id. Spec fields: task, min_peers, "
+           "steps, batch, lr, momentum, sync_every, algorithm (gossip|noloco|none), "
+           "partition (iid|dirichlet:ALPHA), compression (none|fp16|int8|topk:R), seed, ...",
+           params=(Param("spec", "map", "the job spec"),), access="write"),
+    Method("jobs.list", "Every job in the replicated state, newest first.", result="list"),
+    Method("jobs.get", "One job: summary, spec, participants, totals, models.",
+           params=(Param("job_id", "str", "job id", max_len=128),)),
+    Method("jobs.cancel", "Cancel a job this daemon submitted.",
+           params=(Param("job_id", "str", "job id", max_len=128),), access="write"),
+    Method("jobs.stats", "The job runner's statistics."),
+    Method("models.list", "The model registry: model id -> producer, job, metrics."),
+    Method("models.read", "Bytes of a model's canonical .safetensors file, fetched from any "
+           "provider on first use; read it in chunks.",
+           params=(Param("model_id", "str", "sha256 hex", max_len=128),
+                   Param("offset", "int", "byte offset", required=False, default=0),
+                   Param("length", "int", "bytes (at most 1 MiB)", required=False,
+                         default=1 << 20))),
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}
 
-EVENT_TOPICS = ("peers", "daemon", "state")
+EVENT_TOPICS = ("peers", "daemon", "state", "jobs")
 
 
 def schema() -> dict[str, Any]:

@@ -22,6 +22,13 @@ METHOD_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
     "dht_provide": ("dht.provide", ("name",)),
     "find_providers": ("dht.find_providers", ("name",)),
     "find_peer": ("peers.find", ("peer_id",)),
+    "submit_job": ("jobs.submit", ("spec",)),
+    "jobs": ("jobs.list", ()),
+    "job": ("jobs.get", ("job_id",)),
+    "cancel_job": ("jobs.cancel", ("job_id",)),
+    "jobs_stats": ("jobs.stats", ()),
+    "models": ("models.list", ()),
+    "read_model": ("models.read", ("model_id", "offset", "length")),
 }
 
 
