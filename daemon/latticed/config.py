@@ -138,6 +138,12 @@ SETTINGS: list[Setting] = [
             _at_least(0)),
     Setting("jobs.max_params", int, 50_000_000, "largest model (parameters) this daemon "
             "trains", _at_least(1)),
+    Setting("bulk.direct", bool, True, "move large tensors over an AES-GCM side channel "
+            "(raw TCP, keys from the Noise-authenticated stream) instead of the libp2p stream"),
+    Setting("bulk.port", int, 0, "TCP port of the side channel (0: any free port)",
+            _at_least(0)),
+    Setting("bulk.advertise", list, [], "IP addresses peers reach the side channel at "
+            "(default: those of the listen addresses; needed when listening on 0.0.0.0)"),
     Setting("blobs.max_store_bytes", int, 4 << 30, "disk used for model blobs, at most",
             _at_least(1 << 20)),
 ]

@@ -55,6 +55,7 @@ class Daemon:
         self.sync: Any = None        # lattice.net.crdt_sync.CrdtSync once peers can sync
         self.dht: Any = None         # lattice.net.dht.KademliaDHT
         self.jobs: Any = None        # lattice.net.jobs.JobsService
+        self.bulk_listener: Any = None  # lattice.net.bulk.BulkListener (side channel)
 
     # -- lifecycle ------------------------------------------------------------------
     def set_state(self, state: str) -> None:
@@ -239,12 +240,50 @@ class Daemon:
             max_jobs=cfg["jobs.max_jobs"], compute_threads=cfg["jobs.compute_threads"],
             checkpoint_every=cfg["jobs.checkpoint_every"], max_params=cfg["jobs.max_params"],
             blob=blob_mod.BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"]))
+        transport = None
+        if cfg["bulk.direct"]:
+            self.bulk_listener = await self._start_bulk_listener(nursery)
+            if self.bulk_listener is not None:
+                gossip_mod = importlib.import_module("lattice.net.gossip_avg")
+                transport = gossip_mod.BulkTensorTransport(listener=self.bulk_listener)
         jobs = await nursery.start(functools.partial(
             jobs_mod.serve_jobs, self.node, self.store, self.sync, config=config,
             checkpoint_dir=cfg.state_dir / "jobs", blob_dir=cfg.state_dir / "blobs",
-            providers=blob_mod.DhtProviders(self.dht)))
+            providers=blob_mod.DhtProviders(self.dht), transport=transport))
         jobs.subscribe(lambda note: self.bus.publish("jobs", {"event": "progress", **note}))
         return jobs
+
+    async def _start_bulk_listener(self, nursery: trio.Nursery) -> Any:
+        """The side channel for large tensors, bound next to the libp2p listener. With a
+        wildcard listen address and nothing to advertise, it stays off (tensors then go
+        over the libp2p stream) rather than advertise an address peers cannot reach."""
+        bulk = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.bulk")
+        ips = []
+        for addr in self.node.listen_addrs():
+            parts = addr.split("/")
+            if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+                ips.append(parts[2])
+        host = ips[0] if ips else "127.0.0.1"
+        advertise_ips = list(self.config["bulk.advertise"]) or [
+            ip for ip in ips if ip not in ("0.0.0.0", "::")]
+        if not advertise_ips:
+            log.warning("bulk side channel off: listening on a wildcard address and "
+                        "[bulk] advertise is empty")
+            return None
+        port = self.config["bulk.port"]
+        if not self.config["bulk.advertise"] and host not in ("0.0.0.0", "::"):
+            return await nursery.start(functools.partial(bulk.serve_bulk_listener, host, port))
+        # wildcard bind: peers are told the configured IPs, so the port must be known
+        # up front; with port 0, ask the OS for a free one first (a tiny race we accept)
+        if port == 0:
+            import socket
+            with socket.socket() as probe:
+                probe.bind(("0.0.0.0", 0))
+                port = probe.getsockname()[1]
+        listener = await nursery.start(functools.partial(
+            bulk.serve_bulk_listener, "0.0.0.0", port,
+            advertise=[(ip, port) for ip in advertise_ips]))
+        return listener
 
     def _require_jobs(self) -> Any:
         if self.jobs is None:
