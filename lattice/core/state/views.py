@@ -94,8 +94,15 @@ def job_view(job_id: str, contents: Contents) -> dict[str, Any] | None:
         entry = contents[author].get(ROOT_PARTICIPATION, {}).get(job_id)
         if entry is not None:
             participants[author] = entry
-    claims = [e["job_state"] for e in participants.values() if "job_state" in e]
-    totals = {name: sum(e.get(name, 0) for e in participants.values())
+    # Anyone may write a participation entry for any job, so only the roster the
+    # submitter published speaks for the job: before it exists no participant claim
+    # counts, after it only roster members' claims and counters do (else any peer could
+    # mark any job done or failed, or inflate its totals).
+    roster = spec.get("roster")
+    members = set(roster) if isinstance(roster, list) else set()
+    speaking = {p: e for p, e in participants.items() if p in members}
+    claims = [e["job_state"] for e in speaking.values() if "job_state" in e]
+    totals = {name: sum(e.get(name, 0) for e in speaking.values())
               for name in SUMMED_FIELDS}
     view = {
         "id": job_id,
