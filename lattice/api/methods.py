@@ -7,7 +7,7 @@ travel as one msgpack map ``{name: value}``; each is type-checked before a handl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lattice.api.errors import ERROR_CLASSES, InvalidParamsError

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lattice.api.errors import ErrorCode, LatticeError, error_from_wire
-from lattice.api.framing import NOTIFICATION, REQUEST, RESPONSE, BadFrame, Frame, FrameDecoder, frame
+from lattice.api.framing import NOTIFICATION, REQUEST, RESPONSE, Frame, FrameDecoder, frame
 from lattice.api.paths import default_socket
 
 # Responses may be large (state dumps, job lists); the client trusts its own daemon more

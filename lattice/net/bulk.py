@@ -69,6 +69,7 @@ from lattice.net.streams import (
     RemoteProtocolError,
     Stream,
     StreamClosedError,
+    raise_peer_fault,
     recv_frame,
     send_frame,
 )
@@ -535,7 +536,7 @@ class _Session:
                         nursery.start_soon(self._receive_data, incoming, expectation, in_keys,
                                            result)
             except BaseExceptionGroup as group:
-                _raise_first(group)
+                raise_peer_fault(group)
             log.debug("peer=%s sid=%s bulk session done: sent %s, received %s", self.peer,
                       sid.hex()[:12], header, incoming)
             return result[0] if result else None
@@ -793,22 +794,3 @@ async def _connect(addrs: list[tuple[str, int]], timeout: float) -> trio.SocketS
     return winner[0] if winner else None
 
 
-def _raise_first(group: BaseExceptionGroup) -> None:
-    """A session's tasks fail together: surface the peer's fault as one typed error (the
-    first; the others are its echoes), and let anything else (a bug) propagate whole."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    if leaves and all(isinstance(e, PeerError) for e in leaves):
-        # An explicit abort or a typed fault explains more than a closed stream does.
-        leaves.sort(key=lambda e: isinstance(e, StreamClosedError)
-                    and not isinstance(e, BulkTruncatedError))
-        raise leaves[0]
-    raise group

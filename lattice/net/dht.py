@@ -27,7 +27,7 @@ import random
 import struct
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
@@ -55,7 +55,6 @@ from lattice.core.kademlia import (
     target_from_bytes,
 )
 from lattice.core.records import (
-    NS_PEERS,
     NS_PROVIDERS,
     BadSignature,
     Malformed,

@@ -50,9 +50,9 @@ from lattice.net.streams import (
     PeerNetwork,
     RemoteProtocolError,
     Stream,
-    StreamClosedError,
     read_into,
     recv_frame,
+    run_both,
     send_frame,
 )
 
@@ -293,31 +293,6 @@ def parse_array_header(header: Any, *, expect: Mapping[str, np.dtype] | None,
     if expect is not None and names != set(expect):
         raise TensorFormatError(f"arrays {sorted(names)}, expected {sorted(expect)}")
     return out
-
-
-async def run_both(a: Callable[[], Awaitable[None]], b: Callable[[], Awaitable[None]]) -> None:
-    """Run two halves of an exchange at once; if one fails the other is cancelled and
-    the peer's fault surfaces as one `PeerError` (anything else propagates whole)."""
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(a)
-            nursery.start_soon(b)
-    except BaseExceptionGroup as group:
-        leaves: list[BaseException] = []
-
-        def walk(e: BaseException) -> None:
-            if isinstance(e, BaseExceptionGroup):
-                for sub in e.exceptions:
-                    walk(sub)
-            else:
-                leaves.append(e)
-
-        walk(group)
-        if leaves and all(isinstance(e, PeerError) for e in leaves):
-            # a closed stream is usually the echo of the real fault on the other half
-            leaves.sort(key=lambda e: isinstance(e, StreamClosedError))
-            raise leaves[0] from None
-        raise
 
 
 class _CountingStream:

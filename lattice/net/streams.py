@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
+
+import trio
 
 from lattice.core.codec import DEFAULT_MAX_BYTES, DecodeError, pack, unpack
 
@@ -101,15 +103,7 @@ async def send_frame(stream: Stream, message: Any) -> None:
 async def recv_frame(stream: Stream, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
     """The next framed message; raises StreamClosedError at EOF, RemoteProtocolError
     for an oversized or undecodable frame."""
-    header = await read_exactly(stream, _LEN.size)
-    (length,) = _LEN.unpack(header)
-    if length > max_bytes:
-        raise RemoteProtocolError(f"frame of {length} bytes exceeds limit {max_bytes}")
-    body = await read_exactly(stream, length)
-    try:
-        return unpack(body, max_bytes=max_bytes)
-    except DecodeError as e:
-        raise RemoteProtocolError(str(e)) from None
+    return await _read_body(stream, await read_exactly(stream, _LEN.size), max_bytes)
 
 
 async def recv_frame_or_eof(stream: Stream, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any | None:
@@ -117,7 +111,10 @@ async def recv_frame_or_eof(stream: Stream, *, max_bytes: int = DEFAULT_MAX_BYTE
     first = await stream.read(1)
     if not first:
         return None
-    header = first + await read_exactly(stream, _LEN.size - 1)
+    return await _read_body(stream, first + await read_exactly(stream, _LEN.size - 1), max_bytes)
+
+
+async def _read_body(stream: Stream, header: bytes, max_bytes: int) -> Any:
     (length,) = _LEN.unpack(header)
     if length > max_bytes:
         raise RemoteProtocolError(f"frame of {length} bytes exceeds limit {max_bytes}")
@@ -126,3 +123,34 @@ async def recv_frame_or_eof(stream: Stream, *, max_bytes: int = DEFAULT_MAX_BYTE
         return unpack(body, max_bytes=max_bytes)
     except DecodeError as e:
         raise RemoteProtocolError(str(e)) from None
+
+
+def raise_peer_fault(group: BaseExceptionGroup) -> NoReturn:
+    """Concurrent halves of one exchange fail together: when every failure is the
+    peer's (`PeerError`), raise one of them — a typed fault before a bare closed stream,
+    which is usually its echo on the other half. Anything else (a bug) propagates whole."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    if leaves and all(isinstance(e, PeerError) for e in leaves):
+        leaves.sort(key=lambda e: type(e) is StreamClosedError)
+        raise leaves[0] from None
+    raise group
+
+
+async def run_both(a: Callable[[], Awaitable[None]], b: Callable[[], Awaitable[None]]) -> None:
+    """Run two halves of an exchange at once; if one fails the other is cancelled and
+    the peer's fault surfaces as one `PeerError` (`raise_peer_fault`)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a)
+            nursery.start_soon(b)
+    except BaseExceptionGroup as group:
+        raise_peer_fault(group)
