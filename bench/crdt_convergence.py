@@ -123,8 +123,10 @@ class DaemonNode:
             async with c.subscribe(["state"]) as events:
                 async for ev in events:
                     if ev["event"] == "snapshot":
-                        for pid, m in (ev["state"] or {}).get("members", {}).items():
-                            self.names[pid] = m.get("name")
+                        async with self.changed:
+                            for pid, m in (ev["state"] or {}).get("members", {}).items():
+                                self.names[pid] = m.get("name")
+                            self.changed.notify_all()
                         task_status.started()
                         continue
                     path = ev.get("path", "")
@@ -161,10 +163,17 @@ class DaemonTransport:
         from lattice.client.localnet import LocalNet
         net = LocalNet(n, self.base / f"net-{n}", log_level="warning", ready_timeout=120)
         self.nets.append(net)
-        await trio.to_thread.run_sync(net.start)
+        net.start()  # on this thread: the daemons die with the thread that spawned them
         nodes = [DaemonNode(node.socket, node.peer_id) for node in net.nodes]
         for node in nodes:
             await nursery.start(node.follow)
+        # A daemon's first heartbeat writes its whole member record (name included) and
+        # may wait up to 10 s to sync its own history first: writing a name before that
+        # would be overwritten. So start once every node shows every member.
+        for node in nodes:
+            async with node.changed:
+                while len(node.names) < n:
+                    await node.changed.wait()
         return nodes
 
     def stop(self) -> None:

@@ -3,7 +3,10 @@
 Each node gets its own state dir and socket under ``base_dir`` and listens on an
 ephemeral loopback port; node 0 starts first and every other node bootstraps off it.
 Stopping (Ctrl-C, SIGTERM, or leaving the context) sends SIGTERM to every daemon,
-waits for them (they stop within 5 s), and kills any straggler.
+waits for them (they stop within 5 s), and kills any straggler. If the process running
+the network dies anyway, the kernel sends each daemon SIGTERM (PR_SET_PDEATHSIG) — which
+fires when the *thread* that started them exits, so call `start()` from a thread that
+lives as long as the network (not a worker thread).
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ class LocalNet:
         log_file = open(log_path, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
         proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         log_file.close()
         node = LocalNode(i, state_dir, sock, proc, log_path)
         self.nodes.append(node)
@@ -131,6 +135,19 @@ class LocalNet:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the localnet process dies, however it dies (a
+    killed `lattice localnet` must not leave daemons behind). Linux only; elsewhere a
+    no-op."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _tail(path: Path, lines: int = 15) -> str:
