@@ -8,16 +8,23 @@ Everything libp2p-specific stays here; protocol drivers see `PeerNetwork` only.
 Sharp edges handled here (measured, PY-LIBP2P.md):
 - `ConnectionConfig(max_connections_per_peer=1)`: dials take ~9 ms instead of 252 ms.
 - libp2p configures logging at import; `quiet_libp2p_logging` reattaches ours.
+- Dials to non-loopback addresses leave from the listen port (`ListenPortTCP`), so what
+  a peer observes of a connection we made is the NAT mapping others can punch to
+  (lattice.net.nat, docs/natlab.md).
+- A relayed connection is tagged with its `/p2p-circuit` address only after the
+  "connected" notification: `connections()` asks the live connections, not the event.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
@@ -37,6 +44,8 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.transport.exceptions import OpenConnectionError
+from libp2p.transport.tcp.tcp import TCP
 
 from lattice.core.identity import Identity
 from lattice.net.streams import PeerError, StreamClosedError, StreamHandler, read_exactly
@@ -332,14 +341,37 @@ class Libp2pNode:
             self._rtt_ms[peer_id] = best
         return best
 
+    def listen_endpoint(self) -> tuple[str, int] | None:
+        """(ip, port) of our TCP listener (ip may be 0.0.0.0), once listening."""
+        return _listen_endpoint(self.host)
+
+    def live_connections(self, peer_id: str) -> list[INetConn]:
+        try:
+            return list(self.host.get_network().get_connections(ID.from_base58(peer_id)))
+        except (ValueError, KeyError):
+            return []
+
+    def connection_kind(self, peer_id: str) -> str | None:
+        """"direct" if any connection to the peer is direct, "relayed" if all go through
+        a relay, None when not connected."""
+        conns = self.live_connections(peer_id)
+        if not conns:
+            return None
+        return "relayed" if all(is_relayed(c) for c in conns) else "direct"
+
     def connections(self) -> list[dict[str, Any]]:
         out = []
         for peer_id, c in sorted(self._conns.items()):
+            conns = self.live_connections(peer_id)
+            direct = [x for x in conns if not is_relayed(x)]
+            kind = "relayed" if conns and not direct else ("direct" if conns else
+                                                              ("relayed" if c.relayed else "direct"))
+            addrs = _conn_addrs(direct[0]) if direct else (_conn_addrs(conns[0]) if conns else c.addrs)
             out.append({
                 "peer_id": peer_id,
-                "addrs": c.addrs,
+                "addrs": addrs,
                 "direction": c.direction,
-                "connection": "relayed" if c.relayed else "direct",
+                "connection": kind,
                 "rtt_ms": self._rtt_ms.get(peer_id),
             })
         return out
@@ -368,6 +400,109 @@ class Libp2pNode:
             self.dropped_events += 1  # bounded: a stuck consumer loses events, not memory
 
 
+def is_relayed(conn: INetConn) -> bool:
+    """True for a connection through a Circuit Relay v2 hop. py-libp2p tags an inbound
+    relayed connection only after its "connected" notification, so ask when needed."""
+    try:
+        addrs = conn.get_transport_addresses() or []
+    except _LIBP2P_PEER_ERRORS:
+        return False
+    return any("p2p-circuit" in str(a) for a in addrs)
+
+
+def local_address(conn: INetConn) -> tuple[str, int] | None:
+    """Our end (ip, port) of a direct TCP connection, or None (relayed, or py-libp2p's
+    layering changed: Yamux -> secure session -> Noise framing -> raw conn -> socket)."""
+    obj: Any = getattr(conn, "muxed_conn", conn)
+    for attr in ("secured_conn", "conn", "read_writer", "read_write_closer", "stream",
+                 "stream", "socket"):
+        obj = getattr(obj, attr, None)
+        if obj is None:
+            return None
+    try:
+        ip, port = obj.getsockname()[:2]
+    except (OSError, AttributeError, TypeError, ValueError):
+        return None
+    return (str(ip), int(port))
+
+
+def remote_address(conn: INetConn) -> tuple[str, int] | None:
+    """The far end (ip, port) of a direct TCP connection as our socket sees it."""
+    muxed = getattr(conn, "muxed_conn", conn)
+    try:
+        remote = muxed.get_remote_address()
+    except _LIBP2P_PEER_ERRORS:
+        return None
+    if not remote or is_relayed(conn):
+        return None
+    return (str(remote[0]), int(remote[1]))
+
+
+def _listen_endpoint(host: Any) -> tuple[str, int] | None:
+    for a in host.get_transport_addrs():
+        text = str(a)
+        if "p2p-circuit" in text:
+            continue
+        try:
+            return (a.value_for_protocol("ip4"), int(a.value_for_protocol("tcp")))
+        except (ValueError, TypeError, multiaddr.exceptions.Error):
+            continue
+    return None
+
+
+class ListenPortTCP(TCP):
+    """TCP whose dials to non-loopback addresses leave from our listen port.
+
+    Why: a peer (or relay) then observes the NAT mapping of the very port we listen on,
+    which is the address hole punching needs (docs/natlab.md). Both sockets set
+    SO_REUSEPORT (py-libp2p's listener does already). When the 4-tuple is taken (a
+    connection or TIME_WAIT to the same peer address from that port) the dial falls
+    back to an ephemeral port. Loopback stays ephemeral: nothing to observe there, and
+    two local daemons dialing each other at the same instant would otherwise merge into
+    one TCP connection with two Noise initiators.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.source: tuple[str, int] | None = None  # set once the listener is up
+        self.source_fallbacks = 0
+
+    def _source_for(self, maddr: multiaddr.Multiaddr) -> tuple[str, int] | None:
+        if self.source is None:
+            return None
+        try:
+            dest = ipaddress.ip_address(maddr.value_for_protocol("ip4"))
+        except (ValueError, TypeError, multiaddr.exceptions.Error):
+            return None  # ip6 / dns: not ours to bind
+        src_ip = ipaddress.ip_address(self.source[0])
+        if dest.is_loopback or (src_ip.is_loopback and not dest.is_loopback):
+            return None
+        return self.source
+
+    async def dial(self, maddr: multiaddr.Multiaddr) -> Any:
+        source = self._source_for(maddr)
+        if source is not None:
+            try:
+                return await self.dial_with_source(maddr, source)
+            except OpenConnectionError as e:
+                if _os_errno(e) not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+                    raise
+                self.source_fallbacks += 1
+        return await super().dial(maddr)
+
+
+def _os_errno(e: BaseException) -> int | None:
+    """The errno of the OSError under py-libp2p's (nested) OpenConnectionError."""
+    cause: BaseException | None = e
+    for _ in range(5):
+        if isinstance(cause, OSError):
+            return cause.errno
+        if cause is None:
+            return None
+        cause = cause.__cause__
+    return None
+
+
 def _reason(e: BaseException) -> str:
     text = str(e) or type(e).__name__
     if "Connection refused" in text or isinstance(e, ConnectionRefusedError):
@@ -389,7 +524,8 @@ def build_host(identity: Identity, listen: list[str], *, max_connections: int = 
                                            low_watermark=0, max_connections=max_connections,
                                            high_watermark=max_connections),
         enable_mDNS=False,  # lattice.net.mdns starts it after the node is up
-        enable_upnp=False,
+        enable_upnp=False,  # lattice.net.nat does UPnP when configured (no 1 s stall)
+        transports=[ListenPortTCP()],
     )
     # One attempt per dial: the swarm's own retries (3, with backoff) made a dial to a
     # dead address take seconds; retry policy belongs to the caller (bootstrap keeper).
@@ -409,6 +545,9 @@ async def open_libp2p_node(identity: Identity, listen: list[str], *, max_connect
     node = Libp2pNode(host, identity, send)
     host.get_network().register_notifee(_Notifee(node))
     async with host.run(maddrs):
+        for t in host.get_network().transport_manager.get_transports():
+            if isinstance(t, ListenPortTCP):
+                t.source = _listen_endpoint(host)
         try:
             yield node, recv
         finally:

@@ -1,10 +1,28 @@
-"""NAT testbed tests: skipped (with the reason) unless root with `ip netns` and iptables."""
+"""NAT testbed tests: skipped (with the reason) unless root with `ip netns` and iptables.
+
+`natnet` runs real `latticed` processes inside a testbed's namespaces and talks to them
+over their Unix sockets (files: they work across network namespaces). Every process
+and namespace goes away at teardown, whatever the test did.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
+import lattice
 from lattice.testing import natlab
 
 UNAVAILABLE = natlab.unavailable_reason()
+LISTEN_PORT = 4001
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,3 +32,148 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("nat") is not None:
             item.add_marker(skip)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.05) -> Any:
+    """Poll a condition of another process (no event to subscribe to), with a deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class NatDaemon:
+    """One `latticed` inside a testbed namespace."""
+
+    def __init__(self, node: natlab.Node, state_dir: Path, bootstrap: list[str],
+                 extra: tuple[str, ...]) -> None:
+        self.node = node
+        self.name = node.name
+        self.state_dir = state_dir
+        self.socket = state_dir / "latticed.sock"
+        self.log = state_dir.parent / f"{node.name}.log"
+        args = [sys.executable, "-m", "latticed", "--state-dir", str(state_dir),
+                "--listen", f"/ip4/{node.addr}/tcp/{LISTEN_PORT}", "--no-mdns",
+                "--log-level", "info", "--name", node.name, *extra]
+        for b in bootstrap:
+            args += ["--bootstrap", b]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
+        with open(self.log, "ab") as log:
+            self.proc = node.popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   stdin=subprocess.DEVNULL)
+        self._peer_id: str | None = None
+
+    def client(self) -> lattice.Client:
+        return lattice.connect(self.socket, timeout=30)
+
+    def status(self) -> dict[str, Any]:
+        with self.client() as c:
+            return c.status()
+
+    def reach(self) -> dict[str, Any]:
+        return self.status().get("reachability") or {}
+
+    def peers(self) -> list[dict[str, Any]]:
+        with self.client() as c:
+            return c.peers()
+
+    def peer_row(self, peer_id: str) -> dict[str, Any] | None:
+        return next((p for p in self.peers() if p["peer_id"] == peer_id), None)
+
+    def wait_running(self, timeout: float = 30.0) -> None:
+        wait_until(lambda: self.socket.exists() or self.proc.poll() is not None, timeout,
+                   f"{self.name}'s socket")
+        assert self.proc.poll() is None, f"{self.name} exited:\n{self.log_text()}"
+        wait_until(lambda: self.status()["state"] == "running", timeout, f"{self.name} running")
+
+    @property
+    def peer_id(self) -> str:
+        if self._peer_id is None:
+            self._peer_id = self.status()["peer_id"]
+        return self._peer_id
+
+    @property
+    def addr(self) -> str:
+        return f"/ip4/{self.node.addr}/tcp/{LISTEN_PORT}/p2p/{self.peer_id}"
+
+    def log_text(self, tail: int = 6000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""
+
+
+class NatNet:
+    """A testbed plus the daemons started in it."""
+
+    wait_until = staticmethod(wait_until)
+
+    def __init__(self, tb: natlab.Testbed, root: Path) -> None:
+        self.tb = tb
+        self.root = root
+        self.daemons: dict[str, NatDaemon] = {}
+
+    def start(self, name: str, *, bootstrap: list[str] = (), extra: tuple[str, ...] = ()) -> NatDaemon:
+        d = NatDaemon(self.tb.host(name), self.root / name, list(bootstrap), extra)
+        self.daemons[name] = d
+        return d
+
+    def start_case(self, *, later: tuple[str, ...] = ()) -> dict[str, NatDaemon]:
+        """bootstrap first; relay, a and b bootstrap from it (none of them is told
+        about the relay: they learn it from the bootstrap peer). Daemons in ``later``
+        start only once the others hold their relay reservations."""
+        boot = self.start("bootstrap")
+        boot.wait_running()
+        first = [n for n in ("relay", "a", "b") if n not in later]
+        for name in first:
+            self.start(name, bootstrap=[boot.addr])
+        for name in first:
+            self.daemons[name].wait_running()
+        if later:
+            for name in first:
+                if self.tb.host(name).gateway is not None:
+                    wait_until(lambda d=self.daemons[name]: len(d.reach().get("reservations") or ()) >= 2,
+                               20, f"{name}'s relay reservations")
+            for name in later:
+                self.start(name, bootstrap=[boot.addr])
+            for name in later:
+                self.daemons[name].wait_running()
+        return self.daemons
+
+
+@pytest.fixture
+def natnet():
+    """``natnet(case) -> NatNet``: a testbed with daemons; all gone at teardown."""
+    built: list[NatNet] = []
+    stack = []
+
+    def make(case: str) -> NatNet:
+        cm = natlab.Testbed.build(case)
+        tb = cm.__enter__()
+        stack.append(cm)
+        # short: a Unix socket path may have 107 bytes, pytest's tmp_path is long
+        net = NatNet(tb, Path(tempfile.mkdtemp(prefix="natd-")))
+        built.append(net)
+        return net
+
+    try:
+        yield make
+    finally:
+        for net in built:
+            for d in net.daemons.values():  # shown by pytest only when the test failed
+                print(f"----- {d.name} ({d.node.netns}) log tail -----\n{d.log_text()}")
+        errors = []
+        for cm in reversed(stack):
+            try:
+                cm.__exit__(None, None, None)
+            except natlab.TestbedError as e:
+                errors.append(str(e))
+        for net in built:
+            shutil.rmtree(net.root, ignore_errors=True)
+        assert not errors, errors

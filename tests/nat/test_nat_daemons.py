@@ -1,0 +1,127 @@
+"""Real `latticed` daemons across real NATs (issue 4): reachability, relays, hole punching.
+
+Each case builds the natlab testbed (a public bootstrap and relay, peers a and b behind
+kernel NAT routers), starts one daemon per host, and checks what a user relies on:
+- `lattice status` says public for the relay and private (with the NAT kind) for NATed
+  daemons, and NATed daemons hold relay reservations (found through the bootstrap peer);
+- a reaches b by peer id alone: first through a relay, then directly where the NATs
+  allow it (cone x cone, public x cone), relayed where they do not (any symmetric side),
+  and once direct, no relay carries a circuit for them any more;
+- data flows between a and b over that connection: with every other daemon that could
+  carry it stopped, a write on one is seen on the other.
+Real network, real time: waits poll status with deadlines (nothing to subscribe to).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.nat
+
+CASES = {
+    # case: ((a's reachability, a's nat), (b's ...), expected a<->b connection)
+    "public_x_cone": (("public", "none"), ("private", "cone"), "direct"),
+    "nat_cone_x_cone": (("private", "cone"), ("private", "cone"), "direct"),
+    "nat_cone_x_symmetric": (("private", "cone"), ("private", "symmetric"), "relayed"),
+    "nat_symmetric_x_symmetric": (("private", "symmetric"), ("private", "symmetric"), "relayed"),
+}
+
+
+def _reached(d, reach: str, nat: str, reservations: int = 2):
+    r = d.reach()
+    if r.get("reachability") != reach or r.get("nat") != nat:
+        return None
+    if reach == "private" and len(r["reservations"]) < reservations:
+        return None  # a slot on both public daemons (nat.max_relays = 2)
+    return r
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_daemons_reach_each_other_by_peer_id_across_nats(natnet, case):
+    (a_reach, a_nat), (b_reach, b_nat), expect = CASES[case]
+    net = natnet(case)
+    # A public a is a relay too: started first, b would reserve a slot on it and so be
+    # connected to it directly before the test asks. Later, b's slots are elsewhere.
+    d = net.start_case(later=("a",) if a_reach == "public" else ())
+    boot, relay, a, b = d["bootstrap"], d["relay"], d["a"], d["b"]
+    wait = net.wait_until
+
+    r = wait(lambda: _reached(relay, "public", "none"), 20, "relay: reachability public")
+    assert r["relay_service"]["active"] and r["reachable_via"] == ["direct"]
+    ra = wait(lambda: _reached(a, a_reach, a_nat), 20, f"a: {a_reach}/{a_nat}")
+    rb = wait(lambda: _reached(b, b_reach, b_nat), 20, f"b: {b_reach}/{b_nat}")
+    assert "relay" in rb["reachable_via"] and rb["observed_addrs"]
+    if a_reach == "private":
+        assert "relay" in ra["reachable_via"]
+    # b was told only the bootstrap peer; its other relay it found through it
+    public = {boot.peer_id, relay.peer_id} | ({a.peer_id} if a_reach == "public" else set())
+    reserved = {res["relay"] for res in rb["reservations"]}
+    assert len(reserved) == 2 and reserved <= public and reserved - {boot.peer_id}
+
+    with a.client() as c:
+        took = c.connect_peer(b.peer_id, timeout=10)["elapsed_ms"]
+    assert took < 3000, f"first (relayed) connection took {took:.0f} ms"
+
+    if expect == "direct":
+        wait(lambda: (a.peer_row(b.peer_id) or {}).get("connection") == "direct", 3,
+             "a sees a direct connection to b")
+        wait(lambda: (b.peer_row(a.peer_id) or {}).get("connection") == "direct", 3,
+             "b sees a direct connection to a")
+        # the relay carries nothing for them afterwards
+        wait(lambda: all(x.reach()["relay_service"]["circuits"] == 0 for x in (boot, relay)),
+             10, "relayed connection retired")
+        punch = b.reach()["holepunch"]
+        assert punch["direct"] >= 1 and punch["failed"] == 0
+        carriers = []
+    else:
+        wait(lambda: b.reach()["holepunch"]["relayed"] >= 1, 5, "b to decide to stay relayed")
+        row = a.peer_row(b.peer_id)
+        assert row is not None and row["connection"] == "relayed"
+        carriers = [x for x in (boot, relay) if x.reach()["relay_service"]["circuits"] >= 1]
+        assert carriers, "a relay must carry the a<->b circuit"
+    # a stream carries data between a and b, over the connection above only
+    for x in (boot, relay):
+        if x not in carriers:
+            x.proc.terminate()
+            x.proc.wait(10)
+    token = os.urandom(4).hex()
+    with a.client() as c:
+        c.state_set(f"counters/{case}-{token}", 7)
+    with b.client() as c:
+        wait(lambda: c.state_get("counters").get(f"{case}-{token}") == 7, 10,
+             "b to see a's write")
+    row = b.peer_row(a.peer_id)
+    assert row is not None and row["connection"] == expect
+
+
+def test_lattice_status_shows_reachability_and_relay_service(natnet):
+    net = natnet("public_x_cone")
+    boot = net.start("bootstrap")
+    boot.wait_running()
+    relay = net.start("relay", bootstrap=[boot.addr])
+    b = net.start("b", bootstrap=[boot.addr])
+    relay.wait_running()
+    b.wait_running()
+    net.wait_until(lambda: _reached(relay, "public", "none"), 20, "relay public")
+    net.wait_until(lambda: _reached(b, "private", "cone", 1), 20, "b private, with a relay")
+    out = subprocess.run([sys.executable, "-m", "lattice.cli", "--socket", str(relay.socket),
+                          "status"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("reachability"))
+    assert "reachability=public" in line and "nat=none" in line
+    out = subprocess.run([sys.executable, "-m", "lattice.cli", "--socket", str(b.socket),
+                          "status"], capture_output=True, text=True, timeout=60)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("reachability"))
+    assert "reachability=private" in line and "nat=cone" in line
+
+
+def test_upnp_finds_no_gateway_quickly_and_quietly(natnet):
+    from lattice.net.nat import _upnp_map
+
+    net = natnet("public_x_cone")
+    state, external, detail = net.tb.host("b").call(lambda: _upnp_map(4001))
+    assert (state, external) == ("none", None) and "gateway" in detail

@@ -1,0 +1,69 @@
+"""Reachability verdicts from dial-backs: only third-party results count, recent ones
+decide, and probing backs off while nothing is known."""
+
+from __future__ import annotations
+
+from lattice.core.holepunch import NatView
+from lattice.core.reachability import DialBack, ReachabilityTracker
+
+ME, OBS, HELPER = "me", "observer", "helper"
+ADDR = ("198.18.0.12", 4001)
+CONE = NatView("cone", (("198.18.0.101", 4001),), "")
+
+
+def test_success_from_a_helper_makes_us_public_with_the_address_it_reached():
+    t = ReachabilityTracker(ME)
+    assert t.record(DialBack(OBS, HELPER, ADDR, True, 10.0), 10.0)
+    v = t.verdict(NatView("none", (ADDR,), ""), 10.0)
+    assert v.reachability == "public" and v.public_addrs == (ADDR,) and v.nat == "none"
+
+
+def test_failure_makes_us_private_and_keeps_the_nat_kind():
+    t = ReachabilityTracker(ME)
+    t.record(DialBack(OBS, HELPER, ADDR, False, 10.0), 10.0)
+    v = t.verdict(CONE, 10.0)
+    assert (v.reachability, v.nat) == ("private", "cone")
+
+
+def test_a_dial_back_by_the_observer_itself_or_by_us_does_not_count():
+    # the observer already has a connection with us: a NAT or firewall may let it in
+    t = ReachabilityTracker(ME)
+    assert not t.record(DialBack(OBS, OBS, ADDR, True, 1.0), 1.0)
+    assert not t.record(DialBack(OBS, ME, ADDR, True, 1.0), 1.0)
+    assert not t.record(DialBack(OBS, "", ADDR, True, 1.0), 1.0)
+    assert t.verdict(CONE, 1.0).reachability == "unknown" and t.rejected == 3
+
+
+def test_recent_results_decide_and_old_ones_expire():
+    t = ReachabilityTracker(ME, result_ttl=100.0)
+    t.record(DialBack(OBS, HELPER, ADDR, True, 0.0), 0.0)
+    for i in range(3):  # the firewall went up: three failures since
+        t.record(DialBack(OBS, f"h{i}", ADDR, False, 50.0 + i), 50.0 + i)
+    assert t.verdict(CONE, 60.0).reachability == "private"
+    t2 = ReachabilityTracker(ME, result_ttl=100.0)
+    t2.record(DialBack(OBS, HELPER, ADDR, True, 0.0), 0.0)
+    assert t2.verdict(CONE, 50.0).reachability == "public"
+    assert t2.verdict(CONE, 150.0).reachability == "unknown"
+
+
+def test_probing_backs_off_while_unknown_and_rechecks_once_known():
+    t = ReachabilityTracker(ME, retry_min=1.0, retry_max=8.0, recheck=600.0)
+    assert t.probe_due(0.0)
+    waits = []
+    now = 0.0
+    for _ in range(6):
+        t.no_result(now)
+        waits.append(t.next_probe_at() - now)
+        now = t.next_probe_at()
+    assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    t.record(DialBack(OBS, HELPER, ADDR, False, now), now)
+    assert t.next_probe_at() == now + 600.0
+    t.probe_now()
+    assert t.probe_due(now)
+
+
+def test_results_are_bounded():
+    t = ReachabilityTracker(ME)
+    for i in range(1000):
+        t.record(DialBack(OBS, f"h{i}", ADDR, False, float(i)), float(i))
+    assert len(t.results) <= 16
