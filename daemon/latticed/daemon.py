@@ -55,6 +55,7 @@ class Daemon:
         self.sync: Any = None        # lattice.net.crdt_sync.CrdtSync once peers can sync
         self.dht: Any = None         # lattice.net.dht.KademliaDHT
         self.jobs: Any = None        # lattice.net.jobs.JobsService
+        self.nat: Any = None         # lattice.net.nat.NatManager
         self.bulk_listener: Any = None  # lattice.net.bulk.BulkListener (side channel)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -82,6 +83,12 @@ class Daemon:
                     max_connections=cfg["limits.max_connections"],
                     event_buffer=cfg["rpc.subscriber_queue"]) as (node, peer_events):
                 self.node = node
+                nat_mod = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.nat")
+                self.nat = await nursery.start(functools.partial(
+                    nat_mod.serve_nat, node, config=nat_mod.NatConfig.from_mapping(
+                        {k: v for k, v in cfg.as_dict().items()
+                         if k.startswith(("nat.", "relay."))}),
+                    bootstrap=cfg["node.bootstrap"]))
                 dht_mod = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.dht")
                 self.dht = await self._start_dht(nursery, dht_mod, node)
                 self.sync = await nursery.start(functools.partial(
@@ -461,6 +468,7 @@ class Daemon:
             "listen_addrs": node.listen_addrs() if node else [],
             "advertised_addrs": node.advertised_addrs() if node else [],
             "observed_addrs": node.observed_addrs() if node else [],
+            "reachability": self.nat.status() if self.nat else None,
             "peers": len(node.connected_peers()) if node else 0,
             "state_dir": str(self.config.state_dir),
             "socket": str(self.config.socket),
@@ -499,7 +507,7 @@ class Daemon:
         host_mod = importlib.import_module("lattice.net.host")
         t0 = time.perf_counter()
         try:
-            peer_id = await node.connect(addr, timeout=timeout)
+            peer_id = await (self.nat or node).connect(addr, timeout=timeout)
         except host_mod.DialError as e:
             msg = str(e)
             if msg.startswith("not a dialable multiaddr") or "this daemon itself" in msg:
