@@ -114,8 +114,11 @@ class HolePuncher:
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the session is ending, or has the event queued already
 
-    def statistics(self) -> dict[str, Any]:
-        return {**self.counts, "active": len(self._sessions)}
+    def statistics(self, recent: int = 8) -> dict[str, Any]:
+        """Counts by outcome, and the last ``recent`` sessions (why a peer is relayed)."""
+        last = list(self.records.items())[-recent:]
+        return {**self.counts, "active": len(self._sessions),
+                "recent": [{"peer": p, **r.__dict__} for p, r in reversed(last)]}
 
     def peer_record(self, peer_id: str) -> dict[str, Any] | None:
         r = self.records.get(peer_id)
@@ -271,6 +274,7 @@ class HolePuncher:
     def _record(self, peer_id: str, session: HolePunchSession, result: Done,
                 elapsed: float) -> None:
         self.counts[result.outcome] = self.counts.get(result.outcome, 0) + 1
+        self.records.pop(peer_id, None)  # re-insert: the dict's order is recency
         self.records[peer_id] = PunchRecord(
             result.outcome, result.reason, session.role, session.plan,
             None if session.rtt is None else round(session.rtt * 1000, 2),

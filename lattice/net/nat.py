@@ -207,10 +207,11 @@ class _CircuitRelay(CircuitV2Protocol):
             await self._refuse(stream, StatusCode.MALFORMED_MESSAGE, "malformed")
             return
         if msg.type == HopMessage.RESERVE:
+            # noted first: py-libp2p's handler lingers 0.1 s after answering
+            self._reserved[stream.muxed_conn.peer_id] = None
+            if len(self._reserved) > 2 * self.limits.max_reservations:
+                self.active_reservations()  # prune the refused and the expired
             await self._handle_reserve(stream, msg)
-            peer = stream.muxed_conn.peer_id
-            if self.resource_manager.get_reservation(peer) is not None:
-                self._reserved[peer] = None
             try:
                 await stream.close()
             except PEER_ERRORS:
@@ -806,7 +807,10 @@ class NatManager:
 
     @staticmethod
     def _refresh_margin(r: Reservation) -> float:
-        return max(30.0, min(600.0, (r.expires - r.reserved_at) / 4))
+        """Refresh this long before expiry: a quarter of the TTL within [30 s, 10 min],
+        but never more than half of it (a short TTL must not mean refreshing nonstop)."""
+        ttl = max(0.0, r.expires - r.reserved_at)
+        return min(max(30.0, min(600.0, ttl / 4)), ttl / 2)
 
     async def _reserve(self, relay: str, addr: str) -> None:
         backoff = self._relay_backoff.setdefault(relay, _Backoff())
@@ -821,8 +825,9 @@ class NatManager:
             # came through: ask again soon. Anything else backs off up to 5 minutes.
             soft = "PERMISSION_DENIED" in str(e) or "RESOURCE_LIMIT" in str(e)
             backoff.fail(trio.current_time(), hi=30.0 if soft else 300.0)
-            self.reservations.pop(relay, None)
-            log.info("relay=%s reservation failed (%s); retry in %.0f s", relay, e, backoff.delay)
+            lost = self.reservations.pop(relay, None) is not None
+            log.log(logging.INFO if lost or not soft else logging.DEBUG,
+                    "relay=%s reservation failed (%s); retry in %.0f s", relay, e, backoff.delay)
             return
         backoff.delay = 0.0
         backoff.until = 0.0
@@ -935,7 +940,12 @@ class NatManager:
                 if not base:
                     raise DialError(f"not connected to relay {relay_id} and no address for it")
                 await self.node.connect(relay_part, timeout=timeout)
-            await self._dial_via(rid.to_base58(), pid)
+            try:
+                await self._dial_via(rid.to_base58(), pid)
+            except DialError:
+                raise
+            except PeerError as e:
+                raise DialError(f"relayed dial {target} failed: {e}") from None
             return pid.to_base58()
         raise DialError(f"relayed dial {target} timed out after {timeout:g} s")
 
@@ -1006,18 +1016,27 @@ def _upnp_map(port: int) -> tuple[str, Addr | None, str]:
     except ImportError:
         return "failed", None, "miniupnpc is not installed"
     upnp = miniupnpc.UPnP()
-    upnp.discoverdelay = 500  # ms
-    # miniupnpc raises bare Exception("...") for every failure; turn them into states.
+    upnp.discoverdelay = 500  # ms; discover() takes ~4 s anyway when nobody answers
+    # miniupnpc raises bare Exception("...") for every failure; the message is all there
+    # is. discover() raises "Success" when nothing answered: selectigd() then says so.
     try:
-        if upnp.discover() <= 0:
-            return "none", None, "no UPnP gateway found"
+        upnp.discover()
+    except Exception as e:  # noqa: BLE001 - see above
+        if str(e) != "Success":
+            return "none", None, f"UPnP discovery failed: {e}"
+    try:
         upnp.selectigd()
+    except Exception as e:  # noqa: BLE001 - see above
+        if "No UPnP device" in str(e):
+            return "none", None, "no UPnP gateway found"
+        return "none", None, f"no usable UPnP gateway: {e}"
+    try:
         external = upnp.externalipaddress()
         upnp.addportmapping(port, "TCP", upnp.lanaddr, port, "latticed", "", 3600)
-    except Exception as e:  # noqa: BLE001 - see above; the message is all there is
-        return "none", None, f"no usable UPnP gateway: {e}"
+    except Exception as e:  # noqa: BLE001 - see above
+        return "failed", None, f"gateway {upnp.lanaddr} refused the mapping: {e}"
     if not external:
-        return "none", None, "gateway gave no external address"
+        return "failed", None, f"gateway {upnp.lanaddr} gave no external address"
     return "mapped", (str(external), port), f"gateway {upnp.lanaddr}"
 
 

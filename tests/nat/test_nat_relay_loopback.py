@@ -1,0 +1,121 @@
+"""The relay path of `lattice.net.nat` on loopback, no root needed: reservations, relayed
+dialing by peer id, the relay's limits and refusals, and a hole-punch exchange that
+decides to stay relayed when nobody observed a public address.
+
+Real py-libp2p hosts in one trio run on 127.0.0.1 (real time: conditions of the real
+network are polled with deadlines). The namespace suite (test_nat_daemons.py) covers
+the NAT cases themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import trio
+
+from lattice.core.identity import Identity
+from lattice.net.host import DialError, open_libp2p_node, quiet_libp2p_logging
+from lattice.net.nat import NatConfig, serve_nat
+from lattice.net.streams import recv_frame, send_frame
+
+pytestmark = pytest.mark.integration
+
+ECHO = "/test/echo/1"
+
+
+async def poll(predicate, timeout: float = 10.0):
+    with trio.fail_after(timeout):
+        while not (value := predicate()):
+            await trio.sleep(0.01)
+    return value
+
+
+async def _run_node(config: NatConfig, bootstrap: list[str], *, task_status) -> None:
+    """One host with the connectivity manager, inside its own task (its nurseries and
+    contexts open and close there)."""
+    async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (node, _):
+        async def echo(stream):
+            await send_frame(stream, await recv_frame(stream))
+
+        node.set_stream_handler(ECHO, echo)
+        async with trio.open_nursery() as nursery:
+            manager = await nursery.start(functools.partial(
+                serve_nat, node, config=config, bootstrap=bootstrap))
+            task_status.started((node, manager))
+            await trio.sleep_forever()
+
+
+@pytest.fixture
+def nodes(nursery):
+    """``await nodes(config=..., bootstrap=...) -> (node, NatManager)``."""
+    quiet_libp2p_logging(logging.WARNING)
+
+    async def make(*, config: NatConfig = NatConfig(), bootstrap=()):
+        return await nursery.start(_run_node, config, list(bootstrap))
+
+    return make
+
+
+def addr(node) -> str:
+    return f"{node.listen_addrs()[0]}/p2p/{node.peer_id}"
+
+
+async def test_reserve_then_reach_by_peer_id_through_the_relay(nodes):
+    relay, relay_nat = await nodes(config=NatConfig(relay_service="on"))
+    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    a, a_nat = await nodes(bootstrap=[addr(relay)])
+    await poll(lambda: relay.peer_id in b_nat.reservations)
+    res = b_nat.status()["reservations"]
+    assert res[0]["addr"] == f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}"
+    assert relay_nat.status()["relay_service"]["reservations"] >= 1
+
+    assert await a_nat.connect(b.peer_id, timeout=5) == b.peer_id
+    assert a.connection_kind(b.peer_id) == "relayed"
+    stream = await a.open_stream(b.peer_id, ECHO)
+    await send_frame(stream, {"hello": 1})
+    assert await recv_frame(stream) == {"hello": 1}
+    # nobody observed a public address on loopback: b decides to stay relayed, says why
+    record = await poll(lambda: b_nat.peer_info(a.peer_id))
+    assert record["outcome"] == "relayed" and "no observed public address" in record["reason"]
+    assert a.connection_kind(b.peer_id) == "relayed"
+    row = next(r for r in a.connections() if r["peer_id"] == b.peer_id)
+    assert row["connection"] == "relayed"
+    assert relay_nat.status()["relay_service"]["circuits"] == 1
+
+
+async def test_a_circuit_address_dials_through_that_relay(nodes):
+    relay, _ = await nodes(config=NatConfig(relay_service="on"))
+    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    a, a_nat = await nodes()
+    await poll(lambda: b_nat.reservations)
+    circuit = b_nat.advertised_addrs()[-1]
+    assert "/p2p-circuit/" in circuit
+    assert await a_nat.connect(circuit, timeout=5) == b.peer_id
+    assert a.connection_kind(b.peer_id) == "relayed"
+
+
+async def test_relay_refuses_beyond_its_circuit_limit_and_when_not_serving(nodes):
+    relay, relay_nat = await nodes(config=NatConfig(relay_service="on", relay_max_circuits=1))
+    off, _ = await nodes(config=NatConfig(relay_service="off"))
+    b, b_nat = await nodes(bootstrap=[addr(relay), addr(off)])
+    a, a_nat = await nodes()
+    c, c_nat = await nodes()
+    await poll(lambda: relay.peer_id in b_nat.reservations)
+    # the relay that does not serve refused b's reservation
+    assert off.peer_id not in b_nat.reservations
+    await a_nat.connect(f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}", timeout=5)
+    with pytest.raises(DialError, match="RESOURCE_LIMIT_EXCEEDED"):
+        await c_nat.connect(f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}", timeout=5)
+    with pytest.raises(DialError, match="PERMISSION_DENIED"):
+        await c_nat.connect(f"{addr(off)}/p2p-circuit/p2p/{b.peer_id}", timeout=5)
+    assert relay_nat.status()["relay_service"]["refused"]["circuit_limit"] == 1
+
+
+async def test_unknown_peer_with_no_route_fails_with_reasons(nodes):
+    a, a_nat = await nodes()
+    with pytest.raises(DialError, match="no address or relay known"):
+        await a_nat.connect(Identity.generate().peer_id, timeout=2)
+    with pytest.raises(DialError, match="not a dialable multiaddr or peer id"):
+        await a_nat.connect("not-a-peer", timeout=2)
