@@ -116,8 +116,27 @@ SETTINGS: list[Setting] = [
             "a member is shown dead when its heartbeat is older than this", _at_least(1.0)),
     Setting("state.anti_entropy_interval_s", float, 10.0,
             "mean seconds between catch-up exchanges with a random peer", _at_least(0.5)),
-    Setting("dht.mode", str, "server", "server: answer DHT queries; client: only ask "
-            "(for daemons that others cannot dial); auto follows reachability",
+    Setting("nat.upnp", bool, False, "try a UPnP port mapping on the gateway"),
+    Setting("nat.holepunch", bool, True, "upgrade relayed connections to direct ones by "
+            "hole punching when both NATs allow it"),
+    Setting("nat.max_relays", int, 2, "relays holding a reservation for us while we are "
+            "not publicly reachable", _at_least(0)),
+    Setting("nat.dialback_timeout_s", float, 3.0, "how long a helper's dial-back of one of "
+            "our addresses may take", _at_least(0.1)),
+    Setting("nat.recheck_interval_s", float, 600.0, "re-verify our reachability this often",
+            _at_least(1.0)),
+    Setting("relay.service", str, "auto", "serve as a Circuit Relay v2 hop: auto (when "
+            "publicly reachable) | on | off", _one_of("auto", "on", "off")),
+    Setting("relay.max_reservations", int, 64, "peers holding a relay slot on us", _at_least(0)),
+    Setting("relay.max_circuits_per_peer", int, 4, "relayed connections per reserving peer",
+            _at_least(0)),
+    Setting("relay.max_circuit_bytes", int, 64 << 20, "bytes per relayed connection, both "
+            "directions (bulk transfers go direct or elsewhere)", _at_least(0)),
+    Setting("relay.max_circuit_duration_s", int, 1800, "seconds per relayed connection",
+            _at_least(0)),
+    Setting("dht.mode", str, "auto", "server: answer DHT queries; client: only ask "
+            "(for daemons that others cannot dial); auto: client once reachability says "
+            "we are behind a NAT, server otherwise",
             _one_of("server", "client", "auto")),
     Setting("dht.replication", int, 20, "a put is stored at this many closest peers",
             _at_least(1)),

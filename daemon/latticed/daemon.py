@@ -148,7 +148,22 @@ class Daemon:
             log.warning("ignoring unreadable DHT state %s: %s", self._dht_state_path, e)
             dht = await nursery.start(functools.partial(start, state=None))
         nursery.start_soon(self._dht_bootstrap_and_persist, dht)
+        if cfg["dht.mode"] == "auto" and self.nat is not None:
+            nursery.start_soon(self._dht_mode_follows_reachability, dht)
         return dht
+
+    async def _dht_mode_follows_reachability(self, dht: Any) -> None:
+        """A daemon others cannot dial must not answer as a DHT server (its peers would
+        keep it in their tables and time out on it). The NAT manager has no change
+        event, and verdicts change on a scale of minutes, so look every few seconds."""
+        while True:
+            private = self.nat.status().get("reachability") == "private"
+            wanted = "client" if private else "server"
+            if dht.statistics().get("mode") != wanted:
+                log.info("dht: switching to %s mode (reachability %s)", wanted,
+                         self.nat.status().get("reachability"))
+                dht.set_mode(wanted)
+            await trio.sleep(5)
 
     async def _dht_bootstrap_and_persist(self, dht: Any) -> None:
         peers = []
