@@ -73,11 +73,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("listen", "\n".join(st["listen_addrs"]) or "-"),
         ("observed", "\n".join(st["observed_addrs"]) or "-"),
     ]
-    for extra in ("dht", "reachability", "state_sync"):
+    reach = st.get("reachability")
+    if isinstance(reach, dict):
+        verdict = reach.get("reachability", "unknown")
+        if verdict == "private" and reach.get("nat") not in (None, "unknown", "none"):
+            verdict += f" (behind a {reach['nat']} NAT)"
+        elif reach.get("reason") and verdict == "unknown":
+            verdict += f" ({reach['reason']})"
+        via = ", ".join(reach.get("reachable_via") or []) or "-"
+        lines.append(("reachable", f"{verdict}; via {via}"))
+        if reach.get("public_addrs"):
+            lines.append(("public", "\n".join(reach["public_addrs"])))
+        for r in reach.get("reservations") or []:
+            lines.append(("relay", r.get("addr") or r.get("relay")))
+        relay = reach.get("relay_service") or {}
+        if relay.get("active"):
+            lines.append(("relaying", f"{relay.get('reservations', 0)} reservations, "
+                                      f"{relay.get('circuits', 0)} circuits"))
+    for extra in ("dht", "state_sync"):
         if isinstance(st.get(extra), dict):
-            st[extra] = {k: v for k, v in st[extra].items() if not isinstance(v, (dict, list))}
-        if isinstance(st.get(extra), dict):
-            lines.append((extra, ", ".join(f"{k}={v}" for k, v in st[extra].items())))
+            flat = {k: v for k, v in st[extra].items() if not isinstance(v, (dict, list))}
+            lines.append((extra, ", ".join(f"{k}={v}" for k, v in flat.items())))
     lines.append(("socket", st["socket"]))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
