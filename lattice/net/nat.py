@@ -25,14 +25,17 @@ propagate and take the daemon down.
 
 Private py-libp2p API used (0.8.1): `CircuitV2Protocol._handle_reserve`,
 `._handle_connect` (the hop's message handlers, reused behind our own one-message-per-
-stream HOP handler and circuit cap); `Swarm.upgrader.upgrade_security` (dial-backs
-verify the peer's identity on a connection the swarm never sees).
+stream HOP handler and circuit cap), overrides of `._handle_hop_stream` and
+`._relay_data` (and its `_active_relays` registry); `Swarm.upgrader.upgrade_security`
+(dial-backs verify the peer's identity on a connection the swarm never sees).
+tests/nat/test_nat_relay_loopback.py fails if a py-libp2p upgrade changes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 import time
@@ -57,6 +60,7 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.tools.constants import MAX_READ_LEN
 from libp2p.transport.exceptions import OpenConnectionError, UpgradeFailure
 from libp2p.transport.tcp.tcp import TCP
 
@@ -167,6 +171,9 @@ class _CircuitRelay(CircuitV2Protocol):
     - A cap on circuits through us at once (py-libp2p only caps them per reservation).
     - `on_relayed_inbound(peer)` after an accepted relayed connection is tagged relayed
       (py-libp2p tags it only after the swarm's "connected" notification).
+    - Our own byte pump (`_relay_data`): py-libp2p's cleans up by *peer id*, so the end
+      of one circuit closed another circuit of the same peer; and it checked the
+      duration limit only when bytes arrived, so an idle circuit outlived it.
     """
 
     def __init__(self, host: Any, config: NatConfig, on_relayed_inbound: Any) -> None:
@@ -176,6 +183,9 @@ class _CircuitRelay(CircuitV2Protocol):
         self.on_relayed_inbound = on_relayed_inbound
         self.active_circuits = 0
         self.circuits_total = 0
+        self.bytes_relayed = 0
+        self.circuits_cut = {"duration": 0, "bytes": 0}
+        self._pumps: dict[frozenset[int], list[trio.CancelScope]] = {}  # per circuit
         self.refused = {"not_serving": 0, "circuit_limit": 0, "relayed": 0, "malformed": 0}
         self._reserved: dict[ID, None] = {}
 
@@ -231,6 +241,59 @@ class _CircuitRelay(CircuitV2Protocol):
             await super()._handle_connect(stream, msg)
         finally:
             self.active_circuits -= 1
+
+    async def _relay_data(self, src_stream: Any, dst_stream: Any, peer_id: ID,
+                          deadline: float | None = None,
+                          circuit_data_limit: list[int] | None = None) -> None:
+        """One direction of a circuit, called by py-libp2p's `_handle_connect` (twice,
+        in one nursery). ``deadline`` is on time.monotonic(); ``circuit_data_limit`` is
+        the shared [bytes left] of both directions. When this direction ends, for any
+        reason, both streams are reset and the other direction is cancelled (a local
+        reset does not wake py-libp2p's pending read on the same stream)."""
+        key = frozenset((id(src_stream), id(dst_stream)))
+        scopes = self._pumps.setdefault(key, [])
+        scope = trio.CancelScope()
+        scopes.append(scope)
+        try:
+            with scope:
+                await self._pump(src_stream, dst_stream, deadline, circuit_data_limit)
+        except (EOFError, *PEER_ERRORS):
+            pass  # one end went away: the circuit is over
+        finally:
+            for other in scopes:
+                other.cancel()
+            scopes.remove(scope)
+            if not scopes:
+                del self._pumps[key]
+            with trio.CancelScope(shield=True):
+                for s in (src_stream, dst_stream):
+                    try:
+                        await s.reset()
+                    except (EOFError, *PEER_ERRORS):
+                        pass
+            for k, (a, b) in list(self._active_relays.items()):
+                if a in (src_stream, dst_stream) or b in (src_stream, dst_stream):
+                    del self._active_relays[k]
+
+    async def _pump(self, src_stream: Any, dst_stream: Any, deadline: float | None,
+                    circuit_data_limit: list[int] | None) -> None:
+        while True:
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            data = b""
+            with trio.move_on_after(max(0.0, left)):
+                data = await src_stream.read(MAX_READ_LEN)
+            if deadline is not None and not data and time.monotonic() >= deadline:
+                self.circuits_cut["duration"] += 1
+                return
+            if not data:
+                return
+            if circuit_data_limit is not None:
+                if len(data) > circuit_data_limit[0]:
+                    self.circuits_cut["bytes"] += 1
+                    return
+                circuit_data_limit[0] -= len(data)
+            await dst_stream.write(data)
+            self.bytes_relayed += len(data)
 
     async def handle_incoming_connection(self, stream: Any, remote_peer_id: bytes) -> None:
         await super().handle_incoming_connection(stream, remote_peer_id)
@@ -339,6 +402,7 @@ class NatManager:
         self.relay = _CircuitRelay(node.host, config, self._on_relayed_inbound)
         self.puncher: HolePuncher | None = None
         self._verdict = Verdict("unknown", "unknown", (), "starting")
+        self._verdict_changed = trio.Event()
         self._observed_at: dict[str, float] = {}
         self._observing: set[str] = set()
         self._observe_failed: dict[str, float] = {}  # peers that do not speak observe
@@ -384,6 +448,14 @@ class NatManager:
         if (old.reachability, old.nat) != (new.reachability, new.nat):
             log.info("reachability=%s nat=%s (%s)", new.reachability, new.nat, new.reason)
             self._wake_keeper.set()
+            self._verdict_changed.set()
+            self._verdict_changed = trio.Event()
+
+    async def wait_reachability_change(self) -> Verdict:
+        """The verdict, once its reachability or NAT kind has changed (for the daemon to
+        publish an event or switch the DHT mode without polling)."""
+        await self._verdict_changed.wait()
+        return self._verdict
 
     def local_view(self) -> PeerView:
         """What we tell a peer in a hole-punch exchange."""
@@ -427,6 +499,8 @@ class NatManager:
                 "reservations": self.relay.active_reservations(),
                 "circuits": self.relay.active_circuits,
                 "circuits_total": self.relay.circuits_total,
+                "bytes_relayed": self.relay.bytes_relayed,
+                "circuits_cut": dict(self.relay.circuits_cut),
                 "refused": dict(self.relay.refused),
                 "max_reservations": self.config.relay_max_reservations,
                 "max_circuits": self.config.relay_max_circuits,
@@ -525,9 +599,12 @@ class NatManager:
             answer = await self._ask_observe(peer, dialback)
         except (PeerError, ObserveProtocolError, trio.TooSlowError) as e:
             self.stats.observe_failures += 1
-            self._observe_failed[peer] = trio.current_time() + 60.0
-            while len(self._observe_failed) > _MAX_OBSERVE_FAILURES:
-                self._observe_failed.pop(next(iter(self._observe_failed)))
+            if not (dialback and isinstance(e, trio.TooSlowError)):
+                # does not speak the protocol, or broke it: leave it alone for a minute
+                # (a slow dial-back is not the observer's fault)
+                self._observe_failed[peer] = trio.current_time() + 60.0
+                while len(self._observe_failed) > _MAX_OBSERVE_FAILURES:
+                    self._observe_failed.pop(next(iter(self._observe_failed)))
             log.debug("observe peer=%s failed: %s", peer, e)
             return None
         finally:
@@ -547,7 +624,7 @@ class NatManager:
             request: dict[str, Any] = {"type": "observe", "id": sid, "relay": self.relay.serving}
             if dialback:
                 request["dialback"] = [list(a) for a in dialback]
-            timeout = 5.0 + (3 * self.config.dialback_timeout_s if dialback else 0.0)
+            timeout = 5.0 + (self._arrange_budget(len(dialback)) if dialback else 0.0)
             with trio.fail_after(timeout):
                 await send_frame(stream, request)
                 msg = rcore.check_message(await recv_frame(stream, max_bytes=rcore.OBSERVE_MAX_MESSAGE))
@@ -556,15 +633,25 @@ class NatManager:
             answer = rcore.decode_observed(msg)
         finally:
             await stream.close()
-        self._observe_peers[peer] = None
+        self._note_observe_peer(peer)
         now = trio.current_time()
+        self._observed_at[peer] = now  # even when unusable: not again before the interval
         if answer.observed is not None and local is not None:
             self.observations[peer] = Observation(peer, local, answer.observed)
-            self._observed_at[peer] = now
             self.stats.observations += 1
         self._learn_relays(peer, answer.relays, now)
         self._recompute()
         return answer
+
+    def _note_observe_peer(self, peer: str) -> None:
+        self._observe_peers.pop(peer, None)
+        self._observe_peers[peer] = None  # most recent last; bounded
+        while len(self._observe_peers) > 1024:
+            self._observe_peers.pop(next(iter(self._observe_peers)))
+
+    def _arrange_budget(self, n_addrs: int) -> float:
+        """Seconds an observer may spend arranging one dial-back (all helpers)."""
+        return 2.0 + n_addrs * self.config.dialback_timeout_s
 
     def _learn_relays(self, observer: str, relays: tuple[rcore.RelayInfo, ...], now: float) -> None:
         for r in relays:
@@ -611,7 +698,7 @@ class NatManager:
             with trio.fail_after(5.0):
                 msg = rcore.check_message(await recv_frame(stream, max_bytes=rcore.OBSERVE_MAX_MESSAGE))
             if msg["type"] == "observe":
-                self._observe_peers[peer] = None
+                self._note_observe_peer(peer)
                 reply = await self._answer_observe(peer, raw, msg)
             elif msg["type"] == "dialback":
                 reply = await self._answer_dialback(msg)
@@ -669,15 +756,17 @@ class NatManager:
         helpers = [p for p in self._direct_peers() if p != peer]
         random.shuffle(helpers)
         helpers.sort(key=lambda p: p not in self._observe_peers)
-        for helper in helpers[:3]:
-            try:
-                status, addr = await self._ask_helper(helper, peer, addrs)
-            except (PeerError, ObserveProtocolError, trio.TooSlowError) as e:
-                log.debug("dial-back helper=%s for peer=%s failed: %s", helper, peer, e)
-                continue
-            if status == "busy":
-                continue
-            return {"status": status, "helper": helper, "addr": None if addr is None else list(addr)}
+        with trio.move_on_after(self._arrange_budget(len(addrs))):  # the requester waits so long
+            for helper in helpers[:3]:
+                try:
+                    status, addr = await self._ask_helper(helper, peer, addrs)
+                except (PeerError, ObserveProtocolError, trio.TooSlowError) as e:
+                    log.debug("dial-back helper=%s for peer=%s failed: %s", helper, peer, e)
+                    continue
+                if status == "busy":
+                    continue
+                return {"status": status, "helper": helper,
+                        "addr": None if addr is None else list(addr)}
         return {"status": "no_helper", "helper": "", "addr": None}
 
     async def _ask_helper(self, helper: str, peer: str,

@@ -111,12 +111,14 @@ def test_lattice_status_shows_reachability_and_relay_service(natnet):
     out = subprocess.run([sys.executable, "-m", "lattice.cli", "--socket", str(relay.socket),
                           "status"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    line = next(x for x in out.stdout.splitlines() if x.startswith("reachability"))
-    assert "reachability=public" in line and "nat=none" in line
+    line = next(x for x in out.stdout.splitlines() if x.startswith("reachable "))
+    assert "public" in line and "via direct" in line
+    assert any(x.startswith("relaying ") for x in out.stdout.splitlines())
     out = subprocess.run([sys.executable, "-m", "lattice.cli", "--socket", str(b.socket),
                           "status"], capture_output=True, text=True, timeout=60)
-    line = next(x for x in out.stdout.splitlines() if x.startswith("reachability"))
-    assert "reachability=private" in line and "nat=cone" in line
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("reachable "))
+    assert "private (behind a cone NAT)" in line and "via relay" in line
 
 
 def test_upnp_with_no_gateway_finds_none_and_says_so(natnet):

@@ -119,3 +119,53 @@ async def test_unknown_peer_with_no_route_fails_with_reasons(nodes):
         await a_nat.connect(Identity.generate().peer_id, timeout=2)
     with pytest.raises(DialError, match="not a dialable multiaddr or peer id"):
         await a_nat.connect("not-a-peer", timeout=2)
+
+
+async def test_closing_one_circuit_leaves_the_sources_other_circuits_alone(nodes):
+    # py-libp2p's relay cleaned up by peer id: a's second circuit died with its first
+    relay, relay_nat = await nodes(config=NatConfig(relay_service="on"))
+    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    c, c_nat = await nodes(bootstrap=[addr(relay)])
+    a, a_nat = await nodes()
+    await poll(lambda: b_nat.reservations and c_nat.reservations)
+    await a_nat.connect(f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}", timeout=5)
+    await a_nat.connect(f"{addr(relay)}/p2p-circuit/p2p/{c.peer_id}", timeout=5)
+    await poll(lambda: relay_nat.status()["relay_service"]["circuits"] == 2)
+    for conn in a.live_connections(b.peer_id):
+        await conn.close()
+    await poll(lambda: relay_nat.status()["relay_service"]["circuits"] == 1)
+    stream = await a.open_stream(c.peer_id, ECHO)
+    await send_frame(stream, {"still": "here"})
+    assert await recv_frame(stream) == {"still": "here"}
+    assert relay_nat.status()["relay_service"]["bytes_relayed"] > 0
+
+
+async def test_an_idle_circuit_ends_at_its_duration_limit(nodes):
+    relay, relay_nat = await nodes(config=NatConfig(relay_service="on",
+                                                    relay_max_circuit_duration_s=1))
+    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    a, a_nat = await nodes()
+    await poll(lambda: b_nat.reservations)
+    await a_nat.connect(f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}", timeout=5)
+    await poll(lambda: not a.live_connections(b.peer_id), timeout=5)
+    assert relay_nat.status()["relay_service"]["circuits_cut"]["duration"] >= 1
+
+
+async def test_reachability_changes_are_announced(nodes):
+    # on loopback an inbound connection is observed at our own listen port, so a daemon
+    # others connect to becomes public once a third one dials it back
+    relay, relay_nat = await nodes(config=NatConfig(relay_service="on"))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            got = []
+
+            async def watch():
+                while not got or got[-1].reachability != "public":
+                    got.append(await relay_nat.wait_reachability_change())
+
+            n.start_soon(watch)
+            first, _ = await nodes(bootstrap=[addr(relay)])
+            # a helper for the relay's observer `first`: a third daemon connected to it
+            await nodes(bootstrap=[addr(relay), addr(first)])
+    # first the NAT kind (observations came in: none), then the dial-back's verdict
+    assert [(v.reachability, v.nat) for v in got] == [("unknown", "none"), ("public", "none")]
