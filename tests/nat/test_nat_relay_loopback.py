@@ -169,3 +169,16 @@ async def test_reachability_changes_are_announced(nodes):
             await nodes(bootstrap=[addr(relay), addr(first)])
     # first the NAT kind (observations came in: none), then the dial-back's verdict
     assert [(v.reachability, v.nat) for v in got] == [("unknown", "none"), ("public", "none")]
+
+
+async def test_reservations_are_refreshed_before_they_expire_and_remade_after_a_drop(nodes):
+    relay, _ = await nodes(config=NatConfig(relay_service="on", relay_reservation_ttl_s=4))
+    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    first = (await poll(lambda: b_nat.reservations.get(relay.peer_id))).expires
+    # refreshed with half the TTL left (a short TTL must not mean refreshing nonstop)
+    await poll(lambda: b_nat.reservations.get(relay.peer_id) is not None
+               and b_nat.reservations[relay.peer_id].expires > first, timeout=5)
+    assert b_nat.stats.reservations_made == 2
+    for conn in b.live_connections(relay.peer_id):
+        await conn.close()  # a reservation lives only as long as the relay connection
+    await poll(lambda: b_nat.stats.reservations_made >= 3 and relay.peer_id in b_nat.reservations)
