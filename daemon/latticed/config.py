@@ -128,6 +128,8 @@ SETTINGS: list[Setting] = [
     Setting("relay.service", str, "auto", "serve as a Circuit Relay v2 hop: auto (when "
             "publicly reachable) | on | off", _one_of("auto", "on", "off")),
     Setting("relay.max_reservations", int, 64, "peers holding a relay slot on us", _at_least(0)),
+    Setting("relay.max_circuits", int, 32, "relayed connections through this daemon at once "
+            "(with max_circuit_bytes, this bounds what relaying costs the uplink)", _at_least(0)),
     Setting("relay.max_circuits_per_peer", int, 4, "relayed connections per reserving peer",
             _at_least(0)),
     Setting("relay.max_circuit_bytes", int, 64 << 20, "bytes per relayed connection, both "

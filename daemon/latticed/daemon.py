@@ -154,16 +154,33 @@ class Daemon:
 
     async def _dht_mode_follows_reachability(self, dht: Any) -> None:
         """A daemon others cannot dial must not answer as a DHT server (its peers would
-        keep it in their tables and time out on it). The NAT manager has no change
-        event, and verdicts change on a scale of minutes, so look every few seconds."""
+        keep it in their tables and time out on it); and members should see how we are
+        reachable. Both follow the NAT manager's verdict."""
         while True:
-            private = self.nat.status().get("reachability") == "private"
+            reach = self.nat.status()
+            private = reach.get("reachability") == "private"
             wanted = "client" if private else "server"
             if dht.statistics().get("mode") != wanted:
                 log.info("dht: switching to %s mode (reachability %s)", wanted,
-                         self.nat.status().get("reachability"))
+                         reach.get("reachability"))
                 dht.set_mode(wanted)
-            await trio.sleep(5)
+            self._publish_reachability(reach)
+            await self.nat.wait_reachability_change()
+
+    def _publish_reachability(self, reach: dict[str, Any]) -> None:
+        from lattice.core.state import LocalStateError, Set
+        if self.sync is None:
+            return
+        words = reach.get("reachability", "unknown")
+        if words == "private" and reach.get("nat") not in (None, "unknown", "none"):
+            words = f"private-{reach['nat']}"
+        addrs = [a for a in self.nat.advertised_addrs()][:16]
+        try:
+            self.sync.write([Set("member/peer_id", self.identity.peer_id),
+                             Set("member/reachability", words[:32]),
+                             Set("member/addrs", addrs)])
+        except LocalStateError as e:
+            log.warning("could not publish reachability in our member record: %s", e)
 
     async def _dht_bootstrap_and_persist(self, dht: Any) -> None:
         peers = []
