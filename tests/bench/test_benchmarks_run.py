@@ -7,6 +7,7 @@ bench/anchors/setup.sh has built their virtualenvs, as .ci/run does.
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,10 @@ CASES = [
     ("gossip_exchange.py", ["--params", "1000000", "--repeat", "2"], [r"median [\d.]+ s"]),
     ("train_job.py", ["--peers", "2", "--steps", "40"],
      [r"merged model \(network run\)\s+accuracy 0\.\d+", r"centralized SGD baseline"]),
+    pytest.param("nat_traversal.py", ["--attempts", "1"], [r"nat_cone_x_cone", r"public_x_cone"],
+                 marks=pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                                          reason="the NAT bench needs root and ip netns"),
+                 id="nat_traversal.py"),
 ]
 ANCHOR_ROWS = {
     "tensor_transfer.py": [r"^hivemind\s+1\s+\d+", r"^lattica\s+1\s+\d+"],
@@ -37,7 +42,8 @@ ANCHOR_ROWS = {
 }
 
 
-@pytest.mark.parametrize("script,args,expect", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("script,args,expect", CASES,
+                         ids=[c[0] if isinstance(c, tuple) else None for c in CASES])
 def test_benchmark_prints_its_figures(script, args, expect):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT,
