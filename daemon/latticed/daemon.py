@@ -25,6 +25,7 @@ from lattice.api.errors import (
     PeerUnreachableError,
 )
 from lattice.api.methods import EVENT_TOPICS, schema
+from lattice.net.streams import PeerError  # no libp2p import: safe before the host is up
 
 from latticed import __version__
 from latticed import statedir
@@ -35,6 +36,7 @@ from latticed.rpc_server import ClientConnection, RpcServer
 log = logging.getLogger("latticed")
 
 STARTING, RUNNING, STOPPING = "starting", "running", "stopping"
+RELAY_KEY = "lattice:circuit-relay-v2"  # relays provide this name in the DHT
 
 
 class Daemon:
@@ -150,7 +152,30 @@ class Daemon:
         nursery.start_soon(self._dht_bootstrap_and_persist, dht)
         if cfg["dht.mode"] == "auto" and self.nat is not None:
             nursery.start_soon(self._dht_mode_follows_reachability, dht)
+        if self.nat is not None:
+            nursery.start_soon(self._relays_through_dht, dht)
         return dht
+
+    async def _relays_through_dht(self, dht: Any) -> None:
+        """Relays announce themselves as providers of RELAY_KEY; daemons behind a NAT
+        look them up, so relays are found beyond the bootstrap peers. Every minute: the
+        announcement is cheap to repeat and a NATed daemon's candidates age out."""
+        provided = False
+        while True:
+            try:
+                if self.nat.relaying and not provided:
+                    await dht.provide(RELAY_KEY)
+                    provided = True
+                elif not self.nat.relaying and provided:
+                    dht.unprovide(RELAY_KEY)
+                    provided = False
+                if self.nat.status().get("reachability") != "public":
+                    found = await dht.find_providers(RELAY_KEY)
+                    self.nat.learn_relays([(p.peer_id, [a.split("/p2p/")[0] for a in p.addrs])
+                                           for p in found])
+            except (ValueError, PeerError) as e:  # RecordError is a ValueError
+                log.warning("relay discovery through the DHT failed: %s", e)
+            await trio.sleep(60)
 
     async def _dht_mode_follows_reachability(self, dht: Any) -> None:
         """A daemon others cannot dial must not answer as a DHT server (its peers would
@@ -191,6 +216,15 @@ class Daemon:
             # the bootstrap keepers dial in parallel; the DHT pings and looks itself up
             size = await dht.bootstrap(peers)
             log.info("dht: routing table holds %d peers after bootstrap", size)
+        # Peers that join after us only reach our table if we look again: a few early
+        # self-lookups (cheap: they ask only the closest peers; the full random-walk
+        # refresh waits refresh_interval, 10 min by default) fill the table while the
+        # network is forming, and put us in our neighbours' tables.
+        from lattice.core.kademlia import peer_hash
+        for delay in (3.0, 10.0, 30.0):
+            await trio.sleep(delay)
+            await dht.find_closest_peers(peer_hash(self.identity.peer_id))
+        log.info("dht: routing table holds %d peers", dht.statistics()["routing_table_size"])
         while True:
             await trio.sleep(300)  # persist the routing table so a restart rejoins fast
             self._save_dht_state()

@@ -834,6 +834,25 @@ class NatManager:
                             pass
         return False
 
+    # -- relays found elsewhere (the DHT) ----------------------------------------------------
+    def learn_relays(self, relays: list[tuple[str, list[str]]]) -> None:
+        """Relays found by others means (the daemon's DHT provider lookup): (peer id,
+        multiaddrs without /p2p) each; they join the candidates we reserve on."""
+        now = trio.current_time()
+        for pid, addrs in relays:
+            if pid == self.me or not addrs:
+                continue
+            if pid not in self._learned_relays:
+                self._wake_keeper.set()
+            self._learned_relays[pid] = ([f"{a}/p2p/{pid}" for a in addrs[:8]], now)
+        while len(self._learned_relays) > _RELAY_CANDIDATES_MAX:
+            self._learned_relays.pop(next(iter(self._learned_relays)))
+
+    @property
+    def relaying(self) -> bool:
+        """True while we serve as a relay hop for others."""
+        return bool(self.relay.serving)
+
     # -- reservations (client side) ---------------------------------------------------------
     def _wants_reservations(self) -> bool:
         return self.config.max_relays > 0 and self._verdict.reachability != "public"
