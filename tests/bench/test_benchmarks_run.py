@@ -24,9 +24,10 @@ CASES = [
     ("daemon_startup.py", ["--runs", "2", "--idle", "1"], [r"mdns off\s+[\d.]+\s+[\d.]+"]),
     ("crdt_convergence.py", ["--sizes", "8", "--writes", "3"], [r"^\s+8\s+3\s+[\d.]+"]),
     ("dht_latency.py", ["--nodes", "2", "--ops", "10"], [r"lattice"]),
-    ("tensor_transfer.py", ["--mib", "16", "--reps", "1"],
+    ("tensor_transfer.py", ["--mib", "16", "--reps", "1", "--timeout", "90"],
      [r"^raw\s+1\s+\d+", r"^libp2p\s+1\s+\d+", r"^ours\s+1\s+\d+"]),
-    ("pairwise_exchange.py", ["--params", "1000000", "--reps", "2"], [r"^ours\s+2\s+[\d.]+"]),
+    ("pairwise_exchange.py", ["--params", "1000000", "--reps", "2", "--timeout", "120"],
+     [r"^ours\s+2\s+[\d.]+"]),
     ("gossip_exchange.py", ["--params", "1000000", "--repeat", "2"], [r"median [\d.]+ s"]),
     ("train_job.py", ["--peers", "2", "--steps", "40"],
      [r"merged model \(network run\)\s+accuracy 0\.\d+", r"centralized SGD baseline"]),
@@ -35,9 +36,11 @@ CASES = [
                                           reason="the NAT bench needs root and ip netns"),
                  id="nat_traversal.py"),
 ]
+# An anchor row must be there: with its figures, or with the error that stopped it (a
+# third-party system hanging in CI must not turn our build red; the row says so).
 ANCHOR_ROWS = {
-    "tensor_transfer.py": [r"^hivemind\s+1\s+\d+", r"^lattica\s+1\s+\d+"],
-    "pairwise_exchange.py": [r"^hivemind\s+2\s+[\d.]+"],
+    "tensor_transfer.py": [r"^hivemind\s+(1\s+\d+|error)", r"^lattica\s+(1\s+\d+|error)"],
+    "pairwise_exchange.py": [r"^hivemind\s+(2\s+[\d.]+|error)"],
     "dht_latency.py": [r"hivemind", r"[Ll]attica"],
 }
 

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ import pytest
 
 import lattice
 from lattice.testing import natlab
+from lattice.testing.daemons import wait_for
 
 UNAVAILABLE = natlab.unavailable_reason()
 LISTEN_PORT = 4001
@@ -37,15 +37,7 @@ def pytest_collection_modifyitems(config, items):
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
                interval: float = 0.05) -> Any:
     """Poll a condition of another process (no event to subscribe to), with a deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    return wait_for(predicate, timeout, what, interval)
 
 
 class NatDaemon:
