@@ -75,7 +75,11 @@ def test_daemons_reach_each_other_by_peer_id_across_nats(natnet, case):
         wait(lambda: all(x.reach()["relay_service"]["circuits"] == 0 for x in (boot, relay)),
              10, "relayed connection retired")
         punch = b.reach()["holepunch"]
-        assert punch["direct"] >= 1 and punch["failed"] == 0
+        assert punch["failed"] == 0
+        if a_reach == "private":
+            # between two NATs only a punch makes it direct; with a public a, b may
+            # simply have dialed a already (its DHT lookups do), which is as good
+            assert punch["direct"] >= 1
         carriers = []
     else:
         wait(lambda: b.reach()["holepunch"]["relayed"] >= 1, 5, "b to decide to stay relayed")
