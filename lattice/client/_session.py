@@ -7,7 +7,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from lattice.api.errors import ErrorCode, LatticeError, error_from_wire
+from lattice.api.errors import ErrorCode, LatticeError, PermissionDeniedError, error_from_wire
 from lattice.api.framing import NOTIFICATION, REQUEST, RESPONSE, Frame, FrameDecoder, frame
 from lattice.api.paths import default_socket
 
@@ -33,6 +33,20 @@ class DaemonNotRunningError(LatticeError):
 
 class ProtocolViolation(LatticeError):
     """The daemon sent something that is not msgpack-RPC (a bug or a foreign socket)."""
+
+
+def connect_error(path: Path, error: OSError) -> LatticeError | None:
+    """What a failed connect to the daemon's socket means to a user (None: not ours to
+    explain). Shared by the blocking and the trio client."""
+    if isinstance(error, FileNotFoundError):
+        return DaemonNotRunningError(path, "the socket does not exist")
+    if isinstance(error, ConnectionRefusedError):
+        return DaemonNotRunningError(path, "stale socket: nothing accepts connections")
+    if isinstance(error, PermissionError):
+        return PermissionDeniedError(
+            f"cannot open {path}: permission denied (the daemon runs as another user; "
+            "run this as that user or root)")
+    return None
 
 
 def resolve_socket(socket: str | Path | None) -> Path:

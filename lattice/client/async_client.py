@@ -10,9 +10,13 @@ from typing import Any
 
 import trio
 
-from lattice.api.errors import PermissionDeniedError
 from lattice.client._methods import METHOD_MAP, params_for
-from lattice.client._session import DaemonNotRunningError, RpcSession, resolve_socket
+from lattice.client._session import (
+    DaemonNotRunningError,
+    RpcSession,
+    connect_error,
+    resolve_socket,
+)
 
 
 class AsyncClient:
@@ -122,17 +126,9 @@ async def _connect_unix(path: Path) -> trio.SocketStream:
     sock = trio.socket.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
     try:
         await sock.connect(str(path))
-    except FileNotFoundError:
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
         sock.close()
-        raise DaemonNotRunningError(path, "the socket does not exist") from None
-    except ConnectionRefusedError:
-        sock.close()
-        raise DaemonNotRunningError(path, "stale socket: nothing accepts connections") from None
-    except PermissionError:
-        sock.close()
-        raise PermissionDeniedError(
-            f"cannot open {path}: permission denied (the daemon runs as another user; "
-            "run this as that user or root)") from None
+        raise connect_error(path, e) from None
     return trio.SocketStream(sock)
 
 

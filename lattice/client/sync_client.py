@@ -8,9 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lattice.api.errors import PermissionDeniedError
 from lattice.client._methods import METHOD_MAP, params_for
-from lattice.client._session import DaemonNotRunningError, RpcSession, resolve_socket
+from lattice.client._session import (
+    DaemonNotRunningError,
+    RpcSession,
+    connect_error,
+    resolve_socket,
+)
 
 
 class Client:
@@ -134,17 +138,9 @@ def _open(path: Path, timeout: float | None) -> socket_mod.socket:
     s.settimeout(timeout)
     try:
         _connect_patiently(s, path, timeout)
-    except FileNotFoundError:
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
         s.close()
-        raise DaemonNotRunningError(path, "the socket does not exist") from None
-    except ConnectionRefusedError:
-        s.close()
-        raise DaemonNotRunningError(path, "stale socket: nothing accepts connections") from None
-    except PermissionError:
-        s.close()
-        raise PermissionDeniedError(
-            f"cannot open {path}: permission denied (the daemon runs as another user; "
-            "run this as that user or root)") from None
+        raise connect_error(path, e) from None
     return s
 
 
