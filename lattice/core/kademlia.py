@@ -389,6 +389,14 @@ class Lookup:
         """Stop early (the caller found what it was looking for)."""
         self._finished = True
 
+    def widen(self, num_results: int) -> None:
+        """Go on until ``num_results`` closest live peers answered (a get that found
+        nothing among the quorum closest asks on before calling it a miss)."""
+        if num_results > self.num_results:
+            self.num_results = num_results
+            self.max_candidates = max(self.max_candidates, 4 * num_results)
+            self._finished = False
+
     # -- results --
 
     @property

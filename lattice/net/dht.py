@@ -20,6 +20,7 @@ seconds), injectable so tests can drive both with `autojump_clock`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -83,6 +84,8 @@ from lattice.net.streams import (
 )
 
 log = logging.getLogger("lattice.net.dht")
+# keys whose last background completion time we remember (bounds `_completed`)
+_COMPLETIONS_REMEMBERED = 1024
 
 STATE_VERSION = 1
 # Answers carrying records stop growing past this, well under the 1 MiB frame limit.
@@ -130,6 +133,8 @@ class DHTConfig:
     # A get converges when this many closest live peers answered; each holds every
     # publisher's record since puts replicate to the `replication` closest.
     get_quorum: int = 3
+    # a get answered from our own store asks the network at most this often per key
+    get_refresh_interval: float = 30.0
     request_timeout: float = 5.0
     max_inflight_requests: int = 64
     max_inbound_streams: int = 256
@@ -288,6 +293,7 @@ class KademliaDHT:
         self._idle: OrderedDict[str, list[tuple[_Framed, float]]] = OrderedDict()
         self._pings_in_flight = 0
         self._nursery: trio.Nursery | None = None
+        self._completed: OrderedDict[str, float] = OrderedDict()  # key -> last completion
         self._republish_now = trio.Event()
         self.requests_in: Counter[str] = Counter()
         self.requests_out: Counter[str] = Counter()
@@ -353,24 +359,24 @@ class KademliaDHT:
         """Every live record under ``key``, one per publisher."""
         return (await self.get_result(key)).records
 
-    async def get_result(self, key: str) -> GetResult:
+    async def get_result(self, key: str, *, fresh: bool = False) -> GetResult:
+        """Every live record under ``key``. When we are among the `replication` closest
+        peers to the key, every put reached our own store too: what it holds is the
+        answer at once (as hivemind and rust-libp2p do), and a network lookup completes
+        our copy in the background. Otherwise, when we hold nothing, or when ``fresh``
+        is asked for, it is a network lookup (see `_collect`)."""
         split_key(key)  # Malformed for keys no node would store
-        found: list[Record] = list(self.records.get(key, self._wall()))
-        verified: dict[bytes, Record] = {r.signature: r for r in found}
-        holders: list[str] = []
-
-        def on_answer(lookup: Lookup, peer: str, answer: Message) -> list[PeerInfo]:
-            records = self._accept_records(peer, key, answer.body["records"], verified)
-            if records:
-                found.extend(records)
-                holders.append(peer)
-            return answer.body["closer"]
-
-        lookup = await self._run_lookup(key_hash(key), "GET_VALUE", {"key": key},
-                                        num_results=self._answers_needed(key_hash(key)),
-                                        on_answer=on_answer)
-        hops = max((lookup.hops_to(p) for p in holders), default=lookup.hops)
-        return GetResult(merge_records(found), hops, lookup.requests_sent)
+        target = key_hash(key)
+        local = self.records.get(key, self._wall())
+        if local and not fresh and self._among_replicas(target):
+            self._complete_in_background(key)
+            return GetResult(merge_records(local), 0, 0)
+        records, hops, requests = await self._collect(key, "GET_VALUE", self.records, "records")
+        if records and self._among_replicas(target):
+            for record in records:
+                self.records.put(record, self._wall())
+            self._remember_completion(key)
+        return GetResult(records, hops, requests)
 
     async def provide(self, name: str) -> PutResult:
         """Announce that we serve ``name`` (a blob id, a job id...) until `unprovide`;
@@ -390,18 +396,9 @@ class KademliaDHT:
     async def find_providers(self, name: str) -> list[Provider]:
         """Live providers of ``name``; their addresses go to the address book."""
         key = provider_key(name)
-        found: list[Record] = list(self.providers.get(key, self._wall()))
-        verified: dict[bytes, Record] = {r.signature: r for r in found}
-
-        def on_answer(lookup: Lookup, peer: str, answer: Message) -> list[PeerInfo]:
-            found.extend(self._accept_records(peer, key, answer.body["providers"], verified))
-            return answer.body["closer"]
-
-        await self._run_lookup(key_hash(key), "GET_PROVIDERS", {"key": key},
-                               num_results=self._answers_needed(key_hash(key)),
-                               on_answer=on_answer)
+        records, _, _ = await self._collect(key, "GET_PROVIDERS", self.providers, "providers")
         out = []
-        for r in merge_records(found):
+        for r in records:
             addrs = record_addrs(r)
             self._learn_addrs(r.publisher, addrs)
             out.append(Provider(r.publisher, addrs, r.expires_at))
@@ -556,15 +553,103 @@ class KademliaDHT:
             return max(quorum - 1, 1)
         return quorum
 
+    def _among_replicas(self, target: int) -> bool:
+        """Whether puts for ``target`` store at us: we are among the `replication`
+        closest peers our routing table knows."""
+        closest = self.table.closest(target, self.config.replication)
+        return (len(closest) < self.config.replication
+                or peer_hash(self.peer_id) ^ target < peer_hash(closest[-1]) ^ target)
+
+    async def _collect(self, key: str, mtype: str, store: RecordStore,
+                       field: str) -> tuple[list[Record], int, int]:
+        """Records under ``key`` from our ``store`` and the network: (newest per
+        publisher, hops, requests). Converges when the quorum closest live peers
+        answered; when neither they nor we hold anything it widens to the k closest
+        before calling it a miss, so one replica whose store failed (a timeout under
+        load) cannot hide a record. Replicas among the quorum that answered without
+        a record we found get it stored in the background (read repair)."""
+        target = key_hash(key)
+        found: list[Record] = list(store.get(key, self._wall()))
+        verified: dict[bytes, Record] = {r.signature: r for r in found}
+        held: dict[str, set[bytes]] = {}
+
+        def on_answer(lookup: Lookup, peer: str, answer: Message) -> list[PeerInfo]:
+            records = self._accept_records(peer, key, answer.body[field], verified)
+            held[peer] = {r.signature for r in records}
+            found.extend(records)
+            return answer.body["closer"]
+
+        lookup = self._new_lookup(target, self._answers_needed(target))
+        await self._drive(lookup, mtype, {"key": key}, on_answer)
+        if not found:
+            lookup.widen(self.config.k)
+            await self._drive(lookup, mtype, {"key": key}, on_answer)
+        records = merge_records(found)
+        holders = [p for p, sigs in held.items() if sigs]
+        hops = max((lookup.hops_to(p) for p in holders), default=lookup.hops)
+        self._repair_in_background(
+            records, [p for p in lookup.result()[:self.config.get_quorum]
+                      if p in held and not {r.signature for r in records} <= held[p]],
+            "PUT_VALUE" if mtype == "GET_VALUE" else "ADD_PROVIDER")
+        return records, hops, lookup.requests_sent
+
+    def _complete_in_background(self, key: str) -> None:
+        """After a get answered from our store: ask the network too (at most once per
+        `get_refresh_interval` per key) and keep what we lacked, for the next get."""
+        last = self._completed.get(key)
+        if self._nursery is None or (
+                last is not None
+                and trio.current_time() - last < self.config.get_refresh_interval):
+            return
+        self._remember_completion(key)
+
+        async def complete() -> None:
+            records, _, _ = await self._collect(key, "GET_VALUE", self.records, "records")
+            for record in records:
+                self.records.put(record, self._wall())
+
+        self._nursery.start_soon(complete)
+
+    def _remember_completion(self, key: str) -> None:
+        """The network was just asked about ``key``: no background completion for a
+        while."""
+        self._completed[key] = trio.current_time()
+        self._completed.move_to_end(key)
+        while len(self._completed) > _COMPLETIONS_REMEMBERED:
+            self._completed.popitem(last=False)
+
+    def _repair_in_background(self, records: list[Record], peers: list[str],
+                              mtype: str) -> None:
+        if self._nursery is None or not records or not peers:
+            return
+
+        async def repair(peer: str) -> None:
+            for record in records:
+                with contextlib.suppress(PeerError):
+                    await self._request(peer, mtype, record=record.to_wire())
+
+        for peer in peers:
+            self._nursery.start_soon(repair, peer)
+
+    def _new_lookup(self, target: int, num_results: int) -> Lookup:
+        return Lookup(target, self.table.closest(target, self.config.k),
+                      local_peer_id=self.peer_id, num_results=num_results,
+                      alpha=self.config.alpha, request_timeout=self.config.request_timeout)
+
     async def _run_lookup(
         self, target: int, mtype: str, body: dict[str, Any], *, num_results: int,
         on_answer: Callable[[Lookup, str, Message], list[PeerInfo]] | None = None,
     ) -> Lookup:
-        lookup = Lookup(target, self.table.closest(target, self.config.k),
-                        local_peer_id=self.peer_id, num_results=num_results,
-                        alpha=self.config.alpha, request_timeout=self.config.request_timeout)
+        lookup = self._new_lookup(target, num_results)
+        await self._drive(lookup, mtype, body, on_answer)
+        return lookup
+
+    async def _drive(self, lookup: Lookup, mtype: str, body: dict[str, Any],
+                     on_answer: Callable[[Lookup, str, Message], list[PeerInfo]] | None,
+                     ) -> None:
+        """Run ``lookup`` until it finishes; our requests for it are cancelled then."""
         send, recv = trio.open_memory_channel[tuple[str, Message | None]](
-            max(num_results, self.config.alpha))
+            max(lookup.num_results, self.config.alpha))
         async with trio.open_nursery() as nursery:
             while True:
                 step = lookup.next(trio.current_time())
@@ -586,7 +671,6 @@ class KademliaDHT:
                     lookup.on_success(peer, [i.peer_id for i in closer
                                              if i.mode is Mode.SERVER])
             nursery.cancel_scope.cancel()
-        return lookup
 
     async def _query(self, peer: str, mtype: str, body: dict[str, Any],
                      results: trio.MemorySendChannel) -> None:

@@ -158,22 +158,30 @@ async def test_churn_a_third_of_the_nodes_and_the_rest_still_find_records(swarm,
     # has to restore them
     config = DHTConfig(replication=4, republish_interval=300.0, refresh_interval=120.0)
     nodes = await swarm.grow(N, config=config)
+    keys = [user_key(f"c{i}") for i in range(N)]
     for i, node in enumerate(nodes):
-        await node.put(user_key(f"c{i}"), i, ttl=3600)
+        await node.put(keys[i], i, ttl=3600)
     # kill the third of the nodes that hold the most replicas
     dead = set(sorted(range(N), key=lambda i: -len(nodes[i].records))[:N // 3])
     for i in dead:
         swarm.net.disconnect(nodes[i].peer_id)
     alive = [n for i, n in enumerate(nodes) if i not in dead]
     survivors = [i for i in range(N) if i not in dead]
-    lost = [i for i in survivors if not await alive[0].get(user_key(f"c{i}"))]
-    assert lost, "churn lost no replica set: this test would not exercise republishing"
+
+    def replicas_missing(i):
+        """Of the `replication` closest live nodes to key i, those without its record."""
+        target = key_hash(keys[i])
+        closest = sorted(alive, key=lambda n: peer_hash(n.peer_id) ^ target)
+        return [n for n in closest[:config.replication]
+                if not n.records.get(keys[i], wall_clock())]
+
+    lost = [i for i in survivors if replicas_missing(i)]
+    assert lost, "churn lost no replica: this test would not exercise republishing"
     await trio.sleep(config.republish_interval + 1)
+    assert not [i for i in survivors if replicas_missing(i)]
     for reader in alive:
-        for i, writer in enumerate(nodes):
-            if i in dead:
-                continue
-            got = await reader.get(user_key(f"c{i}"))
+        for i in survivors:
+            got = await reader.get(keys[i])
             assert [r.unpack_value() for r in got] == [i], (reader.peer_id, i)
     for node in alive:
         assert not any(nodes[i].peer_id in node.table for i in dead)
@@ -262,20 +270,76 @@ async def test_statistics_report_the_table_mode_and_traffic(swarm, autojump_cloc
     assert nodes[3].statistics()["rejected"] == {}
 
 
-async def test_a_get_costs_a_quorum_of_requests(swarm, autojump_clock):
+async def test_what_a_get_costs(swarm, autojump_clock):
     nodes = await swarm.grow(N)
     writer, reader = nodes[2], nodes[9]
     ours = peer_hash(reader.peer_id)
 
-    def among_closest(key):
+    def rank(key):
+        """How many of the reader's known peers are closer to ``key`` than it is."""
         target = key_hash(key)
-        others = sorted(peer_hash(p) ^ target for p in reader.table.peers())
-        return (ours ^ target) < others[2]
+        return sum(peer_hash(p) ^ target < ours ^ target for p in reader.table.peers())
 
-    near = next(k for k in (user_key(f"near-{i}") for i in range(1000)) if among_closest(k))
-    far = next(k for k in (user_key(f"far-{i}") for i in range(1000)) if not among_closest(k))
-    for key, expected in ((far, 3), (near, 2)):  # our own store answers for us
-        await writer.put(key, key, ttl=600)
-        before = reader.requests_out["GET_VALUE"]
-        assert [r.unpack_value() for r in await reader.get(key)] == [key]
-        assert reader.requests_out["GET_VALUE"] - before == expected
+    def gets_sent():
+        return reader.requests_out["GET_VALUE"]
+
+    keys = [user_key(f"key-{i}") for i in range(1000)]
+    far = next(k for k in keys if rank(k) >= reader.config.replication)
+    near = next(k for k in keys if rank(k) < 2)
+    mid = next(k for k in keys if 3 <= rank(k) < reader.config.replication)
+
+    # not a replica: the quorum closest answer
+    await writer.put(far, "far", ttl=600)
+    before = gets_sent()
+    assert [r.unpack_value() for r in await reader.get(far)] == ["far"]
+    assert gets_sent() - before == 3
+
+    # a replica holding the record answers from its store at once...
+    await writer.put(mid, "mid", ttl=600)
+    before = gets_sent()
+    assert [r.unpack_value() for r in await reader.get(mid)] == ["mid"]
+    assert gets_sent() == before
+    # ...and asks the quorum in the background, once per refresh interval
+    await trio.testing.wait_all_tasks_blocked()
+    assert gets_sent() - before == 3
+    await reader.get(mid)
+    await trio.testing.wait_all_tasks_blocked()
+    assert gets_sent() - before == 3
+
+    # a replica among the quorum closest whose store missed the put: its own (empty)
+    # store is one answer of the quorum, and it keeps what the others hold
+    await writer.put(near, "near", ttl=600)
+    reader.records._by_key.pop(near)
+    reader.records._total -= 1
+    before = gets_sent()
+    assert [r.unpack_value() for r in await reader.get(near)] == ["near"]
+    assert gets_sent() - before == 2
+    assert reader.records.get(near, wall_clock())
+
+
+async def test_a_miss_at_the_quorum_widens_the_get_and_repairs_the_replicas(swarm, autojump_clock):
+    nodes = await swarm.grow(N)
+    writer = nodes[0]
+    key = user_key("scarce")
+    put = await writer.put(key, "here", ttl=600)
+    # the reader is the node farthest from the key; every replica but the farthest one
+    # within its k closest loses the record (as if their stores had failed)
+    target = key_hash(key)
+    order = sorted(nodes, key=lambda n: peer_hash(n.peer_id) ^ target)
+    reader = next(n for n in reversed(order) if n is not writer)
+    within_k = [n for n in order if n is not reader][:reader.config.k]
+    keeper = [n for n in within_k if n.peer_id in put.stored_at][-1]
+    assert order.index(keeper) > 3  # well outside the quorum
+    for n in nodes:
+        if n is not keeper and n.records.get(key, wall_clock()):
+            n.records._by_key.pop(key)
+            n.records._total -= 1
+    before = reader.requests_out["GET_VALUE"]
+    got = await reader.get(key)
+    assert [r.unpack_value() for r in got] == ["here"]
+    assert reader.requests_out["GET_VALUE"] - before > 3  # beyond the quorum
+    # the quorum closest replicas that answered empty-handed got the record back
+    await trio.testing.wait_all_tasks_blocked()
+    closest = sorted((n for n in nodes if n is not reader),
+                     key=lambda n: peer_hash(n.peer_id) ^ target)[:3]
+    assert all(n.records.get(key, wall_clock()) for n in closest)
