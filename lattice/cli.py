@@ -196,7 +196,7 @@ def cmd_dht_put(args: argparse.Namespace) -> int:
 
 def cmd_dht_get(args: argparse.Namespace) -> int:
     with connect(args.socket) as c:
-        r = c.dht_get(args.key)
+        r = c.dht_get(args.key, fresh=args.fresh)
     if args.json:
         _emit_json(r)
         return 0
@@ -434,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_dht_put)
     d = dsub.add_parser("get", parents=[common, js], help="every live value under KEY")
     d.add_argument("key")
+    d.add_argument("--fresh", action="store_true",
+                   help="ask the network even when this daemon holds a replica")
     d.set_defaults(func=cmd_dht_get)
 
     s = sub.add_parser("members", parents=[common, js], help="network members and their liveness")

@@ -259,12 +259,13 @@ class Daemon:
                 "expires_at": result.record.expires_at, "stored_at": len(result.stored_at),
                 "hops": result.hops}
 
-    async def rpc_dht_get(self, client: ClientConnection, key: str) -> dict[str, Any]:
+    async def rpc_dht_get(self, client: ClientConnection, key: str,
+                          fresh: bool = False) -> dict[str, Any]:
         from lattice.core.codec import DecodeError, unpack
         from lattice.core.records import RecordError
         dht = self._require_dht()
         try:
-            result = await dht.get_result(self._dht_key(key))
+            result = await dht.get_result(self._dht_key(key), fresh=fresh)
         except (RecordError, ValueError) as e:
             raise InvalidArgumentError(f"bad key: {e}") from None
         records = []

@@ -117,8 +117,11 @@ _METHOD_LIST = [
                    Param("value", "any", "msgpack value (size-limited)"),
                    Param("ttl", "float", "seconds until expiry", required=False, default=3600.0)),
            access="write"),
-    Method("dht.get", "Every live record under KEY, one per publisher, with hop count.",
-           params=(Param("key", "str", "as for dht.put", max_len=512),)),
+    Method("dht.get", "Every live record under KEY, one per publisher, with hop count "
+           "(0: answered from this daemon's own replica).",
+           params=(Param("key", "str", "as for dht.put", max_len=512),
+                   Param("fresh", "bool", "ask the network even when this daemon holds a "
+                         "replica", required=False, default=False))),
     Method("dht.provide", "Announce that this daemon provides NAME (a blob, a job).",
            params=(Param("name", "str", "what we provide", max_len=512),), access="write"),
     Method("dht.find_providers", "Live providers of NAME with their addresses.",

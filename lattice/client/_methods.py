@@ -18,7 +18,7 @@ METHOD_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
     "state_set": ("state.set", ("path", "value")),
     "state_stats": ("state.stats", ()),
     "dht_put": ("dht.put", ("key", "value", "ttl")),
-    "dht_get": ("dht.get", ("key",)),
+    "dht_get": ("dht.get", ("key", "fresh")),
     "dht_provide": ("dht.provide", ("name",)),
     "find_providers": ("dht.find_providers", ("name",)),
     "find_peer": ("peers.find", ("peer_id",)),

@@ -1,6 +1,7 @@
 """Discovery across real daemons: one bootstrap address is enough to find everyone,
 records put anywhere are readable everywhere within log2(N)+2 hops, and survive churn."""
 
+import json
 import math
 import random
 import signal
@@ -10,7 +11,7 @@ import pytest
 
 import lattice
 from lattice.client.localnet import LocalNet
-from lattice.testing.daemons import wait_for
+from lattice.testing.daemons import run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -79,3 +80,30 @@ def test_bad_records_are_refused(daemons):
         assert "ttl" in str(e.value)
         with pytest.raises(lattice.LatticeError):
             c.dht_put("/nonsense-namespace/x", 1, 60)
+
+
+def test_dht_get_from_the_shell_answers_from_a_replica_or_fresh_from_the_network(daemons):
+    a = daemons("--no-mdns")
+    a.wait_running()
+    b = daemons("--no-mdns", "--bootstrap", a.addr())
+    b.wait_running()
+    with b.client() as cb:
+        wait_for(lambda: cb.status()["dht"]["routing_table_size"] >= 1, 20, "b to know a")
+    put = run_cli("dht", "put", "greeting", "hello", "--ttl", "600", socket=a.socket)
+    assert put.returncode == 0, put.stderr
+    # b is among the replicas (two nodes): its own store answers
+    local = run_cli("dht", "get", "greeting", "--json", socket=b.socket)
+    assert local.returncode == 0, local.stderr
+    doc = json.loads(local.stdout)
+    assert [r["value"] for r in doc["records"]] == ["hello"] and doc["hops"] == 0
+    assert doc["records"][0]["publisher"] == a.peer_id()
+    # --fresh asks a, one hop away
+    fresh = run_cli("dht", "get", "greeting", "--fresh", "--json", socket=b.socket)
+    assert fresh.returncode == 0, fresh.stderr
+    doc = json.loads(fresh.stdout)
+    assert [r["value"] for r in doc["records"]] == ["hello"] and doc["hops"] == 1
+    # the human table names the publisher; an unknown key says so and exits 1
+    table = run_cli("dht", "get", "greeting", socket=b.socket)
+    assert table.returncode == 0 and a.peer_id() in table.stdout
+    missing = run_cli("dht", "get", "nobody-wrote-this", socket=b.socket)
+    assert missing.returncode == 1 and "no live records" in missing.stderr
