@@ -25,6 +25,12 @@ traffic is dropped silently, in FORWARD *and* INPUT. INPUT matters: an unsolicit
 to the router's own WAN address that matches no NAT mapping is local traffic; without
 the drop the router's kernel answers with a RST, which kills the peer's half of a TCP
 simultaneous open (real routers that do this break hole punching; ours do not).
+Inside a LAN, hosts reach each other directly through the router's LAN bridge, as
+through a home router's switch, multicast (mDNS) included. The router's FORWARD chain
+accepts lan0 -> lan0 explicitly: where the host kernel has br_netfilter loaded (docker,
+for one, loads it; net.bridge.bridge-nf-call-iptables is then 1 in every namespace),
+frames switched between two LAN ports traverse the router's iptables FORWARD chain, whose
+policy is DROP; without the rule two hosts on one LAN could not exchange a single packet.
 A `firewalled` public host has a public address but drops NEW inbound traffic itself.
 The internet itself (198.18.0.1 on br0, the default route of every public host and
 router) silently drops packets for destinations it does not hold, as the real internet
@@ -153,6 +159,8 @@ CASES: dict[str, Spec] = {
             (PublicHost("bootstrap"), PublicHost("relay"), PublicHost("a", firewalled=True)),
             (Lan("lanb", Nat.CONE, ("b",)),),
         ),
+        # one home LAN and nothing public: what daemons find there without any bootstrap
+        Spec("same_lan", (), (Lan("lan", Nat.CONE, ("a", "b", "c", "d")),)),
     )
 }
 
@@ -319,6 +327,7 @@ COMMIT
 -A UNSOLICITED -j DROP
 -A INPUT -i wan0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
 -A INPUT -i wan0 -j UNSOLICITED
+-A FORWARD -i lan0 -o lan0 -j ACCEPT
 -A FORWARD -i lan0 -o wan0 -j ACCEPT
 -A FORWARD -i wan0 -o lan0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
 -A FORWARD -i wan0 -j UNSOLICITED

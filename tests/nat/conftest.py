@@ -41,17 +41,20 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
 
 
 class NatDaemon:
-    """One `latticed` inside a testbed namespace."""
+    """One `latticed` inside a testbed namespace. mDNS is off unless asked for (the NAT
+    cases are about what crosses routers); ``listen`` defaults to the host's address."""
 
     def __init__(self, node: natlab.Node, state_dir: Path, bootstrap: list[str],
-                 extra: tuple[str, ...]) -> None:
+                 extra: tuple[str, ...], *, mdns: bool = False,
+                 listen: str | None = None) -> None:
         self.node = node
         self.name = node.name
         self.state_dir = state_dir
         self.socket = state_dir / "latticed.sock"
         self.log = state_dir.parent / f"{node.name}.log"
         args = [sys.executable, "-m", "latticed", "--state-dir", str(state_dir),
-                "--listen", f"/ip4/{node.addr}/tcp/{LISTEN_PORT}", "--no-mdns",
+                "--listen", listen or f"/ip4/{node.addr}/tcp/{LISTEN_PORT}",
+                *(() if mdns else ("--no-mdns",)),
                 "--log-level", "info", "--name", node.name, *extra]
         for b in bootstrap:
             args += ["--bootstrap", b]
@@ -111,8 +114,10 @@ class NatNet:
         self.root = root
         self.daemons: dict[str, NatDaemon] = {}
 
-    def start(self, name: str, *, bootstrap: list[str] = (), extra: tuple[str, ...] = ()) -> NatDaemon:
-        d = NatDaemon(self.tb.host(name), self.root / name, list(bootstrap), extra)
+    def start(self, name: str, *, bootstrap: list[str] = (), extra: tuple[str, ...] = (),
+              mdns: bool = False, listen: str | None = None) -> NatDaemon:
+        d = NatDaemon(self.tb.host(name), self.root / name, list(bootstrap), extra,
+                      mdns=mdns, listen=listen)
         self.daemons[name] = d
         return d
 
@@ -145,7 +150,7 @@ def natnet():
     built: list[NatNet] = []
     stack = []
 
-    def make(case: str) -> NatNet:
+    def make(case: str | natlab.Spec) -> NatNet:
         cm = natlab.Testbed.build(case)
         tb = cm.__enter__()
         stack.append(cm)
