@@ -164,7 +164,7 @@ SETTINGS: list[Setting] = [
     Setting("bulk.port", int, 0, "TCP port of the side channel (0: any free port)",
             _at_least(0)),
     Setting("bulk.advertise", list, [], "IP addresses peers reach the side channel at "
-            "(default: those of the listen addresses; needed when listening on 0.0.0.0)"),
+            "(default: the listen addresses, 0.0.0.0 replaced by the host's interface addresses)"),
     Setting("blobs.max_store_bytes", int, 4 << 30, "disk used for model blobs, at most",
             _at_least(1 << 20)),
 ]

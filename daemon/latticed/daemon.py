@@ -143,7 +143,7 @@ class Daemon:
         except FileNotFoundError:
             state = None
         start = functools.partial(dht_mod.serve_dht, node, self.identity, config=config,
-                                  address_book=node, self_addrs=node.listen_addrs)
+                                  address_book=node, self_addrs=node.dialable_addrs)
         try:
             dht = await nursery.start(functools.partial(start, state=state))
         except dht_mod.StateError as e:
@@ -329,8 +329,9 @@ class Daemon:
 
     async def _start_bulk_listener(self, nursery: trio.Nursery) -> Any:
         """The side channel for large tensors, bound next to the libp2p listener. With a
-        wildcard listen address and nothing to advertise, it stays off (tensors then go
-        over the libp2p stream) rather than advertise an address peers cannot reach."""
+        wildcard listen address it advertises `[bulk] advertise`, else the host's
+        interface addresses (as the DHT does); with none of those it stays off (tensors
+        then go over the libp2p stream) rather than advertise what peers cannot reach."""
         bulk = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.bulk")
         ips = []
         for addr in self.node.listen_addrs():
@@ -338,8 +339,9 @@ class Daemon:
             if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
                 ips.append(parts[2])
         host = ips[0] if ips else "127.0.0.1"
-        advertise_ips = list(self.config["bulk.advertise"]) or [
-            ip for ip in ips if ip not in ("0.0.0.0", "::")]
+        advertise_ips = list(self.config["bulk.advertise"]) or list(dict.fromkeys(
+            a.split("/")[2] for a in self.node.dialable_addrs()
+            if a.split("/")[1] in ("ip4", "ip6")))
         if not advertise_ips:
             log.warning("bulk side channel off: listening on a wildcard address and "
                         "[bulk] advertise is empty")

@@ -46,6 +46,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.exceptions import OpenConnectionError
 from libp2p.transport.tcp.tcp import TCP
+from libp2p.utils.address_validation import expand_wildcard_address
 
 from lattice.core.identity import Identity
 from lattice.net.streams import PeerError, StreamClosedError, StreamHandler, read_exactly
@@ -203,6 +204,8 @@ class Libp2pNode:
         self.identity = identity
         self._events = events
         self._conns: dict[str, _Conn] = {}
+        # (when, listen addrs, what they expand to): interfaces are not re-read each call
+        self._dialable: tuple[float, list[str], list[str]] = (-float("inf"), [], [])
         self._rtt_ms: dict[str, float] = {}
         self._measuring: set[str] = set()
         self.dropped_events = 0
@@ -267,7 +270,21 @@ class Libp2pNode:
         return [str(a) for a in self.host.get_transport_addrs()]
 
     def advertised_addrs(self) -> list[str]:
-        return [str(a) for a in self.host.get_addrs()]
+        """`dialable_addrs` with our peer id: what to hand another node to bootstrap off."""
+        return [f"{a}/p2p/{self.peer_id}" for a in self.dialable_addrs()]
+
+    def dialable_addrs(self) -> list[str]:
+        """Our listen addresses as another host can dial them: a wildcard (0.0.0.0, ::)
+        becomes this host's interface addresses, loopback and link-local left out unless
+        nothing else is there (dialing 0.0.0.0 reaches the dialer's own host). Interfaces
+        are re-read at most every 10 s. This is what the DHT, mDNS and the bulk side
+        channel announce."""
+        now, listen = time.monotonic(), self.listen_addrs()
+        since, was, dialable = self._dialable
+        if listen != was or now - since >= 10.0:
+            dialable = _expand_wildcards(listen)
+            self._dialable = (now, listen, dialable)
+        return list(dialable)
 
     def observed_addrs(self) -> list[str]:
         mgr = getattr(self.host, "_observed_addr_manager", None) or getattr(
@@ -553,3 +570,28 @@ async def open_libp2p_node(identity: Identity, listen: list[str], *, max_connect
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await host.close()
+
+
+def is_unspecified(addr: str) -> bool:
+    """True for a multiaddr on 0.0.0.0 or ::, which no peer can dial."""
+    parts = addr.split("/")
+    return len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] in ("0.0.0.0", "::")
+
+
+def _expand_wildcards(listen_addrs: list[str]) -> list[str]:
+    wide: list[str] = []
+    local: list[str] = []
+    for a in listen_addrs:
+        if not is_unspecified(a):
+            wide.append(a)
+            continue
+        try:
+            expanded = [str(e) for e in expand_wildcard_address(multiaddr.Multiaddr(a))]
+        except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error):
+            continue
+        for e in expanded:
+            if is_unspecified(e):
+                continue
+            ip = ipaddress.ip_address(e.split("/")[2])
+            (local if ip.is_loopback or ip.is_link_local else wide).append(e)
+    return list(dict.fromkeys(wide or local))

@@ -19,14 +19,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import multiaddr
 import trio
 
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.discovery.mdns.mdns import MDNSDiscovery
-from libp2p.utils.address_validation import expand_wildcard_address
 
-from lattice.net.host import PEER_ERRORS, Libp2pNode
+from lattice.net.host import PEER_ERRORS, Libp2pNode, is_unspecified
 
 log = logging.getLogger("lattice.net.mdns")
 
@@ -38,7 +36,8 @@ async def serve_mdns(node: Libp2pNode, *, task_status=trio.TASK_STATUS_IGNORED) 
     send, receive = trio.open_memory_channel[tuple[str, list[str]]](64)
 
     def on_discovered(info: Any) -> None:  # zeroconf's thread
-        item = (info.peer_id.to_base58(), [a for a in map(str, info.addrs) if _dialable(a)])
+        addrs = [a for a in map(str, info.addrs) if not is_unspecified(a)]
+        item = (info.peer_id.to_base58(), addrs)
 
         def deliver() -> None:
             try:
@@ -55,7 +54,7 @@ async def serve_mdns(node: Libp2pNode, *, task_status=trio.TASK_STATUS_IGNORED) 
     def start() -> MDNSDiscovery:
         # no host=: with it the broadcaster would announce host.get_transport_addrs()
         disc = MDNSDiscovery(node.host.get_network(), port=port,
-                             listen_addrs=lan_addrs(node.listen_addrs()))
+                             listen_addrs=node.dialable_addrs())
         disc.broadcaster.register()
         return disc
 
@@ -96,25 +95,6 @@ async def _dial(node: Libp2pNode, peer_id: str, addrs: list[str]) -> None:
             return
         except PEER_ERRORS as e:
             log.debug("peer=%s mDNS address %s failed: %s", peer_id, addr, e)
-
-
-def lan_addrs(listen_addrs: list[str]) -> list[str]:
-    """``listen_addrs`` as a peer on the LAN can dial them: each wildcard (0.0.0.0, ::)
-    replaced by this host's interface addresses (loopback and link-local left out)."""
-    out: list[str] = []
-    for a in listen_addrs:
-        try:
-            expanded = [str(e) for e in expand_wildcard_address(multiaddr.Multiaddr(a))]
-        except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error):
-            continue
-        out += [e for e in expanded if _dialable(e) and e not in out]
-    return out
-
-
-def _dialable(addr: str) -> bool:
-    """False for an unspecified IP (0.0.0.0, ::): dialing it reaches this very host."""
-    parts = addr.split("/")
-    return not (len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] in ("0.0.0.0", "::"))
 
 
 def _first_tcp_port(addrs: list[str]) -> int:

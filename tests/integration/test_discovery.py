@@ -107,3 +107,24 @@ def test_dht_get_from_the_shell_answers_from_a_replica_or_fresh_from_the_network
     assert table.returncode == 0 and a.peer_id() in table.stdout
     missing = run_cli("dht", "get", "nobody-wrote-this", socket=b.socket)
     assert missing.returncode == 1 and "no live records" in missing.stderr
+
+
+def test_a_daemon_on_a_wildcard_address_announces_addresses_peers_can_dial(daemons):
+    a = daemons("--no-mdns", "--listen", "/ip4/0.0.0.0/tcp/0")
+    a.wait_running()
+    with a.client() as ca:
+        status = ca.status()
+    port = next(x for x in status["listen_addrs"] if "/0.0.0.0/" in x).split("/")[4]
+    advertised = [x.rsplit("/p2p/", 1)[0] for x in status["advertised_addrs"]]
+    assert not any("/0.0.0.0/" in x for x in advertised), advertised
+    # the wildcard listener is announced as this host's interface address(es)
+    assert any(x.split("/")[4] == port for x in advertised), (port, advertised)
+    # a peer that bootstraps off it (over loopback) learns the same addresses from its
+    # DHT messages, never the wildcard
+    b = daemons("--no-mdns", "--bootstrap", f"/ip4/127.0.0.1/tcp/{port}/p2p/{status['peer_id']}")
+    b.wait_running()
+    with b.client() as cb:
+        wait_for(lambda: cb.status()["dht"]["routing_table_size"] >= 1, 20, "b to know a")
+        found = cb.find_peer(status["peer_id"])["addrs"]
+    assert set(advertised) <= set(found), (advertised, found)
+    assert not any("/0.0.0.0/" in x for x in found), found
