@@ -43,10 +43,15 @@ def test_24_daemons_find_each_other_and_every_record_everywhere_then_survive_chu
 
             for key, (writer, publisher) in keys.items():
                 for i, c in enumerate(clients):
-                    got = c.dht_get(key)
-                    assert [rec["publisher"] for rec in got["records"]] == [publisher], (key, i)
-                    assert got["records"][0]["value"]["from"] == writer
-                    assert got["hops"] <= bound, f"{got['hops']} hops for {key} from node {i}"
+                    # as users get it (a replica answers from its store), and --fresh
+                    # over the network, where the hops are counted
+                    for fresh in (False, True):
+                        got = c.dht_get(key, fresh=fresh)
+                        assert [rec["publisher"] for rec in got["records"]] == [publisher], \
+                            (key, i, fresh)
+                        assert got["records"][0]["value"]["from"] == writer
+                        assert got["hops"] <= bound, f"{got['hops']} hops for {key} from node {i}"
+                        assert fresh is False or got["hops"] >= 1
 
             # peer routing: any node resolves any other's addresses by peer id
             target = net.nodes[rng.randrange(1, n)]
