@@ -111,7 +111,8 @@ class Daemon:
                 task_status.started(self)
                 if cfg["node.mdns"]:  # after RUNNING: zeroconf's start-up blocks ~1.7 s
                     mdns = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.mdns")
-                    await nursery.start(mdns.serve_mdns, node)
+                    await nursery.start(functools.partial(
+                        mdns.serve_mdns, node, on_found=self._lan_peer_found))
                 try:
                     await trio.sleep_forever()
                 finally:
@@ -155,6 +156,17 @@ class Daemon:
         if self.nat is not None:
             nursery.start_soon(self._relays_through_dht, dht)
         return dht
+
+    async def _lan_peer_found(self, peer_id: str, addrs: list[str]) -> None:
+        """A daemon found by mDNS joins our DHT routing table (on a LAN without any
+        bootstrap peer it is how the DHT gets going); with a table still short of a
+        bucket, we also look ourselves up through it."""
+        if self.dht is None:
+            return
+        if len(self.dht.table) < self.dht.config.k:
+            size = await self.dht.bootstrap([(peer_id, addrs)])
+            log.info("dht: routing table holds %d peers after meeting %s on the LAN",
+                     size, peer_id)
 
     async def _relays_through_dht(self, dht: Any) -> None:
         """Relays announce themselves as providers of RELAY_KEY; daemons behind a NAT

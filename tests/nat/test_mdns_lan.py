@@ -106,6 +106,16 @@ def test_daemons_on_a_lan_find_each_other_by_mdns_and_not_one_with_no_mdns(natne
         for other in set(ids.values()) - {ids[name]}:
             assert rows[other]["connection"] == "direct", rows[other]
 
+    # the peers mDNS found are the DHT's first peers: with no bootstrap anywhere, a value
+    # put on a is read on c from the network
+    for d in finders.values():
+        net.wait_until(lambda d=d: d.status()["dht"]["routing_table_size"] >= 2, 15,
+                       f"{d.name}'s DHT to hold the other two", interval=0.2)
+    with finders["a"].client() as ca, finders["c"].client() as cc:
+        assert ca.dht_put("lan-note", "hi from a", 600)["stored_at"] >= 1
+        got = cc.dht_get("lan-note", fresh=True)
+    assert [(r["publisher"], r["value"]) for r in got["records"]] == [(ids["a"], "hi from a")]
+
     # d stayed alone because it announces nothing, not because it cannot be reached
     with finders["a"].client() as c:
         c.connect_peer(quiet.addr, timeout=10)
