@@ -371,7 +371,8 @@ class KademliaDHT:
         if local and not fresh and self._among_replicas(target):
             self._complete_in_background(key)
             return GetResult(merge_records(local), 0, 0)
-        records, hops, requests = await self._collect(key, "GET_VALUE", self.records, "records")
+        records, hops, requests = await self._collect(
+            key, "GET_VALUE", self.records, "records", "PUT_VALUE")
         if records and self._among_replicas(target):
             for record in records:
                 self.records.put(record, self._wall())
@@ -396,7 +397,8 @@ class KademliaDHT:
     async def find_providers(self, name: str) -> list[Provider]:
         """Live providers of ``name``; their addresses go to the address book."""
         key = provider_key(name)
-        records, _, _ = await self._collect(key, "GET_PROVIDERS", self.providers, "providers")
+        records, _, _ = await self._collect(
+            key, "GET_PROVIDERS", self.providers, "providers", "ADD_PROVIDER")
         out = []
         for r in records:
             addrs = record_addrs(r)
@@ -560,14 +562,15 @@ class KademliaDHT:
         return (len(closest) < self.config.replication
                 or peer_hash(self.peer_id) ^ target < peer_hash(closest[-1]) ^ target)
 
-    async def _collect(self, key: str, mtype: str, store: RecordStore,
-                       field: str) -> tuple[list[Record], int, int]:
-        """Records under ``key`` from our ``store`` and the network: (newest per
-        publisher, hops, requests). Converges when the quorum closest live peers
+    async def _collect(self, key: str, mtype: str, store: RecordStore, field: str,
+                       repair: str) -> tuple[list[Record], int, int]:
+        """Records under ``key`` from our ``store`` and the network (``mtype`` requests
+        answered in ``field``): (newest per publisher, hops, requests). Converges when the quorum closest live peers
         answered; when neither they nor we hold anything it widens to the k closest
         before calling it a miss, so one replica whose store failed (a timeout under
         load) cannot hide a record. Replicas among the quorum that answered without
-        a record we found get it stored in the background (read repair)."""
+        a record we found get it stored in the background (read repair: a ``repair``
+        request)."""
         target = key_hash(key)
         found: list[Record] = list(store.get(key, self._wall()))
         verified: dict[bytes, Record] = {r.signature: r for r in found}
@@ -590,7 +593,7 @@ class KademliaDHT:
         self._repair_in_background(
             records, [p for p in lookup.result()[:self.config.get_quorum]
                       if p in held and not {r.signature for r in records} <= held[p]],
-            "PUT_VALUE" if mtype == "GET_VALUE" else "ADD_PROVIDER")
+            repair)
         return records, hops, lookup.requests_sent
 
     def _complete_in_background(self, key: str) -> None:
@@ -604,7 +607,8 @@ class KademliaDHT:
         self._remember_completion(key)
 
         async def complete() -> None:
-            records, _, _ = await self._collect(key, "GET_VALUE", self.records, "records")
+            records, _, _ = await self._collect(
+                key, "GET_VALUE", self.records, "records", "PUT_VALUE")
             for record in records:
                 self.records.put(record, self._wall())
 
