@@ -551,6 +551,8 @@ class Daemon:
             "observed_addrs": node.observed_addrs() if node else [],
             "reachability": self.nat.status() if self.nat else None,
             "peers": len(node.connected_peers()) if node else 0,
+            "net": {"stream_retries": node.stream_retries,
+                    "peer_events_dropped": node.dropped_events} if node else None,
             "state_dir": str(self.config.state_dir),
             "socket": str(self.config.socket),
             "rpc": self.rpc.stats.as_dict() if self.rpc else {},

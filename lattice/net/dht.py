@@ -188,6 +188,10 @@ class PeerNotFound(LookupError):
     """`find_peer` found neither a routing entry nor a peer record."""
 
 
+class RequestTimedOut(StreamClosedError):
+    """A request got no answer within `DHTConfig.request_timeout`."""
+
+
 class StateError(ValueError):
     """Persisted DHT state that does not decode (the daemon should start empty)."""
 
@@ -300,6 +304,7 @@ class KademliaDHT:
         self.rejected: Counter[str] = Counter()
         self.failures = 0
         self.streams_opened = 0
+        self.open_retries = 0  # streams that opened on the second try (see _open)
 
     # --- public operations ----------------------------------------------------------
 
@@ -494,6 +499,7 @@ class KademliaDHT:
             "max_inbound_streams": self.config.max_inbound_streams,
             "pooled_streams": sum(len(v) for v in self._idle.values()),
             "streams_opened": self.streams_opened,
+            "open_retries": self.open_retries,
         }
 
     # --- persistence ----------------------------------------------------------------
@@ -781,7 +787,7 @@ class KademliaDHT:
                     answer = await self._exchange(peer_id, request)
             except trio.TooSlowError:
                 self._failed(peer_id)
-                raise StreamClosedError(f"{mtype} id={rid} to {peer_id} timed out") from None
+                raise RequestTimedOut(f"{mtype} id={rid} to {peer_id} timed out") from None
             except RemoteProtocolError as e:
                 self._penalize(peer_id, "malformed_message")
                 log.info("peer=%s id=%s broke the protocol: %s", peer_id, rid, e)
@@ -842,8 +848,20 @@ class KademliaDHT:
         return await self._open(peer_id), False
 
     async def _open(self, peer_id: str) -> _Framed:
+        """A fresh stream. Opening is tried twice: a failure that comes at once (a dial
+        that broke off in its handshake, a connection that closed while the stream was
+        negotiated) passes under load or while two peers dial each other, and one such
+        failure would otherwise drop a live peer from the table and from a lookup. A
+        timeout is not retried (the request's deadline covers both tries)."""
         self.streams_opened += 1
-        return _Framed(await self.network.open_stream(peer_id, PROTOCOL_ID))
+        try:
+            return _Framed(await self.network.open_stream(peer_id, PROTOCOL_ID))
+        except RemoteProtocolError:
+            raise
+        except PeerError as e:
+            self.open_retries += 1
+            log.debug("peer=%s opening a stream failed (%s); once more", peer_id, e)
+            return _Framed(await self.network.open_stream(peer_id, PROTOCOL_ID))
 
     async def _checkin(self, peer_id: str, stream: _Framed) -> None:
         idle = self._idle.setdefault(peer_id, [])

@@ -204,6 +204,7 @@ class Libp2pNode:
         self.identity = identity
         self._events = events
         self._conns: dict[str, _Conn] = {}
+        self.stream_retries = 0  # streams opened on a second try (see open_stream)
         # (when, listen addrs, what they expand to): interfaces are not re-read each call
         self._dialable: tuple[float, list[str], list[str]] = (-float("inf"), [], [])
         self._rtt_ms: dict[str, float] = {}
@@ -229,10 +230,24 @@ class Libp2pNode:
         self.host.set_stream_handler(protocol, _handle)
 
     async def open_stream(self, peer_id: str, protocol: str) -> Libp2pStream:
+        """A new stream to ``peer_id`` (dialing it if need be). When opening fails while
+        a connection to the peer is up, it is tried once more: the stream was being
+        negotiated on a connection that closed under it (two peers that dial each other
+        at once keep one connection and close the other; under load the window is wide),
+        and the one left is fine. A failed dial is not retried here."""
+        pid = ID.from_base58(peer_id)
         try:
-            s = await self.host.new_stream(ID.from_base58(peer_id), [protocol])
+            s = await self.host.new_stream(pid, [protocol])
         except _LIBP2P_PEER_ERRORS as e:
-            raise PeerError(f"cannot open {protocol} to {peer_id}: {e}") from None
+            if not self.host.get_network().connections.get(pid):
+                raise PeerError(f"cannot open {protocol} to {peer_id}: {e}") from None
+            self.stream_retries += 1
+            log.debug("peer=%s opening %s failed on a live connection (%s); once more",
+                      peer_id, protocol, e)
+            try:
+                s = await self.host.new_stream(pid, [protocol])
+            except _LIBP2P_PEER_ERRORS as e:
+                raise PeerError(f"cannot open {protocol} to {peer_id}: {e}") from None
         return Libp2pStream(s, protocol)
 
     def connected_peers(self) -> list[str]:

@@ -21,7 +21,7 @@ from lattice.core.kademlia import (
 )
 from lattice.core.records import RecordLimits, peer_key, sign_record, user_key
 from lattice.net.dht import DHTConfig, PeerNotFound
-from lattice.net.streams import recv_frame, send_frame
+from lattice.net.streams import StreamClosedError, recv_frame, send_frame
 
 from .conftest import wall_clock
 
@@ -345,3 +345,27 @@ async def test_a_miss_at_the_quorum_widens_the_get_and_repairs_the_replicas(swar
     closest = sorted((n for n in nodes if n is not reader),
                      key=lambda n: peer_hash(n.peer_id) ^ target)[:3]
     assert all(n.records.get(key, wall_clock()) for n in closest)
+
+
+async def test_a_stream_that_fails_to_open_is_tried_again_and_the_peer_kept(swarm, autojump_clock):
+    nodes = await swarm.grow(8)
+    writer, flaky = nodes[0], {n.peer_id for n in nodes[1:4]}
+    await trio.sleep(writer.config.pool_idle_timeout + 1)  # the put opens fresh streams
+    real_open = writer.network.open_stream
+    refused: list[str] = []
+
+    async def open_stream(peer_id, protocol):
+        # the first stream to each flaky peer dies in negotiation (a connection that
+        # closed under it); the next one is fine
+        if peer_id in flaky and peer_id not in refused:
+            refused.append(peer_id)
+            raise StreamClosedError("connection closed while negotiating")
+        return await real_open(peer_id, protocol)
+
+    writer.network.open_stream = open_stream
+    put = await writer.put(user_key("stubborn"), "v", ttl=600)
+    assert sorted(refused) == sorted(flaky)
+    # the lookup kept them, the put stored at them, the table still holds them
+    assert flaky <= set(put.stored_at) and len(put.stored_at) == 7
+    assert all(p in writer.table for p in flaky)
+    assert writer.statistics()["open_retries"] == 3
