@@ -698,7 +698,8 @@ class KademliaDHT:
         async def store(peer: str) -> None:
             try:
                 answer = await self._request(peer, mtype, record=record.to_wire())
-            except PeerError:
+            except PeerError as e:
+                log.info("peer=%s %s key=%s failed: %s", peer, mtype, record.key, e)
                 return
             if answer.body["ok"]:
                 stored.append(peer)
