@@ -145,15 +145,30 @@ class RpcServer:
             if _socket_is_live(path):
                 raise RuntimeError(f"another daemon is serving {path}")
             path.unlink()
+        # Bind and listen under a temporary name, then rename into place: the path
+        # appears only once it accepts connections (a client that sees the file and
+        # connects at once must not get ECONNREFUSED from a bound, not yet listening,
+        # socket).
+        tmp = path.with_name(f".latticed-{os.getpid()}")
+        if len(os.fsencode(str(tmp))) > 107:  # sun_path: then without the rename
+            tmp = path
+        tmp.unlink(missing_ok=True)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is created 0600: no window with wider mode
         try:
-            sock._sock.bind(str(path))
+            sock._sock.bind(str(tmp))
         finally:
             os.umask(old_umask)
-        os.chmod(path, 0o600)
+        try:
+            os.chmod(tmp, 0o600)
+            sock.listen(512)  # bursts of local clients queue instead of getting EAGAIN
+            if tmp != path:
+                os.rename(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            sock.close()
+            raise
         self._inode = path.stat().st_ino
-        sock.listen(512)  # bursts of local clients queue instead of getting EAGAIN
         return sock
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
