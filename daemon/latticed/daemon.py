@@ -39,6 +39,14 @@ STARTING, RUNNING, STOPPING = "starting", "running", "stopping"
 RELAY_KEY = "lattice:circuit-relay-v2"  # relays provide this name in the DHT
 
 
+
+async def _import(module: str) -> Any:
+    """Import ``module`` in a worker thread (libp2p takes ~1 s to import: the socket
+    answers meanwhile). A stop signal does not wait for it: the thread is abandoned and
+    dies with the process."""
+    return await trio.to_thread.run_sync(importlib.import_module, module,
+                                         abandon_on_cancel=True)
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -75,8 +83,8 @@ class Daemon:
             await nursery.start(self.rpc.serve)
             log.info("local RPC socket %s (starting)", cfg.socket)
 
-            host_mod = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.host")
-            crdt = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.crdt_sync")
+            host_mod = await _import("lattice.net.host")
+            crdt = await _import("lattice.net.crdt_sync")
             self._open_state(crdt)
             host_mod.quiet_libp2p_logging(logging.getLogger("latticed").getEffectiveLevel())
             self._net_errors = host_mod.PEER_ERRORS
@@ -85,13 +93,13 @@ class Daemon:
                     max_connections=cfg["limits.max_connections"],
                     event_buffer=cfg["rpc.subscriber_queue"]) as (node, peer_events):
                 self.node = node
-                nat_mod = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.nat")
+                nat_mod = await _import("lattice.net.nat")
                 self.nat = await nursery.start(functools.partial(
                     nat_mod.serve_nat, node, config=nat_mod.NatConfig.from_mapping(
                         {k: v for k, v in cfg.as_dict().items()
                          if k.startswith(("nat.", "relay."))}),
                     bootstrap=cfg["node.bootstrap"]))
-                dht_mod = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.dht")
+                dht_mod = await _import("lattice.net.dht")
                 self.dht = await self._start_dht(nursery, dht_mod, node)
                 self.sync = await nursery.start(functools.partial(
                     crdt.serve_crdt_sync, node, self.store, config=crdt.SyncConfig(
@@ -110,7 +118,7 @@ class Daemon:
                 self.set_state(RUNNING)
                 task_status.started(self)
                 if cfg["node.mdns"]:  # after RUNNING: zeroconf's start-up blocks ~1.7 s
-                    mdns = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.mdns")
+                    mdns = await _import("lattice.net.mdns")
                     await nursery.start(functools.partial(
                         mdns.serve_mdns, node, on_found=self._lan_peer_found))
                 try:
@@ -318,7 +326,7 @@ class Daemon:
     # -- jobs -----------------------------------------------------------------------------
     async def _start_jobs(self, nursery: trio.Nursery) -> Any:
         cfg = self.config
-        jobs_mod = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.jobs")
+        jobs_mod = await _import("lattice.net.jobs")
         blob_mod = importlib.import_module("lattice.net.blob")
         config = jobs_mod.JobsConfig(
             accept_tasks=tuple(cfg["jobs.accept_tasks"]),
@@ -344,7 +352,7 @@ class Daemon:
         wildcard listen address it advertises `[bulk] advertise`, else the host's
         interface addresses (as the DHT does); with none of those it stays off (tensors
         then go over the libp2p stream) rather than advertise what peers cannot reach."""
-        bulk = await trio.to_thread.run_sync(importlib.import_module, "lattice.net.bulk")
+        bulk = await _import("lattice.net.bulk")
         ips = []
         for addr in self.node.listen_addrs():
             parts = addr.split("/")

@@ -72,7 +72,7 @@ async def serve_mdns(node: Libp2pNode, *,
     # from inside the constructor
     peerDiscovery.register_peer_discovered_handler(on_discovered)
     try:
-        disc = await trio.to_thread.run_sync(start)
+        disc = await trio.to_thread.run_sync(start, abandon_on_cancel=True)
     except OSError as e:
         peerDiscovery.unregister_peer_discovered_handler(on_discovered)
         log.warning("mDNS unavailable (%s); LAN discovery is off", e)

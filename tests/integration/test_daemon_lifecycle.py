@@ -52,6 +52,20 @@ def test_signal_stops_cleanly_within_5s(daemons, sig):
     assert not d.socket.exists(), "the socket file is removed on a clean stop"
 
 
+def test_a_signal_while_the_daemon_is_still_starting_stops_it_within_5s(daemons):
+    # the socket answers (state "starting") before libp2p is imported, which takes
+    # about a second: a stop then must not wait for the import to finish
+    d = daemons()
+    wait_for(lambda: d.socket.exists(), 20, "the socket")
+    with d.client() as c:
+        state = c.status()["state"]
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(10) == 0
+    assert time.monotonic() - t0 < 5.0, f"stopping from {state!r} took too long"
+    assert not d.socket.exists()
+
+
 def test_status_and_peers_through_library_and_cli(daemons):
     a, b = daemons(), daemons()
     a.wait_running()
