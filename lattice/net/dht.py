@@ -850,10 +850,10 @@ class KademliaDHT:
 
     async def _open(self, peer_id: str) -> _Framed:
         """A fresh stream. Opening is tried twice: a failure that comes at once (a dial
-        that broke off in its handshake, a connection that closed while the stream was
-        negotiated) passes under load or while two peers dial each other, and one such
-        failure would otherwise drop a live peer from the table and from a lookup. A
-        timeout is not retried (the request's deadline covers both tries)."""
+        that broke off in its handshake, a connection reset while the stream was
+        negotiated) passes under load, and one such failure would otherwise drop a live
+        peer from the table and from a lookup. A timeout is not retried (the request's
+        deadline covers both tries)."""
         self.streams_opened += 1
         try:
             return _Framed(await self.network.open_stream(peer_id, PROTOCOL_ID))

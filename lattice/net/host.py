@@ -231,10 +231,9 @@ class Libp2pNode:
 
     async def open_stream(self, peer_id: str, protocol: str) -> Libp2pStream:
         """A new stream to ``peer_id`` (dialing it if need be). When opening fails while
-        a connection to the peer is up, it is tried once more: the stream was being
-        negotiated on a connection that closed under it (two peers that dial each other
-        at once keep one connection and close the other; under load the window is wide),
-        and the one left is fine. A failed dial is not retried here."""
+        a connection to the peer is still up, it is tried once more: under load we saw
+        negotiation fail on a connection that was reset meanwhile, with another one to
+        the same peer healthy. A failed dial is not retried here."""
         pid = ID.from_base58(peer_id)
         try:
             s = await self.host.new_stream(pid, [protocol])
