@@ -571,8 +571,9 @@ class KademliaDHT:
     async def _collect(self, key: str, mtype: str, store: RecordStore, field: str,
                        repair: str) -> tuple[list[Record], int, int]:
         """Records under ``key`` from our ``store`` and the network (``mtype`` requests
-        answered in ``field``): (newest per publisher, hops, requests). Converges when the quorum closest live peers
-        answered; when neither they nor we hold anything it widens to the k closest
+        answered in ``field``): (newest per publisher, hops, requests). Converges when
+        the quorum closest live peers answered; when neither they nor we hold anything
+        it widens to the k closest
         before calling it a miss, so one replica whose store failed (a timeout under
         load) cannot hide a record. Replicas among the quorum that answered without
         a record we found get it stored in the background (read repair: a ``repair``
