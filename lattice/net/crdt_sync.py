@@ -47,6 +47,7 @@ from lattice.core.state.sync import (
     SyncSession,
 )
 from lattice.net.streams import (
+    CountingStream,
     PeerError,
     PeerNetwork,
     RemoteProtocolError,
@@ -215,34 +216,6 @@ class SyncConfig:
     max_batch_bytes: int = MAX_BATCH_BYTES
 
 
-class _CountingStream:
-    """Counts a session's bytes both ways (for statistics and the benchmark)."""
-
-    def __init__(self, stream: Stream, session: SyncSession) -> None:
-        self._stream = stream
-        self._session = session
-        self.remote_peer_id = stream.remote_peer_id
-        self.protocol = stream.protocol
-
-    async def read(self, max_bytes: int) -> bytes:
-        data = await self._stream.read(max_bytes)
-        self._session.bytes_received += len(data)
-        return data
-
-    async def write(self, data: bytes | memoryview) -> None:
-        self._session.bytes_sent += len(data)
-        await self._stream.write(data)
-
-    async def close_write(self) -> None:
-        await self._stream.close_write()
-
-    async def close(self) -> None:
-        await self._stream.close()
-
-    async def reset(self) -> None:
-        await self._stream.reset()
-
-
 class CrdtSync:
     """The running sync service (what `serve_crdt_sync` hands back)."""
 
@@ -342,7 +315,7 @@ class CrdtSync:
                 await _quietly(raw_stream.reset)
                 return
             try:
-                await self._serve_session(_CountingStream(raw_stream, session), session)
+                await self._serve_session(CountingStream(raw_stream, session), session)
             finally:
                 self.hub.close_session(session)
                 self._wakers.pop(id(session), None)
@@ -350,7 +323,7 @@ class CrdtSync:
             if done is not None:
                 done.set()
 
-    async def _serve_session(self, stream: _CountingStream, session: SyncSession) -> None:
+    async def _serve_session(self, stream: CountingStream, session: SyncSession) -> None:
         peer = stream.remote_peer_id
         failure: list[BaseException] = []
         penalized = False
@@ -378,7 +351,7 @@ class CrdtSync:
         finally:
             await _quietly(stream.reset if penalized else stream.close)
 
-    async def _read_loop(self, stream: _CountingStream, session: SyncSession) -> None:
+    async def _read_loop(self, stream: CountingStream, session: SyncSession) -> None:
         with trio.fail_after(self.config.hello_timeout):
             first = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
         msg = first
@@ -396,7 +369,7 @@ class CrdtSync:
             msg = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
         raise StreamClosedError("remote ended the session")
 
-    async def _write_loop(self, stream: _CountingStream, session: SyncSession) -> None:
+    async def _write_loop(self, stream: CountingStream, session: SyncSession) -> None:
         while True:
             msg = session.next_message(self.config.max_batch_bytes)
             if msg is None:

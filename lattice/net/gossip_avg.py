@@ -46,6 +46,7 @@ from lattice.learn.optim import OuterNesterov
 from lattice.learn.validate import InvalidTensor, NormBound
 from lattice.net import bulk
 from lattice.net.streams import (
+    CountingStream,
     PeerError,
     PeerNetwork,
     RemoteProtocolError,
@@ -293,35 +294,6 @@ def parse_array_header(header: Any, *, expect: Mapping[str, np.dtype] | None,
     if expect is not None and names != set(expect):
         raise TensorFormatError(f"arrays {sorted(names)}, expected {sorted(expect)}")
     return out
-
-
-class _CountingStream:
-    """Counts the bytes of one exchange both ways (progress reports bytes sent/received)."""
-
-    def __init__(self, stream: Stream) -> None:
-        self._stream = stream
-        self.remote_peer_id = stream.remote_peer_id
-        self.protocol = getattr(stream, "protocol", PROTOCOL)
-        self.sent = 0
-        self.received = 0
-
-    async def read(self, max_bytes: int) -> bytes:
-        data = await self._stream.read(max_bytes)
-        self.received += len(data)
-        return data
-
-    async def write(self, data: bytes | memoryview) -> None:
-        await self._stream.write(data)
-        self.sent += len(data)
-
-    async def close_write(self) -> None:
-        await self._stream.close_write()
-
-    async def close(self) -> None:
-        await self._stream.close()
-
-    async def reset(self) -> None:
-        await self._stream.reset()
 
 
 # -- one participant's side ---------------------------------------------------------------
@@ -627,7 +599,7 @@ class GossipAverager:
             log.debug("peer=%s xid=%s gossip-avg unreachable: %s", peer, xid, e)
             self.health.unreachable(peer, trio.current_time())
             return Outcome.FAILED
-        stream = _CountingStream(raw)
+        stream = CountingStream(raw)
         commit_sent = False
         out: Outgoing | None = None
         average: np.ndarray | None = None
@@ -686,8 +658,8 @@ class GossipAverager:
             self.counts["resolved_aborted"] += 1
             return Outcome.ABORTED
         finally:
-            party.bytes_sent += stream.sent
-            party.bytes_received += stream.received
+            party.bytes_sent += stream.bytes_sent
+            party.bytes_received += stream.bytes_received
 
     async def _resolve(self, party: AveragingParty, peer: str, xid: str) -> bool:
         """Ask the responder whether it applied ``xid``; True only on ``committed``."""
@@ -725,7 +697,7 @@ class GossipAverager:
             await party.compute(lambda: party._apply(out, average))
         party.stats["exchanges"] += 1
 
-    async def _refuse(self, stream: _CountingStream, party: AveragingParty, peer: str, xid: str,
+    async def _refuse(self, stream: CountingStream, party: AveragingParty, peer: str, xid: str,
                       error: InvalidTensor) -> None:
         self.rejected[error.reason] += 1
         party.stats[f"rejected_{error.reason}"] += 1
@@ -738,7 +710,7 @@ class GossipAverager:
     async def handle(self, raw: Stream) -> None:
         """The stream handler: one offer (an exchange) or one status query per stream."""
         peer = raw.remote_peer_id
-        stream = _CountingStream(raw)
+        stream = CountingStream(raw)
         try:
             with trio.fail_after(self.config.step_timeout):
                 first = _expect(await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
@@ -757,7 +729,7 @@ class GossipAverager:
             log.debug("peer=%s gossip-avg inbound ended: %r", peer, e)
             await _quietly(stream.reset)
 
-    async def _respond(self, stream: _CountingStream, peer: str, offer: dict[str, Any]) -> None:
+    async def _respond(self, stream: CountingStream, peer: str, offer: dict[str, Any]) -> None:
         cfg = self.config
         xid = offer["xid"]
         peer_samples = _samples_of(offer)
@@ -802,8 +774,8 @@ class GossipAverager:
             if self._outcomes.get(key) == "pending":
                 self._outcomes[key] = "aborted"
             party.end()
-            party.bytes_sent += stream.sent
-            party.bytes_received += stream.received
+            party.bytes_sent += stream.bytes_sent
+            party.bytes_received += stream.bytes_received
         self.counts[f"responded_{outcome.value}"] += 1
         party.stats[outcome.value] += 1
 
@@ -815,7 +787,7 @@ class GossipAverager:
         names = [n for n in offered[:8] if isinstance(n, str)]
         return next((t for n, t in self.transports.items() if n in names), None)
 
-    async def _respond_exchange(self, stream: _CountingStream, party: AveragingParty, peer: str,
+    async def _respond_exchange(self, stream: CountingStream, party: AveragingParty, peer: str,
                                 xid: str, peer_samples: int, transport: TensorTransport) -> Outcome:
         cfg = self.config
         key = (peer, xid)

@@ -58,6 +58,38 @@ class Stream(Protocol):
 StreamHandler = Callable[[Stream], Awaitable[None]]
 
 
+class CountingStream:
+    """``stream``, counting its bytes both ways into ``counts``: any object with
+    ``bytes_sent`` and ``bytes_received`` (a sync session that reports them while it
+    runs), by default this wrapper itself."""
+
+    def __init__(self, stream: Stream, counts: Any = None) -> None:
+        self._stream = stream
+        self.remote_peer_id = stream.remote_peer_id
+        self.protocol = stream.protocol
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._counts = self if counts is None else counts
+
+    async def read(self, max_bytes: int) -> bytes:
+        data = await self._stream.read(max_bytes)
+        self._counts.bytes_received += len(data)
+        return data
+
+    async def write(self, data: bytes | memoryview) -> None:
+        await self._stream.write(data)
+        self._counts.bytes_sent += len(data)
+
+    async def close_write(self) -> None:
+        await self._stream.close_write()
+
+    async def close(self) -> None:
+        await self._stream.close()
+
+    async def reset(self) -> None:
+        await self._stream.reset()
+
+
 class PeerNetwork(Protocol):
     """What a protocol driver may ask of the network."""
 
