@@ -618,13 +618,8 @@ class GossipAverager:
             transport = self.transports.get(reply.get("transport", "framed"))
             if transport is None:
                 raise RemoteProtocolError(f"accepted with a transport we did not offer: {str(reply.get('transport'))[:32]}")
-            out = await party.compute(lambda: party.channel.prepare(party.params))
-            with trio.fail_after(cfg.step_timeout):
-                payload, _, _ = await transport.exchange(
-                    stream, out.payload, expect=party.expected_payload(),
-                    max_bytes=party.max_payload_bytes(cfg))
             try:
-                average = await party.compute(lambda: party._mix(out, payload, peer_samples))
+                out, average = await self._trade(stream, party, transport, peer_samples)
             except InvalidTensor as e:
                 await self._refuse(stream, party, peer, xid, e)
                 return Outcome.REJECTED
@@ -787,6 +782,20 @@ class GossipAverager:
         names = [n for n in offered[:8] if isinstance(n, str)]
         return next((t for n, t in self.transports.items() if n in names), None)
 
+    async def _trade(self, stream: CountingStream, party: AveragingParty,
+                     transport: TensorTransport, peer_samples: int,
+                     ) -> tuple[Outgoing, np.ndarray]:
+        """Both sides' middle: prepare ours, swap payloads over ``transport``, mix.
+        Returns (what we prepared, the average); raises InvalidTensor when the peer's
+        payload fails validation."""
+        out = await party.compute(lambda: party.channel.prepare(party.params))
+        with trio.fail_after(self.config.step_timeout):
+            payload, _, _ = await transport.exchange(
+                stream, out.payload, expect=party.expected_payload(),
+                max_bytes=party.max_payload_bytes(self.config))
+        average = await party.compute(lambda: party._mix(out, payload, peer_samples))
+        return out, average
+
     async def _respond_exchange(self, stream: CountingStream, party: AveragingParty, peer: str,
                                 xid: str, peer_samples: int, transport: TensorTransport) -> Outcome:
         cfg = self.config
@@ -794,13 +803,8 @@ class GossipAverager:
         try:
             await send_frame(stream, {"t": "accept", "xid": xid, "samples": party.samples,
                                       "transport": transport.name})
-            out = await party.compute(lambda: party.channel.prepare(party.params))
-            with trio.fail_after(cfg.step_timeout):
-                payload, _, _ = await transport.exchange(
-                    stream, out.payload, expect=party.expected_payload(),
-                    max_bytes=party.max_payload_bytes(cfg))
             try:
-                average = await party.compute(lambda: party._mix(out, payload, peer_samples))
+                out, average = await self._trade(stream, party, transport, peer_samples)
             except InvalidTensor as e:
                 self._outcomes[key] = "aborted"
                 await self._refuse(stream, party, peer, xid, e)
