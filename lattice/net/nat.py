@@ -772,11 +772,7 @@ class NatManager:
     async def _ask_helper(self, helper: str, peer: str,
                           addrs: list[Addr]) -> tuple[str, Addr | None]:
         sid = os.urandom(rcore.OBSERVE_ID_BYTES)
-        try:
-            raw = await self.node.host.new_stream(ID.from_base58(helper), [OBSERVE_PROTOCOL_ID])
-        except PEER_ERRORS as e:
-            raise PeerError(f"cannot reach helper: {e}") from None
-        stream = Libp2pStream(raw, OBSERVE_PROTOCOL_ID)
+        stream = await self.node.open_stream(helper, OBSERVE_PROTOCOL_ID)
         try:
             with trio.fail_after(2.0 + len(addrs) * self.config.dialback_timeout_s):
                 await send_frame(stream, {"type": "dialback", "id": sid, "peer": peer,
