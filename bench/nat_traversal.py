@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -68,7 +67,8 @@ class Daemon:
                 "--listen", f"/ip4/{node.addr}/tcp/{port}", "--no-mdns", "--log-level", "info"]
         for b in bootstrap:
             args += ["--bootstrap", b]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
+        from lattice.api.paths import child_env
+        env = child_env()
         with open(self.log, "ab") as log:
             self.proc = node.popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    stdin=subprocess.DEVNULL)

@@ -22,3 +22,9 @@ def default_socket() -> Path:
     if os.environ.get("LATTICE_SOCKET"):
         return Path(os.environ["LATTICE_SOCKET"]).expanduser()
     return socket_in(default_state_dir())
+
+
+def child_env() -> dict[str, str]:
+    """Our environment minus `LATTICE_*` settings: for a daemon or CLI we start with
+    its configuration on its command line, which our own settings must not override."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}

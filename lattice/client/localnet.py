@@ -11,7 +11,6 @@ lives as long as the network (not a worker thread).
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lattice.api.paths import child_env
 from lattice.client._session import DaemonNotRunningError
 from lattice.client.sync_client import Client
 
@@ -85,7 +85,7 @@ class LocalNet:
         if bootstrap:
             args += ["--bootstrap", bootstrap]
         log_file = open(log_path, "ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
+        env = child_env()
         proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 preexec_fn=_die_with_parent)

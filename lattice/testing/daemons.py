@@ -4,7 +4,6 @@ drive through the client, stop. Real time: every wait is on a condition with a d
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import lattice
+from lattice.api.paths import child_env
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -35,7 +35,7 @@ class DaemonProc:
         self.log = state_dir.parent / f"{state_dir.name}.log"
         self.args = [sys.executable, "-m", "latticed", "--state-dir", str(state_dir),
                      "--listen", LOOPBACK, "--no-mdns", "--log-level", "debug", *extra]
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
+        self.env = child_env()
         self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
@@ -92,5 +92,5 @@ def run_cli(*args: str, socket: Path | None = None, timeout: float = 60) -> subp
     cmd = [sys.executable, "-m", "lattice.cli"]
     if socket is not None:
         cmd += ["--socket", str(socket)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
+                          env=child_env())

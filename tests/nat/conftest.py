@@ -7,7 +7,6 @@ and namespace goes away at teardown, whatever the test did.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 
 import lattice
 from lattice.testing import natlab
+from lattice.api.paths import child_env
 from lattice.testing.daemons import wait_for
 
 UNAVAILABLE = natlab.unavailable_reason()
@@ -58,7 +58,7 @@ class NatDaemon:
                 "--log-level", "info", "--name", node.name, *extra]
         for b in bootstrap:
             args += ["--bootstrap", b]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
+        env = child_env()
         with open(self.log, "ab") as log:
             self.proc = node.popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    stdin=subprocess.DEVNULL)
