@@ -40,6 +40,7 @@ from lattice.core.state.log import LOG_MAGIC, Record, encode_record, scan
 from lattice.core.state.schema import Change, Set
 from lattice.core.state.store import AuthorBanned, StateStore
 from lattice.core.state.sync import (
+    FORWARD_FANOUT,
     PROTOCOL_ID,
     SessionRefused,
     SyncHub,
@@ -214,6 +215,8 @@ class SyncConfig:
     backoff_base: float = 5.0
     backoff_max: float = 600.0
     max_batch_bytes: int = MAX_BATCH_BYTES
+    forward_fanout: int = FORWARD_FANOUT
+    """Sessions an envelope received from a peer is passed on to (our own: all)."""
 
 
 class CrdtSync:
@@ -228,7 +231,7 @@ class CrdtSync:
         self._rng = rng
         self.hub = SyncHub(store, max_sessions=config.max_sessions,
                            backoff_base=config.backoff_base, backoff_max=config.backoff_max,
-                           wake=self._wake)
+                           forward_fanout=config.forward_fanout, rng=rng, wake=self._wake)
         self._wakers: dict[int, trio.Event] = {}
         self._dialing: set[str] = set()
         self._nursery: trio.Nursery | None = None
@@ -357,7 +360,7 @@ class CrdtSync:
         msg = first
         me = self.network.peer_id
         while msg is not None:
-            outcome = session.handle(msg, self._clock())
+            outcome = self.hub.handle(session, msg, self._clock())
             if session.hello_received and \
                     self.store.seq_of(me) >= session.hello_seqs.get(me, 0):
                 self._self_synced.set()

@@ -12,11 +12,15 @@ A session is one stream between two peers; both ends run the same machine. The
 dialer sends ``hello`` (a fresh session id, its summary ``{author: seq}`` and the
 authors it has banned); the acceptor answers with its own ``hello`` under the same id.
 From then on each side knows what the other has (`remote_known`) and sends it what it
-lacks: every author whose envelopes changed is marked *dirty* on every session, and
-the writer turns dirty authors into ``envelopes`` messages from `StateStore` (no
-queue of envelopes exists, so nothing can pile up: the store is the buffer, and a
-slow peer just gets a bigger batch later). Received envelopes raise
-``remote_known``, so nothing is echoed back. Anti-entropy is a ``summary`` request,
+lacks: an author whose envelopes changed is marked *dirty* on a session, and the
+writer turns dirty authors into ``envelopes`` messages from `StateStore` (no queue of
+envelopes exists, so nothing can pile up: the store is the buffer, and a slow peer
+just gets a bigger batch later). Our own writes are marked on every session; an
+envelope received from a peer is forwarded to at most `FORWARD_FANOUT` open sessions
+that may lack it, chosen at random (push gossip). Forwarding to every session would
+cost O(N^2) messages per write when N peers are all connected to each other, which
+is the common case, where each has it from the author already. Received envelopes
+raise ``remote_known``, so nothing is echoed back. Anti-entropy is a ``summary`` request,
 answered with a ``summary`` reply; each side then sends what the other lacks, which
 repairs anything a crossing or a dropped stream lost. Equivocation proofs travel as
 ``proof`` messages until every peer has banned the author.
@@ -46,6 +50,10 @@ PROTOCOL_ID = "/lattice/crdt-sync/1"
 PROTOCOL_VERSION = 1
 MAX_SESSION_ID_CHARS = 64
 MAX_SESSIONS_PER_PEER = 2  # one each way when two peers dial each other at once
+FORWARD_FANOUT = 6
+"""Sessions a received envelope is forwarded to (as gossipsub's mesh degree D): with
+random choices at every hop, an update reaches all of a connected network with high
+probability, and anti-entropy repairs the rest."""
 
 
 class SyncProtocolError(ValueError):
@@ -321,9 +329,13 @@ class SyncHub:
 
     def __init__(self, store: StateStore, *, max_sessions: int = 256,
                  backoff_base: float = 5.0, backoff_max: float = 600.0,
-                 max_penalized: int = 4096,
+                 max_penalized: int = 4096, forward_fanout: int = FORWARD_FANOUT,
+                 rng: random.Random | None = None,
                  wake: Callable[[SyncSession], None] = lambda session: None) -> None:
         self.store = store
+        self.forward_fanout = forward_fanout
+        self._rng = rng or random.Random()
+        self._handling: SyncSession | None = None  # the session whose message we apply
         self.max_sessions = max_sessions
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -339,8 +351,26 @@ class SyncHub:
         store.add_envelope_listener(self._on_envelope)
         store.add_ban_listener(self._on_ban)
 
+    def handle(self, session: SyncSession, msg: Any, now: float) -> Outcome:
+        """Apply one message ``session`` received (see `SyncSession.handle`); envelopes it
+        brings are not forwarded back to it."""
+        self._handling = session
+        try:
+            return session.handle(msg, now)
+        finally:
+            self._handling = None
+
     def _on_envelope(self, env: Envelope, local: bool) -> None:
-        for session in self.sessions.values():
+        if local:
+            targets = list(self.sessions.values())
+        else:
+            # Sessions not open yet learn everything from the remote's hello summary.
+            lacking = [s for s in self.sessions.values()
+                       if s.open and s is not self._handling
+                       and s.remote_known.get(env.author, 0) < env.seq]
+            targets = (lacking if len(lacking) <= self.forward_fanout
+                       else self._rng.sample(lacking, self.forward_fanout))
+        for session in targets:
             session.mark_dirty(env.author)
             self.wake(session)
 

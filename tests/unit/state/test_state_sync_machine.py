@@ -7,7 +7,7 @@ import pytest
 from lattice.core.codec import pack, unpack
 from lattice.core.identity import Identity
 from lattice.core.state import Set, StateStore, SyncHub, SyncProtocolError
-from lattice.core.state.sync import SessionRefused
+from lattice.core.state.sync import FORWARD_FANOUT, SessionRefused
 
 NOW = 100.0
 
@@ -70,6 +70,37 @@ def test_new_writes_are_pushed_to_open_sessions_and_forwarded_unchanged():
     sent = pump(bc, cb)
     assert c.store.counters() == {"x": 7}
     assert sent[0]["items"] == [env.raw]  # b relayed a's bytes, not a copy of its own
+
+
+def test_a_received_envelope_is_forwarded_to_a_few_sessions_our_own_writes_to_all():
+    # b is connected to the author a and to ten others: a's write reaches b, which
+    # passes it on to FORWARD_FANOUT of the ten (never back to a); b's own write goes
+    # to all eleven. Forwarding everything everywhere is O(N^2) in a full mesh.
+    a, b = Peer(), Peer()
+    others = [Peer() for _ in range(10)]
+    ab, ba = connect(a, b)
+    pump(ab, ba)
+    links = []
+    for c in others:
+        bc, cb = connect(b, c)
+        pump(bc, cb)
+        links.append((bc, cb))
+    a.write("x", 1)
+    msg = ab.next_message()
+    b.hub.handle(ba, unpack(pack(msg)), NOW)
+    assert b.store.counters() == {"x": 1} and not ba.has_pending()
+    forwarded = [cb for bc, cb in links if bc.has_pending()]
+    assert len(forwarded) == FORWARD_FANOUT
+    for bc, cb in links:
+        pump(bc, cb)
+    assert sum(c.store.counters() == {"x": 1} for c in others) == FORWARD_FANOUT
+    # the rest learn it from anti-entropy with b
+    for bc, cb in links:
+        cb.request_summary()
+        pump(bc, cb)
+    assert all(c.store.counters() == {"x": 1} for c in others)
+    b.write("y", 2)
+    assert ba.has_pending() and all(bc.has_pending() for bc, _ in links)
 
 
 def test_anti_entropy_repairs_what_a_lost_message_missed():
