@@ -564,11 +564,20 @@ class NatManager:
             preferred = {pid for pid, _ in self.bootstrap} | set(self.reservations) | set(
                 self._learned_relays)
             peers = sorted(self._direct_peers(), key=lambda p: (p not in preferred, p))
+            # When to look again: only for things that can happen then. Whatever waits on
+            # an event (an observation or a probe ending, a new connection) wakes us
+            # through _wake_observe; waking for it sooner would only spin.
+            due = []
             for peer in peers:
-                if peer in self._observing or now < self._observe_failed.get(peer, 0.0):
+                if peer in self._observing:
+                    continue
+                failed_until = self._observe_failed.get(peer, 0.0)
+                if now < failed_until:
+                    due.append(failed_until)
                     continue
                 fresh = peer not in self._observed_at
                 if not fresh and now - self._observed_at[peer] < interval:
+                    due.append(self._observed_at[peer] + interval)
                     continue
                 if fresh and len(self.observations) + len(self._observing) >= self.config.max_observers:
                     continue
@@ -576,12 +585,12 @@ class NatManager:
                 if not fresh:
                     self._hunger = min(self.config.observe_interval_s, self._hunger * 2)
                 self._nursery.start_soon(self._observe, peer, ())
-            if (not self._probing and self.tracker.probe_due(now) and self.observations
-                    and self._dialback_candidates()):
-                self._probing = True
-                self._nursery.start_soon(self._probe)
-            due = [t + interval for t in self._observed_at.values()] + [
-                self.tracker.next_probe_at()]
+            if not self._probing and self.observations and self._dialback_candidates():
+                if self.tracker.probe_due(now):
+                    self._probing = True
+                    self._nursery.start_soon(self._probe)
+                else:
+                    due.append(self.tracker.next_probe_at())
             wait = max(0.05, min([30.0] + [t - now for t in due]))
             with trio.move_on_after(wait):
                 await self._wake_observe.wait()
@@ -609,6 +618,7 @@ class NatManager:
             return None
         finally:
             self._observing.discard(peer)
+            self._wake_observe.set()
         return answer
 
     async def _ask_observe(self, peer: str, dialback: tuple[Addr, ...]) -> rcore.ObserveAnswer:

@@ -182,3 +182,31 @@ async def test_reservations_are_refreshed_before_they_expire_and_remade_after_a_
     for conn in b.live_connections(relay.peer_id):
         await conn.close()  # a reservation lives only as long as the relay connection
     await poll(lambda: b_nat.stats.reservations_made >= 3 and relay.peer_id in b_nat.reservations)
+
+
+async def test_an_idle_manager_waits_instead_of_polling(nodes):
+    # b dialed a, so b's observation carries an ephemeral port: b has no address a
+    # dial-back could test, and its reachability probe can never start. The observe
+    # loop must then sleep until something changes, not wake every 50 ms to look
+    # (which took half a core per daemon in a 24-daemon network).
+    a, a_nat = await nodes()
+    b, b_nat = await nodes(bootstrap=[addr(a)])
+    await poll(lambda: a.peer_id in b_nat.observations and b.peer_id in a_nat.observations)
+    await poll(lambda: not a_nat._observing and not b_nat._observing
+               and not a_nat._probing and not b_nat._probing)
+    looks = {"a": 0, "b": 0}
+
+    def counting(name, manager):
+        original = manager._direct_peers
+
+        def direct_peers():
+            looks[name] += 1
+            return original()
+        return direct_peers
+
+    a_nat._direct_peers = counting("a", a_nat)
+    b_nat._direct_peers = counting("b", b_nat)
+    await trio.sleep(2.0)  # the window in which an idle loop is watched
+    # a few looks are due: both are short of relays and re-ask their observer with a
+    # doubling backoff; polling every 50 ms would be about 40
+    assert looks["a"] <= 8 and looks["b"] <= 8, looks
