@@ -477,11 +477,17 @@ class Daemon:
         await self.node.measure_rtt(peer_id)
 
     async def _measure_rtts(self) -> None:
+        """Re-measure each connected peer's RTT once per ping interval, spread over
+        the interval: all at once, every daemon of a network pinged all its peers in
+        the same instant, a burst of stream setups that delayed everything else."""
         interval = self.config["limits.ping_interval_s"]
-        while True:
-            await trio.sleep(interval)
-            async with trio.open_nursery() as nursery:
-                for peer_id in self.node.connected_peers():
+        async with trio.open_nursery() as nursery:
+            while True:
+                peers = self.node.connected_peers()
+                if not peers:
+                    await trio.sleep(interval)
+                for peer_id in peers:
+                    await trio.sleep(interval / len(peers))
                     nursery.start_soon(self._measure_one, peer_id)
 
     def wait_disconnected(self, peer_id: str) -> trio.Event:
