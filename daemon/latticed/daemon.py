@@ -236,6 +236,8 @@ class Daemon:
             # the bootstrap keepers dial in parallel; the DHT pings and looks itself up
             size = await dht.bootstrap(peers)
             log.info("dht: routing table holds %d peers after bootstrap", size)
+        else:
+            dht.joined = True  # the first node of a network: nobody to join (mDNS may add peers)
         # Peers that join after us only reach our table if we look again: a few early
         # self-lookups (cheap: they ask only the closest peers; the full random-walk
         # refresh waits refresh_interval, 10 min by default) fill the table while the
@@ -580,7 +582,7 @@ class Daemon:
         if self.dht is None:
             return None
         st = self.dht.statistics()
-        keep = ("mode", "routing_table_size", "records_stored", "providers_stored",
+        keep = ("mode", "routing_table_size", "joined", "records_stored", "providers_stored",
                 "own_records", "rejected")
         return {k: st[k] for k in keep if k in st}
 

@@ -291,6 +291,9 @@ class KademliaDHT:
         self._own: dict[str, Record] = {}  # key -> our latest record under it
         self._providing: dict[str, Record] = {}  # provider key -> our announcement
         self._bootstrap_peers: list[str] = []
+        # False until the first bootstrap (self lookup and bucket refresh) is done:
+        # until then our table is partial and our neighbours may not know us yet
+        self.joined = False
         self._ids = itertools.count(self._rng.getrandbits(48))
         self._outbound = trio.CapacityLimiter(config.max_inflight_requests)
         self._inbound_streams = 0
@@ -324,6 +327,7 @@ class KademliaDHT:
             for pid in ids:
                 nursery.start_soon(self._ping_quietly, pid)
         await self.refresh()
+        self.joined = True
         if self._own or self._providing or self.mode is Mode.CLIENT:
             self._republish_now.set()
         return len(self.table)
@@ -484,6 +488,7 @@ class KademliaDHT:
             "peer_id": self.peer_id,
             "mode": self.mode.value,
             "routing_table_size": len(self.table),
+            "joined": self.joined,
             "buckets": len(self.table.bucket_sizes()),
             "records_stored": len(self.records),
             "providers_stored": len(self.providers),

@@ -29,9 +29,10 @@ def test_24_daemons_find_each_other_and_every_record_everywhere_then_survive_chu
             # (one deadline for all: on a loaded 2-core machine 24 daemons need a while)
             deadline = time.monotonic() + 150
             for i, c in enumerate(clients):
-                wait_for(lambda: c.status()["dht"]["routing_table_size"] >= n // 2,
+                wait_for(lambda: (dht := c.status()["dht"])["joined"]
+                         and dht["routing_table_size"] >= n // 2,
                          max(1.0, deadline - time.monotonic()),
-                         f"node {i}'s routing table to fill", interval=0.2)
+                         f"node {i} to join the DHT", interval=0.2)
 
             keys = {}
             for j in range(6):

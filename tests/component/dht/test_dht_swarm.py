@@ -193,8 +193,9 @@ async def test_client_mode_peers_never_enter_routing_tables(swarm, autojump_cloc
     servers = await swarm.grow(N)
     clients = [await swarm.add(config=DHTConfig(mode=Mode.CLIENT)) for _ in range(4)]
     for c in clients:
+        assert not c.statistics()["joined"]
         await c.bootstrap([servers[0].peer_id])
-        assert len(c.table) >= 10
+        assert len(c.table) >= 10 and c.statistics()["joined"]
         await c.put(user_key(f"from-{c.peer_id}"), "hi", ttl=600)
     await trio.testing.wait_all_tasks_blocked()  # clients publish their peer records
     for s in servers:
