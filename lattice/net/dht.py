@@ -136,6 +136,10 @@ class DHTConfig:
     # a get answered from our own store asks the network at most this often per key
     get_refresh_interval: float = 30.0
     request_timeout: float = 5.0
+    # A lookup that has not converged by then ends with the closest peers that
+    # answered (a put stores there, a get returns what it found): an answer in
+    # bounded time even when many peers are slow.
+    lookup_timeout: float = 20.0
     max_inflight_requests: int = 64
     max_inbound_streams: int = 256
     max_message_bytes: int = 1 << 20
@@ -595,10 +599,11 @@ class KademliaDHT:
             return answer.body["closer"]
 
         lookup = self._new_lookup(target, self._answers_needed(target))
-        await self._drive(lookup, mtype, {"key": key}, on_answer)
+        deadline = trio.current_time() + self.config.lookup_timeout
+        await self._drive(lookup, mtype, {"key": key}, on_answer, deadline)
         if not found:
             lookup.widen(self.config.k)
-            await self._drive(lookup, mtype, {"key": key}, on_answer)
+            await self._drive(lookup, mtype, {"key": key}, on_answer, deadline)
         records = merge_records(found)
         holders = [p for p, sigs in held.items() if sigs]
         hops = max((lookup.hops_to(p) for p in holders), default=lookup.hops)
@@ -662,11 +667,15 @@ class KademliaDHT:
 
     async def _drive(self, lookup: Lookup, mtype: str, body: dict[str, Any],
                      on_answer: Callable[[Lookup, str, Message], list[PeerInfo]] | None,
-                     ) -> None:
-        """Run ``lookup`` until it finishes; our requests for it are cancelled then."""
+                     deadline: float | None = None) -> None:
+        """Run ``lookup`` until it finishes or ``deadline`` (default: `lookup_timeout`
+        from now) passes; our requests for it are cancelled then."""
+        if deadline is None:
+            deadline = trio.current_time() + self.config.lookup_timeout
         send, recv = trio.open_memory_channel[tuple[str, Message | None]](
             max(lookup.num_results, self.config.alpha))
         async with trio.open_nursery() as nursery:
+            nursery.cancel_scope.deadline = deadline
             while True:
                 step = lookup.next(trio.current_time())
                 if step is FINISHED:
