@@ -2,7 +2,8 @@
 
 Streams are pairs of bounded trio memory channels carrying byte chunks. A peer can be
 taken offline (`MemoryNetwork.disconnect`) to simulate a crash or a partition: its open
-streams are reset and new streams to or from it fail with `PeerError`.
+streams are reset and new streams to or from it fail with `PeerError`. A peer can also be
+stalled (`MemoryNetwork.stall`), like a hung process: streams open, nothing arrives.
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ _CHANNEL_DEPTH = 64
 class MemoryStream:
     def __init__(self, protocol: str, remote_peer_id: str,
                  send: trio.MemorySendChannel, recv: trio.MemoryReceiveChannel,
-                 link: "_Link") -> None:
+                 link: "_Link", net: "MemoryNetwork", owner: str) -> None:
         self.protocol = protocol
         self.remote_peer_id = remote_peer_id
         self._send = send
         self._recv = recv
         self._pending = b""
         self._link = link
+        self._net = net
+        self._owner = owner
 
     async def read(self, max_bytes: int) -> bytes:
+        while self._net.stalled(self._owner) or self._net.stalled(self.remote_peer_id):
+            await self._net.wait_resumed()
         if not self._pending:
             try:
                 self._pending = await self._recv.receive()
@@ -95,8 +100,8 @@ class MemoryPeer:
         a_send, b_recv = trio.open_memory_channel[bytes](_CHANNEL_DEPTH)
         b_send, a_recv = trio.open_memory_channel[bytes](_CHANNEL_DEPTH)
         link = _Link()
-        ours = MemoryStream(protocol, peer_id, a_send, a_recv, link)
-        theirs = MemoryStream(protocol, self.peer_id, b_send, b_recv, link)
+        ours = MemoryStream(protocol, peer_id, a_send, a_recv, link, self._net, self.peer_id)
+        theirs = MemoryStream(protocol, self.peer_id, b_send, b_recv, link, self._net, peer_id)
         self.streams.append(ours)
         remote.streams.append(theirs)
         remote._nursery.start_soon(remote._run_handler, handler, theirs)
@@ -125,6 +130,8 @@ class MemoryNetwork:
         self.peers: dict[str, MemoryPeer] = {}
         self.links: set[frozenset[str]] = set()
         self._offline: set[str] = set()
+        self._stalled: set[str] = set()
+        self._resumed = trio.Event()
         self._partition: dict[str, int] | None = None
         self._counter = itertools.count()
 
@@ -156,6 +163,22 @@ class MemoryNetwork:
 
     def reconnect(self, peer_id: str) -> None:
         self._offline.discard(peer_id)
+
+    def stall(self, peer_id: str) -> None:
+        """Freeze a peer, like a hung process: its connections stay up and streams to
+        it open, but nothing it sends or is sent arrives until `resume`."""
+        self._stalled.add(peer_id)
+
+    def resume(self, peer_id: str) -> None:
+        self._stalled.discard(peer_id)
+        self._resumed.set()
+        self._resumed = trio.Event()
+
+    def stalled(self, peer_id: str) -> bool:
+        return peer_id in self._stalled
+
+    async def wait_resumed(self) -> None:
+        await self._resumed.wait()
 
     def partition(self, *groups: list[str]) -> None:
         """Cut the network into groups that cannot reach each other."""

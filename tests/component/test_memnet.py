@@ -39,3 +39,25 @@ async def test_crashed_peer_resets_streams_and_refuses_new_ones(nursery):
     with pytest.raises(PeerError):
         await a.open_stream(b.peer_id, "/sink/1")
     assert a.connected_peers() == []
+
+
+async def test_a_stalled_peer_keeps_its_streams_but_answers_nothing_until_resumed(
+        nursery, autojump_clock):
+    net = MemoryNetwork()
+    a, b = net.add_peer(), net.add_peer()
+
+    async def echo(stream):
+        while (msg := await recv_frame_or_eof(stream)) is not None:
+            await send_frame(stream, msg)
+
+    b.set_stream_handler("/echo/1", echo)
+    await nursery.start(a.serve)
+    await nursery.start(b.serve)
+    s = await a.open_stream(b.peer_id, "/echo/1")
+    net.stall(b.peer_id)
+    await send_frame(s, "hello?")
+    with trio.move_on_after(1.0) as waited:
+        await recv_frame(s)
+    assert waited.cancelled_caught  # no answer, no error: the peer hangs
+    net.resume(b.peer_id)
+    assert await recv_frame(s) == "hello?"

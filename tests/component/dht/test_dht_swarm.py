@@ -378,23 +378,22 @@ async def test_a_lookup_answers_by_its_deadline_when_every_peer_stalls(swarm, au
     # minutes. By lookup_timeout it answers with what it has.
     config = DHTConfig(request_timeout=5.0, lookup_timeout=8.0)
     nodes = await swarm.grow(N, config=config)
-    reader, writer = nodes[1], nodes[2]
-    await writer.put(user_key("k"), "v", ttl=600)
-
-    async def stall(stream):
-        await trio.sleep_forever()
+    writer = nodes[2]
+    put = await writer.put(user_key("k"), "v", ttl=600)
+    reader = next(n for n in nodes if n.peer_id in put.stored_at)
 
     for node in nodes:
         if node is not reader:
-            swarm.peers[node.peer_id].set_stream_handler(PROTOCOL_ID, stall)
+            swarm.net.stall(node.peer_id)
     started = trio.current_time()
     got = await reader.get_result(user_key("k"), fresh=True)
     assert trio.current_time() - started == pytest.approx(8.0, abs=0.5)
-    # what the reader held itself (it is a replica among 24) is still the answer
+    # what the reader held itself (a replica of the record) is still the answer
     assert [r.unpack_value() for r in got.records] == ["v"]
     started = trio.current_time()
     put = await reader.put(user_key("k2"), "w", ttl=600)
-    # the lookup ends at 8 s, the stores to whoever answered it (streams pooled before
-    # the stall still answer) follow at once; the record stays ours to republish
-    assert trio.current_time() - started == pytest.approx(8.0, abs=0.5)
-    assert len(put.stored_at) < 20 and reader.statistics()["own_records"] == 1
+    # nobody answered its lookup (the get's timeouts already dropped most stalled peers
+    # from the table; the rest time out now): there is nowhere to store it yet, the
+    # record stays ours and is republished
+    assert trio.current_time() - started <= 8.0
+    assert put.stored_at == [] and reader.statistics()["own_records"] == 1
