@@ -86,15 +86,18 @@ class HolePuncher:
         self.records: dict[str, PunchRecord] = {}
         self.counts = {"direct": 0, "relayed": 0, "failed": 0, "busy": 0, "dial_errors": 0}
         self._sessions: dict[str, trio.MemorySendChannel[Any]] = {}
+        self._retiring: set[str] = set()  # peers whose relayed connections are draining
         self._nursery: trio.Nursery | None = None
 
     # -- public ------------------------------------------------------------------------
     def request(self, peer_id: str) -> None:
         """Start an initiator session with ``peer_id`` (we accepted its relayed
-        connection); does nothing when one runs already or the peer is direct."""
+        connection); does nothing when one runs already. When the peer is connected
+        directly too, the relayed connection is retired instead."""
         if self._nursery is None or peer_id in self._sessions:
             return
         if self.node.connection_kind(peer_id) == "direct":
+            self._retire_if_redundant(peer_id)
             return
         if len(self._sessions) >= self.config.max_concurrent:
             self.counts["busy"] += 1
@@ -105,14 +108,28 @@ class HolePuncher:
         self._sessions[peer_id] = send
         self._nursery.start_soon(self._initiate, peer_id, send, recv)
 
-    def note_direct(self, peer_id: str) -> None:
-        """A direct connection to ``peer_id`` appeared (any direction)."""
+    def note_connection(self, peer_id: str, relayed: bool) -> None:
+        """A connection to ``peer_id`` appeared (any direction). A direct one ends a
+        running session's wait; that session retires the relayed connection when it
+        ends. Without a session, a direct and a relayed connection side by side (either
+        side dialed the other's public address, or a relayed dial raced a direct one)
+        leave the relay carrying nothing more: the relayed one is retired now."""
         chan = self._sessions.get(peer_id)
         if chan is not None:
-            try:
-                chan.send_nowait(DirectUp())
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the session is ending, or has the event queued already
+            if not relayed:
+                try:
+                    chan.send_nowait(DirectUp())
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the session is ending, or has the event queued already
+            return
+        self._retire_if_redundant(peer_id)
+
+    def _retire_if_redundant(self, peer_id: str) -> None:
+        if self._nursery is None or not self.config.close_relayed:
+            return
+        conns = self.node.live_connections(peer_id)
+        if any(is_relayed(c) for c in conns) and not all(is_relayed(c) for c in conns):
+            self._nursery.start_soon(self._retire_relayed, peer_id)
 
     def statistics(self, recent: int = 8) -> dict[str, Any]:
         """Counts by outcome, and the last ``recent`` sessions (why a peer is relayed)."""
@@ -262,14 +279,20 @@ class HolePuncher:
     async def _retire_relayed(self, peer_id: str) -> None:
         """Close relayed connections to ``peer_id`` once their streams are done (new
         streams already take the direct one), at most after ``relay_drain_s``."""
-        deadline = trio.current_time() + self.config.relay_drain_s
-        for conn in [c for c in self.node.live_connections(peer_id) if is_relayed(c)]:
-            while trio.current_time() < deadline and _stream_count(conn) > 0:
-                await trio.sleep(0.1)  # py-libp2p has no per-connection "idle" event
-            try:
-                await conn.close()
-            except PEER_ERRORS:
-                pass  # already gone
+        if peer_id in self._retiring:
+            return
+        self._retiring.add(peer_id)
+        try:
+            deadline = trio.current_time() + self.config.relay_drain_s
+            for conn in [c for c in self.node.live_connections(peer_id) if is_relayed(c)]:
+                while trio.current_time() < deadline and _stream_count(conn) > 0:
+                    await trio.sleep(0.1)  # py-libp2p has no per-connection "idle" event
+                try:
+                    await conn.close()
+                except PEER_ERRORS:
+                    pass  # already gone
+        finally:
+            self._retiring.discard(peer_id)
 
     def _record(self, peer_id: str, session: HolePunchSession, result: Done,
                 elapsed: float) -> None:

@@ -524,8 +524,8 @@ class NatManager:
     # -- connection events ---------------------------------------------------------------
     def _on_connected(self, conn: INetConn) -> None:
         peer = conn.muxed_conn.peer_id.to_base58()
-        if self.puncher is not None and not is_relayed(conn):
-            self.puncher.note_direct(peer)  # the puncher re-checks: a relayed one is untagged here
+        if self.puncher is not None:
+            self.puncher.note_connection(peer, is_relayed(conn))
         if self._verdict.reachability == "unknown":
             # An observer that had no helper to dial us back may have one now.
             self.tracker.probe_now()

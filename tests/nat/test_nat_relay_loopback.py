@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from lattice.core.identity import Identity
-from lattice.net.host import DialError, open_libp2p_node, quiet_libp2p_logging
+from lattice.net.host import DialError, is_relayed, open_libp2p_node, quiet_libp2p_logging
 from lattice.net.nat import NatConfig, serve_nat
 from lattice.net.streams import recv_frame, send_frame
 
@@ -83,6 +83,23 @@ async def test_reserve_then_reach_by_peer_id_through_the_relay(nodes):
     row = next(r for r in a.connections() if r["peer_id"] == b.peer_id)
     assert row["connection"] == "relayed"
     assert relay_nat.status()["relay_service"]["circuits"] == 1
+
+
+async def test_a_relayed_connection_beside_a_direct_one_is_retired(nodes):
+    # Not every direct connection comes from a hole punch: a NATed b may dial a public
+    # a itself (its DHT does) just as a reaches b through a relay. With no punch to
+    # finish, the relayed connection must still go: the relay carries nothing after.
+    relay, relay_nat = await nodes(config=NatConfig(relay_service="on"))
+    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    a, a_nat = await nodes()
+    await poll(lambda: relay.peer_id in b_nat.reservations)
+    await a.connect(addr(b), timeout=5)
+    await a_nat.connect(f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}", timeout=5)
+    await poll(lambda: relay_nat.status()["relay_service"]["circuits"] == 0, timeout=15)
+    # each end notices the circuit's close in its own time
+    await poll(lambda: not any(is_relayed(c) for c in a.live_connections(b.peer_id))
+               and not any(is_relayed(c) for c in b.live_connections(a.peer_id)))
+    assert a.connection_kind(b.peer_id) == "direct" == b.connection_kind(a.peer_id)
 
 
 async def test_a_circuit_address_dials_through_that_relay(nodes):
