@@ -39,13 +39,13 @@ STARTING, RUNNING, STOPPING = "starting", "running", "stopping"
 RELAY_KEY = "lattice:circuit-relay-v2"  # relays provide this name in the DHT
 
 
-
 async def _import(module: str) -> Any:
     """Import ``module`` in a worker thread (libp2p takes ~1 s to import: the socket
     answers meanwhile). A stop signal does not wait for it: the thread is abandoned and
     dies with the process."""
     return await trio.to_thread.run_sync(importlib.import_module, module,
                                          abandon_on_cancel=True)
+
 
 class Daemon:
     def __init__(self, config: Config) -> None:
@@ -232,12 +232,12 @@ class Daemon:
         for addr in self.config["node.bootstrap"]:
             base, _, peer_id = addr.rpartition("/p2p/")
             peers.append((peer_id, [base]))
-        if peers or dht.statistics().get("routing_table_size", 0):
-            # the bootstrap keepers dial in parallel; the DHT pings and looks itself up
-            size = await dht.bootstrap(peers)
+        # The bootstrap keepers dial in parallel; the DHT pings and looks itself up.
+        # The first node of a network has nobody to ask: its bootstrap ends at once
+        # (and it counts as joined; mDNS may add peers later).
+        size = await dht.bootstrap(peers)
+        if size:
             log.info("dht: routing table holds %d peers after bootstrap", size)
-        else:
-            dht.joined = True  # the first node of a network: nobody to join (mDNS may add peers)
         # Peers that join after us only reach our table if we look again: a few early
         # self-lookups (cheap: they ask only the closest peers; the full random-walk
         # refresh waits refresh_interval, 10 min by default) fill the table while the
@@ -488,6 +488,7 @@ class Daemon:
                 peers = self.node.connected_peers()
                 if not peers:
                     await trio.sleep(interval)
+                    continue
                 for peer_id in peers:
                     await trio.sleep(interval / len(peers))
                     nursery.start_soon(self._measure_one, peer_id)
