@@ -72,6 +72,10 @@ def test_state_survives_restart_and_catches_up(daemons):
         c.state_set("counters/from-a", 41)
     with b.client() as c:
         wait_for(lambda: c.state_get("counters").get("from-a") == 41, 10, "b to see a's write")
+    with a.client() as c:
+        # the exchange runs both ways at once; b having a's write says nothing of a
+        # having b's member record, which the restart below must find on disk
+        wait_for(lambda: b.peer_id() in c.members(), 10, "a to see b's member record")
     a_id = a.peer_id()
     assert a.stop() == 0
     with b.client() as c:
