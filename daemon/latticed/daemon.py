@@ -471,6 +471,8 @@ class Daemon:
                         gone.set()
                 else:
                     nursery.start_soon(self._measure_one, ev.peer_id)
+                    if self.sync is not None:
+                        self.sync.peer_connected(ev.peer_id)
                 log.info("peer=%s %s (%s %s)", ev.peer_id, ev.kind, ev.direction, ev.addr)
                 self.bus.publish("peers", {"event": ev.kind, "peer_id": ev.peer_id,
                                            "direction": ev.direction, "addr": ev.addr})

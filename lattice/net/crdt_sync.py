@@ -209,7 +209,8 @@ class SyncConfig:
     anti_entropy_interval: float = 10.0
     """Mean seconds between summary exchanges with one random connected peer."""
     connect_interval: float = 2.0
-    """How often connected peers without a session are looked for."""
+    """How often connected peers without a session are looked for (a backstop: the
+    daemon calls `CrdtSync.peer_connected` as each connection comes up)."""
     hello_timeout: float = 10.0
     max_sessions: int = 256
     backoff_base: float = 5.0
@@ -257,6 +258,12 @@ class CrdtSync:
             self._dialing.discard(peer_id)
         self._nursery.start_soon(self._run_session, stream, True, None)
         return True
+
+    def peer_connected(self, peer_id: str) -> None:
+        """A connection to ``peer_id`` came up: start its session now rather than at the
+        next `SyncConfig.connect_interval` scan, so state follows a connect at once."""
+        if self._nursery is not None and self._should_dial(peer_id, self._clock()):
+            self._nursery.start_soon(self.connect, peer_id)
 
     async def wait_self_synced(self) -> None:
         """Wait until a peer has shown that we hold our own latest envelope.
@@ -387,15 +394,17 @@ class CrdtSync:
     async def _connect_loop(self) -> None:
         """Keep one session per connected peer. Only the smaller peer id dials, so two
         peers noticing each other at once do not open two sessions."""
-        me = self.network.peer_id
         while True:
             now = self._clock()
             for peer in self.network.connected_peers():
-                if (me < peer and not self.hub.has_session(peer) and peer not in self._dialing
-                        and not self.hub.in_backoff(peer, now)):
+                if self._should_dial(peer, now):
                     assert self._nursery is not None
                     self._nursery.start_soon(self.connect, peer)
             await trio.sleep(self.config.connect_interval)
+
+    def _should_dial(self, peer: str, now: float) -> bool:
+        return (self.network.peer_id < peer and not self.hub.has_session(peer)
+                and peer not in self._dialing and not self.hub.in_backoff(peer, now))
 
     async def _anti_entropy_loop(self) -> None:
         interval = self.config.anti_entropy_interval

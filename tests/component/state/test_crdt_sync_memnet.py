@@ -4,7 +4,7 @@ import trio
 
 from lattice.core.identity import Identity
 from lattice.core.state import Set, StateLimits
-from lattice.net.crdt_sync import FileStateLog, open_state, serve_heartbeat
+from lattice.net.crdt_sync import FileStateLog, SyncConfig, open_state, serve_heartbeat
 
 SIXTEEN_PLUS = 20
 
@@ -41,6 +41,20 @@ async def test_a_write_on_one_peer_reaches_all_twenty_within_five_seconds(cluste
     assert trio.current_time() - start < 5
     for node in nodes:
         assert node.store.get(f"{path}/name", 0) == "writer"
+
+
+async def test_a_new_connection_starts_its_session_at_once(cluster, autojump_clock):
+    cluster.config = SyncConfig(connect_interval=3600.0)  # the backstop scan never helps
+    a, b = await cluster.add(2)
+    a.announce("a")
+    b.announce("b")
+    await trio.testing.wait_all_tasks_blocked()
+    assert not cluster.converged()
+    cluster.net.links.add(frozenset((a.peer_id, b.peer_id)))  # libp2p connected them
+    for node, other in ((a, b), (b, a)):  # both ends hear of it; the smaller id dials
+        node.sync.peer_connected(other.peer_id)
+    await cluster.wait_until(cluster.converged, timeout=1.0)
+    assert set(a.store.members(trio.current_time())) == {a.peer_id, b.peer_id}
 
 
 async def test_everyone_writing_at_once_converges_to_one_view(cluster, autojump_clock):
