@@ -93,8 +93,10 @@ def test_dht_get_from_the_shell_answers_from_a_replica_or_fresh_from_the_network
     a.wait_running()
     b = daemons("--no-mdns", "--bootstrap", a.addr())
     b.wait_running()
-    with b.client() as cb:
-        wait_for(lambda: cb.status()["dht"]["routing_table_size"] >= 1, 20, "b to know a")
+    # the put must find b in a's table for b to be a replica: wait for both sides
+    for d, what in ((b, "b to know a"), (a, "a to know b")):
+        with d.client() as c:
+            wait_for(lambda: c.status()["dht"]["routing_table_size"] >= 1, 20, what)
     put = run_cli("dht", "put", "greeting", "hello", "--ttl", "600", socket=a.socket)
     assert put.returncode == 0, put.stderr
     # b is among the replicas (two nodes): its own store answers
