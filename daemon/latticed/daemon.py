@@ -59,6 +59,7 @@ class Daemon:
         self.rpc: RpcServer | None = None
         self._peer_gone: dict[str, trio.Event] = {}
         self._net_errors: tuple[type[BaseException], ...] = ()
+        self._libp2p_log_filters: list[Any] = []
         self.ready_seconds: float | None = None
         self.store: Any = None       # lattice.core.state.StateStore
         self.state_log: Any = None   # its file log in the state dir
@@ -86,7 +87,8 @@ class Daemon:
             host_mod = await _import("lattice.net.host")
             crdt = await _import("lattice.net.crdt_sync")
             self._open_state(crdt)
-            host_mod.quiet_libp2p_logging(logging.getLogger("latticed").getEffectiveLevel())
+            self._libp2p_log_filters = host_mod.quiet_libp2p_logging(
+                logging.getLogger("latticed").getEffectiveLevel())
             self._net_errors = host_mod.PEER_ERRORS
             async with host_mod.open_libp2p_node(
                     self.identity, cfg["node.listen"],
@@ -571,7 +573,9 @@ class Daemon:
             "reachability": self.nat.status() if self.nat else None,
             "peers": len(node.connected_peers()) if node else 0,
             "net": {"stream_retries": node.stream_retries,
-                    "peer_events_dropped": node.dropped_events} if node else None,
+                    "peer_events_dropped": node.dropped_events,
+                    "libp2p_routine_failures": sum(f.demoted for f in self._libp2p_log_filters),
+                    } if node else None,
             "state_dir": str(self.config.state_dir),
             "socket": str(self.config.socket),
             "rpc": self.rpc.stats.as_dict() if self.rpc else {},

@@ -87,9 +87,45 @@ class DialError(PeerError):
     """A dial failed; the message says why in words a user can act on."""
 
 
-def quiet_libp2p_logging(level: int) -> None:
-    """libp2p sets handlers at import time; route its records through ours instead and
-    keep its chattiest loggers (DHT, DCUtR, UPnP) at WARNING unless we debug."""
+# Failures py-libp2p logs at ERROR that are routine on a live network: a peer that
+# crashed or closed mid-handshake, a dial to a stale address, a stream to a peer that
+# went away. Each also reaches us as an exception that we handle and count, so the ERROR
+# line only alarms volunteers reading their logs. (logger, message prefix, and a
+# substring the message must also hold where the prefix alone would hide real errors)
+ROUTINE_LIBP2P_FAILURES: tuple[tuple[str, str, str], ...] = (
+    ("libp2p.network.swarm", "fail to upgrade mux for peer", ""),
+    ("libp2p.host.basic_host", "Failed to open stream to peer", ""),
+    ("libp2p.protocol_muxer.multiselect_client", "MultiselectClient handshake: ", ""),
+    ("libp2p.stream_muxer.yamux.yamux", "Error in handle_incoming for peer",
+     ": ConnectionClosedError: "),
+    ("libp2p.transport.tcp.tcp", "Failed to open TCP stream", ""),
+)
+
+
+class RoutineFailureFilter(logging.Filter):
+    """Demotes `ROUTINE_LIBP2P_FAILURES` to DEBUG: dropped unless we log at DEBUG, and
+    counted either way (`demoted`)."""
+
+    def __init__(self, patterns: list[tuple[str, str]], level: int) -> None:
+        super().__init__()
+        self.patterns = patterns
+        self.level = level
+        self.demoted = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if not (isinstance(msg, str) and any(msg.startswith(prefix) and detail in msg
+                                              for prefix, detail in self.patterns)):
+            return True
+        self.demoted += 1
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.level <= logging.DEBUG
+
+
+def quiet_libp2p_logging(level: int) -> list[RoutineFailureFilter]:
+    """libp2p sets handlers at import time; route its records through ours instead, keep
+    its chattiest loggers (DHT, DCUtR, UPnP) at WARNING unless we debug, and demote its
+    routine failures to DEBUG. Returns the filters (their ``demoted`` counts)."""
     root = logging.getLogger("libp2p")
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -98,6 +134,16 @@ def quiet_libp2p_logging(level: int) -> None:
     for name, logger in list(logging.Logger.manager.loggerDict.items()):
         if name.startswith("libp2p.") and isinstance(logger, logging.Logger):
             logger.setLevel(logging.NOTSET)  # some set INFO on themselves at import
+    filters = []
+    for name in sorted({n for n, _, _ in ROUTINE_LIBP2P_FAILURES}):
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, RoutineFailureFilter)]:
+            logger.removeFilter(old)  # called again (tests): one filter per logger
+        f = RoutineFailureFilter([(p, d) for n, p, d in ROUTINE_LIBP2P_FAILURES if n == name],
+                                 level)
+        logger.addFilter(f)
+        filters.append(f)
+    return filters
 
 
 class Libp2pStream:
