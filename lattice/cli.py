@@ -358,12 +358,17 @@ def cmd_localnet(args: argparse.Namespace) -> int:
         if args.demo:
             return _demo_mesh(net)
         print("all nodes running; Ctrl-C stops them", file=sys.stderr, flush=True)
-        while True:
+        # A node that dies (crash, or killed to watch churn) is reported and the rest
+        # keep running; when none is left there is nothing to supervise.
+        exited: set[int] = set()
+        while len(exited) < len(net.nodes):
             for node in net.nodes:
-                if node.process.poll() is not None:
+                if node.index not in exited and node.process.poll() is not None:
+                    exited.add(node.index)
                     print(f"lattice: localnet: node {node.index} exited with code "
-                          f"{node.process.returncode}; log: {node.log_path}", file=sys.stderr)
-                    return 1
+                          f"{node.process.returncode}; log: {node.log_path}; "
+                          f"{len(net.nodes) - len(exited)} still running",
+                          file=sys.stderr, flush=True)
             time.sleep(0.5)  # supervising child processes: nothing to wait on in one call
     except KeyboardInterrupt:
         pass
@@ -373,7 +378,7 @@ def cmd_localnet(args: argparse.Namespace) -> int:
         bad = {i: c for i, c in codes.items() if c != 0}
         print(f"stopped {len(codes)} daemons" + (f"; non-zero exits: {bad}" if bad else " cleanly"),
               file=sys.stderr)
-    return 0
+    return 1 if bad else 0
 
 
 def _demo_mesh(net: Any) -> int:

@@ -177,3 +177,38 @@ def test_localnet_brings_up_n_nodes_and_stops_them_on_sigterm(tmp_path):
     assert proc.wait(15) == 0
     assert "stopped 3 daemons cleanly" in proc.stderr.read()
     assert not any(os.path.exists(s) for s in sockets)
+
+
+def _stderr_line_with(proc, text: str, timeout: float) -> str:
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sel.select(deadline - time.monotonic()):
+            line = proc.stderr.readline()
+            if text in line:
+                return line
+            assert line, f"localnet ended without printing {text!r}"
+    raise AssertionError(f"localnet printed no {text!r} within {timeout} s")
+
+
+def test_localnet_reports_a_dead_node_and_keeps_the_rest_running(tmp_path):
+    import subprocess, sys
+    proc = subprocess.Popen([sys.executable, "-m", "lattice.cli", "localnet", "--nodes", "3",
+                             "--base-dir", str(tmp_path / "net")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sockets = [proc.stdout.readline().split()[3] for _ in range(3)]
+    with lattice.connect(sockets[0]) as c:
+        wait_for(lambda: len(c.peers()) == 2, 20, "node 0 to see both others")
+    with lattice.connect(sockets[2]) as c:
+        victim = c.status()["pid"]
+    os.kill(victim, signal.SIGKILL)  # as a developer watching churn would
+    line = _stderr_line_with(proc, "exited", 20)
+    assert "node 2 exited with code -9" in line and "2 still running" in line
+    with lattice.connect(sockets[0]) as c:  # the others keep serving
+        wait_for(lambda: len(c.peers()) == 1, 20, "node 0 to notice node 2 is gone")
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 1  # a node did not stop cleanly
+    assert "non-zero exits: {2: -9}" in proc.stderr.read()
