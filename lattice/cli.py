@@ -382,7 +382,8 @@ def cmd_localnet(args: argparse.Namespace) -> int:
 
 
 def _demo_mesh(net: Any) -> int:
-    """The main job until training exists: show the nodes finding each other."""
+    """`localnet --demo`: show the nodes finding each other, then stop them (a smoke
+    check of a machine's setup without training)."""
     want = len(net.nodes) - 1
     deadline = time.monotonic() + 30
     seen: dict[int, int] = {}

@@ -212,3 +212,11 @@ def test_localnet_reports_a_dead_node_and_keeps_the_rest_running(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 1  # a node did not stop cleanly
     assert "non-zero exits: {2: -9}" in proc.stderr.read()
+
+
+def test_localnet_demo_shows_the_nodes_finding_each_other_then_stops(tmp_path):
+    r = run_cli("localnet", "--nodes", "3", "--demo", "--base-dir", str(tmp_path / "net"),
+                timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "network up: node 0 sees all 2 others" in r.stdout
+    assert "stopped 3 daemons cleanly" in r.stderr
