@@ -105,9 +105,10 @@ class Daemon:
                 self.dht = await self._start_dht(nursery, dht_mod, node)
                 self.sync = await nursery.start(functools.partial(
                     crdt.serve_crdt_sync, node, self.store, config=crdt.SyncConfig(
-                        anti_entropy_interval=cfg["state.anti_entropy_interval_s"])))
+                        anti_entropy_interval=cfg["state.anti_entropy_interval_s"]),
+                    history_is_new=self.identity_created))
                 nursery.start_soon(functools.partial(
-                    crdt.serve_heartbeat, self.store, self._member_record(),
+                    crdt.serve_heartbeat, self.store, self._member_record,
                     interval=cfg["state.heartbeat_interval_s"], sync=self.sync))
                 self.jobs = await self._start_jobs(nursery)
                 nursery.start_soon(self._fan_out_peer_events, peer_events)
@@ -218,16 +219,21 @@ class Daemon:
         from lattice.core.state import LocalStateError, Set
         if self.sync is None:
             return
+        try:
+            self.sync.write([Set("member/peer_id", self.identity.peer_id)]
+                            + [Set(f"member/{k}", v) for k, v in self._reachability().items()])
+        except LocalStateError as e:
+            log.warning("could not publish reachability in our member record: %s", e)
+
+    def _reachability(self) -> dict[str, Any]:
+        """The member-record fields that say how peers reach us."""
+        reach = self.nat.status() if self.nat is not None else {}
         words = reach.get("reachability", "unknown")
         if words == "private" and reach.get("nat") not in (None, "unknown", "none"):
             words = f"private-{reach['nat']}"
-        addrs = [a for a in self.nat.advertised_addrs()][:16]
-        try:
-            self.sync.write([Set("member/peer_id", self.identity.peer_id),
-                             Set("member/reachability", words[:32]),
-                             Set("member/addrs", addrs)])
-        except LocalStateError as e:
-            log.warning("could not publish reachability in our member record: %s", e)
+        addrs = self.nat.advertised_addrs() if self.nat is not None \
+            else self.node.advertised_addrs()
+        return {"reachability": words[:32], "addrs": list(addrs)[:16]}
 
     async def _dht_bootstrap_and_persist(self, dht: Any) -> None:
         peers = []
@@ -392,8 +398,10 @@ class Daemon:
 
     async def rpc_jobs_submit(self, client: ClientConnection, spec: dict[str, Any]) -> dict[str, Any]:
         from lattice.core.jobs import JobSpecError
+        jobs = self._require_jobs()
+        await self._writable()
         try:
-            job_id = self._require_jobs().submit(spec)
+            job_id = jobs.submit(spec)
         except JobSpecError as e:
             raise InvalidArgumentError(f"bad job spec: {e}", data={"field": e.field}) from None
         return {"job_id": job_id}
@@ -411,8 +419,10 @@ class Daemon:
     async def rpc_jobs_cancel(self, client: ClientConnection, job_id: str) -> dict[str, Any]:
         from lattice.api.errors import PermissionDeniedError
         jobs_mod = importlib.import_module("lattice.net.jobs")
+        jobs = self._require_jobs()
+        await self._writable()
         try:
-            return {"cancelled": self._require_jobs().cancel(job_id)}
+            return {"cancelled": jobs.cancel(job_id)}
         except jobs_mod.JobNotFound:
             raise NotFoundError(f"no job {job_id}") from None
         except jobs_mod.NotSubmitter as e:
@@ -454,11 +464,11 @@ class Daemon:
                                    "author": ev.author})
 
     def _member_record(self) -> dict[str, Any]:
+        """Our whole member record, as of now (the heartbeat's first write)."""
         return {
             "name": self.config["node.name"][:64],
             "version": __version__,
-            "reachability": "unknown",
-            "addrs": self.node.advertised_addrs()[:16],
+            **self._reachability(),
             "capabilities": {"cpus": os.cpu_count() or 1,
                              "tasks": list(self.config["jobs.accept_tasks"])[:64]},
         }
@@ -599,7 +609,9 @@ class Daemon:
         st = self.store.statistics()
         return {"authors": st["authors"], "members_alive": sum(
             1 for m in self.store.members(time.time()).values() if m.get("alive")),
-            "banned": st["banned"]}
+            "banned": st["banned"],
+            # False just after a restart, until a peer confirms our own history
+            "writable": self.sync is not None and self.sync.writable}
 
     async def rpc_peers_list(self, client: ClientConnection) -> list[dict[str, Any]]:
         node = self._require_node()
@@ -667,11 +679,19 @@ class Daemon:
             # a member record always names its author; before the first heartbeat it
             # may not yet, so say it in the same signed update
             changes.insert(0, Set("member/peer_id", self.identity.peer_id))
+        await self._writable()
         try:
             env = self.sync.write(changes)
         except LocalStateError as e:
             raise InvalidArgumentError(str(e)) from None
         return {"seq": env.seq if env is not None else None}
+
+    async def _writable(self) -> None:
+        """Writes a caller will read back wait until our own history is confirmed
+        (`CrdtSync.write`): at most `initial_sync_timeout` after a restart, never for a
+        new identity."""
+        if self.sync is not None:
+            await self.sync.wait_writable()
 
     async def rpc_state_stats(self, client: ClientConnection) -> dict[str, Any]:
         self._require_store()

@@ -105,7 +105,8 @@ _METHOD_LIST = [
                          max_len=1024),),
            result="any"),
     Method("state.set", "Write a value into this daemon's own record (schema-checked: "
-           "member/<field>, counters/<name>, ...).",
+           "member/<field>, counters/<name>, ...). Just after a restart it may wait up to "
+           "10 s for a peer to confirm this daemon's own history.",
            params=(Param("path", "str", "<root>/<key>", max_len=1024),
                    Param("value", "any", "msgpack value")),
            access="write"),

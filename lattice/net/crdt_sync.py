@@ -38,7 +38,7 @@ from lattice.core.state.envelope import Envelope
 from lattice.core.state.limits import MAX_BATCH_BYTES, MAX_FRAME_BYTES, StateLimits
 from lattice.core.state.log import LOG_MAGIC, Record, encode_record, scan
 from lattice.core.state.schema import Change, Set
-from lattice.core.state.store import AuthorBanned, StateStore
+from lattice.core.state.store import AuthorBanned, LocalStateError, StateStore
 from lattice.core.state.sync import (
     FORWARD_FANOUT,
     PROTOCOL_ID,
@@ -218,6 +218,9 @@ class SyncConfig:
     max_batch_bytes: int = MAX_BATCH_BYTES
     forward_fanout: int = FORWARD_FANOUT
     """Sessions an envelope received from a peer is passed on to (our own: all)."""
+    initial_sync_timeout: float = 10.0
+    """How long local writes wait for a peer to confirm our own history after a start
+    with an identity that may have published before (see `CrdtSync.write`)."""
 
 
 class CrdtSync:
@@ -238,6 +241,9 @@ class CrdtSync:
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._self_synced = trio.Event()
+        self._writable = trio.Event()
+        self._deferred: list[list[Change]] = []
+        self.deferred_writes = 0
         self.anti_entropy_rounds = 0
 
     # -- public -------------------------------------------------------------------------
@@ -275,9 +281,42 @@ class CrdtSync:
         has nothing of ours that we lack, our next seq is safe to use."""
         await self._self_synced.wait()
 
+    @property
+    def writable(self) -> bool:
+        return self._writable.is_set()
+
+    async def wait_writable(self) -> None:
+        """Wait until local writes apply at once (see `write`)."""
+        await self._writable.wait()
+
+    def allow_writes(self) -> None:
+        """Our next sequence number is safe to use: a peer confirmed our history, the
+        identity is new (nothing of ours can exist anywhere), or we waited
+        `SyncConfig.initial_sync_timeout` alone. Applies the writes deferred so far."""
+        if self._writable.is_set():
+            return
+        self._writable.set()
+        deferred, self._deferred = self._deferred, []
+        for changes in deferred:
+            try:
+                self.store.apply_local(changes, self._clock())
+            except (LocalStateError, AuthorBanned) as e:
+                log.warning("a write deferred until our history was confirmed failed: %s", e)
+
     def write(self, changes: list[Change]) -> Envelope | None:
-        """Apply local changes now (`StateStore.apply_local` with our clock); the new
-        envelope is persisted by the attached log and pushed to every session."""
+        """Apply local changes (`StateStore.apply_local` with our clock); the new
+        envelope is persisted by the attached log and pushed to every session.
+
+        Until `writable`, changes are checked, kept in order and applied once it is
+        (returns None): a daemon whose state log was lost or rolled back while its
+        identity survived would otherwise reuse sequence numbers it already published,
+        which peers treat as equivocation and punish with a ban of its peer id. Callers
+        that must see their write applied (the RPC) `wait_writable` first."""
+        if not self._writable.is_set():
+            self.store.check_local(changes)  # refuse now what would fail later
+            self._deferred.append(list(changes))
+            self.deferred_writes += 1
+            return None
         return self.store.apply_local(changes, self._clock())
 
     def sync_now(self) -> int:
@@ -294,6 +333,7 @@ class CrdtSync:
     def statistics(self) -> dict[str, Any]:
         return {"store": self.store.statistics(),
                 "sync": {**self.hub.statistics(), "anti_entropy_rounds": self.anti_entropy_rounds,
+                         "writable": self.writable, "deferred_writes": self.deferred_writes,
                          "sessions_detail": [s.statistics() for s in self.hub.sessions.values()]}}
 
     # -- internals ----------------------------------------------------------------------
@@ -371,6 +411,7 @@ class CrdtSync:
             if session.hello_received and \
                     self.store.seq_of(me) >= session.hello_seqs.get(me, 0):
                 self._self_synced.set()
+                self.allow_writes()
             for author in outcome.banned:
                 log.warning("peer=%s sid=%s author=%s banned: equivocation proof",
                             session.remote_peer, session.session_id, author)
@@ -406,6 +447,14 @@ class CrdtSync:
         return (self.network.peer_id < peer and not self.hub.has_session(peer)
                 and peer not in self._dialing and not self.hub.in_backoff(peer, now))
 
+    async def _allow_writes_after_timeout(self) -> None:
+        with trio.move_on_after(self.config.initial_sync_timeout):
+            await self._writable.wait()
+            return
+        log.info("no peer confirmed our own history within %.0f s; writing anyway",
+                 self.config.initial_sync_timeout)
+        self.allow_writes()
+
     async def _anti_entropy_loop(self) -> None:
         interval = self.config.anti_entropy_interval
         while True:
@@ -426,23 +475,25 @@ async def _quietly(action: Callable[[], Any]) -> None:
             pass  # already closed by the other side; nothing left to release
 
 
-async def serve_heartbeat(store: StateStore, member: dict[str, Any], *,
+async def serve_heartbeat(store: StateStore,
+                          member: dict[str, Any] | Callable[[], dict[str, Any]], *,
                           interval: float = 15.0, clock: Callable[[], float] = time.time,
-                          sync: CrdtSync | None = None, initial_sync_timeout: float = 10.0,
+                          sync: CrdtSync | None = None,
                           task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Publish our member record (``member``: name, version, reachability, addrs,
-    capabilities; see `lattice.core.state.schema`) and refresh its heartbeat every
-    ``interval`` seconds until cancelled. Others show us as alive while the heartbeat is
-    younger than their ``heartbeat_timeout`` (default 60 s: keep interval well below).
+    capabilities; see `lattice.core.state.schema`; a callable is asked at the first
+    write) and refresh its heartbeat every ``interval`` seconds until cancelled. Others
+    show us as alive while the heartbeat is younger than their ``heartbeat_timeout``
+    (default 60 s: keep interval well below).
 
-    With ``sync``, the first write waits (at most ``initial_sync_timeout``) for
-    `CrdtSync.wait_self_synced`. A member record the schema refuses raises
-    `LocalStateError` before ``task_status.started()`` (a config error). If peers hold
-    proof that this identity equivocated, it logs the fact and stops writing."""
+    With ``sync``, the first write waits for `CrdtSync.wait_writable`. A member record
+    the schema refuses raises `LocalStateError` before ``task_status.started()`` (a
+    config error). If peers hold proof that this identity equivocated, it logs the fact
+    and stops writing."""
     if sync is not None:
-        with trio.move_on_after(initial_sync_timeout):
-            await sync.wait_self_synced()
-    fields = {"peer_id": store.peer_id, **member, "started": clock()}
+        await sync.wait_writable()
+    fields = {"peer_id": store.peer_id, **(member() if callable(member) else member),
+              "started": clock()}
     started = False
     try:
         store.apply_local([Set(f"member/{k}", v) for k, v in fields.items()]
@@ -464,6 +515,7 @@ async def serve_crdt_sync(network: PeerNetwork, store: StateStore, *,
                           config: SyncConfig = SyncConfig(),
                           clock: Callable[[], float] = time.time,
                           rng: random.Random | None = None,
+                          history_is_new: bool = False,
                           task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Replicate ``store`` with every connected peer until cancelled.
 
@@ -471,12 +523,18 @@ async def serve_crdt_sync(network: PeerNetwork, store: StateStore, *,
     with any peer passed to `CrdtSync.connect`), pushes new envelopes, runs
     anti-entropy, and hands back the `CrdtSync` handle via ``task_status``. ``clock``
     gives the wall time used for penalties and views (tests pass ``trio.current_time``).
+    ``history_is_new``: the identity was created on this start, so nothing of ours can
+    exist elsewhere and local writes apply at once (else see `CrdtSync.write`).
     Failure policy: see the module docstring.
     """
     sync = CrdtSync(network, store, config, clock, rng or random.Random())
+    if history_is_new:
+        sync.allow_writes()
     async with trio.open_nursery() as nursery:
         sync._nursery = nursery
         network.set_stream_handler(PROTOCOL, sync._handle_inbound)
+        if not sync.writable:
+            nursery.start_soon(sync._allow_writes_after_timeout)
         nursery.start_soon(sync._connect_loop)
         nursery.start_soon(sync._anti_entropy_loop)
         task_status.started(sync)

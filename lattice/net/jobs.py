@@ -329,6 +329,10 @@ class JobsService:
         return lambda peer: members.get(peer, {}).get("alive", True)
 
     async def _serve_board(self) -> None:
+        if self.sync is not None:
+            # our joins and progress are writes: after a restart, act only once our own
+            # history is confirmed (`CrdtSync.write`), not on a view missing our records
+            await self.sync.wait_writable()
         while True:
             self._reconcile()
             with trio.move_on_after(self.config.reconcile_interval):

@@ -101,6 +101,17 @@ def test_state_survives_restart_and_catches_up(daemons):
     assert stats["store"]["banned"] == 0
 
 
+def test_a_new_daemon_alone_lists_itself_and_writes_at_once(daemons):
+    # a new identity has no history anywhere to confirm first (a restarted one waits
+    # for a peer, or 10 s alone, before writing: see the shared-state protocol)
+    d = daemons()
+    d.wait_running()
+    with d.client() as c:
+        assert c.state_set("counters/x", 1)["seq"] is not None
+        wait_for(lambda: d.peer_id() in c.members(), 5, "its own member record")
+        assert c.members()[d.peer_id()]["alive"]
+
+
 def test_forbidden_writes_are_refused_with_a_typed_error(daemons):
     d = daemons()
     d.wait_running()

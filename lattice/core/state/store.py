@@ -232,12 +232,12 @@ class StateStore:
         self._ban_listeners.append(callback)
 
     # -- local writes ---------------------------------------------------------------------
-    def apply_local(self, changes: Iterable[Change], now: float) -> Envelope | None:
-        """Apply changes to our own document; returns the sealed envelope to replicate,
-        or None when the changes leave the content as it was.
+    def check_local(self, changes: Iterable[Change]) -> None:
+        """Raise what `apply_local` would raise for these changes now, applying nothing."""
+        self._proposed(list(changes))
 
-        Raises LocalStateError for a change the rules forbid (nothing is applied)."""
-        changes = list(changes)
+    def _proposed(self, changes: list[Change]) -> tuple[_Author, dict[str, dict[str, Any]]]:
+        """Our author state and its content with ``changes`` applied (not stored)."""
         if self.peer_id in self._banned:
             raise AuthorBanned("this peer id was banned for equivocating; its writes are void")
         st = self._authors.get(self.peer_id) or _Author()
@@ -246,6 +246,15 @@ class StateStore:
             check_content(self.peer_id, content)
         except (OutOfBounds, ValueError) as e:
             raise LocalStateError(str(e)) from None
+        return st, content
+
+    def apply_local(self, changes: Iterable[Change], now: float) -> Envelope | None:
+        """Apply changes to our own document; returns the sealed envelope to replicate,
+        or None when the changes leave the content as it was.
+
+        Raises LocalStateError for a change the rules forbid (nothing is applied)."""
+        changes = list(changes)
+        st, content = self._proposed(changes)
         if content == st.content:
             return None
         size = len(canonical(content))

@@ -43,7 +43,7 @@ class Node:
         self.store, _ = open_state(self.peer.identity, None, now=trio.current_time())
         self.sync = await self._start(lambda task_status: serve_crdt_sync(
             self.peer, self.store, config=self.cluster.sync_config, clock=trio.current_time,
-            rng=self.cluster.rng, task_status=task_status))
+            rng=self.cluster.rng, history_is_new=True, task_status=task_status))
 
     async def start_jobs(self, config: JobsConfig | None = None, **kw) -> None:
         options = dict(checkpoint_dir=self.dir / "checkpoints", blob_dir=self.dir / "blobs",

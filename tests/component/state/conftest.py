@@ -11,8 +11,9 @@ from lattice.testing.memnet import MemoryNetwork
 
 
 class Node:
-    def __init__(self, cluster, peer, log_path=None):
+    def __init__(self, cluster, peer, log_path=None, history_is_new=False):
         self.cluster = cluster
+        self.history_is_new = history_is_new
         self.peer = peer
         self.peer_id = peer.peer_id
         self.log_path = log_path
@@ -31,7 +32,7 @@ class Node:
             self._scope = scope
             await serve_crdt_sync(self.peer, self.store, config=self.cluster.config,
                                   clock=trio.current_time, rng=self.cluster.rng,
-                                  task_status=task_status)
+                                  history_is_new=self.history_is_new, task_status=task_status)
 
     def stop(self):
         self._scope.cancel()
@@ -55,13 +56,13 @@ class Cluster:
         self.nodes: list[Node] = []
         self.limits = StateLimits()
 
-    async def add(self, n=1, log_dir=None):
+    async def add(self, n=1, log_dir=None, history_is_new=False):
         out = []
         for _ in range(n):
             peer = self.net.add_peer()
             await self.nursery.start(peer.serve)
             path = None if log_dir is None else log_dir / f"{peer.peer_id[-8:]}.log"
-            node = await Node(self, peer, path).start()
+            node = await Node(self, peer, path, history_is_new).start()
             self.nodes.append(node)
             out.append(node)
         return out

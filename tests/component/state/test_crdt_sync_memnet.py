@@ -1,9 +1,10 @@
 """Shared state over the in-memory network: spread, partitions, restarts."""
 
+import pytest
 import trio
 
 from lattice.core.identity import Identity
-from lattice.core.state import Set, StateLimits
+from lattice.core.state import LocalStateError, Set, StateLimits
 from lattice.net.crdt_sync import FileStateLog, SyncConfig, open_state, serve_heartbeat
 
 SIXTEEN_PLUS = 20
@@ -185,8 +186,7 @@ def test_the_log_compacts_and_reloads_to_the_same_state(tmp_path):
     assert isinstance(log2, FileStateLog)
 
 
-async def test_a_peer_that_lost_its_log_recovers_its_own_history_before_writing(
-        cluster, autojump_clock, tmp_path):
+async def _three_writes_then_a_restart_without_its_log(cluster, tmp_path):
     a, b = await cluster.add(2, log_dir=tmp_path)
     await cluster.link(a, b)
     for i in range(3):
@@ -195,6 +195,12 @@ async def test_a_peer_that_lost_its_log_recovers_its_own_history_before_writing(
     a.stop()
     a.log_path.unlink()  # state log lost, identity kept
     await a.start()
+    return a, b
+
+
+async def test_a_peer_that_lost_its_log_recovers_its_own_history_before_writing(
+        cluster, autojump_clock, tmp_path):
+    a, b = await _three_writes_then_a_restart_without_its_log(cluster, tmp_path)
     assert a.store.seq_of(a.peer_id) == 0
     await cluster.link(a, b)
     with trio.fail_after(5):
@@ -204,3 +210,33 @@ async def test_a_peer_that_lost_its_log_recovers_its_own_history_before_writing(
     await cluster.wait_until(cluster.converged)
     assert not b.store.banned()
     assert b.store.get(f"members/{a.peer_id}/name", 0) == "after recovery"
+
+
+async def test_writes_after_a_lost_log_wait_for_a_peer_to_confirm_our_history(
+        cluster, autojump_clock, tmp_path):
+    a, b = await _three_writes_then_a_restart_without_its_log(cluster, tmp_path)
+    # a write through the sync service (as the daemon's are) is checked, then held:
+    # applied now it would reuse seq 1, which b holds with other content
+    assert a.sync.write([Set("member/peer_id", a.peer_id), Set("member/name", "early")]) is None
+    assert a.store.seq_of(a.peer_id) == 0 and not a.sync.writable
+    with pytest.raises(LocalStateError):
+        a.sync.write([Set("member/peer_id", b.peer_id)])  # refused at once, not later
+    await cluster.link(a, b)
+    with trio.fail_after(5):
+        await a.sync.wait_writable()
+    assert a.store.seq_of(a.peer_id) == 4  # its 3 old envelopes, then the held write
+    await cluster.wait_until(cluster.converged)
+    assert not b.store.banned()
+    assert b.store.get(f"members/{a.peer_id}/name", 0) == "early"
+
+
+async def test_a_new_identity_writes_at_once_a_lone_restart_after_the_timeout(
+        cluster, autojump_clock):
+    (new,) = await cluster.add(1, history_is_new=True)
+    assert new.sync.write([Set("counters/x", 1)]).seq == 1
+    (lone,) = await cluster.add(1)
+    assert lone.sync.write([Set("counters/x", 1)]) is None
+    start = trio.current_time()
+    await lone.sync.wait_writable()  # no peer to ask: after initial_sync_timeout
+    assert trio.current_time() - start == pytest.approx(cluster.config.initial_sync_timeout)
+    assert lone.store.seq_of(lone.peer_id) == 1
