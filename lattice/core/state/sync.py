@@ -19,8 +19,12 @@ just gets a bigger batch later). Our own writes are marked on every session; an
 envelope received from a peer is forwarded to at most `FORWARD_FANOUT` open sessions
 that may lack it, chosen at random (push gossip). Forwarding to every session would
 cost O(N^2) messages per write when N peers are all connected to each other, which
-is the common case, where each has it from the author already. Received envelopes
-raise ``remote_known``, so nothing is echoed back. Anti-entropy is a ``summary`` request,
+is the common case, where each has it from the author already. Each side also tells
+the other which peers it runs sessions with (``peers``, in ``hello`` and ``summary``
+and with envelopes whenever it changed): the author pushes its own writes to all of
+those, so they are never forwarding targets for its envelopes, nor is the author
+itself. In a full mesh nothing is forwarded at all. Received envelopes raise
+``remote_known``, so nothing is echoed back. Anti-entropy is a ``summary`` request,
 answered with a ``summary`` reply; each side then sends what the other lacks, which
 repairs anything a crossing or a dropped stream lost. Equivocation proofs travel as
 ``proof`` messages until every peer has banned the author.
@@ -104,6 +108,13 @@ def encode_summary(store: StateStore) -> dict[str, list]:
     return {a: [seq, digest[:TIP_BYTES]] for a, (seq, digest) in store.tips().items()}
 
 
+def _check_peers(value: Any) -> frozenset[str]:
+    if not isinstance(value, list) or len(value) > MAX_SUMMARY_ENTRIES or not all(
+            isinstance(p, str) and len(p) <= 128 for p in value):
+        _fail("malformed", "peers must be a list of peer ids")
+    return frozenset(value)
+
+
 def _check_authors(value: Any) -> set[str]:
     if not isinstance(value, list) or len(value) > MAX_SUMMARY_ENTRIES or not all(
             isinstance(a, str) and len(a) <= 128 for a in value):
@@ -115,11 +126,18 @@ class SyncSession:
     """One session with one peer (see the module docstring)."""
 
     def __init__(self, store: StateStore, *, remote_peer: str, initiator: bool,
-                 session_id: str | None) -> None:
+                 session_id: str | None,
+                 our_peers: Callable[[], tuple[int, list[str]]] = lambda: (0, [])) -> None:
         if initiator and not session_id:
             raise ValueError("the dialer chooses the session id")
         self.store = store
         self.remote_peer = remote_peer
+        self._our_peers = our_peers
+        """(version, the peers we run sessions with): told to the remote when it changed."""
+        self._peers_told = -1
+        self.remote_peers: frozenset[str] = frozenset()
+        """The peers the remote last said it runs sessions with (it pushes its own
+        writes to all of them)."""
         self.initiator = initiator
         self.session_id = session_id
         self.remote_known: dict[str, int] = {}
@@ -194,10 +212,15 @@ class SyncSession:
         self._learn_summary(summary)
         self.hello_seqs = {a: seq for a, (seq, _) in summary.items()}
         self.remote_banned = _check_authors(msg.get("banned"))
+        self._learn_peers(msg)
         self._hello_received = True
         for author in self.store.banned():
             self.mark_proof(author)
         return Outcome()
+
+    def _learn_peers(self, msg: dict) -> None:
+        if "peers" in msg:  # optional: a peer that never says is forwarded to as before
+            self.remote_peers = _check_peers(msg["peers"])
 
     def _learn_summary(self, summary: dict[str, tuple[int, bytes]]) -> None:
         self.remote_known = {a: seq for a, (seq, _) in summary.items()}
@@ -215,6 +238,7 @@ class SyncSession:
                 or not all(isinstance(i, bytes) for i in items):
             _fail("malformed", f"items must be a list of at most {MAX_ITEMS_PER_MESSAGE} "
                   "envelopes")
+        self._learn_peers(msg)
         out = Outcome()
         for raw in items:
             self.envelopes_received += 1
@@ -237,6 +261,7 @@ class SyncSession:
             _fail("malformed", "summary needs a boolean 'reply'")
         # The remote's own word replaces our guesses: anything it lacks is resent.
         self._learn_summary(_check_summary(msg.get("summary")))
+        self._learn_peers(msg)
         if not reply:
             self._owe_summary = True
         return Outcome()
@@ -270,16 +295,17 @@ class SyncSession:
             if not (self.initiator or self._hello_received):
                 return None  # the acceptor learns the session id from the dialer's hello
             self._hello_sent = True
-            return {"t": "hello", "sid": self.session_id, "v": PROTOCOL_VERSION,
-                    "summary": encode_summary(self.store),
-                    "banned": sorted(self.store.banned())}
+            return self._with_peers({"t": "hello", "sid": self.session_id,
+                                     "v": PROTOCOL_VERSION, "summary": encode_summary(self.store),
+                                     "banned": sorted(self.store.banned())}, always=True)
         if not self._hello_received:
             return None
         if self._owe_summary or self._ask_summary:
             reply = self._owe_summary
             self._owe_summary = self._ask_summary = False
-            return {"t": "summary", "sid": self.session_id,
-                    "summary": encode_summary(self.store), "reply": reply}
+            return self._with_peers({"t": "summary", "sid": self.session_id,
+                                     "summary": encode_summary(self.store), "reply": reply},
+                                    always=True)
         banned = self.store.banned()
         while self._proofs:
             author = self._proofs.pop()
@@ -302,7 +328,14 @@ class SyncSession:
 
     def _envelopes(self, items: list[bytes]) -> dict[str, Any]:
         self.envelopes_sent += len(items)
-        return {"t": "envelopes", "sid": self.session_id, "items": items}
+        return self._with_peers({"t": "envelopes", "sid": self.session_id, "items": items})
+
+    def _with_peers(self, msg: dict[str, Any], always: bool = False) -> dict[str, Any]:
+        version, peers = self._our_peers()
+        if always or version != self._peers_told:
+            msg["peers"] = [p for p in peers if p != self.remote_peer]
+            self._peers_told = version
+        return msg
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -342,6 +375,7 @@ class SyncHub:
         self.max_penalized = max_penalized
         self.wake = wake
         self.sessions: dict[int, SyncSession] = {}
+        self._peers: tuple[int, list[str]] = (0, [])  # (version, peers we have sessions with)
         self._penalties: dict[str, _Penalty] = {}
         self.sessions_opened = 0
         self.sessions_refused = 0
@@ -364,9 +398,16 @@ class SyncHub:
         if local:
             targets = list(self.sessions.values())
         else:
-            # Sessions not open yet learn everything from the remote's hello summary.
+            # Sessions not open yet learn everything from the remote's hello summary;
+            # the author, and the peers it said it runs sessions with, have it from the
+            # author itself.
+            from_author: set[str] = {env.author}
+            for s in self.sessions.values():
+                if s.remote_peer == env.author:
+                    from_author |= s.remote_peers
             lacking = [s for s in self.sessions.values()
                        if s.open and s is not self._handling
+                       and s.remote_peer not in from_author
                        and s.remote_known.get(env.author, 0) < env.seq]
             targets = (lacking if len(lacking) <= self.forward_fanout
                        else self._rng.sample(lacking, self.forward_fanout))
@@ -394,15 +435,22 @@ class SyncHub:
             self.sessions_refused += 1
             raise SessionRefused("too many sync sessions")
         session = SyncSession(self.store, remote_peer=remote_peer, initiator=initiator,
-                              session_id=session_id)
+                              session_id=session_id, our_peers=lambda: self._peers)
         self.sessions[id(session)] = session
         self.sessions_opened += 1
+        self._peers_changed()
         return session
 
     def close_session(self, session: SyncSession) -> None:
         if self.sessions.pop(id(session), None) is not None:
             self._closed_bytes_sent += session.bytes_sent
             self._closed_bytes_received += session.bytes_received
+            self._peers_changed()
+
+    def _peers_changed(self) -> None:
+        peers = sorted({s.remote_peer for s in self.sessions.values()})
+        if peers != self._peers[1]:
+            self._peers = (self._peers[0] + 1, peers)
 
     def has_session(self, peer: str) -> bool:
         return any(s.remote_peer == peer for s in self.sessions.values())

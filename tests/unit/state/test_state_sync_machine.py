@@ -103,6 +103,39 @@ def test_a_received_envelope_is_forwarded_to_a_few_sessions_our_own_writes_to_al
     assert ba.has_pending() and all(bc.has_pending() for bc, _ in links)
 
 
+def test_peers_the_author_reaches_itself_are_not_forwarded_to():
+    # a has sessions with b, c, d; b with a, c, d and f, which a does not know. a's
+    # write reaches b with a's current peer list, so b forwards it to f alone: c and d
+    # have it from a already. In a full mesh nothing is forwarded at all.
+    a, b, c, d, f = (Peer() for _ in range(5))
+    ab, ba = connect(a, b)
+    pump(ab, ba)  # a's hello named no other peers: it had none yet
+    for x in (c, d):
+        pump(*connect(a, x))
+    links = {}
+    for x in (c, d, f):
+        bx, xb = connect(b, x)
+        pump(bx, xb)
+        links[x] = (bx, xb)
+    a.write("x", 1)
+    msg = ab.next_message()
+    assert sorted(msg["peers"]) == sorted(x.identity.peer_id for x in (c, d))
+    b.hub.handle(ba, unpack(pack(msg)), NOW)
+    assert [x for x, (bx, _) in links.items() if bx.has_pending()] == [f]
+    assert ab.next_message() is None  # told once; the next messages do not repeat it
+    pump(*links[f])
+    # a's envelope coming to b through c (anti-entropy) is not sent back to its author
+    a.write("x", 2)
+    ca, ac = next((s, t) for s in c.hub.sessions.values() for t in a.hub.sessions.values()
+                  if s.remote_peer == a.identity.peer_id and t.remote_peer == c.identity.peer_id)
+    pump(ac, ca)
+    bc, cb = links[c]
+    bc.request_summary()
+    pump(bc, cb)
+    assert b.store.counters() == {"x": 2}
+    assert not ba.has_pending() and links[f][0].has_pending() and not links[d][0].has_pending()
+
+
 def test_anti_entropy_repairs_what_a_lost_message_missed():
     a, b = Peer(), Peer()
     sa, sb = connect(a, b)
