@@ -399,7 +399,7 @@ class Daemon:
     async def rpc_jobs_submit(self, client: ClientConnection, spec: dict[str, Any]) -> dict[str, Any]:
         from lattice.core.jobs import JobSpecError
         jobs = self._require_jobs()
-        await self._writable()
+        await self._wait_writable()
         try:
             job_id = jobs.submit(spec)
         except JobSpecError as e:
@@ -420,7 +420,7 @@ class Daemon:
         from lattice.api.errors import PermissionDeniedError
         jobs_mod = importlib.import_module("lattice.net.jobs")
         jobs = self._require_jobs()
-        await self._writable()
+        await self._wait_writable()
         try:
             return {"cancelled": jobs.cancel(job_id)}
         except jobs_mod.JobNotFound:
@@ -679,14 +679,14 @@ class Daemon:
             # a member record always names its author; before the first heartbeat it
             # may not yet, so say it in the same signed update
             changes.insert(0, Set("member/peer_id", self.identity.peer_id))
-        await self._writable()
+        await self._wait_writable()
         try:
             env = self.sync.write(changes)
         except LocalStateError as e:
             raise InvalidArgumentError(str(e)) from None
         return {"seq": env.seq if env is not None else None}
 
-    async def _writable(self) -> None:
+    async def _wait_writable(self) -> None:
         """Writes a caller will read back wait until our own history is confirmed
         (`CrdtSync.write`): at most `initial_sync_timeout` after a restart, never for a
         new identity."""
