@@ -99,6 +99,12 @@ ROUTINE_LIBP2P_FAILURES: tuple[tuple[str, str, str], ...] = (
     ("libp2p.stream_muxer.yamux.yamux", "Error in handle_incoming for peer",
      ": ConnectionClosedError: "),
     ("libp2p.transport.tcp.tcp", "Failed to open TCP stream", ""),
+    # the same refused or unreachable dial, from the listen-port-bound dial used for
+    # hole punching: it wraps the OSError, so the library calls it "unexpected"
+    ("libp2p.transport.tcp.tcp", "Unexpected error opening TCP stream", ": Failed to connect "),
+    # a connection that completes its handshake while the host is shutting down
+    ("libp2p.network.swarm", "[ADDCONN_FAIL] add_conn failed for peer",
+     "Cannot schedule task after service has stopped"),
 )
 
 
@@ -114,7 +120,8 @@ class RoutineFailureFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg
-        if not (isinstance(msg, str) and any(msg.startswith(prefix) and detail in msg
+        if not (isinstance(msg, str) and any(msg.startswith(prefix)
+                                              and detail in record.getMessage()
                                               for prefix, detail in self.patterns)):
             return True
         self.demoted += 1

@@ -32,10 +32,16 @@ def test_routine_failures_are_demoted_and_counted_real_errors_still_show(capture
     logging.getLogger("libp2p.network.swarm").error("Error in background prune: %s", "boom")
     yamux = logging.getLogger("libp2p.stream_muxer.yamux.yamux")
     yamux.error("Error in handle_incoming for peer 12D3KooWExample: KeyError: 7")
+    # the detail is matched in the formatted message, as py-libp2p logs it (with args)
+    tcp = logging.getLogger("libp2p.transport.tcp.tcp")
+    tcp.error("Unexpected error opening TCP stream: %s", "Failed to connect 198.18.0.12:20008 "
+              "from 198.18.0.12:20011: [Errno 111] Connection refused")
+    tcp.error("Unexpected error opening TCP stream: %s", KeyError("family"))
     assert [(r.levelname, r.getMessage()) for r in captured] == [
         ("ERROR", "Error in background prune: boom"),
-        ("ERROR", "Error in handle_incoming for peer 12D3KooWExample: KeyError: 7")]
-    assert sum(f.demoted for f in filters) == len(ROUTINE_LIBP2P_FAILURES)
+        ("ERROR", "Error in handle_incoming for peer 12D3KooWExample: KeyError: 7"),
+        ("ERROR", "Unexpected error opening TCP stream: 'family'")]
+    assert sum(f.demoted for f in filters) == len(ROUTINE_LIBP2P_FAILURES) + 1
 
 
 def test_at_debug_level_routine_failures_show_as_debug(captured):
