@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help="debug | info | warning | error")
     p.add_argument("--print-config", action="store_true",
                    help="print the effective config as TOML and exit")
+    p.add_argument("--print-peer-id", action="store_true",
+                   help="print this node's peer id (creating its identity on first use) "
+                        "and exit: what others need in a /p2p/<id> bootstrap address")
     p.add_argument("--version", action="version", version=f"latticed {__version__}")
     return p
 
@@ -77,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.print_config:
         sys.stdout.write(cfg.to_toml())
+        return 0
+    if args.print_peer_id:
+        try:
+            statedir.prepare(cfg.state_dir)
+            identity, _ = statedir.load_or_create_identity(cfg.state_dir)
+        except statedir.StateDirError as e:
+            print(f"latticed: {e}", file=sys.stderr)
+            return 1
+        print(identity.peer_id)
         return 0
     setup_logging(cfg["log.level"])
     try:

@@ -4,6 +4,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -24,6 +26,19 @@ def test_identity_is_created_0600_once_and_reused(daemons, tmp_path):
     assert d.stop() == 0
     again = daemons(state_dir=d.state_dir)
     assert again.wait_running()["peer_id"] == first["peer_id"]
+
+
+def test_print_peer_id_creates_the_identity_the_daemon_then_uses(daemons, tmp_path):
+    # what an operator (or the compose testnet's bootstrap node) runs to write a
+    # /p2p/<id> bootstrap address before the daemon is up
+    state = tmp_path / "fresh"
+    out = subprocess.run([sys.executable, "-m", "latticed", "--state-dir", str(state),
+                          "--print-peer-id"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    peer_id = out.stdout.strip()
+    assert peer_id.startswith("12D3KooW")
+    assert stat.S_IMODE((state / "identity.key").stat().st_mode) == 0o600
+    assert daemons(state_dir=state).wait_running()["peer_id"] == peer_id
 
 
 def test_second_daemon_on_same_state_dir_refuses_and_first_keeps_serving(daemons):
