@@ -1,0 +1,124 @@
+"""What a developer gets from one compose command (docker/compose.yaml): a Lattice
+network across real NAT routers that finds itself, shares its state, connects its
+NATed workers directly where the NATs allow it, and trains a model together.
+
+Real containers and real time: each wait polls the daemons (`lattice … --json` through
+`docker exec`) with a deadline.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from lattice.testing.daemons import wait_for
+
+pytestmark = [pytest.mark.testnet, pytest.mark.slow]
+
+WORKERS = ("worker-a1", "worker-a2", "worker-b1", "worker-c1")
+DAEMONS = ("bootstrap", "relay", *WORKERS)
+# a condition inside the containers: no event crosses `docker exec`, so it is polled
+poll = functools.partial(wait_for, interval=0.5)
+
+NATS = {"worker-a1": "cone", "worker-a2": "cone", "worker-b1": "cone",
+        "worker-c1": "symmetric"}
+
+
+def test_every_daemon_knows_how_it_is_reachable(testnet):
+    def verdicts():
+        out = {}
+        for service in DAEMONS:
+            status = testnet.lattice(service, "status")
+            if status["state"] != "running":
+                return None
+            out[service] = status["reachability"]
+        return out
+
+    def as_expected(service, r):
+        if service in ("bootstrap", "relay"):
+            return r["reachability"] == "public"
+        return (r["reachability"] == "private" and r.get("nat") == NATS[service]
+                and len(r.get("reservations") or ()) >= 1)
+
+    def settled():
+        v = verdicts()
+        return v if v and all(as_expected(s, r) for s, r in v.items()) else None
+
+    reach = poll(settled, 90, "public infrastructure, NATed workers with relay slots")
+    for worker in WORKERS:
+        assert reach[worker]["reachable_via"] == ["relay"]
+        assert all("/p2p-circuit/" in r["addr"] for r in reach[worker]["reservations"])
+
+
+def test_every_daemon_lists_every_member_alive(testnet):
+    ids = {testnet.peer_id(s): s for s in DAEMONS}
+
+    def alive_everywhere():
+        for service in DAEMONS:
+            members = testnet.lattice(service, "members")
+            if {p for p, m in members.items() if m["alive"]} != set(ids):
+                return False
+        return True
+
+    poll(alive_everywhere, 60, "six live members in every daemon's view")
+    seen = testnet.lattice("worker-c1", "members")  # behind the symmetric NAT
+    assert {seen[p]["name"] for p in ids} == set(DAEMONS)
+    assert seen[testnet.peer_id("worker-b1")]["reachability"] == "private-cone"
+
+
+def test_nated_workers_connect_by_peer_id_direct_where_the_nats_allow(testnet):
+    b1, c1 = testnet.peer_id("worker-b1"), testnet.peer_id("worker-c1")
+
+    def connection(service, peer):
+        row = next((p for p in testnet.lattice(service, "peers") if p["peer_id"] == peer),
+                   None)
+        return None if row is None else row["connection"]
+
+    # cone x cone: through a relay first, then a hole punch
+    out = testnet.run("worker-a1", "lattice", "peers", "connect", b1)
+    assert out.returncode == 0 and b1 in out.stdout, out.stderr
+    poll(lambda: connection("worker-a1", b1) == "direct", 15, "a1 -> b1 direct")
+    peers_of_b1 = {p["peer_id"]: p for p in testnet.lattice("worker-b1", "peers")}
+    assert peers_of_b1[testnet.peer_id("worker-a1")]["connection"] == "direct"
+
+    # cone x symmetric: no punch can work; they stay on the relay and say why
+    out = testnet.run("worker-a1", "lattice", "peers", "connect", c1)
+    assert out.returncode == 0, out.stderr
+
+    def c1_decided():
+        recent = testnet.lattice("worker-c1", "status")["reachability"]["holepunch"]["recent"]
+        return next((r for r in recent if r["peer"] == testnet.peer_id("worker-a1")), None)
+
+    record = poll(c1_decided, 15, "c1's hole-punch verdict on a1")
+    assert record["outcome"] == "relayed" and "symmetric" in record["reason"]
+    assert connection("worker-a1", c1) == "relayed"
+
+    # one LAN, no router in between: found by mDNS, connected directly
+    a2 = testnet.peer_id("worker-a2")
+    poll(lambda: connection("worker-a1", a2) == "direct", 30, "a1 -> a2 on their LAN")
+
+
+def test_the_workers_train_across_the_nats_and_the_model_is_fetched_behind_one(testnet):
+    job = testnet.lattice("worker-b1", "jobs", "submit", "train", "--task", "digits-softmax",
+                          "--min-peers", "4", "--steps", "60", "--seed", "3")
+    job_id = job["job_id"]
+    watched = testnet.run("worker-b1", "lattice", "jobs", "watch", job_id, timeout=300)
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+
+    done = testnet.lattice("worker-c1", "jobs", "get", job_id)
+    assert done["status"] == "done", done
+    worker_ids = {testnet.peer_id(w) for w in WORKERS}
+    assert set(done["participants"]) == worker_ids  # the symmetric-NAT worker included
+    model_id = done["model"]
+    model = done["models"][model_id]
+    assert model["metrics"]["participants"] == 4 and model["missing"] == []
+    assert model["metrics"]["accuracy"] > 0.85
+
+    # any daemon fetches the model by id, verified against it, from behind its NAT
+    out = testnet.run("worker-c1", "lattice", "models", "get", model_id, "-o", "/tmp/model.npz")
+    assert out.returncode == 0, out.stderr
+    check = testnet.run("worker-c1", "python3", "-c",
+                        "import numpy; m = numpy.load('/tmp/model.npz'); "
+                        "print(sum(a.size for a in m.values()))")
+    assert check.returncode == 0 and int(check.stdout) > 0, check.stderr
