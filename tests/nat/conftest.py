@@ -1,4 +1,5 @@
-"""NAT testbed tests: skipped (with the reason) unless root with `ip netns` and iptables.
+"""NAT testbed tests: skipped (with the reason, tests/conftest.py) unless root with
+`ip netns` and iptables.
 
 `natnet` runs real `latticed` processes inside a testbed's namespaces and talks to them
 over their Unix sockets (files: they work across network namespaces). Every process
@@ -21,17 +22,7 @@ from lattice.testing import natlab
 from lattice.api.paths import child_env
 from lattice.testing.daemons import wait_for
 
-UNAVAILABLE = natlab.unavailable_reason()
 LISTEN_PORT = 4001
-
-
-def pytest_collection_modifyitems(config, items):
-    if UNAVAILABLE is None:
-        return
-    skip = pytest.mark.skip(reason=f"NAT testbed unavailable: {UNAVAILABLE}")
-    for item in items:
-        if item.get_closest_marker("nat") is not None:
-            item.add_marker(skip)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
