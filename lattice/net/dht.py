@@ -868,16 +868,17 @@ class KademliaDHT:
         that broke off in its handshake, a connection reset while the stream was
         negotiated) passes under load, and one such failure would otherwise drop a live
         peer from the table and from a lookup. A timeout is not retried (the request's
-        deadline covers both tries)."""
+        deadline covers both tries). Peers are dialed at their addresses only, never
+        through a relay: a DHT server is publicly reachable, or it is stale."""
         self.streams_opened += 1
         try:
-            return _Framed(await self.network.open_stream(peer_id, PROTOCOL_ID))
+            return _Framed(await self.network.open_stream(peer_id, PROTOCOL_ID, route=False))
         except RemoteProtocolError:
             raise
         except PeerError as e:
             self.open_retries += 1
             log.debug("peer=%s opening a stream failed (%s); once more", peer_id, e)
-            return _Framed(await self.network.open_stream(peer_id, PROTOCOL_ID))
+            return _Framed(await self.network.open_stream(peer_id, PROTOCOL_ID, route=False))
 
     async def _checkin(self, peer_id: str, stream: _Framed) -> None:
         idle = self._idle.setdefault(peer_id, [])

@@ -22,7 +22,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -270,6 +270,14 @@ class Libp2pNode:
         self._rtt_ms: dict[str, float] = {}
         self._measuring: set[str] = set()
         self.dropped_events = 0
+        self._reach: Callable[[str], Awaitable[Any]] | None = None  # see set_peer_router
+
+    def set_peer_router(self, reach: Callable[[str], Awaitable[Any]] | None) -> None:
+        """``reach(peer_id)`` connects to a peer we have no connection to, by whatever
+        way there is (lattice.net.nat: its known addresses, else through a relay);
+        `open_stream` calls it first. Without one, only known addresses are dialed, and
+        a peer behind a NAT is out of reach unless it dialed us."""
+        self._reach = reach
 
     # -- PeerNetwork -------------------------------------------------------------
     @property
@@ -289,12 +297,18 @@ class Libp2pNode:
 
         self.host.set_stream_handler(protocol, _handle)
 
-    async def open_stream(self, peer_id: str, protocol: str) -> Libp2pStream:
-        """A new stream to ``peer_id`` (dialing it if need be). When opening fails while
-        a connection to the peer is still up, it is tried once more: under load we saw
+    async def open_stream(self, peer_id: str, protocol: str, *, route: bool = True) -> Libp2pStream:
+        """A new stream to ``peer_id``, connecting to it first if need be (with ``route``,
+        through the peer router, `set_peer_router`, when there is one). When opening fails while a
+        connection to the peer is still up, it is tried once more: under load we saw
         negotiation fail on a connection that was reset meanwhile, with another one to
         the same peer healthy. A failed dial is not retried here."""
         pid = ID.from_base58(peer_id)
+        if route and self._reach is not None and not self.host.get_network().connections.get(pid):
+            try:
+                await self._reach(peer_id)
+            except PeerError as e:
+                raise PeerError(f"cannot open {protocol} to {peer_id}: {e}") from None
         try:
             s = await self.host.new_stream(pid, [protocol])
         except _LIBP2P_PEER_ERRORS as e:

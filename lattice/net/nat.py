@@ -1178,6 +1178,9 @@ async def serve_nat(node: Any, *, config: NatConfig, bootstrap: list[str],
     cancelled; hands back the `NatManager` once its protocol handlers are registered.
     Start it right after the node is up, before anything dials out."""
     m = NatManager(node, config, bootstrap)
+    # every service's streams reach peers by id as `lattice peers connect` does: a
+    # NATed peer is dialed through a relay (and hole-punched from there)
+    node.set_peer_router(m.connect)
     node.host.set_stream_handler(OBSERVE_PROTOCOL_ID, m._serve_observe)
     node.host.get_network().register_notifee(_Notifee(m))
     m._recompute()
@@ -1196,4 +1199,5 @@ async def serve_nat(node: Any, *, config: NatConfig, bootstrap: list[str],
             await trio.sleep_forever()
     finally:
         m._nursery = None
+        node.set_peer_router(None)
         node.host.remove_stream_handler(OBSERVE_PROTOCOL_ID)

@@ -96,8 +96,10 @@ class PeerNetwork(Protocol):
     @property
     def peer_id(self) -> str: ...
 
-    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
-        """Open a stream on an existing or new connection; raises PeerError."""
+    async def open_stream(self, peer_id: str, protocol: str, *, route: bool = True) -> Stream:
+        """Open a stream on an existing or new connection; raises PeerError. With
+        ``route`` a peer we are not connected to is reached by its id however the
+        network can (behind a NAT: through a relay); without, only at its addresses."""
         ...
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None: ...

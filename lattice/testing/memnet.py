@@ -88,7 +88,7 @@ class MemoryPeer:
     def connected_peers(self) -> list[str]:
         return self._net.neighbours(self.peer_id)
 
-    async def open_stream(self, peer_id: str, protocol: str) -> MemoryStream:
+    async def open_stream(self, peer_id: str, protocol: str, *, route: bool = True) -> MemoryStream:
         await trio.lowlevel.checkpoint()
         remote = self._net.peers.get(peer_id)
         if remote is None or not self._net.reachable(self.peer_id, peer_id):

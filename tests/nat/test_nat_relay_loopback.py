@@ -18,7 +18,7 @@ import trio
 from lattice.core.identity import Identity
 from lattice.net.host import DialError, is_relayed, open_libp2p_node, quiet_libp2p_logging
 from lattice.net.nat import NatConfig, serve_nat
-from lattice.net.streams import recv_frame, send_frame
+from lattice.net.streams import PeerError, recv_frame, send_frame
 
 pytestmark = pytest.mark.integration
 
@@ -227,3 +227,21 @@ async def test_an_idle_manager_waits_instead_of_polling(nodes):
     # a few looks are due: both are short of relays and re-ask their observer with a
     # doubling backoff; polling every 50 ms would be about 40
     assert looks["a"] <= 8 and looks["b"] <= 8, looks
+
+
+async def test_a_service_stream_reaches_a_peer_by_id_through_a_relay(nodes):
+    # What jobs, blobs and state sync rely on: opening a stream to a peer we hold no
+    # connection to, and no address of, goes the way `lattice peers connect` goes.
+    relay, _ = await nodes(config=NatConfig(relay_service="on"))
+    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    a, _ = await nodes(bootstrap=[addr(relay)])
+    await poll(lambda: relay.peer_id in b_nat.reservations)
+    assert not a.live_connections(b.peer_id) and not a.get_addrs(b.peer_id)
+    stream = await a.open_stream(b.peer_id, ECHO)
+    await send_frame(stream, {"via": "relay"})
+    assert await recv_frame(stream) == {"via": "relay"}
+    assert a.connection_kind(b.peer_id) == "relayed"
+    # the DHT opts out: a server is reached at its addresses or not at all
+    c, _ = await nodes()
+    with pytest.raises(PeerError):
+        await a.open_stream(c.peer_id, ECHO, route=False)

@@ -355,13 +355,13 @@ async def test_a_stream_that_fails_to_open_is_tried_again_and_the_peer_kept(swar
     real_open = writer.network.open_stream
     refused: list[str] = []
 
-    async def open_stream(peer_id, protocol):
+    async def open_stream(peer_id, protocol, *, route=True):
         # the first stream to each flaky peer dies in negotiation (a connection that
         # closed under it); the next one is fine
         if peer_id in flaky and peer_id not in refused:
             refused.append(peer_id)
             raise StreamClosedError("connection closed while negotiating")
-        return await real_open(peer_id, protocol)
+        return await real_open(peer_id, protocol, route=route)
 
     writer.network.open_stream = open_stream
     put = await writer.put(user_key("stubborn"), "v", ttl=600)

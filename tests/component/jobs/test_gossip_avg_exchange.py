@@ -53,8 +53,8 @@ class FaultyNetwork:
     def connected_peers(self):
         return self._peer.connected_peers()
 
-    async def open_stream(self, peer_id, protocol):
-        return _FaultyStream(await self._peer.open_stream(peer_id, protocol), self)
+    async def open_stream(self, peer_id, protocol, *, route=True):
+        return _FaultyStream(await self._peer.open_stream(peer_id, protocol, route=route), self)
 
     def set_stream_handler(self, protocol, handler):
         async def wrapped(stream):
