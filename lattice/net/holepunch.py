@@ -9,7 +9,9 @@ latticed; NAT knowledge (what we are, which addresses) comes from the caller
 
 When: the peer that *accepted* a relayed connection starts a session (`request`, called
 by `lattice.net.nat` once py-libp2p has tagged the connection as relayed); the dialing
-peer answers in `_handle`. Not py-libp2p's DCUtR: it reaches a direct connection only
+peer answers in `_handle`. When both dialed each other at once, both accepted a relayed
+connection and both initiate: the session of the smaller peer id goes on and the other
+side yields and answers it. Not py-libp2p's DCUtR: it reaches a direct connection only
 ~10 s after the relayed one (docs/natlab.md); never start both.
 
 Failure policy (`serve_holepunch`): a session ends quietly when the peer vanishes, times
@@ -86,6 +88,8 @@ class HolePuncher:
         self.records: dict[str, PunchRecord] = {}
         self.counts = {"direct": 0, "relayed": 0, "failed": 0, "busy": 0, "dial_errors": 0}
         self._sessions: dict[str, trio.MemorySendChannel[Any]] = {}
+        # our initiator sessions: a peer initiating at the same instant may take over
+        self._initiating: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self._retiring: set[str] = set()  # peers whose relayed connections are draining
         self._nursery: trio.Nursery | None = None
 
@@ -147,22 +151,36 @@ class HolePuncher:
         sid = os.urandom(core.ID_BYTES)
         session = HolePunchSession("initiator", self.local_view(), session_id=sid,
                                    now=trio.current_time())
+        scope, ended = trio.CancelScope(), trio.Event()
+        self._initiating[peer_id] = (scope, ended)
+        result = None
         try:
-            try:
-                raw = await self.node.host.new_stream(ID.from_base58(peer_id), [PROTOCOL_ID])
-            except PEER_ERRORS as e:
-                self._record(peer_id, session, Done("failed", f"cannot open exchange: {e}"), 0.0)
-                return
-            result = await self._run(peer_id, session, Libp2pStream(raw, PROTOCOL_ID), send,
-                                     recv, first=Start())
+            with scope:
+                try:
+                    raw = await self.node.host.new_stream(ID.from_base58(peer_id), [PROTOCOL_ID])
+                except PEER_ERRORS as e:
+                    self._record(peer_id, session, Done("failed", f"cannot open exchange: {e}"), 0.0)
+                    return
+                result = await self._run(peer_id, session, Libp2pStream(raw, PROTOCOL_ID), send,
+                                         recv, first=Start())
         finally:
             self._sessions.pop(peer_id, None)
-        if result.outcome == "direct" and self.config.close_relayed:
+            self._initiating.pop(peer_id, None)
+            ended.set()
+        if result is not None and result.outcome == "direct" and self.config.close_relayed:
             await self._retire_relayed(peer_id)
 
     async def _handle(self, raw: Any) -> None:
         stream = Libp2pStream(raw, PROTOCOL_ID)
         peer_id = stream.remote_peer_id
+        ours = self._initiating.get(peer_id)
+        if ours is not None and peer_id < self.node.peer_id:
+            # Both ends accepted a relayed connection from the other (they dialed each
+            # other at once) and both initiated. The smaller peer id's session goes on:
+            # here that is theirs, so ours yields and we answer. (They refuse ours.)
+            scope, ended = ours
+            scope.cancel()
+            await ended.wait()
         if peer_id in self._sessions or len(self._sessions) >= self.config.max_concurrent:
             self.counts["busy"] += 1
             await stream.reset()

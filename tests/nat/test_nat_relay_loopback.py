@@ -229,6 +229,29 @@ async def test_an_idle_manager_waits_instead_of_polling(nodes):
     assert looks["a"] <= 8 and looks["b"] <= 8, looks
 
 
+async def test_both_ends_initiating_at_once_settle_on_one_session(nodes):
+    # Two daemons that dial each other through relays at the same instant each accept
+    # a relayed connection, so each starts a session. Without a tie-break each refuses
+    # the other's ("busy") and both record a failure; one session must go on instead.
+    relay, _ = await nodes(config=NatConfig(relay_service="on"))
+    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    a, a_nat = await nodes(bootstrap=[addr(relay)])
+    await poll(lambda: relay.peer_id in b_nat.reservations)
+    await a_nat.connect(f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}", timeout=5)
+    await poll(lambda: b_nat.peer_info(a.peer_id))  # b's own session, as the acceptor
+    for _ in range(3):
+        a_nat.puncher.request(b.peer_id)
+        b_nat.puncher.request(a.peer_id)
+        await poll(lambda: not a_nat.puncher.statistics()["active"]
+                   and not b_nat.puncher.statistics()["active"])
+        for nat, other in ((a_nat, b), (b_nat, a)):
+            record = nat.peer_info(other.peer_id)
+            assert record["outcome"] == "relayed", record
+            assert "no observed public address" in record["reason"]
+    assert a_nat.puncher.counts["failed"] == b_nat.puncher.counts["failed"] == 0
+    assert a.connection_kind(b.peer_id) == "relayed"
+
+
 async def test_a_service_stream_reaches_a_peer_by_id_through_a_relay(nodes):
     # What jobs, blobs and state sync rely on: opening a stream to a peer we hold no
     # connection to, and no address of, goes the way `lattice peers connect` goes.
