@@ -298,11 +298,11 @@ class Libp2pNode:
         self.host.set_stream_handler(protocol, _handle)
 
     async def open_stream(self, peer_id: str, protocol: str, *, route: bool = True) -> Libp2pStream:
-        """A new stream to ``peer_id``, connecting to it first if need be (with ``route``,
-        through the peer router, `set_peer_router`, when there is one). When opening fails while a
-        connection to the peer is still up, it is tried once more: under load we saw
-        negotiation fail on a connection that was reset meanwhile, with another one to
-        the same peer healthy. A failed dial is not retried here."""
+        """A new stream to ``peer_id``, connecting to it first if need be: with ``route``
+        through the peer router (`set_peer_router`) when there is one. When opening fails
+        while a connection to the peer is still up, it is tried once more: under load we
+        saw negotiation fail on a connection that was reset meanwhile, with another one
+        to the same peer healthy. A failed dial is not retried here."""
         pid = ID.from_base58(peer_id)
         if route and self._reach is not None and not self.host.get_network().connections.get(pid):
             try:
