@@ -81,22 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(cfg.to_toml())
         return 0
-    if args.print_peer_id:
-        try:
-            statedir.prepare(cfg.state_dir)
-            identity, _ = statedir.load_or_create_identity(cfg.state_dir)
-        except statedir.StateDirError as e:
-            print(f"latticed: {e}", file=sys.stderr)
-            return 1
-        print(identity.peer_id)
-        return 0
-    setup_logging(cfg["log.level"])
     try:
         statedir.prepare(cfg.state_dir)
+        if args.print_peer_id:
+            identity, _ = statedir.load_or_create_identity(cfg.state_dir)
+            print(identity.peer_id)
+            return 0
         lock_fd = statedir.acquire_lock(cfg.state_dir)
     except statedir.StateDirError as e:
         print(f"latticed: {e}", file=sys.stderr)
         return 1
+    setup_logging(cfg["log.level"])
     try:
         return trio.run(_run, cfg)
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown

@@ -3,8 +3,8 @@ project name of its own, run `lattice` inside its containers, take it down.
 
 Owns: finding a compose (the docker plugin or docker-compose), saying why the testnet
 cannot run here (`unavailable_reason`, for pytest skips), and the `Testnet` handle.
-Must not import trio, libp2p or anything from `lattice.net`: it drives containers
-through the docker CLI and reads what `lattice … --json` prints inside them.
+Must not import libp2p or anything from `lattice.net`: it drives containers through
+the docker CLI and reads what `lattice … --json` prints inside them.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
+
+from lattice.testing.daemons import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
@@ -75,16 +76,12 @@ class Testnet:
 
     def wait_formed(self, timeout: float = 120) -> dict[str, str]:
         """Wait until every daemon runs and lists every other one as a live member (what
-        `up` means to someone about to submit a job); returns service -> peer id."""
-        deadline = time.monotonic() + timeout
-        while True:
-            ids = self._formed()
-            if ids is not None:
-                return ids
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the testnet did not form within {timeout} s:\n"
-                                   f"{self.logs(40)}")
-            time.sleep(0.5)  # polled: no event crosses `docker exec`
+        `up` means to someone about to submit a job); returns service -> peer id.
+        Polled: no event crosses `docker exec`."""
+        try:
+            return wait_for(self._formed, timeout, "the testnet to form", interval=0.5)
+        except AssertionError as e:
+            raise AssertionError(f"{e}:\n{self.logs(40)}") from None
 
     def _formed(self) -> dict[str, str] | None:
         ids = {}
