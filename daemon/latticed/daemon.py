@@ -80,7 +80,9 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self.rpc = RpcServer(cfg.socket, self.handlers(), self.bus,
                                  max_frame=cfg["rpc.max_frame_bytes"],
-                                 max_clients=cfg["rpc.max_clients"])
+                                 max_clients=cfg["rpc.max_clients"],
+                                 max_in_flight=cfg["rpc.max_in_flight"],
+                                 read_gid=cfg.read_gid)
             await nursery.start(self.rpc.serve)
             log.info("local RPC socket %s (starting)", cfg.socket)
 
