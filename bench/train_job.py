@@ -46,7 +46,7 @@ async def run_memnet(spec: dict, peers: int, seed: int) -> dict:
             await nursery.start(peer.serve)
             store, _ = open_state(peer.identity, None, now=time.time())
             sync = await nursery.start(lambda task_status, p=peer, s=store: serve_crdt_sync(
-                p, s, config=SyncConfig(anti_entropy_interval=2.0, connect_interval=0.5), rng=rng,
+                p, s, config=SyncConfig(anti_entropy_interval=2.0), rng=rng,
                 task_status=task_status))
             nodes.append((peer, store, sync))
         for i, (peer, _, sync) in enumerate(nodes):

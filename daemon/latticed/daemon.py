@@ -94,9 +94,9 @@ class Daemon:
             self._net_errors = host_mod.PEER_ERRORS
             async with host_mod.open_libp2p_node(
                     self.identity, cfg["node.listen"],
-                    max_connections=cfg["limits.max_connections"],
-                    event_buffer=cfg["rpc.subscriber_queue"]) as (node, peer_events):
+                    max_connections=cfg["limits.max_connections"]) as node:
                 self.node = node
+                peer_events = node.peer_events(buffer=cfg["rpc.subscriber_queue"])
                 nat_mod = await _import("lattice.net.nat")
                 self.nat = await nursery.start(functools.partial(
                     nat_mod.serve_nat, node, config=nat_mod.NatConfig.from_mapping(
@@ -476,20 +476,19 @@ class Daemon:
         }
 
     # -- services ---------------------------------------------------------------------
-    async def _fan_out_peer_events(self, events: trio.MemoryReceiveChannel) -> None:
-        async with trio.open_nursery() as nursery:
-            async for ev in events:
-                if ev.kind == "disconnected":
-                    gone = self._peer_gone.pop(ev.peer_id, None)
-                    if gone is not None:
-                        gone.set()
-                else:
-                    nursery.start_soon(self._measure_one, ev.peer_id)
-                    if self.sync is not None:
-                        self.sync.peer_connected(ev.peer_id)
-                log.info("peer=%s %s (%s %s)", ev.peer_id, ev.kind, ev.direction, ev.addr)
-                self.bus.publish("peers", {"event": ev.kind, "peer_id": ev.peer_id,
-                                           "direction": ev.direction, "addr": ev.addr})
+    async def _fan_out_peer_events(self, events: Any) -> None:
+        with events:
+            async with trio.open_nursery() as nursery:
+                async for ev in events:
+                    if ev.kind == "disconnected":
+                        gone = self._peer_gone.pop(ev.peer_id, None)
+                        if gone is not None:
+                            gone.set()
+                    elif ev.kind == "connected":
+                        nursery.start_soon(self._measure_one, ev.peer_id)
+                    log.info("peer=%s %s (%s %s)", ev.peer_id, ev.kind, ev.direction, ev.addr)
+                    self.bus.publish("peers", {"event": ev.kind, "peer_id": ev.peer_id,
+                                               "direction": ev.direction, "addr": ev.addr})
 
     async def _measure_one(self, peer_id: str) -> None:
         await self.node.measure_rtt(peer_id)
@@ -585,7 +584,7 @@ class Daemon:
             "reachability": self.nat.status() if self.nat else None,
             "peers": len(node.connected_peers()) if node else 0,
             "net": {"stream_retries": node.stream_retries,
-                    "peer_events_dropped": node.dropped_events,
+                    "peer_events_dropped": node.events.dropped,
                     "libp2p_routine_failures": sum(f.demoted for f in self._libp2p_log_filters),
                     } if node else None,
             "state_dir": str(self.config.state_dir),

@@ -87,7 +87,7 @@ class Cluster:
         self.tmp_path = tmp_path
         self.net = MemoryNetwork()
         self.rng = random.Random(5)
-        self.sync_config = SyncConfig(anti_entropy_interval=2.0, connect_interval=0.5)
+        self.sync_config = SyncConfig(anti_entropy_interval=2.0)
         self.config = FAST
         self.nodes: list[Node] = []
 

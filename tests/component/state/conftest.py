@@ -52,7 +52,7 @@ class Cluster:
         self.nursery = nursery
         self.net = MemoryNetwork()
         self.rng = random.Random(7)
-        self.config = SyncConfig(anti_entropy_interval=5.0, connect_interval=1.0)
+        self.config = SyncConfig(anti_entropy_interval=5.0)
         self.nodes: list[Node] = []
         self.limits = StateLimits()
 
