@@ -134,6 +134,10 @@ class ClientConnection:
 Handler = Callable[..., Awaitable[Any]]
 
 
+class SocketInUse(RuntimeError):
+    """The socket path is served by another daemon, or is not a socket at all."""
+
+
 class RpcServer:
     def __init__(self, path: Path, handlers: dict[str, Handler], bus: EventBus, *,
                  max_frame: int, max_clients: int, max_in_flight: int = 32,
@@ -172,9 +176,9 @@ class RpcServer:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+                raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
             if _socket_is_live(path):
-                raise RuntimeError(f"another daemon is serving {path}")
+                raise SocketInUse(f"another daemon is serving {path}")
             path.unlink()
         # Bind and listen under a temporary name, then rename into place: the path
         # appears only once it accepts connections (a client that sees the file and

@@ -97,6 +97,15 @@ class DialError(PeerError):
     """A dial failed; the message says why in words a user can act on."""
 
 
+class BadDialTarget(DialError):
+    """What was given to dial is not a dialable address or peer id (or is ourselves):
+    the caller's mistake, not the network's."""
+
+
+class ListenError(ValueError):
+    """A listen address cannot be served (malformed, taken, or not on this host)."""
+
+
 # Failures py-libp2p logs at ERROR that are routine on a live network: a peer that
 # crashed or closed mid-handshake, a dial to a stale address, a stream to a peer that
 # went away. Each also reaches us as an exception that we handle and count, so the ERROR
@@ -350,12 +359,8 @@ class Libp2pNode:
     def get_addrs(self, peer_id: str) -> list[str]:
         try:
             return [str(a) for a in self.host.get_peerstore().addrs(ID.from_base58(peer_id))]
-        except (ValueError, KeyError, LookupError):
+        except (ValueError, KeyError):  # a bad id; PeerStoreError (a KeyError): unknown
             return []
-        except Exception as e:  # py-libp2p raises PeerStoreError (an Exception) for unknown peers
-            if type(e).__name__ == "PeerStoreError":
-                return []
-            raise
 
     # -- addresses and dialing ------------------------------------------------------
     def listen_addrs(self) -> list[str]:
@@ -394,12 +399,12 @@ class Libp2pNode:
             maddr = multiaddr.Multiaddr(addr)
             info = info_from_p2p_addr(maddr)
         except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error) as e:
-            raise DialError(
+            raise BadDialTarget(
                 f"not a dialable multiaddr: {addr!r} ({e}); expected e.g. "
                 "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...") from None
         peer_id = info.peer_id.to_base58()
         if peer_id == self.peer_id:
-            raise DialError("that address is this daemon itself")
+            raise BadDialTarget("that address is this daemon itself")
         self._forget_dial_failures(info.peer_id)
         with trio.move_on_after(timeout) as scope:
             try:
@@ -659,19 +664,28 @@ async def open_libp2p_node(identity: Identity, listen: list[str], *,
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
     except (ValueError, multiaddr.exceptions.Error) as e:
-        raise ValueError(f"bad listen address: {e}") from None
+        raise ListenError(f"bad listen address: {e}") from None
     host = build_host(identity, listen, max_connections=max_connections)
     node = Libp2pNode(host, identity)
     host.get_network().register_notifee(_Notifee(node))
+    listening = False
     async with host.run(maddrs):
-        for t in host.get_network().transport_manager.get_transports():
-            if isinstance(t, ListenPortTCP):
-                t.source = _listen_endpoint(host)
-        try:
-            yield node
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await host.close()
+        # py-libp2p logs a listener that failed (port taken, address not ours) and runs
+        # on without it: a daemon nobody can dial. Refuse to start instead.
+        listening = len(host.get_transport_addrs()) >= len(maddrs)
+        if listening:
+            for t in host.get_network().transport_manager.get_transports():
+                if isinstance(t, ListenPortTCP):
+                    t.source = _listen_endpoint(host)
+            try:
+                yield node
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await host.close()
+    if not listening:  # raised here, outside the host's nurseries: a plain exception
+        raise ListenError(
+            f"cannot listen on {', '.join(listen)}: address in use or not an address of "
+            "this host (the log above has the system's reason)")
 
 
 def is_unspecified(addr: str) -> bool:
