@@ -32,7 +32,7 @@ from lattice.core.jobs import parse_train_spec  # noqa: E402
 from lattice.learn.simulate import JobSpec, centralized_baseline, simulate  # noqa: E402
 from lattice.learn.tasks import get_task  # noqa: E402
 from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync  # noqa: E402
-from lattice.net.jobs import JobsConfig, serve_jobs  # noqa: E402
+from lattice.jobs import JobsConfig, serve_jobs  # noqa: E402
 from lattice.testing.memnet import MemoryNetwork  # noqa: E402
 
 

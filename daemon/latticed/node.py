@@ -31,7 +31,7 @@ from lattice.net.bulk import BulkListener
 from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state, serve_crdt_sync
 from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
-from lattice.net.jobs import JobsConfig, JobsService, serve_jobs
+from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
 
 from latticed import discovery, presence, statedir
 from latticed.config import Config
@@ -71,7 +71,7 @@ class Node:
     nat: NatManager | None = None
     dht: KademliaDHT | None = None
     sync: CrdtSync | None = None
-    jobs: JobsService | None = None
+    jobs: JobSupervisor | None = None
     bulk: BulkListener | None = None
     libp2p_log_filters: list[RoutineFailureFilter] = field(default_factory=list)
 
@@ -174,7 +174,7 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
         nursery.start_soon(discovery.keep_bootstrap_peer, node, addr, host_mod.PEER_ERRORS)
 
 
-async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobsService:
+async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
     cfg = node.config
     assert node.host is not None and node.dht is not None and node.store is not None
     config = JobsConfig(
@@ -188,7 +188,7 @@ async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobsService:
         node.bulk = await discovery.start_bulk_listener(node, nursery)
         if node.bulk is not None:
             transport = BulkTensorTransport(listener=node.bulk)
-    jobs: JobsService = await nursery.start(functools.partial(
+    jobs: JobSupervisor = await nursery.start(functools.partial(
         serve_jobs, node.host, node.store, node.sync, config=config,
         checkpoint_dir=cfg.state_dir / "jobs", blob_dir=cfg.state_dir / "blobs",
         providers=DhtProviders(node.dht), transport=transport))

@@ -11,7 +11,7 @@ from lattice.api.errors import (
     PermissionDeniedError,
 )
 from lattice.core.jobs import JobSpecError
-from lattice.net.jobs import JobNotFound, JobsService, NotSubmitter
+from lattice.jobs import JobNotFound, JobSupervisor, NotSubmitter
 
 from latticed.localapi.state import wait_writable
 from latticed.rpc_server import ClientConnection, Handler
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from latticed.node import Node
 
 
-def require_jobs(node: Node) -> JobsService:
+def require_jobs(node: Node) -> JobSupervisor:
     if node.jobs is None:
         raise NotReadyError("the job runner is still starting; retry in a moment")
     return node.jobs

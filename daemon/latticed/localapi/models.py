@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from lattice.api.errors import InvalidArgumentError, NotFoundError, PeerUnreachableError
 from lattice.net.blob import BlobNotFound, is_blob_id
-from lattice.net.jobs import JobNotFound
+from lattice.jobs import JobNotFound
 
 from latticed.localapi.jobs import require_jobs
 from latticed.rpc_server import ClientConnection, Handler

@@ -10,7 +10,7 @@ import trio
 
 from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync
 from lattice.net.gossip_avg import GossipConfig
-from lattice.net.jobs import JobsConfig, serve_jobs
+from lattice.jobs import JobsConfig, serve_jobs
 from lattice.testing.memnet import MemoryNetwork
 
 FAST = JobsConfig(progress_interval=1.0, checkpoint_every=5, sync_patience=1.0, merge_takeover=5.0,
@@ -45,14 +45,16 @@ class Node:
             self.peer, self.store, config=self.cluster.sync_config, clock=trio.current_time,
             rng=self.cluster.rng, history_is_new=True, task_status=task_status))
 
-    async def start_jobs(self, config: JobsConfig | None = None, **kw) -> None:
+    async def start_jobs(self, config: JobsConfig | None = None, *, kinds_factory=None,
+                         **kw) -> None:
+        """Start the supervisor; ``kinds_factory(services)`` replaces the built-in kinds."""
         options = dict(checkpoint_dir=self.dir / "checkpoints", blob_dir=self.dir / "blobs",
                        compute=virtual_compute(random.Random(self.index)), clock=trio.current_time,
                        rng=random.Random(100 + self.index))
         options.update(kw)
         self.jobs = await self._start(lambda task_status: serve_jobs(
             self.peer, self.store, self.sync, config=config or self.cluster.config,
-            task_status=task_status, **options), jobs=True)
+            kinds=kinds_factory, task_status=task_status, **options), jobs=True)
 
     async def _start(self, fn, jobs: bool = False):
         scope = trio.CancelScope()
