@@ -148,9 +148,10 @@ def to_float(raw: np.ndarray, tag: str) -> np.ndarray:
 def from_float(values: np.ndarray, tag: str) -> np.ndarray:
     """Raw little-endian tensor of dtype ``tag`` from float math results, rounding to
     nearest even (BF16 via float32, like torch; the others by numpy's IEEE casts)."""
-    if tag == "BF16":
-        return f32_to_bf16(np.asarray(values, np.float32))
-    return np.asarray(values).astype(TAGS[tag], copy=False)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which the caller refuses
+        if tag == "BF16":
+            return f32_to_bf16(np.asarray(values, np.float32))
+        return np.asarray(values).astype(TAGS[tag], copy=False)
 
 
 # -- canonical bytes (v1 ids) ---------------------------------------------------------------
