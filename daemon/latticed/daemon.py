@@ -68,6 +68,7 @@ class Daemon:
         self.jobs: Any = None        # lattice.net.jobs.JobsService
         self.nat: Any = None         # lattice.net.nat.NatManager
         self.bulk_listener: Any = None  # lattice.net.bulk.BulkListener (side channel)
+        self.models: Any = None      # lattice.net.modelstore.ModelService
 
     # -- lifecycle ------------------------------------------------------------------
     def set_state(self, state: str) -> None:
@@ -355,6 +356,8 @@ class Daemon:
             checkpoint_dir=cfg.state_dir / "jobs", blob_dir=cfg.state_dir / "blobs",
             providers=blob_mod.DhtProviders(self.dht), transport=transport))
         jobs.subscribe(lambda note: self.bus.publish("jobs", {"event": "progress", **note}))
+        self.models = importlib.import_module("lattice.net.modelstore").open_model_service(
+            jobs.blobs, self.store, self.sync, cfg, clock=time.time)
         return jobs
 
     async def _start_bulk_listener(self, nursery: trio.Nursery) -> Any:
@@ -390,6 +393,10 @@ class Daemon:
             bulk.serve_bulk_listener, "0.0.0.0", port,
             advertise=[(ip, port) for ip in advertise_ips]))
         return listener
+
+    def _models_api(self) -> Any:
+        from lattice.net.modelapi import ModelApi  # light: the store loads on first use
+        return ModelApi(lambda: self._require_jobs() and self.models)
 
     def _require_jobs(self) -> Any:
         if self.jobs is None:
@@ -557,6 +564,7 @@ class Daemon:
             "jobs.stats": self.rpc_jobs_stats,
             "models.list": self.rpc_models_list,
             "models.read": self.rpc_models_read,
+            **self._models_api().handlers(),
         }
 
     def _require_node(self) -> Any:

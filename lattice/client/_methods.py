@@ -29,6 +29,12 @@ METHOD_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
     "jobs_stats": ("jobs.stats", ()),
     "models": ("models.list", ()),
     "read_model": ("models.read", ("model_id", "offset", "length")),
+    "import_model": ("models.import", ("path", "name")),
+    "export_model": ("models.export", ("model_id", "path", "shard_bytes")),
+    "merge_models": ("models.merge", ("spec", "config", "name")),
+    "verify_model": ("models.verify", ("model_id", "tensors")),
+    "model_info": ("models.info", ("model_id",)),
+    "models_stats": ("models.stats", ()),
 }
 
 
