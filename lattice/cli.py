@@ -307,12 +307,21 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def cmd_models_get(args: argparse.Namespace) -> int:
     from lattice.demo import download_model
+    from lattice.learn.modelfile import MANIFEST_MAGIC
     out = Path(args.output)
     if out.suffix not in (".npz", ".safetensors"):
         print("lattice: -o FILE must end in .npz or .safetensors", file=sys.stderr)
         return 2
     with connect(args.socket, timeout=None) as c:
         data = download_model(c, args.model_id)
+        if data.startswith(MANIFEST_MAGIC):  # a v2 model: its blob is the manifest of its pieces
+            if out.suffix != ".safetensors":
+                print("lattice: this model is stored as pieces: `lattice models export ID -o "
+                      "FILE.safetensors`, or -o FILE.safetensors here", file=sys.stderr)
+                return 2
+            r = c.export_model(args.model_id, str(out.resolve()))
+            print(f"wrote {r['path']} ({r['bytes']} bytes), model {args.model_id}")
+            return 0
     if out.suffix == ".safetensors":
         out.write_bytes(data)
     else:

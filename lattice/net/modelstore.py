@@ -312,4 +312,5 @@ class ModelService:
     def statistics(self) -> dict[str, Any]:
         return {**self.counts, "bytes_imported": self.bytes_imported, "bytes_merged": self.bytes_merged,
                 "pieces_fetched": self.pieces_fetched, "compute_threads": self.config.compute_threads,
-                "fetch_parallel": self.config.fetch_parallel, "fetch_timeout": self.config.fetch_timeout}
+                "fetch_parallel": self.config.fetch_parallel, "fetch_timeout": self.config.fetch_timeout,
+                "export_shard_bytes": self.config.shard_bytes, "max_v1_bytes": self.config.max_v1_bytes}

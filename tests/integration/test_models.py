@@ -118,3 +118,17 @@ def test_a_peer_merges_models_it_fetches_piece_by_piece(daemons, tmp_path):
     assert _cli_json(a.socket, "models", "verify", merged["id"])["matches"]  # a fetches the result from b
     with b.client() as c:
         assert c.models_stats()["pieces_fetched"] >= 3 * 5  # every input's manifest and pieces
+
+
+def test_models_get_of_a_pieced_model_writes_the_safetensors_file(daemons, tmp_path):
+    d = daemons()
+    d.wait_running()
+    src = tmp_path / "m.safetensors"
+    src.write_bytes(canonical_model_bytes(_checkpoint(1.0)))
+    mid = _cli_json(d.socket, "models", "import", str(src))["id"]
+    out = tmp_path / "got.safetensors"
+    r = run_cli("models", "get", mid, "-o", str(out), socket=d.socket)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == src.read_bytes()
+    r = run_cli("models", "get", mid, "-o", str(tmp_path / "got.npz"), socket=d.socket)
+    assert r.returncode == 2 and "models export" in r.stderr
