@@ -40,7 +40,8 @@ from lattice.learn.modelfile import (
     bounded_json,
     canonical_header,
     check_meta,
-    info_of,
+    check_name,
+    dtype_tag,
     parse_header,
     piece_spans,
     read_layout,
@@ -223,12 +224,44 @@ def open_hf_dir(path: str | os.PathLike[str]) -> LayoutReader:
 
 
 def open_npz(path: str | os.PathLike[str]) -> NpzReader:
-    from lattice.learn.modelfile import load_npz
+    """An `.npz` read one array at a time: only the members' .npy headers are read here
+    (object arrays, which would need pickle, are refused)."""
+    from lattice.learn.modelfile import NPZ_META_KEY
 
-    arrays, meta = load_npz(path)  # checks for pickles; arrays are re-read one at a time later
-    infos = {name: info_of(name, arr) for name, arr in arrays.items()}
-    del arrays
+    infos = {}
+    meta: dict[str, str] = {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for name in z.files:
+                if name == NPZ_META_KEY:
+                    continue
+                with z.zip.open(name + ".npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(f)
+                if dtype.hasobject:
+                    raise ModelFormatError(f"tensor {name!r}: object arrays are not allowed")
+                infos[name] = TensorInfo(check_name(name), dtype_tag(dtype), tuple(int(d) for d in shape))
+            has_meta = NPZ_META_KEY in z.files
+    except (ValueError, KeyError, OSError) as e:
+        if isinstance(e, ModelFormatError):
+            raise
+        raise ModelFormatError(f"{path}: not a plain-array .npz ({e})") from None
+    if has_meta:
+        meta = _npz_meta(path)
     return NpzReader(str(path), meta, infos)
+
+
+def _npz_meta(path: str | os.PathLike[str]) -> dict[str, str]:
+    from lattice.learn.modelfile import NPZ_META_KEY
+
+    with np.load(path, allow_pickle=False) as z:
+        raw = z[NPZ_META_KEY]
+    try:
+        return check_meta(json.loads(raw.astype(np.uint8).tobytes().decode("utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelFormatError(f"bad {NPZ_META_KEY}: {e}") from None
 
 
 def open_model_path(path: str | os.PathLike[str]) -> ModelReader:

@@ -183,3 +183,10 @@ def test_a_v1_model_blob_reads_tensor_by_tensor():
     assert reader.source("params").read(2, 5).tolist() == [2.0, 3.0, 4.0]
     assert reader.infos()["params"].dtype == "F32"
     assert BFLOAT16.itemsize == 2
+
+
+def test_an_npz_with_object_arrays_is_refused_without_unpickling(tmp_path):
+    evil = tmp_path / "evil.npz"
+    np.savez(evil, w=np.zeros(2, np.float32), obj=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ModelFormatError, match="'obj'"):
+        open_model_path(evil)
