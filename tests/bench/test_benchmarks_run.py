@@ -33,6 +33,8 @@ CASES = [
     ("gossip_exchange.py", ["--params", "1000000", "--repeat", "2"], [r"median [\d.]+ s"]),
     ("merge_vs_mergekit.py", ["--hidden", "16", "--layers", "2", "--methods", "linear,ties"],
      [r"^linear\s+(\S+\s+\S+\s+)?[\d.]+", r"^ties\s+"]),
+    ("merge_throughput.py", ["--gib", "0.01", "--no-mergekit"],
+     [r"^lattice\s+[\d.]+\s+[\d.]+\s+\d+\s+\d+", r"lattice peak RSS within"]),
     ("train_job.py", ["--peers", "2", "--steps", "40"],
      [r"merged model \(network run\)\s+accuracy 0\.\d+", r"centralized SGD baseline"]),
     pytest.param("nat_traversal.py", ["--attempts", "1"], [r"nat_cone_x_cone", r"public_x_cone"],
