@@ -165,3 +165,26 @@ def test_overflowing_results_are_refused_by_name():
     big = {"w": np.full(2, 60000, np.float16)}
     with pytest.raises(MergeInputError, match="'w'.*overflow"):
         merge_models("task_arithmetic", [big, big], base={"w": np.zeros(2, np.float16)})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("density", [0.01, 0.37, 0.9])
+def test_magnitude_selection_equals_a_sort_when_magnitudes_are_distinct(dtype, density):
+    rng = np.random.default_rng(int(density * 100))
+    n = 3 * REDUCE_BLOCK + 123
+    tau = rng.standard_normal(n).astype(dtype)
+    base = np.zeros(n, dtype)
+    out = merge_models("ties", [{"x": tau}], base={"x": base}, density=density)["x"]
+    k = max(1, int(density * n))
+    expect = np.zeros(n, dtype)
+    top = np.argsort(-np.abs(tau), kind="stable")[:k]
+    expect[top] = tau[top]
+    assert out.tobytes() == expect.tobytes()
+    crumbs = merge_models("breadcrumbs", [{"x": tau}], base={"x": base}, density=density * 0.9, gamma=0.05)["x"]
+    order = np.argsort(np.abs(tau), kind="stable")
+    target, drop_top = int(density * 0.9 * n), int(0.05 * n)
+    bottom = max(0, n - target - drop_top)
+    expect = np.zeros(n, dtype)
+    keep = order[bottom:bottom + target]
+    expect[keep] = tau[keep]
+    assert crumbs.tobytes() == expect.tobytes()
