@@ -172,6 +172,13 @@ SETTINGS: list[Setting] = [
             "(default: the listen addresses, 0.0.0.0 replaced by the host's interface addresses)"),
     Setting("blobs.max_store_bytes", int, 4 << 30, "disk used for model blobs, at most",
             _at_least(1 << 20)),
+    Setting("models.compute_threads", int, 1, "worker threads for importing, merging and "
+            "exporting models", _at_least(1)),
+    Setting("models.fetch_timeout_s", float, 120.0, "one model piece from the network, at most",
+            _at_least(1.0)),
+    Setting("models.fetch_parallel", int, 4, "model pieces fetched at once", _at_least(1)),
+    Setting("models.export_shard_bytes", int, 4 << 30, "models export DIR starts a new "
+            "shard after this many bytes", _at_least(1 << 20)),
 ]
 BY_KEY = {s.key: s for s in SETTINGS}
 

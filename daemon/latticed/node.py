@@ -31,6 +31,7 @@ from lattice.net.bulk import BulkListener
 from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state, serve_crdt_sync
 from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
+from lattice.net.modelstore import ModelService, open_model_service
 from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
 
 from latticed import discovery, presence, statedir
@@ -72,6 +73,7 @@ class Node:
     dht: KademliaDHT | None = None
     sync: CrdtSync | None = None
     jobs: JobSupervisor | None = None
+    models: ModelService | None = None
     bulk: BulkListener | None = None
     libp2p_log_filters: list[RoutineFailureFilter] = field(default_factory=list)
 
@@ -167,6 +169,8 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
         history_is_new=node.identity_created))
     nursery.start_soon(presence.serve_heartbeat, node)
     node.jobs = await _start_jobs(node, nursery)
+    node.models = open_model_service(node.jobs.blobs, node.store, node.sync, cfg,
+                                     clock=time.time)
     nursery.start_soon(presence.fan_out_peer_events, node,
                        host.peer_events(buffer=cfg["rpc.subscriber_queue"]))
     nursery.start_soon(presence.measure_rtts, node)
