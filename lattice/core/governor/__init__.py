@@ -28,6 +28,7 @@ from lattice.core.governor.policy import USER_ACTIVE as USER_ACTIVE
 from lattice.core.governor.policy import GovernorState as GovernorState
 from lattice.core.governor.policy import Reason as Reason
 from lattice.core.governor.policy import Signals as Signals
+from lattice.core.governor.policy import TransfersPaused as TransfersPaused
 from lattice.core.governor.policy import UserPause as UserPause
 from lattice.core.governor.policy import VolunteerConfig as VolunteerConfig
 from lattice.core.governor.policy import decide as decide
@@ -39,6 +40,6 @@ __all__ = [
     "CpuSample", "DataAllowance", "LoadMeter", "MemoryBudget", "TokenBucket", "disk_refusal",
     "format_bytes", "Now", "next_period_start", "BATTERY", "BUSY", "COMPUTE_REASONS",
     "DATA_CAP", "NETWORK_REASONS", "NETWORK_SCHEDULE", "SCHEDULE", "USER", "USER_ACTIVE",
-    "GovernorState", "Reason", "Signals", "UserPause", "VolunteerConfig", "decide",
+    "GovernorState", "Reason", "Signals", "TransfersPaused", "UserPause", "VolunteerConfig", "decide",
     "Schedule", "ScheduleError", "parse_schedule",
 ]

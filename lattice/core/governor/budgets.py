@@ -21,6 +21,9 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+MIN_WAIT = 1e-6
+
+
 class TokenBucket:
     """``rate`` tokens per second, at most ``burst`` saved up.
 
@@ -45,9 +48,11 @@ class TokenBucket:
             self._last = now
 
     def delay(self, now: float) -> float:
-        """Seconds until the level is back to zero (0: go now)."""
+        """Seconds until the level is back to zero (0: go now). A wait under a
+        microsecond is none: rounding leaves such debts, and a clock cannot wait them."""
         self._refill(now)
-        return 0.0 if self.level >= 0 else -self.level / self.rate
+        wait = -self.level / self.rate
+        return wait if wait >= MIN_WAIT else 0.0
 
     def charge(self, amount: float, now: float) -> None:
         """Take ``amount`` (may overdraw)."""

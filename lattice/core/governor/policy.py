@@ -200,6 +200,16 @@ class GovernorState:
                 tuple(r.kind for r in self.network_reasons))
 
 
+class TransfersPaused(Exception):
+    """Raised by a transfer gate's ``acquire`` while transfers may not run (outside
+    their schedule, data allowance spent): the transfer is refused or deferred, not
+    slowed for hours."""
+
+    def __init__(self, reason: Reason) -> None:
+        super().__init__(f"transfers paused: {reason.text}")
+        self.reason = reason
+
+
 def decide(config: VolunteerConfig, now: Now, signals: Signals) -> GovernorState:
     """The governor's state for these signals at ``now``."""
     compute: list[Reason] = []

@@ -127,3 +127,13 @@ def test_disk_keeps_the_free_space_the_volunteer_asked_for():
     assert disk_refusal(free_bytes=5_000, nbytes=1_000, keep_free_bytes=4_000) is None
     why = disk_refusal(free_bytes=5_000, nbytes=1_001, keep_free_bytes=4_000)
     assert why is not None and "keep free" in why
+
+
+def test_bucket_waits_no_rounding_debt():
+    """A debt left by float rounding must not ask for a wait no clock can make (a
+    deadline equal to now would spin forever)."""
+    b = TokenBucket(rate=0.1, burst=0.1)
+    b.charge(0.1 + 1e-15, now=0.0)
+    assert b.delay(now=0.0) == 0.0
+    b.charge(0.05, now=0.0)
+    assert b.delay(now=0.0) == pytest.approx(0.5)
