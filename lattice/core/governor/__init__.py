@@ -31,6 +31,7 @@ from lattice.core.governor.policy import Signals as Signals
 from lattice.core.governor.policy import TransfersPaused as TransfersPaused
 from lattice.core.governor.policy import UserPause as UserPause
 from lattice.core.governor.policy import VolunteerConfig as VolunteerConfig
+from lattice.core.governor.policy import VolunteerConfigError as VolunteerConfigError
 from lattice.core.governor.policy import decide as decide
 from lattice.core.governor.schedule import Schedule as Schedule
 from lattice.core.governor.schedule import ScheduleError as ScheduleError
@@ -40,6 +41,7 @@ __all__ = [
     "CpuSample", "DataAllowance", "LoadMeter", "MemoryBudget", "TokenBucket", "disk_refusal",
     "format_bytes", "Now", "next_period_start", "BATTERY", "BUSY", "COMPUTE_REASONS",
     "DATA_CAP", "NETWORK_REASONS", "NETWORK_SCHEDULE", "SCHEDULE", "USER", "USER_ACTIVE",
-    "GovernorState", "Reason", "Signals", "TransfersPaused", "UserPause", "VolunteerConfig", "decide",
+    "GovernorState", "Reason", "Signals", "TransfersPaused", "UserPause", "VolunteerConfig",
+    "VolunteerConfigError", "decide",
     "Schedule", "ScheduleError", "parse_schedule",
 ]

@@ -22,7 +22,7 @@ from typing import Any
 
 from lattice.core.governor.budgets import format_bytes
 from lattice.core.governor.localtime import Now, next_period_start
-from lattice.core.governor.schedule import Schedule, parse_schedule
+from lattice.core.governor.schedule import Schedule, ScheduleError, parse_schedule
 
 RUN_WHEN = ("always", "idle")
 PRIORITIES = ("idle", "low", "normal")
@@ -37,6 +37,14 @@ NETWORK_SCHEDULE = "network_schedule"
 DATA_CAP = "data_cap"
 COMPUTE_REASONS = (USER, BATTERY, SCHEDULE, USER_ACTIVE, BUSY)
 NETWORK_REASONS = (NETWORK_SCHEDULE, DATA_CAP)
+
+
+class VolunteerConfigError(ValueError):
+    """A bad ``[volunteer]`` setting; ``key`` names it (``volunteer.cpu_percent``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key} {message}")
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class VolunteerConfig:
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
             if not ok:
-                raise ValueError(f"volunteer.{key} {what}, got {getattr(self, key)!r}")
+                raise VolunteerConfigError(f"volunteer.{key}", f"{what}, got {getattr(self, key)!r}")
         need(self.run_when in RUN_WHEN, "run_when", "must be always or idle")
         need(self.priority in PRIORITIES, "priority", "must be idle, low or normal")
         need(0 < self.cpu_percent <= 100, "cpu_percent", "must be in (0, 100]")
@@ -104,8 +112,12 @@ class VolunteerConfig:
             need(getattr(self, name) >= 0, name, "must not be negative")
         for name in ("busy_window_s", "signal_interval_s", "duty_burst_s", "rate_burst_s"):
             need(getattr(self, name) > 0, name, "must be positive")
-        object.__setattr__(self, "compute_windows", parse_schedule(self.compute_schedule))
-        object.__setattr__(self, "network_windows", parse_schedule(self.network_schedule))
+        for name in ("compute", "network"):
+            try:
+                windows = parse_schedule(getattr(self, f"{name}_schedule"))
+            except ScheduleError as e:
+                raise VolunteerConfigError(f"volunteer.{name}_schedule", str(e)) from None
+            object.__setattr__(self, f"{name}_windows", windows)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> VolunteerConfig:
@@ -115,7 +127,7 @@ class VolunteerConfig:
         kwargs = {key.rpartition(".")[2]: v for key, v in values.items()}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"unknown [volunteer] setting(s): {', '.join(unknown)}")
+            raise VolunteerConfigError(f"volunteer.{unknown[0]}", "is not a setting")
         return cls(**kwargs)
 
     @property
