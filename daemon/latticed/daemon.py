@@ -29,8 +29,9 @@ from lattice.net.streams import PeerError  # no libp2p import: safe before the h
 
 from latticed import __version__
 from latticed import statedir
-from latticed.config import Config
+from latticed.config import Config, volunteer_config
 from latticed.events import EventBus
+from latticed.governor import serve_governor
 from latticed.rpc_server import ClientConnection, RpcServer
 
 log = logging.getLogger("latticed")
@@ -68,6 +69,8 @@ class Daemon:
         self.jobs: Any = None        # lattice.net.jobs.JobsService
         self.nat: Any = None         # lattice.net.nat.NatManager
         self.bulk_listener: Any = None  # lattice.net.bulk.BulkListener (side channel)
+        self.governor: Any = None    # latticed.governor.Governor
+        self.metrics: Any = None     # latticed.metrics.MetricsEndpoint, when [metrics] listen
 
     # -- lifecycle ------------------------------------------------------------------
     def set_state(self, state: str) -> None:
@@ -83,6 +86,11 @@ class Daemon:
                                  max_clients=cfg["rpc.max_clients"])
             await nursery.start(self.rpc.serve)
             log.info("local RPC socket %s (starting)", cfg.socket)
+            self.governor = await nursery.start(functools.partial(
+                serve_governor, volunteer_config(cfg), compute_threads=cfg["jobs.compute_threads"],
+                state_dir=cfg.state_dir))
+            if cfg["metrics.listen"]:
+                self.metrics = await self._start_metrics(nursery)
 
             host_mod = await _import("lattice.net.host")
             crdt = await _import("lattice.net.crdt_sync")
@@ -353,7 +361,8 @@ class Daemon:
         jobs = await nursery.start(functools.partial(
             jobs_mod.serve_jobs, self.node, self.store, self.sync, config=config,
             checkpoint_dir=cfg.state_dir / "jobs", blob_dir=cfg.state_dir / "blobs",
-            providers=blob_mod.DhtProviders(self.dht), transport=transport))
+            providers=blob_mod.DhtProviders(self.dht), transport=transport,
+            compute=self.governor.compute))
         jobs.subscribe(lambda note: self.bus.publish("jobs", {"event": "progress", **note}))
         return jobs
 
@@ -557,6 +566,8 @@ class Daemon:
             "jobs.stats": self.rpc_jobs_stats,
             "models.list": self.rpc_models_list,
             "models.read": self.rpc_models_read,
+            "governor.pause": self.rpc_governor_pause,
+            "governor.resume": self.rpc_governor_resume,
         }
 
     def _require_node(self) -> Any:
@@ -593,6 +604,7 @@ class Daemon:
                        "dropped": self.bus.dropped},
             "state_sync": self._state_summary(),
             "dht": self._dht_summary(),
+            "governor": self.governor.status() if self.governor else None,
         }
 
     def _dht_summary(self) -> dict[str, Any] | None:
@@ -701,6 +713,37 @@ class Daemon:
         if self.state_log is not None:
             out["log"] = self.state_log.statistics()
         return out
+
+    # -- the governor and metrics ----------------------------------------------------------
+    async def rpc_governor_pause(self, client: ClientConnection, for_s: float | None,
+                                 reason: str) -> dict[str, Any]:
+        if for_s is not None and not (0 < for_s <= 366 * 86400):  # NaN fails this too
+            raise InvalidArgumentError("for_s must be in (0, 366 days] seconds")
+        return self._require_governor().pause(for_s, reason)
+
+    async def rpc_governor_resume(self, client: ClientConnection) -> dict[str, Any]:
+        return self._require_governor().resume()
+
+    def _require_governor(self) -> Any:
+        if self.governor is None:
+            raise NotReadyError("the governor is still starting; retry in a moment")
+        return self.governor
+
+    async def _start_metrics(self, nursery: trio.Nursery) -> Any:
+        from latticed import metrics
+        registry = metrics.MetricsRegistry(self._metrics_snapshot)
+        metrics.feed_status(registry)
+        metrics.feed_governor(registry, self.governor)
+        return await nursery.start(functools.partial(
+            metrics.serve_metrics, self.config["metrics.listen"], registry))
+
+    async def _metrics_snapshot(self) -> dict[str, Any]:
+        """What a scrape reads: `status` (it uses nothing of the client), connections
+        and jobs."""
+        status = await self.rpc_status(None)  # type: ignore[arg-type]
+        status["connections"] = self.node.connections() if self.node else []
+        status["jobs"] = self.jobs.list() if self.jobs else []
+        return status
 
     async def rpc_unsubscribe(self, client: ClientConnection, subscription: int) -> dict[str, Any]:
         return {"stopped": client.stop_subscription(subscription)}

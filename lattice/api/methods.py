@@ -140,6 +140,16 @@ _METHOD_LIST = [
            params=(Param("job_id", "str", "job id", max_len=128),), access="write"),
     Method("jobs.stats", "The job runner's statistics."),
     Method("models.list", "The model registry: model id -> producer, job, metrics."),
+    Method("governor.pause", "Pause job compute (the daemon stays in the network: state sync, "
+           "DHT, relaying) until governor.resume, or for for_s seconds. Survives a restart. "
+           "Returns the governor's block of status.",
+           params=(Param("for_s", "float", "seconds, in (0, 366 days] (absent: until resumed)",
+                         required=False),
+                   Param("reason", "str", "shown in status", required=False, default="",
+                         max_len=200)),
+           access="write"),
+    Method("governor.resume", "Lift a pause by the user; other reasons (battery, schedule, ...) "
+           "still hold. Returns the governor's block of status.", access="write"),
     Method("models.read", "Bytes of a model's canonical .safetensors file, fetched from any "
            "provider on first use; read it in chunks.",
            params=(Param("model_id", "str", "sha256 hex", max_len=128),

@@ -29,6 +29,8 @@ METHOD_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
     "jobs_stats": ("jobs.stats", ()),
     "models": ("models.list", ()),
     "read_model": ("models.read", ("model_id", "offset", "length")),
+    "pause": ("governor.pause", ("for_s", "reason")),
+    "resume": ("governor.resume", ()),
 }
 
 
