@@ -311,8 +311,15 @@ class CpuControls:
             except OSError:
                 pass
         if self.cpus:
-            os.sched_setaffinity(0, self.cpus)
-            applied["cpus"] = sorted(self.cpus)
+            try:
+                os.sched_setaffinity(0, self.cpus)
+                applied["cpus"] = sorted(self.cpus)
+            except OSError as e:  # a seccomp filter or cgroup that forbids it
+                log.warning("compute threads cannot be pinned to cores %s: %s",
+                            sorted(self.cpus), e)
+        if self.priority != "normal" and applied["policy"] == "normal" and applied["nice"] is None:
+            log.warning("compute threads run at normal priority: neither SCHED_IDLE nor "
+                        "nice 19 could be set")
         return applied
 
 
