@@ -568,6 +568,7 @@ class Daemon:
             "models.read": self.rpc_models_read,
             "governor.pause": self.rpc_governor_pause,
             "governor.resume": self.rpc_governor_resume,
+            "governor.stats": self.rpc_governor_stats,
         }
 
     def _require_node(self) -> Any:
@@ -605,6 +606,7 @@ class Daemon:
             "state_sync": self._state_summary(),
             "dht": self._dht_summary(),
             "governor": self.governor.status() if self.governor else None,
+            "metrics": self.metrics.statistics() if self.metrics else None,
         }
 
     def _dht_summary(self) -> dict[str, Any] | None:
@@ -723,6 +725,9 @@ class Daemon:
 
     async def rpc_governor_resume(self, client: ClientConnection) -> dict[str, Any]:
         return self._require_governor().resume()
+
+    async def rpc_governor_stats(self, client: ClientConnection) -> dict[str, Any]:
+        return self._require_governor().statistics()
 
     def _require_governor(self) -> Any:
         if self.governor is None:

@@ -150,6 +150,9 @@ _METHOD_LIST = [
            access="write"),
     Method("governor.resume", "Lift a pause by the user; other reasons (battery, schedule, ...) "
            "still hold. Returns the governor's block of status.", access="write"),
+    Method("governor.stats", "The governor's settings and counters: compute steps and CPU "
+           "seconds, duty-cycle waits, pauses by reason, bytes and refusals at the transfer "
+           "gates, signal read errors, what each compute thread applied."),
     Method("models.read", "Bytes of a model's canonical .safetensors file, fetched from any "
            "provider on first use; read it in chunks.",
            params=(Param("model_id", "str", "sha256 hex", max_len=128),

@@ -31,6 +31,7 @@ METHOD_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
     "read_model": ("models.read", ("model_id", "offset", "length")),
     "pause": ("governor.pause", ("for_s", "reason")),
     "resume": ("governor.resume", ()),
+    "governor_stats": ("governor.stats", ()),
 }
 
 

@@ -86,3 +86,7 @@ def test_metrics_endpoint_on_loopback(daemons):
     reasons = {s.labels["reason"]: s.value for s in fams["lattice_governor_pause_reason"].samples}
     assert reasons["user"] == 1
     assert fams["lattice_rpc_requests"].samples[0].value >= 1
+    with d.client() as c:
+        assert c.status()["metrics"]["scrapes"] == 1
+        stats = c.governor_stats()
+    assert stats["pauses"] == {"user": 1} and stats["settings"]["cpu_percent"] == 100.0
