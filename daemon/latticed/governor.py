@@ -498,18 +498,18 @@ class Governor:
 
     def __init__(self, config: VolunteerConfig, *, workers: WorkerPool, sources: Sources,
                  clock: Clock = system_now, state_dir: Path | None = None,
-                 cores: int | None = None, cpu_controls: CpuControls | None = None) -> None:
+                 cores: int | None = None) -> None:
         self.config = config
         self.sources = sources
         self.clock = clock
         self.state_file = state_dir / STATE_FILE if state_dir is not None else None
-        self.cpu_controls = cpu_controls
         cores = cores if cores is not None else len(os.sched_getaffinity(0))
         self.cores = cores
         duty = None
         if config.cpu_percent < 100:
             rate = config.cpu_percent / 100 * cores  # CPU-seconds per second
             duty = TokenBucket(rate, rate * config.duty_burst_s)
+        self.workers = workers
         self.compute = GovernedCompute(self, workers, duty)
         self.upload = TransferGate(self, "up", config.upload_mbit_s, config.rate_burst_s)
         self.download = TransferGate(self, "down", config.download_mbit_s, config.rate_burst_s)
@@ -538,11 +538,12 @@ class Governor:
             await self._changed.wait()
 
     def check_memory(self) -> str | None:
-        """Why job compute must give memory back now (RSS grown past the cap since the
-        governor started, before any job: an estimate, the process shares one heap), or
-        None."""
+        """Why job compute must give memory back now, or None. What compute uses is
+        estimated as the process's RSS above what it was the last time no job held a
+        `memory` reservation (one heap serves everything, so it is an estimate; the
+        reservations are the precise part)."""
         rss = self.sources.rss_bytes()
-        if rss is None or self.rss_baseline is None:
+        if rss is None or self.rss_baseline is None or not self.memory.reserved:
             return None
         return self.memory.over(max(0, rss - self.rss_baseline))
 
@@ -614,7 +615,7 @@ class Governor:
             "memory_reserved_bytes": self.memory.reserved,
             "signal_errors": dict(self.sources.errors),
             "input_source": self.sources.input_source,
-            "threads_applied": list(getattr(self.compute._workers, "applied", [])),
+            "threads_applied": list(getattr(self.workers, "applied", [])),  # fakes apply nothing
         }
 
     # -- the service's loop -------------------------------------------------------------------
@@ -623,7 +624,7 @@ class Governor:
         now = self.clock()
         sample = self.sources.cpu_sample()
         busy = self.load_meter.add(trio.current_time(), sample) if sample is not None else None
-        if self.rss_baseline is None:
+        if not self.memory.reserved:  # no job in memory: the rest of the daemon's share
             self.rss_baseline = self.sources.rss_bytes()
         last_input = None
         if self.config.run_when == "idle":  # no D-Bus traffic for a setting that is off
@@ -728,20 +729,20 @@ async def serve_governor(config: VolunteerConfig, *, compute_threads: int = 1,
     time (with ``cores``, what the duty cycle counts them as). ``sources`` and ``clock``
     default to the machine's. Failure policy: see the module docstring."""
     sources = sources or Sources()
-    controls = None
+    threads: ComputeThreads | None = None
     if workers is None:
         cpus = choose_cpus(config.max_cores)
         cores = len(cpus) if cpus else len(os.sched_getaffinity(0))
-        controls = CpuControls(priority=config.priority, cpus=cpus)
-        threads = ComputeThreads(compute_threads, controls)
-        threads.start()
-        workers = threads
+        workers = threads = ComputeThreads(compute_threads,
+                                           CpuControls(priority=config.priority, cpus=cpus))
     elif cores is None:
         cores = workers.threads
     governor = Governor(config, workers=workers, sources=sources, clock=clock,
-                        state_dir=state_dir, cores=cores, cpu_controls=controls)
-    governor.restore()
+                        state_dir=state_dir, cores=cores)
     try:
+        if threads is not None:
+            threads.start()
+        governor.restore()
         await governor.tick()
         task_status.started(governor)
         last_save = trio.current_time()
@@ -756,9 +757,8 @@ async def serve_governor(config: VolunteerConfig, *, compute_threads: int = 1,
             governor._save()
         with trio.CancelScope(shield=True):
             await sources.aclose()
-            aclose = getattr(workers, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            if threads is not None:
+                await threads.aclose()
 
 
 __all__ = ["BLAS_THREAD_VARS", "THREAD_NAME", "ComputeThreads", "CpuControls", "Governor",

@@ -96,14 +96,20 @@ async def test_data_cap_stops_transfers_for_the_rest_of_the_month_across_restart
 
 
 async def test_memory_cap_check_and_reservations(machine, start_governor, nursery, autojump_clock):
-    machine.set_rss(100 * 10**6)  # before any job: the baseline
+    machine.set_rss(80 * 10**6)
     gov, _ = await start_governor(nursery, VolunteerConfig(max_memory_mb=50))
+    machine.set_rss(100 * 10**6)  # the daemon grows while no job runs: not compute's
+    await trio.sleep(1)
+    assert gov.check_memory() is None
     assert gov.memory.reserve("job-a", 30 * 10**6) is None
     assert "memory" in gov.memory.reserve("job-b", 30 * 10**6)
     machine.set_rss(140 * 10**6)
     assert gov.check_memory() is None
     machine.set_rss(160 * 10**6)
+    await trio.sleep(1)  # the baseline stays put while a job holds memory
     assert gov.check_memory() == "memory: job compute uses 60.0 MB, over the 50.0 MB cap"
+    gov.memory.release("job-a")
+    assert gov.check_memory() is None
 
 
 async def test_disk_check_keeps_free_space(machine, start_governor, nursery, tmp_path, autojump_clock):
