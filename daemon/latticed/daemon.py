@@ -31,7 +31,7 @@ from latticed import __version__
 from latticed import statedir
 from latticed.config import Config, volunteer_config
 from latticed.events import EventBus
-from latticed.governor import serve_governor
+from latticed.governor import NOT_YET_APPLIED, serve_governor
 from latticed.rpc_server import ClientConnection, RpcServer
 
 log = logging.getLogger("latticed")
@@ -89,6 +89,9 @@ class Daemon:
             self.governor = await nursery.start(functools.partial(
                 serve_governor, volunteer_config(cfg), compute_threads=cfg["jobs.compute_threads"],
                 state_dir=cfg.state_dir))
+            for name in NOT_YET_APPLIED:
+                if cfg.sources[f"volunteer.{name}"] != "default":
+                    log.warning("volunteer.%s is set, but not applied yet by this version", name)
             if cfg["metrics.listen"]:
                 self.metrics = await self._start_metrics(nursery)
 
