@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import secrets
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,6 +40,15 @@ import numpy as np
 import trio
 
 from lattice.core.bulk_frames import BulkLimits
+from lattice.core.gossip_messages import (
+    MAX_CONTROL_BYTES,
+    PROTOCOL,
+    VERSION,
+    array_item,
+    parse_array_header,
+    parse_message,
+)
+from lattice.core.penalties import PenaltyBox
 from lattice.learn.gossip import Outgoing, ParamChannel, pair_average, pair_weights
 from lattice.learn.optim import OuterNesterov
 from lattice.learn.validate import InvalidTensor, NormBound
@@ -51,6 +59,7 @@ from lattice.net.streams import (
     PeerNetwork,
     RemoteProtocolError,
     Stream,
+    parse_peer_input,
     read_into,
     recv_frame,
     run_both,
@@ -59,16 +68,7 @@ from lattice.net.streams import (
 
 log = logging.getLogger("lattice.net.gossip_avg")
 
-PROTOCOL = "/lattice/gossip-avg/1"
-VERSION = 1
-MAX_CONTROL_BYTES = 64 * 1024
 WRITE_CHUNK = 1 << 20
-MAX_ITEMS = 16
-MAX_NDIM = 32
-MAX_NAME_CHARS = 64
-MAX_REASON_CHARS = 64
-MAX_SAMPLES = 2**53
-WIRE_DTYPES = ("float32", "float16", "int8", "int64", "uint32")
 
 T = TypeVar("T")
 Compute = Callable[[Callable[[], Any]], Awaitable[Any]]
@@ -94,10 +94,6 @@ class Outcome(str, enum.Enum):
     REJECTED = "rejected"    # we refused the peer's tensor (it is penalized)
     FAILED = "failed"        # the peer vanished, timed out or broke the protocol
     IN_DOUBT_KEPT = "in_doubt_kept"  # ack lost and unresolved: we kept our parameters
-
-
-class TensorFormatError(RemoteProtocolError):
-    """The peer announced arrays outside what we accept (names, dtypes, sizes)."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +128,8 @@ class TensorTransport(Protocol):
     its wire format in the offer/accept negotiation.
 
     ``expect`` maps every name the peer must send to its dtype; anything else is refused
-    before allocation (raise `RemoteProtocolError`). Returns (theirs, bytes sent, bytes
+    before allocation (raise `RemoteProtocolError`: parse headers with
+    `parse_peer_input`). Returns (theirs, bytes sent, bytes
     received). Both sides call ``exchange`` at the same point of the protocol, and it
     must leave the stream at a frame boundary."""
 
@@ -171,10 +168,8 @@ class FramedTensorTransport:
         items, views = [], []
         for name, arr in arrays.items():
             a = np.asarray(arr)
-            if a.dtype.name not in WIRE_DTYPES:
-                raise ValueError(f"cannot send dtype {a.dtype}")  # our bug, not the peer's
             a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-            items.append([name, a.dtype.name, [int(s) for s in a.shape], int(a.nbytes)])
+            items.append(array_item(name, a))
             views.append(memoryview(a).cast("B"))
         header = {"t": "arrays", "items": items}
         await send_frame(stream, header)
@@ -188,7 +183,7 @@ class FramedTensorTransport:
     async def receive_arrays(self, stream: Stream, *, expect: Mapping[str, np.dtype] | None,
                              max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
         header = await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES)
-        specs = parse_array_header(header, expect=expect, max_bytes=max_bytes)
+        specs = parse_peer_input(parse_array_header, header, expect=expect, max_bytes=max_bytes)
         out: dict[str, np.ndarray] = {}
         total = 0
         for name, dtype, shape in specs:
@@ -225,11 +220,12 @@ class BulkTensorTransport:
 
         async def send_header() -> None:
             await send_frame(stream, {"t": "arrays", "items": [
-                [n, a.dtype.name, [int(x) for x in a.shape], int(a.nbytes)] for n, a in arrays.items()]})
+                array_item(n, a) for n, a in arrays.items()]})
 
         async def recv_header() -> None:
-            got["specs"] = parse_array_header(await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
-                                              expect=expect, max_bytes=max_bytes)
+            got["specs"] = parse_peer_input(
+                parse_array_header, await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
+                expect=expect, max_bytes=max_bytes)
 
         await run_both(send_header, recv_header)
         theirs: dict[str, np.ndarray] = {}
@@ -258,42 +254,6 @@ class BulkTensorTransport:
             sent += mine.nbytes
             received += theirs[name].nbytes
         return theirs, sent, received
-
-
-def parse_array_header(header: Any, *, expect: Mapping[str, np.dtype] | None,
-                       max_bytes: int) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-    """Validate an ``arrays`` header; raises TensorFormatError before any allocation."""
-    if not isinstance(header, dict) or header.get("t") != "arrays":
-        raise TensorFormatError("expected an 'arrays' header")
-    items = header.get("items")
-    if not isinstance(items, list) or len(items) > MAX_ITEMS:
-        raise TensorFormatError(f"'items' must be a list of at most {MAX_ITEMS}")
-    out, names, total = [], set(), 0
-    for item in items:
-        if not (isinstance(item, list) and len(item) == 4):
-            raise TensorFormatError("each item is [name, dtype, shape, nbytes]")
-        name, dtype_name, shape, nbytes = item
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS or name in names:
-            raise TensorFormatError("bad or duplicate array name")
-        if dtype_name not in WIRE_DTYPES:
-            raise TensorFormatError(f"dtype {str(dtype_name)[:16]!r} not accepted")
-        dtype = np.dtype(dtype_name)
-        if expect is not None and (name not in expect or np.dtype(expect[name]) != dtype):
-            raise TensorFormatError(f"unexpected array {name!r} of {dtype_name}")
-        if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
-                and all(type(s) is int and 0 <= s <= max_bytes for s in shape)):
-            raise TensorFormatError("bad shape")
-        size = math.prod(shape) * dtype.itemsize
-        if type(nbytes) is not int or nbytes != size:
-            raise TensorFormatError("nbytes does not match dtype and shape")
-        total += size
-        if total > max_bytes:
-            raise TensorFormatError(f"arrays exceed {max_bytes} bytes")
-        names.add(name)
-        out.append((name, dtype, tuple(shape)))
-    if expect is not None and names != set(expect):
-        raise TensorFormatError(f"arrays {sorted(names)}, expected {sorted(expect)}")
-    return out
 
 
 # -- one participant's side ---------------------------------------------------------------
@@ -424,8 +384,9 @@ class AveragingParty:
     def _mix(self, out: Outgoing, payload: dict[str, np.ndarray], peer_samples: int
              ) -> np.ndarray:
         """Validate the peer's payload and compute the average; mutates nothing.
-        Raises InvalidTensor."""
-        theirs = self.channel.receive(payload, self.params, self.bound)
+        Raises InvalidTensor, or RemoteProtocolError if decoding the payload choked."""
+        theirs = parse_peer_input(self.channel.receive, payload, self.params, self.bound,
+                                  keep=(InvalidTensor,))
         w_own, w_peer = pair_weights(self.samples, peer_samples, self.weighting)
         return pair_average(out.estimate, theirs, w_own, w_peer)
 
@@ -444,22 +405,17 @@ class AveragingParty:
 
 
 class PeerHealth:
-    """Who not to choose (or serve) for a while: penalized senders of garbage, and
-    peers we could not reach (exponential backoff, reset on success)."""
+    """Who not to choose (or serve) for a while: penalized senders of garbage (a
+    `PenaltyBox`), and peers we could not reach (exponential backoff, reset on
+    success; only roster peers are ever tried, so this stays small)."""
 
     def __init__(self, config: GossipConfig) -> None:
         self.config = config
-        self._penalized: dict[str, tuple[float, float]] = {}  # peer -> (until, backoff)
+        self._penalized = PenaltyBox(base=config.penalty_backoff)
         self._unreachable: dict[str, tuple[float, float]] = {}
-        self.penalties: Counter[str] = Counter()  # reason -> count
-        self.penalized_peers: Counter[str] = Counter()
 
     def penalize(self, peer: str, reason: str, now: float) -> None:
-        _, last = self._penalized.get(peer, (0.0, self.config.penalty_backoff / 2))
-        backoff = min(last * 2, 3600.0)
-        self._penalized[peer] = (now + backoff, backoff)
-        self.penalties[reason] += 1
-        self.penalized_peers[peer] += 1
+        backoff = self._penalized.penalize(peer, reason, now)
         log.warning("peer=%s gossip-avg penalized (%s); ignored for %.0f s", peer, reason, backoff)
 
     def unreachable(self, peer: str, now: float) -> None:
@@ -471,8 +427,7 @@ class PeerHealth:
         self._unreachable.pop(peer, None)
 
     def is_penalized(self, peer: str, now: float) -> bool:
-        until = self._penalized.get(peer)
-        return until is not None and now < until[0]
+        return self._penalized.is_penalized(peer, now)
 
     def blocked(self, peer: str, now: float) -> bool:
         if self.is_penalized(peer, now):
@@ -480,9 +435,8 @@ class PeerHealth:
         until = self._unreachable.get(peer)
         return until is not None and now < until[0]
 
-    def statistics(self) -> dict[str, Any]:
-        return {"penalties": dict(self.penalties), "penalized_peers": dict(self.penalized_peers),
-                "unreachable": len(self._unreachable)}
+    def statistics(self, now: float) -> dict[str, Any]:
+        return {**self._penalized.statistics(now), "unreachable": len(self._unreachable)}
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -492,28 +446,11 @@ def _xid() -> str:
     return secrets.token_hex(16)
 
 
-def _is_id(v: Any, max_chars: int = 128) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= max_chars and v.isascii() and v.isprintable()
-
-
-def _expect(msg: Any, kinds: tuple[str, ...], xid: str | None) -> dict[str, Any]:
-    if not isinstance(msg, dict) or msg.get("t") not in kinds:
-        raise RemoteProtocolError(f"expected one of {kinds}, got {str(msg)[:80]}")
-    if xid is not None and msg.get("xid") != xid:
-        raise RemoteProtocolError("message for another exchange id")
-    return msg
-
-
-def _samples_of(msg: dict[str, Any]) -> int:
-    samples = msg.get("samples")
-    if type(samples) is not int or not 0 <= samples <= MAX_SAMPLES:
-        raise RemoteProtocolError("samples must be an integer in [0, 2^53]")
-    return samples
-
-
-def _reason(msg: dict[str, Any]) -> str:
-    r = msg.get("reason")
-    return r[:MAX_REASON_CHARS] if isinstance(r, str) else "?"
+async def _receive(stream: Stream, kinds: tuple[str, ...], xid: str | None) -> dict[str, Any]:
+    """The peer's next control message, checked (`parse_message`): one of ``kinds``,
+    for exchange ``xid``. Anything else raises `RemoteProtocolError`."""
+    return parse_peer_input(parse_message, await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
+                            kinds, xid)
 
 
 # -- the service ------------------------------------------------------------------------------
@@ -608,16 +545,15 @@ class GossipAverager:
                 await send_frame(stream, {"t": "offer", "v": VERSION, "job": party.job_id, "xid": xid,
                                           "samples": party.samples, "codec": party.channel.codec.spec,
                                           "transports": list(self.transports)})
-                reply = _expect(await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
-                                ("accept", "busy"), xid)
+                reply = await _receive(stream, ("accept", "busy"), xid)
             self.health.reachable(peer)
             if reply["t"] == "busy":
                 await _quietly(stream.close)
                 return Outcome.BUSY
-            peer_samples = _samples_of(reply)
-            transport = self.transports.get(reply.get("transport", "framed"))
+            peer_samples = reply["samples"]
+            transport = self.transports.get(reply["transport"])
             if transport is None:
-                raise RemoteProtocolError(f"accepted with a transport we did not offer: {str(reply.get('transport'))[:32]}")
+                raise RemoteProtocolError(f"accepted with a transport we did not offer: {reply['transport']}")
             try:
                 out, average = await self._trade(stream, party, transport, peer_samples)
             except InvalidTensor as e:
@@ -626,10 +562,9 @@ class GossipAverager:
             commit_sent = True  # from here on the responder may have applied
             with trio.fail_after(cfg.step_timeout):
                 await send_frame(stream, {"t": "commit", "xid": xid})
-                final = _expect(await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
-                                ("ack", "abort"), xid)
+                final = await _receive(stream, ("ack", "abort"), xid)
             if final["t"] == "abort":
-                log.info("peer=%s xid=%s gossip-avg aborted by peer: %s", peer, xid, _reason(final))
+                log.info("peer=%s xid=%s gossip-avg aborted by peer: %s", peer, xid, final["reason"])
                 await _quietly(stream.close)
                 return Outcome.ABORTED
             await self._commit(party, out, average)
@@ -666,11 +601,10 @@ class GossipAverager:
                     try:
                         await send_frame(stream, {"t": "status", "v": VERSION, "job": party.job_id,
                                                   "xid": xid})
-                        reply = _expect(await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
-                                        ("outcome",), xid)
+                        reply = await _receive(stream, ("outcome",), xid)
                     finally:
                         await _quietly(stream.close)
-                    outcome = reply.get("outcome")
+                    outcome = reply["outcome"]
                     if outcome == "committed":
                         return True
                     if outcome in ("aborted", "unknown"):
@@ -708,10 +642,7 @@ class GossipAverager:
         stream = CountingStream(raw)
         try:
             with trio.fail_after(self.config.step_timeout):
-                first = _expect(await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
-                                ("offer", "status"), None)
-            if first.get("v") != VERSION or not _is_id(first.get("job")) or not _is_id(first.get("xid"), 64):
-                raise RemoteProtocolError("bad version, job or exchange id")
+                first = await _receive(stream, ("offer", "status"), None)
             if first["t"] == "status":
                 state = self._outcomes.get((peer, first["xid"]), "unknown")
                 await send_frame(stream, {"t": "outcome", "xid": first["xid"], "outcome": state})
@@ -727,7 +658,7 @@ class GossipAverager:
     async def _respond(self, stream: CountingStream, peer: str, offer: dict[str, Any]) -> None:
         cfg = self.config
         xid = offer["xid"]
-        peer_samples = _samples_of(offer)
+        peer_samples = offer["samples"]
         party = self._parties.get(offer["job"])
         reason = None
         if party is None:
@@ -736,7 +667,7 @@ class GossipAverager:
             reason = "not_participant"
         elif self.health.is_penalized(peer, trio.current_time()):
             reason = "penalized"
-        elif offer.get("codec") != party.channel.codec.spec:
+        elif offer["codec"] != party.channel.codec.spec:
             reason = "codec_mismatch"
         else:
             reason = party.busy_reason()
@@ -776,11 +707,7 @@ class GossipAverager:
 
     def _pick_transport(self, offer: dict[str, Any]) -> TensorTransport | None:
         """Our preferred transport among those the initiator offered (absent: framed)."""
-        offered = offer.get("transports", ["framed"])
-        if not isinstance(offered, list):
-            raise RemoteProtocolError("'transports' must be a list")
-        names = [n for n in offered[:8] if isinstance(n, str)]
-        return next((t for n, t in self.transports.items() if n in names), None)
+        return next((t for n, t in self.transports.items() if n in offer["transports"]), None)
 
     async def _trade(self, stream: CountingStream, party: AveragingParty,
                      transport: TensorTransport, peer_samples: int,
@@ -810,11 +737,10 @@ class GossipAverager:
                 await self._refuse(stream, party, peer, xid, e)
                 return Outcome.REJECTED
             with trio.fail_after(cfg.step_timeout):
-                decision = _expect(await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
-                                   ("commit", "abort"), xid)
+                decision = await _receive(stream, ("commit", "abort"), xid)
             if decision["t"] == "abort":
                 self._outcomes[key] = "aborted"
-                log.info("peer=%s xid=%s gossip-avg aborted by initiator: %s", peer, xid, _reason(decision))
+                log.info("peer=%s xid=%s gossip-avg aborted by initiator: %s", peer, xid, decision["reason"])
                 await _quietly(stream.close)
                 return Outcome.ABORTED
             # The commit point: we apply, remember it, then acknowledge.
@@ -851,7 +777,7 @@ class GossipAverager:
             "rejected": dict(self.rejected),
             "jobs": len(self._parties),
             "outcomes_remembered": len(self._outcomes),
-            **self.health.statistics(),
+            **self.health.statistics(trio.current_time()),
         }
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lattice.core import gossip_messages
 from lattice.core import jobs as J
+from lattice.core.gossip_messages import GossipFormatError, parse_array_header
 from lattice.net import blob, gossip_avg
-from lattice.net.gossip_avg import TensorFormatError, parse_array_header
 
 PROTO = Path(__file__).resolve().parents[3] / "proto"
 
@@ -20,7 +21,7 @@ def _limits(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"^\| `(MAX_[A-Z_]+)` \| (\d+) \|$", text, re.M)}
 
 
-@pytest.mark.parametrize("doc,module", [("gossip-avg.md", gossip_avg), ("blob.md", blob)])
+@pytest.mark.parametrize("doc,module", [("gossip-avg.md", gossip_messages), ("blob.md", blob)])
 def test_limits_tables_match_the_code(doc, module):
     table = _limits((PROTO / doc).read_text())
     assert table
@@ -71,7 +72,23 @@ def test_a_well_formed_header_is_read():
     header(["data", "float32", [10], 40], ["data", "float32", [10], 40]),
     header(["data", "float32", [10], 40], ["shape", "int64", [1], 8], ["extra", "int8", [1], 1]),
     {"t": "arrays", "items": [["data", "float32", [2] * 33, 4 * 2 ** 33]]},
+    # zero bytes, but numpy multiplies every dimension when it allocates
+    header(["data", "float32", [0, 10**6, 10**6, 10**6], 0], ["shape", "int64", [1], 8]),
+    header(["data", "float32", [0, 1000], 0], ["shape", "int64", [1], 8]),
+    header(["data", "float32", [True] * 3, 4], ["shape", "int64", [1], 8]),
+    header([["data"], "float32", [10], 40], ["shape", "int64", [1], 8]),
+    header(["data", ["float32"], [10], 40], ["shape", "int64", [1], 8]),
 ])
 def test_bad_headers_are_refused_before_any_allocation(bad):
-    with pytest.raises(TensorFormatError):
+    with pytest.raises(GossipFormatError):
         parse_array_header(bad, expect=EXPECT, max_bytes=1000)
+
+
+def test_an_accepted_header_always_allocates():
+    # the largest extents the checks let through allocate without error
+    for shape in ([0, 250], [250, 0], [0], [1] * 32, [0] * 32):
+        nbytes = int(np.prod(shape)) * 4
+        (_, dtype, got), _ = parse_array_header(
+            header(["data", "float32", shape, nbytes], ["shape", "int64", [1], 8]),
+            expect=EXPECT, max_bytes=1000)
+        assert np.empty(got, dtype=dtype).nbytes == nbytes
