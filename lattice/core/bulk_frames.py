@@ -109,10 +109,13 @@ def header_from_wire(obj: Any, limits: BulkLimits) -> ArrayHeader:
         raise BulkFormatError("nbytes must be a non-negative integer")
     if nbytes > limits.max_bytes:
         raise BulkFormatError(f"array of {nbytes} bytes exceeds limit {limits.max_bytes}")
-    count = 1
+    # Zero-length dimensions count as 1 here: numpy multiplies every dimension when it
+    # allocates, so [0, 2**40, 2**40] (0 bytes) would make np.empty raise ValueError.
+    count = extent = 1
     for d in shape:
         count *= d
-        if count * itemsize(dtype) > limits.max_bytes:
+        extent *= max(d, 1)
+        if extent * itemsize(dtype) > limits.max_bytes:
             raise BulkFormatError(f"shape {shape} exceeds limit {limits.max_bytes} bytes")
     if count * itemsize(dtype) != nbytes:
         raise BulkFormatError(f"nbytes {nbytes} does not match shape {shape} of {dtype}")

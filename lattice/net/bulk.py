@@ -69,6 +69,7 @@ from lattice.net.streams import (
     RemoteProtocolError,
     Stream,
     StreamClosedError,
+    parse_peer_input,
     raise_peer_fault,
     recv_frame,
     send_frame,
@@ -244,8 +245,8 @@ class BulkListener:
         finally:
             self._handshaking -= 1
         try:
-            cid, token = bf.parse_channel_hello(hello)
-        except BulkFormatError:
+            cid, token = parse_peer_input(bf.parse_channel_hello, hello)
+        except RemoteProtocolError:
             self._counts["bad_hello"] += 1
             await conn.aclose()
             return
@@ -421,13 +422,6 @@ def _within(seconds: float, what: str) -> Iterator[None]:
         raise BulkStalledError(f"no progress for {seconds:g} s while {what}") from None
 
 
-def _parsed(fn: Callable[..., Any], *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except BulkFormatError as e:
-        raise RemoteProtocolError(str(e)) from None
-
-
 _SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -497,9 +491,9 @@ class _Session:
         our_hello = bf.hello(key.public, header)
         with _within(self.config.handshake_timeout, "waiting for the peer's hello"):
             await self._send(our_hello)
-            peer = _parsed(bf.parse_hello, await self._recv_control())
-        shared = _parsed(key.exchange, peer.epk)
-        sid = bf.session_id(our_hello, peer.wire)
+            peer = parse_peer_input(bf.parse_hello, await self._recv_control())
+        shared = parse_peer_input(key.exchange, peer.epk)
+        sid = parse_peer_input(bf.session_id, our_hello, peer.wire)
         out_keys = bf.direction_keys(shared, sid, key.public)
         in_keys = bf.direction_keys(shared, sid, peer.epk)
 
@@ -517,7 +511,7 @@ class _Session:
             verdict = None
             if header is not None:
                 with _within(self.config.handshake_timeout, "waiting for the peer's verdict"):
-                    verdict = _parsed(bf.parse_verdict, await self._recv_control())
+                    verdict = parse_peer_input(bf.parse_verdict, await self._recv_control())
                 if not verdict.accepted:
                     raise BulkRejectedError(verdict.reason)
 
@@ -544,7 +538,7 @@ class _Session:
     async def _recv_control(self) -> Any:
         msg = await self._recv()
         if isinstance(msg, dict) and msg.get("t") == "abort":
-            raise BulkAbortedError(_parsed(bf.parse_abort, msg))
+            raise BulkAbortedError(parse_peer_input(bf.parse_abort, msg))
         return msg
 
     async def _judge(self, offered: Any, receive: bool, limits: BulkLimits,
@@ -553,13 +547,13 @@ class _Session:
         try:
             if not receive:
                 raise BulkFormatError("not expecting an array on this stream")
-            header = bf.header_from_wire(offered, limits)
+            header = parse_peer_input(bf.header_from_wire, offered, limits)
             if expect is not None and (header.dtype, header.shape) != (
                     expect[0], tuple(expect[1])):
                 raise BulkFormatError(
                     f"expected {expect[0]}{list(expect[1])}, offered {header.dtype}"
                     f"{list(header.shape)}")
-        except BulkFormatError as e:
+        except (BulkFormatError, RemoteProtocolError) as e:
             await self._send(bf.reject(str(e)))
             raise BulkHeaderError(str(e)) from None
         return header
@@ -590,11 +584,11 @@ class _Session:
                         f"control stream ended after {got_chunks} of {expected_chunks} "
                         "chunks") from None
                 raise
-            t = _parsed(bf.message_type, msg)
+            t = parse_peer_input(bf.message_type, msg)
             if t == "abort":
-                raise BulkAbortedError(_parsed(bf.parse_abort, msg))
+                raise BulkAbortedError(parse_peer_input(bf.parse_abort, msg))
             if t == "credit" and sending and not self._peer_done:
-                self._acked = max(self._acked, _parsed(bf.parse_credit, msg, self._sent))
+                self._acked = max(self._acked, parse_peer_input(bf.parse_credit, msg, self._sent))
                 self._notify()
             elif t == "done" and need_done:
                 need_done = False
@@ -602,7 +596,7 @@ class _Session:
                 self._notify()
             elif t == "start" and need_inbound and expected_chunks is None:
                 assert incoming is not None and self._in_send is not None
-                mode, chunk = _parsed(bf.parse_start, msg)
+                mode, chunk = parse_peer_input(bf.parse_start, msg)
                 expected_chunks = (bf.chunk_count(incoming.nbytes, chunk)
                                    if mode == "stream" else 0)
                 if mode == "direct":
@@ -627,8 +621,8 @@ class _Session:
         if incoming is not None and not self._done_sent:
             with self._abort_watch:
                 msg = await self._recv()
-                if _parsed(bf.message_type, msg) == "abort":
-                    raise BulkAbortedError(_parsed(bf.parse_abort, msg))
+                if parse_peer_input(bf.message_type, msg) == "abort":
+                    raise BulkAbortedError(parse_peer_input(bf.parse_abort, msg))
                 raise RemoteProtocolError(f"unexpected {msg.get('t')!r} after the data")
 
     # -- sending -------------------------------------------------------------------------
@@ -753,7 +747,7 @@ class _Session:
             start, stop = bf.chunk_span(i, nbytes, chunk)
             with _within(self.config.idle_timeout, "receiving on the stream"):
                 msg = await self._in_recv.receive()
-            sealed = _parsed(bf.parse_data, msg, i, stop - start + bf.TAG_BYTES)
+            sealed = parse_peer_input(bf.parse_data, msg, i, stop - start + bf.TAG_BYTES)
             try:
                 aead.decrypt_into(bf.nonce(i), sealed, None, dst[start:stop])
             except InvalidTag:

@@ -321,3 +321,56 @@ async def test_a_reader_gone_silent_stalls_the_sender_after_idle_timeout(
     assert trio.current_time() - start == pytest.approx(30, abs=1)
     # the sender said why before leaving, which ends the hung receiver too
     assert isinstance(received, BulkAbortedError) and "no progress" in received.reason
+
+
+# -- the handler boundary: a parser choking on peer input is the peer's fault ---------------
+
+PARSERS = ["parse_hello", "session_id", "header_from_wire", "parse_verdict", "message_type",
+           "parse_start", "parse_data"]
+PEER_ERRORS = [ValueError, RecursionError, KeyError, OverflowError, TypeError]
+
+
+@pytest.mark.parametrize("error", PEER_ERRORS)
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_an_exception_inside_any_parser_becomes_a_peer_error(stream_pair, monkeypatch,
+                                                                     parser, error):
+    def boom(*args, **kwargs):
+        raise error("injected")
+
+    monkeypatch.setattr(f"lattice.core.bulk_frames.{parser}", boom)
+    a, b = await stream_pair()
+    # run_both lets only PeerErrors through: anything else would fail this test
+    sent, received = await transfer(a, b)
+    assert isinstance(sent, PeerError) and isinstance(received, PeerError)
+    assert isinstance(sent, RemoteProtocolError) or isinstance(received, RemoteProtocolError)
+
+
+async def test_a_zero_length_dimension_cannot_smuggle_a_huge_extent(stream_pair, monkeypatch):
+    a, b = await stream_pair()
+    lie = {"dtype": "<f4", "shape": [0, 2**40, 2**40], "nbytes": 0}
+    monkeypatch.setattr("lattice.net.bulk.ArrayHeader.to_wire", lambda self: lie)
+    sent, received = await transfer(a, b, np.zeros(0, np.float32))
+    assert isinstance(received, BulkHeaderError) and "exceeds limit" in str(received)
+    assert isinstance(sent, BulkRejectedError)
+
+
+@pytest.mark.parametrize("error", PEER_ERRORS)
+async def test_the_listener_survives_a_choking_hello_parser(stream_pair, listener, monkeypatch,
+                                                           error):
+    def boom(*args, **kwargs):
+        raise error("injected")
+
+    host, port = listener.addresses[0]
+    monkeypatch.setattr("lattice.core.bulk_frames.parse_channel_hello", boom)
+    async with await trio.open_tcp_stream(host, port) as conn:
+        await conn.send_all(CHANNEL_MAGIC + bytes(64))
+        try:
+            assert await conn.receive_some(100) == b""
+        except trio.BrokenResourceError:
+            pass
+    monkeypatch.undo()
+    assert listener.statistics()["bad_hello"] == 1
+    a, b = await stream_pair()  # and it serves the next transfer over the side channel
+    sent, received = await transfer(a, b, listener=listener)
+    assert sent is None and np.array_equal(received, PAYLOAD)
+    assert listener.statistics()["authenticated"] == 1
