@@ -36,6 +36,7 @@ import trio
 
 from lattice.core import codec
 from lattice.core.identity import Identity
+from lattice.core.penalties import PenaltyBox
 from lattice.core.kademlia import (
     FINISHED,
     MAX_RECORDS_PER_MESSAGE,
@@ -80,6 +81,7 @@ from lattice.net.streams import (
     RemoteProtocolError,
     Stream,
     StreamClosedError,
+    parse_peer_input,
     send_frame,
 )
 
@@ -157,6 +159,9 @@ class DHTConfig:
     max_providers_total: int = 20_000
     max_own_records: int = 1024
     max_liveness_pings: int = 8
+    # a peer that broke the protocol is refused (its streams reset, kept out of our
+    # table) for this long, doubling with each further offence
+    penalty_backoff: float = 60.0
     limits: RecordLimits = field(default_factory=RecordLimits)
 
 
@@ -309,6 +314,7 @@ class KademliaDHT:
         self.requests_in: Counter[str] = Counter()
         self.requests_out: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
+        self.penalties = PenaltyBox(base=config.penalty_backoff)
         self.failures = 0
         self.streams_opened = 0
         self.open_retries = 0  # streams that opened on the second try (see _open)
@@ -501,6 +507,7 @@ class KademliaDHT:
             "requests_in": dict(self.requests_in),
             "requests_out": dict(self.requests_out),
             "rejected": dict(self.rejected),
+            **self.penalties.statistics(trio.current_time()),
             "request_failures": self.failures,
             "inflight_out": self._outbound.borrowed_tokens,
             "max_inflight_out": self.config.max_inflight_requests,
@@ -742,13 +749,17 @@ class KademliaDHT:
                 out.append(known)
                 continue
             try:
-                record = validate_record(raw, now, self.config.limits)
+                record = parse_peer_input(validate_record, raw, now, self.config.limits,
+                                          keep=(RecordError,))
             except (BadSignature, Malformed, TooLarge) as e:
                 self._penalize(peer, e.reason)
                 return out
             except RecordError as e:
                 self.rejected[e.reason] += 1  # expired in flight or clock skew: no blame
                 continue
+            except RemoteProtocolError:
+                self._penalize(peer, "malformed_record")
+                return out
             if record.key != key:
                 self._penalize(peer, "wrong_key")
                 return out
@@ -833,14 +844,14 @@ class KademliaDHT:
             await _discard(stream)
             raise
         try:
-            answer = parse_message(raw)
+            answer = parse_peer_input(parse_message, raw)
             if (answer.type != request["type"] or not answer.response
                     or answer.id != request["id"] or answer.sender.peer_id != peer_id):
-                raise MalformedMessage(
+                raise RemoteProtocolError(
                     f"answer to {request['type']} id={request['id']} does not match it")
-        except MalformedMessage as e:
+        except RemoteProtocolError:
             await _discard(stream)
-            raise RemoteProtocolError(str(e)) from None
+            raise
         await self._checkin(peer_id, stream)
         return answer
 
@@ -900,7 +911,10 @@ class KademliaDHT:
         self._forget(peer_id)
 
     def _penalize(self, peer_id: str, reason: str) -> None:
+        """``peer_id`` broke the protocol: count it, drop it from the table, and refuse
+        it (inbound streams, table entry) for a while."""
         self.rejected[reason] += 1
+        self.penalties.penalize(peer_id, reason, trio.current_time())
         self._forget(peer_id)
 
     def _forget(self, peer_id: str) -> None:
@@ -912,6 +926,8 @@ class KademliaDHT:
                 self._nursery.start_soon(_discard, stream)
 
     def _observe(self, info: PeerInfo) -> None:
+        if self.penalties.is_penalized(info.peer_id, trio.current_time()):
+            return  # it may answer, but does not get into our table meanwhile
         if info.mode is Mode.SERVER:
             self._learn_addrs(info.peer_id, list(info.addrs))
         seen = self.table.observe(info.peer_id, info.mode, trio.current_time())
@@ -943,9 +959,15 @@ class KademliaDHT:
     # --- inbound requests -----------------------------------------------------------
 
     async def handle_stream(self, raw_stream: Stream) -> None:
-        """Serve requests on one inbound stream, one at a time, until EOF or idle."""
+        """Serve requests on one inbound stream, one at a time, until EOF or idle.
+        Anything the peer sent that does not parse (`parse_peer_input`) resets the
+        stream and penalizes it; a penalized peer's streams are reset at once."""
         stream = _Framed(raw_stream)
         remote = stream.remote_peer_id
+        if self.penalties.is_penalized(remote, trio.current_time()):
+            self.rejected["penalized_peer"] += 1
+            await stream.reset()
+            return
         if self._inbound_streams >= self.config.max_inbound_streams:
             self.rejected["inbound_streams_full"] += 1
             await stream.reset()
@@ -958,10 +980,7 @@ class KademliaDHT:
                     raw = await stream.recv(self.config.max_message_bytes)
                 if raw is None:
                     break
-                try:
-                    request = parse_message(raw)
-                except MalformedMessage as e:
-                    raise RemoteProtocolError(str(e)) from None
+                request = parse_peer_input(parse_message, raw)
                 if request.response or request.sender.peer_id != remote:
                     raise RemoteProtocolError("not a request from the stream's peer")
                 self.requests_in[request.type] += 1
@@ -1004,11 +1023,13 @@ class KademliaDHT:
 
     def _store_incoming(self, raw: Any, provider: bool, remote: str, now: float) -> tuple[bool, str]:
         try:
-            record = validate_record(raw, now, self.config.limits)
+            record = parse_peer_input(validate_record, raw, now, self.config.limits,
+                                      keep=(RecordError,))
         except RecordError as e:
-            self.rejected[e.reason] += 1
             if isinstance(e, (BadSignature, Malformed)):
-                self._forget(remote)  # honest peers validate before sending
+                self._penalize(remote, e.reason)  # honest peers validate before sending
+            else:
+                self.rejected[e.reason] += 1
             return False, e.reason
         if (record.namespace == NS_PROVIDERS) != provider:
             self.rejected["wrong_namespace"] += 1

@@ -96,9 +96,14 @@ async def test_bad_records_are_refused_by_every_node(swarm, autojump_clock):
     cases = [(forged, "bad_signature"), (expired.to_wire(), "expired"),
              (oversize.to_wire(), "too_large"), (far.to_wire(), "too_large")]
     for node in nodes:
+        # each from its own sender: a forged record also gets its sender penalized
         for record, reason in cases:
-            answer = await _raw_request(swarm, rogue, node.peer_id, "PUT_VALUE", record=record)
+            sender = swarm.net.add_peer()
+            await swarm.nursery.start(sender.serve)
+            answer = await _raw_request(swarm, sender, node.peer_id, "PUT_VALUE", record=record)
             assert answer.body == {"ok": False, "reason": reason}
+            assert node.penalties.is_penalized(sender.peer_id, trio.current_time()) == (
+                reason == "bad_signature")
         answer = await _raw_request(swarm, rogue, node.peer_id, "PUT_VALUE", record=good.to_wire())
         assert answer.body == {"ok": True, "reason": ""}
     for node in nodes:
@@ -397,3 +402,54 @@ async def test_a_lookup_answers_by_its_deadline_when_every_peer_stalls(swarm, au
     # record stays ours and is republished
     assert trio.current_time() - started <= 8.0
     assert put.stored_at == [] and reader.statistics()["own_records"] == 1
+
+
+# -- the handler boundary: a parser choking on peer input is the peer's fault ---------------
+
+PEER_ERRORS = [ValueError, RecursionError, KeyError, OverflowError, TypeError]
+
+
+@pytest.mark.parametrize("error", PEER_ERRORS)
+@pytest.mark.parametrize("parser", ["parse_message", "validate_record"])
+async def test_an_exception_inside_a_request_parser_cannot_escape_the_handler(
+        swarm, autojump_clock, monkeypatch, parser, error):
+    nodes = await swarm.grow(4)
+    victim = nodes[1]
+    rogue = swarm.net.add_peer()
+    await swarm.nursery.start(rogue.serve)
+    record = sign_record(rogue.identity, user_key("x"), codec.pack(1), wall_clock() + 60)
+
+    def boom(*args, **kwargs):
+        raise error("injected")
+
+    monkeypatch.setattr(f"lattice.net.dht.{parser}", boom)
+    with pytest.raises(StreamClosedError):  # the victim resets the stream
+        await _raw_request(swarm, rogue, victim.peer_id, "PUT_VALUE", record=record.to_wire())
+    monkeypatch.undo()
+    assert victim.statistics()["rejected"] == {"malformed_message": 1}
+    assert victim.penalties.is_penalized(rogue.peer_id, trio.current_time())
+    with pytest.raises(StreamClosedError):  # refused for a while
+        await _raw_request(swarm, rogue, victim.peer_id, "PING")
+    # and everyone else is served as before
+    await nodes[3].put(user_key("y"), "still here", ttl=60)
+    assert [r.unpack_value() for r in await victim.get(user_key("y"))] == ["still here"]
+
+
+@pytest.mark.parametrize("error", PEER_ERRORS)
+async def test_an_exception_inside_the_answer_parser_blames_the_responder(
+        swarm, autojump_clock, monkeypatch, error):
+    nodes = await swarm.grow(6)
+    asker, liar = nodes[0], nodes[3]
+    real = parse_message
+
+    def boom_on_the_liars_answers(raw):
+        if raw.get("response") and raw["sender"]["peer_id"] == liar.peer_id:
+            raise error("injected")
+        return real(raw)
+
+    monkeypatch.setattr("lattice.net.dht.parse_message", boom_on_the_liars_answers)
+    lookup = await asker.find_closest_peers(peer_hash(liar.peer_id))
+    monkeypatch.undo()
+    assert liar.peer_id not in lookup.peers and liar.peer_id not in asker.table
+    assert asker.statistics()["rejected"] == {"malformed_message": 1}
+    assert len(lookup.peers) == 4  # all the others answered
