@@ -149,6 +149,15 @@ SETTINGS: list[Setting] = [
             "announcements are re-sent this often", _at_least(1.0)),
     Setting("dht.max_records_total", int, 20000, "records stored for others, at most",
             _at_least(1)),
+    Setting("dht.max_records_per_publisher", int, 1024, "records (and provider "
+            "announcements) of one publisher stored for others, at most", _at_least(1)),
+    Setting("dht.max_records_per_ip", int, 2000, "records (and provider announcements) "
+            "delivered from one source network stored for others, at most; a full store "
+            "evicts from the biggest network first", _at_least(1)),
+    Setting("dht.source_prefix_v4", int, 24, "the IPv4 prefix length one source network "
+            "spans for max_records_per_ip", _at_least(8)),
+    Setting("dht.source_prefix_v6", int, 48, "the IPv6 prefix length one source network "
+            "spans for max_records_per_ip", _at_least(16)),
     Setting("jobs.accept_tasks", list, ["digits-softmax", "digits-mlp", "breast-cancer-logreg"],
             "training tasks this daemon volunteers for (advertised in its member record)"),
     Setting("jobs.allowed_plugins", list, [], "plugin tasks (entry points in group "

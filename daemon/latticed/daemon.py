@@ -149,13 +149,18 @@ class Daemon:
             request_timeout=cfg["dht.request_timeout_s"],
             refresh_interval=cfg["dht.refresh_interval_s"],
             republish_interval=cfg["dht.republish_interval_s"],
-            max_records_total=cfg["dht.max_records_total"])
+            max_records_total=cfg["dht.max_records_total"],
+            max_records_per_publisher=cfg["dht.max_records_per_publisher"],
+            max_records_per_ip=cfg["dht.max_records_per_ip"],
+            source_prefix_v4=cfg["dht.source_prefix_v4"],
+            source_prefix_v6=cfg["dht.source_prefix_v6"])
         try:
             state = self._dht_state_path.read_bytes()
         except FileNotFoundError:
             state = None
         start = functools.partial(dht_mod.serve_dht, node, self.identity, config=config,
-                                  address_book=node, self_addrs=node.dialable_addrs)
+                                  address_book=node, self_addrs=node.dialable_addrs,
+                                  source_ip=node.remote_ip)
         try:
             dht = await nursery.start(functools.partial(start, state=state))
         except dht_mod.StateError as e:
@@ -600,7 +605,7 @@ class Daemon:
             return None
         st = self.dht.statistics()
         keep = ("mode", "routing_table_size", "joined", "records_stored", "providers_stored",
-                "own_records", "rejected")
+                "own_records", "rejected", "record_store", "provider_store", "penalized_now")
         return {k: st[k] for k in keep if k in st}
 
     def _state_summary(self) -> dict[str, Any] | None:

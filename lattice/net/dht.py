@@ -57,6 +57,7 @@ from lattice.core.kademlia import (
     target_from_bytes,
 )
 from lattice.core.records import (
+    LOCAL,
     NS_PROVIDERS,
     BadSignature,
     Malformed,
@@ -72,6 +73,7 @@ from lattice.core.records import (
     provider_key,
     record_addrs,
     sign_record,
+    source_group,
     split_key,
     validate_record,
 )
@@ -157,6 +159,15 @@ class DHTConfig:
     max_records_total: int = 20_000
     max_providers_per_key: int = 64
     max_providers_total: int = 20_000
+    # Quotas on what others store at us (records and providers alike), so one peer, or
+    # one network's Sybils, cannot fill the store and shut honest publishers out: a
+    # publisher's slots, and the slots delivered from one source network (an IPv4 /24,
+    # an IPv6 /48: whoever holds one address of a prefix can use them all). A full
+    # store evicts from the biggest source first (records.RecordStore).
+    max_records_per_publisher: int = 1024
+    max_records_per_ip: int = 2000
+    source_prefix_v4: int = 24
+    source_prefix_v6: int = 48
     max_own_records: int = 1024
     max_liveness_pings: int = 8
     # a peer that broke the protocol is refused (its streams reset, kept out of our
@@ -276,7 +287,8 @@ class KademliaDHT:
                  address_book: AddressBook | None = None,
                  self_addrs: Callable[[], Sequence[str]] | None = None,
                  wall_clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 source_ip: Callable[[str], str | None] | None = None) -> None:
         if identity.peer_id != network.peer_id:
             raise ValueError("the DHT signs with the network's identity")
         self.network = network
@@ -293,10 +305,15 @@ class KademliaDHT:
         self._wall = wall_clock
         self._rng = rng or random.Random()
         self.table = RoutingTable(self.peer_id, k=config.k)
+        self._source_ip = source_ip or (lambda peer_id: None)
         self.records = RecordStore(max_per_key=config.max_records_per_key,
-                                   max_total=config.max_records_total)
+                                   max_total=config.max_records_total,
+                                   max_per_publisher=config.max_records_per_publisher,
+                                   max_per_source=config.max_records_per_ip)
         self.providers = RecordStore(max_per_key=config.max_providers_per_key,
-                                     max_total=config.max_providers_total)
+                                     max_total=config.max_providers_total,
+                                     max_per_publisher=config.max_records_per_publisher,
+                                     max_per_source=config.max_records_per_ip)
         self._own: dict[str, Record] = {}  # key -> our latest record under it
         self._providing: dict[str, Record] = {}  # provider key -> our announcement
         self._bootstrap_peers: list[str] = []
@@ -371,7 +388,7 @@ class KademliaDHT:
         if key not in self._own and len(self._own) >= self.config.max_own_records:
             raise TooLarge(f"already publishing {len(self._own)} records")
         self._own[key] = record
-        self.records.put(record, self._wall())
+        self.records.put(record, self._wall(), LOCAL)
         return await self._replicate(record, "PUT_VALUE")
 
     async def get(self, key: str) -> list[Record]:
@@ -390,11 +407,10 @@ class KademliaDHT:
         if local and not fresh and self._among_replicas(target):
             self._complete_in_background(key)
             return GetResult(merge_records(local), 0, 0)
+        keep = self._among_replicas(target)
         records, hops, requests = await self._collect(
-            key, "GET_VALUE", self.records, "records", "PUT_VALUE")
-        if records and self._among_replicas(target):
-            for record in records:
-                self.records.put(record, self._wall())
+            key, "GET_VALUE", self.records, "records", "PUT_VALUE", keep=keep)
+        if records and keep:
             self._remember_completion(key)
         return GetResult(records, hops, requests)
 
@@ -406,7 +422,7 @@ class KademliaDHT:
             raise TooLarge(f"already providing {len(self._providing)} keys")
         record = self._sign_provider(key)
         self._providing[key] = record
-        self.providers.put(record, self._wall())
+        self.providers.put(record, self._wall(), LOCAL)
         return await self._replicate(record, "ADD_PROVIDER")
 
     def unprovide(self, name: str) -> None:
@@ -465,10 +481,10 @@ class KademliaDHT:
                                  address_value(self._self_addrs()),
                                  now + self.config.peer_record_ttl)
             self._own[record.key] = record
-            self.records.put(record, now)
+            self.records.put(record, now, LOCAL)
         for key in list(self._providing):
             self._providing[key] = self._sign_provider(key)
-            self.providers.put(self._providing[key], now)
+            self.providers.put(self._providing[key], now, LOCAL)
         limiter = trio.CapacityLimiter(4)
 
         async def one(record: Record, mtype: str) -> None:
@@ -502,6 +518,8 @@ class KademliaDHT:
             "buckets": len(self.table.bucket_sizes()),
             "records_stored": len(self.records),
             "providers_stored": len(self.providers),
+            "record_store": self.records.statistics(),
+            "provider_store": self.providers.statistics(),
             "own_records": len(self._own),
             "providing": len(self._providing),
             "requests_in": dict(self.requests_in),
@@ -560,7 +578,7 @@ class KademliaDHT:
                 continue  # expired while we were down, or limits tightened
             if record.publisher == self.peer_id:
                 self._own[record.key] = record
-                self.records.put(record, now)
+                self.records.put(record, now, LOCAL)
         for name in state["providing"][:self.config.max_own_records]:
             if isinstance(name, str) and name:
                 self._providing[provider_key(name)] = self._sign_provider(provider_key(name))
@@ -585,7 +603,7 @@ class KademliaDHT:
                 or peer_hash(self.peer_id) ^ target < peer_hash(closest[-1]) ^ target)
 
     async def _collect(self, key: str, mtype: str, store: RecordStore, field: str,
-                       repair: str) -> tuple[list[Record], int, int]:
+                       repair: str, *, keep: bool = False) -> tuple[list[Record], int, int]:
         """Records under ``key`` from our ``store`` and the network (``mtype`` requests
         answered in ``field``): (newest per publisher, hops, requests). Converges when
         the quorum closest live peers answered; when neither they nor we hold anything
@@ -603,6 +621,9 @@ class KademliaDHT:
             records = self._accept_records(peer, key, answer.body[field], verified)
             held[peer] = {r.signature for r in records}
             found.extend(records)
+            if keep:  # a replica keeps what it lacked, charged to whoever delivered it
+                for record in records:
+                    store.put(record, self._wall(), self._source_of(peer))
             return answer.body["closer"]
 
         lookup = self._new_lookup(target, self._answers_needed(target))
@@ -631,10 +652,8 @@ class KademliaDHT:
         self._remember_completion(key)
 
         async def complete() -> None:
-            records, _, _ = await self._collect(
-                key, "GET_VALUE", self.records, "records", "PUT_VALUE")
-            for record in records:
-                self.records.put(record, self._wall())
+            await self._collect(key, "GET_VALUE", self.records, "records", "PUT_VALUE",
+                                keep=True)
 
         self._nursery.start_soon(complete)
 
@@ -1035,11 +1054,18 @@ class KademliaDHT:
             self.rejected["wrong_namespace"] += 1
             return False, "wrong_namespace"
         store = self.providers if provider else self.records
-        outcome = store.put(record, now)
-        if outcome is StoreOutcome.FULL:
-            self.rejected["store_full"] += 1
-            return False, "store_full"
+        outcome = store.put(record, now, self._source_of(remote))
+        reason = _REFUSALS.get(outcome)
+        if reason is not None:
+            self.rejected[reason] += 1
+            return False, reason
         return True, ""
+
+    def _source_of(self, peer_id: str) -> str:
+        """The quota a record ``peer_id`` delivered is charged to (its network)."""
+        return source_group(self._source_ip(peer_id), peer_id,
+                            v4_prefix=self.config.source_prefix_v4,
+                            v6_prefix=self.config.source_prefix_v6)
 
     def _closer(self, target: int, remote: str) -> list[PeerInfo]:
         return [PeerInfo(p, tuple(self._known_addrs(p)[:16]), Mode.SERVER)
@@ -1063,6 +1089,11 @@ class KademliaDHT:
         while True:
             await trio.sleep(self.config.gc_interval)
             self.gc()
+
+
+# store outcomes that refuse a record, as the `reason` a PUT_VALUE answer gives
+_REFUSALS = {StoreOutcome.FULL: "store_full", StoreOutcome.PUBLISHER_QUOTA: "publisher_quota",
+             StoreOutcome.SOURCE_QUOTA: "ip_quota"}
 
 
 def _namespace_of(key: str) -> str | None:
@@ -1108,6 +1139,7 @@ async def serve_dht(network: PeerNetwork, identity: Identity, *,
                     state: bytes | None = None,
                     wall_clock: Callable[[], float] = time.time,
                     rng: random.Random | None = None,
+                    source_ip: Callable[[str], str | None] | None = None,
                     task_status: trio.TaskStatus[KademliaDHT] = trio.TASK_STATUS_IGNORED,
                     ) -> NoReturn:
     """Serve `/lattice/kad/1` on ``network`` and run refresh, republish and GC until
@@ -1115,7 +1147,8 @@ async def serve_dht(network: PeerNetwork, identity: Identity, *,
     `KademliaDHT.export_state` wrote before a restart (the caller then bootstraps).
     Failure policy: see the module docstring."""
     dht = KademliaDHT(network, identity, config=config, address_book=address_book,
-                      self_addrs=self_addrs, wall_clock=wall_clock, rng=rng)
+                      self_addrs=self_addrs, wall_clock=wall_clock, rng=rng,
+                      source_ip=source_ip)
     if state is not None:
         dht.import_state(state)
     async with trio.open_nursery() as nursery:

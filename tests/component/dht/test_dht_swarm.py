@@ -453,3 +453,76 @@ async def test_an_exception_inside_the_answer_parser_blames_the_responder(
     assert liar.peer_id not in lookup.peers and liar.peer_id not in asker.table
     assert asker.statistics()["rejected"] == {"malformed_message": 1}
     assert len(lookup.peers) == 4  # all the others answered
+
+
+# -- quotas: one peer, or one network of Sybils, cannot shut honest publishers out ---------
+
+
+async def _flood(swarm, victim, network: str, senders: int, records_each: int):
+    """Sybil senders on ``network`` (an IPv4 /24) PUT records of Sybil publishers under
+    fresh keys; returns the answers' reasons, counted."""
+    reasons: dict[str, int] = {}
+    for s in range(senders):
+        sender = swarm.net.add_peer()
+        await swarm.nursery.start(sender.serve)
+        swarm.ips[sender.peer_id] = f"{network}.{s + 1}"
+        stream = await sender.open_stream(victim.peer_id, PROTOCOL_ID)
+        for i in range(records_each):
+            publisher = Identity.generate()
+            record = sign_record(publisher, user_key(f"spam-{network}-{s}-{i}"), codec.pack(i),
+                                 wall_clock() + 47 * 3600)
+            msg = make_message("PUT_VALUE", i, False, PeerInfo(sender.peer_id, (), Mode.CLIENT),
+                               record=record.to_wire())
+            await send_frame(stream, msg.to_wire())
+            answer = parse_message(await recv_frame(stream))
+            reason = answer.body["reason"] or "stored"
+            reasons[reason] = reasons.get(reason, 0) + 1
+        await stream.close()
+    return reasons
+
+
+async def test_one_network_of_sybils_fills_only_its_quota(swarm, autojump_clock):
+    config = DHTConfig(max_records_total=200, max_records_per_ip=50, max_records_per_publisher=5)
+    victim, honest = await swarm.add(config=config), await swarm.add()
+    swarm.ips[honest.peer_id] = "198.51.100.7"
+    await honest.bootstrap([victim.peer_id])
+    assert await _flood(swarm, victim, "203.0.113", senders=4, records_each=20) == {
+        "stored": 50, "ip_quota": 30}
+    put = await honest.put(user_key("honest"), "still room", ttl=60)
+    assert victim.peer_id in put.stored_at
+    stats = victim.statistics()
+    assert stats["rejected"] == {"ip_quota": 30}
+    assert stats["record_store"]["largest_source"] == 50
+    assert stats["record_store"]["max_per_source"] == 50
+
+
+async def test_a_full_store_still_takes_honest_publishers(swarm, autojump_clock):
+    # attackers on 5 networks fill the store entirely; an honest publisher from a sixth
+    # network evicts from the biggest
+    config = DHTConfig(max_records_total=200, max_records_per_ip=60)
+    victim, honest = await swarm.add(config=config), await swarm.add()
+    swarm.ips[honest.peer_id] = "198.51.100.7"
+    await honest.bootstrap([victim.peer_id])
+    for n in range(5):
+        await _flood(swarm, victim, f"203.0.{n}", senders=1, records_each=60)
+    # each later network evicted from the biggest until the shares were even: 5 x 40
+    assert len(victim.records) == 200
+    assert victim.statistics()["rejected"] == {"store_full": 30}
+    assert victim.statistics()["record_store"]["largest_source"] == 40
+    for i in range(3):
+        put = await honest.put(user_key(f"honest-{i}"), i, ttl=60)
+        assert victim.peer_id in put.stored_at
+    assert len(victim.records) == 200 and victim.statistics()["rejected"] == {"store_full": 30}
+
+
+async def test_one_publisher_holds_at_most_its_quota_at_every_node(swarm, autojump_clock):
+    config = DHTConfig(max_records_per_publisher=3)
+    nodes = await swarm.grow(4, config=config)
+    rogue = swarm.net.add_peer()
+    await swarm.nursery.start(rogue.serve)
+    answers = []
+    for i in range(5):
+        record = sign_record(rogue.identity, user_key(f"mine-{i}"), codec.pack(i), wall_clock() + 60)
+        answer = await _raw_request(swarm, rogue, nodes[1].peer_id, "PUT_VALUE", record=record.to_wire())
+        answers.append(answer.body["reason"])
+    assert answers == ["", "", "", "publisher_quota", "publisher_quota"]
