@@ -174,6 +174,12 @@ SETTINGS: list[Setting] = [
             _at_least(0)),
     Setting("bulk.advertise", list, [], "IP addresses peers reach the side channel at "
             "(default: the listen addresses, 0.0.0.0 replaced by the host's interface addresses)"),
+    Setting("bulk.max_handshakes", int, 64, "side-channel connections waiting for their "
+            "hello at once", _at_least(1)),
+    Setting("bulk.max_handshakes_per_ip", int, 4, "of those, from one source network "
+            "(IPv4 /24, IPv6 /48)", _at_least(1)),
+    Setting("bulk.hello_timeout_s", float, 3.0, "a side-channel connection that has not "
+            "sent its 72-byte hello by then is closed", _at_least(0.1)),
     Setting("blobs.max_store_bytes", int, 4 << 30, "disk used for model blobs, at most",
             _at_least(1 << 20)),
 ]

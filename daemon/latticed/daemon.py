@@ -382,8 +382,12 @@ class Daemon:
                         "[bulk] advertise is empty")
             return None
         port = self.config["bulk.port"]
+        limits = {"max_handshakes": self.config["bulk.max_handshakes"],
+                  "max_handshakes_per_ip": self.config["bulk.max_handshakes_per_ip"],
+                  "hello_timeout": self.config["bulk.hello_timeout_s"]}
         if not self.config["bulk.advertise"] and host not in ("0.0.0.0", "::"):
-            return await nursery.start(functools.partial(bulk.serve_bulk_listener, host, port))
+            return await nursery.start(functools.partial(bulk.serve_bulk_listener, host, port,
+                                                         **limits))
         # wildcard bind: peers are told the configured IPs, so the port must be known
         # up front; with port 0, ask the OS for a free one first (a tiny race we accept)
         if port == 0:
@@ -393,7 +397,7 @@ class Daemon:
                 port = probe.getsockname()[1]
         listener = await nursery.start(functools.partial(
             bulk.serve_bulk_listener, "0.0.0.0", port,
-            advertise=[(ip, port) for ip in advertise_ips]))
+            advertise=[(ip, port) for ip in advertise_ips], **limits))
         return listener
 
     def _require_jobs(self) -> Any:
@@ -598,6 +602,7 @@ class Daemon:
                        "dropped": self.bus.dropped},
             "state_sync": self._state_summary(),
             "dht": self._dht_summary(),
+            "bulk": self.bulk_listener.statistics() if self.bulk_listener else None,
         }
 
     def _dht_summary(self) -> dict[str, Any] | None:

@@ -18,7 +18,6 @@ A record is ``{key, subkey, value, expires_at, publisher, signature}``:
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -246,31 +245,12 @@ UNATTRIBUTED = "unattributed"
 """The source of records put without saying where they came from: one shared quota."""
 
 
-def source_group(origin: str | None, peer_id: str, *, v4_prefix: int = 24,
-                 v6_prefix: int = 48) -> str:
-    """Whose quota a record a peer delivered counts against. ``origin`` is where the
-    peer's connection comes from: an IP address counts as its network (an IPv4 /24 or
-    IPv6 /48 by default: one holder of a prefix can use every address in it); any other
-    name (``relay:<peer id>`` for a relayed connection) is used as it is; None (unknown)
-    charges the peer itself."""
-    if origin is None:
-        return f"peer:{peer_id}"
-    try:
-        addr = ipaddress.ip_address(origin.split("%")[0])
-    except ValueError:
-        return origin
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    prefix = v4_prefix if addr.version == 4 else v6_prefix
-    return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
-
-
 class RecordStore:
     """Validated records by key and publisher, bounded per key, per publisher, per
     source and in total.
 
     Callers validate before `put` and say where a record came from (``source``: a
-    `source_group`, or `LOCAL` for our own); the store orders versions and enforces
+    `lattice.core.netgroups.source_group`, or `LOCAL` for our own); the store orders versions and enforces
     the bounds. Theory of operation:
 
     1. One slot per (key, publisher); a newer version replaces the old in place (and

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lattice.core import bulk_frames as bf
 from lattice.core.bulk_frames import ArrayHeader, BulkFormatError, BulkLimits
+from lattice.core.netgroups import source_group
 from lattice.net.streams import (
     PeerError,
     PeerNetwork,
@@ -193,19 +195,26 @@ class BulkListener:
     A connection must open with the 72-byte channel hello (magic, channel id, token)
     within `hello_timeout`; the first connection naming a pending channel consumes it,
     and a wrong token fails that transfer with BulkAuthError (the token is one-time).
-    Connections naming no pending channel are closed.
+    Connections naming no pending channel are closed. At most ``max_handshakes``
+    connections wait for their hello at once, at most ``max_handshakes_per_ip`` from
+    one source network (`source_group`: an IPv4 /24, an IPv6 /48), so idle connections
+    from one attacker cannot take every slot; the rest are closed at once, counted.
     """
 
     def __init__(self, addresses: list[tuple[str, int]], *, max_sessions: int,
-                 max_handshakes: int, hello_timeout: float) -> None:
+                 max_handshakes: int, hello_timeout: float,
+                 max_handshakes_per_ip: int = 4) -> None:
         self.addresses = addresses
         self._max_sessions = max_sessions
         self._max_handshakes = max_handshakes
+        self._max_handshakes_per_ip = max_handshakes_per_ip
         self._hello_timeout = hello_timeout
         self._sessions: dict[bytes, _Expectation] = {}
         self._handshaking = 0
+        self._handshaking_from: Counter[str] = Counter()  # source network -> handshakes
         self._counts = {"authenticated": 0, "bad_token": 0, "unknown_session": 0,
-                        "bad_hello": 0, "refused_busy": 0}
+                        "bad_hello": 0, "hello_timeouts": 0, "refused_busy": 0,
+                        "refused_ip_busy": 0}
 
     def statistics(self) -> dict[str, Any]:
         return {"addresses": [list(a) for a in self.addresses],
@@ -213,6 +222,8 @@ class BulkListener:
                 "max_sessions": self._max_sessions,
                 "handshaking": self._handshaking,
                 "max_handshakes": self._max_handshakes,
+                "max_handshakes_per_ip": self._max_handshakes_per_ip,
+                "hello_timeout_s": self._hello_timeout,
                 **self._counts}
 
     @contextlib.contextmanager
@@ -233,17 +244,28 @@ class BulkListener:
             exp.release()
 
     async def _handle(self, conn: trio.SocketStream) -> None:
+        source = _source_of(conn)
         if self._handshaking >= self._max_handshakes:
             self._counts["refused_busy"] += 1
             await conn.aclose()
             return
+        if self._handshaking_from[source] >= self._max_handshakes_per_ip:
+            self._counts["refused_ip_busy"] += 1
+            await conn.aclose()
+            return
         self._handshaking += 1
+        self._handshaking_from[source] += 1
         try:
             hello = b""
-            with trio.move_on_after(self._hello_timeout):
+            with trio.move_on_after(self._hello_timeout) as scope:
                 hello = await _receive_hello(conn)
+            if scope.cancelled_caught:
+                self._counts["hello_timeouts"] += 1
         finally:
             self._handshaking -= 1
+            self._handshaking_from[source] -= 1
+            if not self._handshaking_from[source]:
+                del self._handshaking_from[source]
         try:
             cid, token = parse_peer_input(bf.parse_channel_hello, hello)
         except RemoteProtocolError:
@@ -265,6 +287,14 @@ class BulkListener:
         await exp.released.wait()  # serve_listeners closes conn when we return
 
 
+def _source_of(conn: trio.SocketStream) -> str:
+    try:
+        ip = str(conn.socket.getpeername()[0])
+    except (OSError, IndexError):
+        ip = None  # gone already: it gets no more than one slot's worth of attention
+    return source_group(ip, "?")
+
+
 async def _receive_hello(conn: trio.SocketStream) -> bytes:
     buf = bytearray()
     while len(buf) < bf.CHANNEL_HELLO_BYTES:
@@ -281,7 +311,7 @@ async def _receive_hello(conn: trio.SocketStream) -> bytes:
 async def serve_bulk_listener(host: str = "127.0.0.1", port: int = 0, *,
                               advertise: list[tuple[str, int]] | None = None,
                               max_sessions: int = 64, max_handshakes: int = 64,
-                              hello_timeout: float = 10.0,
+                              max_handshakes_per_ip: int = 4, hello_timeout: float = 3.0,
                               task_status: trio.TaskStatus[BulkListener] = trio.TASK_STATUS_IGNORED,
                               ) -> None:
     """Listen for side-channel connections until cancelled; `nursery.start` returns the
@@ -299,7 +329,8 @@ async def serve_bulk_listener(host: str = "127.0.0.1", port: int = 0, *,
             raise ValueError("bulk listener bound to a wildcard address: pass advertise=")
         advertise = [(str(h), int(p)) for h, p in bound]
     listener = BulkListener(advertise, max_sessions=max_sessions,
-                            max_handshakes=max_handshakes, hello_timeout=hello_timeout)
+                            max_handshakes=max_handshakes, hello_timeout=hello_timeout,
+                            max_handshakes_per_ip=max_handshakes_per_ip)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, listener._handle, listeners)
         task_status.started(listener)

@@ -36,7 +36,6 @@ import trio
 
 from lattice.core import codec
 from lattice.core.identity import Identity
-from lattice.core.penalties import PenaltyBox
 from lattice.core.kademlia import (
     FINISHED,
     MAX_RECORDS_PER_MESSAGE,
@@ -56,6 +55,8 @@ from lattice.core.kademlia import (
     target_bytes,
     target_from_bytes,
 )
+from lattice.core.netgroups import source_group
+from lattice.core.penalties import PenaltyBox
 from lattice.core.records import (
     LOCAL,
     NS_PROVIDERS,
@@ -73,7 +74,6 @@ from lattice.core.records import (
     provider_key,
     record_addrs,
     sign_record,
-    source_group,
     split_key,
     validate_record,
 )

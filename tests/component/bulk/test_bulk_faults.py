@@ -2,6 +2,7 @@
 receiver hands out any array; and a reader that pauses 10 s does not kill a transfer."""
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from lattice.net.bulk import (
     exchange_arrays,
     receive_array,
     send_array,
+    serve_bulk_listener,
 )
 from lattice.net.streams import PeerError, RemoteProtocolError, StreamClosedError
 
@@ -374,3 +376,29 @@ async def test_the_listener_survives_a_choking_hello_parser(stream_pair, listene
     sent, received = await transfer(a, b, listener=listener)
     assert sent is None and np.array_equal(received, PAYLOAD)
     assert listener.statistics()["authenticated"] == 1
+
+
+# -- the listener's handshake slots: bounded per source network, and short-lived -----------
+
+
+async def test_idle_connections_from_one_network_take_only_their_share(stream_pair, nursery,
+                                                                       autojump_clock):
+    listener = await nursery.start(partial(serve_bulk_listener, max_handshakes=8,
+                                           max_handshakes_per_ip=3, hello_timeout=2.0))
+    host, port = listener.addresses[0]
+    idle = [await trio.open_tcp_stream(host, port, local_address=f"127.0.1.{i + 2}")
+            for i in range(10)]  # one /24: one source network
+    await trio.testing.wait_all_tasks_blocked()
+    stats = listener.statistics()
+    assert (stats["handshaking"], stats["refused_ip_busy"]) == (3, 7)
+    # an honest transfer from another network still gets a slot and its side channel
+    a, b = await stream_pair()
+    sent, received = await transfer(a, b, listener=listener)
+    assert sent is None and np.array_equal(received, PAYLOAD)
+    assert listener.statistics()["authenticated"] == 1
+    # and the idle ones are dropped after the hello timeout
+    await trio.sleep(2.5)
+    assert listener.statistics()["hello_timeouts"] == 3
+    assert listener.statistics()["handshaking"] == 0
+    for conn in idle:
+        await conn.aclose()

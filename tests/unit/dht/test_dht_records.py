@@ -4,6 +4,7 @@ import pytest
 
 from lattice.core import codec
 from lattice.core.identity import Identity
+from lattice.core.netgroups import source_group
 from lattice.core.records import (
     LOCAL,
     BadSignature,
@@ -19,7 +20,6 @@ from lattice.core.records import (
     peer_key,
     provider_key,
     sign_record,
-    source_group,
     user_key,
     validate_record,
 )
