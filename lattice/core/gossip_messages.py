@@ -1,5 +1,6 @@
-"""Pure wire format of `/lattice/gossip-avg/1` (proto/gossip-avg.md): the limits, the
-control messages and the ``arrays`` header, with the parsers a receiver runs over them.
+"""Pure wire format of `/lattice/gossip-avg/2` (proto/gossip-avg.md): the limits, the
+control messages and the ``arrays`` header (named `lattice.core.arrays` specs), with the
+parsers a receiver runs over them.
 
 Owns what a well-formed message is. Every parser takes a decoded frame from a peer and
 returns it checked (only the fields the spec names, defaults filled in) or raises
@@ -10,17 +11,17 @@ Must not import trio, libp2p or sockets.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-PROTOCOL = "/lattice/gossip-avg/1"
-VERSION = 1
+from lattice.core.arrays import ArrayFormatError, ArrayLimits, ArraySpec, parse_array_spec
+
+PROTOCOL = "/lattice/gossip-avg/2"
+VERSION = 2
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_ITEMS = 16
-MAX_NDIM = 32
 MAX_NAME_CHARS = 64
 MAX_REASON_CHARS = 64
 MAX_SAMPLES = 2**53
@@ -28,7 +29,6 @@ MAX_TRANSPORTS = 8
 MAX_JOB_CHARS = 128
 MAX_XID_CHARS = 64
 MAX_CODEC_CHARS = 64
-WIRE_DTYPES = ("float32", "float16", "int8", "int64", "uint32")
 OUTCOMES = ("committed", "aborted", "pending", "unknown")
 
 
@@ -134,51 +134,42 @@ def parse_message(msg: Any, kinds: tuple[str, ...], xid: str | None) -> dict[str
 # -- the arrays header ----------------------------------------------------------------
 
 
-def array_item(name: str, array: np.ndarray) -> list[Any]:
-    """The header entry for ``array`` (already little-endian and contiguous)."""
-    if array.dtype.name not in WIRE_DTYPES:
-        raise ValueError(f"cannot send dtype {array.dtype}")  # our bug, not the peer's
-    return [name, array.dtype.name, [int(s) for s in array.shape], int(array.nbytes)]
+def array_item(name: str, spec: ArraySpec) -> list[Any]:
+    """The header entry for one of our arrays: ``[name, spec]``."""
+    return [name, spec.to_wire()]
 
 
 def parse_array_header(header: Any, *, expect: Mapping[str, np.dtype] | None,
-                       max_bytes: int) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-    """Validate an ``arrays`` header before anything is allocated: (name, dtype, shape)
-    per array, in order. Raises GossipFormatError.
-
-    Every dimension counts against ``max_bytes``, zero-length ones as 1: numpy checks
-    the product of all dimensions when it allocates, so ``[0, 10**6, 10**6, 10**6]``
-    (0 bytes) made `np.empty` raise ValueError in the handler."""
+                       max_bytes: int) -> list[tuple[str, ArraySpec]]:
+    """Validate an ``arrays`` header before anything is allocated: (name, spec) per
+    array, in order. Each spec passes `parse_array_spec` within ``max_bytes`` (so it
+    can be allocated), and so does their sum. Raises GossipFormatError."""
     if not isinstance(header, dict) or header.get("t") != "arrays":
         raise GossipFormatError("expected an 'arrays' header")
     items = header.get("items")
     if not isinstance(items, list) or len(items) > MAX_ITEMS:
         raise GossipFormatError(f"'items' must be a list of at most {MAX_ITEMS}")
-    out, names, total = [], set(), 0
+    limits = ArrayLimits(max_bytes=max_bytes)
+    out: list[tuple[str, ArraySpec]] = []
+    names: set[str] = set()
+    total = 0
     for item in items:
-        if not (isinstance(item, list) and len(item) == 4):
-            raise GossipFormatError("each item is [name, dtype, shape, nbytes]")
-        name, dtype_name, shape, nbytes = item
+        if not (isinstance(item, list) and len(item) == 2):
+            raise GossipFormatError("each item is [name, {dtype, shape, nbytes}]")
+        name, wire = item
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS or name in names:
             raise GossipFormatError("bad or duplicate array name")
-        if not isinstance(dtype_name, str) or dtype_name not in WIRE_DTYPES:
-            raise GossipFormatError(f"dtype {str(dtype_name)[:16]!r} not accepted")
-        dtype = np.dtype(dtype_name)
-        if expect is not None and (name not in expect or np.dtype(expect[name]) != dtype):
-            raise GossipFormatError(f"unexpected array {name!r} of {dtype_name}")
-        if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
-                and all(type(s) is int and 0 <= s <= max_bytes for s in shape)):
-            raise GossipFormatError("bad shape")
-        if math.prod(max(s, 1) for s in shape) * dtype.itemsize > max_bytes:
-            raise GossipFormatError(f"shape {shape[:8]} exceeds {max_bytes} bytes")
-        size = math.prod(shape) * dtype.itemsize
-        if type(nbytes) is not int or nbytes != size:
-            raise GossipFormatError("nbytes does not match dtype and shape")
-        total += size
+        try:
+            spec = parse_array_spec(wire, limits)
+        except ArrayFormatError as e:
+            raise GossipFormatError(f"array {name!r}: {e}") from None
+        if expect is not None and (name not in expect or np.dtype(expect[name]) != spec.numpy_dtype):
+            raise GossipFormatError(f"unexpected array {name!r} of {spec.dtype}")
+        total += spec.nbytes
         if total > max_bytes:
             raise GossipFormatError(f"arrays exceed {max_bytes} bytes")
         names.add(name)
-        out.append((name, dtype, tuple(shape)))
+        out.append((name, spec))
     if expect is not None and names != set(expect):
         raise GossipFormatError(f"arrays {sorted(names)}, expected {sorted(expect)}")
     return out

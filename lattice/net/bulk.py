@@ -1,11 +1,13 @@
-"""Bulk tensor transfer, `/lattice/bulk/1`: numpy arrays between two peers at memory
+"""Bulk tensor transfer, `/lattice/bulk/2`: numpy arrays between two peers at memory
 speed, encrypted and authenticated (spec: proto/bulk.md; pure formats:
-`lattice.core.bulk_frames`).
+`lattice.core.bulk_frames`, array specs: `lattice.core.arrays`).
 
-Owns: `send_array`, `receive_array`, `exchange_arrays` (both directions at once, for a
-pairwise averaging step), the side-channel listener (`serve_bulk_listener`), the
-standalone push protocol (`serve_bulk` / `push_array`) and the typed errors a transfer
-raises. Must not import libp2p: the control stream is any `lattice.net.streams.Stream`.
+Owns: `send_arrays`, `receive_arrays`, `exchange` (both directions at once, for a
+pairwise averaging step) - one session, one key agreement, for a set of up to 16 arrays
+- and their one-array forms `send_array`, `receive_array`, `exchange_arrays`; the
+side-channel listener (`serve_bulk_listener`), the standalone push protocol
+(`serve_bulk` / `push_arrays`) and the typed errors a transfer raises. Must not import
+libp2p: the control stream is any `lattice.net.streams.Stream`.
 
 Why a side channel. One py-libp2p TCP+Noise+Yamux stream gives ~170-300 MB/s at 3+ CPU-s
 per GiB and resets itself after 5 s without a window update (../shared/PY-LIBP2P.md). So
@@ -53,7 +55,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +65,17 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lattice.core import bulk_frames as bf
-from lattice.core.bulk_frames import ArrayHeader, BulkFormatError, BulkLimits
+from lattice.core.arrays import (
+    WIRE_DTYPES,
+    ArrayFormatError,
+    ArrayLimits,
+    ArraySpec,
+    byte_view,
+    empty_like_spec,
+    parse_array_spec,
+    prepare_array,
+)
+from lattice.core.bulk_frames import BulkFormatError
 from lattice.core.netgroups import source_group
 from lattice.net.streams import (
     PeerError,
@@ -131,7 +143,8 @@ class BulkAbortedError(PeerError):
 
 @dataclass(frozen=True)
 class BulkConfig:
-    """How we transfer (daemon config section `[bulk]`; limits are `BulkLimits`)."""
+    """How we transfer (daemon config section `[bulk]`; what we accept is
+    `lattice.core.arrays.ArrayLimits`)."""
 
     chunk_bytes: int = 1 << 20
     """Plaintext bytes per sealed chunk on the side channel (bf.DIRECT_CHUNK_MIN..MAX)."""
@@ -149,7 +162,7 @@ class BulkConfig:
     A reader may pause this long; Yamux alone would have reset the stream after 5 s."""
 
 
-DEFAULT_LIMITS = BulkLimits()
+DEFAULT_LIMITS = ArrayLimits()
 DEFAULT_CONFIG = BulkConfig()
 
 
@@ -339,80 +352,123 @@ async def serve_bulk_listener(host: str = "127.0.0.1", port: int = 0, *,
 # -- public API -------------------------------------------------------------------------
 
 
+async def send_arrays(stream: Stream, arrays: Sequence[np.ndarray], *,
+                      config: BulkConfig = DEFAULT_CONFIG,
+                      on_progress: Progress | None = None) -> None:
+    """Send ``arrays`` (1 to `MAX_ARRAYS`, in one session) to the peer at the other end
+    of ``stream`` (which runs `receive_arrays`); returns once the peer confirmed it
+    received every byte intact. ``on_progress`` counts bytes over all of them."""
+    await _Session(stream, config, None, sent_progress=on_progress).run(
+        outgoing=list(arrays), receive=False, limits=DEFAULT_LIMITS, check=None, out=None)
+
+
+async def receive_arrays(stream: Stream, *, limits: ArrayLimits = DEFAULT_LIMITS,
+                         listener: BulkListener | None = None,
+                         config: BulkConfig = DEFAULT_CONFIG,
+                         check: Check | None = None,
+                         out: Sequence[np.ndarray] | None = None,
+                         on_progress: Progress | None = None) -> list[np.ndarray]:
+    """Receive the arrays the peer sends with `send_arrays`.
+
+    With a ``listener`` the peer is offered the side channel; without, or when it cannot
+    connect, the data comes over ``stream`` itself. Every spec must pass ``limits`` (per
+    array and in total) and then ``check(specs)``, which raises `ArrayFormatError` to
+    refuse. Returns fresh, writable arrays that authenticated chunk by chunk, or ``out``
+    filled in place (which implies their dtypes and shapes). Reusing ``out`` across
+    exchanges saves the page faults of fresh buffers (~0.1 s per 256 MiB); when this
+    raises, ``out`` holds garbage and must not be used.
+    """
+    if out is not None:
+        check = _same_as([_check_out(o) for o in out])
+    result = await _Session(stream, config, listener, received_progress=on_progress).run(
+        outgoing=None, receive=True, limits=limits, check=check,
+        out=list(out) if out is not None else None)
+    assert result is not None
+    return result
+
+
+async def exchange(stream: Stream, ours: Sequence[np.ndarray], *,
+                   limits: ArrayLimits = DEFAULT_LIMITS,
+                   listener: BulkListener | None = None,
+                   config: BulkConfig = DEFAULT_CONFIG,
+                   check: Check | None = None,
+                   out: Sequence[np.ndarray] | None = None,
+                   on_progress: Progress | None = None) -> list[np.ndarray]:
+    """Send ``ours`` and receive the peer's arrays, both directions at once, in one
+    session (one key agreement however many arrays); the peer calls `exchange` too.
+    ``check`` and ``out`` as for `receive_arrays`; ``on_progress`` reports the inbound
+    direction."""
+    if out is not None:
+        check = _same_as([_check_out(o) for o in out])
+    result = await _Session(stream, config, listener, received_progress=on_progress).run(
+        outgoing=list(ours), receive=True, limits=limits, check=check,
+        out=list(out) if out is not None else None)
+    assert result is not None
+    return result
+
+
 async def send_array(stream: Stream, array: np.ndarray, *, config: BulkConfig = DEFAULT_CONFIG,
                      on_progress: Progress | None = None) -> None:
-    """Send ``array`` to the peer at the other end of ``stream`` (which runs
-    `receive_array`); returns once the peer confirmed it received every byte intact."""
-    await _Session(stream, config, None, sent_progress=on_progress).run(
-        outgoing=array, receive=False, limits=DEFAULT_LIMITS, expect=None, out=None)
+    """`send_arrays` of one array."""
+    await send_arrays(stream, [array], config=config, on_progress=on_progress)
 
 
-async def receive_array(stream: Stream, *, limits: BulkLimits = DEFAULT_LIMITS,
+async def receive_array(stream: Stream, *, limits: ArrayLimits = DEFAULT_LIMITS,
                         listener: BulkListener | None = None,
                         config: BulkConfig = DEFAULT_CONFIG,
                         expect: tuple[str, tuple[int, ...]] | None = None,
                         out: np.ndarray | None = None,
                         on_progress: Progress | None = None) -> np.ndarray:
-    """Receive the array the peer sends with `send_array`.
-
-    With a ``listener`` the peer is offered the side channel; without, or when it cannot
-    connect, the data comes over ``stream`` itself. ``expect=(dtype_str, shape)`` refuses
-    anything else. Returns a fresh, writable array that authenticated chunk by chunk, or
-    ``out`` filled in place (which implies ``expect`` = its dtype and shape). Reusing one
-    ``out`` across exchanges saves the page faults of a fresh buffer (~0.1 s per 256 MiB);
-    when this raises, ``out`` holds garbage and must not be used.
-    """
-    if out is not None:
-        expect = _check_out(out)
-    result = await _Session(stream, config, listener, received_progress=on_progress).run(
-        outgoing=None, receive=True, limits=limits, expect=expect, out=out)
-    assert result is not None
-    return result
+    """`receive_arrays` of one array; ``expect=(dtype_str, shape)`` refuses anything
+    else (``out`` implies its own)."""
+    check = _same_as([(expect[0], tuple(expect[1]))]) if expect is not None else _one
+    (array,) = await receive_arrays(stream, limits=limits, listener=listener, config=config,
+                                    check=check, out=None if out is None else [out],
+                                    on_progress=on_progress)
+    return array
 
 
 async def exchange_arrays(stream: Stream, ours: np.ndarray, *,
-                          limits: BulkLimits = DEFAULT_LIMITS,
+                          limits: ArrayLimits = DEFAULT_LIMITS,
                           listener: BulkListener | None = None,
                           config: BulkConfig = DEFAULT_CONFIG,
                           out: np.ndarray | None = None,
                           on_progress: Progress | None = None) -> np.ndarray:
-    """Send ``ours`` and receive the peer's array of the same dtype and shape, both
-    directions at once (the peer calls `exchange_arrays` too). Returns theirs (in ``out``
-    if given, as for `receive_array`); ``on_progress`` reports the inbound direction."""
-    header, _ = _prepare(ours)
-    expect = (header.dtype, header.shape)
-    if out is not None and _check_out(out) != expect:
+    """`exchange` of one array each way, the peer's of the same dtype and shape as
+    ``ours`` (a model both sides hold)."""
+    spec, _ = prepare_array(ours)
+    if out is not None and _check_out(out) != (spec.dtype, spec.shape):
         raise ValueError(f"out is {out.dtype.str}{list(out.shape)}, ours is "
-                         f"{header.dtype}{list(header.shape)}")
-    result = await _Session(stream, config, listener, received_progress=on_progress).run(
-        outgoing=ours, receive=True, limits=limits, expect=expect, out=out)
-    assert result is not None
-    return result
+                         f"{spec.dtype}{list(spec.shape)}")
+    (theirs,) = await exchange(stream, [ours], limits=limits, listener=listener, config=config,
+                               check=_same_as([(spec.dtype, spec.shape)]),
+                               out=None if out is None else [out], on_progress=on_progress)
+    return theirs
 
 
-ArrayHandler = Callable[[str, np.ndarray], Awaitable[None]]
+ArrayHandler = Callable[[str, list[np.ndarray]], Awaitable[None]]
 
 
-def serve_bulk(network: PeerNetwork, on_array: ArrayHandler, *,
-               listener: BulkListener | None = None, limits: BulkLimits = DEFAULT_LIMITS,
+def serve_bulk(network: PeerNetwork, on_arrays: ArrayHandler, *,
+               listener: BulkListener | None = None, limits: ArrayLimits = DEFAULT_LIMITS,
                config: BulkConfig = DEFAULT_CONFIG) -> None:
-    """Accept pushed arrays on `/lattice/bulk/1`: each is received (side channel when a
-    listener is given) and passed to ``await on_array(peer_id, array)``."""
+    """Accept pushed arrays on `/lattice/bulk/2`: each push is received (side channel
+    when a listener is given) and passed to ``await on_arrays(peer_id, arrays)``."""
 
     async def handler(stream: Stream) -> None:
-        array = await receive_array(stream, limits=limits, listener=listener, config=config)
-        await on_array(stream.remote_peer_id, array)
+        arrays = await receive_arrays(stream, limits=limits, listener=listener, config=config)
+        await on_arrays(stream.remote_peer_id, arrays)
 
     network.set_stream_handler(PROTOCOL, handler)
 
 
-async def push_array(network: PeerNetwork, peer_id: str, array: np.ndarray, *,
-                     config: BulkConfig = DEFAULT_CONFIG,
-                     on_progress: Progress | None = None) -> None:
-    """Open `/lattice/bulk/1` to ``peer_id`` and send ``array`` (see `serve_bulk`)."""
+async def push_arrays(network: PeerNetwork, peer_id: str, arrays: Sequence[np.ndarray], *,
+                      config: BulkConfig = DEFAULT_CONFIG,
+                      on_progress: Progress | None = None) -> None:
+    """Open `/lattice/bulk/2` to ``peer_id`` and send ``arrays`` (see `serve_bulk`)."""
     stream = await network.open_stream(peer_id, PROTOCOL)
     try:
-        await send_array(stream, array, config=config, on_progress=on_progress)
+        await send_arrays(stream, arrays, config=config, on_progress=on_progress)
         await stream.close_write()
     except BaseException:
         await stream.reset()
@@ -420,26 +476,40 @@ async def push_array(network: PeerNetwork, peer_id: str, array: np.ndarray, *,
     await stream.close()
 
 
+async def push_array(network: PeerNetwork, peer_id: str, array: np.ndarray, *,
+                     config: BulkConfig = DEFAULT_CONFIG,
+                     on_progress: Progress | None = None) -> None:
+    """`push_arrays` of one array."""
+    await push_arrays(network, peer_id, [array], config=config, on_progress=on_progress)
+
+
 # -- the session ----------------------------------------------------------------------------
 
 
-def _prepare(array: np.ndarray) -> tuple[ArrayHeader, memoryview]:
-    """Header and a flat byte view of ``array`` (copied only if it is not contiguous
-    little-endian already)."""
-    a = np.asarray(array)
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
-    if a.dtype.str not in bf.DEFAULT_DTYPES:
-        raise ValueError(f"cannot send dtype {a.dtype} (allowed: {sorted(bf.DEFAULT_DTYPES)})")
-    if not a.flags.c_contiguous:
-        a = a.copy(order="C")  # (not ascontiguousarray: it turns 0-d arrays into 1-d)
-    view = memoryview(a.reshape(-1).view(np.uint8))
-    return ArrayHeader(a.dtype.str, tuple(int(d) for d in a.shape), int(a.nbytes)), view
+Check = Callable[[list[ArraySpec]], None]
+"""Judges the specs a peer offers, all at once; raises `ArrayFormatError` to refuse."""
+
+
+def _same_as(expected: list[tuple[str, tuple[int, ...]]]) -> Check:
+    def check(specs: list[ArraySpec]) -> None:
+        got = [(s.dtype, s.shape) for s in specs]
+        if got != expected:
+            raise ArrayFormatError(f"expected {_describe(expected)}, offered {_describe(got)}")
+    return check
+
+
+def _one(specs: list[ArraySpec]) -> None:
+    if len(specs) != 1:
+        raise ArrayFormatError(f"expected one array, offered {len(specs)}")
+
+
+def _describe(specs: list[tuple[str, tuple[int, ...]]]) -> str:
+    return ", ".join(f"{d}{list(s)}" for d, s in specs[:4]) + (" ..." if len(specs) > 4 else "")
 
 
 def _check_out(out: np.ndarray) -> tuple[str, tuple[int, ...]]:
     if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.flags.writeable
-            and out.dtype.str in bf.DEFAULT_DTYPES):
+            and out.dtype.str in WIRE_DTYPES):
         raise ValueError("out must be a writable C-contiguous little-endian numeric array")
     return out.dtype.str, tuple(int(d) for d in out.shape)
 
@@ -485,7 +555,7 @@ class _Session:
         # send our own `done` (cancelled just before, so no frame is half-read).
         self._abort_watch = trio.CancelScope()
         self._done_sent = False
-        self._out: np.ndarray | None = None
+        self._out: list[np.ndarray] | None = None
 
     async def _send(self, message: dict[str, Any]) -> None:
         async with self._write_lock:
@@ -498,12 +568,12 @@ class _Session:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def run(self, *, outgoing: np.ndarray | None, receive: bool, limits: BulkLimits,
-                  expect: tuple[str, tuple[int, ...]] | None,
-                  out: np.ndarray | None) -> np.ndarray | None:
+    async def run(self, *, outgoing: list[np.ndarray] | None, receive: bool,
+                  limits: ArrayLimits, check: Check | None,
+                  out: list[np.ndarray] | None) -> list[np.ndarray] | None:
         self._out = out
         try:
-            return await self._run(outgoing, receive, limits, expect)
+            return await self._run(outgoing, receive, limits, check)
         except (BulkAbortedError, BulkRejectedError, BulkHeaderError):
             raise  # the peer already knows (it aborted, or a reject went out)
         except PeerError as e:
@@ -515,11 +585,16 @@ class _Session:
                     pass
             raise
 
-    async def _run(self, outgoing: np.ndarray | None, receive: bool, limits: BulkLimits,
-                   expect: tuple[str, tuple[int, ...]] | None) -> np.ndarray | None:
-        header, src = _prepare(outgoing) if outgoing is not None else (None, None)
+    async def _run(self, outgoing: list[np.ndarray] | None, receive: bool,
+                   limits: ArrayLimits, check: Check | None) -> list[np.ndarray] | None:
+        specs: list[ArraySpec] | None = None
+        srcs: list[memoryview] = []
+        if outgoing is not None:
+            if not 0 < len(outgoing) <= bf.MAX_ARRAYS:
+                raise ValueError(f"a session sends 1 to {bf.MAX_ARRAYS} arrays")  # our bug
+            specs, srcs = map(list, zip(*(prepare_array(a) for a in outgoing)))
         key = bf.EphemeralKey()
-        our_hello = bf.hello(key.public, header)
+        our_hello = bf.hello(key.public, specs)
         with _within(self.config.handshake_timeout, "waiting for the peer's hello"):
             await self._send(our_hello)
             peer = parse_peer_input(bf.parse_hello, await self._recv_control())
@@ -529,18 +604,19 @@ class _Session:
         in_keys = bf.direction_keys(shared, sid, peer.epk)
 
         with contextlib.ExitStack() as stack:
-            incoming: ArrayHeader | None = None
+            incoming: list[ArraySpec] | None = None
             expectation: _Expectation | None = None
             if peer.send is not None:
-                incoming = await self._judge(peer.send, receive, limits, expect)
-                if self.listener is not None and self.config.direct and incoming.nbytes:
+                incoming = await self._judge(peer.send, receive, limits, check)
+                if (self.listener is not None and self.config.direct
+                        and sum(s.nbytes for s in incoming)):
                     expectation = stack.enter_context(self.listener.expect(in_keys))
                 addrs = self.listener.addresses if expectation is not None else []
                 await self._send(bf.accept(addrs, self.config.stream_window_bytes))
             elif receive:
                 raise RemoteProtocolError("peer offered no array")
             verdict = None
-            if header is not None:
+            if specs is not None:
                 with _within(self.config.handshake_timeout, "waiting for the peer's verdict"):
                     verdict = parse_peer_input(bf.parse_verdict, await self._recv_control())
                 if not verdict.accepted:
@@ -553,18 +629,18 @@ class _Session:
                 self._in_send, self._in_recv = trio.open_memory_channel(depth)
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read_control, header is not None, incoming)
-                    if header is not None:
-                        assert verdict is not None and src is not None
-                        nursery.start_soon(self._send_data, header, src, verdict, sid, out_keys)
+                    nursery.start_soon(self._read_control, specs is not None, incoming)
+                    if specs is not None:
+                        assert verdict is not None
+                        nursery.start_soon(self._send_data, specs, srcs, verdict, sid, out_keys)
                     if incoming is not None:
                         nursery.start_soon(self._receive_data, incoming, expectation, in_keys,
                                            result)
             except BaseExceptionGroup as group:
                 raise_peer_fault(group)
             log.debug("peer=%s sid=%s bulk session done: sent %s, received %s", self.peer,
-                      sid.hex()[:12], header, incoming)
-            return result[0] if result else None
+                      sid.hex()[:12], specs, incoming)
+            return result if incoming is not None else None
 
     async def _recv_control(self) -> Any:
         msg = await self._recv()
@@ -572,22 +648,23 @@ class _Session:
             raise BulkAbortedError(parse_peer_input(bf.parse_abort, msg))
         return msg
 
-    async def _judge(self, offered: Any, receive: bool, limits: BulkLimits,
-                     expect: tuple[str, tuple[int, ...]] | None) -> ArrayHeader:
-        """Accept the peer's header or send `reject` and raise BulkHeaderError."""
+    async def _judge(self, offered: list[Any], receive: bool, limits: ArrayLimits,
+                     check: Check | None) -> list[ArraySpec]:
+        """Accept the peer's array specs (each within ``limits``, their sum too, then
+        ``check``) or send `reject` and raise BulkHeaderError."""
         try:
             if not receive:
                 raise BulkFormatError("not expecting an array on this stream")
-            header = parse_peer_input(bf.header_from_wire, offered, limits)
-            if expect is not None and (header.dtype, header.shape) != (
-                    expect[0], tuple(expect[1])):
-                raise BulkFormatError(
-                    f"expected {expect[0]}{list(expect[1])}, offered {header.dtype}"
-                    f"{list(header.shape)}")
-        except (BulkFormatError, RemoteProtocolError) as e:
+            specs = [parse_peer_input(parse_array_spec, o, limits) for o in offered]
+            total = sum(s.nbytes for s in specs)
+            if total > limits.max_bytes:
+                raise ArrayFormatError(f"arrays of {total} bytes exceed limit {limits.max_bytes}")
+            if check is not None:
+                check(specs)
+        except (BulkFormatError, ArrayFormatError, RemoteProtocolError) as e:
             await self._send(bf.reject(str(e)))
             raise BulkHeaderError(str(e)) from None
-        return header
+        return specs
 
     @staticmethod
     def _window_chunks(window_bytes: int, chunk: int) -> int:
@@ -595,7 +672,7 @@ class _Session:
 
     # -- control reader ------------------------------------------------------------------
 
-    async def _read_control(self, sending: bool, incoming: ArrayHeader | None) -> None:
+    async def _read_control(self, sending: bool, incoming: list[ArraySpec] | None) -> None:
         """Demultiplex the control stream until it has nothing more to tell us: the
         peer's `done` (if we send) and its `start` plus all data frames (if we receive).
         Then, while we still owe our `done`, only an `abort` may come; we listen for it
@@ -628,7 +705,7 @@ class _Session:
             elif t == "start" and need_inbound and expected_chunks is None:
                 assert incoming is not None and self._in_send is not None
                 mode, chunk = parse_peer_input(bf.parse_start, msg)
-                expected_chunks = (bf.chunk_count(incoming.nbytes, chunk)
+                expected_chunks = (bf.total_chunks([a.nbytes for a in incoming], chunk)
                                    if mode == "stream" else 0)
                 if mode == "direct":
                     need_inbound = False
@@ -658,11 +735,12 @@ class _Session:
 
     # -- sending -------------------------------------------------------------------------
 
-    async def _send_data(self, header: ArrayHeader, src: memoryview, verdict: bf.Verdict,
-                         sid: bytes, keys: bf.DirectionKeys) -> None:
+    async def _send_data(self, specs: list[ArraySpec], srcs: list[memoryview],
+                         verdict: bf.Verdict, sid: bytes, keys: bf.DirectionKeys) -> None:
         aead = AESGCM(keys.data_key)
+        sizes = [spec.nbytes for spec in specs]
         conn = None
-        if verdict.addrs and self.config.direct and header.nbytes:
+        if verdict.addrs and self.config.direct and sum(sizes):
             conn = await _connect(verdict.addrs, self.config.connect_timeout)
             if conn is None:
                 log.info("peer=%s sid=%s side channel %s unreachable; using the stream",
@@ -673,7 +751,7 @@ class _Session:
                 try:
                     await conn.send_all(bf.channel_hello(keys))
                     await self._send(bf.start("direct", self.config.chunk_bytes))
-                    await self._pump_direct(conn, aead, src, header.nbytes)
+                    await self._pump_direct(conn, aead, srcs, sizes)
                 except _SOCKET_ERRORS as e:
                     # A receiver that fails closes the channel and sends `abort` with the
                     # reason over the control stream; its word (abort or done) decides.
@@ -681,7 +759,7 @@ class _Session:
                 await self._wait_done(what)
         else:
             await self._send(bf.start("stream", self.config.stream_chunk_bytes))
-            await self._pump_stream(aead, src, header.nbytes, verdict.window)
+            await self._pump_stream(aead, srcs, sizes, verdict.window)
             await self._wait_done("waiting for the receiver's confirmation")
 
     async def _wait_done(self, what: str) -> None:
@@ -689,45 +767,47 @@ class _Session:
             while not self._peer_done:
                 await self._changed.wait()
 
-    async def _pump_direct(self, conn: trio.SocketStream, aead: AESGCM, src: memoryview,
-                           nbytes: int) -> None:
+    async def _pump_direct(self, conn: trio.SocketStream, aead: AESGCM,
+                           srcs: list[memoryview], sizes: list[int]) -> None:
         chunk = self.config.chunk_bytes
         scratch = memoryview(bytearray(chunk + bf.TAG_BYTES))
-        for i in range(bf.chunk_count(nbytes, chunk)):
-            start, stop = bf.chunk_span(i, nbytes, chunk)
+        total, done = sum(sizes), 0
+        for number, index, start, stop in bf.chunk_spans(sizes, chunk):
             sealed = scratch[:stop - start + bf.TAG_BYTES]
-            aead.encrypt_into(bf.nonce(i), src[start:stop], None, sealed)
+            aead.encrypt_into(bf.nonce(number), srcs[index][start:stop], None, sealed)
             with _within(self.config.idle_timeout, "sending on the side channel"):
                 await conn.send_all(sealed)
+            done += stop - start
             if self.sent_progress is not None:
-                await self.sent_progress(stop, nbytes)
+                await self.sent_progress(done, total)
 
-    async def _pump_stream(self, aead: AESGCM, src: memoryview, nbytes: int,
+    async def _pump_stream(self, aead: AESGCM, srcs: list[memoryview], sizes: list[int],
                            window_bytes: int) -> None:
         chunk = self.config.stream_chunk_bytes
         window = self._window_chunks(window_bytes, chunk)
-        for i in range(bf.chunk_count(nbytes, chunk)):
+        total, done = sum(sizes), 0
+        for number, index, start, stop in bf.chunk_spans(sizes, chunk):
             with _within(self.config.idle_timeout, "waiting for credit"):
-                while i - self._acked >= window:
+                while number - self._acked >= window:
                     await self._changed.wait()
-            start, stop = bf.chunk_span(i, nbytes, chunk)
-            sealed = aead.encrypt(bf.nonce(i), src[start:stop], None)
-            self._sent = i + 1
+            sealed = aead.encrypt(bf.nonce(number), srcs[index][start:stop], None)
+            self._sent = number + 1
             with _within(self.config.idle_timeout, "sending on the stream"):
-                await self._send(bf.data(i, sealed))
+                await self._send(bf.data(number, sealed))
+            done += stop - start
             if self.sent_progress is not None:
-                await self.sent_progress(stop, nbytes)
+                await self.sent_progress(done, total)
 
     # -- receiving -----------------------------------------------------------------------
 
-    async def _receive_data(self, header: ArrayHeader, expectation: _Expectation | None,
+    async def _receive_data(self, specs: list[ArraySpec], expectation: _Expectation | None,
                             keys: bf.DirectionKeys, result: list[np.ndarray]) -> None:
         assert self._in_recv is not None
         with _within(self.config.idle_timeout, "waiting for the sender to start"):
             _, mode, chunk = await self._in_recv.receive()
-        array = self._out if self._out is not None else np.empty(
-            header.shape, dtype=np.dtype(header.dtype))
-        dst = memoryview(array.reshape(-1).view(np.uint8))
+        arrays = self._out if self._out is not None else [empty_like_spec(s) for s in specs]
+        dsts = [byte_view(a) for a in arrays]
+        sizes = [s.nbytes for s in specs]
         aead = AESGCM(keys.data_key)
         if mode == "direct":
             if expectation is None:
@@ -735,20 +815,20 @@ class _Session:
             with _within(self.config.idle_timeout, "waiting for the side channel"):
                 conn = await expectation.wait()
             async with conn:
-                await self._pump_in_direct(conn, aead, dst, header.nbytes, chunk)
+                await self._pump_in_direct(conn, aead, dsts, sizes, chunk)
         else:
-            await self._pump_in_stream(aead, dst, header.nbytes, chunk)
+            await self._pump_in_stream(aead, dsts, sizes, chunk)
         self._done_sent = True
         self._abort_watch.cancel()
         await self._send(bf.DONE)
-        result.append(array)
+        result.extend(arrays)
 
-    async def _pump_in_direct(self, conn: trio.SocketStream, aead: AESGCM, dst: memoryview,
-                              nbytes: int, chunk: int) -> None:
+    async def _pump_in_direct(self, conn: trio.SocketStream, aead: AESGCM,
+                              dsts: list[memoryview], sizes: list[int], chunk: int) -> None:
         sock = conn.socket
         scratch = memoryview(bytearray(chunk + bf.TAG_BYTES))
-        for i in range(bf.chunk_count(nbytes, chunk)):
-            start, stop = bf.chunk_span(i, nbytes, chunk)
+        total, done = sum(sizes), 0
+        for number, index, start, stop in bf.chunk_spans(sizes, chunk):
             sealed = scratch[:stop - start + bf.TAG_BYTES]
             filled = 0
             with _within(self.config.idle_timeout, "receiving on the side channel"):
@@ -759,35 +839,37 @@ class _Session:
                         raise BulkTruncatedError(f"side channel failed: {e}") from None
                     if n == 0:
                         raise BulkTruncatedError(
-                            f"side channel ended at byte {start + filled} of {nbytes}")
+                            f"side channel ended at byte {done + filled} of {total}")
                     filled += n
             try:
-                aead.decrypt_into(bf.nonce(i), sealed, None, dst[start:stop])
+                aead.decrypt_into(bf.nonce(number), sealed, None, dsts[index][start:stop])
             except InvalidTag:
-                raise BulkIntegrityError(f"chunk {i} failed authentication") from None
+                raise BulkIntegrityError(f"chunk {number} failed authentication") from None
+            done += stop - start
             if self.received_progress is not None:
-                await self.received_progress(stop, nbytes)
+                await self.received_progress(done, total)
 
-    async def _pump_in_stream(self, aead: AESGCM, dst: memoryview, nbytes: int,
+    async def _pump_in_stream(self, aead: AESGCM, dsts: list[memoryview], sizes: list[int],
                               chunk: int) -> None:
         assert self._in_recv is not None
-        count = bf.chunk_count(nbytes, chunk)
+        count = bf.total_chunks(sizes, chunk)
         # Credit in quarter windows: the sender never idles, and credit frames stay rare.
         batch = max(1, self._window_chunks(self.config.stream_window_bytes, chunk) // 4)
-        for i in range(count):
-            start, stop = bf.chunk_span(i, nbytes, chunk)
+        total, done = sum(sizes), 0
+        for number, index, start, stop in bf.chunk_spans(sizes, chunk):
             with _within(self.config.idle_timeout, "receiving on the stream"):
                 msg = await self._in_recv.receive()
-            sealed = parse_peer_input(bf.parse_data, msg, i, stop - start + bf.TAG_BYTES)
+            sealed = parse_peer_input(bf.parse_data, msg, number, stop - start + bf.TAG_BYTES)
             try:
-                aead.decrypt_into(bf.nonce(i), sealed, None, dst[start:stop])
+                aead.decrypt_into(bf.nonce(number), sealed, None, dsts[index][start:stop])
             except InvalidTag:
-                raise BulkIntegrityError(f"chunk {i} failed authentication") from None
+                raise BulkIntegrityError(f"chunk {number} failed authentication") from None
+            done += stop - start
             if self.received_progress is not None:
-                await self.received_progress(stop, nbytes)
-            if i + 1 < count and i + 1 - self._credited >= batch:
-                self._credited = i + 1
-                await self._send(bf.credit(i + 1))
+                await self.received_progress(done, total)
+            if number + 1 < count and number + 1 - self._credited >= batch:
+                self._credited = number + 1
+                await self._send(bf.credit(number + 1))
 
 
 _CONNECT_STAGGER = 0.25  # s between attempts, as in happy eyeballs (RFC 8305)

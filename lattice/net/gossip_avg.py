@@ -1,8 +1,8 @@
-"""`/lattice/gossip-avg/1`: one pairwise, atomic averaging exchange inside a train job.
+"""`/lattice/gossip-avg/2`: one pairwise, atomic averaging exchange inside a train job.
 
 Owns the protocol driver (offer -> accept | busy -> tensors both ways -> commit -> ack,
 and the ``status`` query that settles an exchange whose ack was lost), the
-`TensorTransport` seam with its default framed implementation and the `/lattice/bulk/1`
+`TensorTransport` seam with its default framed implementation and the `/lattice/bulk/2`
 one (`BulkTensorTransport`), `AveragingParty` (one
 participant's side: its parameters, when it can take part, what it committed) and the
 penalties for peers that send garbage. Spec: proto/gossip-avg.md. Must not import
@@ -39,7 +39,14 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import trio
 
-from lattice.core.bulk_frames import BulkLimits
+from lattice.core.arrays import (
+    ArrayFormatError,
+    ArrayLimits,
+    ArraySpec,
+    byte_view,
+    empty_like_spec,
+    prepare_array,
+)
 from lattice.core.gossip_messages import (
     MAX_CONTROL_BYTES,
     PROTOCOL,
@@ -141,11 +148,11 @@ class TensorTransport(Protocol):
 
 
 class FramedTensorTransport:
-    """The default transport: a msgpack header frame listing (name, dtype, shape,
-    nbytes), then each array's raw little-endian bytes in 1 MiB writes; the reader
-    checks the header against ``expect`` and ``max_bytes`` and reads into a
-    preallocated array. Both directions run at once, so neither side's writes wait on
-    the other's reads."""
+    """The default transport: a msgpack header frame listing ``[name, spec]`` per array
+    (`lattice.core.arrays.ArraySpec`), then each array's raw little-endian bytes in
+    1 MiB writes; the reader checks the header against ``expect`` and ``max_bytes`` and
+    reads into a preallocated array. Both directions run at once, so neither side's
+    writes wait on the other's reads."""
 
     name = "framed"
 
@@ -167,12 +174,10 @@ class FramedTensorTransport:
     async def send_arrays(self, stream: Stream, arrays: Mapping[str, np.ndarray]) -> int:
         items, views = [], []
         for name, arr in arrays.items():
-            a = np.asarray(arr)
-            a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-            items.append(array_item(name, a))
-            views.append(memoryview(a).cast("B"))
-        header = {"t": "arrays", "items": items}
-        await send_frame(stream, header)
+            spec, view = prepare_array(arr)
+            items.append(array_item(name, spec))
+            views.append(view)
+        await send_frame(stream, {"t": "arrays", "items": items})
         sent = 0
         for view in views:
             for start in range(0, len(view), WRITE_CHUNK):
@@ -186,74 +191,49 @@ class FramedTensorTransport:
         specs = parse_peer_input(parse_array_header, header, expect=expect, max_bytes=max_bytes)
         out: dict[str, np.ndarray] = {}
         total = 0
-        for name, dtype, shape in specs:
-            arr = np.empty(shape, dtype=dtype.newbyteorder("<"))
+        for name, spec in specs:
+            arr = empty_like_spec(spec)
             if arr.nbytes:
-                await read_into(stream, memoryview(arr).cast("B"))
-            out[name] = arr.astype(dtype, copy=False)
+                await read_into(stream, byte_view(arr))
+            out[name] = arr
             total += arr.nbytes
         return out, total
 
 
 class BulkTensorTransport:
-    """Big arrays through `/lattice/bulk/1`'s `exchange_arrays` (AES-GCM over a raw TCP
-    side channel when the peer offers one, else credit-controlled chunks on the
-    stream); headers and small arrays (shapes, scales) framed as above.
-
-    Both sides first swap `arrays` headers; then, for each array in header order, an
-    array whose dtype and shape are the same on both sides and that holds at least
-    ``min_bulk_bytes`` goes through bulk, any other one as raw bytes on the stream. The
-    choice depends only on the two headers, which both sides hold, so they agree."""
+    """The payload through one `/lattice/bulk/2` session (`lattice.net.bulk.exchange`):
+    AES-GCM over a raw TCP side channel when the peer offers one, else credit-controlled
+    chunks on this stream. Every array of the payload goes in that one session (one key
+    agreement per exchange), in the order of their names, which both sides know from
+    the job's codec: the receiver checks each array's dtype against ``expect`` and the
+    whole against ``max_bytes`` before allocating."""
 
     name = "bulk"
 
-    def __init__(self, *, listener: Any = None, config: Any = None, min_bulk_bytes: int = 64 * 1024) -> None:
+    def __init__(self, *, listener: Any = None, config: Any = None) -> None:
         self.listener = listener
         self.config = config
-        self.min_bulk_bytes = min_bulk_bytes
 
     async def exchange(self, stream: Stream, ours: Mapping[str, np.ndarray], *,
                        expect: Mapping[str, np.dtype], max_bytes: int
                        ) -> tuple[dict[str, np.ndarray], int, int]:
-        arrays = {n: np.ascontiguousarray(a, dtype=np.asarray(a).dtype.newbyteorder("<")) for n, a in ours.items()}
-        got: dict[str, Any] = {}
+        names = sorted(expect)
+        if sorted(ours) != names:
+            raise ValueError(f"payload {sorted(ours)} is not {names}")  # our bug
 
-        async def send_header() -> None:
-            await send_frame(stream, {"t": "arrays", "items": [
-                array_item(n, a) for n, a in arrays.items()]})
+        def check(specs: list[ArraySpec]) -> None:
+            got = [s.numpy_dtype for s in specs]
+            if got != [np.dtype(expect[n]) for n in names]:
+                raise ArrayFormatError(f"arrays of {[str(d) for d in got]}, expected "
+                                       f"{[str(np.dtype(expect[n])) for n in names]}")
 
-        async def recv_header() -> None:
-            got["specs"] = parse_peer_input(
-                parse_array_header, await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
-                expect=expect, max_bytes=max_bytes)
-
-        await run_both(send_header, recv_header)
-        theirs: dict[str, np.ndarray] = {}
-        sent = received = 0
-        limits = BulkLimits(max_bytes=max(1, max_bytes))
-        kwargs = {"listener": self.listener, **({"config": self.config} if self.config is not None else {})}
-        for name, dtype, shape in got["specs"]:
-            mine = arrays[name]
-            if mine.dtype == dtype and mine.shape == shape and mine.nbytes >= self.min_bulk_bytes:
-                arr = await bulk.exchange_arrays(stream, mine, limits=limits, **kwargs)
-                theirs[name] = arr.astype(dtype, copy=False)
-            else:
-                buf = np.empty(shape, dtype=dtype.newbyteorder("<"))
-                view = memoryview(mine).cast("B")
-
-                async def write(view: memoryview = view) -> None:
-                    for start in range(0, len(view), WRITE_CHUNK):
-                        await stream.write(view[start:start + WRITE_CHUNK])
-
-                async def read(buf: np.ndarray = buf) -> None:
-                    if buf.nbytes:
-                        await read_into(stream, memoryview(buf).cast("B"))
-
-                await run_both(write, read)
-                theirs[name] = buf.astype(dtype, copy=False)
-            sent += mine.nbytes
-            received += theirs[name].nbytes
-        return theirs, sent, received
+        kwargs = {"listener": self.listener,
+                  **({"config": self.config} if self.config is not None else {})}
+        theirs = await bulk.exchange(stream, [ours[n] for n in names],
+                                     limits=ArrayLimits(max_bytes=max(1, max_bytes)),
+                                     check=check, **kwargs)
+        sent = sum(int(np.asarray(ours[n]).nbytes) for n in names)
+        return dict(zip(names, theirs)), sent, sum(a.nbytes for a in theirs)
 
 
 # -- one participant's side ---------------------------------------------------------------
@@ -457,7 +437,7 @@ async def _receive(stream: Stream, kinds: tuple[str, ...], xid: str | None) -> d
 
 
 class GossipAverager:
-    """The running `/lattice/gossip-avg/1` service (what `serve_gossip_avg` hands back)."""
+    """The running `/lattice/gossip-avg/2` service (what `serve_gossip_avg` hands back)."""
 
     def __init__(self, network: PeerNetwork, config: GossipConfig, transport: TensorTransport) -> None:
         self.network = network
@@ -800,7 +780,7 @@ async def _quietly_send(stream: Stream, message: dict[str, Any]) -> None:
 async def serve_gossip_avg(network: PeerNetwork, *, config: GossipConfig = GossipConfig(),
                            transport: TensorTransport | None = None,
                            task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `/lattice/gossip-avg/1` until cancelled; hands back the `GossipAverager`.
+    """Serve `/lattice/gossip-avg/2` until cancelled; hands back the `GossipAverager`.
 
     Parties register per job (`GossipAverager.register`); offers for other jobs are
     answered ``busy``. Inbound exchanges run in the network's handler tasks."""

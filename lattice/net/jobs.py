@@ -4,7 +4,7 @@
 Owns the I/O of a train job: watching the job board in the replicated state, joining
 jobs this daemon accepts, sealing the roster of jobs it submitted, running a
 participant (local rounds off the event loop, a pairwise average with one random live
-participant after each round over `/lattice/gossip-avg/1`, progress to its
+participant after each round over `/lattice/gossip-avg/2`, progress to its
 participation entry at a bounded rate, checkpoints), publishing its final model as a
 blob, and the final merge. The decisions are `lattice.core.jobs`' (pure); the math is
 `lattice.learn`'s: `make_participant`, `participant_round` and the merge rule of
@@ -738,7 +738,7 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run train jobs until cancelled; hands back the `JobsService`.
 
-    Starts `/lattice/gossip-avg/1` and `/lattice/blob/1` (blobs in ``blob_dir``, or in
+    Starts `/lattice/gossip-avg/2` and `/lattice/blob/1` (blobs in ``blob_dir``, or in
     memory), watches ``store`` for jobs, and writes through ``sync`` (a `CrdtSync`; None:
     straight to ``store``). ``checkpoint_dir`` enables resuming after a restart.
     ``compute`` runs the math (default: ``config.compute_threads`` worker threads);

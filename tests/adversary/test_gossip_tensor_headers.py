@@ -4,7 +4,7 @@ cannot allocate made `np.empty` raise ValueError and the daemon exit. Now the he
 refused, the attacker penalized, and the daemon trains on.
 
 The attacker runs an honest daemon to submit the job and get into its roster, then
-stops it and speaks `/lattice/gossip-avg/1` under the same identity with the kit."""
+stops it and speaks `/lattice/gossip-avg/2` under the same identity with the kit."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 import trio
 
 import lattice
+from lattice.core.gossip_messages import PROTOCOL as GOSSIP_PROTOCOL
 from lattice.core.identity import Identity, encode_identity_file
 from lattice.testing.hostile import arrays_header, gossip_offer, open_hostile_peer
 
@@ -22,10 +23,10 @@ from .conftest import assert_alive, call, eventually, running
 
 pytestmark = pytest.mark.adversary
 
-GOSSIP = "/lattice/gossip-avg/1"
+GOSSIP = GOSSIP_PROTOCOL  # /lattice/gossip-avg/2
 # each dimension within the payload bound of digits-softmax (~9 KB), their product past
 # what numpy can allocate; announced size 0 bytes
-ZERO_DIM = arrays_header(("data", "float32", [0] + [8000] * 6, 0), ("shape", "int64", [1], 8))
+ZERO_DIM = arrays_header(("data", "<f4", [0] + [8000] * 6, 0), ("shape", "<i8", [1], 8))
 
 
 async def _attackers_job(daemons, tmp_path, attackers: int):

@@ -1,7 +1,7 @@
 """One peer, one stream of garbage, against a real daemon: for each protocol anyone can
 open (gossip averaging, blobs, the DHT), malformed frames are refused, counted and
 penalized, and the daemon serves on. Before, one 1,000-level list on
-`/lattice/gossip-avg/1` made the daemon exit."""
+`/lattice/gossip-avg/1` made the daemon exit (v1; the protocol is v2 now)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 import pytest
 
 from lattice.core import codec
+from lattice.core.gossip_messages import PROTOCOL as GOSSIP_PROTOCOL
 from lattice.core.identity import Identity
 from lattice.core.kademlia import PROTOCOL_ID as KAD
 from lattice.core.records import sign_record, user_key
@@ -24,7 +25,7 @@ from .conftest import assert_alive, call, eventually
 
 pytestmark = pytest.mark.adversary
 
-GOSSIP = "/lattice/gossip-avg/1"
+GOSSIP = GOSSIP_PROTOCOL  # /lattice/gossip-avg/2
 BLOB = "/lattice/blob/1"
 JOB = "0" * 32
 BID = "a" * 64

@@ -13,28 +13,29 @@ from hypothesis import strategies as st
 
 from lattice.core import bulk_frames as bf
 from lattice.core import gossip_messages as gm
+from lattice.core.arrays import WIRE_DTYPES, ArrayFormatError, ArrayLimits, ArraySpec, parse_array_spec
 
 from .conftest import FUZZ, msgpack_values, mutated
 
-LIMITS = bf.BulkLimits(max_bytes=1 << 16, max_ndim=8)
+LIMITS = ArrayLimits(max_bytes=1 << 16, max_ndim=8)
 dims = st.integers(0, 2**16) | st.sampled_from([0, 1, 2**31, 2**62, 2**64 - 1]) | st.booleans()
 shapes = st.lists(dims, max_size=10) | msgpack_values
 
 
 @FUZZ
-@given(st.sampled_from(sorted(bf.DEFAULT_DTYPES)) | msgpack_values, shapes,
+@given(st.sampled_from(sorted(WIRE_DTYPES)) | msgpack_values, shapes,
        st.integers(-1, 2**17) | msgpack_values)
-def test_a_bulk_header_that_parses_allocates_within_the_limit(dtype, shape, nbytes):
+def test_an_array_spec_that_parses_allocates_within_the_limit(dtype, shape, nbytes):
     try:
-        header = bf.header_from_wire({"dtype": dtype, "shape": shape, "nbytes": nbytes}, LIMITS)
-    except bf.BulkFormatError:
+        header = parse_array_spec({"dtype": dtype, "shape": shape, "nbytes": nbytes}, LIMITS)
+    except ArrayFormatError:
         return
     array = np.empty(header.shape, dtype=np.dtype(header.dtype))
     assert array.nbytes == header.nbytes <= LIMITS.max_bytes
     assert len(header.shape) <= LIMITS.max_ndim
 
 
-HELLO = bf.hello(bytes(range(32)), bf.ArrayHeader("<f4", (2, 3), 24))
+HELLO = bf.hello(bytes(range(32)), [ArraySpec("<f4", (2, 3), 24)])
 CONTROL = [HELLO, bf.accept([("127.0.0.1", 4000)], 1 << 20), bf.reject("no"),
            bf.start("stream", 4096), bf.data(0, bytes(40)), bf.credit(1), bf.abort("why"),
            bf.DONE]
@@ -63,9 +64,9 @@ def test_the_side_channel_hello_parses_only_its_72_bytes(data):
     assert len(cid) == len(token) == 32
 
 
-OFFER = {"t": "offer", "v": 1, "job": "j" * 32, "xid": "x" * 32, "samples": 5, "codec": "none",
+OFFER = {"t": "offer", "v": 2, "job": "j" * 32, "xid": "x" * 32, "samples": 5, "codec": "none",
          "transports": ["bulk", "framed"]}
-GOSSIP = [OFFER, {"t": "status", "v": 1, "job": "j", "xid": "x"},
+GOSSIP = [OFFER, {"t": "status", "v": 2, "job": "j", "xid": "x"},
           {"t": "accept", "xid": "x", "samples": 1, "transport": "framed"},
           {"t": "busy", "xid": "x", "reason": "exchange"}, {"t": "commit", "xid": "x"},
           {"t": "ack", "xid": "x"}, {"t": "abort", "xid": "x", "reason": "r"},
@@ -96,12 +97,14 @@ def items(draw):
     """Mostly self-consistent entries (nbytes = prod(shape) * itemsize, zero-length
     dimensions next to large ones), sometimes anything at all."""
     if draw(st.integers(0, 4)) == 0:
-        return draw(st.tuples(msgpack_values, msgpack_values, shapes, msgpack_values).map(list))
-    dtype = draw(st.sampled_from(list(gm.WIRE_DTYPES)))
+        return draw(st.tuples(msgpack_values, msgpack_values | st.fixed_dictionaries(
+            {"dtype": msgpack_values, "shape": shapes, "nbytes": msgpack_values})).map(list))
+    dtype = draw(st.sampled_from(sorted(WIRE_DTYPES)))
     shape = draw(st.lists(st.sampled_from([0, 1, 2, 3]) | st.integers(0, 2**16), max_size=8))
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     nbytes = draw(st.just(nbytes) | st.integers(-1, 2**20))
-    return [draw(st.sampled_from(["data", "shape", "x"])), dtype, shape, nbytes]
+    name = draw(st.sampled_from(["data", "shape", "x"]))
+    return [name, {"dtype": dtype, "shape": shape, "nbytes": nbytes}]
 
 
 
@@ -114,7 +117,7 @@ def test_an_arrays_header_that_parses_allocates_within_the_limit(entries, strict
     except gm.GossipFormatError:
         return
     total = 0
-    for _, dtype, shape in specs:
-        total += np.empty(shape, dtype=dtype).nbytes
-        assert math.prod(max(d, 1) for d in shape) * dtype.itemsize <= max_bytes
+    for _, spec in specs:
+        total += np.empty(spec.shape, dtype=spec.numpy_dtype).nbytes
+        assert math.prod(max(d, 1) for d in spec.shape) * spec.numpy_dtype.itemsize <= max_bytes
     assert total <= max_bytes

@@ -6,7 +6,7 @@ hostile peer sends (`tests/adversary/` uses it against ours).
 
     async with open_hostile_peer() as attacker:
         victim = await attacker.connect("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...")
-        stream = await attacker.open(victim, "/lattice/gossip-avg/1")
+        stream = await attacker.open(victim, "/lattice/gossip-avg/2")
         await stream.send_body(nested_msgpack(1000))
         assert await stream.drain() == "reset"   # refused, the daemon serves on
 

@@ -4,7 +4,7 @@ hostile-peer kit (`lattice.testing.hostile`).
 Owns an attacker's libp2p host (`open_hostile_peer` -> `HostilePeer`) whose streams
 write anything (`HostileStream`: raw bytes, frames of any value, frames whose length
 lies), and builders for what an attacker sends: nested msgpack, forged tensor headers
-(`/lattice/gossip-avg/1`, `/lattice/bulk/1`), Kademlia requests and Sybil record spam
+(`/lattice/gossip-avg/2`, `/lattice/bulk/2`), Kademlia requests and Sybil record spam
 (`/lattice/kad/1`), blob requests (`/lattice/blob/1`), floods of idle side-channel
 connections, and garbage for the local RPC socket. Everything here is for testing
 deployments you run: point it at your own daemons (`lattice.testing.daemons`).
@@ -169,7 +169,7 @@ async def open_hostile_peer(identity: Identity | None = None, *,
         yield HostilePeer(node, identity)
 
 
-# -- /lattice/gossip-avg/1 ------------------------------------------------------------------
+# -- /lattice/gossip-avg/2 ------------------------------------------------------------------
 
 
 def gossip_offer(job_id: str, codec_spec: str = "none", *, xid: str | None = None,
@@ -177,16 +177,18 @@ def gossip_offer(job_id: str, codec_spec: str = "none", *, xid: str | None = Non
                  **override: Any) -> dict[str, Any]:
     """An ``offer`` to average in ``job_id``; ``override`` replaces or adds any field
     (``samples=True``, ``transports="framed"``...) to make it malformed."""
-    return {"t": "offer", "v": 1, "job": job_id, "xid": xid or os.urandom(16).hex(),
+    return {"t": "offer", "v": 2, "job": job_id, "xid": xid or os.urandom(16).hex(),
             "samples": samples, "codec": codec_spec, "transports": transports,
             **override}
 
 
 def arrays_header(*items: tuple[str, str, list[int], int]) -> dict[str, Any]:
-    """An ``arrays`` header announcing (name, dtype, shape, nbytes) per array, as given:
-    e.g. ``("data", "float32", [0, 8000, 8000, 8000, 8000, 8000, 8000], 0)`` announces
-    zero bytes whose dimensions multiply past what numpy can allocate."""
-    return {"t": "arrays", "items": [[n, d, list(s), b] for n, d, s, b in items]}
+    """An ``arrays`` header announcing (name, dtype, shape, nbytes) per array, as given
+    (dtypes as numpy ``dtype.str``, e.g. ``"<f4"``): e.g. ``("data", "<f4", [0, 8000,
+    8000, 8000, 8000, 8000, 8000], 0)`` announces zero bytes whose dimensions multiply
+    past what numpy can allocate."""
+    return {"t": "arrays", "items": [[n, {"dtype": d, "shape": list(s), "nbytes": b}]
+                                     for n, d, s, b in items]}
 
 
 # -- /lattice/kad/1 ----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from lattice.core.bulk_frames import CHANNEL_MAGIC, BulkLimits
+from lattice.core.arrays import ArrayLimits
+from lattice.core.bulk_frames import CHANNEL_MAGIC
 from lattice.net.bulk import (
     BulkAbortedError,
     BulkAuthError,
@@ -49,7 +50,7 @@ async def run_both(send, receive):
     return out["sender"], out["receiver"]
 
 
-def transfer(a, b, array=PAYLOAD, *, listener=None, config=SMALL, limits=BulkLimits(),
+def transfer(a, b, array=PAYLOAD, *, listener=None, config=SMALL, limits=ArrayLimits(),
              on_received=None):
     return run_both(
         lambda: send_array(a, array, config=config),
@@ -179,9 +180,9 @@ async def test_peer_vanishing_mid_transfer_fails_both_sides(stream_pair):
 
 
 @pytest.mark.parametrize("offered, limits, why", [
-    (np.zeros(1000, np.float32), BulkLimits(max_bytes=3999), "exceeds limit"),
-    (np.zeros(10, np.int64), BulkLimits(dtypes=frozenset({"<f4"})), "not allowed"),
-    (np.zeros((1,) * 9, np.float32), BulkLimits(max_ndim=8), "at most 8"),
+    (np.zeros(1000, np.float32), ArrayLimits(max_bytes=3999), "exceeds limit"),
+    (np.zeros(10, np.int64), ArrayLimits(dtypes=frozenset({"<f4"})), "not allowed"),
+    (np.zeros((1,) * 9, np.float32), ArrayLimits(max_ndim=8), "at most 8"),
 ], ids=["oversize", "dtype", "ndim"])
 async def test_headers_outside_limits_are_refused(stream_pair, listener, offered, limits, why):
     a, b = await stream_pair()
@@ -327,8 +328,9 @@ async def test_a_reader_gone_silent_stalls_the_sender_after_idle_timeout(
 
 # -- the handler boundary: a parser choking on peer input is the peer's fault ---------------
 
-PARSERS = ["parse_hello", "session_id", "header_from_wire", "parse_verdict", "message_type",
-           "parse_start", "parse_data"]
+PARSERS = ["bulk_frames.parse_hello", "bulk_frames.session_id", "arrays.parse_array_spec",
+           "bulk_frames.parse_verdict", "bulk_frames.message_type", "bulk_frames.parse_start",
+           "bulk_frames.parse_data"]
 PEER_ERRORS = [ValueError, RecursionError, KeyError, OverflowError, TypeError]
 
 
@@ -339,7 +341,9 @@ async def test_an_exception_inside_any_parser_becomes_a_peer_error(stream_pair, 
     def boom(*args, **kwargs):
         raise error("injected")
 
-    monkeypatch.setattr(f"lattice.core.bulk_frames.{parser}", boom)
+    module, name = parser.split(".")
+    target = "lattice.net.bulk" if module == "arrays" else f"lattice.core.{module}"
+    monkeypatch.setattr(f"{target}.{name}", boom)
     a, b = await stream_pair()
     # run_both lets only PeerErrors through: anything else would fail this test
     sent, received = await transfer(a, b)
@@ -350,7 +354,7 @@ async def test_an_exception_inside_any_parser_becomes_a_peer_error(stream_pair, 
 async def test_a_zero_length_dimension_cannot_smuggle_a_huge_extent(stream_pair, monkeypatch):
     a, b = await stream_pair()
     lie = {"dtype": "<f4", "shape": [0, 2**40, 2**40], "nbytes": 0}
-    monkeypatch.setattr("lattice.net.bulk.ArrayHeader.to_wire", lambda self: lie)
+    monkeypatch.setattr("lattice.core.arrays.ArraySpec.to_wire", lambda self: lie)
     sent, received = await transfer(a, b, np.zeros(0, np.float32))
     assert isinstance(received, BulkHeaderError) and "exceeds limit" in str(received)
     assert isinstance(sent, BulkRejectedError)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import trio
 
+from lattice.core import bulk_frames
 from lattice.core.codec import DecodeError, pack, unpack
 from lattice.learn.simulate import JobSpec, make_participant, participant_round, sync_pair
 from lattice.learn.tasks import get_task
@@ -25,6 +26,7 @@ from lattice.net.gossip_avg import (
     serve_gossip_avg,
 )
 from lattice.net.streams import StreamClosedError, recv_frame, send_frame
+from lattice.testing.hostile import arrays_header
 from lattice.testing.memnet import MemoryNetwork
 
 JOB = "0123456789abcdef0123456789abcdef"
@@ -143,16 +145,21 @@ async def test_a_committed_exchange_gives_both_the_in_process_result_bit_for_bit
     await _check_exchange_matches_the_reference(p)
 
 
-@pytest.mark.parametrize("options", [{}, {"compression": "int8"}])
-async def test_the_bulk_transport_plugs_into_the_same_exchange(pair, options):
+@pytest.mark.parametrize("options", [{}, {"compression": "int8"}, {"compression": "topk:0.5"}])
+async def test_the_bulk_transport_plugs_into_the_same_exchange(pair, options, monkeypatch):
     # real clock: bulk's timers are its own (the fallback path runs over the memnet stream)
-    p = await pair(transport=BulkTensorTransport(min_bulk_bytes=1024), **options)
+    p = await pair(transport=BulkTensorTransport(), **options)
+    made = []
+    real = bulk_frames.EphemeralKey
+    monkeypatch.setattr(bulk_frames, "EphemeralKey", lambda *a: made.append(1) or real(*a))
     with trio.fail_after(30):
         await _check_exchange_matches_the_reference(p)
+    # every array of the payload (2 or 3 of them) in one session: one key agreement
+    assert len(made) == 2
 
 
 async def test_peers_with_different_transports_agree_on_one_they_both_speak(pair):
-    p = await pair(transport=[BulkTensorTransport(min_bulk_bytes=1024), None])
+    p = await pair(transport=[BulkTensorTransport(), None])
     with trio.fail_after(30):
         await _check_exchange_matches_the_reference(p)  # bulk offered, framed chosen
     p.services.reverse()
@@ -257,7 +264,7 @@ async def test_a_peer_sending_garbage_is_rejected_and_penalized_and_our_model_is
     n = before.size
     payload = _bad_payloads(n).get(kind) or {"data": np.zeros(n, np.float16), "shape": np.array([n], np.int64)}
     stream = await p.nets[0].open_stream(honest.me, PROTOCOL)  # the attacker is a roster member
-    await send_frame(stream, {"t": "offer", "v": 1, "job": JOB, "xid": "x" * 32, "samples": 100, "codec": "none"})
+    await send_frame(stream, {"t": "offer", "v": 2, "job": JOB, "xid": "x" * 32, "samples": 100, "codec": "none"})
     assert (await recv_frame(stream))["t"] == "accept"
     transport = FramedTensorTransport()
     try:
@@ -326,7 +333,7 @@ async def test_a_killed_tensor_transfer_aborts_both(pair, autojump_clock):
 
 # -- the handler boundary: whatever a parser raises on peer input is the peer's fault --
 
-ATTACKER_OFFER = {"t": "offer", "v": 1, "job": JOB, "xid": "a" * 32, "samples": 1, "codec": "none"}
+ATTACKER_OFFER = {"t": "offer", "v": 2, "job": JOB, "xid": "a" * 32, "samples": 1, "codec": "none"}
 PEER_ERRORS = [ValueError, RecursionError, KeyError, OverflowError, TypeError, IndexError]
 
 
@@ -342,7 +349,7 @@ async def _attack(p, header=None, *, raw: bytes | None = None):
         reply = await recv_frame(stream)
         if header is not None:
             await send_frame(stream, header)
-            size = sum(item[3] for item in header["items"])
+            size = sum(spec["nbytes"] for _, spec in header["items"])
             await stream.write(bytes(min(size, 1 << 20)))
         while await stream.read(1 << 16):
             pass  # until the victim resets or closes
@@ -354,8 +361,7 @@ async def _attack(p, header=None, *, raw: bytes | None = None):
 
 def _payload_header(n: int, shape=None):
     shape = [n] if shape is None else shape
-    return {"t": "arrays", "items": [["data", "float32", shape, 4 * int(np.prod(shape))],
-                                     ["shape", "int64", [1], 8]]}
+    return arrays_header(("data", "<f4", shape, 4 * int(np.prod(shape))), ("shape", "<i8", [1], 8))
 
 
 async def _victim_serves_on(p):
