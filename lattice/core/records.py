@@ -358,6 +358,18 @@ class RecordStore:
     def all_records(self) -> list[Record]:
         return [r for slots in self._by_key.values() for r in slots.values()]
 
+    def drop(self, key: str) -> int:
+        """Forget every record under ``key`` (e.g. an operator clears a key); returns
+        how many."""
+        records = list(self._by_key.get(key, {}).values())
+        for record in records:
+            self._remove(record)
+        return len(records)
+
+    def clear(self) -> None:
+        for key in list(self._by_key):
+            self.drop(key)
+
     def gc(self, now: float) -> int:
         """Drop expired records; returns how many."""
         before = self._total

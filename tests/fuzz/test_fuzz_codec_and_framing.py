@@ -14,7 +14,7 @@ from lattice.api.errors import LatticeError
 from lattice.api.framing import BadFrame, Frame, FrameDecoder, OversizedFrame, Unrecoverable, frame
 from lattice.api.methods import METHODS
 from lattice.core.codec import DEFAULT_MAX_DEPTH, DecodeError, canonical, check_depth, pack, unpack
-from lattice.net.dht import _Framed
+from lattice.net.dht_client import FramedStream
 from lattice.net.streams import PeerError, recv_frame, recv_frame_or_eof
 
 from .conftest import FUZZ, comparable_values, msgpack_values
@@ -95,7 +95,7 @@ frames = st.lists(st.tuples(st.binary(max_size=40) | msgpackish,
 def test_stream_framing_yields_values_or_peer_errors_only(data, chunk):
     for read in (lambda s: recv_frame(s, max_bytes=4096),
                  lambda s: recv_frame_or_eof(s, max_bytes=4096),
-                 lambda s: _Framed(s).recv(4096)):
+                 lambda s: FramedStream(s).recv(4096)):
         for msg in trio.run(_all_frames, _Bytes(data, chunk), read):
             _safe_to_walk(msg)
 

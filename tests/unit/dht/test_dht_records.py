@@ -238,3 +238,14 @@ def test_quota_counts_follow_expiry_and_replacement():
 ])
 def test_records_are_charged_to_the_network_they_came_from(ip, group):
     assert source_group(ip, "12D3KooWX") == group
+
+
+def test_dropping_a_key_or_everything_keeps_the_quota_counts_right():
+    store = RecordStore(max_total=10, max_per_source=2)
+    assert store.put(rec(key="/v/a"), NOW, "net-a") is StoreOutcome.STORED
+    assert store.put(rec(BOB, key="/v/a"), NOW, "net-a") is StoreOutcome.STORED
+    assert store.put(rec(SYBILS[0], key="/v/b"), NOW, "net-a") is StoreOutcome.SOURCE_QUOTA
+    assert store.drop("/v/a") == 2 and len(store) == 0
+    assert store.put(rec(SYBILS[0], key="/v/b"), NOW, "net-a") is StoreOutcome.STORED
+    store.clear()
+    assert store.statistics()["stored"] == store.statistics()["sources"] == 0
