@@ -158,6 +158,9 @@ SETTINGS: list[Setting] = [
             "spans for max_records_per_ip", _at_least(8)),
     Setting("dht.source_prefix_v6", int, 48, "the IPv6 prefix length one source network "
             "spans for max_records_per_ip", _at_least(16)),
+    Setting("dht.penalty_backoff_s", float, 60.0, "a peer that broke the DHT protocol is "
+            "refused this long (doubling with each further offence, at most 1 h)",
+            _at_least(1.0)),
     Setting("jobs.accept_tasks", list, ["digits-softmax", "digits-mlp", "breast-cancer-logreg"],
             "training tasks this daemon volunteers for (advertised in its member record)"),
     Setting("jobs.allowed_plugins", list, [], "plugin tasks (entry points in group "

@@ -153,7 +153,8 @@ class Daemon:
             max_records_per_publisher=cfg["dht.max_records_per_publisher"],
             max_records_per_ip=cfg["dht.max_records_per_ip"],
             source_prefix_v4=cfg["dht.source_prefix_v4"],
-            source_prefix_v6=cfg["dht.source_prefix_v6"])
+            source_prefix_v6=cfg["dht.source_prefix_v6"],
+            penalty_backoff=cfg["dht.penalty_backoff_s"])
         try:
             state = self._dht_state_path.read_bytes()
         except FileNotFoundError:
