@@ -342,7 +342,7 @@ async def test_an_exception_inside_any_parser_becomes_a_peer_error(stream_pair, 
         raise error("injected")
 
     module, name = parser.split(".")
-    target = "lattice.net.bulk" if module == "arrays" else f"lattice.core.{module}"
+    target = "lattice.net.bulk_session" if module == "arrays" else f"lattice.core.{module}"
     monkeypatch.setattr(f"{target}.{name}", boom)
     a, b = await stream_pair()
     # run_both lets only PeerErrors through: anything else would fail this test
