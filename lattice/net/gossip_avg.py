@@ -1,12 +1,13 @@
 """`/lattice/gossip-avg/2`: one pairwise, atomic averaging exchange inside a train job.
 
-Owns the protocol driver (offer -> accept | busy -> tensors both ways -> commit -> ack,
-and the ``status`` query that settles an exchange whose ack was lost), the
-`TensorTransport` seam with its default framed implementation and the `/lattice/bulk/2`
-one (`BulkTensorTransport`), `AveragingParty` (one
-participant's side: its parameters, when it can take part, what it committed) and the
-penalties for peers that send garbage. Spec: proto/gossip-avg.md. Must not import
-libp2p: it speaks through `lattice.net.streams`. The math is `lattice.learn.gossip`'s
+Owns the protocol driver, `GossipAverager` (offer -> accept | busy -> tensors both ways
+-> commit -> ack, and the ``status`` query that settles an exchange whose ack was lost)
+and `serve_gossip_avg`. Beside it, re-exported here: `gossip_transports` (the
+`TensorTransport` seam, framed and `/lattice/bulk/2` implementations) and
+`gossip_party` (`AveragingParty`: one participant's side, its parameters, when it can
+take part, what it committed; `GossipConfig`; the penalties for peers that send
+garbage); the wire format is `lattice.core.gossip_messages`. Spec: proto/gossip-avg.md.
+Must not import libp2p: it speaks through `lattice.net.streams`. The math is `lattice.learn.gossip`'s
 (`ParamChannel.prepare/receive/commit`, `pair_weights`, `pair_average`), run through a
 ``compute`` callable (a worker thread in the daemon) so the event loop moves bytes only.
 
@@ -32,34 +33,25 @@ import enum
 import logging
 import secrets
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 import trio
 
-from lattice.core.arrays import (
-    ArrayFormatError,
-    ArrayLimits,
-    ArraySpec,
-    byte_view,
-    empty_like_spec,
-    prepare_array,
-)
-from lattice.core.gossip_messages import (
-    MAX_CONTROL_BYTES,
-    PROTOCOL,
-    VERSION,
-    array_item,
-    parse_array_header,
-    parse_message,
-)
-from lattice.core.penalties import PenaltyBox
-from lattice.learn.gossip import Outgoing, ParamChannel, pair_average, pair_weights
-from lattice.learn.optim import OuterNesterov
-from lattice.learn.validate import InvalidTensor, NormBound
-from lattice.net import bulk
+from lattice.core.gossip_messages import MAX_CONTROL_BYTES, VERSION, parse_message
+from lattice.core.gossip_messages import PROTOCOL as PROTOCOL
+from lattice.learn.gossip import Outgoing
+from lattice.learn.validate import InvalidTensor
+from lattice.net.gossip_party import AveragingParty as AveragingParty
+from lattice.net.gossip_party import Compute as Compute
+from lattice.net.gossip_party import GossipConfig as GossipConfig
+from lattice.net.gossip_party import Held, PeerHealth
+from lattice.net.gossip_party import compute_inline as compute_inline
+from lattice.net.gossip_party import thread_compute as thread_compute
+from lattice.net.gossip_transports import BulkTensorTransport as BulkTensorTransport
+from lattice.net.gossip_transports import FramedTensorTransport as FramedTensorTransport
+from lattice.net.gossip_transports import TensorTransport as TensorTransport
 from lattice.net.streams import (
     CountingStream,
     PeerError,
@@ -67,31 +59,12 @@ from lattice.net.streams import (
     RemoteProtocolError,
     Stream,
     parse_peer_input,
-    read_into,
     recv_frame,
-    run_both,
     send_frame,
 )
+from lattice.net.streams import run_both as run_both
 
 log = logging.getLogger("lattice.net.gossip_avg")
-
-WRITE_CHUNK = 1 << 20
-
-T = TypeVar("T")
-Compute = Callable[[Callable[[], Any]], Awaitable[Any]]
-
-
-async def compute_inline(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the event loop (tests, tiny models). The daemon uses a thread."""
-    await trio.lowlevel.checkpoint()
-    return fn()
-
-
-def thread_compute(limiter: trio.CapacityLimiter | None = None) -> Compute:
-    """Run math in a worker thread, at most ``limiter`` at a time."""
-    async def run(fn: Callable[[], T]) -> T:
-        return await trio.to_thread.run_sync(fn, limiter=limiter)
-    return run
 
 
 class Outcome(str, enum.Enum):
@@ -101,322 +74,6 @@ class Outcome(str, enum.Enum):
     REJECTED = "rejected"    # we refused the peer's tensor (it is penalized)
     FAILED = "failed"        # the peer vanished, timed out or broke the protocol
     IN_DOUBT_KEPT = "in_doubt_kept"  # ack lost and unresolved: we kept our parameters
-
-
-@dataclass(frozen=True)
-class GossipConfig:
-    """Timeouts and limits (daemon config section ``[jobs.gossip]``)."""
-
-    accept_timeout: float = 15.0
-    """Initiator: how long to wait for ``accept``/``busy`` (> hold_timeout)."""
-    hold_timeout: float = 10.0
-    """Responder: how long an offer is held while we finish a training round."""
-    step_timeout: float = 30.0
-    """Each later step: the tensors, the commit, the ack."""
-    resolve_timeout: float = 10.0
-    """Initiator: how long to keep asking for the outcome of an exchange whose ack was lost."""
-    retry_pause: float = 0.05
-    """Mean idle pause before retrying when every candidate was busy."""
-    max_payload_bytes: int = 1 << 31
-    """Largest tensor payload accepted from a peer (the job's model bounds it too)."""
-    outcome_memory: int = 1024
-    """Responder outcomes remembered for ``status`` queries."""
-    penalty_backoff: float = 60.0
-    """A peer that sent garbage is not chosen, nor served, for this long (doubling)."""
-    unreachable_backoff: float = 1.0
-    """A peer we could not reach is skipped for this long (doubling, up to 30 s)."""
-
-
-# -- tensor transport ---------------------------------------------------------------------
-
-
-class TensorTransport(Protocol):
-    """Moves a dict of named numpy arrays both ways over a stream; ``name`` identifies
-    its wire format in the offer/accept negotiation.
-
-    ``expect`` maps every name the peer must send to its dtype; anything else is refused
-    before allocation (raise `RemoteProtocolError`: parse headers with
-    `parse_peer_input`). Returns (theirs, bytes sent, bytes
-    received). Both sides call ``exchange`` at the same point of the protocol, and it
-    must leave the stream at a frame boundary."""
-
-    name: str
-
-    async def exchange(self, stream: Stream, ours: Mapping[str, np.ndarray], *,
-                       expect: Mapping[str, np.dtype], max_bytes: int
-                       ) -> tuple[dict[str, np.ndarray], int, int]: ...
-
-
-class FramedTensorTransport:
-    """The default transport: a msgpack header frame listing ``[name, spec]`` per array
-    (`lattice.core.arrays.ArraySpec`), then each array's raw little-endian bytes in
-    1 MiB writes; the reader checks the header against ``expect`` and ``max_bytes`` and
-    reads into a preallocated array. Both directions run at once, so neither side's
-    writes wait on the other's reads."""
-
-    name = "framed"
-
-    async def exchange(self, stream: Stream, ours: Mapping[str, np.ndarray], *,
-                       expect: Mapping[str, np.dtype], max_bytes: int
-                       ) -> tuple[dict[str, np.ndarray], int, int]:
-        result: dict[str, Any] = {}
-
-        async def send() -> None:
-            result["sent"] = await self.send_arrays(stream, ours)
-
-        async def receive() -> None:
-            result["theirs"], result["received"] = await self.receive_arrays(
-                stream, expect=expect, max_bytes=max_bytes)
-
-        await run_both(send, receive)
-        return result["theirs"], result["sent"], result["received"]
-
-    async def send_arrays(self, stream: Stream, arrays: Mapping[str, np.ndarray]) -> int:
-        items, views = [], []
-        for name, arr in arrays.items():
-            spec, view = prepare_array(arr)
-            items.append(array_item(name, spec))
-            views.append(view)
-        await send_frame(stream, {"t": "arrays", "items": items})
-        sent = 0
-        for view in views:
-            for start in range(0, len(view), WRITE_CHUNK):
-                await stream.write(view[start:start + WRITE_CHUNK])
-            sent += len(view)
-        return sent
-
-    async def receive_arrays(self, stream: Stream, *, expect: Mapping[str, np.dtype] | None,
-                             max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
-        header = await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES)
-        specs = parse_peer_input(parse_array_header, header, expect=expect, max_bytes=max_bytes)
-        out: dict[str, np.ndarray] = {}
-        total = 0
-        for name, spec in specs:
-            arr = empty_like_spec(spec)
-            if arr.nbytes:
-                await read_into(stream, byte_view(arr))
-            out[name] = arr
-            total += arr.nbytes
-        return out, total
-
-
-class BulkTensorTransport:
-    """The payload through one `/lattice/bulk/2` session (`lattice.net.bulk.exchange`):
-    AES-GCM over a raw TCP side channel when the peer offers one, else credit-controlled
-    chunks on this stream. Every array of the payload goes in that one session (one key
-    agreement per exchange), in the order of their names, which both sides know from
-    the job's codec: the receiver checks each array's dtype against ``expect`` and the
-    whole against ``max_bytes`` before allocating."""
-
-    name = "bulk"
-
-    def __init__(self, *, listener: Any = None, config: Any = None) -> None:
-        self.listener = listener
-        self.config = config
-
-    async def exchange(self, stream: Stream, ours: Mapping[str, np.ndarray], *,
-                       expect: Mapping[str, np.dtype], max_bytes: int
-                       ) -> tuple[dict[str, np.ndarray], int, int]:
-        names = sorted(expect)
-        if sorted(ours) != names:
-            raise ValueError(f"payload {sorted(ours)} is not {names}")  # our bug
-
-        def check(specs: list[ArraySpec]) -> None:
-            got = [s.numpy_dtype for s in specs]
-            if got != [np.dtype(expect[n]) for n in names]:
-                raise ArrayFormatError(f"arrays of {[str(d) for d in got]}, expected "
-                                       f"{[str(np.dtype(expect[n])) for n in names]}")
-
-        kwargs = {"listener": self.listener,
-                  **({"config": self.config} if self.config is not None else {})}
-        theirs = await bulk.exchange(stream, [ours[n] for n in names],
-                                     limits=ArrayLimits(max_bytes=max(1, max_bytes)),
-                                     check=check, **kwargs)
-        sent = sum(int(np.asarray(ours[n]).nbytes) for n in names)
-        return dict(zip(names, theirs)), sent, sum(a.nbytes for a in theirs)
-
-
-# -- one participant's side ---------------------------------------------------------------
-
-
-class _Held:
-    """An offer we hold while our training round finishes."""
-
-    __slots__ = ("xid", "go", "state")
-
-    def __init__(self, xid: str) -> None:
-        self.xid = xid
-        self.go = trio.Event()
-        self.state = "waiting"  # -> "go" (we take part) | "expired" (answer busy)
-
-
-class AveragingParty:
-    """One participant of one job, as the averaging protocol sees it.
-
-    Holds the parameters (through ``participant``: a `lattice.learn.simulate.Participant`,
-    i.e. trainer, channel, outer optimizer), the roster, and when the participant can
-    take part: never while it trains (an offer is then *held* until the round ends, at
-    most ``hold_timeout``), one exchange at a time, never after it finished. The runner
-    trains only through `train`, so parameters change only there and in a committed
-    exchange."""
-
-    def __init__(self, job_id: str, me: str, roster: list[str], participant: Any, *,
-                 weighting: str = "uniform", bound: NormBound | None = NormBound(),
-                 compute: Compute = compute_inline) -> None:
-        self.job_id = job_id
-        self.me = me
-        self.roster = frozenset(roster) - {me}
-        self.participant = participant
-        self.weighting = weighting
-        self.bound = bound
-        self.compute = compute
-        self.training = False
-        self.closed = False
-        self.exchange: str | None = None
-        self.held: _Held | None = None
-        self.mixed = False  # averaged since the current round started
-        self._idle = trio.Event()
-        self._idle.set()
-        self._mixed_event = trio.Event()
-        self.stats: Counter[str] = Counter()
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.partners: set[str] = set()
-
-    # parameters ---------------------------------------------------------------------------
-    @property
-    def params(self) -> np.ndarray:
-        return self.participant.trainer.params
-
-    @property
-    def samples(self) -> int:
-        return int(self.participant.trainer.samples_seen)
-
-    @property
-    def channel(self) -> ParamChannel:
-        return self.participant.channel
-
-    def expected_payload(self) -> dict[str, np.dtype]:
-        return {**self.channel.codec.payload_dtypes, "shape": np.dtype(np.int64)}
-
-    def max_payload_bytes(self, config: GossipConfig) -> int:
-        # any codec's payload for this model is at most ~2x the float32 parameters
-        return min(config.max_payload_bytes, 2 * self.params.nbytes + 4096)
-
-    # coordination -------------------------------------------------------------------------
-    def busy_reason(self) -> str | None:
-        if self.closed:
-            return "finished"
-        if self.exchange is not None or self.held is not None:
-            return "exchange"
-        return None
-
-    def begin(self, xid: str) -> None:
-        if self.exchange is not None:
-            raise AssertionError(f"exchange {self.exchange} still running")  # our bug
-        self.exchange = xid
-        self._idle = trio.Event()
-
-    def end(self) -> None:
-        self.exchange = None
-        self._idle.set()
-
-    async def wait_idle(self) -> None:
-        while self.exchange is not None:
-            await self._idle.wait()
-
-    async def train(self, fn: Callable[[], T]) -> T:
-        """Run one training round (``fn``, through ``compute``); offers arriving
-        meanwhile are held and served as soon as it returns."""
-        await self.wait_idle()
-        self.mixed = False
-        self._mixed_event = trio.Event()
-        self.training = True
-        try:
-            return await self.compute(fn)
-        finally:
-            self.training = False
-            self._release_held()
-
-    def _release_held(self) -> None:
-        held, self.held = self.held, None
-        if held is not None and held.state == "waiting" and not self.closed:
-            held.state = "go"
-            self.begin(held.xid)  # reserved for the held offer: no one slips in first
-            held.go.set()
-
-    def note_mixed(self) -> None:
-        self.mixed = True
-        self._mixed_event.set()
-
-    async def wait_mixed(self) -> None:
-        await self._mixed_event.wait()
-
-    def close(self) -> None:
-        """Take part in no more exchanges (finished training, cancelled, stopped)."""
-        self.closed = True
-        held, self.held = self.held, None
-        if held is not None and held.state == "waiting":
-            held.state = "expired"
-            held.go.set()
-
-    # the math (pure, run through compute) ------------------------------------------------
-    def _mix(self, out: Outgoing, payload: dict[str, np.ndarray], peer_samples: int
-             ) -> np.ndarray:
-        """Validate the peer's payload and compute the average; mutates nothing.
-        Raises InvalidTensor, or RemoteProtocolError if decoding the payload choked."""
-        theirs = parse_peer_input(self.channel.receive, payload, self.params, self.bound,
-                                  keep=(InvalidTensor,))
-        w_own, w_peer = pair_weights(self.samples, peer_samples, self.weighting)
-        return pair_average(out.estimate, theirs, w_own, w_peer)
-
-    def _apply(self, out: Outgoing, average: np.ndarray) -> None:
-        """The commit: adopt the average (through the outer step, if any)."""
-        outer: OuterNesterov | None = self.participant.outer
-        self.participant.trainer.params = outer.step(average) if outer is not None else average
-        self.channel.commit(out)
-
-    def statistics(self) -> dict[str, Any]:
-        return {"job": self.job_id, **self.stats, "bytes_sent": self.bytes_sent,
-                "bytes_received": self.bytes_received, "partners": len(self.partners)}
-
-
-# -- peer health --------------------------------------------------------------------------
-
-
-class PeerHealth:
-    """Who not to choose (or serve) for a while: penalized senders of garbage (a
-    `PenaltyBox`), and peers we could not reach (exponential backoff, reset on
-    success; only roster peers are ever tried, so this stays small)."""
-
-    def __init__(self, config: GossipConfig) -> None:
-        self.config = config
-        self._penalized = PenaltyBox(base=config.penalty_backoff)
-        self._unreachable: dict[str, tuple[float, float]] = {}
-
-    def penalize(self, peer: str, reason: str, now: float) -> None:
-        backoff = self._penalized.penalize(peer, reason, now)
-        log.warning("peer=%s gossip-avg penalized (%s); ignored for %.0f s", peer, reason, backoff)
-
-    def unreachable(self, peer: str, now: float) -> None:
-        _, last = self._unreachable.get(peer, (0.0, self.config.unreachable_backoff / 2))
-        backoff = min(last * 2, 30.0)
-        self._unreachable[peer] = (now + backoff, backoff)
-
-    def reachable(self, peer: str) -> None:
-        self._unreachable.pop(peer, None)
-
-    def is_penalized(self, peer: str, now: float) -> bool:
-        return self._penalized.is_penalized(peer, now)
-
-    def blocked(self, peer: str, now: float) -> bool:
-        if self.is_penalized(peer, now):
-            return True
-        until = self._unreachable.get(peer)
-        return until is not None and now < until[0]
-
-    def statistics(self, now: float) -> dict[str, Any]:
-        return {**self._penalized.statistics(now), "unreachable": len(self._unreachable)}
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -656,7 +313,7 @@ class GossipAverager:
             reason = "transport"
         if reason is None and party is not None and party.training:
             # hold the offer until our round ends (the initiator waits up to accept_timeout)
-            held = party.held = _Held(xid)
+            held = party.held = Held(xid)
             with trio.move_on_after(cfg.hold_timeout):
                 await held.go.wait()
             if held.state != "go":

@@ -385,7 +385,8 @@ async def test_an_exception_inside_any_parser_is_the_peers_fault_and_cannot_esca
     if parser == "receive":
         monkeypatch.setattr(victim.channel, "receive", boom)
     else:
-        monkeypatch.setattr(f"lattice.net.gossip_avg.{parser}", boom)
+        module = "gossip_transports" if parser == "parse_array_header" else "gossip_avg"
+        monkeypatch.setattr(f"lattice.net.{module}.{parser}", boom)
     n = before.size
     payload = _payload_header(n)
     await _attack(p, payload)
