@@ -8,7 +8,7 @@ hostile peer sends (`tests/adversary/` uses it against ours).
         victim = await attacker.connect("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...")
         stream = await attacker.open(victim, "/lattice/gossip-avg/2")
         await stream.send_body(nested_msgpack(1000))
-        assert await stream.drain() == "reset"   # refused, the daemon serves on
+        assert await stream.drain() in ("reset", "eof")   # refused; the daemon serves on
 
 `net`: the peer protocols and the local socket. Point it only at daemons you run.
 """
