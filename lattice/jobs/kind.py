@@ -100,7 +100,13 @@ class RunContext(Protocol):
         """Run ``callback`` when the participation ends (after the merge phase)."""
 
     def candidates(self) -> list[str]:
-        """Roster members that may still exchange with us: not finished, not known dead."""
+        """Roster members that may still exchange with us: not finished, not paused,
+        not known dead."""
+
+    def reserve_memory(self, nbytes: int) -> None:
+        """Reserve ``nbytes`` of the volunteer's compute memory (``max_memory_mb``) for
+        this participation, released when it ends; raises `OverLimit` when it would
+        exceed the cap."""
 
 
 class JobKind(Protocol, Generic[SpecT]):
@@ -130,3 +136,7 @@ class KindRefused(Exception):
     """This daemon cannot take part after all (the task is unknown here, the model is
     over our limits...); the message is recorded as our participation's reason."""
 
+
+class OverLimit(KindRefused):
+    """The volunteer's limits (memory, disk) do not allow taking part: the participation
+    is *left* with this reason (not failed), and the job goes on without us."""
