@@ -32,12 +32,13 @@ from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state
 from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
 from lattice.net.modelstore import ModelService, open_model_service
+from lattice.net.shaping import GovernedNetwork
 from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
 
 from latticed import discovery, metrics, presence, statedir
 from latticed.config import Config, volunteer_config
 from latticed.events import EventBus
-from latticed.governor import NOT_YET_APPLIED, Governor, serve_governor
+from latticed.governor import Governor, serve_governor
 from latticed.localapi import build_handlers
 from latticed.rpc_server import RpcServer, SocketInUse
 
@@ -70,6 +71,9 @@ class Node:
     store: StateStore | None = None
     state_log: FileStateLog | None = None
     host: Libp2pNode | None = None
+    network: GovernedNetwork | None = None
+    """The host as our protocols use it: metered by protocol, job transfers shaped by
+    the governor."""
     nat: NatManager | None = None
     dht: KademliaDHT | None = None
     sync: CrdtSync | None = None
@@ -121,9 +125,6 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
         node.governor = await nursery.start(functools.partial(
             serve_governor, volunteer_config(cfg), compute_threads=cfg["jobs.compute_threads"],
             state_dir=cfg.state_dir))
-        for name in NOT_YET_APPLIED:
-            if cfg.sources[f"volunteer.{name}"] != "default":
-                log.warning("volunteer.%s is set, but not applied yet by this version", name)
         if cfg["metrics.listen"]:
             node.metrics = await _start_metrics(node, nursery)
 
@@ -141,6 +142,7 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
                     node.identity, cfg["node.listen"],
                     max_connections=cfg["limits.max_connections"]) as host:
                 node.host = host
+                node.network = GovernedNetwork(host, node.governor)
                 try:
                     await _start_services(node, nursery, host_mod)
                     node.ready_seconds = time.monotonic() - node.started_monotonic
@@ -166,16 +168,16 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
 
 async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleType) -> None:
     """Everything that runs on the host, in dependency order."""
-    cfg, host = node.config, node.host
-    assert host is not None and node.store is not None
+    cfg, host, network = node.config, node.host, node.network
+    assert host is not None and network is not None and node.store is not None
     nat_mod = await _import("lattice.net.nat")
     node.nat = await nursery.start(functools.partial(
         nat_mod.serve_nat, host, config=nat_mod.NatConfig.from_mapping(
             {k: v for k, v in cfg.as_dict().items() if k.startswith(("nat.", "relay."))}),
-        bootstrap=cfg["node.bootstrap"]))
+        bootstrap=cfg["node.bootstrap"], budget=network.budget_for("relay")))
     node.dht = await discovery.start_dht(node, nursery)
     node.sync = await nursery.start(functools.partial(
-        serve_crdt_sync, host, node.store,
+        serve_crdt_sync, network, node.store,
         config=SyncConfig(anti_entropy_interval=cfg["state.anti_entropy_interval_s"]),
         history_is_new=node.identity_created))
     nursery.start_soon(presence.serve_heartbeat, node)
@@ -190,25 +192,27 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
 
 
 async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
-    cfg = node.config
-    assert node.host is not None and node.dht is not None and node.store is not None
+    cfg, network, governor = node.config, node.network, node.governor
+    assert network is not None and node.dht is not None and node.store is not None
+    assert governor is not None
     config = JobsConfig(
         accept_tasks=tuple(cfg["jobs.accept_tasks"]),
         allowed_plugins=tuple(cfg["jobs.allowed_plugins"]),
         max_jobs=cfg["jobs.max_jobs"], compute_threads=cfg["jobs.compute_threads"],
         checkpoint_every=cfg["jobs.checkpoint_every"], max_params=cfg["jobs.max_params"],
-        blob=BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"]))
+        blob=BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"],
+                        keep_free_bytes=int(governor.config.keep_free_gb * 1e9)))
     transport: TensorTransport | None = None
     if cfg["bulk.direct"]:
         node.bulk = await discovery.start_bulk_listener(node, nursery)
         if node.bulk is not None:
-            transport = BulkTensorTransport(listener=node.bulk)
-    assert node.governor is not None
+            transport = BulkTensorTransport(listener=node.bulk,
+                                            budget=network.budget_for("bulk-side-channel"))
     jobs: JobSupervisor = await nursery.start(functools.partial(
-        serve_jobs, node.host, node.store, node.sync, config=config,
+        serve_jobs, network, node.store, node.sync, config=config,
         checkpoint_dir=cfg.state_dir / "jobs", blob_dir=cfg.state_dir / "blobs",
         providers=DhtProviders(node.dht), transport=transport,
-        compute=node.governor.compute))
+        compute=governor.compute, governance=governor))
     jobs.subscribe(lambda note: node.bus.publish("jobs", {"event": "progress", **note}))
     return jobs
 

@@ -333,6 +333,11 @@ class JobSupervisor:
         return await blobs.fetch(model_id, hints=hints,
                                  timeout=timeout if timeout is not None else self.config.fetch_timeout)
 
+    def participation_states(self) -> dict[str, int]:
+        """Our participations by the state our entries say (``paused`` while the
+        governor pauses compute)."""
+        return dict(Counter(r.published or r.state for r in self._runs.values()))
+
     def statistics(self) -> dict[str, Any]:
         kinds: Counter[str] = Counter()
         for kind in self.kinds.values():

@@ -82,6 +82,7 @@ from lattice.net.host import (
     local_address,
     remote_address,
 )
+from lattice.net.shaping import ByteBudget, Unlimited
 from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame, send_frame
 
 log = logging.getLogger("lattice.net.nat")
@@ -174,10 +175,13 @@ class _CircuitRelay(CircuitV2Protocol):
       (py-libp2p tags it only after the swarm's "connected" notification).
     - Our own byte pump (`_relay_data`): py-libp2p's cleans up by *peer id*, so the end
       of one circuit closed another circuit of the same peer; and it checked the
-      duration limit only when bytes arrived, so an idle circuit outlived it.
+      duration limit only when bytes arrived, so an idle circuit outlived it. It goes
+      through the volunteer's transfer budget (`lattice.net.shaping`: rate limits,
+      data cap), and no circuit opens while that budget refuses transfers.
     """
 
-    def __init__(self, host: Any, config: NatConfig, on_relayed_inbound: Any) -> None:
+    def __init__(self, host: Any, config: NatConfig, on_relayed_inbound: Any,
+                 budget: ByteBudget | None = None) -> None:
         super().__init__(host, limits=config.relay_limits(), allow_hop=True)
         self.serving = False
         self.max_circuits = config.relay_max_circuits
@@ -185,9 +189,11 @@ class _CircuitRelay(CircuitV2Protocol):
         self.active_circuits = 0
         self.circuits_total = 0
         self.bytes_relayed = 0
+        self.budget: ByteBudget = budget if budget is not None else Unlimited()
         self.circuits_cut = {"duration": 0, "bytes": 0}
         self._pumps: dict[frozenset[int], list[trio.CancelScope]] = {}  # per circuit
-        self.refused = {"not_serving": 0, "circuit_limit": 0, "relayed": 0, "malformed": 0}
+        self.refused = {"not_serving": 0, "circuit_limit": 0, "relayed": 0, "malformed": 0,
+                        "transfers_paused": 0}
         self._reserved: dict[ID, None] = {}
 
     def active_reservations(self) -> int:
@@ -235,6 +241,9 @@ class _CircuitRelay(CircuitV2Protocol):
     async def _handle_connect(self, stream: Any, msg: Any) -> None:
         if self.active_circuits >= self.max_circuits:
             await self._refuse(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "circuit_limit")
+            return
+        if self.budget.refusal() is not None:
+            await self._refuse(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "transfers_paused")
             return
         self.active_circuits += 1
         self.circuits_total += 1
@@ -293,6 +302,8 @@ class _CircuitRelay(CircuitV2Protocol):
                     self.circuits_cut["bytes"] += 1
                     return
                 circuit_data_limit[0] -= len(data)
+            await self.budget.receive(len(data))
+            await self.budget.send(len(data))
             await dst_stream.write(data)
             self.bytes_relayed += len(data)
 
@@ -383,7 +394,8 @@ def _split_p2p(addr: str) -> tuple[str, str]:
 class NatManager:
     """Handle returned by `serve_nat`; see the module docstring."""
 
-    def __init__(self, node: Any, config: NatConfig, bootstrap: list[str]) -> None:
+    def __init__(self, node: Any, config: NatConfig, bootstrap: list[str],
+                 budget: ByteBudget | None = None) -> None:
         self.node = node
         self.config = config
         self.me = node.peer_id
@@ -400,7 +412,7 @@ class NatManager:
         self.reservations: dict[str, Reservation] = {}
         self.stats = _Stats()
         self.upnp = _Upnp(enabled=config.upnp, state="searching" if config.upnp else "off")
-        self.relay = _CircuitRelay(node.host, config, self._on_relayed_inbound)
+        self.relay = _CircuitRelay(node.host, config, self._on_relayed_inbound, budget)
         self.puncher: HolePuncher | None = None
         self._verdict = Verdict("unknown", "unknown", (), "starting")
         self._verdict_changed = trio.Event()
@@ -1174,11 +1186,13 @@ def _swarm_conn(node: Any, raw_stream: Any) -> INetConn | None:
 
 
 async def serve_nat(node: Any, *, config: NatConfig, bootstrap: list[str],
+                    budget: ByteBudget | None = None,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the connectivity manager for ``node`` (a `lattice.net.host.Libp2pNode`) until
     cancelled; hands back the `NatManager` once its protocol handlers are registered.
-    Start it right after the node is up, before anything dials out."""
-    m = NatManager(node, config, bootstrap)
+    Start it right after the node is up, before anything dials out. ``budget``: the
+    volunteer's transfer limits, which relaying for others obeys."""
+    m = NatManager(node, config, bootstrap, budget)
     # every service's streams reach peers by id as `lattice peers connect` does: a
     # NATed peer is dialed through a relay (and hole-punched from there)
     node.set_peer_router(m.connect)
