@@ -23,6 +23,10 @@ MAX_AUTHOR_BYTES = 1024 * 1024
 """Largest sum of an author's retained envelopes (from its last snapshot on)."""
 MAX_VALUE_BYTES = 64 * 1024
 """Largest encoded value of one record (a member field, a job spec, ...)."""
+MAX_VALUE_DEPTH = 8
+"""Deepest nesting of maps and lists in one record value (ours go 3 deep). msgpack
+decodes up to ~1000 levels without complaint, but Python code that walks a value
+(canonical encoding, equality) recurses and raises RecursionError long before that."""
 MAX_KEY_CHARS = 128
 """Longest record key (job id, model id, counter name)."""
 MAX_SEQ = 2**53

@@ -18,6 +18,13 @@ def member(identity, name="n", beat=NOW):
             Set("member/heartbeat", beat), Set("member/capabilities", {"cpus": 4, "tasks": ["t"]})]
 
 
+def _nested(depth):
+    value = "x"
+    for _ in range(depth):
+        value = [value] if depth % 2 else {"k": value}
+    return value
+
+
 def snapshot_of(store):
     """Everything a user can observe of a store's state."""
     return store.get("", NOW), store.summary(), store.banned()
@@ -49,6 +56,16 @@ def test_local_write_is_visible_locally_and_after_delivery(writer, reader, alice
         assert store.get("jobs/j1/status", NOW) == "submitted"
         assert store.get("members/" + alice.peer_id + "/capabilities/cpus", NOW) == 4
     assert reader.summary() == {alice.peer_id: 2}
+
+
+def test_values_nested_deeper_than_the_limit_are_refused_locally(writer, alice):
+    job = {"submitter": alice.peer_id, "a": _nested(7)}  # with the record: 8 levels
+    writer.apply_local([Set("jobs/j1", job)], NOW)
+    with pytest.raises(LocalStateError, match="nested deeper"):
+        writer.apply_local([Set("jobs/j2", {"submitter": alice.peer_id, "a": _nested(8)})], NOW)
+    with pytest.raises(LocalStateError, match="nested deeper"):  # not a RecursionError
+        writer.apply_local([Set("jobs/j3", {"submitter": alice.peer_id, "a": _nested(990)})],
+                           NOW)
 
 
 def test_values_round_trip_exactly(writer, alice):
@@ -181,6 +198,9 @@ def test_forged_tampered_and_oversized_envelopes_change_nothing(writer, reader, 
     pytest.param(lambda me, other: {("counters", "c"): -1}, id="negative-counter"),
     pytest.param(lambda me, other: {("secrets", "k"): 1}, id="unknown-root"),
     pytest.param(lambda me, other: {("jobs", "bad id/x"): {"submitter": me}}, id="bad-key"),
+    pytest.param(lambda me, other: {("participation", "j1"): {"state": "joined",
+                                                              "x": _nested(8)}},
+                 id="value-nested-9-deep"),
 ])
 def test_out_of_bounds_writes_are_rejected_and_change_nothing(alice, reader, forger, entries):
     bob = Identity.generate()
@@ -195,6 +215,16 @@ def test_out_of_bounds_writes_are_rejected_and_change_nothing(alice, reader, for
     # the author's next valid write still applies at the same seq
     ok, _ = forger(alice, 2, {("counters", "ok"): 2}, after=first)
     assert reader.receive(ok.raw, NOW).status == "accepted"
+
+
+def test_a_value_nested_900_deep_is_out_of_bounds_not_a_recursion_error(alice, reader,
+                                                                         forger):
+    # msgpack decodes it (its limit is ~1000 levels); walking it in Python would not
+    value = pack({"state": "joined", "x": _nested(900)})
+    env, _ = forger(alice, 1, {("participation", "j1"): value}, encode=False)
+    result = reader.receive(env.raw, NOW, sender=alice.peer_id)
+    assert (result.status, result.reason, result.penalize) == ("rejected", "out_of_bounds", True)
+    assert "nested deeper" in result.detail and reader.summary() == {}
 
 
 def test_hidden_and_unencoded_content_is_out_of_bounds(alice, reader):
