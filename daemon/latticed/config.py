@@ -116,6 +116,9 @@ SETTINGS: list[Setting] = [
             "a member is shown dead when its heartbeat is older than this", _at_least(1.0)),
     Setting("state.anti_entropy_interval_s", float, 10.0,
             "mean seconds between catch-up exchanges with a random peer", _at_least(0.5)),
+    Setting("state.session_idle_timeout_s", float, 60.0,
+            "a sync session whose peer sends nothing (not even a keepalive) for this long "
+            "ends", _at_least(3.0)),
     Setting("nat.upnp", bool, False, "try a UPnP port mapping on the gateway"),
     Setting("nat.holepunch", bool, True, "upgrade relayed connections to direct ones by "
             "hole punching when both NATs allow it"),

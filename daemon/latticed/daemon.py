@@ -105,7 +105,8 @@ class Daemon:
                 self.dht = await self._start_dht(nursery, dht_mod, node)
                 self.sync = await nursery.start(functools.partial(
                     crdt.serve_crdt_sync, node, self.store, config=crdt.SyncConfig(
-                        anti_entropy_interval=cfg["state.anti_entropy_interval_s"]),
+                        anti_entropy_interval=cfg["state.anti_entropy_interval_s"],
+                        idle_timeout=cfg["state.session_idle_timeout_s"]),
                     history_is_new=self.identity_created))
                 nursery.start_soon(functools.partial(
                     crdt.serve_heartbeat, self.store, self._member_record,

@@ -8,9 +8,13 @@ to the network only through `lattice.net.streams.PeerNetwork`, so it runs unchan
 over the real host and `lattice.testing.memnet`.
 
 Failure policy (`serve_crdt_sync`): a session ends quietly when its peer vanishes or
-resets (`PeerError`); a peer that breaks the protocol or sends an envelope proving
-misbehaviour is reset and put in backoff; anything else is our bug and propagates,
-taking the service (and the daemon's nursery) down.
+resets (`PeerError`), or stays silent: no hello within ``hello_timeout``, then no
+frame (a keepalive at least) within ``idle_timeout``, nor a frame of ours taken off
+our hands within it (`SessionTimeout`, counted, no penalty). A peer that breaks the
+protocol or sends an envelope proving misbehaviour is reset and put in backoff; so is
+one whose input raised anything else while it was handled (`SyncHub.handle` turns it
+into `SyncProtocolError` ``internal_error``). What is left is our bug or our disk and
+propagates, taking the service (and the daemon's nursery) down.
 
 The log is a separate object the daemon opens (`open_state`): the store calls it
 synchronously for every applied envelope, so our own new envelopes are on disk
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 import random
 import secrets
 import time
@@ -61,6 +66,14 @@ from lattice.net.streams import (
 log = logging.getLogger("lattice.net.crdt_sync")
 
 PROTOCOL = PROTOCOL_ID
+
+
+class SessionTimeout(PeerError):
+    """The remote stayed silent too long (``phase``: hello, idle or write)."""
+
+    def __init__(self, phase: str, seconds: float) -> None:
+        super().__init__(f"no {phase} progress within {seconds:g} s")
+        self.phase = phase
 
 
 # -- persistence ----------------------------------------------------------------------------
@@ -212,6 +225,9 @@ class SyncConfig:
     """How often connected peers without a session are looked for (a backstop: the
     daemon calls `CrdtSync.peer_connected` as each connection comes up)."""
     hello_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    """A session whose remote sends no frame for this long (or does not take one of
+    ours) ends; with nothing to send we send a keepalive after a third of it."""
     max_sessions: int = 256
     backoff_base: float = 5.0
     backoff_max: float = 600.0
@@ -245,6 +261,7 @@ class CrdtSync:
         self._deferred: list[list[Change]] = []
         self.deferred_writes = 0
         self.anti_entropy_rounds = 0
+        self.timeouts: Counter[str] = Counter()
 
     # -- public -------------------------------------------------------------------------
     async def connect(self, peer_id: str) -> bool:
@@ -333,6 +350,7 @@ class CrdtSync:
     def statistics(self) -> dict[str, Any]:
         return {"store": self.store.statistics(),
                 "sync": {**self.hub.statistics(), "anti_entropy_rounds": self.anti_entropy_rounds,
+                         "timeouts": dict(self.timeouts),
                          "writable": self.writable, "deferred_writes": self.deferred_writes,
                          "sessions_detail": [s.statistics() for s in self.hub.sessions.values()]}}
 
@@ -382,7 +400,7 @@ class CrdtSync:
                 async def guarded(loop) -> None:
                     try:
                         await loop(stream, session)
-                    except (PeerError, SyncProtocolError, trio.TooSlowError) as e:
+                    except (PeerError, SyncProtocolError) as e:
                         failure.append(e)
                     nursery.cancel_scope.cancel()
 
@@ -396,15 +414,26 @@ class CrdtSync:
                 log.warning("peer=%s sid=%s crdt-sync penalized (%s); backoff %.0f s",
                             peer, sid, error, backoff)
                 penalized = True
+            elif isinstance(error, SessionTimeout):
+                self.timeouts[error.phase] += 1
+                log.info("peer=%s sid=%s crdt-sync session ended: %s", peer, sid, error)
             elif error is not None:
                 log.debug("peer=%s sid=%s crdt-sync session ended: %r", peer, sid, error)
         finally:
             await _quietly(stream.reset if penalized else stream.close)
 
+    async def _recv(self, stream: CountingStream, session: SyncSession) -> Any:
+        """The next frame, or None at EOF; raises SessionTimeout when the remote is
+        silent: a whole frame must arrive in time, so a trickle does not hold us."""
+        phase, limit = (("idle", self.config.idle_timeout) if session.hello_received
+                        else ("hello", self.config.hello_timeout))
+        with trio.move_on_after(limit) as scope:
+            return await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
+        assert scope.cancelled_caught
+        raise SessionTimeout(phase, limit)
+
     async def _read_loop(self, stream: CountingStream, session: SyncSession) -> None:
-        with trio.fail_after(self.config.hello_timeout):
-            first = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
-        msg = first
+        msg = await self._recv(stream, session)
         me = self.network.peer_id
         while msg is not None:
             outcome = self.hub.handle(session, msg, self._clock())
@@ -417,10 +446,11 @@ class CrdtSync:
                             session.remote_peer, session.session_id, author)
             if session.has_pending():
                 self._wake(session)
-            msg = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
+            msg = await self._recv(stream, session)
         raise StreamClosedError("remote ended the session")
 
     async def _write_loop(self, stream: CountingStream, session: SyncSession) -> None:
+        idle = self.config.idle_timeout
         while True:
             msg = session.next_message(self.config.max_batch_bytes)
             if msg is None:
@@ -428,9 +458,16 @@ class CrdtSync:
                 # cannot slip in between and be lost.
                 event = trio.Event()
                 self._wakers[id(session)] = event
-                await event.wait()
-                continue
-            await send_frame(stream, msg)
+                with trio.move_on_after(idle / 3):
+                    await event.wait()
+                    continue
+                msg = session.keepalive()  # quiet for a while: show we are alive
+                if msg is None:
+                    continue
+            with trio.move_on_after(idle) as scope:
+                await send_frame(stream, msg)
+            if scope.cancelled_caught:
+                raise SessionTimeout("write", idle)
 
     async def _connect_loop(self) -> None:
         """Keep one session per connected peer. Only the smaller peer id dials, so two

@@ -31,7 +31,16 @@ repairs anything a crossing or a dropped stream lost. Equivocation proofs travel
 
 An invalid envelope (bad signature, out-of-bounds content, ...) or a malformed message
 ends the session with `SyncProtocolError` and a penalty: the peer is not dialed or
-accepted again until its backoff (doubling per offence) expires.
+accepted again until its backoff (doubling per offence) expires. `SyncHub.handle` is
+the boundary of everything a received message runs (decoding, validation, the store,
+its listeners): any other exception raised there was caused by the peer's input
+(a bug of ours it found) and becomes `SyncProtocolError` ``internal_error``, counted
+and penalized like any other, so no input can take the daemon down. Only `OSError`
+(our own disk, under the state log) still propagates.
+
+A session that has nothing to send for a while sends a *keepalive*: an ``envelopes``
+message with no items (valid in every version), so the remote can tell an idle peer
+from a hung one and end sessions that stay silent (`lattice.net.crdt_sync`).
 """
 
 from __future__ import annotations
@@ -152,6 +161,7 @@ class SyncSession:
         self._owe_summary = False
         self.envelopes_sent = 0
         self.envelopes_received = 0
+        self.keepalives_sent = 0
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -326,6 +336,14 @@ class SyncSession:
             self._dirty.discard(author)
         return self._envelopes(items) if items else None
 
+    def keepalive(self) -> dict[str, Any] | None:
+        """An empty ``envelopes`` message that tells the remote we are alive (None
+        before the hellos were exchanged)."""
+        if not self.open:
+            return None
+        self.keepalives_sent += 1
+        return self._with_peers({"t": "envelopes", "sid": self.session_id, "items": []})
+
     def _envelopes(self, items: list[bytes]) -> dict[str, Any]:
         self.envelopes_sent += len(items)
         return self._with_peers({"t": "envelopes", "sid": self.session_id, "items": items})
@@ -342,6 +360,7 @@ class SyncSession:
             "sid": self.session_id, "peer": self.remote_peer, "initiator": self.initiator,
             "open": self.open, "dirty_authors": len(self._dirty),
             "envelopes_sent": self.envelopes_sent, "envelopes_received": self.envelopes_received,
+            "keepalives_sent": self.keepalives_sent,
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
         }
 
@@ -379,6 +398,8 @@ class SyncHub:
         self._penalties: dict[str, _Penalty] = {}
         self.sessions_opened = 0
         self.sessions_refused = 0
+        self.internal_errors = 0
+        """Exceptions other than protocol errors that a peer's input raised (our bugs)."""
         self.penalties: dict[str, int] = {}
         self._closed_bytes_sent = 0
         self._closed_bytes_received = 0
@@ -391,6 +412,12 @@ class SyncHub:
         self._handling = session
         try:
             return session.handle(msg, now)
+        except (SyncProtocolError, OSError):
+            raise
+        except Exception as e:  # the boundary of peer input: see the module docstring
+            self.internal_errors += 1
+            raise SyncProtocolError("internal_error",
+                                    f"{type(e).__name__} handling a message: {e}") from e
         finally:
             self._handling = None
 
@@ -479,6 +506,7 @@ class SyncHub:
             "sessions_refused": self.sessions_refused,
             "penalized_peers": len(self._penalties),
             "penalties": dict(self.penalties),
+            "internal_errors": self.internal_errors,
             "bytes_sent": self._closed_bytes_sent
             + sum(s.bytes_sent for s in self.sessions.values()),
             "bytes_received": self._closed_bytes_received
