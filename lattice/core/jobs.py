@@ -512,17 +512,19 @@ def _final_of(entry: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 
 def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
-    """A compact, JSON-friendly summary of one job view (for `jobs list` / `watch`)."""
+    """A compact, JSON-friendly summary of one job view (for `jobs list` / `watch`):
+    a view the state believes (`lattice.core.state.views`), so its spec parses."""
     record = view.get("spec", {})
     spec = record.get("spec", {}) if isinstance(record.get("spec"), Mapping) else {}
     participants = view.get("participants", {})
     roster = record.get("roster") or []
     steps_total = int(spec.get("steps", 0)) * (len(roster) or int(spec.get("min_peers", 0)))
-    losses = [e["loss"] for e in participants.values()
-              if isinstance(e.get("loss"), (int, float)) and math.isfinite(e["loss"])]
-    accs = [e["accuracy"] for e in participants.values()
-            if isinstance(e.get("accuracy"), (int, float)) and math.isfinite(e["accuracy"])]
-    models = sorted({e["model"] for e in participants.values() if isinstance(e.get("model"), str)})
+    # only the roster speaks for the job: anyone may write an entry claiming a loss
+    members = [e for p, e in participants.items() if p in roster]
+    losses = [e["loss"] for e in members
+              if type(e.get("loss")) in (int, float) and math.isfinite(e["loss"])]
+    accs = [e["accuracy"] for e in members
+            if type(e.get("accuracy")) in (int, float) and math.isfinite(e["accuracy"])]
     totals = view.get("totals", {})
     return {
         "id": view.get("id"),
@@ -539,6 +541,6 @@ def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
         "bytes_sent": totals.get("bytes_sent", 0),
         "bytes_received": totals.get("bytes_received", 0),
         "peers": {p: e.get("state") for p, e in participants.items()},
-        "model": models[0] if models else None,
+        "model": view.get("model"),  # the merged model the views verified
         "created": record.get("created"),
     }

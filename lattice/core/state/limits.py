@@ -57,6 +57,9 @@ class StateLimits:
     the size of a fresh snapshot."""
     heartbeat_timeout: float = 60.0
     """A member whose heartbeat is older than this is shown as not alive."""
+    max_jobs_per_author: int = 16
+    """Jobs of one author shown (its newest): what a Sybil's job flood can make every
+    daemon plan and list is this times the authors admitted."""
     max_subscribers: int = 64
 
     def __post_init__(self) -> None:

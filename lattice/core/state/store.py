@@ -170,20 +170,6 @@ class _Author:
         return self.retained[max(0, seq + 1 - base):]
 
 
-def _change_path(author: str, root: str, key: str) -> str:
-    if root == ROOT_MEMBER:
-        return f"members/{author}"
-    if root in (ROOT_JOBS, ROOT_PARTICIPATION):
-        return f"jobs/{key}"
-    if root == ROOT_MODELS:
-        return f"models/{key}"
-    assert root == ROOT_COUNTERS
-    return f"counters/{key}"
-
-
-_MISSING = object()
-
-
 class StateStore:
     """All authors' documents as seen by this peer (see the module docstring)."""
 
@@ -199,6 +185,8 @@ class StateStore:
         self._authors: dict[str, _Author] = {}
         self._banned: dict[str, tuple[bytes, bytes]] = {}
         self._gap_bytes = 0
+        self._views = views.Views(max_jobs_per_author=limits.max_jobs_per_author)
+        self._changed_paths: set[str] = set()  # view paths to announce (`_emit`)
         self._subscribers: list[Callable[[ChangeEvent], None]] = []
         self._envelope_listeners: list[Callable[[Envelope, bool], None]] = []
         self._ban_listeners: list[Callable[[str, tuple[bytes, bytes]], None]] = []
@@ -269,12 +257,11 @@ class StateStore:
             raise LocalStateError(
                 f"{env.kind} of {len(env.raw)} bytes exceeds {MAX_ENVELOPE_BYTES}; "
                 "write less at once or delete old records")
-        old = st.content
         # The same path as a received envelope: what we send is what peers accept.
         self._integrate(st, env, local=True)
         self._authors[self.peer_id] = st
         self._counts["accepted_local"] += 1
-        self._emit(self.peer_id, old, st.content, now)
+        self._emit(self.peer_id, now)
         return env
 
     def _seal(self, st: _Author, content: dict, changes: list[Change], snapshot: bool
@@ -341,7 +328,6 @@ class StateStore:
         tip = st.tip
         if seq == st.seq + 1 and tip is not None and env.prev != tip.digest:
             return self._equivocation(tip, env, sender, now)
-        old = st.content
         try:
             self._integrate(st, env, local=False)
         except (UpdateError, OutOfBounds, _Quota) as e:
@@ -353,7 +339,7 @@ class StateStore:
             self._drop_gap_bytes(st, len(nxt.raw))
             tip = st.tip
             if tip is not None and nxt.prev != tip.digest:
-                self._emit(author, old, st.content, now)
+                self._emit(author, now)
                 self._equivocation(tip, nxt, None, now)
                 return ReceiveResult(ACCEPTED, "equivocation", author, seq, accepted=accepted,
                                      proof=(tip.raw, nxt.raw))
@@ -365,7 +351,7 @@ class StateStore:
                 break
             self._counts["accepted"] += 1
             accepted.append(nxt)
-        self._emit(author, old, st.content, now)
+        self._emit(author, now)
         return ReceiveResult(ACCEPTED, None, author, seq, accepted=accepted)
 
     def _integrate(self, st: _Author, env: Envelope, *, local: bool) -> None:
@@ -383,6 +369,7 @@ class StateStore:
         check_content(env.author, content)
         # commit (registering the author first, so listeners see a consistent store)
         self._authors[env.author] = st
+        self._changed_paths.update(self._views.update(env.author, st.content, content))
         st.doc, st.content, st.seq = doc, content, env.seq
         if env.is_snapshot:
             st.retained = [env]
@@ -429,7 +416,8 @@ class StateStore:
         self._counts["banned"] += 1
         if st is not None:
             self._gap_bytes -= st.gap_bytes
-            self._emit(author, st.content, empty_content(), now)
+            self._changed_paths.update(self._views.update(author, st.content, None))
+            self._emit(author, now)
         for listener in self._ban_listeners:
             listener(author, proof)
 
@@ -507,38 +495,34 @@ class StateStore:
         return {a: st.content for a, st in self._authors.items() if st.seq > 0}
 
     def get(self, path: str, now: float) -> Any:
-        """The merged-view value at ``path`` (`views.resolve`); raises StatePathError."""
-        return views.resolve(self.contents(), path, now, self.limits.heartbeat_timeout)
+        """The merged-view value at ``path`` (`views.Views.resolve`); raises StatePathError."""
+        return self._views.resolve(path, now, self.limits.heartbeat_timeout)
 
     def members(self, now: float) -> dict[str, dict[str, Any]]:
-        return views.members_view(self.contents(), now, self.limits.heartbeat_timeout)
+        return self._views.members(now, self.limits.heartbeat_timeout)
 
     def jobs(self) -> dict[str, dict[str, Any]]:
-        return views.jobs_view(self.contents())
+        """Every job shown (views are cached: treat them as read-only)."""
+        return self._views.jobs()
 
     def models(self) -> dict[str, dict[str, Any]]:
-        return views.models_view(self.contents())
+        return self._views.models()
 
     def counters(self) -> dict[str, int]:
-        return views.counters_view(self.contents())
+        return self._views.counters()
 
     def own_content(self) -> dict[str, dict[str, Any]]:
         st = self._authors.get(self.peer_id)
         return st.content if st is not None else empty_content()
 
-    def _emit(self, author: str, old: dict, new: dict, now: float) -> None:
-        if not self._subscribers or old is new:
+    def _emit(self, author: str, now: float) -> None:
+        """Announce the view paths changed since the last call (``author`` wrote)."""
+        paths, self._changed_paths = self._changed_paths, set()
+        if not self._subscribers:
             return
-        paths = set()
-        for root in ROOTS:
-            before, after = old.get(root, {}), new.get(root, {})
-            for key in before.keys() | after.keys():
-                if before.get(key, _MISSING) != after.get(key, _MISSING):
-                    paths.add(_change_path(author, root, key))
-        contents = self.contents()
         for path in sorted(paths):
             try:
-                value = views.resolve(contents, path, now, self.limits.heartbeat_timeout)
+                value = self._views.resolve(path, now, self.limits.heartbeat_timeout)
             except views.StatePathError:
                 value = None
             event = ChangeEvent(path, value, author)
@@ -554,6 +538,7 @@ class StateStore:
             "retained_bytes": sum(st.retained_bytes for st in self._authors.values()),
             "gap_envelopes": sum(len(st.gap) for st in self._authors.values()),
             "gap_bytes": self._gap_bytes,
+            "views": self._views.statistics(),
             **{k: self._counts[k] for k in (
                 "accepted", "accepted_local", "replayed", "stale", "buffered", "snapshots",
                 "ignored_banned")},

@@ -5,6 +5,7 @@ from pycrdt import Array, Doc, Map
 
 from lattice.core.codec import canonical, pack, unpack
 from lattice.core.identity import Identity
+from lattice.core.jobs import TrainSpec, new_job_record
 from lattice.core.state import Delete, LocalStateError, Set, StateLimits, StateStore
 from lattice.core.state.envelope import KIND_SNAPSHOT, seal
 from lattice.core.state.limits import MAX_AUTHOR_BYTES, MAX_VALUE_BYTES
@@ -46,14 +47,15 @@ def reader():
 
 
 def test_local_write_is_visible_locally_and_after_delivery(writer, reader, alice):
+    job_id, record = new_job_record(TrainSpec(task="t"), alice.peer_id, "0123456789abcdef", NOW)
     envs = [writer.apply_local(member(alice, "alpha"), NOW),
-            writer.apply_local([Set("jobs/j1", {"submitter": alice.peer_id, "task": "t"})], NOW)]
+            writer.apply_local([Set(f"jobs/{job_id}", record)], NOW)]
     for env in envs:
         assert reader.receive(env.raw, NOW, sender=alice.peer_id).status == "accepted"
     for store in (writer, reader):
         assert store.get(f"members/{alice.peer_id}/name", NOW) == "alpha"
         assert store.get(f"members/{alice.peer_id}/alive", NOW) is True
-        assert store.get("jobs/j1/status", NOW) == "submitted"
+        assert store.get(f"jobs/{job_id}/status", NOW) == "submitted"
         assert store.get("members/" + alice.peer_id + "/capabilities/cpus", NOW) == 4
     assert reader.summary() == {alice.peer_id: 2}
 
@@ -72,7 +74,7 @@ def test_values_round_trip_exactly(writer, alice):
     value = {"submitter": alice.peer_id, "big": 2**60, "f": 0.5, "b": b"\x00\x01", "n": None,
              "nested": {"k": [1, "x"]}}
     writer.apply_local([Set("jobs/j1", value)], NOW)
-    assert writer.get("jobs/j1/spec", NOW) == value
+    assert writer.get(f"authors/{alice.peer_id}/jobs/j1", NOW) == value
 
 
 def test_unchanged_content_produces_no_envelope(writer, alice):
