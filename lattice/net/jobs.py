@@ -325,8 +325,8 @@ class JobsService:
         return None if isinstance(cached[1], JobSpecError) else cached[1]
 
     def _alive(self, members: Mapping[str, Mapping[str, Any]]) -> Callable[[str], bool]:
-        # a peer without a member record is presumed alive (state may lag the job board)
-        return lambda peer: members.get(peer, {}).get("alive", True)
+        # no member record, no heartbeat: not alive (a Sybil volunteer needs none to join)
+        return lambda peer: members.get(peer, {}).get("alive", False)
 
     async def _serve_board(self) -> None:
         if self.sync is not None:
