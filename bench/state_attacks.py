@@ -7,7 +7,8 @@ Starts one `latticed` on loopback and attacks it from a py-libp2p attacker host 
 the kit in `lattice.testing.hostile.state`, over `/lattice/crdt-sync/1`:
 
 - **sybils**: fresh authors of about ``--author-mib`` MiB each (valid, signed,
-  schema-conforming padding records), sent over one session. Printed: what the daemon
+  schema-conforming padding records), sent over one session (``--own-connections``:
+  each Sybil over its own connection, as itself). Printed: what the daemon
   kept (authors, retained bytes), its RSS and state-log growth, refusals by reason, and
   the RSS and authors after a restart (what the log reloads).
 - **job flood**: ``--job-authors`` authors each submitting ``--jobs-per-author`` valid
@@ -55,10 +56,11 @@ def store_stats(d: DaemonProc) -> dict:
         return c.state_stats()
 
 
-async def send_all(addr: str, envelopes: list[bytes], batch_bytes: int = 480 * 1024) -> float:
+async def send_all(addr: str, envelopes: list[bytes], batch_bytes: int = 480 * 1024,
+                   identity=None) -> float:
     """Send ``envelopes`` over one session in frames of at most ``batch_bytes``; returns
     the seconds it took (the victim reading as fast as it accepts)."""
-    async with open_attacker() as attacker:
+    async with open_attacker(identity) as attacker:
         peer = await attacker.connect(addr)
         session = await attacker.open_session(peer)
         start = time.perf_counter()
@@ -90,21 +92,35 @@ def daemon(base: Path, name: str) -> DaemonProc:
     return d
 
 
-def sybil_attack(base: Path, n: int, author_mib: float) -> None:
-    d = daemon(base, "sybil")
+def sybil_attack(base: Path, n: int, author_mib: float, own_connections: bool) -> None:
+    d = daemon(base, f"sybil-{n}-{own_connections}")
     pid = d.proc.pid
     log_path = d.state_dir / "state.log"
     authors = sybils(n, snapshots=False)
-    envelopes = [raw for a in authors for raw in a.bulk(int(author_mib * MiB))]
-    sent = sum(map(len, envelopes))
+    envelopes = [] if own_connections else [
+        raw for a in authors for raw in a.bulk(int(author_mib * MiB))]
+    sent = n * author_mib * MiB
     time.sleep(2)
     rss0, log0 = rss_mib(pid), log_path.stat().st_size
-    seconds = trio.run(send_all, d.addr(), envelopes)
+    addr = d.addr()
+    if own_connections:  # every Sybil connects as itself: no author tokens needed
+
+        async def each() -> float:
+            start = time.perf_counter()
+            for a in authors:
+                await send_all(addr, a.bulk(int(author_mib * MiB)), identity=a.identity)
+            return time.perf_counter() - start
+
+        seconds = trio.run(each)
+    else:
+        seconds = trio.run(send_all, addr, envelopes)
     time.sleep(1)
     rss1, log1 = rss_mib(pid), log_path.stat().st_size
     st = store_stats(d)["store"]
     kept = sum(1 for a in authors if a.peer_id in _authors(d))
-    print(f"sybils: {n} authors x {author_mib:g} MiB = {sent / MiB:.1f} MiB sent in {seconds:.1f} s")
+    how = "each over its own connection" if own_connections else "over one connection"
+    print(f"sybils: {n} authors x {author_mib:g} MiB = {sent / MiB:.1f} MiB sent {how} "
+          f"in {seconds:.1f} s")
     print(f"  kept {kept}/{n} authors; retained {st['retained_bytes'] / MiB:.1f} MiB; "
           f"refused {st['refused']}; rejected {st['rejected']}")
     print(f"  RSS {rss0:.0f} -> {rss1:.0f} MiB (+{rss1 - rss0:.1f} MiB, "
@@ -158,11 +174,13 @@ def main() -> None:
     parser.add_argument("--author-mib", type=float, default=1.0)
     parser.add_argument("--job-authors", type=int, default=400)
     parser.add_argument("--jobs-per-author", type=int, default=25)
+    parser.add_argument("--own-connections", action="store_true",
+                        help="every Sybil author connects as itself (one host each)")
     parser.add_argument("--only", choices=["sybils", "jobs"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lattice-attack-bench-") as tmp:
         if args.only in (None, "sybils"):
-            sybil_attack(Path(tmp), args.sybils, args.author_mib)
+            sybil_attack(Path(tmp), args.sybils, args.author_mib, args.own_connections)
         if args.only in (None, "jobs"):
             job_flood(Path(tmp), args.job_authors, args.jobs_per_author)
 

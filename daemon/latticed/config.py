@@ -119,6 +119,21 @@ SETTINGS: list[Setting] = [
     Setting("state.session_idle_timeout_s", float, 60.0,
             "a sync session whose peer sends nothing (not even a keepalive) for this long "
             "ends", _at_least(3.0)),
+    Setting("state.max_authors", int, 4096, "authors whose state we keep (at most 8192)",
+            _at_least(1)),
+    Setting("state.max_state_bytes", int, 32 << 20, "replicated state kept for others, "
+            "bytes: beyond it unreferenced authors are evicted, else new state refused",
+            _at_least(1 << 20)),
+    Setting("state.max_jobs_per_author", int, 16, "jobs of one submitter shown (its newest)",
+            _at_least(1)),
+    Setting("state.peer_authors_burst", int, 256, "new authors one peer may introduce at once",
+            _at_least(1)),
+    Setting("state.peer_authors_per_s", float, 4.0, "...and per second after that",
+            _at_least(0.0)),
+    Setting("state.peer_bytes_burst", int, 4 << 20, "state bytes one peer may add at once",
+            _at_least(1)),
+    Setting("state.peer_bytes_per_s", float, 64 << 10, "...and per second after that",
+            _at_least(0.0)),
     Setting("nat.upnp", bool, False, "try a UPnP port mapping on the gateway"),
     Setting("nat.holepunch", bool, True, "upgrade relayed connections to direct ones by "
             "hole punching when both NATs allow it"),

@@ -455,7 +455,12 @@ class Daemon:
         """Load the replicated state from the state dir before the network is up, so a
         restarted daemon has its state at once (peers then fill in what it missed)."""
         from lattice.core.state import StateLimits
-        limits = StateLimits(heartbeat_timeout=self.config["state.heartbeat_timeout_s"])
+        cfg = self.config
+        limits = StateLimits(
+            heartbeat_timeout=cfg["state.heartbeat_timeout_s"],
+            **{k: cfg[f"state.{k}"] for k in (
+                "max_authors", "max_state_bytes", "max_jobs_per_author", "peer_authors_burst",
+                "peer_authors_per_s", "peer_bytes_burst", "peer_bytes_per_s")})
         self.store, self.state_log = crdt.open_state(
             self.identity, self.config.state_dir / "state.log", now=time.time(), limits=limits)
         self.store.subscribe(self._on_state_change)
@@ -611,6 +616,11 @@ class Daemon:
         return {"authors": st["authors"], "members_alive": sum(
             1 for m in self.store.members(time.time()).values() if m.get("alive")),
             "banned": st["banned"],
+            # quotas (proto/crdt-sync.md): use and limit, and what they turned away
+            "state_bytes": st["held_bytes"], "max_state_bytes": st["max_state_bytes"],
+            "max_authors": st["max_authors"], "evicted": st["evicted"],
+            "refused": sum(st["refused"].values()),
+            "jobs": st["views"]["jobs"], "max_jobs_per_author": self.store.limits.max_jobs_per_author,
             # False just after a restart, until a peer confirms our own history
             "writable": self.sync is not None and self.sync.writable}
 

@@ -84,7 +84,9 @@ class FileStateLog:
     Our own envelopes are fsynced before `StateStore.apply_local` returns; received
     ones are written without fsync (after a power loss they are fetched again from
     peers). When the file holds much more than the store keeps (snapshots made older
-    envelopes useless), it is rewritten: temp file, fsync, atomic rename.
+    envelopes useless), it is rewritten: temp file, fsync, atomic rename. After the
+    store evicted authors it is rewritten as soon as a MiB (and as much as it keeps)
+    is dead, so a restart does not load them again.
     """
 
     def __init__(self, path: Path, *, compact_min_bytes: int = 4 * 1024 * 1024) -> None:
@@ -98,6 +100,7 @@ class FileStateLog:
         self.compactions = 0
         self.dropped_tail_bytes = 0
         self._since_check = 0
+        self._evicted = False  # the store evicted authors since our last rewrite
 
     def open(self) -> list[Record]:
         """Read the log (creating it if absent), cut off a torn tail, and return its
@@ -124,6 +127,8 @@ class FileStateLog:
         self._store = store
         store.add_envelope_listener(self._on_envelope)
         store.add_ban_listener(self._on_ban)
+        store.add_eviction_listener(self._on_evict)
+        self._evicted = store.statistics()["evicted"] > 0  # while loading this log
 
     def _on_envelope(self, env: Envelope, local: bool) -> None:
         self.append(("envelope", (env.raw,)), durable=local)
@@ -131,11 +136,14 @@ class FileStateLog:
     def _on_ban(self, author: str, proof: tuple[bytes, bytes]) -> None:
         self.append(("proof", proof), durable=True)
 
+    def _on_evict(self, author: str) -> None:
+        self._evicted = True  # rewritten at the next append (the store is mid-receive)
+
     def append(self, record: Record, *, durable: bool) -> None:
         self._write(encode_record(record), durable=durable)
         self.appended += 1
         self._since_check += 1
-        if self._since_check >= 64:
+        if self._since_check >= 64 or self._evicted:
             self._since_check = 0
             self.maybe_compact()
 
@@ -155,7 +163,9 @@ class FileStateLog:
         if self._store is None:
             return False
         live = self._store.statistics()["retained_bytes"]
-        if self.size <= max(self.compact_min_bytes, 4 * live):
+        dead = self.size - live
+        if self.size <= max(self.compact_min_bytes, 4 * live) and not (
+                self._evicted and dead >= max(1 << 20, live)):
             return False
         self.rewrite(self._store.records())
         return True
@@ -181,6 +191,7 @@ class FileStateLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.size = len(data)
         self.compactions += 1
+        self._evicted = False
 
     def close(self) -> None:
         if self._fd is not None:

@@ -46,13 +46,26 @@ class StateLimits:
     """Local policy: how much this process keeps for others (see module docstring)."""
 
     max_authors: int = 4096
-    """Authors we replicate; beyond it new authors are refused (Sybil bound). At most
-    MAX_SUMMARY_ENTRIES, so our summary always fits one message."""
+    """Authors we replicate; beyond it unreferenced authors are evicted to make room,
+    else new authors are refused (Sybil bound). At most MAX_SUMMARY_ENTRIES, so our
+    summary always fits one message."""
+    max_state_bytes: int = 32 * 1024 * 1024
+    """The global budget: envelope bytes kept for every author but us. An envelope
+    that would exceed it evicts unreferenced authors (largest first) or is refused.
+    Memory is a small multiple of it (the documents and decoded records too)."""
+    peer_authors_per_s: float = 4.0
+    peer_authors_burst: int = 256
+    """New authors one peer may have us admit (other than its own): a token bucket of
+    this burst, refilled at this rate. A new daemon learns a network of a few hundred
+    members from its first peer at once, and the rest from every peer in parallel."""
+    peer_bytes_per_s: float = 64 * 1024
+    peer_bytes_burst: int = 4 * 1024 * 1024
+    """Envelope bytes one peer may have us accept: the same kind of bucket."""
     max_gap_per_author: int = 64
     """Out-of-order envelopes buffered per author while waiting for the missing seq."""
     max_gap_bytes: int = 4 * 1024 * 1024
     """Out-of-order envelopes buffered in total."""
-    snapshot_min_bytes: int = 64 * 1024
+    snapshot_min_bytes: int = 16 * 1024
     """Our own log is compacted into a snapshot once it holds this many bytes and twice
     the size of a fresh snapshot."""
     heartbeat_timeout: float = 60.0
@@ -65,3 +78,8 @@ class StateLimits:
     def __post_init__(self) -> None:
         if not (1 <= self.max_authors <= MAX_SUMMARY_ENTRIES):
             raise ValueError(f"max_authors must be in [1, {MAX_SUMMARY_ENTRIES}]")
+        if self.max_state_bytes < MAX_AUTHOR_BYTES:
+            raise ValueError(f"max_state_bytes must hold one author ({MAX_AUTHOR_BYTES})")
+        if min(self.peer_authors_per_s, self.peer_bytes_per_s) < 0 or \
+                min(self.peer_authors_burst, self.peer_bytes_burst) < 1:
+            raise ValueError("peer allowances need rates >= 0 and bursts >= 1")

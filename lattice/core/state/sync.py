@@ -46,11 +46,13 @@ from a hung one and end sessions that stay silent (`lattice.net.crdt_sync`).
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lattice.core.state.envelope import Envelope
+from lattice.core.state.quota import Allowance
 from lattice.core.state.limits import (
     MAX_BATCH_BYTES,
     MAX_ITEMS_PER_MESSAGE,
@@ -136,11 +138,14 @@ class SyncSession:
 
     def __init__(self, store: StateStore, *, remote_peer: str, initiator: bool,
                  session_id: str | None,
-                 our_peers: Callable[[], tuple[int, list[str]]] = lambda: (0, [])) -> None:
+                 our_peers: Callable[[], tuple[int, list[str]]] = lambda: (0, []),
+                 allowance: Allowance | None = None) -> None:
         if initiator and not session_id:
             raise ValueError("the dialer chooses the session id")
         self.store = store
         self.remote_peer = remote_peer
+        self.allowance = allowance
+        """What the remote may still add to our store (shared by its sessions)."""
         self._our_peers = our_peers
         """(version, the peers we run sessions with): told to the remote when it changed."""
         self._peers_told = -1
@@ -159,6 +164,9 @@ class SyncSession:
         self._proofs: set[str] = set()
         self._ask_summary = False
         self._owe_summary = False
+        self.refused_since_summary = False
+        """We refused some of the remote's envelopes (a quota) since we last sent it
+        our summary: the next anti-entropy round should be with it."""
         self.envelopes_sent = 0
         self.envelopes_received = 0
         self.keepalives_sent = 0
@@ -252,11 +260,14 @@ class SyncSession:
         out = Outcome()
         for raw in items:
             self.envelopes_received += 1
-            result = self.store.receive(raw, now, sender=self.remote_peer)
+            result = self.store.receive(raw, now, sender=self.remote_peer,
+                                        allowance=self.allowance)
             if result.penalize:
                 _fail(result.reason or "invalid", f"envelope from {self.remote_peer}: "
                       f"{result.detail or result.reason}")
             out.accepted.extend(result.accepted)
+            if result.status == "refused":
+                self.refused_since_summary = True
             if result.proof is not None:
                 out.banned.append(result.author or "")
             if result.author is not None and result.seq is not None:
@@ -313,6 +324,7 @@ class SyncSession:
         if self._owe_summary or self._ask_summary:
             reply = self._owe_summary
             self._owe_summary = self._ask_summary = False
+            self.refused_since_summary = False
             return self._with_peers({"t": "summary", "sid": self.session_id,
                                      "summary": encode_summary(self.store), "reply": reply},
                                     always=True)
@@ -396,6 +408,9 @@ class SyncHub:
         self.sessions: dict[int, SyncSession] = {}
         self._peers: tuple[int, list[str]] = (0, [])  # (version, peers we have sessions with)
         self._penalties: dict[str, _Penalty] = {}
+        self._allowances: OrderedDict[str, Allowance] = OrderedDict()
+        """Per remote peer, kept across its sessions (a reconnect does not refill
+        them), the least recently used forgotten beyond ``max_penalized`` peers."""
         self.sessions_opened = 0
         self.sessions_refused = 0
         self.internal_errors = 0
@@ -462,11 +477,25 @@ class SyncHub:
             self.sessions_refused += 1
             raise SessionRefused("too many sync sessions")
         session = SyncSession(self.store, remote_peer=remote_peer, initiator=initiator,
-                              session_id=session_id, our_peers=lambda: self._peers)
+                              session_id=session_id, our_peers=lambda: self._peers,
+                              allowance=self._allowance(remote_peer, now))
         self.sessions[id(session)] = session
         self.sessions_opened += 1
         self._peers_changed()
         return session
+
+    def _allowance(self, peer: str, now: float) -> Allowance:
+        allowance = self._allowances.pop(peer, None)
+        if allowance is None:
+            limits = self.store.limits
+            allowance = Allowance(authors_per_s=limits.peer_authors_per_s,
+                                  authors_burst=limits.peer_authors_burst,
+                                  bytes_per_s=limits.peer_bytes_per_s,
+                                  bytes_burst=limits.peer_bytes_burst, now=now)
+        self._allowances[peer] = allowance
+        while len(self._allowances) > self.max_penalized:
+            self._allowances.popitem(last=False)
+        return allowance
 
     def close_session(self, session: SyncSession) -> None:
         if self.sessions.pop(id(session), None) is not None:
@@ -478,6 +507,7 @@ class SyncHub:
         peers = sorted({s.remote_peer for s in self.sessions.values()})
         if peers != self._peers[1]:
             self._peers = (self._peers[0] + 1, peers)
+            self.store.set_connected(peers)  # their own authors are never evicted
 
     def has_session(self, peer: str) -> bool:
         return any(s.remote_peer == peer for s in self.sessions.values())
@@ -496,8 +526,12 @@ class SyncHub:
         return backoff
 
     def pick_anti_entropy(self, rng: random.Random) -> SyncSession | None:
+        """A random open session; one whose envelopes we refused for its allowance
+        first, so what we turned away is offered again once the allowance refilled."""
         candidates = [s for s in self.sessions.values() if s.open]
-        return rng.choice(candidates) if candidates else None
+        refused = [s for s in candidates if s.refused_since_summary]
+        pool = refused or candidates
+        return rng.choice(pool) if pool else None
 
     def statistics(self) -> dict[str, Any]:
         return {

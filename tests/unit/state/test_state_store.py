@@ -336,11 +336,12 @@ def test_too_many_authors_are_refused_without_blame():
     reader = StateStore(Identity.generate(), limits=StateLimits(max_authors=2))
     results = []
     for _ in range(3):
-        someone = Identity.generate()
-        results.append(StateStore(someone).apply_local([Set("counters/c", 1)], NOW))
+        someone = Identity.generate()  # live members: none may be evicted for another
+        results.append(StateStore(someone).apply_local(member(someone), NOW))
     statuses = [reader.receive(e.raw, NOW) for e in results]
-    assert [(r.status, r.penalize) for r in statuses] == [
-        ("accepted", False), ("accepted", False), ("refused", False)]
+    assert [(r.status, r.reason, r.penalize) for r in statuses] == [
+        ("accepted", None, False), ("accepted", None, False),
+        ("refused", "too_many_authors", False)]
 
 
 def test_snapshot_kind_from_an_empty_doc_is_a_valid_first_envelope(alice, reader):
