@@ -397,15 +397,31 @@ class Daemon:
             raise NotReadyError("the job runner is still starting; retry in a moment")
         return self.jobs
 
-    async def rpc_jobs_submit(self, client: ClientConnection, spec: dict[str, Any]) -> dict[str, Any]:
+    async def rpc_jobs_submit(self, client: ClientConnection, spec: dict[str, Any],
+                              allow: list[str] | None = None, private: bool = False) -> dict[str, Any]:
         from lattice.core.jobs import JobSpecError
         jobs = self._require_jobs()
         await self._wait_writable()
+        access = {**({"allow": allow} if allow else {}), **({"token": True} if private else {})}
         try:
-            job_id = jobs.submit(spec)
+            job_id = jobs.submit(spec, access=access or None)
         except JobSpecError as e:
             raise InvalidArgumentError(f"bad job spec: {e}", data={"field": e.field}) from None
-        return {"job_id": job_id}
+        return {"job_id": job_id, **({"token": jobs.token(job_id)} if private else {})}
+
+    async def rpc_jobs_join(self, client: ClientConnection, job_id: str,
+                            token: str | None = None) -> dict[str, Any]:
+        from lattice.api.errors import PermissionDeniedError
+        from lattice.core.jobs import JoinRefused
+        jobs_mod = importlib.import_module("lattice.net.jobs")
+        jobs = self._require_jobs()
+        await self._wait_writable()
+        try:
+            return {"joined": jobs.join(job_id, token)}
+        except jobs_mod.JobNotFound:
+            raise NotFoundError(f"no job {job_id}") from None
+        except JoinRefused as e:
+            raise PermissionDeniedError(str(e)) from None
 
     async def rpc_jobs_list(self, client: ClientConnection) -> list[dict[str, Any]]:
         return self._require_jobs().list()
@@ -560,6 +576,7 @@ class Daemon:
             "jobs.list": self.rpc_jobs_list,
             "jobs.get": self.rpc_jobs_get,
             "jobs.cancel": self.rpc_jobs_cancel,
+            "jobs.join": self.rpc_jobs_join,
             "jobs.stats": self.rpc_jobs_stats,
             "models.list": self.rpc_models_list,
             "models.read": self.rpc_models_read,

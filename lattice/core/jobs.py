@@ -33,6 +33,15 @@ roster). A joiner left out withdraws (``state: left``). Computing the roster fro
 joined entries on every peer instead would let two peers that have seen different
 joiners start different jobs.
 
+Access. A job record may restrict who takes part (``access``, outside the id: the
+submitter may widen it later): ``allow``, a list of peer ids, and/or ``token``: only
+joiners whose participation entry carries ``proof`` = HMAC-SHA256(token, job id ‖ 0 ‖
+peer id) are sealed. The token is derived from the submitter's key (`job_token`), so
+it is never stored or replicated and survives restarts; the submitter hands it out of
+band and a joiner proves it without revealing it. Volunteers never join a token job
+on their own (its submitter may), nor an allowlist job that does not list them
+(`may_volunteer`).
+
 Merging. After its last step each participant publishes its final parameters as a
 blob and claims ``merging``. The merger is the lowest-rank roster member that
 published a final and is not known to be dead; it merges once every roster member
@@ -44,6 +53,7 @@ published a final or left, or when ``merge_timeout`` has passed since it finishe
 from __future__ import annotations
 
 import hashlib
+import hmac
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -53,6 +63,7 @@ from typing import Any
 from lattice.core.codec import canonical
 
 __all__ = [
+    "ACCESS_FIELDS",
     "ALGORITHMS",
     "BUILTIN_TASKS",
     "ClaimFailed",
@@ -74,6 +85,11 @@ __all__ = [
     "check_transition",
     "compute_job_id",
     "job_summary",
+    "job_token",
+    "join_entry",
+    "join_proof",
+    "JoinRefused",
+    "may_volunteer",
     "merge_decision",
     "new_job_record",
     "parse_train_spec",
@@ -293,13 +309,19 @@ def compute_job_id(spec: Mapping[str, Any], submitter: str, nonce: str) -> str:
     return hashlib.sha256(_ID_DOMAIN + body).hexdigest()[:JOB_ID_HEX]
 
 
-def new_job_record(spec: TrainSpec, submitter: str, nonce: str, now: float) -> tuple[str, dict[str, Any]]:
-    """(job id, the value to write at ``jobs/<job_id>``). ``nonce``: fresh random hex."""
+ACCESS_FIELDS = frozenset({"allow", "token"})
+MAX_ALLOW = 256
+
+
+def new_job_record(spec: TrainSpec, submitter: str, nonce: str, now: float, *,
+                   access: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """(job id, the value to write at ``jobs/<job_id>``). ``nonce``: fresh random hex;
+    ``access``: ``{"allow": [peer ids]}`` and/or ``{"token": True}`` (module docstring)."""
     if not isinstance(nonce, str) or not 8 <= len(nonce) <= 64:
         raise ValueError("nonce must be 8..64 characters of fresh randomness")
     body = spec.to_dict()
     job_id = compute_job_id(body, submitter, nonce)
-    return job_id, {
+    record = {
         "id": job_id,
         "kind": KIND_TRAIN,
         "submitter": submitter,
@@ -308,6 +330,98 @@ def new_job_record(spec: TrainSpec, submitter: str, nonce: str, now: float) -> t
         "state": "submitted",
         "created": float(now),
     }
+    if access:
+        record["access"] = {k: (sorted(set(v)) if k == "allow" else v) for k, v in access.items()}
+        _check_access(record["access"])
+    return job_id, record
+
+
+def _check_access(access: Any) -> None:
+    if not isinstance(access, Mapping) or not access or set(access) - ACCESS_FIELDS:
+        raise JobSpecError("access", f"must be a map of {sorted(ACCESS_FIELDS)}")
+    allow = access.get("allow")
+    if allow is not None and not (
+            isinstance(allow, list) and 1 <= len(allow) <= MAX_ALLOW
+            and all(isinstance(p, str) and 0 < len(p) <= 128 for p in allow)
+            and allow == sorted(set(allow))):
+        raise JobSpecError("access", f"allow must be 1..{MAX_ALLOW} sorted distinct peer ids")
+    if "token" in access and access["token"] is not True:
+        raise JobSpecError("access", "token, if present, is true")
+
+
+_TOKEN_DOMAIN = b"lattice/job-token/1\x00"
+_PROOF_DOMAIN = b"lattice/job-join/1\x00"
+
+
+def job_token(identity: Any, job_id: str) -> str:
+    """The token of our job ``job_id``: a keyed hash of it under a key derived from our
+    identity's secret (``identity.seed``), so only the submitter can make it, and it
+    needs no storage."""
+    key = hashlib.sha256(_TOKEN_DOMAIN + identity.seed).digest()
+    return hmac.new(key, job_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def join_proof(token: str, job_id: str, peer: str) -> str:
+    """What a joiner holding ``token`` writes as ``proof`` in its participation entry."""
+    return hmac.new(token.encode(), _PROOF_DOMAIN + f"{job_id}\x00{peer}".encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def _access(record: Mapping[str, Any]) -> Mapping[str, Any]:
+    access = record.get("access")
+    return access if isinstance(access, Mapping) else {}
+
+
+def may_volunteer(record: Mapping[str, Any], peer: str) -> bool:
+    """Whether ``peer`` may join the job without being handed a token (the submitter
+    holds its own)."""
+    access = _access(record)
+    if "allow" in access and peer not in access["allow"]:
+        return False
+    return not access.get("token") or peer == record.get("submitter")
+
+
+def _eligible(job_id: str, record: Mapping[str, Any], token: str | None
+              ) -> Callable[[str, Mapping[str, Any]], bool]:
+    """Whether a joiner (peer id, its entry) may be sealed into the roster."""
+    access = _access(record)
+
+    def check(peer: str, entry: Mapping[str, Any]) -> bool:
+        if "allow" in access and peer not in access["allow"]:
+            return False
+        if access.get("token") and peer != record.get("submitter"):
+            proof = entry.get("proof")
+            return token is not None and isinstance(proof, str) and hmac.compare_digest(
+                proof, join_proof(token, job_id, peer))
+        return True
+
+    return check
+
+
+class JoinRefused(ValueError):
+    """This peer may not join this job (not on its allowlist, or no token given)."""
+
+
+def join_entry(me: str, job_id: str, view: Mapping[str, Any], now: float,
+               token: str | None = None) -> dict[str, Any] | None:
+    """The participation entry with which ``me`` joins the job (an explicit join, as
+    `lattice jobs join`); None when we take part already. Raises JoinRefused."""
+    if view.get("status") in TERMINAL:
+        raise JoinRefused(f"job {job_id} is {view.get('status')}")
+    record = view.get("spec", {})
+    access = _access(record)
+    if "allow" in access and me not in access["allow"]:
+        raise JoinRefused(f"job {job_id} is limited to peers on its allowlist")
+    if access.get("token") and not token:
+        raise JoinRefused(f"job {job_id} is private: it needs the submitter's token")
+    if view.get("participants", {}).get(me, {}).get("state") is not None:
+        return None  # joined or took part already (a participant never rejoins)
+    if record.get("roster"):
+        raise JoinRefused(f"job {job_id} has its roster already")
+    entry: dict[str, Any] = {"peer_id": me, "state": "joined", "updated": float(now)}
+    if token:
+        entry["proof"] = join_proof(token, job_id, me)
+    return entry
 
 
 def read_job(job_id: str, record: Any) -> TrainSpec:
@@ -327,6 +441,8 @@ def read_job(job_id: str, record: Any) -> TrainSpec:
     roster = record.get("roster")
     if roster is not None and not _valid_roster(roster, spec.min_peers):
         raise JobSpecError("roster", "must be a sorted list of distinct peer ids, at most min_peers")
+    if "access" in record:
+        _check_access(record["access"])
     return spec
 
 
@@ -344,10 +460,13 @@ def _order_key(job_id: str, peer: str) -> bytes:
 
 
 def select_roster(job_id: str, spec: TrainSpec, participants: Mapping[str, Mapping[str, Any]],
-                  alive: Callable[[str], bool] = lambda _peer: True) -> list[str] | None:
-    """The roster to seal: the first ``min_peers`` live joiners in hash order, sorted by
-    peer id; None until enough have joined."""
-    joined = [p for p, e in participants.items() if e.get("state") == "joined" and alive(p)]
+                  alive: Callable[[str], bool] = lambda _peer: True,
+                  eligible: Callable[[str, Mapping[str, Any]], bool] = lambda _p, _e: True
+                  ) -> list[str] | None:
+    """The roster to seal: the first ``min_peers`` live, eligible (access) joiners in
+    hash order, sorted by peer id; None until enough have joined."""
+    joined = [p for p, e in participants.items()
+              if e.get("state") == "joined" and alive(p) and eligible(p, e)]
     if len(joined) < spec.min_peers:
         return None
     chosen = sorted(joined, key=lambda p: _order_key(job_id, p))[: spec.min_peers]
@@ -415,11 +534,14 @@ _OUR_FINISHED = ("done", "left", "failed")
 
 def plan(me: str, job_id: str, view: Mapping[str, Any], spec: TrainSpec, *, policy: Policy,
          active: frozenset[str] | set[str], reserved: int,
-         alive: Callable[[str], bool] = lambda _peer: True) -> list[Action]:
+         alive: Callable[[str], bool] = lambda _peer: True,
+         token: str | None = None) -> list[Action]:
     """What this daemon should do about one job, from the merged view (`store.jobs()`).
 
     ``active``: job ids we are running now; ``reserved``: how many jobs we are running
-    or have joined and wait for (capacity in use). Idempotent: applying the actions and
+    or have joined and wait for (capacity in use); ``alive``: whether a peer has a live
+    member record (only those are sealed); ``token``: the job's token when we submitted
+    it (`job_token`), to check joiners' proofs. Idempotent: applying the actions and
     calling again yields nothing new, so the runner may call it on every change."""
     status = view.get("status", "submitted")
     record = view.get("spec", {})
@@ -438,10 +560,12 @@ def plan(me: str, job_id: str, view: Mapping[str, Any], spec: TrainSpec, *, poli
         return actions
     if roster is None:
         if view.get("submitter") == me and record.get("state") == "submitted":
-            chosen = select_roster(job_id, spec, participants, alive)
+            chosen = select_roster(job_id, spec, participants, alive,
+                                   _eligible(job_id, record, token))
             if chosen is not None:
                 actions.append(SealRoster(job_id, chosen))
         if (our_state is None and spec.task in policy.accept_tasks and reserved < policy.max_jobs
+                and may_volunteer(record, me)
                 and sum(1 for e in participants.values() if e.get("state") == "joined") < spec.min_peers):
             actions.append(Join(job_id))
         return actions

@@ -41,6 +41,8 @@ import trio
 from lattice.core.codec import canonical
 from lattice.core.jobs import (
     BUILTIN_TASKS,
+    join_entry,
+    job_token,
     TERMINAL,
     ClaimFailed,
     Join,
@@ -204,11 +206,13 @@ class JobsService:
         self._unsubscribe = store.subscribe(self._on_state_change)
 
     # -- public API ---------------------------------------------------------------------------
-    def submit(self, spec: Mapping[str, Any]) -> str:
-        """Validate ``spec`` (`lattice.core.jobs.parse_train_spec`) and publish the job;
-        returns its id. Raises JobSpecError."""
+    def submit(self, spec: Mapping[str, Any], access: Mapping[str, Any] | None = None) -> str:
+        """Validate ``spec`` (`lattice.core.jobs.parse_train_spec`) and publish the job
+        (``access``: who may take part, `lattice.core.jobs`); returns its id. Raises
+        JobSpecError."""
         parsed = parse_train_spec(spec)
-        job_id, record = new_job_record(parsed, self.me, secrets.token_hex(16), self._clock())
+        job_id, record = new_job_record(parsed, self.me, secrets.token_hex(16), self._clock(),
+                                        access=access)
         self._write([Set(f"jobs/{job_id}", record)])
         self.counts["submitted"] += 1
         log.info("job=%s submitted: task=%s min_peers=%d steps=%d", job_id, parsed.task,
@@ -228,6 +232,21 @@ class JobsService:
         models = {mid: rec for mid, rec in self.store.models().items() if rec.get("job") == job_id}
         return {**job_summary(view), "spec": view["spec"].get("spec"), "record": view["spec"],
                 "participants": view["participants"], "totals": view["totals"], "models": models}
+
+    def token(self, job_id: str) -> str:
+        """The token joiners of our private job need (`lattice.core.jobs.job_token`)."""
+        return job_token(self.store.identity, job_id)
+
+    def join(self, job_id: str, token: str | None = None) -> bool:
+        """Join a job explicitly (a private one with its token); False if we take part
+        already. Raises JobNotFound, `lattice.core.jobs.JoinRefused`."""
+        view = self._job_view(job_id)
+        if view is None:
+            raise JobNotFound(job_id)
+        entry = join_entry(self.me, job_id, view, self._clock(), token)
+        if entry is not None:
+            self._write([Set(f"participation/{job_id}", entry)])
+        return entry is not None
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job we submitted; False if it already ended. Raises JobNotFound, NotSubmitter."""
@@ -351,7 +370,8 @@ class JobsService:
             if spec is None:
                 continue
             actions = plan(self.me, job_id, view, spec, policy=self._policy,
-                           active=set(self._runs), reserved=reserved, alive=alive)
+                           active=set(self._runs), reserved=reserved, alive=alive,
+                           token=self.token(job_id) if view["submitter"] == self.me else None)
             for action in actions:
                 reserved += isinstance(action, Join)
                 self._do(action, view, spec)
