@@ -22,6 +22,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -32,6 +33,7 @@ from lattice.core.state import KIND_DELTA, Set, StateLimits, StateStore, seal
 from lattice.core.state.limits import MAX_AUTHOR_BYTES, MAX_VALUE_BYTES
 from lattice.core.state.sync import PROTOCOL_ID
 from lattice.net.streams import PeerError, Stream, recv_frame, recv_frame_or_eof, send_frame
+from lattice.testing.daemons import DaemonProc
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -163,6 +165,37 @@ def hijack_record(author: Author, victim_record: Mapping[str, Any], *, state: st
     return forged
 
 
+# -- real daemons to attack ----------------------------------------------------------------------
+
+
+class Fleet:
+    """Real daemons (`lattice.testing.daemons.DaemonProc`) started for one attack test,
+    every one killed when the block ends (``with Fleet(tmp_path) as fleet``)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.daemons: list[DaemonProc] = []
+
+    def start(self, *extra: str, env: Mapping[str, str] | None = None,
+              state_dir: Path | None = None) -> DaemonProc:
+        """Start a daemon (``env``: LATTICE_* settings) and wait until it runs."""
+        d = DaemonProc(state_dir or self.base / f"d{len(self.daemons)}", *extra,
+                       env=dict(env or {}))
+        self.daemons.append(d)
+        d.start()
+        d.wait_running(60)
+        return d
+
+    def __enter__(self) -> "Fleet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for d in self.daemons:
+            if d.proc is not None and d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+
+
 # -- an attacker on the wire ------------------------------------------------------------------
 
 
@@ -186,6 +219,16 @@ class RawSession:
 
     async def recv(self) -> Any:
         return await recv_frame(self.stream, max_bytes=2 << 20)
+
+    async def sync_point(self) -> dict[str, Any]:
+        """Ask for the victim's summary and wait for it: the victim handles a session's
+        messages in order, so everything sent before has been handled. Returns the
+        summary ``{author: [seq, tip]}``."""
+        await self.send({"t": "summary", "sid": self.sid, "summary": {}, "reply": False})
+        while True:
+            msg = await self.recv()
+            if isinstance(msg, dict) and msg.get("t") == "summary":
+                return msg["summary"]
 
     async def wait_ended(self, timeout: float = 30.0) -> bool:
         """Drain what the victim sends until it closes or resets the session; raises
@@ -265,7 +308,7 @@ async def open_attacker(identity: Identity | None = None) -> AsyncIterator[Attac
 
 
 __all__ = [
-    "Attacker", "Author", "RawSession", "hello", "hijack_record", "job_records", "job_spec",
+    "Attacker", "Author", "Fleet", "RawSession", "hello", "hijack_record", "job_records", "job_spec",
     "nested_array_envelope", "nested_array_update", "nested_type_update", "open_attacker",
     "raw_envelope", "sybils", "varstring", "varuint",
 ]
