@@ -507,7 +507,7 @@ class CrdtSync:
         interval = self.config.anti_entropy_interval
         while True:
             await trio.sleep(interval * self._rng.uniform(0.5, 1.5))
-            session = self.hub.pick_anti_entropy(self._rng)
+            session = self.hub.pick_anti_entropy(self._rng, self._clock())
             if session is not None:
                 session.request_summary()
                 self._wake(session)

@@ -102,6 +102,42 @@ async def test_an_envelope_nesting_30000_levels_is_refused_and_the_daemon_lives(
     await still_serving(victim, peer, 1)
 
 
+# -- the protocol spoken wrongly ------------------------------------------------------------------
+
+WRONG = {
+    # name: (what the attacker sends after the hellos, the penalty it earns)
+    "not-msgpack": (b"\x00\x00\x00\x03\xc1\xc1\xc1", "malformed"),
+    "oversized-frame": (b"\x7f\xff\xff\xff", "malformed"),
+    "second-hello": ({"t": "hello", "v": 1, "summary": {}, "banned": []}, "unexpected"),
+    "other-session-id": ({"t": "summary", "sid": "not-ours", "summary": {}, "reply": True},
+                         "malformed"),
+    "huge-summary": ({"t": "summary", "summary": {f"a{i}": [1, b"12345678"]
+                                                  for i in range(9000)}, "reply": True},
+                     "malformed"),
+    "items-not-bytes": ({"t": "envelopes", "items": [1, 2, 3]}, "malformed"),
+    "bogus-proof": ({"t": "proof", "envelopes": [b"x", b"y"]}, "malformed"),
+    "unknown-type": ({"t": "gimme"}, "malformed"),
+}
+
+
+async def test_the_sync_protocol_spoken_wrongly_is_penalized_and_the_daemon_lives(fleet):
+    victim, peer, addr = await honest_pair(fleet)
+    expected: dict[str, int] = {}
+    for case, (wrong, penalty) in sorted(WRONG.items()):  # a fresh attacker each time
+        async with open_attacker() as attacker:
+            session = await attacker.open_session(await attacker.connect(addr))
+            if isinstance(wrong, bytes):
+                await session.send_raw(wrong)
+            else:
+                await session.send({"sid": session.sid, **wrong})
+            assert await session.wait_ended(), case
+        expected[penalty] = expected.get(penalty, 0) + 1
+        stats = (await rpc(victim, "state.stats"))["sync"]["sync"]
+        assert stats["penalties"] == expected, case
+    assert stats["internal_errors"] == 0
+    await still_serving(victim, peer, 6)
+
+
 # -- Sybil authors ------------------------------------------------------------------------------------
 
 async def test_sybil_authors_over_one_connection_are_held_to_its_allowance(fleet):

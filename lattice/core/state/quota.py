@@ -59,6 +59,11 @@ class Allowance:
             self._authors.tokens -= 1
         self._bytes.tokens = max(0.0, self._bytes.tokens - nbytes)
 
+    def refilled(self, now: float) -> bool:
+        """Whether both buckets are at least half full again."""
+        return (self._authors.level(now) >= self._authors.burst / 2
+                and self._bytes.level(now) >= self._bytes.burst / 2)
+
     def statistics(self, now: float) -> dict[str, float]:
         return {"authors": round(self._authors.level(now), 2),
                 "bytes": round(self._bytes.level(now)), "refused": self.refused}

@@ -525,12 +525,14 @@ class SyncHub:
             del self._penalties[oldest]
         return backoff
 
-    def pick_anti_entropy(self, rng: random.Random) -> SyncSession | None:
-        """A random open session; one whose envelopes we refused for its allowance
-        first, so what we turned away is offered again once the allowance refilled."""
+    def pick_anti_entropy(self, rng: random.Random, now: float) -> SyncSession | None:
+        """A random open session; first one whose envelopes we refused (a quota) and
+        whose allowance has refilled since, so what we turned away is offered again.
+        A peer that keeps its allowance empty (a flood) is not preferred."""
         candidates = [s for s in self.sessions.values() if s.open]
-        refused = [s for s in candidates if s.refused_since_summary]
-        pool = refused or candidates
+        due = [s for s in candidates if s.refused_since_summary
+               and (s.allowance is None or s.allowance.refilled(now))]
+        pool = due or candidates
         return rng.choice(pool) if pool else None
 
     def statistics(self) -> dict[str, Any]:

@@ -203,3 +203,29 @@ def test_a_peers_allowance_survives_its_reconnects():
 def test_limits_that_could_never_admit_an_author_are_refused(bad):
     with pytest.raises(ValueError):
         StateLimits(**bad)
+
+
+def test_anti_entropy_goes_first_to_a_refused_peer_once_its_allowance_refilled():
+    import random
+
+    store = StateStore(Identity.generate(), limits=StateLimits(peer_bytes_burst=100_000,
+                                                               peer_bytes_per_s=10_000.0))
+    hub = SyncHub(store)
+    sessions = []
+    for i in range(4):
+        s = hub.open_session(Identity.generate().peer_id, initiator=True, session_id=f"s{i}",
+                             now=NOW)
+        s.handle({"t": "hello", "sid": f"s{i}", "v": 1, "summary": {}, "banned": []}, NOW)
+        s.next_message()
+        sessions.append(s)
+    flooder = Author(snapshots=False)
+    refused = sessions[0]
+    refused.handle({"t": "envelopes", "sid": "s0", "items": flooder.bulk(300_000, NOW)}, NOW)
+    assert refused.refused_since_summary
+    rng = random.Random(1)
+    # while its allowance is empty (a flood), it is not preferred...
+    assert {hub.pick_anti_entropy(rng, NOW) for _ in range(50)} == set(sessions)
+    # ...once refilled it is, until it got our summary
+    assert {hub.pick_anti_entropy(rng, NOW + 10.0) for _ in range(20)} == {refused}
+    refused.request_summary()
+    assert refused.next_message()["t"] == "summary" and not refused.refused_since_summary
