@@ -228,6 +228,8 @@ class Views:
 
     # -- jobs -----------------------------------------------------------------------------------
     def job(self, job_id: str) -> dict[str, Any] | None:
+        if job_id not in self._job_holder:
+            return None  # not cached: ids anyone names (a query, a model record) are free
         if job_id not in self._jobs:
             self._jobs[job_id] = self._job_view(job_id)
         return self._jobs[job_id]
@@ -285,6 +287,8 @@ class Views:
 
     # -- models ---------------------------------------------------------------------------------
     def model(self, model_id: str) -> dict[str, Any] | None:
+        if model_id not in self._producers:
+            return None
         if model_id not in self._models:
             self._models[model_id] = self._model_view(model_id)
         return self._models[model_id]
@@ -392,7 +396,8 @@ class Views:
 
     def statistics(self) -> dict[str, Any]:
         return {"jobs": len(self._job_holder), "models": len(self._producers),
-                "members": len(self._members), "ignored": dict(self.ignored)}
+                "members": len(self._members), "cached": len(self._jobs) + len(self._models),
+                "ignored": dict(self.ignored)}
 
 
 def _index(index: dict[str, set[Any]], key: str, member: Any, present: bool) -> None:

@@ -157,3 +157,10 @@ def test_jobs_move_in_and_out_of_the_quota_as_their_author_writes():
     store.apply_local([Delete(f"jobs/{ids[2]}")], 0.0)
     assert sorted(store.jobs()) == sorted(ids[:2])  # back, not a stale cache
     assert events[-2:] == sorted([(f"jobs/{ids[0]}", True), (f"jobs/{ids[2]}", False)])
+
+
+def test_asking_for_jobs_and_models_that_do_not_exist_costs_no_memory():
+    views = build(contents(roster=[MEMBER]))
+    for i in range(1000):
+        assert views.job(f"no-such-job-{i}") is None and views.model(f"m{i}") is None
+    assert views.statistics()["cached"] == 0
