@@ -31,7 +31,6 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lattice  # noqa: E402
 from lattice.testing.daemons import DaemonProc  # noqa: E402
 from lattice.testing.hostile.state import Author, job_records, open_attacker, sybils  # noqa: E402
 

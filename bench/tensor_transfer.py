@@ -215,7 +215,7 @@ def ours_recv(args) -> None:
 
     async def main():
         quiet_libp2p_logging(40)
-        async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (node, _):
+        async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as node:
             async with trio.open_nursery() as nursery:
                 listener = await nursery.start(serve_bulk_listener)
                 done = trio.Event()
@@ -250,7 +250,7 @@ def ours_send(args, *, direct: bool) -> None:
 
     async def main():
         quiet_libp2p_logging(40)
-        async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (node, _):
+        async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as node:
             peer = await node.connect(args.peer)
             config = BulkConfig(direct=direct)
             for _ in range(args.reps):

@@ -37,7 +37,7 @@ from lattice.net.crdt_sync import (  # noqa: E402
     serve_crdt_sync,
     serve_heartbeat,
 )
-from lattice.net.jobs import JobsConfig, serve_jobs  # noqa: E402
+from lattice.jobs import JobsConfig, serve_jobs  # noqa: E402
 from lattice.testing.memnet import MemoryNetwork  # noqa: E402
 
 
@@ -51,7 +51,7 @@ async def run_memnet(spec: dict, peers: int, seed: int) -> dict:
             await nursery.start(peer.serve)
             store, _ = open_state(peer.identity, None, now=time.time())
             sync = await nursery.start(lambda task_status, p=peer, s=store: serve_crdt_sync(
-                p, s, config=SyncConfig(anti_entropy_interval=2.0, connect_interval=0.5), rng=rng,
+                p, s, config=SyncConfig(anti_entropy_interval=2.0), rng=rng,
                 task_status=task_status))
             # every daemon publishes a member record with a heartbeat: only live members
             # are sealed into a roster

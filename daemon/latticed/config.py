@@ -103,6 +103,11 @@ SETTINGS: list[Setting] = [
     Setting("rpc.max_frame_bytes", int, 4 << 20, "largest accepted local RPC frame",
             _at_least(1024)),
     Setting("rpc.max_clients", int, 64, "concurrent local RPC connections", _at_least(1)),
+    Setting("rpc.max_in_flight", int, 32, "requests one local connection may have in "
+            "flight at once (OVERLOADED beyond)", _at_least(1)),
+    Setting("rpc.read_group", str, "", "a group (name or gid) whose members may use the "
+            "socket with read access only (status, peers, jobs list...); the socket becomes "
+            "mode 0660 with that group. Empty: only our uid and root"),
     Setting("rpc.subscriber_queue", int, 256,
             "events buffered per subscriber before it is marked lagging", _at_least(1)),
     Setting("limits.max_connections", int, 256, "peer connections kept at most", _at_least(1)),
@@ -261,6 +266,11 @@ class Config:
     def socket(self) -> Path:
         return self._values["node.socket"]
 
+    @property
+    def read_gid(self) -> int | None:
+        """`rpc.read_group` as a gid (checked when the config is loaded)."""
+        return _group_id(self._values["rpc.read_group"])
+
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
@@ -277,6 +287,19 @@ class Config:
                 section = sec
             lines.append(f"{name} = {_toml_value(self._values[s.key])}  # {self.sources[s.key]}")
         return "\n".join(lines) + "\n"
+
+
+def _group_id(group: str) -> int | None:
+    """A group name or numeric gid as a gid; None for ""; ConfigError if unknown."""
+    if not group:
+        return None
+    if group.isdigit():
+        return int(group)
+    import grp
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError("rpc.read_group", f"no group named {group!r} on this system") from None
 
 
 def _toml_value(v: Any) -> str:
@@ -348,6 +371,7 @@ def load(*, config_file: Path | None, flags: dict[str, Any],
         values["node.socket"] = paths.socket_in(values["node.state_dir"])
         sources["node.socket"] = "default (<state_dir>/latticed.sock)"
     values["node.socket"] = Path(values["node.socket"]).expanduser().absolute()
+    _group_id(values["rpc.read_group"])  # an unknown group is a config error, now
     # sun_path is 108 bytes on Linux; a longer path fails later with an obscure error
     if len(os.fsencode(str(values["node.socket"]))) > 107:
         raise ConfigError("node.socket", f"path {values['node.socket']} is longer than "

@@ -113,9 +113,9 @@ class Record:
 
 def make_key(namespace: str, name: str) -> str:
     if namespace not in NAMESPACES:
-        raise ValueError(f"unknown namespace {namespace!r}")
+        raise Malformed(f"unknown namespace {namespace!r}")
     if not name:
-        raise ValueError("empty key name")
+        raise Malformed("empty key name")
     return f"/{namespace}/{name}"
 
 

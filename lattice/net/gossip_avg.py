@@ -33,7 +33,8 @@ import logging
 import math
 import secrets
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -384,6 +385,17 @@ class AveragingParty:
     async def wait_idle(self) -> None:
         while self.exchange is not None:
             await self._idle.wait()
+
+    @asynccontextmanager
+    async def exclusive(self, why: str) -> AsyncIterator[None]:
+        """Hold the exchange slot: no average swaps the parameters until the block ends
+        (a checkpoint reads them consistently under it)."""
+        await self.wait_idle()
+        self.begin(why)
+        try:
+            yield
+        finally:
+            self.end()
 
     async def train(self, fn: Callable[[], T]) -> T:
         """Run one training round (``fn``, through ``compute``); offers arriving

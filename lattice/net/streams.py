@@ -1,7 +1,9 @@
 """The stream interface every protocol driver uses, and length-prefixed msgpack framing.
 
-Owns: `Stream` / `PeerNetwork` (what a driver may ask of the network), `send_frame` /
-`recv_frame`, and the error a vanished or misbehaving peer raises (`PeerError`).
+Owns: `Stream` / `PeerNetwork` (what a driver may ask of the network), peer connect and
+disconnect events (`PeerEvent`, fanned out to bounded subscriptions by `PeerEventHub`:
+the one way a service learns that a peer came or went), `send_frame` / `recv_frame`,
+and the error a vanished or misbehaving peer raises (`PeerError`).
 Must not import libp2p: `lattice.net.host` adapts py-libp2p to this interface and
 `lattice.testing.memnet` provides an in-memory one.
 
@@ -11,7 +13,8 @@ Frame: 4-byte big-endian length, then that many bytes of msgpack (proto/README.m
 from __future__ import annotations
 
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 import trio
@@ -90,6 +93,87 @@ class CountingStream:
         await self._stream.reset()
 
 
+CONNECTED = "connected"
+DISCONNECTED = "disconnected"
+LAGGED = "lagged"
+
+
+@dataclass(frozen=True)
+class PeerEvent:
+    """A peer's first connection came up (``connected``) or its last one went down
+    (``disconnected``). ``lagged`` (no peer) tells a subscriber that fell behind that
+    events were dropped: re-read `PeerNetwork.connected_peers` once."""
+
+    kind: str
+    peer_id: str = ""
+    direction: str = "unknown"  # "inbound" | "outbound" | "unknown"
+    addr: str = ""
+    relayed: bool = False
+
+
+class PeerEvents:
+    """One subscription to peer events: ``async for event in events`` until closed.
+    Bounded: when the queue is full further events are dropped (counted), and the next
+    one delivered is a ``lagged`` event. Use as a context manager (closing it stops
+    delivery)."""
+
+    def __init__(self, hub: "PeerEventHub", buffer: int) -> None:
+        self._hub = hub
+        self._send, self._receive = trio.open_memory_channel[PeerEvent](buffer)
+        self.dropped = 0
+        self._lagging = False
+
+    def _offer(self, event: PeerEvent) -> None:
+        try:
+            if self._lagging:
+                self._send.send_nowait(PeerEvent(LAGGED))
+                self._lagging = False
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self.dropped += 1
+            self._hub.dropped += 1
+            self._lagging = True
+        except trio.ClosedResourceError:
+            pass
+
+    def close(self) -> None:
+        self._hub._subscribers.discard(self)
+        self._send.close()
+
+    def __enter__(self) -> "PeerEvents":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> AsyncIterator[PeerEvent]:
+        return self._receive.__aiter__()
+
+
+class PeerEventHub:
+    """Fans peer events out to subscriptions; a `PeerNetwork` implementation owns one
+    and calls `publish` from wherever its transport learns of a connection."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[PeerEvents] = set()
+        self.published = 0
+        self.dropped = 0
+
+    def subscribe(self, buffer: int = 64) -> PeerEvents:
+        events = PeerEvents(self, buffer)
+        self._subscribers.add(events)
+        return events
+
+    def publish(self, event: PeerEvent) -> None:
+        self.published += 1
+        for events in list(self._subscribers):
+            events._offer(event)
+
+    def statistics(self) -> dict[str, int]:
+        return {"subscribers": len(self._subscribers), "published": self.published,
+                "dropped": self.dropped}
+
+
 class PeerNetwork(Protocol):
     """What a protocol driver may ask of the network."""
 
@@ -105,6 +189,11 @@ class PeerNetwork(Protocol):
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None: ...
 
     def connected_peers(self) -> list[str]: ...
+
+    def peer_events(self, *, buffer: int = 64) -> PeerEvents:
+        """Subscribe to peer connect/disconnect events from now on (`PeerEvents`);
+        peers already connected are in `connected_peers`."""
+        ...
 
 
 async def read_exactly(stream: Stream, n: int) -> bytes:

@@ -73,12 +73,6 @@ from lattice.core.state.envelope import (
 from lattice.core.state.limits import MAX_AUTHOR_BYTES, MAX_ENVELOPE_BYTES, StateLimits
 from lattice.core.state.quota import Allowance
 from lattice.core.state.schema import (
-    ROOT_COUNTERS,
-    ROOT_JOBS,
-    ROOT_MEMBER,
-    ROOT_MODELS,
-    ROOT_PARTICIPATION,
-    ROOTS,
     Change,
     OutOfBounds,
     apply_changes,

@@ -13,9 +13,10 @@ Merge rules (proto/crdt-sync.md, "Views"; proto/jobs.md, "Authority"):
   ``timeout`` of ``now`` (and not further than ``timeout`` in the future, so a peer
   with a fast clock cannot look alive forever).
 - jobs: a job record counts only under the author its id commits to
-  (`lattice.core.jobs.read_job`: the id is the hash of kind, spec, submitter and
+  (`lattice.core.jobs.verify_record`: the id is the hash of kind, spec, submitter and
   nonce, and the record is well formed): anyone can write a record under any key, but
-  only the submitter can make one whose id matches. An author's jobs beyond
+  only the submitter can make one whose id matches. Any kind is shown (a daemon joins
+  only the kinds it runs), so every peer shows the same jobs. An author's jobs beyond
   ``max_jobs_per_author`` (newest ``created`` first) are not shown. The job's status
   is the join (max in `STATUS_ORDER`) of the submitter's ``state`` (``submitted`` or
   ``cancelled``) and the claims of *roster members*: ``running`` and ``merging`` from
@@ -42,7 +43,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from lattice.core.jobs import JobSpecError, read_job
+from lattice.core.jobs import JobSpecError, verify_record
 from lattice.core.state.schema import (
     ROOT_COUNTERS,
     ROOT_JOBS,
@@ -189,7 +190,7 @@ class Views:
         valid.pop(job_id, None)
         if record is not None:
             try:
-                read_job(job_id, record)
+                verify_record(job_id, record)
             except JobSpecError:
                 self.ignored["job_record"] += 1
             else:

@@ -291,20 +291,11 @@ class Attacker:
 
 @asynccontextmanager
 async def open_attacker(identity: Identity | None = None) -> AsyncIterator[Attacker]:
-    """A running attacker host on loopback (its peer-event channel is drained)."""
+    """A running attacker host on loopback."""
     from lattice.net.host import open_libp2p_node  # libp2p: only when an attacker runs
 
-    async with open_libp2p_node(identity or Identity.generate(), [LOOPBACK]) as (node, events):
-        async with trio.open_nursery() as nursery:
-            async def drain() -> None:
-                async for _ in events:
-                    pass
-
-            nursery.start_soon(drain)
-            try:
-                yield Attacker(node)
-            finally:
-                nursery.cancel_scope.cancel()
+    async with open_libp2p_node(identity or Identity.generate(), [LOOPBACK]) as node:
+        yield Attacker(node)
 
 
 __all__ = [

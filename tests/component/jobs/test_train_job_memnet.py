@@ -14,7 +14,8 @@ import trio
 from lattice.learn.simulate import JobSpec, simulate
 from lattice.learn.merge import loads_safetensors
 from lattice.learn.tasks import get_task
-from lattice.net.jobs import NotSubmitter, merge_finals
+from lattice.jobs import NotSubmitter
+from lattice.jobs.train import merge_finals
 
 
 def _entry(node, job_id, peer=None):

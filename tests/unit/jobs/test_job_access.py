@@ -22,7 +22,8 @@ def view(record, participants=None, status="submitted"):
 
 
 def plan(me, v, token=None):
-    return J.plan(me, v["id"], v, SPEC, policy=J.Policy(), active=set(), reserved=0, token=token)
+    return J.plan(me, v["id"], v, SPEC, volunteer=True, policy=J.Policy(), active=set(),
+                  reserved=0, token=token)
 
 
 def test_the_token_is_the_submitters_alone_and_stays_out_of_the_record():

@@ -49,14 +49,23 @@ def test_a_record_must_commit_to_its_own_id_and_parse():
     assert job_view("j1", {SUBMITTER: {"jobs": {"j1": record(id="j1")}}}) is None
 
 
-def test_a_record_with_a_malformed_spec_is_not_shown_even_if_its_id_matches():
-    from lattice.core.jobs import compute_job_id
-    bad_spec = {**RECORD["spec"], "steps": "many"}
-    job_id = compute_job_id(bad_spec, SUBMITTER, RECORD["nonce"])
-    bad = {**RECORD, "id": job_id, "spec": bad_spec}
-    views = build({SUBMITTER: {"jobs": {job_id: bad}}})
-    assert views.job(job_id) is None and views.jobs() == {}
-    assert views.statistics()["ignored"] == {"job_record": 1}
+def test_any_kind_is_shown_if_its_id_commits_to_it_and_summarized_with_care():
+    """Views check who wrote a record, not a kind's spec (a daemon joins only the kinds
+    it runs): every peer shows the same jobs, and odd spec values cannot break a summary."""
+    from lattice.core.jobs import compute_job_id, job_summary
+
+    odd_spec = {**RECORD["spec"], "steps": "many", "min_peers": [2]}
+    job_id = compute_job_id(odd_spec, SUBMITTER, RECORD["nonce"], "someday-kind")
+    odd = {**RECORD, "id": job_id, "kind": "someday-kind", "spec": odd_spec}
+    views = build({SUBMITTER: {"jobs": {job_id: odd}}})
+    summary = job_summary(views.job(job_id))
+    assert summary["kind"] == "someday-kind" and summary["steps_total"] == 0
+    assert summary["min_peers"] is None
+    # a record that is not even well formed is not shown
+    for bad in ({**odd, "nonce": 7}, {**odd, "spec": "a spec"}, {**odd, "roster": "all"},
+                {**odd, "access": {"allow": []}}):
+        views = build({SUBMITTER: {"jobs": {job_id: bad}}})
+        assert views.job(job_id) is None and views.statistics()["ignored"] == {"job_record": 1}
 
 
 def test_an_authors_jobs_beyond_the_quota_are_not_shown_newest_first():
