@@ -26,6 +26,7 @@ peers would rightly treat as equivocation.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter
@@ -68,6 +69,20 @@ from lattice.net.streams import (
 log = logging.getLogger("lattice.net.crdt_sync")
 
 PROTOCOL = PROTOCOL_ID
+
+
+@dataclass
+class _Liveness:
+    """When a session last heard a whole frame, last sent one, and since when it has
+    been writing one (`CrdtSync._watchdog`); trio time."""
+
+    heard: float
+    sent: float = -float("inf")
+    writing_since: float | None = None
+    keepalive_due: bool = False
+
+    def __post_init__(self) -> None:
+        self.sent = self.heard
 
 
 class SessionTimeout(PeerError):
@@ -417,8 +432,10 @@ class CrdtSync:
                         failure.append(e)
                     nursery.cancel_scope.cancel()
 
-                nursery.start_soon(guarded, self._write_loop)
-                nursery.start_soon(guarded, self._read_loop)
+                live = _Liveness(trio.current_time())
+                nursery.start_soon(guarded, functools.partial(self._write_loop, live=live))
+                nursery.start_soon(guarded, functools.partial(self._read_loop, live=live))
+                nursery.start_soon(guarded, functools.partial(self._watchdog, live=live))
             error = failure[0] if failure else None
             sid = session.session_id
             if isinstance(error, (SyncProtocolError, RemoteProtocolError)):
@@ -435,20 +452,38 @@ class CrdtSync:
         finally:
             await _quietly(stream.reset if penalized else stream.close)
 
-    async def _recv(self, stream: CountingStream, session: SyncSession) -> Any:
-        """The next frame, or None at EOF; raises SessionTimeout when the remote is
-        silent: a whole frame must arrive in time, so a trickle does not hold us."""
-        phase, limit = (("idle", self.config.idle_timeout) if session.hello_received
-                        else ("hello", self.config.hello_timeout))
-        with trio.move_on_after(limit) as scope:
-            return await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
-        assert scope.cancelled_caught
-        raise SessionTimeout(phase, limit)
+    async def _watchdog(self, stream: CountingStream, session: SyncSession, *,
+                        live: _Liveness) -> None:
+        """End the session when the remote is silent (no hello within ``hello_timeout``,
+        then no whole frame within ``idle_timeout``: a trickle does not hold us) or does
+        not take a frame of ours within ``idle_timeout``; ask for a keepalive when we
+        sent nothing for a third of it. One task per session that wakes a few times per
+        idle period, so a message costs a timestamp, not a cancel scope."""
+        idle = self.config.idle_timeout
+        while True:
+            now = trio.current_time()
+            phase, limit = (("idle", idle) if session.hello_received
+                            else ("hello", self.config.hello_timeout))
+            if now >= live.heard + limit:
+                raise SessionTimeout(phase, limit)
+            if live.writing_since is not None and now >= live.writing_since + idle:
+                raise SessionTimeout("write", idle)
+            wake = live.heard + limit
+            if live.writing_since is not None:
+                wake = min(wake, live.writing_since + idle)
+            elif session.open:
+                if now >= live.sent + idle / 3:
+                    live.keepalive_due = True
+                    self._wake(session)
+                wake = min(wake, max(live.sent, now) + idle / 3)
+            await trio.sleep_until(wake)
 
-    async def _read_loop(self, stream: CountingStream, session: SyncSession) -> None:
-        msg = await self._recv(stream, session)
+    async def _read_loop(self, stream: CountingStream, session: SyncSession, *,
+                         live: _Liveness) -> None:
+        msg = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
         me = self.network.peer_id
         while msg is not None:
+            live.heard = trio.current_time()
             outcome = self.hub.handle(session, msg, self._clock())
             if session.hello_received and \
                     self.store.seq_of(me) >= session.hello_seqs.get(me, 0):
@@ -459,28 +494,27 @@ class CrdtSync:
                             session.remote_peer, session.session_id, author)
             if session.has_pending():
                 self._wake(session)
-            msg = await self._recv(stream, session)
+            msg = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
         raise StreamClosedError("remote ended the session")
 
-    async def _write_loop(self, stream: CountingStream, session: SyncSession) -> None:
-        idle = self.config.idle_timeout
+    async def _write_loop(self, stream: CountingStream, session: SyncSession, *,
+                          live: _Liveness) -> None:
         while True:
             msg = session.next_message(self.config.max_batch_bytes)
+            if msg is None and live.keepalive_due:
+                msg = session.keepalive()  # quiet for a while: show we are alive
             if msg is None:
                 # No await between the None above and registering the event, so a wake
                 # cannot slip in between and be lost.
                 event = trio.Event()
                 self._wakers[id(session)] = event
-                with trio.move_on_after(idle / 3):
-                    await event.wait()
-                    continue
-                msg = session.keepalive()  # quiet for a while: show we are alive
-                if msg is None:
-                    continue
-            with trio.move_on_after(idle) as scope:
-                await send_frame(stream, msg)
-            if scope.cancelled_caught:
-                raise SessionTimeout("write", idle)
+                await event.wait()
+                continue
+            live.keepalive_due = False
+            live.writing_since = trio.current_time()
+            await send_frame(stream, msg)
+            live.writing_since = None
+            live.sent = trio.current_time()
 
     async def _keep_sessions(self) -> None:
         """Keep one session per connected peer: start it as the connection comes up

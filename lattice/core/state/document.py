@@ -35,16 +35,18 @@ def copy_doc(doc: Doc | None, client_id: int | None = None) -> Doc:
     return out
 
 
-def apply_checked(base: Doc | None, update: bytes) -> Doc:
+def apply_checked(base: Doc | None, update: bytes, *, scan: bool = True) -> Doc:
     """A new document: ``base`` (None: empty) with ``update`` applied. ``base`` is untouched.
 
     Raises UpdateError: ``malformed_update`` or ``unsupported_update`` if the bounded
     pre-scan (`update_scan.check_update`, run before pycrdt sees a byte: its decoder
     can overflow its stack) refuses it or pycrdt cannot decode it, and ``incomplete`` if
     some of its items depend on items the document does not have: Yjs would keep those
-    pending, invisible, and an honest author never sends them.
+    pending, invisible, and an honest author never sends them. ``scan=False`` skips the
+    pre-scan for an update pycrdt itself just wrote (our own).
     """
-    check_update(update)
+    if scan:
+        check_update(update)
     candidate = copy_doc(base)
     try:
         candidate.apply_update(update)

@@ -396,7 +396,7 @@ class StateStore:
         if retained_bytes > MAX_AUTHOR_BYTES:
             raise _Quota(f"author {env.author} would hold {retained_bytes} bytes "
                          f"> {MAX_AUTHOR_BYTES} without a snapshot")
-        doc = apply_checked(base, env.update)
+        doc = apply_checked(base, env.update, scan=not local)  # ours: pycrdt wrote it
         content = read_content(doc)
         check_content(env.author, content)
         growth = retained_bytes - st.retained_bytes if env.author != self.peer_id else 0
