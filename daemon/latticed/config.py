@@ -177,6 +177,8 @@ SETTINGS: list[Setting] = [
     Setting("jobs.allowed_plugins", list, [], "plugin tasks (entry points in group "
             "lattice.tasks, installed on this machine) this daemon may run"),
     Setting("jobs.max_jobs", int, 1, "jobs joined or running at once", _at_least(0)),
+    Setting("jobs.join_timeout_s", float, 600.0, "a job joined but given no roster within "
+            "this long is left (it would hold a slot forever)", _at_least(1.0)),
     Setting("jobs.compute_threads", int, 1, "worker threads for training math", _at_least(1)),
     Setting("jobs.checkpoint_every", int, 20, "rounds between checkpoints (0: only at the end)",
             _at_least(0)),

@@ -186,7 +186,8 @@ async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
     config = JobsConfig(
         accept_tasks=tuple(cfg["jobs.accept_tasks"]),
         allowed_plugins=tuple(cfg["jobs.allowed_plugins"]),
-        max_jobs=cfg["jobs.max_jobs"], compute_threads=cfg["jobs.compute_threads"],
+        max_jobs=cfg["jobs.max_jobs"], join_timeout=cfg["jobs.join_timeout_s"],
+        compute_threads=cfg["jobs.compute_threads"],
         checkpoint_every=cfg["jobs.checkpoint_every"], max_params=cfg["jobs.max_params"],
         blob=BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"]))
     transport: TensorTransport | None = None

@@ -94,6 +94,8 @@ class JobsConfig:
     """Plugin task names (entry points) this daemon may load."""
     max_jobs: int = 1
     """Jobs joined or running at once."""
+    join_timeout: float = 600.0
+    """A job joined but not sealed within this long is left (`Policy.join_timeout`)."""
     progress_interval: float = 1.0
     """Seconds between progress writes to our participation entry (plus every transition)."""
     checkpoint_every: int = 20
@@ -196,7 +198,7 @@ class JobSupervisor:
         self.me = network.peer_id
         self._clock = services.clock
         self._rng = services.rng
-        self._policy = Policy(self.config.max_jobs)
+        self._policy = Policy(self.config.max_jobs, self.config.join_timeout)
         self._parsers = {name: kind.parse_spec for name, kind in self.kinds.items()}
         self._specs: dict[str, tuple[Any, JobSpecLike | JobSpecError]] = {}
         self._runs: dict[str, Run] = {}
@@ -389,7 +391,7 @@ class JobSupervisor:
             kind = self.kinds[view["spec"]["kind"]]
             actions = plan(self.me, job_id, view, spec, volunteer=kind.volunteers(job_id, spec),
                            policy=self._policy, active=set(self._runs), reserved=reserved,
-                           alive=alive,
+                           alive=alive, now=now,
                            token=self.token(job_id) if view["submitter"] == self.me else None)
             for action in actions:
                 reserved += isinstance(action, Join)

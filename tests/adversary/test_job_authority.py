@@ -16,7 +16,7 @@ from lattice.core.identity import Identity
 from lattice.core.jobs import join_proof
 from lattice.core.state import Set
 from lattice.testing.daemons import run_cli
-from lattice.testing.hostile.state import Author, Fleet, hijack_record, open_attacker
+from lattice.testing.hostile.state import Author, Fleet, hijack_record, job_records, open_attacker
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,10 @@ async def eventually(check, what: str, timeout: float = 60.0):
 
 async def job_in(d, job_id: str, statuses: tuple[str, ...]) -> dict:
     async def reached():
-        job = await rpc(d, "jobs.get", job_id=job_id)
+        try:
+            job = await rpc(d, "jobs.get", job_id=job_id)
+        except lattice.LatticeError:  # not replicated here yet
+            return None
         return job if job["status"] in statuses else None
     return await eventually(reached, f"job {job_id} to be {statuses}", timeout=120)
 
@@ -183,3 +186,30 @@ async def test_a_private_job_seals_only_the_peers_given_its_token(fleet):
         done = await job_in(v, job_id, ("done", "failed"))
     assert done["status"] == "done" and done["roster"] == sorted([v_id, friend_id])
     assert token not in repr(await rpc(friend, "state.get", path=""))
+
+
+async def test_a_job_its_submitter_never_seals_does_not_hold_a_volunteers_slot(fleet):
+    env = {"LATTICE_JOBS_JOIN_TIMEOUT_S": "3"}
+    v = await start(fleet, env=env)
+    v_id, addr = (s := await rpc(v, "status"))["peer_id"], s["advertised_addrs"][0]
+    mallory = Author()
+    async with open_attacker(mallory.identity) as attacker:
+        session = await attacker.open_session(await attacker.connect(addr))
+        [bait], raw = job_records(mallory, 1, time.time(), min_peers=64)
+        await session.send_envelopes([mallory.member(time.time()), raw])
+        await session.sync_point()
+
+        def in_state(state):
+            async def check():
+                job = await rpc(v, "jobs.get", job_id=bait)
+                return job["participants"].get(v_id, {}).get("state") == state and job
+            return check
+
+        await eventually(in_state("joined"), "the victim to volunteer")
+        job = await eventually(in_state("left"), "the victim to give up")
+        assert job["participants"][v_id]["reason"] == "not_sealed"
+        # its one slot is free again: it takes part in an honest job
+        helper = await start(fleet, "--bootstrap", addr, env=env)
+        honest = (await rpc(helper, "jobs.submit", spec={**SMALL, "min_peers": 2}))["job_id"]
+        done = await job_in(v, honest, ("done", "failed"))
+    assert done["status"] == "done" and v_id in done["roster"]

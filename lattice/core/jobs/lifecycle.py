@@ -196,6 +196,10 @@ class Policy:
     """This daemon's capacity for jobs (daemon config ``[jobs]``)."""
 
     max_jobs: int = 1
+    join_timeout: float = 600.0
+    """A job we joined whose roster is not sealed within this many seconds is left
+    (reason ``not_sealed``): anyone may submit a job and never seal it, which would
+    hold our slot forever."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +249,7 @@ _OUR_FINISHED = ("done", "left", "failed")
 def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, volunteer: bool,
          policy: Policy, active: frozenset[str] | set[str], reserved: int,
          alive: Callable[[str], bool] = lambda _peer: True,
-         token: str | None = None) -> list[Action]:
+         token: str | None = None, now: float | None = None) -> list[Action]:
     """What this daemon should do about one job, from the merged view (`store.jobs()`).
 
     ``volunteer``: the job's kind says this daemon takes part if there is room (its
@@ -253,9 +257,10 @@ def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, vo
     are running now; ``reserved``: how many jobs we are running or have joined and wait
     for (capacity in use); ``alive``: whether a peer has a live member record (only
     those are sealed); ``token``: the job's token when we submitted it
-    (`lattice.core.jobs.access`), to check joiners' proofs. Idempotent: applying the
-    actions and calling again yields nothing new, so the runner may call it on every
-    change."""
+    (`lattice.core.jobs.access`), to check joiners' proofs; ``now``: the clock of our
+    entries' ``updated``, for ``policy.join_timeout`` (None: never give up). Idempotent:
+    applying the actions and calling again yields nothing new, so the runner may call
+    it on every change."""
     status = view.get("status", "submitted")
     record = view.get("spec", {})
     participants = view.get("participants", {})
@@ -281,6 +286,10 @@ def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, vo
         if our_state is None and volunteer and reserved < policy.max_jobs \
                 and may_volunteer(record, me) and joined < spec.max_peers:
             actions.append(Join(job_id))
+        elif (our_state == "joined" and now is not None and view.get("submitter") != me
+              and type(ours.get("updated")) in (int, float)
+              and now - ours["updated"] > policy.join_timeout):
+            actions.append(Withdraw(job_id, "not_sealed"))
         return actions
     rank = rank_of(roster, me)
     if rank is None:

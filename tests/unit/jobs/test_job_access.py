@@ -103,3 +103,21 @@ def test_malformed_access_is_refused(access):
     job_id, record = job()
     with pytest.raises(J.JobSpecError, match="access"):
         J.read_job(job_id, {**record, "access": access})
+
+
+def test_a_job_joined_but_never_sealed_is_left_after_the_join_timeout():
+    """Anyone may submit a job and never seal it: our slot must not be held forever."""
+    _, record = job()
+    waiting = view(record, {A: {"state": "joined", "updated": 100.0}})
+    policy = J.Policy(max_jobs=1, join_timeout=60.0)
+
+    def plan_at(me, now):
+        return J.plan(me, record["id"], waiting, SPEC, volunteer=True, policy=policy,
+                      active=set(), reserved=1, now=now)
+
+    assert plan_at(A, 150.0) == []
+    assert plan_at(A, 161.0) == [J.Withdraw(record["id"], "not_sealed")]
+    # its submitter does not give up on its own job
+    mine = view(record, {ME: {"state": "joined", "updated": 100.0}})
+    assert J.plan(ME, record["id"], mine, SPEC, volunteer=True, policy=policy, active=set(),
+                  reserved=1, now=1e9) == []
