@@ -312,8 +312,12 @@ class JobSupervisor:
                                  timeout=timeout if timeout is not None else self.config.fetch_timeout)
 
     def statistics(self) -> dict[str, Any]:
+        kinds: Counter[str] = Counter()
+        for kind in self.kinds.values():
+            kinds.update(kind.counts)
         return {
             **self.counts,
+            **kinds,
             "running": {jid: {"kind": r.kind.name, "round": r.round, "state": r.state,
                               "rank": r.rank, **r.progress}
                         for jid, r in self._runs.items()},

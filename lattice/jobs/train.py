@@ -12,6 +12,7 @@ proto/jobs.md.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,7 @@ class TrainKind:
         self.services = services
         self.config = services.config
         self._tasks: dict[bytes, Task] = {}
+        self.counts: Counter[str] = Counter()
 
     def parse_spec(self, raw: Any) -> TrainSpec:
         return parse_train_spec(raw)
@@ -203,6 +205,7 @@ class TrainKind:
                 raise ModelFormatError("not this job's final model")
         except ModelFormatError as e:
             log.warning("job=%s peer=%s final model rejected: %s", run.job_id, inp.peer, e)
+            self.counts["final_rejected"] += 1
             return None
         return params
 
