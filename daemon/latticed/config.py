@@ -192,6 +192,18 @@ SETTINGS: list[Setting] = [
             "announcements are re-sent this often", _at_least(1.0)),
     Setting("dht.max_records_total", int, 20000, "records stored for others, at most",
             _at_least(1)),
+    Setting("dht.max_records_per_publisher", int, 1024, "records (and provider "
+            "announcements) of one publisher stored for others, at most", _at_least(1)),
+    Setting("dht.max_records_per_ip", int, 2000, "records (and provider announcements) "
+            "delivered from one source network stored for others, at most; a full store "
+            "evicts from the biggest network first", _at_least(1)),
+    Setting("dht.source_prefix_v4", int, 24, "the IPv4 prefix length one source network "
+            "spans for max_records_per_ip", _at_least(8)),
+    Setting("dht.source_prefix_v6", int, 48, "the IPv6 prefix length one source network "
+            "spans for max_records_per_ip", _at_least(16)),
+    Setting("dht.penalty_backoff_s", float, 60.0, "a peer that broke the DHT protocol is "
+            "refused this long (doubling with each further offence, at most 1 h)",
+            _at_least(1.0)),
     Setting("jobs.accept_tasks", list, ["digits-softmax", "digits-mlp", "breast-cancer-logreg"],
             "training tasks this daemon volunteers for (advertised in its member record)"),
     Setting("jobs.allowed_plugins", list, [], "plugin tasks (entry points in group "
@@ -210,6 +222,12 @@ SETTINGS: list[Setting] = [
             _at_least(0)),
     Setting("bulk.advertise", list, [], "IP addresses peers reach the side channel at "
             "(default: the listen addresses, 0.0.0.0 replaced by the host's interface addresses)"),
+    Setting("bulk.max_handshakes", int, 64, "side-channel connections waiting for their "
+            "hello at once", _at_least(1)),
+    Setting("bulk.max_handshakes_per_ip", int, 4, "of those, from one source network "
+            "(IPv4 /24, IPv6 /48)", _at_least(1)),
+    Setting("bulk.hello_timeout_s", float, 3.0, "a side-channel connection that has not "
+            "sent its 72-byte hello by then is closed", _at_least(0.1)),
     Setting("blobs.max_store_bytes", int, 4 << 30, "disk used for model blobs, at most",
             _at_least(1 << 20)),
     Setting("models.compute_threads", int, 1, "worker threads for importing, merging and "
