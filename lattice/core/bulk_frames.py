@@ -309,9 +309,10 @@ def parse_abort(obj: Any) -> str:
 
 
 def message_type(obj: Any) -> str:
-    if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
+    kind = obj.get("t") if isinstance(obj, dict) else None
+    if not isinstance(kind, str):
         raise BulkFormatError("control message must be a map with a string 't'")
-    return obj["t"]
+    return kind
 
 
 def _expect_type(obj: Any, t: str, keys: set[str]) -> None:
