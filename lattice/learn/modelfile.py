@@ -399,14 +399,16 @@ def save_npz(path: str | os.PathLike[str] | IO[bytes], arrays: Mapping[str, np.n
     """numpy .npz (uncompressed); metadata is canonical JSON in a uint8 array named
     `__lattice_meta__`. Not canonical bytes (zip headers): ids come from safetensors."""
     meta = check_meta(meta)
-    if NPZ_META_KEY in arrays:
-        raise ModelFormatError(f"tensor name {NPZ_META_KEY!r} is reserved")
+    # numpy.savez reads a keyword named allow_pickle as its own option, dropping the tensor
+    for reserved in (NPZ_META_KEY, "allow_pickle"):
+        if reserved in arrays:
+            raise ModelFormatError(f"tensor name {reserved!r} is reserved in .npz")
     for name, arr in arrays.items():
         if np.asarray(arr).dtype.hasobject:
             raise ModelFormatError(f"tensor {name!r}: object arrays are not allowed")
     payload = {k: np.asarray(v) for k, v in arrays.items()}
     payload[NPZ_META_KEY] = np.frombuffer(canonical_json(meta), dtype=np.uint8)
-    np.savez(path, **payload)
+    np.savez(path, allow_pickle=False, **payload)
 
 
 def load_npz(path: str | os.PathLike[str] | IO[bytes]) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -223,6 +223,12 @@ def test_npz_round_trip_and_pickle_is_never_loaded(tmp_path):
         save_npz(tmp_path / "x.npz", {"o": np.array([None], dtype=object)})
 
 
+def test_npz_refuses_a_tensor_numpy_would_take_for_its_own_option(tmp_path):
+    # numpy.savez(file, allow_pickle=..., **arrays): a tensor of that name was dropped
+    with pytest.raises(ModelFormatError, match="allow_pickle"):
+        save_npz(tmp_path / "m.npz", {"allow_pickle": np.zeros(3), "w": np.ones(2)})
+
+
 # -- hostile headers (issue 11, item 4): only ModelFormatError, bounded before parsing ----------
 
 
