@@ -377,17 +377,17 @@ def save_safetensors(path: str | os.PathLike[str] | IO[bytes], arrays: Mapping[s
     """Write the canonical bytes; returns the v1 model id (the file's SHA-256)."""
     data = canonical_model_bytes(arrays, meta)
     if hasattr(path, "write"):
-        path.write(data)  # type: ignore[union-attr]
+        path.write(data)
     else:
-        with open(path, "wb") as f:  # type: ignore[arg-type]
+        with open(path, "wb") as f:
             f.write(data)
     return hashlib.sha256(data).hexdigest()
 
 
 def load_safetensors(path: str | os.PathLike[str] | IO[bytes]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if hasattr(path, "read"):
-        return loads_safetensors(path.read())  # type: ignore[union-attr]
-    with open(path, "rb") as f:  # type: ignore[arg-type]
+        return loads_safetensors(path.read())
+    with open(path, "rb") as f:
         return loads_safetensors(f.read())
 
 

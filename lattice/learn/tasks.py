@@ -107,7 +107,7 @@ def _standardized(X: np.ndarray, y: np.ndarray, n_classes: int) -> Dataset:
     std = X[train_idx].std(axis=0)
     std[std == 0] = 1.0  # constant features (digits' border pixels) stay 0, not NaN
     Xs = ((X - mean) / std).astype(np.float32)
-    arrays = [Xs[train_idx], y[train_idx].astype(np.int64), Xs[test_idx], y[test_idx].astype(np.int64)]
+    arrays = (Xs[train_idx], y[train_idx].astype(np.int64), Xs[test_idx], y[test_idx].astype(np.int64))
     for a in arrays:
         a.setflags(write=False)  # cached and shared by every task instance
     return Dataset(*arrays, n_classes=n_classes)
@@ -236,16 +236,17 @@ class SoftmaxRegression(Task):
 
     def _logits(self, params: np.ndarray, X: np.ndarray) -> np.ndarray:
         blocks = self.unflatten(params)
-        return X.astype(params.dtype, copy=False) @ blocks["W"] + blocks["b"]
+        logits: np.ndarray = X.astype(params.dtype, copy=False) @ blocks["W"] + blocks["b"]
+        return logits
 
-    def _losses(self, params, X, y):
+    def _losses(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         return _softmax_ce(self._logits(params, X), y)[0]
 
-    def predict_scores(self, params, X):
+    def predict_scores(self, params: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits = self._logits(params, X)
         return logits, logits.argmax(axis=1)
 
-    def loss_and_grad(self, params, X, y):
+    def loss_and_grad(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         X = X.astype(params.dtype, copy=False)
         blocks = self.unflatten(params)
         losses, dlogits = _softmax_ce(X @ blocks["W"] + blocks["b"], y)
@@ -306,21 +307,23 @@ class MLPClassifier(Task):
         b["W2"][...] = rng.normal(0.0, np.sqrt(2.0 / (h + k)), (h, k))
         return p
 
-    def _forward(self, params, X):
+    def _forward(
+            self, params: np.ndarray, X: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         blocks = self.unflatten(params)
         X = X.astype(params.dtype, copy=False)
         pre = X @ blocks["W1"] + blocks["b1"]
         hid = np.maximum(pre, 0) if self.activation == "relu" else np.tanh(pre)
         return blocks, X, pre, hid, hid @ blocks["W2"] + blocks["b2"]
 
-    def _losses(self, params, X, y):
+    def _losses(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         return _softmax_ce(self._forward(params, X)[-1], y)[0]
 
-    def predict_scores(self, params, X):
+    def predict_scores(self, params: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits = self._forward(params, X)[-1]
         return logits, logits.argmax(axis=1)
 
-    def loss_and_grad(self, params, X, y):
+    def loss_and_grad(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         blocks, X, pre, hid, logits = self._forward(params, X)
         losses, dlogits = _softmax_ce(logits, y)
         grad = np.empty_like(params)
@@ -358,20 +361,22 @@ class LogisticRegression(Task):
         p[:-1] = rng.normal(0.0, 0.01, self.num_params - 1)
         return p
 
-    def _margin(self, params, X):
+    def _margin(self, params: np.ndarray, X: np.ndarray) -> np.ndarray:
         blocks = self.unflatten(params)
-        return X.astype(params.dtype, copy=False) @ blocks["w"] + blocks["b"][0]
+        margin: np.ndarray = X.astype(params.dtype, copy=False) @ blocks["w"] + blocks["b"][0]
+        return margin
 
-    def _losses(self, params, X, y):
+    def _losses(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         z = self._margin(params, X)
         # log(1 + exp(-s z)) with s = 2y - 1, computed stably
-        return np.logaddexp(0, -(2 * y - 1) * z)
+        losses: np.ndarray = np.logaddexp(0, -(2 * y - 1) * z)
+        return losses
 
-    def predict_scores(self, params, X):
+    def predict_scores(self, params: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z = self._margin(params, X)
         return z, (z > 0).astype(np.int64)
 
-    def loss_and_grad(self, params, X, y):
+    def loss_and_grad(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         X = X.astype(params.dtype, copy=False)
         blocks = self.unflatten(params)
         z = X @ blocks["w"] + blocks["b"][0]
@@ -418,7 +423,8 @@ def _plugin_factory(name: str) -> TaskFactory:
                         f"(entry-point group {ENTRY_POINT_GROUP!r})")
     if len(matches) > 1:
         raise TaskError(f"task {name!r} is provided by {len(matches)} installed entry points; refusing to guess")
-    return matches[0].load()
+    factory: TaskFactory = matches[0].load()  # a plugin's word; get_task checks what it builds
+    return factory
 
 
 def get_task(name: str, allowed_plugins: Iterable[str] = (), **options: Any) -> Task:
