@@ -162,7 +162,8 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
                 finally:
                     node.state = STOPPING
                     node.bus.publish("daemon", {"event": "state", "state": STOPPING})
-                    node.state_log.close()
+                    if node.state_log is not None:
+                        node.state_log.close()
                     if node.dht is not None:
                         discovery.save_dht_state(node)
         except host_mod.ListenError as e:  # raised by open_libp2p_node only

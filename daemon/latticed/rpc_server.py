@@ -23,7 +23,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -195,7 +195,8 @@ class RpcServer:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is created 0600: no window with wider mode
         try:
-            sock._sock.bind(str(tmp))
+            # trio has no synchronous bind; the umask above must cover the bind itself
+            sock._sock.bind(str(tmp))  # type: ignore[attr-defined]
         finally:
             os.umask(old_umask)
         try:
@@ -214,7 +215,7 @@ class RpcServer:
         self._inode = path.stat().st_ino
         return sock
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[RpcServer] = trio.TASK_STATUS_IGNORED) -> None:
         sock = self.bind()
         listener = trio.SocketListener(sock)
         try:
@@ -281,7 +282,9 @@ class RpcServer:
                 decoder = StreamDecoder(self.max_frame) if client.plain \
                     else FrameDecoder(self.max_frame)
             try:
-                events = parse_peer_input(decoder.feed, data)
+                feed: Callable[[bytes], Sequence[Frame | BadFrame | OversizedFrame | Unrecoverable]] = \
+                    decoder.feed
+                events = parse_peer_input(feed, data)
             except RemoteProtocolError as e:  # the decoder choked: its buffer is lost
                 self.stats.unrecoverable_streams += 1
                 log.info("closing local client pid=%s: %s", client.pid, e)
