@@ -140,7 +140,7 @@ def _open(path: Path, timeout: float | None) -> socket_mod.socket:
         _connect_patiently(s, path, timeout)
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
         s.close()
-        raise connect_error(path, e) from None
+        raise (connect_error(path, e) or e) from None
     return s
 
 

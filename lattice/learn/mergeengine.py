@@ -109,7 +109,8 @@ class ArrayBackedSource:
 class ModelReader(Protocol):
     """A model to read tensor by tensor."""
 
-    meta: dict[str, str]
+    @property
+    def meta(self) -> dict[str, str]: ...
 
     def infos(self) -> dict[str, TensorInfo]: ...
 

@@ -214,7 +214,7 @@ class _CircuitRelay(CircuitV2Protocol):
         try:
             with trio.fail_after(_HOP_READ_TIMEOUT):
                 msg = await read_delimited_msg(stream, HopMessage)
-        except (trio.TooSlowError, ProtobufDecodeError, ValueError, *PEER_ERRORS):
+        except (trio.TooSlowError, ProtobufDecodeError, ValueError) + PEER_ERRORS:
             await self._refuse(stream, StatusCode.MALFORMED_MESSAGE, "malformed")
             return
         if msg.type == HopMessage.RESERVE:
@@ -258,7 +258,7 @@ class _CircuitRelay(CircuitV2Protocol):
         try:
             with scope:
                 await self._pump(src_stream, dst_stream, deadline, circuit_data_limit)
-        except (EOFError, *PEER_ERRORS):
+        except (EOFError,) + PEER_ERRORS:
             pass  # one end went away: the circuit is over
         finally:
             for other in scopes:
@@ -270,7 +270,7 @@ class _CircuitRelay(CircuitV2Protocol):
                 for s in (src_stream, dst_stream):
                     try:
                         await s.reset()
-                    except (EOFError, *PEER_ERRORS):
+                    except (EOFError,) + PEER_ERRORS:
                         pass
             for k, (a, b) in list(self._active_relays.items()):
                 if a in (src_stream, dst_stream) or b in (src_stream, dst_stream):
@@ -829,7 +829,7 @@ class NatManager:
                 secured = await upgrader.upgrade_security(raw, True, ID.from_base58(peer))
                 await secured.close()
                 return True
-            except (OpenConnectionError, UpgradeFailure, *PEER_ERRORS) as e:
+            except (OpenConnectionError, UpgradeFailure) + PEER_ERRORS as e:
                 log.debug("dial-back to peer=%s at %s failed: %s", peer, addr, e)
                 return False
             finally:
@@ -880,9 +880,9 @@ class NatManager:
             out += [(pid, a) for a in addrs]
         out += self.bootstrap
         seen: dict[str, str] = {}
-        for pid, addr in out:
+        for pid, relay_addr in out:
             if pid != self.me:
-                seen.setdefault(pid, addr)
+                seen.setdefault(pid, relay_addr)
         return list(seen.items())
 
     async def _keep_reservations(self) -> None:
@@ -1115,7 +1115,7 @@ class NatManager:
             result = await trio.to_thread.run_sync(_upnp_map, port, abandon_on_cancel=True)
             state, external, detail = result
             self.upnp.state, self.upnp.external, self.upnp.detail = state, external, detail
-            if state != "mapped":
+            if state != "mapped" or external is None:
                 log.info("upnp: %s", detail)
                 return
             log.info("upnp: mapped %s -> port %d", _maddr(external), port)
