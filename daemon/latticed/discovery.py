@@ -22,7 +22,6 @@ from lattice.core.records import RecordError
 from lattice.net.bulk import BulkListener, serve_bulk_listener
 from lattice.net.dht import DHTConfig, KademliaDHT, Mode, StateError, serve_dht
 from lattice.net.streams import PeerError
-
 from latticed import presence
 
 if TYPE_CHECKING:

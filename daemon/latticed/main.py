@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from latticed import __version__
+from latticed import __version__, statedir
 from latticed import config as config_mod
-from latticed import statedir
 
 if TYPE_CHECKING:
     from latticed.node import Node

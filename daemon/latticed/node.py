@@ -26,14 +26,13 @@ import trio
 
 from lattice.core.identity import Identity
 from lattice.core.state import StateLimits, StateStore
+from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
 from lattice.net.blob import BlobConfig, DhtProviders
 from lattice.net.bulk import BulkListener
 from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state, serve_crdt_sync
 from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
 from lattice.net.modelstore import ModelService, open_model_service
-from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
-
 from latticed import discovery, metrics, presence, statedir
 from latticed.config import Config, volunteer_config
 from latticed.events import EventBus

@@ -17,7 +17,6 @@ import trio
 from lattice.core.state import Change, LocalStateError, Set
 from lattice.net import crdt_sync
 from lattice.net.streams import CONNECTED, DISCONNECTED, PeerEvents
-
 from latticed import __version__
 
 if TYPE_CHECKING:

@@ -58,7 +58,6 @@ from lattice.api.framing import (
 from lattice.api.methods import METHODS, READ, WRITE, Method
 from lattice.core.codec import pack
 from lattice.net.streams import RemoteProtocolError, parse_peer_input
-
 from latticed.events import EventBus, Subscription
 
 log = logging.getLogger("latticed.rpc")

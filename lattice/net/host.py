@@ -29,7 +29,6 @@ from typing import Any
 
 import multiaddr
 import trio
-
 from libp2p import new_host
 from libp2p.abc import INetConn, INetStream, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair

@@ -18,8 +18,8 @@ from typing import Any, Callable
 import pytest
 
 import lattice
-from lattice.testing import natlab
 from lattice.api.paths import child_env
+from lattice.testing import natlab
 from lattice.testing.daemons import wait_for
 
 LISTEN_PORT = 4001

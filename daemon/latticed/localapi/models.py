@@ -30,7 +30,6 @@ from lattice.learn.mergespec import MergeSpec, MergeSpecError
 from lattice.learn.modelfile import ModelFormatError
 from lattice.net.blob import BlobNotFound, BlobStoreFull, is_blob_id
 from lattice.net.modelstore import ModelNotFound, ModelService, ModelUnavailable
-
 from latticed.localapi.jobs import require_jobs
 from latticed.rpc_server import ClientConnection, Handler
 

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 from lattice.api.errors import InvalidArgumentError, NotFoundError, NotReadyError
 from lattice.core.state import Change, LocalStateError, Set, StatePathError, StateStore
 from lattice.net.crdt_sync import CrdtSync
-
 from latticed.rpc_server import ClientConnection, Handler
 
 if TYPE_CHECKING:

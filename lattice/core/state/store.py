@@ -51,6 +51,7 @@ from typing import Any
 
 from lattice.core.codec import canonical
 from lattice.core.identity import Identity
+from lattice.core.state import views
 from lattice.core.state.document import (
     StateDoc,
     UpdateError,
@@ -78,7 +79,6 @@ from lattice.core.state.schema import (
     check_content,
     empty_content,
 )
-from lattice.core.state import views
 
 ACCEPTED = "accepted"
 BUFFERED = "buffered"

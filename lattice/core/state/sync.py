@@ -52,13 +52,13 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from lattice.core.state.envelope import Envelope
-from lattice.core.state.quota import Allowance
 from lattice.core.state.limits import (
     MAX_BATCH_BYTES,
     MAX_ITEMS_PER_MESSAGE,
     MAX_SEQ,
     MAX_SUMMARY_ENTRIES,
 )
+from lattice.core.state.quota import Allowance
 from lattice.core.state.store import StateStore
 
 PROTOCOL_ID = "/lattice/crdt-sync/1"

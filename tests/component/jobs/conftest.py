@@ -5,12 +5,13 @@ deterministically and fast, and participants really are busy while they train)."
 from __future__ import annotations
 
 import random
+
 import pytest
 import trio
 
+from lattice.jobs import JobsConfig, serve_jobs
 from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync, serve_heartbeat
 from lattice.net.gossip_avg import GossipConfig
-from lattice.jobs import JobsConfig, serve_jobs
 from lattice.testing.memnet import MemoryNetwork
 
 FAST = JobsConfig(progress_interval=1.0, checkpoint_every=5, sync_patience=1.0, merge_takeover=5.0,

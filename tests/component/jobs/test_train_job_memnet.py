@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import trio
 
-from lattice.learn.simulate import JobSpec, simulate
-from lattice.learn.merge import loads_safetensors
-from lattice.learn.tasks import get_task
 from lattice.jobs import NotSubmitter
 from lattice.jobs.train import merge_finals
+from lattice.learn.merge import loads_safetensors
+from lattice.learn.simulate import JobSpec, simulate
+from lattice.learn.tasks import get_task
 
 
 def _entry(node, job_id, peer=None):

@@ -2,7 +2,8 @@
 week's end, and when the next change comes (what `lattice status` says "until")."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lattice.core.governor import ScheduleError, parse_schedule
 

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from lattice.core import jobs as J
 from lattice.core.state import views
+from lattice.jobs.train import merge_finals
 from lattice.learn.simulate import JobSpec, final_merge, make_participant, participant_round
 from lattice.learn.tasks import get_task
-from lattice.jobs.train import merge_finals
 
 ME, A, B, C, D = "me", "peer-a", "peer-b", "peer-c", "peer-d"
 
