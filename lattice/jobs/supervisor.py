@@ -62,7 +62,7 @@ from lattice.core.jobs.train import BUILTIN_TASKS
 from lattice.core.state import LocalStateError, Set, StateStore
 from lattice.jobs.checkpoints import CheckpointError, Checkpoints
 from lattice.jobs.kind import Contribution, Input, JobKind, KindRefused, Services
-from lattice.net.blob import BlobConfig, BlobNotFound, BlobService, BlobStore, Providers, serve_blobs
+from lattice.net.blob import BlobConfig, BlobService, BlobStore, Providers, serve_blobs
 from lattice.net.gossip_avg import (
     Compute,
     GossipConfig,

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lattice.core import bulk_frames as bf
 from lattice.core.arrays import (
-    WIRE_DTYPES,
     ArrayFormatError,
     ArrayLimits,
     ArraySpec,
