@@ -126,7 +126,7 @@ async def _run(cfg: config_mod.Config) -> int:
     return code
 
 
-async def _serve_until_signalled(node: "Node") -> None:
+async def _serve_until_signalled(node: Node) -> None:
     from latticed.node import STOPPING, serve_node
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -92,7 +92,7 @@ class ClientConnection:
     ``plain`` connections speak the msgpack-RPC specification's own form: no length
     prefixes, and notification params are an array (``[2, "event", [{...}]]``)."""
 
-    def __init__(self, server: "RpcServer", stream: trio.SocketStream, uid: int, pid: int,
+    def __init__(self, server: RpcServer, stream: trio.SocketStream, uid: int, pid: int,
                  access: str) -> None:
         self.server = server
         self.stream = stream

@@ -29,7 +29,7 @@ class Client:
     def close(self) -> None:
         self._sock.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -71,7 +71,7 @@ class Client:
             raise self._session.unsolicited_errors.pop(0)
 
     def subscribe(self, topics: list[str] | tuple[str, ...] = ("peers", "daemon"),
-                  *, timeout: float | None = None) -> "Subscription":
+                  *, timeout: float | None = None) -> Subscription:
         """Stream events on a dedicated connection: ``for event in client.subscribe(...)``."""
         return Subscription(self.socket_path, list(topics), timeout)
 
@@ -126,7 +126,7 @@ class Subscription:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -122,7 +122,7 @@ class EphemeralKey:
         self.public = self._private.public_key().public_bytes_raw()
 
     @classmethod
-    def from_private_bytes(cls, raw: bytes) -> "EphemeralKey":
+    def from_private_bytes(cls, raw: bytes) -> EphemeralKey:
         return cls(X25519PrivateKey.from_private_bytes(raw))
 
     def exchange(self, peer_public: bytes) -> bytes:

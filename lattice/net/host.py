@@ -222,7 +222,7 @@ class _Conn:
 
 
 class _Notifee(INotifee):
-    def __init__(self, node: "Libp2pNode") -> None:
+    def __init__(self, node: Libp2pNode) -> None:
         self._node = node
 
     async def opened_stream(self, network: Any, stream: INetStream) -> None:

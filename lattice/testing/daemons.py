@@ -40,7 +40,7 @@ class DaemonProc:
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
 
-    def start(self) -> "DaemonProc":
+    def start(self) -> DaemonProc:
         self.started_at = time.monotonic()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,

@@ -29,7 +29,7 @@ def virtual_compute(rng: random.Random, cost: float = 0.01):
 
 
 class Node:
-    def __init__(self, cluster: "Cluster", peer, index: int) -> None:
+    def __init__(self, cluster: Cluster, peer, index: int) -> None:
         self.cluster = cluster
         self.peer = peer
         self.peer_id = peer.peer_id
