@@ -12,7 +12,8 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from lattice.api import paths
 from lattice.core.governor import VolunteerConfig, VolunteerConfigError
