@@ -61,7 +61,7 @@ class Client:
     def _receive(self) -> None:
         try:
             chunk = self._sock.recv(1 << 16)
-        except socket_mod.timeout:
+        except TimeoutError:
             raise TimeoutError(f"the daemon did not answer within {self.timeout} s") from None
         if not chunk:
             self._raise_close_reason()
