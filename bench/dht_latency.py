@@ -138,7 +138,7 @@ class PeerstoreAddressBook:
         for a in addrs:
             try:
                 good.append(Multiaddr(a))
-            except Exception:
+            except Exception:  # noqa: BLE001 - a peer's junk address is skipped
                 continue
         if good:
             self._ps.add_addrs(ID.from_base58(peer_id), good, 0)
@@ -147,7 +147,7 @@ class PeerstoreAddressBook:
         from libp2p.peer.id import ID
         try:
             return [str(a) for a in self._ps.addrs(ID.from_base58(peer_id))]
-        except Exception:
+        except Exception:  # noqa: BLE001 - unknown peer: no addresses
             return []
 
 

@@ -27,16 +27,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 
-from latticed.governor import cap_blas_threads
+from latticed.governor import cap_blas_threads  # noqa: E402
 
 cap_blas_threads()  # as latticed does, before numpy loads
 
-import numpy as np
-import trio
+import numpy as np  # noqa: E402
+import trio  # noqa: E402
 
-from lattice.core.governor import VolunteerConfig
-from lattice.net.gossip_avg import thread_compute
-from latticed.governor import Sources, serve_governor
+from lattice.core.governor import VolunteerConfig  # noqa: E402
+from lattice.net.gossip_avg import thread_compute  # noqa: E402
+from latticed.governor import Sources, serve_governor  # noqa: E402
 
 
 def numpy_step(ms: float):

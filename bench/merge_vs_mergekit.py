@@ -31,9 +31,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from lattice.learn.mergeengine import PiecesReader, merge_plan, merge_share, open_model_path
-from lattice.learn.mergespec import MergeSpec
-from lattice.learn.modelfile import save_safetensors, to_float
+from lattice.learn.mergeengine import PiecesReader, merge_plan, merge_share, open_model_path  # noqa: E402
+from lattice.learn.mergespec import MergeSpec  # noqa: E402
+from lattice.learn.modelfile import save_safetensors, to_float  # noqa: E402
 
 MERGEKIT = HERE / ".venv-mergekit" / "bin" / "mergekit-yaml"
 

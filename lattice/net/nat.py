@@ -1135,19 +1135,19 @@ def _upnp_map(port: int) -> tuple[str, Addr | None, str]:
     # is. discover() raises "Success" when nothing answered: selectigd() then says so.
     try:
         upnp.discover()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - see above
         if str(e) != "Success":
             return "none", None, f"UPnP discovery failed: {e}"
     try:
         upnp.selectigd()
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - see above
         if "No UPnP device" in str(e):
             return "none", None, "no UPnP gateway found"
         return "none", None, f"no usable UPnP gateway: {e}"
     try:
         external = upnp.externalipaddress()
         upnp.addportmapping(port, "TCP", upnp.lanaddr, port, "latticed", "", 3600)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - see above
         return "failed", None, f"gateway {upnp.lanaddr} refused the mapping: {e}"
     if not external:
         return "failed", None, f"gateway {upnp.lanaddr} gave no external address"

@@ -274,7 +274,7 @@ def test_a_header_limit_below_the_reference_one_is_enforced():
 
 # -- BF16 -----------------------------------------------------------------------------------------
 
-from lattice.learn.modelfile import BFLOAT16, bf16_to_f32, f32_to_bf16
+from lattice.learn.modelfile import BFLOAT16, bf16_to_f32, f32_to_bf16  # noqa: E402
 
 
 def test_bf16_is_kept_as_words_and_round_trips_byte_for_byte():
