@@ -28,17 +28,17 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lattice.core.jobs import parse_train_spec  # noqa: E402
-from lattice.jobs import JobsConfig, serve_jobs  # noqa: E402
-from lattice.learn.simulate import JobSpec, centralized_baseline, simulate  # noqa: E402
-from lattice.learn.tasks import get_task  # noqa: E402
-from lattice.net.crdt_sync import (  # noqa: E402
+from lattice.core.jobs import parse_train_spec
+from lattice.jobs import JobsConfig, serve_jobs
+from lattice.learn.simulate import JobSpec, centralized_baseline, simulate
+from lattice.learn.tasks import get_task
+from lattice.net.crdt_sync import (
     SyncConfig,
     open_state,
     serve_crdt_sync,
     serve_heartbeat,
 )
-from lattice.testing.memnet import MemoryNetwork  # noqa: E402
+from lattice.testing.memnet import MemoryNetwork
 
 
 async def run_memnet(spec: dict, peers: int, seed: int) -> dict:

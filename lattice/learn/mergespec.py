@@ -249,7 +249,7 @@ class MergeSpec:
                 return super().compose_node(parent, index)
 
         try:
-            doc = yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+            doc = yaml.load(text, Loader=Loader)
         except (yaml.YAMLError, RecursionError) as e:
             raise MergeSpecError(f"not valid YAML: {str(e)[:200]}") from None
         if not isinstance(doc, dict):
