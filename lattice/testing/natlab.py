@@ -229,7 +229,7 @@ def _call_in_netns(netns: str, fn: Any) -> Any:
         try:
             _setns(f"/run/netns/{netns}")
             out["value"] = fn()
-        except BaseException as e:  # handed to the caller's thread below
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
             out["error"] = e
 
     t = threading.Thread(target=target, name=f"natlab-setns-{netns}")

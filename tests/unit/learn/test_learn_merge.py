@@ -109,7 +109,7 @@ def test_merge_models_works_tensor_by_tensor():
     assert d1["w"].tobytes() == merge_models("dare_linear", [a, b], base=base, density=0.5, seed=3)["w"].tobytes()
     with pytest.raises(ValueError, match="base"):
         merge_models("ties", [a, b])
-    with pytest.raises(ValueError, match="'b'.*missing"):
+    with pytest.raises(ValueError, match=r"'b'.*missing"):
         merge_models("linear", [a, {"w": a["w"]}])
     with pytest.raises(ValueError, match="unknown"):
         merge_models("frankenmerge", [a])
