@@ -38,10 +38,10 @@ from lattice.net.modelstore import ModelsConfig, ModelService, open_model_servic
 from lattice.net.nat_config import NatConfig
 from latticed import discovery, metrics, presence, statedir
 from latticed.config import Config
+from latticed.discovery import DiscoveryConfig
 from latticed.events import EventBus
 from latticed.governor import NOT_YET_APPLIED, Governor, serve_governor
 from latticed.localapi import build_handlers
-from latticed.discovery import DiscoveryConfig
 from latticed.rpc_server import RpcConfig, RpcServer, SocketInUse
 
 if TYPE_CHECKING:

@@ -70,7 +70,6 @@ from lattice.core.reachability import (
     Verdict,
 )
 from lattice.net.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
-from lattice.net.nat_config import NatConfig as NatConfig
 from lattice.net.host import (
     PEER_ERRORS,
     BadDialTarget,
@@ -80,6 +79,7 @@ from lattice.net.host import (
     local_address,
     remote_address,
 )
+from lattice.net.nat_config import NatConfig as NatConfig
 from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame, send_frame
 
 log = logging.getLogger("lattice.net.nat")
