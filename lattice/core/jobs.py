@@ -55,6 +55,7 @@ from lattice.core.codec import canonical
 __all__ = [
     "ALGORITHMS",
     "BUILTIN_TASKS",
+    "CORRECTIONS",
     "ClaimFailed",
     "IllegalTransition",
     "JOB_TRANSITIONS",
@@ -85,7 +86,8 @@ __all__ = [
 
 KIND_TRAIN = "train"
 ALGORITHMS = ("gossip", "noloco", "none")
-WEIGHTINGS = ("uniform", "samples")
+WEIGHTINGS = ("uniform", "samples", "data")
+CORRECTIONS = ("none", "logit-adjust")
 BUILTIN_TASKS = ("breast-cancer-logreg", "digits-mlp", "digits-softmax")
 JOB_ID_HEX = 32  # 128 bits of SHA-256: collisions need 2^64 submissions
 _ID_DOMAIN = b"lattice/job/1\x00"
@@ -143,6 +145,7 @@ class JobSpecError(ValueError):
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._\-]{0,63}")
 _OPTION_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _PARTITION_RE = re.compile(r"iid|dirichlet:([0-9.eE+\-]+)")
+_SCHEDULE_RE = re.compile(r"constant|(late|tail)(?::([0-9.eE+\-]+))?")
 _COMPRESSION_RE = re.compile(r"none|fp16|int8(?::([0-9]{1,9}))?|topk:([0-9.eE+\-]+)")
 
 
@@ -161,10 +164,12 @@ class TrainSpec:
     lr: float = 0.02
     momentum: float = 0.9
     sync_every: int = 2
+    schedule: str = "constant"
     algorithm: str = "gossip"
     partition: str = "iid"
     compression: str = "none"
-    weighting: str = "uniform"
+    weighting: str = "data"
+    correction: str = "none"
     outer_lr: float = 0.7
     outer_momentum: float = 0.3
     seed: int = 0
@@ -195,7 +200,7 @@ _FLOATS: dict[str, tuple[float, float, bool]] = {  # (low, high, low exclusive?)
     "norm_factor": (1.0, 1e6, False),
     "merge_timeout": (1.0, 7 * 86400.0, False),
 }
-_STRS = ("task", "algorithm", "partition", "compression", "weighting")
+_STRS = ("task", "algorithm", "partition", "compression", "weighting", "schedule", "correction")
 _KNOWN = set(_INTS) | set(_FLOATS) | set(_STRS) | {"task_options", "kind"}
 
 
@@ -265,6 +270,11 @@ def _check_strings(spec: TrainSpec) -> None:
         raise JobSpecError("algorithm", f"must be one of {', '.join(ALGORITHMS)}")
     if spec.weighting not in WEIGHTINGS:
         raise JobSpecError("weighting", f"must be one of {', '.join(WEIGHTINGS)}")
+    if spec.correction not in CORRECTIONS:
+        raise JobSpecError("correction", f"must be one of {', '.join(CORRECTIONS)}")
+    m = _SCHEDULE_RE.fullmatch(spec.schedule)
+    if m is None or (m.group(2) is not None and not (_positive(m.group(2)) and float(m.group(2)) <= 1)):
+        raise JobSpecError("schedule", "must be constant, late[:POWER] or tail[:FRACTION] (0 < POWER, FRACTION <= 1)")
     m = _PARTITION_RE.fullmatch(spec.partition)
     if m is None or (m.group(1) is not None and not _positive(m.group(1))):
         raise JobSpecError("partition", "must be 'iid' or 'dirichlet:ALPHA' with ALPHA > 0")

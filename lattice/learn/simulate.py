@@ -7,20 +7,24 @@ uses, each callable on its own:
 
 - `make_participant(spec, task, rank)`: one participant's state (trainer, channel,
   outer optimizer) from the job spec and its rank.
-- `participant_round(p, spec)`: H local steps (the part the daemon runs off the loop).
+- `participant_round(p, spec)`: the local steps up to the next average of the job's
+  communication schedule (the part the daemon runs off the loop).
 - `sync_pair(p, q, spec)`: one pairwise exchange, then the optional outer step.
-- `final_merge(participants, task)`: the weighted average by samples, its model id.
+- `final_merge(participants, task)`: the weighted average (`Participant.merge_weight`),
+  its model id.
 
-Schedule: rounds of H = `sync_every` local steps; after each round the participants
-are paired by a random perfect matching (one sits out if N is odd) and each pair
-averages (pairwise, both end equal). `algorithm="none"` skips all exchanges: local
-training, then the one global merge ("A Single Merging Suffices" shows when that is
-enough; on label-skewed data it is not, which the benchmark shows).
+Rounds: a round is the local steps up to the next sync point of `spec.schedule`
+(schedule.py: R = ceil(steps / sync_every) averages, placed evenly, late or in the
+tail); after each round the participants are paired by a random perfect matching (one
+sits out if N is odd) and each pair averages (pairwise, both end equal).
+`algorithm="none"` skips all exchanges: local training, then the one global merge
+("A Single Merging Suffices" shows when that is enough; on label-skewed data it is
+not, which the benchmark shows). `correction` changes the local loss (drift.py);
+`weighting="data"` weights averages and the merge by local dataset size.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +32,12 @@ from typing import Any
 import numpy as np
 
 from lattice.learn.compression import get_codec
+from lattice.learn.drift import check_correction, logit_offset
 from lattice.learn.gossip import ParamChannel, exchange_in_process, pair_weights
 from lattice.learn.merge import model_id, weighted_average
 from lattice.learn.optim import LocalTrainer, OuterNesterov, participant_rng
 from lattice.learn.partition import parse_scheme, partition
+from lattice.learn.schedule import parse_schedule, steps_until_sync
 from lattice.learn.tasks import Task, get_task
 from lattice.learn.validate import NormBound
 
@@ -43,6 +49,7 @@ __all__ = [
     "SimulationResult",
     "centralized_baseline",
     "final_merge",
+    "job_partition",
     "make_participant",
     "participant_round",
     "simulate",
@@ -68,10 +75,12 @@ class JobSpec:
     lr: float = 0.02
     momentum: float = 0.9
     sync_every: int = 2
+    schedule: str = "constant"
     algorithm: str = "gossip"
     partition: str = "iid"
     compression: str = "none"
-    weighting: str = "uniform"
+    weighting: str = "data"
+    correction: str = "none"
     outer_lr: float = 0.7
     outer_momentum: float = 0.3
     seed: int = 0
@@ -84,8 +93,10 @@ class JobSpec:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         parse_scheme(self.partition)
+        parse_schedule(self.schedule)
         get_codec(self.compression)
         pair_weights(1, 1, self.weighting)
+        check_correction(self.correction)
 
     @property
     def total_samples(self) -> int:
@@ -98,7 +109,24 @@ class Participant:
     trainer: LocalTrainer
     channel: ParamChannel
     outer: OuterNesterov | None
+    weighting: str = "uniform"
+    part_sizes: tuple[int, ...] = ()  # every rank's local dataset size (all compute the same)
     bytes_sent: int = 0
+
+    @property
+    def averaging_samples(self) -> int:
+        """The count this participant's pairwise weight is proportional to (what the
+        gossip exchange states as its `samples`): its local dataset size under
+        `weighting="data"`, else the samples it has trained on."""
+        if self.weighting == "data":
+            return self.part_sizes[self.rank]
+        return self.trainer.samples_seen
+
+    def merge_weight(self, rank: int, samples: int) -> int:
+        """The final merge's weight of participant `rank` whose final model saw
+        `samples`: its dataset size under `weighting="data"`, else `samples`. Computed,
+        not taken from the peer: partitions are a function of the job spec."""
+        return self.part_sizes[rank] if self.weighting == "data" else samples
 
 
 def job_partition(spec: JobSpec, task: Task) -> list[np.ndarray]:
@@ -106,33 +134,40 @@ def job_partition(spec: JobSpec, task: Task) -> list[np.ndarray]:
     return partition(y, spec.participants, spec.partition, spec.seed)
 
 
-def make_participant(spec: JobSpec, task: Task, rank: int, part: np.ndarray | None = None) -> Participant:
+def make_participant(spec: JobSpec, task: Task, rank: int, parts: Sequence[np.ndarray] | None = None
+                     ) -> Participant:
     """Participant `rank` (0-based, e.g. its position among sorted peer ids). Every
     participant starts from `task.init_params(spec.seed)`, which is also the shared
-    reference of lossy channels."""
+    reference of lossy channels. `parts`: the job's partition, if already computed.
+    Raises CorrectionSpecError when the task cannot apply `spec.correction`."""
     X, y = task.train_data()
-    if part is None:
-        part = job_partition(spec, task)[rank]
+    if parts is None:
+        parts = job_partition(spec, task)
+    part = parts[rank]
     init = task.init_params(spec.seed)
     trainer = LocalTrainer.create(
-        task, init, X[part], y[part], lr=spec.lr, momentum=spec.momentum, rng=participant_rng(spec.seed, rank)
+        task, init, X[part], y[part], lr=spec.lr, momentum=spec.momentum, rng=participant_rng(spec.seed, rank),
+        logit_offset=logit_offset(spec.correction, y[part], task.n_classes),
     )
     channel = ParamChannel(spec.compression, reference=init)
     outer = OuterNesterov(init, spec.outer_lr, spec.outer_momentum) if spec.algorithm == "noloco" else None
-    return Participant(rank, trainer, channel, outer)
+    return Participant(rank, trainer, channel, outer, spec.weighting, tuple(len(p) for p in parts))
 
 
 def participant_round(p: Participant, spec: JobSpec, steps: int | None = None) -> list[float]:
-    """Up to H local steps (fewer at the end of the job); the per-step losses."""
-    k = spec.sync_every if steps is None else steps
-    k = min(k, spec.steps - p.trainer.step)
+    """The local steps up to the next average of the job's schedule (or `steps`, at
+    most to the end of the job); the per-step losses."""
+    if steps is None:
+        k = steps_until_sync(spec.schedule, spec.steps, spec.sync_every, p.trainer.step)
+    else:
+        k = min(steps, spec.steps - p.trainer.step)
     return p.trainer.run_steps(k, spec.batch).losses if k > 0 else []
 
 
 def sync_pair(p: Participant, q: Participant, spec: JobSpec) -> int:
     """One exchange between p and q (both end with the same average), then each
     applies its outer step if the algorithm has one. Returns the bytes sent."""
-    w_p, w_q = pair_weights(p.trainer.samples_seen, q.trainer.samples_seen, spec.weighting)
+    w_p, w_q = pair_weights(p.averaging_samples, q.averaging_samples, spec.weighting)
     bound = NormBound(factor=spec.norm_factor)
     new_p, new_q, stats = exchange_in_process(p.trainer.params, q.trainer.params, p.channel, q.channel, w_p, w_q, bound)
     for part, new in ((p, new_p), (q, new_q)):
@@ -143,10 +178,11 @@ def sync_pair(p: Participant, q: Participant, spec: JobSpec) -> int:
 
 
 def final_merge(participants: Sequence[Participant], task: Task, meta: dict[str, str] | None = None) -> tuple[np.ndarray, str]:
-    """(merged params, model id): the weighted average by samples seen, inputs in
-    rank order; the id is over the task's named blocks plus `meta`."""
+    """(merged params, model id): the weighted average (`Participant.merge_weight`),
+    inputs in rank order; the id is over the task's named blocks plus `meta`."""
     ordered = sorted(participants, key=lambda p: p.rank)
-    merged = weighted_average([p.trainer.params for p in ordered], [p.trainer.samples_seen for p in ordered])
+    merged = weighted_average([p.trainer.params for p in ordered],
+                              [p.merge_weight(p.rank, p.trainer.samples_seen) for p in ordered])
     return merged, model_id(task.unflatten(merged), {"task": task.name, **(meta or {})})
 
 
@@ -172,11 +208,11 @@ def simulate(spec: JobSpec, task: Task | None = None) -> SimulationResult:
     """Run the whole job in process; deterministic in `spec`."""
     task = task or get_task(spec.task, **spec.task_options)
     parts = job_partition(spec, task)
-    people = [make_participant(spec, task, r, parts[r]) for r in range(spec.participants)]
+    people = [make_participant(spec, task, r, parts) for r in range(spec.participants)]
     pairing_rng = np.random.default_rng([spec.seed, 0x9055])  # matchings, independent of ranks' streams
     steps: list[dict[str, float]] = []
     bytes_gossip = exchanges = 0
-    for _ in range(math.ceil(spec.steps / spec.sync_every)):
+    while people[0].trainer.step < spec.steps:  # rounds are in lockstep: all at the same step
         losses = [participant_round(p, spec) for p in people]
         for i in range(len(losses[0])):
             steps.append({"step": float(len(steps) + 1), "loss": float(np.mean([l[i] for l in losses])),

@@ -350,7 +350,7 @@ class AveragingParty:
 
     @property
     def samples(self) -> int:
-        return int(self.participant.trainer.samples_seen)
+        return int(self.participant.averaging_samples)
 
     @property
     def channel(self) -> ParamChannel:

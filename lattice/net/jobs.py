@@ -408,8 +408,9 @@ class JobsService:
             lspec = LearnSpec(
                 task=spec.task, task_options=dict(spec.task_options), participants=len(run.roster),
                 steps=spec.steps, batch=spec.batch, lr=spec.lr, momentum=spec.momentum,
-                sync_every=spec.sync_every, algorithm=spec.algorithm, partition=spec.partition,
-                compression=spec.compression, weighting=spec.weighting, outer_lr=spec.outer_lr,
+                sync_every=spec.sync_every, schedule=spec.schedule, algorithm=spec.algorithm,
+                partition=spec.partition, compression=spec.compression, weighting=spec.weighting,
+                correction=spec.correction, outer_lr=spec.outer_lr,
                 outer_momentum=spec.outer_momentum, seed=spec.seed, norm_factor=spec.norm_factor)
             task = await self._task(spec)
             if task.num_params > self.config.max_params:
@@ -531,7 +532,7 @@ class JobsService:
             params = await self._final_params(run, peer, final, task)
             if params is None:
                 continue
-            finals.append((rank, params, final["samples"]))
+            finals.append((rank, params, run.party.participant.merge_weight(rank, final["samples"])))
             used.append({"peer": peer, "rank": rank, "blob": final["blob"], "samples": final["samples"]})
         if not finals:  # even our own is unreadable: nothing to merge, the job failed
             run.job_state = run.state = "failed"

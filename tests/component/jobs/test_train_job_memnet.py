@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import trio
 
-from lattice.learn.simulate import JobSpec, simulate
+from lattice.learn.simulate import JobSpec, job_partition, simulate
 from lattice.learn.merge import loads_safetensors
 from lattice.learn.tasks import get_task
 from lattice.net.jobs import NotSubmitter, merge_finals
@@ -41,8 +41,8 @@ async def test_four_daemons_train_merge_and_publish_what_the_simulation_reaches(
     assert record["missing"] == [] and record["metrics"]["participants"] == 4
     assert record["metrics"]["samples"] == 4 * 60 * 32
 
-    reference = simulate(JobSpec(task="digits-softmax", participants=4, steps=60, batch=32,
-                                         sync_every=3, seed=3))
+    learn_spec = JobSpec(task="digits-softmax", participants=4, steps=60, batch=32, sync_every=3, seed=3)
+    reference = simulate(learn_spec)
     assert abs(record["metrics"]["accuracy"] - reference.accuracy) < 0.03
     # every participant averaged with others along the way (AD-PSGD), and said so
     await cluster.wait_until(lambda: all(
@@ -61,11 +61,13 @@ async def test_four_daemons_train_merge_and_publish_what_the_simulation_reaches(
     params = task.flatten(arrays)
     assert task.evaluate(params, *task.test_data())["accuracy"] == record["metrics"]["accuracy"]
 
-    # anyone holding the inputs recomputes the same model id
+    # anyone holding the inputs and the spec recomputes the same model id (weighting
+    # "data": each rank weighs its partition's size, a function of the spec)
+    sizes = [len(p) for p in job_partition(learn_spec, task)]
     finals = []
     for item in record["inputs"]:
         blob = await nodes[3].jobs.blobs.fetch(item["blob"], hints=[item["peer"]])
-        finals.append((item["rank"], loads_safetensors(blob)[0]["params"], item["samples"]))
+        finals.append((item["rank"], loads_safetensors(blob)[0]["params"], sizes[item["rank"]]))
     assert merge_finals(task, job_id, finals)[1] == mid
 
 

@@ -242,7 +242,7 @@ def test_the_network_merge_is_the_simulations_final_merge():
     for p in people:
         participant_round(p, spec, steps=1 + p.rank)  # different samples seen
     merged, mid = final_merge(people, task, {"job": JOB})
-    shuffled = [(p.rank, p.trainer.params, p.trainer.samples_seen) for p in reversed(people)]
+    shuffled = [(p.rank, p.trainer.params, p.merge_weight(p.rank, p.trainer.samples_seen)) for p in reversed(people)]
     ours, our_id, data = merge_finals(task, JOB, shuffled)
     assert ours.tobytes() == merged.tobytes() and our_id == mid
     assert np.frombuffer(data[-4 * task.num_params:], np.float32).size == task.num_params
