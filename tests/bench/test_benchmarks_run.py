@@ -30,6 +30,8 @@ CASES = [
     ("pairwise_exchange.py", ["--params", "1000000", "--reps", "2", "--timeout", "120"],
      [r"^ours\s+2\s+[\d.]+"]),
     ("gossip_exchange.py", ["--params", "1000000", "--repeat", "2"], [r"median [\d.]+ s"]),
+    ("learning_quality.py", ["--quick"],
+     [r"^\s+gossip H=2 uniform \(reference\)\s+2\s+[\d.]+\s+100\.00", r"best within budget: .* of the bytes"]),
     ("train_job.py", ["--peers", "2", "--steps", "40"],
      [r"merged model \(network run\)\s+accuracy 0\.\d+", r"centralized SGD baseline"]),
     pytest.param("nat_traversal.py", ["--attempts", "1"], [r"nat_cone_x_cone", r"public_x_cone"],
