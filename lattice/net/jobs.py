@@ -165,9 +165,10 @@ class _Run:
 
 def merge_finals(task: Task, job_id: str, finals: list[tuple[int, np.ndarray, int]]
                  ) -> tuple[np.ndarray, str, bytes]:
-    """(merged params, model id, canonical model bytes) from (rank, params, samples).
+    """(merged params, model id, canonical model bytes) from (rank, params, weight),
+    weight = `Participant.merge_weight` (dataset size under weighting "data", else samples).
 
-    Exactly `lattice.learn.simulate.final_merge`'s rule (weighted by samples, inputs in
+    Exactly `lattice.learn.simulate.final_merge`'s rule (weighted, inputs in
     rank order, id over the task's named blocks) with the job id in the metadata, so
     two jobs never share a model id by accident."""
     ordered = sorted(finals, key=lambda f: f[0])
