@@ -63,29 +63,31 @@ class Method:
 
 
 def methods(quick: bool) -> list[Method]:
-    skewed = [
-        Method("gossip H=2 uniform (reference)", dict(sync_every=2, weighting="uniform")),
-        Method("gossip H=8 uniform", dict(sync_every=8, weighting="uniform")),
-        Method("gossip H=32 uniform", dict(sync_every=32, weighting="uniform")),
-        Method("gossip H=128 uniform", dict(sync_every=128, weighting="uniform")),
-        Method("gossip H=2 data", dict(sync_every=2)),
-        Method("budget none constant", dict(), budget=True),
-        Method("budget none late", dict(schedule="late"), budget=True),
-        Method("budget int8 constant uniform", dict(compression="int8", weighting="uniform"), budget=True),
-        Method("budget int8 constant", dict(compression="int8"), budget=True),
-        Method("budget int8 late", dict(compression="int8", schedule="late"), budget=True),
+    c, late = dict(schedule="constant"), dict(schedule="late")
+    rows = [
+        Method("gossip H=2 uniform (reference)", dict(sync_every=2, weighting="uniform", **c)),
+        Method("gossip H=8 uniform", dict(sync_every=8, weighting="uniform", **c)),
+        Method("gossip H=32 uniform", dict(sync_every=32, weighting="uniform", **c)),
+        Method("gossip H=128 uniform", dict(sync_every=128, weighting="uniform", **c)),
+        Method("gossip H=2 data", dict(sync_every=2, **c)),
+        Method("gossip H=2 late (the defaults)", dict(sync_every=2, **late)),
+        Method("budget none constant", dict(c), budget=True),
+        Method("budget none late", dict(late), budget=True),
+        Method("budget int8 constant uniform", dict(compression="int8", weighting="uniform", **c), budget=True),
+        Method("budget int8 constant", dict(compression="int8", **c), budget=True),
+        Method("budget int8 late", dict(compression="int8", **late), budget=True),
         Method("budget int8 tail:0.5", dict(compression="int8", schedule="tail:0.5"), budget=True),
-        Method("budget int8 constant logit-adjust", dict(compression="int8", correction="logit-adjust"),
+        Method("budget int8 constant logit-adjust", dict(compression="int8", correction="logit-adjust", **c),
                budget=True),
-        Method("budget int8 late logit-adjust", dict(compression="int8", schedule="late",
-                                                     correction="logit-adjust"), budget=True),
+        Method("budget int8 late logit-adjust", dict(compression="int8", correction="logit-adjust", **late),
+               budget=True),
         Method("no averaging, one merge", dict(algorithm="none")),
     ]
     if quick:
         keep = {"gossip H=2 uniform (reference)", "budget int8 constant", "budget int8 late",
                 "budget int8 constant logit-adjust", "no averaging, one merge"}
-        return [m for m in skewed if m.label in keep]
-    return skewed
+        return [m for m in rows if m.label in keep]
+    return rows
 
 
 def send_bytes(task_params: int, codec: str) -> int:

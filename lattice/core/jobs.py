@@ -164,7 +164,7 @@ class TrainSpec:
     lr: float = 0.02
     momentum: float = 0.9
     sync_every: int = 2
-    schedule: str = "constant"
+    schedule: str = "late"
     algorithm: str = "gossip"
     partition: str = "iid"
     compression: str = "none"

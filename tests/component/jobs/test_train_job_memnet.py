@@ -107,7 +107,7 @@ async def test_the_submitter_cancels_and_every_participant_stops(cluster, autoju
 
 async def test_a_restarted_daemon_resumes_from_its_checkpoint(cluster, autojump_clock, small_job):
     nodes = await cluster.add(4)
-    job_id = nodes[0].jobs.submit(small_job(steps=90))
+    job_id = nodes[0].jobs.submit(small_job(steps=90, schedule="constant"))  # rounds of 3 steps
     node = nodes[3]
 
     def progressed():

@@ -110,7 +110,7 @@ def test_data_weighting_keeps_the_dataset_weighted_mean_and_merges_by_partition_
 
 
 def test_a_late_schedule_averages_where_the_schedule_says_within_the_same_budget(task):
-    constant = simulate(dataclasses.replace(SMALL, sync_every=8), task)
+    constant = simulate(dataclasses.replace(SMALL, sync_every=8, schedule="constant"), task)
     late = simulate(dataclasses.replace(SMALL, sync_every=8, schedule="late"), task)
     points = sync_points("late", SMALL.steps, 8)
     assert late.exchanges == 2 * len(points) <= constant.exchanges == 2 * 10
