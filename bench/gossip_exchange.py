@@ -1,4 +1,4 @@
-"""One `/lattice/gossip-avg/1` exchange of a 10M-parameter float32 model, end to end.
+"""One `/lattice/gossip-avg/2` exchange of a 10M-parameter float32 model, end to end.
 
 Two parties on the in-memory network (no sockets: this isolates the protocol and the
 math — prepare, transfer through the `TensorTransport` seam, validate, average, commit —
@@ -40,10 +40,14 @@ class _Trainer:
 
 
 @dataclass
-class _Participant:  # what AveragingParty reads of lattice.learn.simulate.Participant
+class _Participant:  # what AveragingParty reads of lattice.learn.participant.Participant
     trainer: _Trainer
     channel: ParamChannel
     outer: None = None
+
+    @property
+    def averaging_samples(self) -> int:
+        return self.trainer.samples_seen
 
 
 async def run(n: int, repeat: int, compression: str, threaded: bool) -> list[float]:

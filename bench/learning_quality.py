@@ -48,7 +48,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lattice.learn.compression import get_codec  # noqa: E402
-from lattice.learn.simulate import JobSpec, centralized_baseline, simulate  # noqa: E402
+from lattice.core.jobs import TrainSpec  # noqa: E402
+from lattice.learn.simulate import centralized_baseline, simulate  # noqa: E402
 from lattice.learn.tasks import DatasetsUnavailable, get_task  # noqa: E402
 
 TARGETS = {"iid": (1.0, 0.02), "dirichlet:0.1": (2.0, 0.05)}  # (points below central, byte share)
@@ -95,7 +96,7 @@ def send_bytes(task_params: int, codec: str) -> int:
     return get_codec(codec).encode(np.zeros(task_params, np.float32))[1]
 
 
-def budget_sync_every(share: float, spec: JobSpec, n_params: int, codec: str) -> int:
+def budget_sync_every(share: float, spec: TrainSpec, n_params: int, codec: str) -> int:
     """The smallest sync_every whose averages plus the final merge fit in `share` of
     what H=2 constant gossip (and its merge) sends."""
     full, per = 4 * n_params, send_bytes(n_params, codec)
@@ -109,7 +110,7 @@ def budget_sync_every(share: float, spec: JobSpec, n_params: int, codec: str) ->
 
 def _simulate(args: tuple[str, dict]) -> dict:
     task_name, fields = args
-    spec = JobSpec(task=task_name, **fields)
+    spec = TrainSpec(task=task_name, **fields)
     t = time.perf_counter()
     r = simulate(spec, get_task(task_name))
     return {"accuracy": r.accuracy, "bytes_gossip": r.bytes_gossip, "bytes_merge": r.bytes_merge,
@@ -129,7 +130,7 @@ def _pm(values: list[float]) -> str:
 
 def run_task(task_name: str, args, pool) -> dict:
     task = get_task(task_name)
-    base = JobSpec(task=task_name, steps=args.steps, participants=args.participants)
+    base = TrainSpec(task=task_name, steps=args.steps, min_peers=args.participants)
     seeds = list(range(args.seeds))
     lrs = [base.lr, base.lr / 2, base.lr / 4]
     jobs = [(task_name, base.total_samples, lr, base.momentum, base.batch, s) for lr in lrs for s in seeds]
@@ -148,7 +149,7 @@ def run_task(task_name: str, args, pool) -> dict:
         rows = []
         specs = []
         for m in methods(args.quick):
-            fields = dict(steps=base.steps, participants=base.participants, partition=partition, **m.overrides)
+            fields = dict(steps=base.steps, min_peers=base.participants, partition=partition, **m.overrides)
             if m.budget:
                 fields["sync_every"] = budget_sync_every(share, base, task.num_params,
                                                          fields.get("compression", "none"))
@@ -202,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="digits-mlp,fashion-mlp")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--participants", type=int, default=JobSpec.participants)
-    ap.add_argument("--steps", type=int, default=JobSpec.steps, help="local steps per participant")
+    ap.add_argument("--participants", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=TrainSpec.steps, help="local steps per participant")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     ap.add_argument("--quick", action="store_true", help="digits-mlp, 1 seed, 200 steps, 5 methods")
     ap.add_argument("--check", action="store_true", help="exit 1 if a target is missed (jobs' own baseline)")

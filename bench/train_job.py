@@ -41,12 +41,12 @@ import trio  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lattice.core.jobs import parse_train_spec  # noqa: E402
-from lattice.learn.simulate import JobSpec, centralized_baseline, simulate  # noqa: E402
+from lattice.core.jobs import TrainSpec, parse_train_spec  # noqa: E402
+from lattice.jobs import JobsConfig, serve_jobs  # noqa: E402
+from lattice.learn.merge import loads_safetensors  # noqa: E402
+from lattice.learn.simulate import centralized_baseline, simulate  # noqa: E402
 from lattice.learn.tasks import get_task  # noqa: E402
 from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync  # noqa: E402
-from lattice.net.jobs import JobsConfig, serve_jobs  # noqa: E402
-from lattice.learn.merge import loads_safetensors  # noqa: E402
 from lattice.testing.memnet import MemoryNetwork  # noqa: E402
 
 
@@ -61,7 +61,7 @@ async def run_memnet(spec: dict, peers: int, seed: int) -> dict:
             await nursery.start(peer.serve)
             store, _ = open_state(peer.identity, None, now=time.time())
             sync = await nursery.start(lambda task_status, p=peer, s=store: serve_crdt_sync(
-                p, s, config=SyncConfig(anti_entropy_interval=2.0, connect_interval=0.5), rng=rng,
+                p, s, config=SyncConfig(anti_entropy_interval=2.0), rng=rng,
                 task_status=task_status))
             nodes.append((peer, store, sync))
         for i, (peer, _, sync) in enumerate(nodes):
@@ -154,12 +154,12 @@ def main() -> None:
     ap.add_argument("--peers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--sync-every", type=int, default=2)
-    ap.add_argument("--schedule", default=JobSpec.schedule)
+    ap.add_argument("--schedule", default=TrainSpec.schedule)
     ap.add_argument("--algorithm", default="gossip")
     ap.add_argument("--partition", default="iid")
     ap.add_argument("--compression", default="none")
-    ap.add_argument("--weighting", default=JobSpec.weighting)
-    ap.add_argument("--correction", default=JobSpec.correction)
+    ap.add_argument("--weighting", default=TrainSpec.weighting)
+    ap.add_argument("--correction", default=TrainSpec.correction)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--daemons", action="store_true", help="real latticed processes instead of the in-memory network")
     ap.add_argument("--json", action="store_true")
@@ -170,8 +170,7 @@ def main() -> None:
             "seed": args.seed}
     parsed = parse_train_spec(spec)
     task = get_task(args.task)
-    shared = {f.name for f in dataclasses.fields(JobSpec)} & set(parsed.to_dict())
-    reference = JobSpec(participants=args.peers, **{name: getattr(parsed, name) for name in shared})
+    reference = parsed  # the simulator runs the very spec the daemons get
     t = time.perf_counter()
     sim = simulate(reference, task)
     sim_wall = time.perf_counter() - t

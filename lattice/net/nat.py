@@ -75,6 +75,7 @@ from lattice.core.reachability import (
 from lattice.net.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
 from lattice.net.host import (
     PEER_ERRORS,
+    BadDialTarget,
     DialError,
     Libp2pStream,
     is_relayed,
@@ -996,10 +997,10 @@ class NatManager:
         try:
             pid = ID.from_base58(target)
         except (ValueError, KeyError) as e:
-            raise DialError(f"not a dialable multiaddr or peer id: {target!r} ({e})") from None
+            raise BadDialTarget(f"not a dialable multiaddr or peer id: {target!r} ({e})") from None
         peer = pid.to_base58()
         if peer == self.me:
-            raise DialError("that is this daemon itself")
+            raise BadDialTarget("that is this daemon itself")
         if self.node.live_connections(peer):
             return peer
         errors: list[str] = []
@@ -1048,7 +1049,7 @@ class NatManager:
         try:
             pid, rid = ID.from_base58(dest_id), ID.from_base58(relay_id)
         except (ValueError, KeyError) as e:
-            raise DialError(f"not a circuit address: {target!r} ({e})") from None
+            raise BadDialTarget(f"not a circuit address: {target!r} ({e})") from None
         with trio.move_on_after(timeout):
             if rid.to_base58() not in self.node.connected_peers():
                 if not base:

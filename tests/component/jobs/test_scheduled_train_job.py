@@ -8,14 +8,16 @@ from __future__ import annotations
 import trio
 
 from lattice.learn.schedule import sync_points
-from lattice.learn.simulate import JobSpec, simulate
+from lattice.core.jobs import parse_train_spec
+from lattice.learn.simulate import simulate
 
 
 async def test_a_late_scheduled_logit_adjusted_job_follows_its_schedule(cluster, autojump_clock, small_job):
     nodes = await cluster.add(4)
     options = dict(steps=60, sync_every=2, schedule="late:0.3", correction="logit-adjust", weighting="data",
                    partition="dirichlet:0.3", compression="int8")
-    job_id = nodes[0].jobs.submit(small_job(**options))
+    spec = small_job(**options)
+    job_id = nodes[0].jobs.submit(spec)
     with trio.fail_after(600):
         summary = await nodes[1].jobs.wait_job(job_id)
     assert summary["status"] == "done"
@@ -32,5 +34,5 @@ async def test_a_late_scheduled_logit_adjusted_job_follows_its_schedule(cluster,
     record = next(iter(view["models"].values()))
     assert record["missing"] == [] and record["metrics"]["participants"] == 4
 
-    reference = simulate(JobSpec(task="digits-softmax", participants=4, batch=32, seed=3, **options))
+    reference = simulate(parse_train_spec(spec))  # the very spec the daemons ran
     assert abs(record["metrics"]["accuracy"] - reference.accuracy) < 0.05

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import trio
 
-from lattice.learn.simulate import JobSpec, job_partition, simulate
+from lattice.core.jobs import parse_train_spec
+from lattice.learn.participant import job_partition
+from lattice.learn.simulate import simulate
 from lattice.learn.merge import loads_safetensors
 from lattice.learn.tasks import get_task
-from lattice.net.jobs import NotSubmitter, merge_finals
+from lattice.jobs import NotSubmitter
+from lattice.jobs.train import merge_finals
 
 
 def _entry(node, job_id, peer=None):
@@ -41,7 +44,7 @@ async def test_four_daemons_train_merge_and_publish_what_the_simulation_reaches(
     assert record["missing"] == [] and record["metrics"]["participants"] == 4
     assert record["metrics"]["samples"] == 4 * 60 * 32
 
-    learn_spec = JobSpec(task="digits-softmax", participants=4, steps=60, batch=32, sync_every=3, seed=3)
+    learn_spec = parse_train_spec(spec)  # the simulator runs the very spec the daemons ran
     reference = simulate(learn_spec)
     assert abs(record["metrics"]["accuracy"] - reference.accuracy) < 0.03
     # every participant averaged with others along the way (AD-PSGD), and said so
@@ -80,6 +83,7 @@ async def test_a_participant_killed_mid_job_neither_stalls_it_nor_is_forgotten(c
     with trio.fail_after(600):
         summary = await nodes[0].jobs.wait_job(job_id)
     assert summary["status"] == "done"
+    await cluster.wait_until(lambda: nodes[1].store.jobs()[job_id]["status"] == "done")
     _, record = _model_of(nodes[1], job_id)
     assert record["missing"] == [victim.peer_id]
     assert record["metrics"]["participants"] == 3 and record["metrics"]["accuracy"] > 0.85

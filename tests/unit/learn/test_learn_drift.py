@@ -1,12 +1,14 @@
 """Drift correction (logit-adjust): the offset is the local label prior, absent classes
 get no gradient, the model itself is untouched, and tasks without logits refuse it."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from lattice.core.jobs import JobSpecError, parse_train_spec
+from lattice.core.jobs import JobSpecError, TrainSpec, parse_train_spec
 from lattice.learn.drift import CorrectionSpecError, logit_offset
-from lattice.learn.simulate import JobSpec, make_participant
+from lattice.learn.participant import make_participant
 from lattice.learn.tasks import get_task
 
 
@@ -61,13 +63,13 @@ def test_the_offset_gradient_matches_central_differences():
 
 
 def test_a_participant_trains_on_its_own_prior_and_evaluates_plain_logits():
-    spec = JobSpec(task="digits-softmax", participants=4, steps=5, partition="dirichlet:0.1", seed=1,
-                   correction="logit-adjust")
+    spec = TrainSpec(task="digits-softmax", min_peers=4, steps=5, partition="dirichlet:0.1", seed=1,
+                     correction="logit-adjust")
     task = get_task(spec.task)
     p = make_participant(spec, task, 2)
     labels = p.trainer.y
     np.testing.assert_array_equal(p.trainer.logit_offset, logit_offset("logit-adjust", labels, 10))
-    plain = make_participant(JobSpec(**{**spec.__dict__, "correction": "none"}), task, 2)
+    plain = make_participant(dataclasses.replace(spec, correction="none"), task, 2)
     assert plain.trainer.logit_offset is None
     p.trainer.run_steps(5, 16)
     plain.trainer.run_steps(5, 16)
@@ -75,11 +77,11 @@ def test_a_participant_trains_on_its_own_prior_and_evaluates_plain_logits():
 
 
 def test_tasks_without_logits_and_unknown_corrections_are_refused():
-    spec = JobSpec(task="breast-cancer-logreg", participants=2, correction="logit-adjust")
+    spec = TrainSpec(task="breast-cancer-logreg", min_peers=2, correction="logit-adjust")
     with pytest.raises(CorrectionSpecError, match="softmax"):
         make_participant(spec, get_task(spec.task), 0)
-    with pytest.raises(ValueError):
-        JobSpec(correction="scaffold")
+    with pytest.raises(CorrectionSpecError, match="scaffold"):
+        make_participant(dataclasses.replace(spec, correction="scaffold"), get_task(spec.task), 0)
     with pytest.raises(JobSpecError, match="correction"):
         parse_train_spec({"task": "digits-mlp", "correction": "scaffold"})
     assert parse_train_spec({"task": "digits-mlp", "correction": "logit-adjust"}).correction == "logit-adjust"

@@ -7,21 +7,14 @@ import numpy as np
 import pytest
 
 from lattice.learn.merge import model_id, weighted_average
-from lattice.learn.simulate import (
-    JobSpec,
-    centralized_baseline,
-    final_merge,
-    job_partition,
-    make_participant,
-    participant_round,
-    simulate,
-    sync_pair,
-)
+from lattice.core.jobs import TrainSpec
+from lattice.learn.participant import job_partition, make_participant, merge_weights, participant_round
+from lattice.learn.simulate import centralized_baseline, final_merge, simulate, sync_pair
 from lattice.learn.schedule import sync_points
 from lattice.learn.tasks import get_task
 
-SMALL = JobSpec(task="digits-mlp", task_options={"hidden": 16}, participants=4, steps=80, batch=16, lr=0.05,
-                momentum=0.5, sync_every=3, partition="dirichlet:0.1", seed=1)
+SMALL = TrainSpec(task="digits-mlp", task_options={"hidden": 16}, min_peers=4, steps=80, batch=16, lr=0.05,
+                  momentum=0.5, sync_every=3, partition="dirichlet:0.1", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +73,9 @@ def test_centralized_baseline_uses_the_same_total_samples(task):
 @pytest.mark.parametrize("bad", [dict(algorithm="allreduce"), dict(steps=0), dict(partition="shards"),
                                  dict(compression="zip"), dict(weighting="median"), dict(schedule="often"),
                                  dict(correction="fedprox")])
-def test_job_spec_is_validated(bad):
+def test_the_simulator_refuses_what_the_learning_ring_cannot_run(bad, task):
     with pytest.raises(ValueError):
-        JobSpec(**bad)
+        simulate(dataclasses.replace(SMALL, **bad), task)
 
 
 def test_data_weighting_keeps_the_dataset_weighted_mean_and_merges_by_partition_size(task):
@@ -104,9 +97,8 @@ def test_data_weighting_keeps_the_dataset_weighted_mean_and_merges_by_partition_
     np.testing.assert_allclose(weighted_mean(), before, rtol=1e-5, atol=1e-6)
     merged, _ = final_merge(people, task)
     np.testing.assert_allclose(merged, before, rtol=1e-5, atol=1e-6)
-    assert people[2].merge_weight(0, samples=999) == sizes[0]
-    uniform = make_participant(dataclasses.replace(spec, weighting="uniform"), task, 0, parts)
-    assert uniform.merge_weight(0, samples=999) == 999
+    assert merge_weights("data", [(0, 999), (3, 5)], people[2].part_sizes) == [sizes[0], sizes[3]]
+    assert merge_weights("uniform", [(0, 999), (3, 5)], people[2].part_sizes) == [999, 5]
 
 
 def test_a_late_schedule_averages_where_the_schedule_says_within_the_same_budget(task):
