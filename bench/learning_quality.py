@@ -54,6 +54,10 @@ from lattice.learn.tasks import DatasetsUnavailable, get_task  # noqa: E402
 
 TARGETS = {"iid": (1.0, 0.02), "dirichlet:0.1": (2.0, 0.05)}  # (points below central, byte share)
 REFERENCE_H = 2
+# The anchor: issue 17's table (digits-mlp, 8 participants, seed 0, uniform weights,
+# constant gossip): H -> (gossip MB, gap to central IID, gap Dirichlet(0.1)).
+ISSUE_TABLE = {2: (46.2, -0.44, -0.44), 8: (11.6, -0.44, -1.56), 32: (2.9, -0.44, -5.56),
+               128: (0.8, -1.33, -10.00)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +164,7 @@ def run_task(task_name: str, args, pool) -> dict:
             acc = [100 * r["accuracy"] for r in rs]
             rows.append({"method": m.label, "fields": fields,
                          "bytes": statistics.mean(r["bytes_gossip"] + r["bytes_merge"] for r in rs),
+                         "bytes_merge": statistics.mean(r["bytes_merge"] for r in rs),
                          "accuracy": acc, "local": [100 * r["local"] for r in rs],
                          "gap": [a - c for a, c in zip(acc, central[base.lr])],
                          "gap_tuned": [a - c for a, c in zip(acc, central[tuned_lr])],
@@ -199,6 +204,29 @@ def run_task(task_name: str, args, pool) -> dict:
     return out
 
 
+def print_issue_table(task: dict) -> None:
+    """Issue 17's table (its seed-0 figures) beside this run's: the same H rows, bytes
+    without the final merge as the issue counted them, gaps as mean over seeds."""
+    parts = task["partitions"]
+    rows = {p: {r["method"]: r for r in v["rows"]} for p, v in parts.items()}
+    if set(rows) != set(TARGETS):
+        return
+    print(f"\n{task['task']}: issue 17's table (seed 0) beside this run (mean over seeds), points vs central")
+    print(f"  {'H':>4} {'MB issue':>9} {'MB now':>7} {'IID issue':>10} {'IID now':>8} {'Dir issue':>10} {'Dir now':>8}")
+    for h, (mb, iid, skew) in ISSUE_TABLE.items():
+        label = f"gossip H={h} uniform" + (" (reference)" if h == REFERENCE_H else "")
+        if label not in rows["iid"]:
+            continue
+        now = [rows[p][label] for p in TARGETS]
+        gossip_mb = (now[0]["bytes"] - now[0]["bytes_merge"]) / 1e6
+        print(f"  {h:>4} {mb:>9.1f} {gossip_mb:>7.1f} {iid:>+10.2f} {statistics.mean(now[0]['gap']):>+8.2f} "
+              f"{skew:>+10.2f} {statistics.mean(now[1]['gap']):>+8.2f}")
+    for p in TARGETS:
+        best = rows[p][parts[p]["best"]]
+        print(f"  {p}: best within budget now: {best['method']}, {100 * best['share']:.2f} % of H=2's bytes, "
+              f"{statistics.mean(best['gap']):+.2f} pt")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="digits-mlp,fashion-mlp")
@@ -220,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                 report.append(run_task(name, args, pool))
             except DatasetsUnavailable as e:
                 print(f"\n{name}: skipped: {e}")
+    for task in report:
+        if task["task"] == "digits-mlp":
+            print_issue_table(task)
     print("\ntarget column: PASS/MISS and the margin in points (negative: missed by that much), against "
           "the jobs' own central and the tuned one.")
     print(f"bytes: pairwise averages (both directions) + the final merge (every participant uploads its "

@@ -16,7 +16,11 @@ constant gossip would send), exchanges, rounds without a partner and wall time.
     .venv/bin/python bench/train_job.py --algorithm none --partition dirichlet:0.1
     .venv/bin/python bench/train_job.py --task digits-softmax --peers 4 --steps 200 --json
     nice -n 19 .venv/bin/python bench/train_job.py --daemons --task fashion-mlp --peers 4 \
-        --partition dirichlet:0.1 --compression int8 --sync-every 11 --schedule late
+        --partition dirichlet:0.1 --compression int8 --budget 0.05 --schedule late
+
+`--budget SHARE` sets sync_every to the most averages whose bytes (with the final
+merge) fit in SHARE of what H=2 constant gossip sends, as bench/learning_quality.py
+computes it for its budget rows.
 
 (The daemons accept the job's task through a config file this script writes; fashion
 tasks need Debian's dataset-fashion-mnist.)
@@ -47,6 +51,7 @@ from lattice.learn.merge import loads_safetensors  # noqa: E402
 from lattice.learn.simulate import centralized_baseline, simulate  # noqa: E402
 from lattice.learn.tasks import get_task  # noqa: E402
 from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync  # noqa: E402
+from learning_quality import budget_sync_every  # noqa: E402  (bench/, the script's directory)
 from lattice.testing.memnet import MemoryNetwork  # noqa: E402
 
 
@@ -154,6 +159,7 @@ def main() -> None:
     ap.add_argument("--peers", type=int, default=8)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--sync-every", type=int, default=2)
+    ap.add_argument("--budget", type=float, help="sync_every from this share of H=2's bytes (overrides it)")
     ap.add_argument("--schedule", default=TrainSpec.schedule)
     ap.add_argument("--algorithm", default="gossip")
     ap.add_argument("--partition", default="iid")
@@ -164,20 +170,22 @@ def main() -> None:
     ap.add_argument("--daemons", action="store_true", help="real latticed processes instead of the in-memory network")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.budget is not None:
+        base = TrainSpec(task=args.task, min_peers=args.peers, steps=args.steps)
+        args.sync_every = budget_sync_every(args.budget, base, get_task(args.task).num_params, args.compression)
     spec = {"task": args.task, "min_peers": args.peers, "steps": args.steps, "sync_every": args.sync_every,
             "schedule": args.schedule, "algorithm": args.algorithm, "partition": args.partition,
             "compression": args.compression, "weighting": args.weighting, "correction": args.correction,
             "seed": args.seed}
-    parsed = parse_train_spec(spec)
+    parsed = parse_train_spec(spec)  # the simulator runs the very spec the network gets
     task = get_task(args.task)
-    reference = parsed  # the simulator runs the very spec the daemons get
     t = time.perf_counter()
-    sim = simulate(reference, task)
+    sim = simulate(parsed, task)
     sim_wall = time.perf_counter() - t
-    base = centralized_baseline(task, reference.total_samples, batch=parsed.batch, lr=parsed.lr,
+    base = centralized_baseline(task, parsed.total_samples, batch=parsed.batch, lr=parsed.lr,
                                 momentum=parsed.momentum, seed=args.seed)
-    h2_bytes = simulate(dataclasses.replace(reference, sync_every=2, schedule="constant", compression="none",
-                                            algorithm="gossip"), task).bytes_gossip if args.daemons else None
+    h2_bytes = simulate(dataclasses.replace(parsed, sync_every=2, schedule="constant", compression="none",
+                                            algorithm="gossip"), task).bytes_gossip
     result = run_daemons(spec, args.peers) if args.daemons else trio.run(run_memnet, spec, args.peers, args.seed)
     network = f"{args.peers} real daemons" if args.daemons else "in-memory network"
     out = {"spec": spec, "network": network, "result": result,
@@ -197,7 +205,7 @@ def main() -> None:
     print(f"  network: {result['bytes_sent'] / 1e6:.2f} MB sent for averaging, {result['exchanges']} exchanges, "
           f"{result['skipped_rounds']} rounds without a partner; simulation: {sim.bytes_gossip / 1e6:.2f} MB, "
           f"{sim.exchanges} exchanges")
-    if h2_bytes:
+    if h2_bytes:  # 0 with one peer
         print(f"  H=2 constant gossip would send {h2_bytes / 1e6:.1f} MB: this job sent "
               f"{100 * result['bytes_sent'] / h2_bytes:.2f} % of it (the simulation {100 * sim.bytes_gossip / h2_bytes:.2f} %)")
     if args.daemons:
