@@ -22,7 +22,8 @@ that fit it (sync_every is computed, never hand-picked per task).
     .venv/bin/python bench/learning_quality.py [--tasks digits-mlp,fashion-mlp]
         [--seeds 5] [--jobs 2] [--steps 600] [--quick] [--check] [--json FILE]
 
-Full run: about 10 minutes with --jobs 2 on an idle 2-core box; --quick (digits-mlp,
+Full run: about 10 minutes with --jobs 2 on an idle 2-core box (26 minutes at
+nice 19 on a loaded one); --quick (digits-mlp,
 one seed, 200 steps, a few rows) takes seconds and is what CI runs. --check exits 1 if
 a target is missed against the jobs' own baseline.
 """
