@@ -380,7 +380,7 @@ def cmd_models_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bytes_text(n: int) -> str:
+def _bytes_text(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -13,8 +13,9 @@ import hashlib
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import lattice
 from lattice.client.localnet import LocalNet, LocalNetError

@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import textwrap
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from lattice.api import paths
 from lattice.core.config_errors import InvalidSetting
@@ -89,7 +90,7 @@ def _multiaddr_list(*, need_peer_id: bool) -> Callable[[str, Any], list[str]]:
         for item in value:
             try:
                 m = multiaddr.Multiaddr(item)
-            except Exception as e:  # the multiaddr package raises many unrelated types
+            except Exception as e:  # noqa: BLE001 - the multiaddr package raises many unrelated types
                 raise ConfigError(key, f"{item!r} is not a multiaddr ({e})") from None
             protos = [p.name for p in m.protocols()]
             if need_peer_id and "p2p" not in protos:
@@ -103,12 +104,12 @@ def _multiaddr_list(*, need_peer_id: bool) -> Callable[[str, Any], list[str]]:
 
 def _loopback_listen(key: str, value: Any) -> str:
     if value == "":
-        return value
+        return ""
     try:
         parse_listen(value)
     except ValueError as e:
         raise ConfigError(key, str(e)) from None
-    return value
+    return str(value)
 
 
 def _sec(name: str, owner: type, *fields: Exposed | str) -> Section:
@@ -203,11 +204,13 @@ class Config:
 
     @property
     def state_dir(self) -> Path:
-        return self._values["node.state_dir"]
+        path: Path = self._values["node.state_dir"]  # a Path setting: the type is checked on load
+        return path
 
     @property
     def socket(self) -> Path:
-        return self._values["node.socket"]
+        path: Path = self._values["node.socket"]
+        return path
 
     @property
     def read_gid(self) -> int | None:

@@ -27,6 +27,7 @@ import trio
 from lattice.core.governor import VolunteerConfig
 from lattice.core.identity import Identity
 from lattice.core.state import StateLimits, StateStore
+from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
 from lattice.net.blob import BlobConfig, DhtProviders
 from lattice.net.bulk import BulkListener
 from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state, serve_crdt_sync
@@ -35,14 +36,12 @@ from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
 from lattice.net.gossip_party import GossipConfig
 from lattice.net.modelstore import ModelsConfig, ModelService, open_model_service
 from lattice.net.nat_config import NatConfig
-from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
-
 from latticed import discovery, metrics, presence, statedir
 from latticed.config import Config
+from latticed.discovery import DiscoveryConfig
 from latticed.events import EventBus
 from latticed.governor import NOT_YET_APPLIED, Governor, serve_governor
 from latticed.localapi import build_handlers
-from latticed.discovery import DiscoveryConfig
 from latticed.rpc_server import RpcConfig, RpcServer, SocketInUse
 
 if TYPE_CHECKING:
@@ -161,7 +160,8 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
                 finally:
                     node.state = STOPPING
                     node.bus.publish("daemon", {"event": "state", "state": STOPPING})
-                    node.state_log.close()
+                    if node.state_log is not None:
+                        node.state_log.close()
                     if node.dht is not None:
                         discovery.save_dht_state(node)
         except host_mod.ListenError as e:  # raised by open_libp2p_node only

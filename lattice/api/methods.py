@@ -45,12 +45,12 @@ class Param:
         if not isinstance(value, allowed):
             raise InvalidParamsError(
                 f"parameter {self.name!r} must be {self.type}, got {type(value).__name__}")
-        if self.type == "list[str]" and not all(isinstance(v, str) for v in value):
+        if self.type == "list[str]" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise InvalidParamsError(f"parameter {self.name!r} must be a list of strings")
         if self.max_len is not None and hasattr(value, "__len__") and len(value) > self.max_len:
             raise InvalidParamsError(
                 f"parameter {self.name!r} is longer than {self.max_len}")
-        return float(value) if self.type == "float" else value
+        return float(value) if self.type == "float" and isinstance(value, (int, float)) else value
 
 
 READ = "read"

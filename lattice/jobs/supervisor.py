@@ -21,6 +21,7 @@ state errors and bugs propagate.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 import random
@@ -39,12 +40,10 @@ from lattice.core.jobs import (
     PARTICIPANT_TRANSITIONS,
     TERMINAL,
     ClaimFailed,
-    Join,
     JobSpecError,
     JobSpecLike,
+    Join,
     Policy,
-    join_entry,
-    job_token,
     SealRoster,
     Start,
     Stop,
@@ -52,6 +51,8 @@ from lattice.core.jobs import (
     check_transition,
     final_of,
     job_summary,
+    job_token,
+    join_entry,
     merge_decision,
     new_job_record,
     plan,
@@ -61,7 +62,7 @@ from lattice.core.jobs.train import BUILTIN_TASKS
 from lattice.core.state import LocalStateError, Set, StateStore
 from lattice.jobs.checkpoints import CheckpointError, Checkpoints
 from lattice.jobs.kind import Contribution, Input, JobKind, KindRefused, Services
-from lattice.net.blob import BlobConfig, BlobNotFound, BlobService, BlobStore, Providers, serve_blobs
+from lattice.net.blob import BlobConfig, BlobService, BlobStore, Providers, serve_blobs
 from lattice.net.gossip_avg import (
     Compute,
     GossipConfig,
@@ -337,7 +338,7 @@ class JobSupervisor:
             for listener in list(self._listeners):
                 listener(note)
 
-    def _write(self, changes: list[Any]) -> None:
+    def _write(self, changes: builtins.list[Any]) -> None:  # (`list` is a method here)
         if self.sync is not None:
             self.sync.write(changes)
         else:
@@ -427,11 +428,11 @@ class JobSupervisor:
             self._write_entry(job_id, ours.get("state"), {
                 **ours, "job_state": "failed", "updated": self._clock()})
         elif isinstance(action, Stop):
-            run = self._runs.get(job_id)
-            if run is not None and run.stop_reason is None:
+            running = self._runs.get(job_id)
+            if running is not None and running.stop_reason is None:
                 log.info("job=%s stopping: %s", job_id, action.reason)
-                run.stop_reason = action.reason
-                run.scope.cancel()
+                running.stop_reason = action.reason
+                running.scope.cancel()
 
     def _write_entry(self, job_id: str, old: str | None, entry: dict[str, Any], *,
                      also: Sequence[Any] = ()) -> None:
@@ -550,7 +551,7 @@ class JobSupervisor:
         return found[0] if found else None
 
     async def _merge(self, run: Run, ctx: _Context, view: Mapping[str, Any],
-                     members: list[str]) -> None:
+                     members: builtins.list[str]) -> None:
         participants = view["participants"]
         inputs = []
         for peer in members:
@@ -579,7 +580,7 @@ class JobSupervisor:
                  len(result.used), run.missing, result.model_id)
         self.counts["merged"] += 1
 
-    def candidates(self, run: Run) -> list[str]:
+    def candidates(self, run: Run) -> builtins.list[str]:
         """Roster members that may still exchange with us: not finished, not known dead."""
         view = self._job_view(run.job_id)
         entries = view["participants"] if view else {}

@@ -109,7 +109,8 @@ class ArrayBackedSource:
 class ModelReader(Protocol):
     """A model to read tensor by tensor."""
 
-    meta: dict[str, str]
+    @property
+    def meta(self) -> dict[str, str]: ...
 
     def infos(self) -> dict[str, TensorInfo]: ...
 
@@ -166,7 +167,8 @@ class NpzReader:
     def source(self, name: str) -> ArrayBackedSource:
         def load() -> np.ndarray:
             with np.load(self.path, allow_pickle=False) as z:
-                return z[name]
+                array: np.ndarray = z[name]
+                return array
         return ArrayBackedSource(self._infos[name], load)
 
 
@@ -289,8 +291,8 @@ class PieceWriter:
         self.pieces: list[str] = []
 
     def write(self, data: bytes | np.ndarray) -> None:
-        view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8) if isinstance(data, np.ndarray)
-                          else data).cast("B")
+        view = (np.ascontiguousarray(data).reshape(-1).view(np.uint8).data if isinstance(data, np.ndarray)
+                else memoryview(data)).cast("B")
         while len(view):
             take = min(len(view), PIECE_BYTES - len(self._buf))
             self._buf += view[:take]

@@ -227,7 +227,8 @@ class MergeSpec:
         weights per model."""
         if weights is not None and len(weights) != len(models):
             raise MergeSpecError(f"{len(weights)} weights for {len(models)} models")
-        per_model = tuple({"weight": w} if weights is not None else {} for w in weights or [None] * len(models))
+        per_model: tuple[dict[str, Any], ...] = (
+            tuple({"weight": w} for w in weights) if weights is not None else tuple({} for _ in models))
         if dtype is not None:
             dtype = _dtype(dtype, "dtype")
         return cls(method, tuple(models), base, {k: v for k, v in params.items() if v is not None}, per_model, dtype)
@@ -248,7 +249,7 @@ class MergeSpec:
                 return super().compose_node(parent, index)
 
         try:
-            doc = yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+            doc = yaml.load(text, Loader=Loader)
         except (yaml.YAMLError, RecursionError) as e:
             raise MergeSpecError(f"not valid YAML: {str(e)[:200]}") from None
         if not isinstance(doc, dict):

@@ -12,7 +12,6 @@ from lattice.api.errors import (
 )
 from lattice.core.jobs import JobSpecError, JoinRefused
 from lattice.jobs import JobNotFound, JobSupervisor, NotSubmitter
-
 from latticed.localapi.state import wait_writable
 from latticed.rpc_server import ClientConnection, Handler
 

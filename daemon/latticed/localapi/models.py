@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lattice.api.errors import (
     ConflictError,
@@ -30,7 +30,6 @@ from lattice.learn.mergespec import MergeSpec, MergeSpecError
 from lattice.learn.modelfile import ModelFormatError
 from lattice.net.blob import BlobNotFound, BlobStoreFull, is_blob_id
 from lattice.net.modelstore import ModelNotFound, ModelService, ModelUnavailable
-
 from latticed.localapi.jobs import require_jobs
 from latticed.rpc_server import ClientConnection, Handler
 
@@ -39,6 +38,8 @@ if TYPE_CHECKING:
 
 MAX_READ_BYTES = 1 << 20
 
+
+T = TypeVar("T")
 
 def require_models(node: Node) -> ModelService:
     if node.models is None:
@@ -127,7 +128,7 @@ def _absolute(path: str) -> str:
     return path
 
 
-async def _translated(op: Awaitable[Any], path: str | None = None) -> Any:
+async def _translated(op: Awaitable[T], path: str | None = None) -> T:
     """The service's errors as typed RPC errors (the one place they are mapped)."""
     uid = os.getuid()
     try:
@@ -153,7 +154,7 @@ async def _translated(op: Awaitable[Any], path: str | None = None) -> Any:
         raise InvalidArgumentError(f"the daemon could not use {path}: {e}") from None
 
 
-def _resolver(service: Any) -> Callable[[str], str]:
+def _resolver(service: ModelService) -> Callable[[str], str]:
     def resolve(ref: str) -> str:
         try:
             return service.resolve(ref)

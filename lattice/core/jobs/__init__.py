@@ -61,8 +61,8 @@ from lattice.core.jobs.lifecycle import TERMINAL as TERMINAL
 from lattice.core.jobs.lifecycle import Action as Action
 from lattice.core.jobs.lifecycle import ClaimFailed as ClaimFailed
 from lattice.core.jobs.lifecycle import IllegalTransition as IllegalTransition
-from lattice.core.jobs.lifecycle import Join as Join
 from lattice.core.jobs.lifecycle import JobSpecLike as JobSpecLike
+from lattice.core.jobs.lifecycle import Join as Join
 from lattice.core.jobs.lifecycle import MergeDecision as MergeDecision
 from lattice.core.jobs.lifecycle import Policy as Policy
 from lattice.core.jobs.lifecycle import SealRoster as SealRoster

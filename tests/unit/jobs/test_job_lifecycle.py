@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from lattice.core import jobs as J
 from lattice.core.state import views
+from lattice.jobs.train import merge_finals
 from lattice.learn.participant import check_spec, make_participant, merge_weights, participant_round
 from lattice.learn.simulate import final_merge
 from lattice.learn.tasks import get_task
-from lattice.jobs.train import merge_finals
 
 ME, A, B, C, D = "me", "peer-a", "peer-b", "peer-c", "peer-d"
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from lattice.core import gossip_messages
-from lattice.core.arrays import ArraySpec
 from lattice.core import jobs as J
+from lattice.core.arrays import ArraySpec
 from lattice.core.gossip_messages import GossipFormatError, parse_array_header
 from lattice.net import blob, gossip_avg
 

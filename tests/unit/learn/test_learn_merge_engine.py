@@ -115,10 +115,10 @@ def test_an_npz_imports_with_its_dtypes(tmp_path):
 
 
 def test_broken_directories_are_refused_with_the_reason(tmp_path):
-    with pytest.raises(ModelFormatError, match="no model.safetensors.index.json"):
+    with pytest.raises(ModelFormatError, match=r"no model.safetensors.index.json"):
         open_model_path(tmp_path)
     (tmp_path / HF_INDEX).write_text(json.dumps({"weight_map": {"w": "../evil.safetensors"}}))
-    with pytest.raises(ModelFormatError, match="not a .safetensors file in the directory"):
+    with pytest.raises(ModelFormatError, match=r"not a .safetensors file in the directory"):
         open_model_path(tmp_path)
     _write(tmp_path / "a.safetensors", {"w": np.zeros(2, np.float32), "v": np.zeros(1, np.float32)})
     (tmp_path / HF_INDEX).write_text(json.dumps({"weight_map": {"w": "a.safetensors"}}))
@@ -170,7 +170,7 @@ def test_a_missing_tensor_fails_the_merge_with_its_name(tmp_path):
     m = import_model(open_model_path(_write(tmp_path / "x.safetensors", arrays)), blobs.put)
     readers[manifest_id(m)] = PiecesReader(m, blobs.read)
     spec = MergeSpec.from_arguments("task_arithmetic", [one, manifest_id(m)], base=base)
-    with pytest.raises(MergeInputError, match="'model.norm.weight'.*missing"):
+    with pytest.raises(MergeInputError, match=r"'model.norm.weight'.*missing"):
         merge_plan(spec, readers)
 
 
