@@ -31,7 +31,7 @@ from lattice.net.bulk import BulkListener
 from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state, serve_crdt_sync
 from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
-from lattice.net.modelstore import ModelService, open_model_service
+from lattice.net.modelstore import ModelService, ModelsConfig
 from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
 
 from latticed import discovery, presence, statedir
@@ -169,8 +169,7 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
         history_is_new=node.identity_created))
     nursery.start_soon(presence.serve_heartbeat, node)
     node.jobs = await _start_jobs(node, nursery)
-    node.models = open_model_service(node.jobs.blobs, node.store, node.sync, cfg,
-                                     clock=time.time)
+    node.models = node.jobs.services.models
     nursery.start_soon(presence.fan_out_peer_events, node,
                        host.peer_events(buffer=cfg["rpc.subscriber_queue"]))
     nursery.start_soon(presence.measure_rtts, node)
@@ -186,7 +185,11 @@ async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
         allowed_plugins=tuple(cfg["jobs.allowed_plugins"]),
         max_jobs=cfg["jobs.max_jobs"], compute_threads=cfg["jobs.compute_threads"],
         checkpoint_every=cfg["jobs.checkpoint_every"], max_params=cfg["jobs.max_params"],
-        blob=BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"]))
+        blob=BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"]),
+        models=ModelsConfig(compute_threads=cfg["models.compute_threads"],
+                            fetch_timeout=cfg["models.fetch_timeout_s"],
+                            fetch_parallel=cfg["models.fetch_parallel"],
+                            shard_bytes=cfg["models.export_shard_bytes"]))
     transport: TensorTransport | None = None
     if cfg["bulk.direct"]:
         node.bulk = await discovery.start_bulk_listener(node, nursery)

@@ -67,6 +67,7 @@ from lattice.net.gossip_avg import (
     serve_gossip_avg,
     thread_compute,
 )
+from lattice.net.modelstore import ModelsConfig, ModelService
 from lattice.net.streams import PeerNetwork
 
 log = logging.getLogger("lattice.jobs")
@@ -111,6 +112,7 @@ class JobsConfig:
     e.g. a huge hidden layer must not exhaust our memory."""
     gossip: GossipConfig = field(default_factory=GossipConfig)
     blob: BlobConfig = field(default_factory=BlobConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
 
 
 @dataclass
@@ -171,6 +173,14 @@ class _Context:
 
     def candidates(self) -> list[str]:
         return self._sup.candidates(self._run)
+
+    def entries(self) -> dict[str, Mapping[str, Any]]:
+        view = self._sup._job_view(self._run.job_id)
+        found = view["participants"] if view is not None else {}
+        return {p: found.get(p, {}) for p in self._run.roster}
+
+    async def wait_changed(self) -> None:
+        await self._sup._changed.wait()
 
     def close(self) -> None:
         for callback in reversed(self._closers):
@@ -535,10 +545,14 @@ class JobSupervisor:
             final = final_of(participants[peer])
             assert final is not None  # merge_decision's inputs have one
             inputs.append(Input(peer, run.roster.index(peer), final["blob"], final["samples"]))
-        result = await run.kind.produce(run, ctx, inputs)
+        why = "no final contribution could be read"
+        try:
+            result = await run.kind.produce(run, ctx, inputs)
+        except KindRefused as e:  # the kind found the job cannot be done (a bad input...)
+            result, why = None, str(e)[:200]
         if result is None:  # even our own is unreadable: nothing to merge, the job failed
             run.job_state = run.state = "failed"
-            self._publish_progress(run, force=True, reason="no final contribution could be read")
+            self._publish_progress(run, force=True, reason=why)
             return
         used_peers = {u.peer for u in result.used}
         run.missing = [p for p in run.roster if p not in used_peers]
@@ -635,15 +649,18 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
     """Run jobs until cancelled; hands back the `JobSupervisor`.
 
     Starts `/lattice/gossip-avg/1` and `/lattice/blob/1` (blobs in ``blob_dir``, or in
-    memory), watches ``store`` for jobs, and writes through ``sync`` (a `CrdtSync`; None:
-    straight to ``store``). ``kinds(services)`` builds the job kinds it runs (default:
-    every kind in `lattice.jobs.KINDS`). ``checkpoint_dir`` enables resuming after a
-    restart. ``compute`` runs the math (default: ``config.compute_threads`` worker
-    threads); ``clock`` is the wall clock of records and member liveness (tests pass
+    memory) and the model store over them (`Services.models`), watches ``store`` for
+    jobs, and writes through ``sync`` (a `CrdtSync`; None: straight to ``store``).
+    ``kinds(services)`` builds the job kinds it runs (default: every kind in
+    `lattice.jobs.KINDS`). ``checkpoint_dir`` enables resuming after a restart.
+    ``compute`` runs the math (default: ``config.compute_threads`` worker threads, and
+    the model store's own ``config.models.compute_threads``); ``clock`` is the wall
+    clock of records and member liveness (tests pass
     ``trio.current_time``); ``rng`` the randomness of nonces and partner choice (seed it
     to replay a test). Failure policy: see the module docstring."""
     from lattice.jobs import builtin_kinds
 
+    model_compute = compute  # None: the model store's own worker threads
     if compute is None:
         compute = thread_compute(trio.CapacityLimiter(config.compute_threads))
     blob_store = BlobStore(blob_dir, max_bytes=config.blob.max_store_bytes)
@@ -653,8 +670,12 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
         blobs = await nursery.start(lambda task_status: serve_blobs(
             network, blob_store, config=config.blob, providers=providers, compute=compute,
             task_status=task_status))
-        services = Services(network, gossip, blobs, compute, config, rng or random.Random(),
-                            clock)
+        models = ModelService(
+            blobs, store, lambda changes: sync.write(changes) if sync is not None
+            else store.apply_local(changes, clock()), network.peer_id, config.models, clock=clock,
+            compute=model_compute)
+        services = Services(network, gossip, blobs, models, compute, config,
+                            rng or random.Random(), clock)
         supervisor = JobSupervisor(
             network, store, sync, (kinds or builtin_kinds)(services),
             services, Checkpoints(Path(checkpoint_dir) if checkpoint_dir is not None else None))
