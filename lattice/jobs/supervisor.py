@@ -384,7 +384,7 @@ class JobSupervisor:
             kind = self.kinds[view["spec"]["kind"]]
             actions = plan(self.me, job_id, view, spec, volunteer=kind.volunteers(job_id, spec),
                            policy=self._policy, active=set(self._runs), reserved=reserved,
-                           alive=alive)
+                           alive=alive, now=now)
             for action in actions:
                 reserved += isinstance(action, Join)
                 self._do(action, view, kind, spec)

@@ -28,8 +28,9 @@ every peer computes the same status from the same records.
 Selection. Daemons whose kind says they volunteer (the config accepts the task, or a
 local user asked to join) write ``state: joined``. The submitter *seals* the roster:
 the first ``max_peers`` live joiners in a deterministic order (SHA-256 of job id and
-peer id, so the same peers are not always first), once ``min_peers`` have joined,
-stored sorted by peer id in its own record. Only one author writes the roster, so
+peer id, so the same peers are not always first), once ``min_peers`` have joined (and,
+for a kind whose spec has a ``join_window``, once that window has passed or
+``max_peers`` joined), stored sorted by peer id in its own record. Only one author writes the roster, so
 there is nothing to agree on: each participant reads it and takes its rank (index in
 the sorted roster). A joiner left out withdraws (``state: left``). Computing the roster
 from the joined entries on every peer instead would let two peers that have seen
@@ -65,6 +66,7 @@ from lattice.core.jobs.lifecycle import check_transition as check_transition
 from lattice.core.jobs.lifecycle import compute_job_id as compute_job_id
 from lattice.core.jobs.lifecycle import final_of as final_of
 from lattice.core.jobs.lifecycle import job_summary as job_summary
+from lattice.core.jobs.lifecycle import join_window as join_window
 from lattice.core.jobs.lifecycle import merge_decision as merge_decision
 from lattice.core.jobs.lifecycle import new_job_record as new_job_record
 from lattice.core.jobs.lifecycle import plan as plan

@@ -147,12 +147,22 @@ def _order_key(job_id: str, peer: str) -> bytes:
     return hashlib.sha256(f"{job_id}\x00{peer}".encode()).digest()
 
 
+def join_window(spec: JobSpecLike) -> float:
+    """Seconds the roster stays open for more than ``min_peers`` joiners: a kind's spec
+    may declare ``join_window`` (merge: gather volunteers); others seal at once."""
+    return float(getattr(spec, "join_window", 0.0))
+
+
 def select_roster(job_id: str, spec: JobSpecLike, participants: Mapping[str, Mapping[str, Any]],
-                  alive: Callable[[str], bool] = lambda _peer: True) -> list[str] | None:
+                  alive: Callable[[str], bool] = lambda _peer: True, *,
+                  open_for: float = math.inf) -> list[str] | None:
     """The roster to seal: the first ``max_peers`` live joiners in hash order, sorted by
-    peer id; None until ``min_peers`` have joined."""
+    peer id; None until ``min_peers`` have joined and, while fewer than ``max_peers``
+    have, until the job has been open (``open_for`` seconds) for its `join_window`."""
     joined = [p for p, e in participants.items() if e.get("state") == "joined" and alive(p)]
     if len(joined) < spec.min_peers:
+        return None
+    if len(joined) < spec.max_peers and open_for < join_window(spec):
         return None
     chosen = sorted(joined, key=lambda p: _order_key(job_id, p))[: spec.max_peers]
     return sorted(chosen)
@@ -218,13 +228,15 @@ _OUR_FINISHED = ("done", "left", "failed")
 
 def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, volunteer: bool,
          policy: Policy, active: frozenset[str] | set[str], reserved: int,
-         alive: Callable[[str], bool] = lambda _peer: True) -> list[Action]:
+         alive: Callable[[str], bool] = lambda _peer: True,
+         now: float | None = None) -> list[Action]:
     """What this daemon should do about one job, from the merged view (`store.jobs()`).
 
     ``volunteer``: the job's kind says this daemon takes part if there is room (its
     config accepts the job, or a local user asked to join it); ``active``: job ids we
     are running now; ``reserved``: how many jobs we are running or have joined and wait
-    for (capacity in use). Idempotent: applying the actions and calling again yields
+    for (capacity in use); ``now``: the submitter's clock, against the record's
+    ``created`` for the join window (None: the window is over). Idempotent: applying the actions and calling again yields
     nothing new, so the runner may call it on every change."""
     status = view.get("status", "submitted")
     record = view.get("spec", {})
@@ -243,7 +255,10 @@ def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, vo
         return actions
     if roster is None:
         if view.get("submitter") == me and record.get("state") == "submitted":
-            chosen = select_roster(job_id, spec, participants, alive)
+            created = record.get("created")
+            open_for = (now - created if now is not None and type(created) in (int, float)
+                        else math.inf)
+            chosen = select_roster(job_id, spec, participants, alive, open_for=open_for)
             if chosen is not None:
                 actions.append(SealRoster(job_id, chosen))
         joined = sum(1 for e in participants.values() if e.get("state") == "joined")
