@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lattice.core.codec import canonical
+from lattice.core.jobs.merge import KIND_MERGE, parse_merge_spec
 from lattice.core.jobs.spec import JobSpecError
 from lattice.core.jobs.train import KIND_TRAIN, parse_train_spec
 
@@ -37,7 +38,8 @@ class JobSpecLike(Protocol):
 
 
 SpecParser = Callable[[Any], JobSpecLike]
-DEFAULT_PARSERS: Mapping[str, SpecParser] = {KIND_TRAIN: parse_train_spec}
+DEFAULT_PARSERS: Mapping[str, SpecParser] = {KIND_TRAIN: parse_train_spec,
+                                             KIND_MERGE: parse_merge_spec}
 
 # -- states -------------------------------------------------------------------------------
 
