@@ -11,7 +11,6 @@ container, the path is the container's).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -94,7 +93,7 @@ async def models_merge(node: Node, client: ClientConnection, spec: dict[str, Any
             parsed = MergeSpec.from_yaml(config, _resolver(service))
         else:
             assert spec is not None
-            parsed = _spec_from_map(spec).with_ids(_resolver(service))
+            parsed = MergeSpec.from_request(spec).with_ids(_resolver(service))
         return await service.merge(parsed, name=name)
 
     return await _translated(run())
@@ -160,26 +159,3 @@ def _resolver(service: Any) -> Callable[[str], str]:
         except ModelNotFound as e:
             raise MergeSpecError(str(e)) from None
     return resolve
-
-
-def _spec_from_map(doc: dict[str, Any]) -> Any:
-    """The spec the CLI sends: method, models, base, weights, dtype, parameters."""
-    allowed = {"method", "models", "base", "weights", "dtype", "parameters"}
-    unknown = set(doc) - allowed
-    if unknown:
-        raise MergeSpecError(f"unknown spec field(s): {', '.join(sorted(map(str, unknown)))}")
-    method, models = doc.get("method"), doc.get("models")
-    if not isinstance(method, str) or not isinstance(models, list) or not all(isinstance(m, str) for m in models):
-        raise MergeSpecError("spec needs method (str) and models (list of ids or names)")
-    weights = doc.get("weights")
-    if weights is not None and (not isinstance(weights, list) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
-        raise MergeSpecError("weights must be a list of numbers")
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise MergeSpecError("parameters must be a map")
-    base = doc.get("base")
-    if base is not None and not isinstance(base, str):
-        raise MergeSpecError("base must be a model id or name")
-    return MergeSpec.from_arguments(method, models, base=base, weights=weights, dtype=doc.get("dtype"), **params)
-
