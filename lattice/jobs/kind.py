@@ -135,6 +135,9 @@ class JobKind(Protocol, Generic[SpecT]):
         used; the job fails; `KindRefused`: the job cannot be done, its message is the
         reason)."""
 
+    def statistics(self) -> dict[str, Any]:
+        """The kind's own counters and limits (shown under ``kinds`` in `jobs.stats`)."""
+
 
 class KindRefused(Exception):
     """This daemon cannot take part after all (the task is unknown here, the model is

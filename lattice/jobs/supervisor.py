@@ -59,6 +59,7 @@ from lattice.core.jobs.train import BUILTIN_TASKS
 from lattice.core.state import LocalStateError, Set, StateStore
 from lattice.jobs.checkpoints import CheckpointError, Checkpoints
 from lattice.jobs.kind import Contribution, Input, JobKind, KindRefused, Services
+from lattice.jobs.merge import MergeConfig
 from lattice.net.blob import BlobConfig, BlobNotFound, BlobService, BlobStore, Providers, serve_blobs
 from lattice.net.gossip_avg import (
     Compute,
@@ -113,6 +114,7 @@ class JobsConfig:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     blob: BlobConfig = field(default_factory=BlobConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 @dataclass
@@ -310,6 +312,7 @@ class JobSupervisor:
             "running": {jid: {"kind": r.kind.name, "round": r.round, "state": r.state,
                               "rank": r.rank, **r.progress}
                         for jid, r in self._runs.items()},
+            "kinds": {name: kind.statistics() for name, kind in self.kinds.items()},
             "gossip": self.services.gossip.statistics(),
             "blobs": self.services.blobs.statistics(),
         }

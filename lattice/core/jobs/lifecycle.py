@@ -343,6 +343,11 @@ def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
     participants = view.get("participants", {})
     roster = record.get("roster") or []
     steps_total = int(spec.get("steps", 0)) * (len(roster) or int(spec.get("min_peers", 0)))
+    if record.get("kind") == KIND_MERGE:  # a merge's progress counts the output's tensors
+        steps_total = spec["tensors"] if type(spec.get("tensors")) is int else 0
+    # why a failed job failed: a roster member's reason (each says it when it gives up)
+    reasons = sorted((p, e["reason"]) for p, e in participants.items()
+                     if p in roster and e.get("state") == "failed" and isinstance(e.get("reason"), str))
     losses = [e["loss"] for e in participants.values()
               if isinstance(e.get("loss"), (int, float)) and math.isfinite(e["loss"])]
     accs = [e["accuracy"] for e in participants.values()
@@ -366,5 +371,6 @@ def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
         "bytes_received": totals.get("bytes_received", 0),
         "peers": {p: e.get("state") for p, e in participants.items()},
         "model": models[0] if models else None,
+        "reason": reasons[0][1] if view.get("status") == "failed" and reasons else None,
         "created": record.get("created"),
     }
