@@ -164,6 +164,15 @@ SETTINGS: list[Setting] = [
             _at_least(0)),
     Setting("jobs.max_params", int, 50_000_000, "largest model (parameters) this daemon "
             "trains", _at_least(1)),
+    Setting("jobs.merge_max_bytes", int, 4 << 30, "largest merge job this daemon volunteers "
+            "for, by its inputs' total bytes (0: none)", _at_least(0)),
+    Setting("jobs.merge_straggler_min_s", float, 10.0, "a merge participant with nothing left "
+            "to do waits this long before judging who is behind", _at_least(0.0)),
+    Setting("jobs.merge_straggler_factor", float, 2.0, "a merge participant is behind when, "
+            "at its pace, its remaining tensors take this many times longer than ours",
+            _at_least(1.0)),
+    Setting("jobs.merge_check_tensors", int, 1, "tensors of each other participant's share a "
+            "merger recomputes before using it (0: none)", _at_least(0)),
     Setting("bulk.direct", bool, True, "move large tensors over an AES-GCM side channel "
             "(raw TCP, keys from the Noise-authenticated stream) instead of the libp2p stream"),
     Setting("bulk.port", int, 0, "TCP port of the side channel (0: any free port)",

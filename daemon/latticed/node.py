@@ -32,7 +32,7 @@ from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state
 from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
 from lattice.net.modelstore import ModelService, ModelsConfig
-from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
+from lattice.jobs import JobsConfig, JobSupervisor, MergeConfig, serve_jobs
 
 from latticed import discovery, presence, statedir
 from latticed.config import Config
@@ -189,7 +189,11 @@ async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
         models=ModelsConfig(compute_threads=cfg["models.compute_threads"],
                             fetch_timeout=cfg["models.fetch_timeout_s"],
                             fetch_parallel=cfg["models.fetch_parallel"],
-                            shard_bytes=cfg["models.export_shard_bytes"]))
+                            shard_bytes=cfg["models.export_shard_bytes"]),
+        merge=MergeConfig(max_bytes=cfg["jobs.merge_max_bytes"],
+                          straggler_min=cfg["jobs.merge_straggler_min_s"],
+                          straggler_factor=cfg["jobs.merge_straggler_factor"],
+                          check_tensors=cfg["jobs.merge_check_tensors"]))
     transport: TensorTransport | None = None
     if cfg["bulk.direct"]:
         node.bulk = await discovery.start_bulk_listener(node, nursery)

@@ -10,9 +10,11 @@ from lattice.api.errors import (
     NotReadyError,
     PermissionDeniedError,
 )
-from lattice.core.jobs import JobSpecError
+from lattice.core.jobs import KIND_MERGE, JobSpecError
 from lattice.jobs import JobNotFound, JobSupervisor, NotSubmitter
+from lattice.jobs.merge import prepare_merge_job
 
+from latticed.localapi.modelerrors import translated
 from latticed.localapi.state import wait_writable
 from latticed.rpc_server import ClientConnection, Handler
 
@@ -30,6 +32,8 @@ async def jobs_submit(node: Node, client: ClientConnection,
                       spec: dict[str, Any]) -> dict[str, Any]:
     jobs = require_jobs(node)
     await wait_writable(node)
+    if spec.get("kind") == KIND_MERGE:  # names, weights or a mergekit config: the spec
+        spec = await translated(prepare_merge_job(jobs.services.models, spec))
     try:
         job_id = jobs.submit(spec)
     except JobSpecError as e:

@@ -62,7 +62,7 @@ class MergeJobSpec:
     min_peers: int = 1
     max_peers: int = 8
     join_window: float = 5.0
-    merge_timeout: float = 600.0
+    merge_timeout: float = 120.0
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, explicitly: the form stored in the job record and hashed."""

@@ -25,7 +25,7 @@ def test_a_minimal_spec_gets_every_field_written_out_and_parses_back():
     assert spec.to_dict() == {
         "method": "ties", "models": [A, B], "base": C, "parameters": {}, "model_parameters": [],
         "dtype": None, "name": None, "input_bytes": 3 << 30, "tensors": 201, "min_peers": 1,
-        "max_peers": 8, "join_window": 5.0, "merge_timeout": 600.0}
+        "max_peers": 8, "join_window": 5.0, "merge_timeout": 120.0}
     assert parse_merge_spec(spec.to_dict()) == spec
     full = parse_merge_spec(raw(parameters={"density": [{"filter": "mlp", "value": [1.0, 0.5]}, {"value": 0.7}]},
                                 model_parameters=[{"weight": 1}, {"weight": 0.5}], dtype="BF16", name="soup",
