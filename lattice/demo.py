@@ -55,7 +55,9 @@ class ProgressLine:
         peers = s.get("peers") or {}
         active = sum(1 for st in peers.values() if st not in ("left", "failed", "not_selected"))
         if s.get("kind") == "merge":
-            return (f"[{bar}] {100 * frac:5.1f}% {s.get('status', '?'):<9} tensors {steps}/{total}"
+            # (a tensor merged twice, by a member behind and one taking over, counts once)
+            return (f"[{bar}] {100 * frac:5.1f}% {s.get('status', '?'):<9} tensors "
+                    f"{min(steps, total) if total else steps}/{total}"
                     f"  fetched {_bytes(s.get('bytes_received') or 0)}  peers {active}  eta {eta}")
         loss = "-" if s.get("loss") is None else f"{s['loss']:.3f}"
         acc = "-" if s.get("accuracy") is None else f"{100 * s['accuracy']:.1f}%"

@@ -171,6 +171,8 @@ SETTINGS: list[Setting] = [
     Setting("jobs.merge_straggler_factor", float, 2.0, "a merge participant is behind when, "
             "at its pace, its remaining tensors take this many times longer than ours",
             _at_least(1.0)),
+    Setting("jobs.merge_prefetch_bytes", int, 256 << 20, "input bytes a merge participant "
+            "fetches ahead of the tensor it merges (disk, not memory)", _at_least(0)),
     Setting("jobs.merge_check_tensors", int, 1, "tensors of each other participant's share a "
             "merger recomputes before using it (0: none)", _at_least(0)),
     Setting("bulk.direct", bool, True, "move large tensors over an AES-GCM side channel "

@@ -193,6 +193,7 @@ async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
         merge=MergeConfig(max_bytes=cfg["jobs.merge_max_bytes"],
                           straggler_min=cfg["jobs.merge_straggler_min_s"],
                           straggler_factor=cfg["jobs.merge_straggler_factor"],
+                          prefetch_bytes=cfg["jobs.merge_prefetch_bytes"],
                           check_tensors=cfg["jobs.merge_check_tensors"]))
     transport: TensorTransport | None = None
     if cfg["bulk.direct"]:

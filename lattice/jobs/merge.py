@@ -92,6 +92,8 @@ class MergeConfig:
     straggler_factor: float = 2.0
     """A participant still merging is behind when, at the pace it has kept, it needs
     this many times longer for its remaining tensors than we would at ours."""
+    prefetch_bytes: int = 256 << 20
+    """Input bytes fetched ahead of the tensor being merged (disk, not memory)."""
     check_tensors: int = 1
     """Tensors of each other participant's share the merger recomputes before using it
     (0: none)."""
@@ -193,6 +195,8 @@ class _Job:
     """Each member's last progress (steps, done_cost) and when we saw it change."""
     todo: list[str] = field(default_factory=list)
     """What we still mean to merge after the tensor in progress."""
+    moved: trio.Event = field(default_factory=trio.Event)
+    """Set (and replaced) when ``todo`` changes."""
     refuted: set[str] = field(default_factory=set)
     """Tensors a member claimed unmergeable that merged fine here."""
     published: str | None = None
@@ -204,6 +208,13 @@ class _Job:
     merged_cost: int = 0
     """Input bytes of the tensors we merged in ``merging_seconds`` (our pace)."""
     helped: int = 0
+
+    def plan_next(self, todo: list[str]) -> None:
+        """What we mean to merge after the tensor in progress (the prefetcher follows)."""
+        if todo != self.todo:
+            self.todo = todo
+            moved, self.moved = self.moved, trio.Event()
+            moved.set()
 
     def covered(self) -> set[str]:
         """Tensors merged here or listed by a share whose pieces we can get."""
@@ -237,6 +248,7 @@ class MergeKind:
         return {**self.counts, "jobs": len(self._jobs), "max_bytes": self.config.max_bytes,
                 "straggler_min": self.config.straggler_min,
                 "straggler_factor": self.config.straggler_factor,
+                "prefetch_bytes": self.config.prefetch_bytes,
                 "check_tensors": self.config.check_tensors}
 
     # -- a participant ---------------------------------------------------------------------
@@ -300,6 +312,19 @@ class MergeKind:
     async def _work(self, run: Run, ctx: RunContext, job: _Job) -> None:
         """Merge our share, then what others left behind, until every other member
         has nothing left to do (idle, or published its final share) or is behind."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._prefetch, job)
+            try:
+                await self._work_loop(run, ctx, job)
+            except (KindRefused, ModelUnavailable, BlobNotFound, BlobStoreFull) as e:
+                failure: Exception | None = e  # raised below, not as a group
+            else:
+                failure = None
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _work_loop(self, run: Run, ctx: RunContext, job: _Job) -> None:
         idle_since: float | None = None
         while True:
             await self._refresh(run, ctx, job)
@@ -311,10 +336,10 @@ class MergeKind:
             todo = [n for n in plan[job.me] if n not in done]
             if todo:
                 idle_since = None
-                job.todo = todo[1:]
+                job.plan_next(todo[1:])
                 await self._merge_next(run, ctx, job, todo)
                 continue
-            job.todo = []
+            job.plan_next([])
             entries = ctx.entries()
             if all(entries[p].get("idle") is True for p in run.roster
                    if p != job.me and p not in behind | finished):
@@ -378,19 +403,11 @@ class MergeKind:
         name = todo[0]
         models = self.services.models
         started = trio.current_time()
-        failure: Exception | None = None
-        async with trio.open_nursery() as nursery:  # (errors are taken out: no group)
-            if len(todo) > 1:
-                nursery.start_soon(self._prefetch, job, todo[1])
-            try:
-                merged, fetched = await models.merge_share(job.plan.spec, job.plan.readers, [name])
-            except (MergeInputError, MergeSpecError, ModelUnavailable, BlobNotFound, BlobStoreFull) as e:
-                failure = e
-        if isinstance(failure, (MergeInputError, MergeSpecError)):
-            await self._claim(ctx, failure, name)
-            raise KindRefused(str(failure)[:200]) from None
-        if failure is not None:
-            raise failure
+        try:
+            merged, fetched = await models.merge_share(job.plan.spec, job.plan.readers, [name])
+        except (MergeInputError, MergeSpecError) as e:
+            await self._claim(ctx, e, name)
+            raise KindRefused(str(e)[:200]) from None
         job.merging_seconds += trio.current_time() - started
         job.merged_cost += job.plan.cost[name]
         job.bytes_fetched += fetched
@@ -404,15 +421,32 @@ class MergeKind:
         else:
             await ctx.report(**self._progress(job))
 
-    async def _prefetch(self, job: _Job, name: str) -> None:
-        """Bring the next tensor's input pieces while this one merges (best effort: the
-        merge fetches whatever is still missing, and reports what fails)."""
+    async def _prefetch(self, job: _Job) -> None:
+        """Fetch the input pieces of the tensors we mean to merge next, up to
+        `MergeConfig.prefetch_bytes` of them ahead of the merge, so the network and the
+        math overlap (best effort: the merge fetches whatever is still missing, and
+        reports what does not come). Runs until cancelled."""
         models = self.services.models
-        try:
-            for mid, reader in job.plan.readers.items():
-                job.bytes_fetched += await models.fetch_tensors(mid, reader, [name])
-        except (ModelUnavailable, BlobNotFound, BlobStoreFull):
-            pass
+        fetched: set[str] = set()
+        while True:
+            moved = job.moved
+            ahead, target = 0, None
+            for name in job.todo:
+                if name in job.mine:
+                    continue
+                if name not in fetched:
+                    target = name
+                    break
+                ahead += job.plan.cost[name]
+            if target is None or ahead >= self.config.prefetch_bytes:
+                await moved.wait()
+                continue
+            try:
+                got = await models.fetch_inputs(job.plan.readers, [target])
+            except (ModelUnavailable, BlobNotFound, BlobStoreFull):
+                got = 0
+            job.bytes_fetched += got  # (not `+= await`: the merge adds to it meanwhile)
+            fetched.add(target)
 
     def _progress(self, job: _Job, *, idle: bool = False) -> dict[str, Any]:
         done_cost = sum(job.plan.cost[n] for n in job.mine)
@@ -617,7 +651,7 @@ class MergeKind:
         if missing:
             log.info("job=%s merging %d tensors nobody delivered", run.job_id, len(missing))
         for i, name in enumerate(missing):
-            job.todo = missing[i + 1:]
+            job.plan_next(missing[i + 1:])
             await self._merge_next(run, ctx, job, missing[i:])
             tensors[name] = job.mine[name]
             sources[job.me] += 1
@@ -630,17 +664,19 @@ class MergeKind:
         models = self.services.models
         hints = list(dict.fromkeys(p for n in names for p in holders[n]))
         try:
-            job.bytes_fetched += await models.fetch_blobs(
-                [p for n in names for p in share.tensors[n].pieces], hints)
-            return names
-        except ModelUnavailable:
+            got = await models.fetch_blobs([p for n in names for p in share.tensors[n].pieces], hints)
+            job.bytes_fetched += got
+        except ModelUnavailable as e:
+            job.bytes_fetched += e.fetched
             if len(names) == 1:
                 self.counts["pieces_not_delivered"] += 1
                 return []
-        got = []
+        else:
+            return names
+        delivered = []
         for name in names:
-            got += await self._fetch_outputs(job, share, [name], holders)
-        return got
+            delivered += await self._fetch_outputs(job, share, [name], holders)
+        return delivered
 
 
 def _count(value: Any) -> int:

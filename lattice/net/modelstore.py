@@ -56,7 +56,7 @@ from lattice.learn.modelfile import (
     is_manifest,
     loads_manifest,
 )
-from lattice.net.blob import BlobNotFound, BlobService, Compute, is_blob_id
+from lattice.net.blob import BlobNotFound, BlobService, BlobStoreFull, Compute, is_blob_id
 
 log = logging.getLogger("lattice.net.modelstore")
 
@@ -70,7 +70,12 @@ class ModelNotFound(LookupError):
 
 
 class ModelUnavailable(Exception):
-    """No provider delivered a piece of the model in time."""
+    """No provider delivered a piece of the model in time; ``fetched``: the bytes of
+    the other pieces that did come (they stay in the store)."""
+
+    def __init__(self, message: str, *, fetched: int = 0) -> None:
+        super().__init__(message)
+        self.fetched = fetched
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,11 @@ class ModelService:
         self.config = config
         self.clock = clock
         self._compute = compute or _threads(config.compute_threads)
+        self._fetching = trio.CapacityLimiter(config.fetch_parallel)
+        """Pieces fetched at once, over every fetch of this service (each holds up to a
+        piece in memory while the blob service reads it back)."""
+        self._pending: dict[str, trio.Event] = {}
+        """Pieces being fetched now (a second fetch of one waits for the first)."""
         self.counts: Counter[str] = Counter()
         self.bytes_imported = 0
         self.bytes_merged = 0
@@ -237,31 +247,71 @@ class ModelService:
             self.bytes_fetched += self.blobs.store.size(bid) or 0
         return self.blobs.store.read(bid, 0, 64)
 
+    async def fetch_inputs(self, readers: dict[str, ModelReader], names: Sequence[str]) -> int:
+        """The pieces of tensors ``names`` of every model in ``readers`` (model id ->
+        opened reader), all models at once; returns the bytes fetched. Raises
+        ModelUnavailable."""
+        fetched = 0
+        failed: list[Exception] = []  # raised after the nursery, not as a group
+
+        async def one(mid: str, reader: ModelReader) -> None:
+            nonlocal fetched
+            try:
+                got = await self.fetch_tensors(mid, reader, names)
+            except (ModelUnavailable, BlobStoreFull) as e:
+                failed.append(e)
+                return
+            fetched += got
+
+        async with trio.open_nursery() as nursery:
+            for mid, reader in readers.items():
+                nursery.start_soon(one, mid, reader)
+        if failed:
+            raise failed[0]
+        return fetched
+
     async def fetch_blobs(self, pieces: Sequence[str], hints: Sequence[str]) -> int:
-        """Bring blobs (pieces) into the local store, ``fetch_parallel`` at a time, each
-        from ``hints`` first, then any provider; returns the bytes fetched. Raises
-        ModelUnavailable naming one that no provider delivered."""
-        limit = trio.CapacityLimiter(self.config.fetch_parallel)
+        """Bring blobs (pieces) into the local store, at most ``fetch_parallel`` at a
+        time over the whole service, each from ``hints`` first, then any provider;
+        returns the bytes fetched. Raises ModelUnavailable naming one that no provider
+        delivered."""
         failed: list[str] = []
+        full: list[BlobStoreFull] = []  # raised after the nursery, not as a group
         fetched = 0
 
         async def one(pid: str) -> None:
             nonlocal fetched
-            async with limit:
-                if self.blobs.store.has(pid):
-                    return
-                try:
-                    await self._fetch(pid, list(hints), max_bytes=self.blobs.config.max_blob_bytes)
-                except ModelUnavailable:
+            if self.blobs.store.has(pid):
+                return
+            pending = self._pending.get(pid)
+            if pending is not None:  # another fetch of ours brings it: counted there
+                await pending.wait()
+                if not self.blobs.store.has(pid):
                     failed.append(pid)
-                    return
-                fetched += self.blobs.store.size(pid) or 0
+                return
+            self._pending[pid] = done = trio.Event()
+            try:
+                async with self._fetching:
+                    await self._fetch(pid, list(hints), max_bytes=self.blobs.config.max_blob_bytes)
+            except ModelUnavailable:
+                failed.append(pid)
+                return
+            except BlobStoreFull as e:
+                full.append(e)
+                return
+            finally:
+                del self._pending[pid]
+                done.set()
+            fetched += self.blobs.store.size(pid) or 0
 
         async with trio.open_nursery() as nursery:
             for pid in dict.fromkeys(pieces):
                 nursery.start_soon(one, pid)
+        if full:
+            raise full[0]
         if failed:
-            raise ModelUnavailable(f"{len(failed)} pieces were not delivered (first: {sorted(failed)[0]})")
+            raise ModelUnavailable(f"{len(failed)} pieces were not delivered (first: {sorted(failed)[0]})",
+                                   fetched=fetched)
         return fetched
 
     # -- merge and verify ------------------------------------------------------------------------------
@@ -301,9 +351,7 @@ class ModelService:
         hash them, to recompute a tensor someone else merged). Returns each tensor's
         output entry and the bytes fetched. Raises MergeInputError naming a tensor,
         ModelUnavailable."""
-        fetched = 0
-        for mid, reader in readers.items():
-            fetched += await self.fetch_tensors(mid, reader, names)
+        fetched = await self.fetch_inputs(readers, names)
         emit = self._put_piece if keep else hash_piece
         result = await self._work(lambda: merge_share(spec, readers, names, emit))
         if keep:
