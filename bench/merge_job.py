@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--gib", type=float, default=1.0, help="size of each model (default 1)")
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, help="transformer layers (default: as many as --gib holds)")
     ap.add_argument("--spread", action="store_true", help="import one model on each of daemons 1-3")
     ap.add_argument("--timeout", type=float, default=3600.0, help="give up on the job after this long")
     ap.add_argument("--tmp", help="work directory (default: a new temp dir, removed at the end)")
@@ -75,7 +76,7 @@ def main() -> int:
     from lattice.demo import watch_job
     from lattice.testing.daemons import wait_for
 
-    _, shapes = plan(args.gib)
+    _, shapes = plan(args.gib, args.layers)
     largest = max(2 * _count(s) for s in shapes.values())
     total = sum(2 * _count(s) for s in shapes.values())
     bound = 2 * largest + 300 * MIB
@@ -83,7 +84,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="merge-job-", dir=args.tmp) as tmp:
         work = Path(tmp)
         _, _, out, rc = run_measured([sys.executable, throughput, "--prepare", str(work), "--gib",
-                                      str(args.gib), "--seed", str(args.seed)])
+                                      str(args.gib), "--seed", str(args.seed),
+                                      *(["--layers", str(args.layers)] if args.layers else [])])
         if rc:
             print(out)
             return 1
