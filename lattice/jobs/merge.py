@@ -5,8 +5,9 @@ be merged (`merge_plan`: names, shapes, dtypes) and divides the output's tensors
 the roster by the bytes each reads (`lattice.core.mergeshares.plan_shares`: the same
 plan on every daemon). For each tensor of its share it fetches only that tensor's
 input pieces (from the models' producers, else their DHT providers), merges it off the
-event loop and stores the output pieces (`ModelService.merge_share`), prefetching the
-next tensor's pieces meanwhile. What it has merged it publishes as a *share*: a
+event loop and stores the output pieces (`ModelService.merge_share`), fetching the next
+tensors' pieces meanwhile (`MergeConfig.prefetch_bytes` ahead). What it has merged it
+publishes as a *share*: a
 partial v2 manifest (proto/model-format.md) kept in its blob store, whose id its
 participation entry carries (``share``, at most once per progress interval); its last
 share is its contribution.
@@ -18,10 +19,10 @@ merged since we first saw it) it needs ``straggler_factor`` times longer for its
 remaining tensors than we would at ours (a member that stopped, dead or hung, falls
 further behind every second). A behind member's tensors that no reachable share covers
 are divided among the participants still merging by `mergeshares.reassign` (largest
-first to the least loaded), the same way on every daemon that sees the same records. A tensor's bytes are
-a function of the inputs and parameters, so two participants merging the same tensor
-make the same pieces: daemons that see the records at different moments only do some
-work twice, never make a different model.
+first to the least loaded), the same way on every daemon that sees the same records.
+A tensor's bytes are a function of the inputs and parameters, so two participants
+merging the same tensor make the same pieces: daemons that see the records at
+different moments only do some work twice, never make a different model.
 
 The merger (the supervisor's: lowest rank with a published share) assembles the model
 from every member's latest share, recomputes `check_tensors` tensors of each other
@@ -107,6 +108,14 @@ def merge_spec_of(spec: MergeJobSpec) -> MergeSpec:
         raise JobSpecError("merge", str(e)) from None
 
 
+def parse_merge_job(raw: Any) -> MergeJobSpec:
+    """A merge job's spec from a plain mapping, its syntax (`parse_merge_spec`) and
+    its meaning (`MergeSpec`) checked. Raises JobSpecError."""
+    spec = parse_merge_spec(raw)
+    merge_spec_of(spec)
+    return spec
+
+
 @dataclass(frozen=True)
 class MergePlan:
     """A merge as every participant computes it from the inputs' manifests."""
@@ -121,8 +130,12 @@ class MergePlan:
 
     @classmethod
     def of(cls, spec: MergeSpec, readers: dict[str, ModelReader]) -> MergePlan:
-        """Raises MergeInputError naming a tensor the inputs disagree on."""
+        """Raises MergeInputError naming a tensor the inputs disagree on, MergeSpecError
+        naming one a parameter is out of range for."""
         names = merge_plan(spec, readers)
+        layers = spec.layer_count(names)
+        for name in names:
+            spec.resolve(name, layers)
         first = readers[spec.base if spec.base is not None else spec.models[0]].infos()
         infos = {mid: r.infos() for mid, r in readers.items()}
         return cls(spec, readers, {n: output_info(spec, first[n]) for n in names},
@@ -132,7 +145,8 @@ class MergePlan:
 
 async def open_plan(models: ModelService, spec: MergeSpec) -> MergePlan:
     """The plan of ``spec`` from its inputs' manifests (fetched from providers as
-    needed; no tensor bytes). Raises ModelUnavailable, ModelFormatError, MergeInputError."""
+    needed; no tensor bytes). Raises ModelUnavailable, ModelFormatError, MergeInputError,
+    MergeSpecError."""
     return MergePlan.of(spec, await models.readers(spec))
 
 
@@ -142,8 +156,9 @@ async def prepare_merge_job(models: ModelService, request: Mapping[str, Any]) ->
     ``dtype``, or ``config`` (mergekit YAML text); the result's ``name``; the job fields
     (``min_peers``, ``max_peers``, ``join_window``, ``merge_timeout``). The inputs'
     manifests are read to check that they can be merged and to fill ``input_bytes`` and
-    ``tensors``. Raises MergeSpecError, ModelNotFound, ModelUnavailable,
-    ModelFormatError, MergeInputError (naming the tensor)."""
+    ``tensors``. Raises MergeSpecError (also naming a tensor a parameter is out of
+    range for), ModelNotFound, ModelUnavailable, ModelFormatError, MergeInputError
+    (naming the tensor)."""
     if not isinstance(request, Mapping):
         raise MergeSpecError("a merge job request is a map")
     job_fields = {"min_peers", "max_peers", "join_window", "merge_timeout", "name"}
@@ -237,9 +252,7 @@ class MergeKind:
         self._jobs: dict[str, _Job] = {}
 
     def parse_spec(self, raw: Any) -> MergeJobSpec:
-        spec = parse_merge_spec(raw)
-        merge_spec_of(spec)
-        return spec
+        return parse_merge_job(raw)
 
     def volunteers(self, job_id: str, spec: MergeJobSpec) -> bool:
         return 0 < spec.input_bytes <= self.config.max_bytes
@@ -277,7 +290,7 @@ class MergeKind:
             plan = await open_plan(models, merge_spec_of(spec))
         except (ModelUnavailable, BlobNotFound) as e:
             raise KindRefused(f"inputs not delivered: {e}") from None
-        except (ModelFormatError, MergeInputError) as e:
+        except (ModelFormatError, MergeInputError, MergeSpecError) as e:
             await self._claim(ctx, e)
             raise KindRefused(str(e)[:200]) from None
         if plan.input_bytes != spec.input_bytes or len(plan.output) != spec.tensors:

@@ -19,7 +19,7 @@ from lattice.jobs import MergeConfig
 from lattice.jobs.merge import prepare_merge_job
 from lattice.learn.merge import MergeInputError
 from lattice.learn.mergeengine import PiecesReader, hash_piece, merge_plan, merge_share, merged_manifest
-from lattice.learn.mergespec import MergeSpec
+from lattice.learn.mergespec import MergeSpec, MergeSpecError
 from lattice.learn.modelfile import canonical_model_bytes, f32_to_bf16, loads_manifest, manifest_id
 
 from .conftest import virtual_compute
@@ -268,3 +268,7 @@ async def test_bad_merge_specs_are_refused_by_name(cluster, autojump_clock, tmp_
         node.jobs.submit({**spec, "parameters": {"gamma": 0.1}})
     with pytest.raises(JobSpecError, match="wibble: unknown field"):
         node.jobs.submit({**spec, "wibble": 1})
+    # a range is checked for every tensor before the job exists (gradients differ by layer)
+    with pytest.raises(MergeSpecError, match=r"tensor 'model.layers.5.*density = 0.0 must be in \(0, 1\]"):
+        await prepare_merge_job(node.jobs.services.models, {
+            "method": "ties", "models": [ft1], "base": base, "parameters": {"density": [1.0, 0.0]}})

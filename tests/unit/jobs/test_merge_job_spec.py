@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from lattice.core import jobs as J
 from lattice.core.jobs.merge import MAX_SETTING_ITEMS, parse_merge_spec
+from lattice.jobs.merge import parse_merge_job
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64
 
@@ -87,6 +88,28 @@ _values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
                                                         "min_peers", "join_window", "x"]), _values, max_size=10))
 def test_arbitrary_maps_are_parsed_or_refused_never_crash(fields):
     try:
-        parse_merge_spec(raw(**fields))
+        parse_merge_job(raw(**fields))  # the syntax, then the meaning
     except J.JobSpecError:
         pass
+
+
+@given(st.dictionaries(st.sampled_from(["weight", "density", "lambda", "normalize", "seed", "t", "gamma"]),
+                       _values, max_size=4),
+       st.sampled_from(["ties", "linear", "slerp", "dare_ties", "della", "model_stock", "nuslerp"]))
+def test_arbitrary_settings_are_parsed_or_refused_never_crash(settings, method):
+    try:
+        parse_merge_job(raw(method=method, parameters=settings, model_parameters=[settings, {}]))
+    except J.JobSpecError:
+        pass
+
+
+def test_the_merge_itself_is_checked_by_the_learning_ring():
+    assert parse_merge_job(raw(parameters={"density": 0.5})).parameters == {"density": 0.5}
+    for bad, message in [({"base": None}, "ties needs a base model"),
+                         ({"method": "frankenmerge"}, "unknown merge method 'frankenmerge'"),
+                         ({"parameters": {"t": 0.5}}, "'t' is not a parameter of ties"),
+                         ({"dtype": "F32", "model_parameters": [{"lambda": 1}, {}]},
+                          "not a per-model parameter")]:
+        with pytest.raises(J.JobSpecError) as e:
+            parse_merge_job(raw(**bad))
+        assert e.value.field == "merge" and message in str(e.value), e.value
