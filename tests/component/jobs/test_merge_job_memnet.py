@@ -197,6 +197,30 @@ async def test_a_slow_participant_does_not_hold_the_job_up(cluster, autojump_clo
     assert sum(record["shares"].values()) == 3 + 3 * LAYERS
 
 
+async def test_a_restarted_participant_goes_on_from_its_last_share(cluster, autojump_clock, tmp_path):
+    nodes = await merge_nodes(cluster, 3, cost=1.0, merge=MergeConfig(straggler_min=300.0))
+    base, ft1, ft2 = await _inputs(nodes[0], tmp_path)
+    spec = await prepare_merge_job(nodes[0].jobs.services.models, {
+        "method": "ties", "models": [ft1, ft2], "base": base, "min_peers": 3})
+    job_id = nodes[0].jobs.submit(spec)
+    node = nodes[2]
+    await cluster.wait_until(lambda: _entry(nodes[0], job_id, node.peer_id).get("steps", 0) >= 3)
+    before = _entry(node, job_id, node.peer_id)["steps"]
+    node.stop_jobs()
+    await trio.sleep(1.0)
+    await node.start_jobs(dataclasses.replace(cluster.config, merge=MergeConfig(straggler_min=300.0)),
+                          compute=virtual_compute(random.Random(9), 1.0))
+    with trio.fail_after(600):
+        summary = await nodes[0].jobs.wait_job(job_id)
+    assert summary["status"] == "done"
+    assert summary["model"] == _expected_id(nodes[0], MergeSpec.from_arguments("ties", [ft1, ft2], base=base))
+    entry = _entry(nodes[0], job_id, node.peer_id)
+    assert entry["resumed"] == 1 and entry["final"]["samples"] == len(
+        plan_shares(_costs(nodes[0], spec), summary["roster"])[node.peer_id])
+    # what it had merged and said before the restart was kept, not merged again
+    assert node.jobs.statistics()["kinds"]["merge"]["tensors_merged"] == entry["final"]["samples"] - before
+
+
 async def test_cancel_stops_every_participant(cluster, autojump_clock, tmp_path):
     nodes = await merge_nodes(cluster, 3, cost=1.0)
     base, ft1, ft2 = await _inputs(nodes[0], tmp_path)
