@@ -20,6 +20,7 @@ from lattice.jobs.merge import prepare_merge_job
 from lattice.learn.merge import MergeInputError
 from lattice.learn.mergeengine import PiecesReader, hash_piece, merge_plan, merge_share, merged_manifest
 from lattice.learn.mergespec import MergeSpec, MergeSpecError
+from lattice.net.modelstore import ModelNotFound
 from lattice.learn.modelfile import canonical_model_bytes, f32_to_bf16, loads_manifest, manifest_id
 
 from .conftest import virtual_compute
@@ -296,3 +297,23 @@ async def test_bad_merge_specs_are_refused_by_name(cluster, autojump_clock, tmp_
     with pytest.raises(MergeSpecError, match=r"tensor 'model.layers.5.*density = 0.0 must be in \(0, 1\]"):
         await prepare_merge_job(node.jobs.services.models, {
             "method": "ties", "models": [ft1], "base": base, "parameters": {"density": [1.0, 0.0]}})
+
+
+async def test_a_mergekit_config_with_names_asks_for_the_same_job_as_ids(cluster, autojump_clock, tmp_path):
+    (node,) = await merge_nodes(cluster, 1)
+    base, ft1, ft2 = await _inputs(node, tmp_path)
+    models = node.jobs.services.models
+    config = ("models:\n  - model: base\n  - model: ft1\n    parameters: {weight: 1.0}\n"
+              "  - model: ft2\n    parameters: {weight: 0.5}\n"
+              "merge_method: ties\nbase_model: base\nparameters: {density: 0.5}\ndtype: bfloat16\n")
+    from_config = await prepare_merge_job(models, {"kind": "merge", "config": config, "min_peers": 2})
+    from_ids = await prepare_merge_job(models, {"kind": "merge", "method": "ties", "base": base,
+                                                "models": [ft1, ft2], "weights": [1, 0.5],
+                                                "parameters": {"density": 0.5}, "dtype": "bf16",
+                                                "min_peers": 2})
+    assert from_config == from_ids and from_config["min_peers"] == 2
+    for bad, match in [({"config": config, "method": "ties"}, "config replaces method"),
+                       ({"config": 3}, "config must be the text"),
+                       ({"method": "ties", "models": ["ft1", "nope"], "base": "base"}, "no model named 'nope'")]:
+        with pytest.raises((MergeSpecError, ModelNotFound), match=match):
+            await prepare_merge_job(models, {"kind": "merge", **bad})
