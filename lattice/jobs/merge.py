@@ -212,6 +212,7 @@ class _Job:
     """What we still mean to merge after the tensor in progress."""
     moved: trio.Event = field(default_factory=trio.Event)
     """Set (and replaced) when ``todo`` changes."""
+    _assigned: tuple[Any, list[str]] | None = None
     refuted: set[str] = field(default_factory=set)
     """Tensors a member claimed unmergeable that merged fine here."""
     published: str | None = None
@@ -223,6 +224,14 @@ class _Job:
     merged_cost: int = 0
     """Input bytes of the tensors we merged in ``merging_seconds`` (our pace)."""
     helped: int = 0
+
+    def assigned(self, gone: set[str], done: set[str]) -> list[str]:
+        """Our tensors (`mergeshares.reassign`), planned again only when who is gone or
+        what the others covered changed: not after each tensor of our own."""
+        key = (frozenset(gone), frozenset(done - set(self.mine)))
+        if self._assigned is None or self._assigned[0] != key:
+            self._assigned = (key, reassign(self.shares, self.plan.cost, gone, done)[self.me])
+        return self._assigned[1]
 
     def plan_next(self, todo: list[str]) -> None:
         """What we mean to merge after the tensor in progress (the prefetcher follows)."""
@@ -345,8 +354,7 @@ class MergeKind:
             await self._probe(job, behind)
             finished = {p for p, e in ctx.entries().items() if final_of(e) is not None and p != job.me}
             done = job.covered()
-            plan = reassign(job.shares, job.plan.cost, behind | finished, done)
-            todo = [n for n in plan[job.me] if n not in done]
+            todo = [n for n in job.assigned(behind | finished, done) if n not in done]
             if todo:
                 idle_since = None
                 job.plan_next(todo[1:])
