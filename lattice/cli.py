@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import tempfile
@@ -90,6 +91,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if relay.get("active"):
             lines.append(("relaying", f"{relay.get('reservations', 0)} reservations, "
                                       f"{relay.get('circuits', 0)} circuits"))
+    gov = st.get("governor")
+    if isinstance(gov, dict):
+        lines.append(("governor", gov["summary"]))
+        if gov.get("transfer_reasons"):
+            lines.append(("transfers", gov["transfers"]))
     for extra in ("dht", "state_sync"):
         if isinstance(st.get(extra), dict):
             flat = {k: v for k, v in st[extra].items() if not isinstance(v, (dict, list))}
@@ -295,6 +301,39 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     with connect(args.socket) as c:
         r = c.cancel_job(args.job_id)
     print("cancelled" if r["cancelled"] else "the job had already ended")
+    return 0
+
+
+def _duration_arg(text: str) -> float:
+    """``90s``, ``15m``, ``2h``, ``1d``, ``1h30m`` -> seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 2h, 1d or 1h30m")
+    seconds = sum(float(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("the duration must be positive")
+    return seconds
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        gov = c.pause(for_s=args.for_s, reason=args.reason)
+    if args.json:
+        _emit_json(gov)
+    else:
+        print(gov["summary"])
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        gov = c.resume()
+    if args.json:
+        _emit_json(gov)
+    elif gov["state"] == "running":
+        print("running")
+    else:
+        print(f"resumed by you, but still {gov['summary']}")
     return 0
 
 
@@ -674,6 +713,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("info", parents=[common, js], help="a model's metadata and tensors")
     m.add_argument("model_id", help="model id or name")
     m.set_defaults(func=cmd_models_info)
+
+    s = sub.add_parser("pause", parents=[common, js],
+                       help="pause job compute (stays in the network); survives a restart")
+    s.add_argument("--for", dest="for_s", type=_duration_arg, metavar="DURATION",
+                   help="30m, 2h, 1d, 1h30m (default: until `lattice resume`)")
+    s.add_argument("--reason", default="", help="shown in `lattice status`")
+    s.set_defaults(func=cmd_pause)
+    s = sub.add_parser("resume", parents=[common, js], help="lift a pause set by `lattice pause`")
+    s.set_defaults(func=cmd_resume)
 
     s = sub.add_parser("events", parents=[common], help="stream daemon events as JSON lines")
     s.add_argument("--topic", action="append", help="peers | daemon (repeatable; default both)")

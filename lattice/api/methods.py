@@ -183,6 +183,21 @@ _METHOD_LIST = [
            client="jobs_stats"),
     Method("models.list", "The model registry: model id -> producer, job, metrics.",
            client="models"),
+    Method("governor.pause", "Pause job compute (the daemon stays in the network: state sync, "
+           "DHT, relaying) until governor.resume, or for for_s seconds. Survives a restart. "
+           "Returns the governor's block of status.",
+           params=(Param("for_s", "float", "seconds, in (0, 366 days] (absent: until resumed)",
+                         required=False),
+                   Param("reason", "str", "shown in status", required=False, default="",
+                         max_len=200)),
+           access=WRITE, client="pause"),
+    Method("governor.resume", "Lift a pause by the user; other reasons (battery, schedule, ...) "
+           "still hold. Returns the governor's block of status.", access=WRITE,
+           client="resume"),
+    Method("governor.stats", "The governor's settings and counters: compute steps and CPU "
+           "seconds, duty-cycle waits, pauses by reason, bytes and refusals at the transfer "
+           "gates, signal read errors, what each compute thread applied.",
+           client="governor_stats"),
     Method("models.read", "Bytes of a model's canonical .safetensors file, fetched from any "
            "provider on first use; read it in chunks.",
            params=(Param("model_id", "str", "sha256 hex", max_len=128),

@@ -5,7 +5,8 @@ be merged (`merge_plan`: names, shapes, dtypes) and divides the output's tensors
 the roster by the bytes each reads (`lattice.core.mergeshares.plan_shares`: the same
 plan on every daemon). For each tensor of its share it fetches only that tensor's
 input pieces (from the models' producers, else their DHT providers), merges it off the
-event loop and stores the output pieces (`ModelService.merge_share`), fetching the next
+event loop on the jobs' compute (the daemon's governor) and stores the output pieces
+(`ModelService.merge_share`), fetching the next
 tensors' pieces meanwhile (`MergeConfig.prefetch_bytes` ahead). What it has merged it
 publishes as a *share*: a
 partial v2 manifest (proto/model-format.md) kept in its blob store, whose id its
@@ -425,7 +426,8 @@ class MergeKind:
         models = self.services.models
         started = trio.current_time()
         try:
-            merged, fetched = await models.merge_share(job.plan.spec, job.plan.readers, [name])
+            merged, fetched = await models.merge_share(job.plan.spec, job.plan.readers, [name],
+                                                       compute=self.services.compute)
         except (MergeInputError, MergeSpecError) as e:
             await self._claim(ctx, e, name)
             raise KindRefused(str(e)[:200]) from None
@@ -551,7 +553,7 @@ class MergeKind:
         the output, storing nothing); the claim stands only if it fails here too."""
         try:
             _, fetched = await self.services.models.merge_share(
-                job.plan.spec, job.plan.readers, [name], keep=False)
+                job.plan.spec, job.plan.readers, [name], keep=False, compute=self.services.compute)
         except (MergeInputError, MergeSpecError) as e:
             log.warning("job=%s tensor %r cannot be merged (found by %s, confirmed here): %s",
                         run.job_id, name, peer, e)
@@ -620,7 +622,8 @@ class MergeKind:
             for name in rng.sample(names, min(self.config.check_tensors, len(names))):
                 try:
                     merged, fetched = await models.merge_share(job.plan.spec, job.plan.readers,
-                                                               [name], keep=False)
+                                                               [name], keep=False,
+                                                               compute=self.services.compute)
                 except (MergeInputError, MergeSpecError) as e:
                     raise KindRefused(str(e)[:200]) from None
                 job.bytes_fetched += fetched

@@ -645,6 +645,7 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
                      providers: Providers | None = None,
                      transport: TensorTransport | None = None,
                      compute: Compute | None = None,
+                     model_compute: Compute | None = None,
                      clock: Callable[[], float] = time.time,
                      rng: random.Random | None = None,
                      task_status: trio.TaskStatus[JobSupervisor] = trio.TASK_STATUS_IGNORED,
@@ -656,14 +657,15 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
     jobs, and writes through ``sync`` (a `CrdtSync`; None: straight to ``store``).
     ``kinds(services)`` builds the job kinds it runs (default: every kind in
     `lattice.jobs.KINDS`). ``checkpoint_dir`` enables resuming after a restart.
-    ``compute`` runs the math (default: ``config.compute_threads`` worker threads, and
-    the model store's own ``config.models.compute_threads``); ``clock`` is the wall
-    clock of records and member liveness (tests pass
+    ``compute`` runs the jobs' math, merge jobs' merges included (default:
+    ``config.compute_threads`` worker threads; the daemon passes its governor's);
+    ``model_compute`` the model store's own work for local users (imports, exports,
+    merges over the RPC; default: its ``config.models.compute_threads`` worker
+    threads). ``clock`` is the wall clock of records and member liveness (tests pass
     ``trio.current_time``); ``rng`` the randomness of nonces and partner choice (seed it
     to replay a test). Failure policy: see the module docstring."""
     from lattice.jobs import builtin_kinds
 
-    model_compute = compute  # None: the model store's own worker threads
     if compute is None:
         compute = thread_compute(trio.CapacityLimiter(config.compute_threads))
     blob_store = BlobStore(blob_dir, max_bytes=config.blob.max_store_bytes)

@@ -345,15 +345,16 @@ class ModelService:
                             spec=canonical if len(canonical) <= MAX_RECORD_SPEC_CHARS else None)
 
     async def merge_share(self, spec: MergeSpec, readers: dict[str, ModelReader], names: Sequence[str], *,
-                          keep: bool = True) -> tuple[dict[str, ManifestTensor], int]:
+                          keep: bool = True, compute: Compute | None = None
+                          ) -> tuple[dict[str, ManifestTensor], int]:
         """Part of a merge (a merge job participant's share): fetch the input pieces of
-        ``names`` only, merge them, and store the output pieces (``keep`` False: only
-        hash them, to recompute a tensor someone else merged). Returns each tensor's
-        output entry and the bytes fetched. Raises MergeInputError naming a tensor,
-        ModelUnavailable."""
+        ``names`` only, merge them (through ``compute``: a job's, else ours), and store
+        the output pieces (``keep`` False: only hash them, to recompute a tensor someone
+        else merged). Returns each tensor's output entry and the bytes fetched. Raises
+        MergeInputError naming a tensor, ModelUnavailable."""
         fetched = await self.fetch_inputs(readers, names)
         emit = self._put_piece if keep else hash_piece
-        result = await self._work(lambda: merge_share(spec, readers, names, emit))
+        result = await (compute or self._compute)(lambda: merge_share(spec, readers, names, emit))
         if keep:
             self.bytes_merged += sum(t.info.nbytes for t in result.values())
         return result, fetched

@@ -21,6 +21,11 @@ async def api_info(node: Node, client: ClientConnection) -> dict[str, Any]:
 
 
 async def status(node: Node, client: ClientConnection) -> dict[str, Any]:
+    return node_status(node)
+
+
+def node_status(node: Node) -> dict[str, Any]:
+    """What `status` answers (the metrics endpoint reads it too)."""
     host, cfg = node.host, node.config
     return {
         "peer_id": node.identity.peer_id,
@@ -46,6 +51,8 @@ async def status(node: Node, client: ClientConnection) -> dict[str, Any]:
                    "dropped": node.bus.dropped},
         "state_sync": _state_summary(node),
         "dht": _dht_summary(node),
+        "governor": node.governor.status() if node.governor else None,
+        "metrics": node.metrics.statistics() if node.metrics else None,
     }
 
 

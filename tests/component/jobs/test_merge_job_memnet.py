@@ -90,8 +90,9 @@ async def merge_nodes(cluster, n, *, cost=0.5, costs=None, merge=None, merges=No
     merges = merges or [merge or MergeConfig(straggler_min=3.0)] * n
     nodes = await cluster.add(n, jobs=False)
     for node, c, m in zip(nodes, costs or [cost] * n, merges):
-        await node.start_jobs(dataclasses.replace(cluster.config, merge=m),
-                              compute=virtual_compute(random.Random(cluster.seed + node.index), c))
+        compute = virtual_compute(random.Random(cluster.seed + node.index), c)
+        await node.start_jobs(dataclasses.replace(cluster.config, merge=m), compute=compute,
+                              model_compute=compute)
     return nodes
 
 
@@ -100,7 +101,8 @@ def _entry(node, job_id, peer):
 
 
 async def test_four_daemons_divide_a_merge_and_make_the_model_one_daemon_would(cluster, autojump_clock, tmp_path):
-    nodes = await merge_nodes(cluster, 4, merge=MergeConfig(straggler_min=300.0))  # nobody is behind
+    *nodes, outsider = await merge_nodes(cluster, 5, merges=[MergeConfig(straggler_min=300.0)] * 4 + [
+        MergeConfig(max_bytes=0)])  # nobody is behind; the fifth takes no part
     base, ft1, ft2 = await _inputs(nodes[0], tmp_path)
     request = {"method": "ties", "models": ["ft1", ft2], "base": "base", "parameters": {"density": 0.5},
                "dtype": "bfloat16", "name": "soup", "min_peers": 4}
@@ -137,7 +139,6 @@ async def test_four_daemons_divide_a_merge_and_make_the_model_one_daemon_would(c
         assert entry["bytes_received"] == sum(node.jobs.services.blobs.store.size(p) for p in own)
 
     # anyone can recompute it: a daemon that took no part verifies every byte
-    (outsider,) = await cluster.add(1)
     await cluster.wait_until(lambda: model_id in outsider.jobs.models())  # its producer: the merger
     verdict = await outsider.jobs.services.models.verify(model_id)
     assert verdict["matches"] and verdict["checked"] == 3 + 3 * LAYERS
@@ -209,8 +210,9 @@ async def test_a_restarted_participant_goes_on_from_its_last_share(cluster, auto
     before = _entry(node, job_id, node.peer_id)["steps"]
     node.stop_jobs()
     await trio.sleep(1.0)
+    compute = virtual_compute(random.Random(9), 1.0)
     await node.start_jobs(dataclasses.replace(cluster.config, merge=MergeConfig(straggler_min=300.0)),
-                          compute=virtual_compute(random.Random(9), 1.0))
+                          compute=compute, model_compute=compute)
     with trio.fail_after(600):
         summary = await nodes[0].jobs.wait_job(job_id)
     assert summary["status"] == "done"
