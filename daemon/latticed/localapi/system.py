@@ -51,6 +51,7 @@ def node_status(node: Node) -> dict[str, Any]:
                    "dropped": node.bus.dropped},
         "state_sync": _state_summary(node),
         "dht": _dht_summary(node),
+        "bulk": node.bulk.statistics() if node.bulk else None,
         "governor": node.governor.status() if node.governor else None,
         "metrics": node.metrics.statistics() if node.metrics else None,
     }
@@ -61,7 +62,7 @@ def _dht_summary(node: Node) -> dict[str, Any] | None:
         return None
     st = node.dht.statistics()
     keep = ("mode", "routing_table_size", "joined", "records_stored", "providers_stored",
-            "own_records", "rejected")
+            "own_records", "rejected", "record_store", "provider_store", "penalized_now")
     return {k: st[k] for k in keep if k in st}
 
 
@@ -72,6 +73,11 @@ def _state_summary(node: Node) -> dict[str, Any] | None:
     return {"authors": st["authors"], "members_alive": sum(
         1 for m in node.store.members(time.time()).values() if m.get("alive")),
         "banned": st["banned"],
+        # quotas (proto/crdt-sync.md): use and limit, and what they turned away
+        "state_bytes": st["held_bytes"], "max_state_bytes": st["max_state_bytes"],
+        "max_authors": st["max_authors"], "evicted": st["evicted"],
+        "refused": sum(st["refused"].values()),
+        "jobs": st["views"]["jobs"], "max_jobs_per_author": node.store.limits.max_jobs_per_author,
         # False just after a restart, until a peer confirms our own history
         "writable": node.sync is not None and node.sync.writable}
 
