@@ -70,7 +70,7 @@ from lattice.net.gossip_avg import (
     serve_gossip_avg,
     thread_compute,
 )
-from lattice.net.modelstore import ModelsConfig, ModelService
+from lattice.net.modelstore import ModelsConfig, open_model_service
 from lattice.net.streams import PeerNetwork
 
 log = logging.getLogger("lattice.jobs")
@@ -697,10 +697,8 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
         blobs = await nursery.start(lambda task_status: serve_blobs(
             network, blob_store, config=config.blob, providers=providers, compute=compute,
             task_status=task_status))
-        models = ModelService(
-            blobs, store, lambda changes: sync.write(changes) if sync is not None
-            else store.apply_local(changes, clock()), network.peer_id, config.models, clock=clock,
-            compute=model_compute)
+        models = open_model_service(blobs, store, sync, config.models, clock=clock,
+                                    compute=model_compute)
         services = Services(network, gossip, blobs, models, compute, config,
                             rng or random.Random(), clock)
         supervisor = JobSupervisor(

@@ -253,10 +253,12 @@ class SyncConfig:
     """A session that ended while its peer stays connected is dialed again this long
     after (or when the peer's backoff ends, if it was penalized)."""
     hello_timeout: float = 10.0
+    """A session whose peer has not said hello by then ends."""
     idle_timeout: float = 60.0
     """A session whose remote sends no frame for this long (or does not take one of
     ours) ends; with nothing to send we send a keepalive after a third of it."""
     max_sessions: int = 256
+    """Sync sessions at once, in all."""
     backoff_base: float = 5.0
     backoff_max: float = 600.0
     max_batch_bytes: int = MAX_BATCH_BYTES

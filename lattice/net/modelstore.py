@@ -94,6 +94,15 @@ class ModelsConfig:
     """Largest single-blob (v1) model read."""
 
 
+def open_model_service(blobs: BlobService, store: Any, sync: Any, config: ModelsConfig, *,
+                       clock: Callable[[], float], compute: Compute | None = None) -> ModelService:
+    """The daemon's model store over the job runner's blobs; records go through ``sync``
+    (a `CrdtSync`; None: straight to ``store``)."""
+    me = blobs.network.peer_id
+    write = sync.write if sync is not None else (lambda changes: store.apply_local(changes, clock()))
+    return ModelService(blobs, store, write, me, config, clock=clock, compute=compute)
+
+
 class ModelService:
     """Models over a `BlobService`; records written with ``write`` (a `CrdtSync.write`);
     blocking work through ``compute`` (default: `compute_threads` worker threads)."""

@@ -54,13 +54,15 @@ class StateLimits:
     that would exceed it evicts unreferenced authors (largest first) or is refused.
     Memory is a small multiple of it (the documents and decoded records too)."""
     peer_authors_per_s: float = 4.0
+    """New authors one peer may have us admit, per second after its burst."""
     peer_authors_burst: int = 256
     """New authors one peer may have us admit (other than its own): a token bucket of
     this burst, refilled at this rate. A new daemon learns a network of a few hundred
     members from its first peer at once, and the rest from every peer in parallel."""
     peer_bytes_per_s: float = 64 * 1024
+    """Envelope bytes one peer may have us accept, per second after its burst."""
     peer_bytes_burst: int = 4 * 1024 * 1024
-    """Envelope bytes one peer may have us accept: the same kind of bucket."""
+    """Envelope bytes one peer may have us accept at once: the same kind of bucket."""
     max_gap_per_author: int = 64
     """Out-of-order envelopes buffered per author while waiting for the missing seq."""
     max_gap_bytes: int = 4 * 1024 * 1024
