@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lattice.core.config_errors import InvalidSetting
+
 if TYPE_CHECKING:
     from libp2p.relay.circuit_v2.resources import RelayLimits
 
@@ -36,13 +38,14 @@ class NatConfig:
 
     def __post_init__(self) -> None:
         if self.relay_service not in ("auto", "on", "off"):
-            raise ValueError(f"relay.service must be auto, on or off, not {self.relay_service!r}")
+            raise InvalidSetting("relay_service", f"must be auto, on or off, not {self.relay_service!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ValueError(f"{_setting_name(f.name)} must not be negative, got {v}")
-        if self.dialback_timeout_s <= 0 or self.observe_interval_s <= 0:
-            raise ValueError("nat.dialback_timeout_s and nat.observe_interval_s must be positive")
+                raise InvalidSetting(f.name, f"({_setting_name(f.name)}) must not be negative, got {v}")
+        for name in ("dialback_timeout_s", "observe_interval_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidSetting(name, f"(nat.{name}) must be positive")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> NatConfig:
@@ -65,7 +68,9 @@ class NatConfig:
         return cls(**kwargs)
 
     def relay_limits(self) -> RelayLimits:
-        from libp2p.relay.circuit_v2.resources import RelayLimits  # only where relaying runs
+        from libp2p.relay.circuit_v2.resources import (
+            RelayLimits,  # only where relaying runs
+        )
 
         return RelayLimits(duration=self.relay_max_circuit_duration_s,
                            data=self.relay_max_circuit_bytes,
