@@ -22,7 +22,7 @@ from lattice.api import paths
 from lattice.core.config_errors import InvalidSetting
 from lattice.core.governor import VolunteerConfig
 from lattice.core.state import StateLimits
-from lattice.jobs import JobsConfig
+from lattice.jobs import JobsConfig, MergeConfig
 from lattice.net.blob import BlobConfig
 from lattice.net.crdt_sync import SyncConfig
 from lattice.net.dht import DHTConfig
@@ -163,6 +163,11 @@ SECTIONS: tuple[Section, ...] = (
          expose("join_timeout", "join_timeout_s", minimum=1.0),
          expose("compute_threads", minimum=1), expose("checkpoint_every", minimum=0),
          expose("max_params", minimum=1)),
+    _sec("jobs", MergeConfig, expose("max_bytes", "merge_max_bytes", minimum=0),
+         expose("straggler_min", "merge_straggler_min_s", minimum=0.0),
+         expose("straggler_factor", "merge_straggler_factor", minimum=1.0),
+         expose("prefetch_bytes", "merge_prefetch_bytes", minimum=0),
+         expose("check_tensors", "merge_check_tensors", minimum=0)),
     _sec("gossip", GossipConfig, expose("accept_timeout", "accept_timeout_s", minimum=0.1),
          expose("hold_timeout", "hold_timeout_s", minimum=0.1),
          expose("step_timeout", "step_timeout_s", minimum=0.1),

@@ -162,10 +162,14 @@ _METHOD_LIST = [
     Method("peers.find", "Resolve a peer id to its addresses through the DHT.",
            params=(Param("peer_id", "str", "12D3KooW...", max_len=128),),
            client="find_peer"),
-    Method("jobs.submit", "Submit a train job; returns its id (and, if private, the token "
-           "its joiners need). Spec fields: task, min_peers, "
-           "steps, batch, lr, momentum, sync_every, algorithm (gossip|noloco|none), "
-           "partition (iid|dirichlet:ALPHA), compression (none|fp16|int8|topk:R), seed, ...",
+    Method("jobs.submit", "Submit a job; returns its id (and, if private, the token its "
+           "joiners need; proto/jobs.md). kind 'train' (the default): task, min_peers, steps, "
+           "batch, lr, momentum, sync_every, algorithm (gossip|noloco|none), partition "
+           "(iid|dirichlet:ALPHA), compression (none|fp16|int8|topk:R), seed, ... kind 'merge': "
+           "method, models (ids or names), base, weights, parameters, dtype, or config (mergekit "
+           "YAML text); name, min_peers, max_peers, join_window, merge_timeout. A merge's inputs "
+           "are checked first (an input that cannot be merged is INVALID_ARGUMENT naming the "
+           "tensor).",
            params=(Param("spec", "map", "the job spec"),
                    Param("allow", "list[str]", "only these peer ids may take part",
                          required=False, max_len=256),
