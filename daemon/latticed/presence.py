@@ -10,20 +10,30 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from lattice.core.state import LocalStateError, Set
+from lattice.core.state import Change, LocalStateError, Set
 from lattice.net import crdt_sync
 from lattice.net.streams import CONNECTED, DISCONNECTED, PeerEvents
-
 from latticed import __version__
 
 if TYPE_CHECKING:
     from latticed.node import Node
 
 log = logging.getLogger("latticed")
+
+
+@dataclass(frozen=True)
+class PresenceConfig:
+    """How often we show ourselves and measure peers."""
+
+    heartbeat_interval: float = 15.0
+    """Our member record's heartbeat is refreshed this often, seconds."""
+    ping_interval: float = 15.0
+    """Peers' round-trip time is measured this often, seconds."""
 
 
 def member_record(node: Node) -> dict[str, Any]:
@@ -56,8 +66,8 @@ def publish_reachability(node: Node) -> None:
     if node.sync is None:
         return
     try:
-        node.sync.write([Set("member/peer_id", node.identity.peer_id)]
-                        + [Set(f"member/{k}", v) for k, v in reachability(node).items()])
+        changes: list[Change] = [Set("member/peer_id", node.identity.peer_id)]
+        node.sync.write(changes + [Set(f"member/{k}", v) for k, v in reachability(node).items()])
     except LocalStateError as e:
         log.warning("could not publish reachability in our member record: %s", e)
 
@@ -66,7 +76,7 @@ async def serve_heartbeat(node: Node) -> None:
     assert node.store is not None and node.sync is not None
     await crdt_sync.serve_heartbeat(
         node.store, lambda: member_record(node),
-        interval=node.config["state.heartbeat_interval_s"], sync=node.sync)
+        interval=node.config.build(PresenceConfig).heartbeat_interval, sync=node.sync)
 
 
 async def fan_out_peer_events(node: Node, events: PeerEvents) -> None:
@@ -95,7 +105,7 @@ async def measure_rtts(node: Node) -> None:
     instant, a burst of stream setups that delayed everything else."""
     host = node.host
     assert host is not None
-    interval = node.config["limits.ping_interval_s"]
+    interval = node.config.build(PresenceConfig).ping_interval
     async with trio.open_nursery() as nursery:
         while True:
             peers = host.connected_peers()

@@ -19,6 +19,8 @@ from lattice.jobs.kind import KindRefused as KindRefused
 from lattice.jobs.kind import OverLimit as OverLimit
 from lattice.jobs.kind import Result as Result
 from lattice.jobs.kind import Services as Services
+from lattice.jobs.merge import MergeConfig as MergeConfig
+from lattice.jobs.merge import MergeKind as MergeKind
 from lattice.jobs.supervisor import Governance as Governance
 from lattice.jobs.supervisor import JobNotFound as JobNotFound
 from lattice.jobs.supervisor import JobsConfig as JobsConfig
@@ -30,6 +32,7 @@ from lattice.jobs.train import TrainKind as TrainKind
 
 KINDS: Mapping[str, Callable[[Services], JobKind[Any]]] = {
     "train": TrainKind,
+    "merge": MergeKind,
 }
 
 

@@ -39,14 +39,12 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import multiaddr
 import trio
 from google.protobuf.message import DecodeError as ProtobufDecodeError
-
 from libp2p.abc import INetConn, INotifee
 from libp2p.connection_types import ConnectionType
 from libp2p.network.connection.raw_connection import RawConnection
@@ -57,7 +55,6 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol, _is_relayed_stream
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
-from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.tools.constants import MAX_READ_LEN
@@ -82,6 +79,7 @@ from lattice.net.host import (
     local_address,
     remote_address,
 )
+from lattice.net.nat_config import NatConfig as NatConfig
 from lattice.net.shaping import ByteBudget, Unlimited
 from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame, send_frame
 
@@ -93,73 +91,6 @@ _RELAY_CANDIDATES_MAX = 32
 _MAX_OBSERVE_FAILURES = 1024
 _LEARNED_RELAY_TTL = 3600.0
 _HUNGER_MIN = 2.0
-
-
-# -- configuration --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NatConfig:
-    """`[nat]` and `[relay]` settings (names as in the daemon's config file)."""
-
-    # [nat]
-    upnp: bool = False  # try a UPnP port mapping (off: most gateways have it off too)
-    holepunch: bool = True  # upgrade relayed connections we accept to direct ones
-    max_relays: int = 2  # relays we keep a reservation on while not publicly reachable
-    max_observers: int = 4  # peers whose view of our address we keep
-    observe_interval_s: float = 300.0  # refresh each observation this often
-    dialback_timeout_s: float = 3.0  # a helper's dial-back of one address
-    recheck_interval_s: float = 600.0  # re-verify reachability once known
-    # [relay] (the hop service for others, when we are publicly reachable)
-    relay_service: str = "auto"  # auto (when reachable) | on | off
-    relay_max_reservations: int = 64  # peers holding a slot on us
-    relay_max_circuits: int = 32  # relayed connections through us at once
-    relay_max_circuits_per_peer: int = 4  # per reserving peer
-    relay_max_circuit_bytes: int = 64 << 20  # per circuit, both directions
-    relay_max_circuit_duration_s: int = 1800  # per circuit
-    relay_reservation_ttl_s: int = 3600
-
-    def __post_init__(self) -> None:
-        if self.relay_service not in ("auto", "on", "off"):
-            raise ValueError(f"relay.service must be auto, on or off, not {self.relay_service!r}")
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ValueError(f"{_setting_name(f.name)} must not be negative, got {v}")
-        if self.dialback_timeout_s <= 0 or self.observe_interval_s <= 0:
-            raise ValueError("nat.dialback_timeout_s and nat.observe_interval_s must be positive")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> NatConfig:
-        """From ``{"nat.upnp": True, "relay.max_circuits": 8, ...}`` (the daemon's keys;
-        bare field names work too). Unknown keys raise ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        unknown = []
-        for key, value in values.items():
-            section, _, name = key.rpartition(".")
-            field_name = name if section in ("", "nat") else f"{section}_{name}"
-            if section == "relay" and name == "service":
-                field_name = "relay_service"
-            if field_name not in known:
-                unknown.append(key)
-                continue
-            kwargs[field_name] = value
-        if unknown:
-            raise ValueError(f"unknown NAT/relay setting(s): {', '.join(sorted(unknown))}")
-        return cls(**kwargs)
-
-    def relay_limits(self) -> RelayLimits:
-        return RelayLimits(duration=self.relay_max_circuit_duration_s,
-                           data=self.relay_max_circuit_bytes,
-                           max_circuit_conns=self.relay_max_circuits_per_peer,
-                           max_reservations=self.relay_max_reservations,
-                           reservation_ttl=self.relay_reservation_ttl_s)
-
-
-def _setting_name(field_name: str) -> str:
-    if field_name.startswith("relay_"):
-        return "relay." + field_name[len("relay_"):]
-    return "nat." + field_name
 
 
 # -- the relay hop and stop sides ------------------------------------------------------------
@@ -220,7 +151,7 @@ class _CircuitRelay(CircuitV2Protocol):
         try:
             with trio.fail_after(_HOP_READ_TIMEOUT):
                 msg = await read_delimited_msg(stream, HopMessage)
-        except (trio.TooSlowError, ProtobufDecodeError, ValueError, *PEER_ERRORS):
+        except (trio.TooSlowError, ProtobufDecodeError, ValueError) + PEER_ERRORS:
             await self._refuse(stream, StatusCode.MALFORMED_MESSAGE, "malformed")
             return
         if msg.type == HopMessage.RESERVE:
@@ -267,7 +198,7 @@ class _CircuitRelay(CircuitV2Protocol):
         try:
             with scope:
                 await self._pump(src_stream, dst_stream, deadline, circuit_data_limit)
-        except (EOFError, *PEER_ERRORS):
+        except (EOFError,) + PEER_ERRORS:
             pass  # one end went away: the circuit is over
         finally:
             for other in scopes:
@@ -279,7 +210,7 @@ class _CircuitRelay(CircuitV2Protocol):
                 for s in (src_stream, dst_stream):
                     try:
                         await s.reset()
-                    except (EOFError, *PEER_ERRORS):
+                    except (EOFError,) + PEER_ERRORS:
                         pass
             for k, (a, b) in list(self._active_relays.items()):
                 if a in (src_stream, dst_stream) or b in (src_stream, dst_stream):
@@ -841,7 +772,7 @@ class NatManager:
                 secured = await upgrader.upgrade_security(raw, True, ID.from_base58(peer))
                 await secured.close()
                 return True
-            except (OpenConnectionError, UpgradeFailure, *PEER_ERRORS) as e:
+            except (OpenConnectionError, UpgradeFailure) + PEER_ERRORS as e:
                 log.debug("dial-back to peer=%s at %s failed: %s", peer, addr, e)
                 return False
             finally:
@@ -892,9 +823,9 @@ class NatManager:
             out += [(pid, a) for a in addrs]
         out += self.bootstrap
         seen: dict[str, str] = {}
-        for pid, addr in out:
+        for pid, relay_addr in out:
             if pid != self.me:
-                seen.setdefault(pid, addr)
+                seen.setdefault(pid, relay_addr)
         return list(seen.items())
 
     async def _keep_reservations(self) -> None:
@@ -1127,7 +1058,7 @@ class NatManager:
             result = await trio.to_thread.run_sync(_upnp_map, port, abandon_on_cancel=True)
             state, external, detail = result
             self.upnp.state, self.upnp.external, self.upnp.detail = state, external, detail
-            if state != "mapped":
+            if state != "mapped" or external is None:
                 log.info("upnp: %s", detail)
                 return
             log.info("upnp: mapped %s -> port %d", _maddr(external), port)

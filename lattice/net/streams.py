@@ -66,6 +66,16 @@ def parse_peer_input(parse: Callable[..., T], *args: Any,
         raise MalformedInputError(f"{name}: {type(e).__name__}: {str(e)[:200]}") from e
 
 
+async def quietly(action: Callable[[], Awaitable[Any]]) -> None:
+    """Close or reset a stream whose peer may already be gone, even while cancelled
+    (shielded, at most 1 s): a `PeerError` then only means it was closed already."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            await action()
+        except PeerError:
+            pass  # already closed by the other side: nothing left to release
+
+
 class Stream(Protocol):
     """A bidirectional byte stream to one peer, for one protocol."""
 
@@ -144,7 +154,7 @@ class PeerEvents:
     one delivered is a ``lagged`` event. Use as a context manager (closing it stops
     delivery)."""
 
-    def __init__(self, hub: "PeerEventHub", buffer: int) -> None:
+    def __init__(self, hub: PeerEventHub, buffer: int) -> None:
         self._hub = hub
         self._send, self._receive = trio.open_memory_channel[PeerEvent](buffer)
         self.dropped = 0
@@ -167,7 +177,7 @@ class PeerEvents:
         self._hub._subscribers.discard(self)
         self._send.close()
 
-    def __enter__(self) -> "PeerEvents":
+    def __enter__(self) -> PeerEvents:
         return self
 
     def __exit__(self, *exc: object) -> None:
