@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import trio
 
+from lattice.core.governor import GovernorState, MemoryBudget
 from lattice.core.jobs import (
     JOB_TRANSITIONS,
     PARTICIPANT_TRANSITIONS,
@@ -62,7 +63,6 @@ from lattice.core.jobs import (
     plan,
     read_job,
 )
-from lattice.core.governor import GovernorState, MemoryBudget
 from lattice.core.jobs.train import BUILTIN_TASKS
 from lattice.core.state import LocalStateError, Set, StateStore
 from lattice.jobs.checkpoints import CheckpointError, Checkpoints

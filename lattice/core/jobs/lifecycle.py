@@ -317,7 +317,8 @@ def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, vo
         # a roster we never volunteered for (a submitter cannot draft us): ignore it
         return actions
     if our_state not in _OUR_FINISHED:
-        actions.append(Start(job_id, list(roster), rank, resume=our_state in ("running", "paused", "merging")))
+        actions.append(Start(job_id, list(roster), rank,
+                             resume=our_state in ("running", "paused", "merging")))
     elif (our_state in ("left", "failed") and ours.get("job_state") != "failed"
           and all(participants.get(p, {}).get("state") in ("left", "failed")
                   and final_of(participants.get(p, {})) is None for p in roster)):

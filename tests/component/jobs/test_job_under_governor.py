@@ -24,7 +24,6 @@ import trio
 from lattice.core.governor import Now, VolunteerConfig
 from lattice.core.governor.localtime import days_from_civil
 from lattice.net.shaping import GovernedNetwork
-
 from latticed.governor import Sources, serve_governor
 
 # virtual time 0 is Wednesday 2025-06-11 12:00 UTC
