@@ -56,7 +56,8 @@ class ProgressLine:
         acc = "-" if s.get("accuracy") is None else f"{100 * s['accuracy']:.1f}%"
         peers = s.get("peers") or {}
         active = sum(1 for st in peers.values() if st not in ("left", "failed", "not_selected"))
-        return (f"[{bar}] {100 * frac:5.1f}% {s.get('status', '?'):<9} steps {steps}/{total}"
+        return (f"[{bar}] {100 * frac:5.1f}% {s.get('status', '?'):<9} steps {steps}"
+                f"{f'/{total}' if total else ''}"
                 f"  loss {loss}  acc {acc}  peers {active}  sent {_bytes(s.get('bytes_sent') or 0)}"
                 f"  eta {eta}")
 

@@ -15,6 +15,7 @@ from typing import Any
 from lattice.jobs.kind import Contribution as Contribution
 from lattice.jobs.kind import Input as Input
 from lattice.jobs.kind import JobKind as JobKind
+from lattice.jobs.kind import KindLeft as KindLeft
 from lattice.jobs.kind import KindRefused as KindRefused
 from lattice.jobs.kind import Result as Result
 from lattice.jobs.kind import Services as Services
@@ -24,10 +25,12 @@ from lattice.jobs.supervisor import JobSupervisor as JobSupervisor
 from lattice.jobs.supervisor import NotSubmitter as NotSubmitter
 from lattice.jobs.supervisor import Run as Run
 from lattice.jobs.supervisor import serve_jobs as serve_jobs
+from lattice.jobs.attach import AttachKind as AttachKind
 from lattice.jobs.train import TrainKind as TrainKind
 
 KINDS: Mapping[str, Callable[[Services], JobKind[Any]]] = {
     "train": TrainKind,
+    "attach": AttachKind,
 }
 
 

@@ -71,6 +71,8 @@ class Services:
     config: JobsConfig
     rng: random.Random
     clock: Callable[[], float]
+    asked_to_join: Callable[[str], bool] = lambda _job_id: False
+    """Whether a local user asked to take part in this job (`JobSupervisor.join`)."""
 
 
 class RunContext(Protocol):
@@ -101,6 +103,12 @@ class RunContext(Protocol):
     def candidates(self) -> list[str]:
         """Roster members that may still exchange with us: not finished, not known dead."""
 
+    def entries(self) -> dict[str, Mapping[str, Any]]:
+        """The roster members' participation entries as this daemon sees them now."""
+
+    async def wait_changed(self) -> None:
+        """Wait until the job's records (or members' liveness) may have changed."""
+
 
 class JobKind(Protocol, Generic[SpecT]):
     """A kind of job. Implementations are registered in `lattice.jobs.KINDS`."""
@@ -122,8 +130,16 @@ class JobKind(Protocol, Generic[SpecT]):
         """As the merger: the job's result from the contributions (None: none could be
         used; the job fails)."""
 
+    def statistics(self) -> dict[str, Any]:
+        """The kind's own counters and limits (shown under ``kinds`` in `jobs.stats`)."""
+
 
 class KindRefused(Exception):
     """This daemon cannot take part after all (the task is unknown here, the model is
     over our limits...); the message is recorded as our participation's reason."""
+
+
+class KindLeft(Exception):
+    """This participant leaves the job (e.g. the user's attached loop went away); our
+    entry says ``left`` with the message as its reason, and the others go on."""
 

@@ -13,7 +13,8 @@ The decisions are `lattice.core.jobs`' (pure). Must not import libp2p.
 Failure policy. A peer that vanishes only costs the exchanges with it and, if it never
 publishes its contribution, a wait of ``merge_timeout`` before the merge goes ahead
 without it (it is listed as missing). A job this daemon cannot take part in after all
-(`KindRefused`) fails *our* participation, with the reason, not the job. A daemon
+(`KindRefused`) fails *our* participation, with the reason, not the job; a kind that
+leaves (`KindLeft`: an attached loop went away) says ``left`` and the others go on. A daemon
 stopped mid-job keeps its entry ``running``; restarted with the same checkpoint dir it
 resumes from the last checkpoint, and without one it leaves the job and says so. Local
 state errors and bugs propagate.
@@ -57,8 +58,9 @@ from lattice.core.jobs import (
 )
 from lattice.core.jobs.train import BUILTIN_TASKS
 from lattice.core.state import LocalStateError, Set, StateStore
+from lattice.jobs.attach import AttachConfig
 from lattice.jobs.checkpoints import CheckpointError, Checkpoints
-from lattice.jobs.kind import Contribution, Input, JobKind, KindRefused, Services
+from lattice.jobs.kind import Contribution, Input, JobKind, KindLeft, KindRefused, Services
 from lattice.net.blob import BlobConfig, BlobNotFound, BlobService, BlobStore, Providers, serve_blobs
 from lattice.net.gossip_avg import (
     Compute,
@@ -111,6 +113,7 @@ class JobsConfig:
     e.g. a huge hidden layer must not exhaust our memory."""
     gossip: GossipConfig = field(default_factory=GossipConfig)
     blob: BlobConfig = field(default_factory=BlobConfig)
+    attach: AttachConfig = field(default_factory=AttachConfig)
 
 
 @dataclass
@@ -172,6 +175,14 @@ class _Context:
     def candidates(self) -> list[str]:
         return self._sup.candidates(self._run)
 
+    def entries(self) -> dict[str, Mapping[str, Any]]:
+        view = self._sup._job_view(self._run.job_id)
+        found = view["participants"] if view is not None else {}
+        return {p: found.get(p, {}) for p in self._run.roster}
+
+    async def wait_changed(self) -> None:
+        await self._sup._changed.wait()
+
     def close(self) -> None:
         for callback in reversed(self._closers):
             callback()
@@ -183,7 +194,7 @@ class JobSupervisor:
 
     def __init__(self, network: PeerNetwork, store: StateStore, sync: Any,
                  kinds: Mapping[str, JobKind[Any]], services: Services,
-                 checkpoints: Checkpoints) -> None:
+                 checkpoints: Checkpoints, asked: set[str] | None = None) -> None:
         self.network = network
         self.store = store
         self.sync = sync
@@ -201,6 +212,9 @@ class JobSupervisor:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        # jobs a local user asked to take part in (`join`), read by the kinds through
+        # `Services.asked_to_join`; only ids of jobs we know, dropped once they end
+        self._asked = asked if asked is not None else set()
         self.counts: Counter[str] = Counter()
         self._unsubscribe = store.subscribe(self._on_state_change)
 
@@ -228,6 +242,20 @@ class JobSupervisor:
         self.counts["submitted"] += 1
         log.info("job=%s submitted: kind=%s min_peers=%d", job_id, kind.name, spec.min_peers)
         return job_id
+
+    def join(self, job_id: str) -> dict[str, Any]:
+        """This daemon's local user wants to take part in ``job_id``: its kind then
+        volunteers while the roster is open (`Services.asked_to_join`). Returns the
+        job's summary. Raises JobNotFound."""
+        view = self._job_view(job_id)
+        if view is None:
+            raise JobNotFound(job_id)
+        if view["status"] not in TERMINAL and job_id not in self._asked:
+            self._asked.add(job_id)
+            self.counts["asked_to_join"] += 1
+            log.info("job=%s a local user asked to take part", job_id)
+            self._wake()
+        return job_summary(view)
 
     def list(self) -> list[dict[str, Any]]:
         """A summary of every job in the replicated state, newest first."""
@@ -296,17 +324,23 @@ class JobSupervisor:
             "running": {jid: {"kind": r.kind.name, "round": r.round, "state": r.state,
                               "rank": r.rank, **r.progress}
                         for jid, r in self._runs.items()},
+            "asked_to_join": len(self._asked),
+            "kinds": {name: kind.statistics() for name, kind in self.kinds.items()},
             "gossip": self.services.gossip.statistics(),
             "blobs": self.services.blobs.statistics(),
         }
+
+    def _wake(self) -> None:
+        """Wake everything waiting on a change of the board (`_changed`)."""
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
 
     # -- the board ------------------------------------------------------------------------------
     def _on_state_change(self, event: Any) -> None:
         if not (event.path.startswith("jobs/") or event.path.startswith("members/")
                 or event.path.startswith("models/")):
             return
-        changed, self._changed = self._changed, trio.Event()
-        changed.set()
+        self._wake()
         if event.path.startswith("jobs/") and event.value is not None and self._listeners:
             note = {"job": event.path[5:], "summary": job_summary(event.value)}
             for listener in list(self._listeners):
@@ -363,6 +397,8 @@ class JobSupervisor:
             1 for jid, v in jobs.items()
             if jid not in self._runs and v["status"] not in TERMINAL
             and v["participants"].get(self.me, {}).get("state") == "joined")
+        self._asked.intersection_update(
+            jid for jid, v in jobs.items() if v["status"] not in TERMINAL)
         for job_id, view in jobs.items():
             spec = self._spec(job_id, view)
             if spec is None:
@@ -426,8 +462,7 @@ class JobSupervisor:
             if ctx is not None:
                 ctx.close()
             self._runs.pop(run.job_id, None)
-            changed, self._changed = self._changed, trio.Event()
-            changed.set()
+            self._wake()
         if run.stop_reason is not None and run.scope.cancelled_caught:
             self._publish_bare(run, "left", reason=run.stop_reason)
             self.checkpoints.drop(run.job_id)
@@ -475,6 +510,12 @@ class JobSupervisor:
                 log.warning("job=%s cannot take part: %s", run.job_id, e)
                 self._publish_bare(run, "failed", reason=str(e)[:200])
                 self.counts["failed_kind"] += 1
+                return
+            except KindLeft as e:
+                log.info("job=%s leaving: %s", run.job_id, e)
+                self._publish_bare(run, "left", reason=str(e)[:200])
+                self.checkpoints.drop(run.job_id)
+                self.counts["left_kind"] += 1
                 return
             if run.final is None:
                 return
@@ -649,11 +690,13 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
         blobs = await nursery.start(lambda task_status: serve_blobs(
             network, blob_store, config=config.blob, providers=providers, compute=compute,
             task_status=task_status))
+        asked: set[str] = set()
         services = Services(network, gossip, blobs, compute, config, rng or random.Random(),
-                            clock)
+                            clock, asked_to_join=asked.__contains__)
         supervisor = JobSupervisor(
             network, store, sync, (kinds or builtin_kinds)(services),
-            services, Checkpoints(Path(checkpoint_dir) if checkpoint_dir is not None else None))
+            services, Checkpoints(Path(checkpoint_dir) if checkpoint_dir is not None else None),
+            asked=asked)
         supervisor._nursery = nursery
         try:
             nursery.start_soon(supervisor._serve_board)

@@ -62,6 +62,9 @@ class TrainKind:
     def volunteers(self, job_id: str, spec: TrainSpec) -> bool:
         return spec.task in self.config.accept_tasks
 
+    def statistics(self) -> dict[str, Any]:
+        return {"accept_tasks": list(self.config.accept_tasks), "tasks_loaded": len(self._tasks)}
+
     # -- a participant ---------------------------------------------------------------------
     async def participate(self, run: Run, ctx: RunContext) -> Contribution | None:
         spec: TrainSpec = run.spec

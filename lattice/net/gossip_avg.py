@@ -400,15 +400,27 @@ class AveragingParty:
     async def train(self, fn: Callable[[], T]) -> T:
         """Run one training round (``fn``, through ``compute``); offers arriving
         meanwhile are held and served as soon as it returns."""
+        async with self.training_round():
+            return await self.compute(fn)
+
+    @asynccontextmanager
+    async def training_round(self) -> AsyncIterator[None]:
+        """A training round that runs elsewhere for the duration of the block (an
+        attached loop in the user's process): offers are held meanwhile and served as
+        soon as it ends, exactly as during `train`."""
         await self.wait_idle()
-        self.mixed = False
-        self._mixed_event = trio.Event()
+        self.new_round()
         self.training = True
         try:
-            return await self.compute(fn)
+            yield
         finally:
             self.training = False
             self._release_held()
+
+    def new_round(self) -> None:
+        """A round starts: whether a peer averaged with us (`mixed`) counts afresh."""
+        self.mixed = False
+        self._mixed_event = trio.Event()
 
     def _release_held(self) -> None:
         held, self.held = self.held, None

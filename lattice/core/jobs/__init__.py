@@ -3,7 +3,7 @@
 Owns the job record and id (`compute_job_id`), the job and participant state machines,
 roster selection, the reconciliation planner (`plan`: what this daemon should do about
 one job, given the replicated view), the merge decisions, and the spec types of the
-job kinds (`TrainSpec`, ...), each parsed and bounded from a plain dict so the same
+job kinds (`TrainSpec`, `AttachSpec`), each parsed and bounded from a plain dict so the same
 check runs on a spec typed by a user and one received from the network. Must not
 import trio, libp2p, sockets, lattice.learn or read the clock: time is passed in as
 ``now``. The supervisor that runs jobs is `lattice.jobs`; the wire and state formats
@@ -71,6 +71,12 @@ from lattice.core.jobs.lifecycle import plan as plan
 from lattice.core.jobs.lifecycle import rank_of as rank_of
 from lattice.core.jobs.lifecycle import read_job as read_job
 from lattice.core.jobs.lifecycle import select_roster as select_roster
+from lattice.core.jobs.attach import KIND_ATTACH as KIND_ATTACH
+from lattice.core.jobs.attach import AttachSpec as AttachSpec
+from lattice.core.jobs.attach import Manifest as Manifest
+from lattice.core.jobs.attach import ManifestError as ManifestError
+from lattice.core.jobs.attach import parse_attach_spec as parse_attach_spec
+from lattice.core.jobs.attach import parse_manifest as parse_manifest
 from lattice.core.jobs.spec import JobSpecError as JobSpecError
 from lattice.core.jobs.train import ALGORITHMS as ALGORITHMS
 from lattice.core.jobs.train import BUILTIN_TASKS as BUILTIN_TASKS

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from lattice.core.codec import canonical
 from lattice.core.jobs.spec import JobSpecError
+from lattice.core.jobs.attach import KIND_ATTACH, parse_attach_spec
 from lattice.core.jobs.train import KIND_TRAIN, parse_train_spec
 
 JOB_ID_HEX = 32  # 128 bits of SHA-256: collisions need 2^64 submissions
@@ -37,7 +38,8 @@ class JobSpecLike(Protocol):
 
 
 SpecParser = Callable[[Any], JobSpecLike]
-DEFAULT_PARSERS: Mapping[str, SpecParser] = {KIND_TRAIN: parse_train_spec}
+DEFAULT_PARSERS: Mapping[str, SpecParser] = {KIND_TRAIN: parse_train_spec,
+                                             KIND_ATTACH: parse_attach_spec}
 
 # -- states -------------------------------------------------------------------------------
 
@@ -336,7 +338,7 @@ def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
         "id": view.get("id"),
         "status": view.get("status"),
         "kind": record.get("kind", KIND_TRAIN),
-        "task": spec.get("task"),
+        "task": spec.get("task") or spec.get("name") or None,  # an attach job's name
         "submitter": view.get("submitter"),
         "min_peers": spec.get("min_peers"),
         "roster": list(roster),

@@ -54,6 +54,9 @@ class CountKind:
     def volunteers(self, job_id: str, spec: CountSpec) -> bool:
         return True
 
+    def statistics(self) -> dict[str, Any]:
+        return {}
+
     async def participate(self, run, ctx) -> Contribution | None:
         if self.refuse:
             raise KindRefused("not on this machine")
