@@ -105,6 +105,9 @@ SETTINGS: list[Setting] = [
     Setting("rpc.max_clients", int, 64, "concurrent local RPC connections", _at_least(1)),
     Setting("rpc.max_in_flight", int, 32, "requests one local connection may have in "
             "flight at once (OVERLOADED beyond)", _at_least(1)),
+    Setting("rpc.max_passed_fds", int, 4, "file descriptors (an attached loop's shared "
+            "memory) one local connection may have passed and not yet used; more are closed",
+            _at_least(1)),
     Setting("rpc.read_group", str, "", "a group (name or gid) whose members may use the "
             "socket with read access only (status, peers, jobs list...); the socket becomes "
             "mode 0660 with that group. Empty: only our uid and root"),
@@ -164,6 +167,8 @@ SETTINGS: list[Setting] = [
             _at_least(0)),
     Setting("jobs.max_params", int, 50_000_000, "largest model (parameters) this daemon "
             "trains", _at_least(1)),
+    Setting("jobs.attach_timeout_s", float, 600.0, "how long a started attach job waits "
+            "for its local loop to attach, and for the start weights", _at_least(1.0)),
     Setting("bulk.direct", bool, True, "move large tensors over an AES-GCM side channel "
             "(raw TCP, keys from the Noise-authenticated stream) instead of the libp2p stream"),
     Setting("bulk.port", int, 0, "TCP port of the side channel (0: any free port)",

@@ -32,6 +32,7 @@ from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state
 from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
 from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
+from lattice.jobs.attach import AttachConfig
 
 from latticed import discovery, presence, statedir
 from latticed.config import Config
@@ -107,7 +108,8 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
         node.rpc = RpcServer(cfg.socket, build_handlers(node), node.bus,
                              max_frame=cfg["rpc.max_frame_bytes"],
                              max_clients=cfg["rpc.max_clients"],
-                             max_in_flight=cfg["rpc.max_in_flight"], read_gid=cfg.read_gid)
+                             max_in_flight=cfg["rpc.max_in_flight"],
+                             max_fds=cfg["rpc.max_passed_fds"], read_gid=cfg.read_gid)
         try:
             await nursery.start(node.rpc.serve)
         except SocketInUse as e:
@@ -182,7 +184,8 @@ async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
         allowed_plugins=tuple(cfg["jobs.allowed_plugins"]),
         max_jobs=cfg["jobs.max_jobs"], compute_threads=cfg["jobs.compute_threads"],
         checkpoint_every=cfg["jobs.checkpoint_every"], max_params=cfg["jobs.max_params"],
-        blob=BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"]))
+        blob=BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"]),
+        attach=AttachConfig(attach_timeout=cfg["jobs.attach_timeout_s"]))
     transport: TensorTransport | None = None
     if cfg["bulk.direct"]:
         node.bulk = await discovery.start_bulk_listener(node, nursery)

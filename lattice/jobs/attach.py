@@ -110,8 +110,9 @@ class LoopSession:
     ``failed`` | ``left``; ``gone`` once the loop went away."""
 
     def __init__(self, session_id: str, job_id: str, manifest: Manifest, region: Any,
-                 slot: np.ndarray) -> None:
+                 slot: np.ndarray, owner: object = None) -> None:
         self.id = session_id
+        self.owner = owner  # the local connection that opened it: only it may use it
         self.job_id = job_id
         self.manifest = manifest
         self.region = region  # keeps the mapping alive as long as the session
@@ -245,8 +246,8 @@ class AttachKind:
         self.counts: Counter[str] = Counter()
 
     # -- the local API's side ----------------------------------------------------------------
-    def attach(self, job_id: str, manifest: Manifest, region: Any, slot: np.ndarray
-               ) -> LoopSession:
+    def attach(self, job_id: str, manifest: Manifest, region: Any, slot: np.ndarray, *,
+               owner: object = None) -> LoopSession:
         """A loop attaches to ``job_id`` (the caller checked the job and joined it).
         Raises SessionError when one is attached already or too many are."""
         old = self._sessions.get(job_id)
@@ -256,7 +257,7 @@ class AttachKind:
         if live >= self.config.max_sessions:
             raise SessionError(f"{live} loops are attached already (limit "
                                f"{self.config.max_sessions})")
-        session = LoopSession(secrets.token_hex(8), job_id, manifest, region, slot)
+        session = LoopSession(secrets.token_hex(8), job_id, manifest, region, slot, owner)
         self._sessions[job_id] = session
         self._by_id[session.id] = session
         self.counts["attached"] += 1

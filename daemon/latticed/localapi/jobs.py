@@ -1,8 +1,10 @@
-"""Jobs: `jobs.submit`, `jobs.list`, `jobs.get`, `jobs.cancel`, `jobs.stats`."""
+"""Jobs: `jobs.submit`, `jobs.join`, `jobs.list`, `jobs.get`, `jobs.cancel`, `jobs.stats`."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from lattice.api.errors import (
     InvalidArgumentError,
@@ -10,7 +12,7 @@ from lattice.api.errors import (
     NotReadyError,
     PermissionDeniedError,
 )
-from lattice.core.jobs import JobSpecError
+from lattice.core.jobs import STATUS_ORDER, JobSpecError
 from lattice.jobs import JobNotFound, JobSupervisor, NotSubmitter
 
 from latticed.localapi.state import wait_writable
@@ -35,6 +37,26 @@ async def jobs_submit(node: Node, client: ClientConnection,
     except JobSpecError as e:
         raise InvalidArgumentError(f"bad job spec: {e}", data={"field": e.field}) from None
     return {"job_id": job_id}
+
+
+async def wait_for_job(node: Node, job_id: str, timeout: float) -> dict[str, Any]:
+    """The job's summary once it reached this daemon's replica (a job submitted
+    elsewhere a moment ago may not have yet); NotFoundError after ``timeout`` s."""
+    jobs = require_jobs(node)
+    with trio.move_on_after(max(0.0, min(timeout, 300.0))):
+        return await jobs.wait_job(job_id, frozenset(STATUS_ORDER))
+    raise NotFoundError(f"no job {job_id} (not known here after {timeout:g} s)")
+
+
+async def jobs_join(node: Node, client: ClientConnection, job_id: str,
+                    timeout: float) -> dict[str, Any]:
+    jobs = require_jobs(node)
+    await wait_writable(node)
+    await wait_for_job(node, job_id, timeout)
+    try:
+        return jobs.join(job_id)
+    except JobNotFound:
+        raise NotFoundError(f"no job {job_id}") from None
 
 
 async def jobs_list(node: Node, client: ClientConnection) -> list[dict[str, Any]]:
@@ -65,6 +87,7 @@ async def jobs_stats(node: Node, client: ClientConnection) -> dict[str, Any]:
 
 HANDLERS: dict[str, Handler] = {
     "jobs.submit": jobs_submit,
+    "jobs.join": jobs_join,
     "jobs.list": jobs_list,
     "jobs.get": jobs_get,
     "jobs.cancel": jobs_cancel,
