@@ -53,6 +53,11 @@ class SyncReport:
     changed: bool
     peers: int
     seconds: float
+    """The whole sync as the loop saw it (staging, the call, the daemon's work)."""
+    exchange_s: float = 0.0
+    """Of which the daemon spent averaging with peers (the network exchange)."""
+    copy_s: float = 0.0
+    """Of which the daemon spent writing the result into the shared memory."""
 
 
 def job_id_of(job: str | Mapping[str, Any]) -> str:
@@ -153,7 +158,9 @@ class AttachedLoop:
         self._losses.clear()
         self.round = int(reply["round"])
         self.last = SyncReport(self.round, reply["outcome"], bool(reply["changed"]),
-                               int(reply.get("peers", 0)), time.perf_counter() - started)
+                               int(reply.get("peers", 0)), time.perf_counter() - started,
+                               float(reply.get("exchange_s", 0.0)),
+                               float(reply.get("copy_s", 0.0)))
         return self.last
 
     def finish(self, *, timeout: float | None = None) -> Result | None:

@@ -460,9 +460,11 @@ class AttachKind:
         answer: tuple[_Request, dict[str, Any]] | None = None
         while True:
             async with party.training_round():  # no exchange commits while the loop trains
+                started = trio.current_time()
                 changed = await self._take_result(p, session)
                 if answer is not None:
-                    session.answer(answer[0], {**answer[1], "changed": changed})
+                    session.answer(answer[0], {**answer[1], "changed": changed,
+                                               "copy_s": trio.current_time() - started})
                 req = await session.next_request()
                 _count(p, req)
                 if req.finish:
@@ -470,12 +472,14 @@ class AttachKind:
                     return req
             run.round += 1
             outcome = "alone"
+            started = trio.current_time()
             if averaging:
                 outcome = await self.services.gossip.average_once(
                     party, ctx.candidates, patience=self.services.config.sync_patience,
                     rng=self.services.rng)
             answer = req, {"round": run.round, "outcome": outcome,
-                           "peers": len(ctx.candidates())}
+                           "peers": len(ctx.candidates()),
+                           "exchange_s": trio.current_time() - started}
             await self._after_round(run, ctx, party, init_blob, req)
 
     async def _take_result(self, p: _LoopParticipant, session: LoopSession) -> bool:
