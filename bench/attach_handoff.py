@@ -39,11 +39,16 @@ sys.path.insert(0, str(ROOT))
 def loop_role(args: argparse.Namespace) -> None:
     import lattice
     import lattice.attach
+    from lattice.testing.daemons import wait_for
 
     params = {"w": np.zeros((args.params // 1000, 1000), np.float32),
               "b": np.zeros(args.params % 1000 or 1, np.float32)}
     with lattice.connect(args.socket, timeout=600) as client:
         loop = lattice.attach.attach(client, args.job, params, timeout=600)
+        # both loops sync at the same moments (a real loop's rounds take time; these
+        # take none): start once every member's loop is ready (its entry has steps)
+        wait_for(lambda: all("steps" in e for e in client.job(args.job)["participants"].values()),
+                 600, "every loop to be ready", interval=0.05)
         staged_in, staged_out = [], []
         mine = {k: v.copy() for k, v in loop.arrays.items()}  # a loop's own arrays
         rows = []
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
     config = base / "latticed.toml"
     config.write_text(f"[jobs]\nmax_params = {args.params + 1000}\n"
                       f"[blobs]\nmax_store_bytes = {16 * (args.params * 4 + (1 << 20))}\n")
-    with LocalNet(2, base / "net", log_level="warning",
+    with LocalNet(2, base / "net", log_level=args.log_level,
                   extra_args=["--config", str(config)]) as net:
         net.start()
         with lattice.connect(net.nodes[0].socket) as c:
@@ -105,7 +110,8 @@ def run(args: argparse.Namespace) -> dict:
             "copy_s": statistics.median(r["copy"] for r in rows) if rows else None,
             "staged_s": statistics.median(a + b for o in outs
                                           for a, b in zip(o["staged_in"], o["staged_out"])),
-            "outcomes": sorted({r["outcome"] for o in outs for r in o["rows"]})}
+            "outcomes": sorted({r["outcome"] for o in outs for r in o["rows"]}),
+            "all": [r for o in outs for r in o["rows"]]}
 
 
 def main() -> int:
@@ -113,6 +119,7 @@ def main() -> int:
     p.add_argument("--params", type=int, default=100_000_000)
     p.add_argument("--syncs", type=int, default=3)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--log-level", default="warning", help="the daemons' (in a temp dir)")
     p.add_argument("--_role", default="", help=argparse.SUPPRESS)
     p.add_argument("--socket", help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)

@@ -1,0 +1,196 @@
+"""Overhead of attaching a training loop: steps per second of the Fashion-MNIST CNN
+(examples/fashion_mnist_attach.py), 4 participants on 127.0.0.1, with Lattice
+(`lattice.torch`, ``sync_every`` 50) next to the same 4 loops without it and next to
+hivemind's `Optimizer` on the same model, peers and target (it averages parameters
+every 4 x 50 x 32 samples, i.e. every 50 steps of each peer, with local updates).
+
+Each row runs 4 loop processes at once (one torch thread each), so every row shares
+the machine the same way; the baseline runs first and last (the machine's load moves)
+and the ratio is against their mean. Needs torch and Debian's dataset-fashion-mnist;
+the hivemind row needs bench/anchors/setup.sh's venv.
+
+    .venv/bin/python bench/attach_overhead.py                   # 400 steps per loop
+    .venv/bin/python bench/attach_overhead.py --steps 60        # smoke
+
+Top-level imports are stdlib and numpy only: the hivemind row re-runs this file under
+its venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "fashion_mnist_attach.py"
+HIVEMIND = ROOT / "bench" / ".venv-hivemind" / "bin" / "python"
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def hivemind_role(args: argparse.Namespace) -> None:
+    import hivemind
+    import numpy as np
+    import torch
+
+    import fashion_mnist_attach as ex
+
+    torch.set_num_threads(1)
+    torch.manual_seed(args.rank)
+    X, y = ex.load("train")
+    mine = np.array_split(np.random.default_rng(0).permutation(len(y)), args.n)[args.rank]
+    X, y = X[mine], y[mine]
+    model = ex.make_model()
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                       initial_peers=args.peers)
+    if args.rank == 0:
+        print(json.dumps({"peers": [str(a) for a in dht.get_visible_maddrs()]}), flush=True)
+    opt = hivemind.Optimizer(
+        dht=dht, run_id=args.run_id, params=model.parameters(),
+        optimizer=lambda params: torch.optim.SGD(params, lr=args.lr, momentum=0.9),
+        batch_size_per_step=args.batch, target_batch_size=args.n * args.sync_every * args.batch,
+        use_local_updates=True, matchmaking_time=3.0, averaging_timeout=30.0, verbose=False)
+    rng = np.random.default_rng(args.rank)
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        idx = rng.integers(0, len(X), args.batch)
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(X[idx])),
+                                                 torch.from_numpy(y[idx]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    elapsed = time.perf_counter() - started
+    print(json.dumps({"rank": args.rank, "steps_per_s": args.steps / elapsed,
+                      "epochs": int(opt.local_epoch)}), flush=True)
+    opt.shutdown()
+    dht.shutdown()
+
+
+def run_hivemind(args: argparse.Namespace) -> dict:
+    if not HIVEMIND.exists():
+        return {"skipped": "not installed (run bench/anchors/setup.sh)"}
+    common = [str(HIVEMIND), __file__, "--_role", "hivemind", "--n", str(args.participants),
+              "--steps", str(args.steps), "--sync-every", str(args.sync_every),
+              "--run-id", f"fashion-{os.getpid()}"]
+    first = subprocess.Popen(common + ["--rank", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None
+        peers = json.loads(first.stdout.readline())["peers"]
+        rest = [subprocess.Popen(common + ["--rank", str(r), "--peers", *peers],
+                                 stdout=subprocess.PIPE, text=True)
+                for r in range(1, args.participants)]
+        outs = [json.loads(first.stdout.read().strip().splitlines()[-1])]
+        first.wait(1800)
+        for p in rest:
+            stdout, _ = p.communicate(timeout=1800)
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError, subprocess.TimeoutExpired) as e:
+        first.kill()
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"steps_per_s": statistics.mean(o["steps_per_s"] for o in outs),
+            "epochs": min(o["epochs"] for o in outs)}
+
+
+def run_loops(args: argparse.Namespace, sockets: list[Path], job: str | None) -> dict:
+    procs = []
+    for rank, sock in enumerate(sockets):
+        cmd = [sys.executable, str(EXAMPLE), "--participant", "--rank", str(rank),
+               "--socket", str(sock), "--steps", str(args.steps), "--participants",
+               str(args.participants)]
+        procs.append(subprocess.Popen(cmd + (["--job", job] if job else []),
+                                      stdout=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=3600)
+        if p.returncode != 0:
+            raise RuntimeError(f"a loop failed (exit {p.returncode})")
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    return {"steps_per_s": statistics.mean(o["steps_per_s"] for o in outs)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import lattice
+    from lattice.client.localnet import LocalNet
+    from lattice.testing.daemons import wait_for
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import fashion_mnist_attach as ex
+
+    ex.load("test")  # raises DataMissing, naming the package
+    rows: dict[str, dict] = {}
+    base = Path(tempfile.mkdtemp(prefix="lattice-overhead-"))
+    with LocalNet(args.participants, base / "net", log_level="warning") as net:
+        net.start()
+        sockets = [n.socket for n in net.nodes]
+        with lattice.connect(sockets[0]) as c:
+            wait_for(lambda: sum(1 for m in c.members().values() if m.get("alive"))
+                     >= args.participants, 60, "every daemon to be a member", interval=0.1)
+        rows["without"] = run_loops(args, sockets, None)
+        with lattice.connect(sockets[0]) as c:
+            job = c.submit_job({"kind": "attach", "name": "overhead",
+                                "min_peers": args.participants, "sync_every": args.sync_every,
+                                "merge_timeout": 120})["job_id"]
+        rows["lattice"] = run_loops(args, sockets, job)
+        rows["without (again)"] = run_loops(args, sockets, None)
+    rows["hivemind"] = run_hivemind(args)
+    base_rate = statistics.mean([rows["without"]["steps_per_s"],
+                                 rows["without (again)"]["steps_per_s"]])
+    for row in rows.values():
+        if "steps_per_s" in row:
+            row["ratio"] = row["steps_per_s"] / base_rate
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--participants", type=int, default=4)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--sync-every", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--_role", default="", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=4, help=argparse.SUPPRESS)
+    p.add_argument("--peers", nargs="*", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--run-id", default="fashion", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=32, help=argparse.SUPPRESS)
+    p.add_argument("--lr", type=float, default=0.05, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._role == "hivemind":
+        hivemind_role(args)
+        return 0
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("skipped: needs torch (pip install 'lattice-p2p[torch]')")
+        return 0
+    sys.path.insert(0, str(ROOT / "examples"))
+    import fashion_mnist_attach as ex
+    try:
+        rows = run(args)
+    except ex.DataMissing as e:
+        print(f"skipped: {e}")
+        return 0
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"Fashion-MNIST CNN, {args.participants} loops on 127.0.0.1, {args.steps} steps each, "
+          f"averaging every {args.sync_every} steps (mean steps/s per loop):")
+    for name, row in rows.items():
+        if "steps_per_s" in row:
+            extra = f"  ({row['epochs']} averaging rounds)" if "epochs" in row else ""
+            print(f"  {name:<16} {row['steps_per_s']:8.2f} steps/s  {100 * row['ratio']:6.1f}%"
+                  f"{extra}")
+        else:
+            print(f"  {name:<16} {row.get('skipped') or 'error: ' + row.get('error', '?')}")
+    print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
