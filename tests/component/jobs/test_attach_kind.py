@@ -43,6 +43,7 @@ class Loop:
         with trio.fail_after(60):  # the job reaches this daemon's replica first
             await self.node.jobs.wait_job(self.job_id, set(STATUS_ORDER))
         self.node.jobs.join(self.job_id)
+        self.kind = self.node.jobs.kinds["attach"]  # a restarted daemon has a new one
         self.session = self.kind.attach(self.job_id, self.manifest, None, self.slot)
         return self.session
 
@@ -213,3 +214,42 @@ def test_overlap_adds_the_averaged_delta_to_what_the_loop_trained_since():
     np.testing.assert_array_equal(slot, [11.5, 12.5, 13.5])
     np.testing.assert_array_equal(base2, slot)
     assert trainer.params is base2
+
+
+async def test_a_restarted_daemon_resumes_and_the_loop_attaches_again(cluster, autojump_clock):
+    nodes = await cluster.add(2)
+    job_id = nodes[0].jobs.submit(attach_job(min_peers=2, compression="int8"))
+    steady = Loop(nodes[0], job_id, target=1.0, seed=1)
+    restarted = Loop(nodes[1], job_id, target=2.0, seed=2)
+
+    async def interrupted():
+        await restarted.attach()
+        await restarted.wait_ready()
+        for _ in range(3):
+            await restarted.train_round()
+            await restarted.session.request(restarted.steps, restarted.samples, None,
+                                            finish=False)
+        trained = restarted.slot.copy()
+        nodes[1].stop_jobs()  # the daemon goes away mid-job (its checkpoint stays)
+        with pytest.raises(SessionError):
+            await restarted.session.request(restarted.steps, restarted.samples, None,
+                                            finish=False)
+        await nodes[1].start_jobs()
+        await restarted.attach()  # the loop attaches again, keeping what it trained
+        info = await restarted.wait_ready()
+        assert info["resumed"] and not info["loaded"]
+        np.testing.assert_array_equal(restarted.slot, trained)
+        for _ in range(3):
+            await restarted.train_round()
+            await restarted.session.request(restarted.steps, restarted.samples, None,
+                                            finish=False)
+        await restarted.session.request(restarted.steps, restarted.samples, None, finish=True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(steady.run, 10)
+        nursery.start_soon(interrupted)
+    await cluster.wait_until(lambda: nodes[0].jobs.get(job_id)["status"] == "done")
+    job = nodes[0].jobs.get(job_id)
+    entry = job["participants"][nodes[1].peer_id]
+    assert entry["resumed"] == 1 and entry["samples"] == 6 * 5 * 8
+    assert nodes[0].jobs.models()[job["model"]]["missing"] == []
