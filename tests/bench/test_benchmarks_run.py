@@ -32,6 +32,12 @@ CASES = [
     ("gossip_exchange.py", ["--params", "1000000", "--repeat", "2"], [r"median [\d.]+ s"]),
     ("train_job.py", ["--peers", "2", "--steps", "40"],
      [r"merged model \(network run\)\s+accuracy 0\.\d+", r"centralized SGD baseline"]),
+    ("attach_handoff.py", ["--params", "1000000", "--syncs", "2"],
+     [r"hand-off \(loop <-> daemon\)\s+[\d.]+ s", r"network exchange.*\s+[\d.]+ s"]),
+    ("attach_overhead.py", ["--steps", "60"],
+     [r"(with|without|lattice)\s+[\d.]+ steps/s|^skipped: "]),
+    ("attach_learning.py", ["--steps", "60", "--partitions", "iid"],
+     [r"iid\s+[\d.]+%|^skipped: "]),
     pytest.param("nat_traversal.py", ["--attempts", "1"], [r"nat_cone_x_cone", r"public_x_cone"],
                  marks=pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                           reason="the NAT bench needs root and ip netns"),
@@ -43,6 +49,7 @@ ANCHOR_ROWS = {
     "tensor_transfer.py": [r"^hivemind\s+(1\s+\d+|error)", r"^lattica\s+(1\s+\d+|error)"],
     "pairwise_exchange.py": [r"^hivemind\s+(2\s+[\d.]+|error)"],
     "dht_latency.py": [r"hivemind", r"[Ll]attica"],
+    "attach_overhead.py": [r"hivemind\s+([\d.]+ steps/s|error)|^skipped: "],
 }
 
 

@@ -103,3 +103,47 @@ def test_a_dead_loop_makes_its_daemon_leave_and_a_mismatch_is_refused(tmp_path):
             assert entries[peer[wide]]["state"] == "failed"
             model = c.models()[job["model"]]
             assert sorted(model["missing"]) == sorted([peer[dying], peer[wide]])
+
+
+def test_a_restarted_daemon_raises_daemon_lost_and_the_loop_reattaches(tmp_path):
+    from lattice.attach import DaemonLost, attach
+    from lattice.testing.daemons import DaemonProc
+
+    first = DaemonProc(tmp_path / "a").start()
+    first.wait_running()
+    second = DaemonProc(tmp_path / "b", "--bootstrap", first.addr()).start()
+    second.wait_running()
+    try:
+        with first.client() as c:
+            wait_members(c, 2)
+            job_id = c.submit_job({"kind": "attach", "min_peers": 2, "sync_every": 2,
+                                   "merge_timeout": 60})["job_id"]
+        steady = start_loop(first, job_id, tmp_path / "steady.npz", "--steps", "400")
+        client = second.client()
+        loop = attach(client, job_id, {"w": np.zeros(6, np.float32),
+                                       "b": np.zeros(1, np.float32)}, timeout=120)
+        for _ in range(6):
+            loop.arrays["w"] += np.float32(0.1)
+            loop.step(samples=8)
+        second.stop()  # SIGTERM: the daemon restarts below with the same state dir
+        trained = loop.arrays["w"].copy()
+        with pytest.raises(DaemonLost):
+            for _ in range(2):
+                loop.step(samples=8)
+        second.start()
+        second.wait_running()
+        loop.reattach(timeout=120)
+        assert loop.info["resumed"] and not loop.info["loaded"]
+        np.testing.assert_array_equal(loop.arrays["w"], trained)  # kept what it trained
+        for _ in range(10):
+            loop.step(samples=8)
+        result = loop.finish(timeout=180)
+        steady.communicate(timeout=300)
+        assert steady.returncode == 0
+        with first.client() as c:
+            job = c.job(job_id)
+            assert job["status"] == "done" and job["model"] == result.model_id
+            assert job["participants"][second.peer_id()]["resumed"] == 1
+    finally:
+        second.stop()
+        first.stop()
