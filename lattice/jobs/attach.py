@@ -289,7 +289,7 @@ class AttachKind:
         return {**self.counts, "sessions": len(self._by_id),
                 "max_sessions": self.config.max_sessions,
                 "attach_timeout": self.config.attach_timeout,
-                "max_tensors": self.config.max_tensors}
+                "max_tensors": self.config.max_tensors, "max_wait": self.config.max_wait}
 
     async def participate(self, run: Run, ctx: RunContext) -> Contribution | None:
         spec: AttachSpec = run.spec
