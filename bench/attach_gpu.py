@@ -39,6 +39,10 @@ def _device(args: argparse.Namespace):
     return torch.device("cuda"), torch.float32
 
 
+def _say(what: str) -> None:
+    print(f"[attach_gpu] {time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
+
+
 def _timed(fn, into: list):
     def run():
         started = time.perf_counter()
@@ -158,10 +162,12 @@ def run(args: argparse.Namespace) -> dict:
         with lattice.connect(sockets[0]) as c:
             wait_for(lambda: sum(1 for m in c.members().values() if m.get("alive")) >= 4, 60,
                      "4 members", interval=0.1)
+        _say("4 loops without Lattice")
         without = _procs(args, sockets, None)
         with lattice.connect(sockets[0]) as c:
             job = c.submit_job({"kind": "attach", "name": "gpu-cnn", "min_peers": 4,
                                 "sync_every": args.sync_every, "merge_timeout": 120})["job_id"]
+        _say("4 loops with Lattice")
         with_ = _procs(args, sockets, job)
         out["without_steps_per_s"] = statistics.mean(o["steps_per_s"] for o in without)
         out["lattice_steps_per_s"] = statistics.mean(o["steps_per_s"] for o in with_)
@@ -173,6 +179,7 @@ def run(args: argparse.Namespace) -> dict:
             wait_for(lambda: c.job(job)["status"] == "done", 120, "the CNN job to end", 0.2)
             solo = c.submit_job({"kind": "attach", "name": "gpu-handoff", "min_peers": 1,
                                  "sync_every": 1, "merge_timeout": 60})["job_id"]
+        _say("the hand-off of GPU tensors")
         (handoff,) = _procs(args, sockets, solo, role="handoff", n=1)
     out["handoff_params"] = handoff["params"]
     out["handoff_stage_in_s"] = statistics.median(handoff["stage_in_s"])
