@@ -609,7 +609,10 @@ class AttachKind:
 
         def merge() -> bytes:
             ordered = sorted(finals, key=lambda f: f[0])
-            merged = weighted_average([f[1] for f in ordered], [f[2] for f in ordered])
+            weights = [f[2] for f in ordered]
+            if not any(weights):  # loops that reported no samples weigh the same
+                weights = [1] * len(ordered)
+            merged = weighted_average([f[1] for f in ordered], weights)
             meta = {"job": run.job_id, "kind": self.name, "manifest": job_manifest.to_json()}
             if spec.name:
                 meta["name"] = spec.name

@@ -253,3 +253,17 @@ async def test_a_restarted_daemon_resumes_and_the_loop_attaches_again(cluster, a
     entry = job["participants"][nodes[1].peer_id]
     assert entry["resumed"] == 1 and entry["samples"] == 6 * 5 * 8
     assert nodes[0].jobs.models()[job["model"]]["missing"] == []
+
+
+async def test_loops_that_report_no_samples_merge_with_equal_weights(cluster, autojump_clock):
+    nodes = await cluster.add(2)
+    job_id = nodes[0].jobs.submit(attach_job(min_peers=2))
+    loops = [Loop(n, job_id, target=i, seed=i) for i, n in enumerate(nodes)]
+    async with trio.open_nursery() as nursery:
+        for loop in loops:
+            nursery.start_soon(loop.run, 0)  # finish at once: no steps, no samples
+    job = nodes[0].jobs.get(job_id)
+    assert job["status"] == "done"
+    arrays, _ = loads_safetensors(await nodes[0].jobs.fetch_model(job["model"]))
+    np.testing.assert_allclose(arrays["b"], np.mean([l.final for l in loops], axis=0)[6:],
+                               rtol=1e-6)
