@@ -88,7 +88,12 @@ async def start_dht(node: Node, nursery: trio.Nursery) -> KademliaDHT:
         request_timeout=cfg["dht.request_timeout_s"],
         refresh_interval=cfg["dht.refresh_interval_s"],
         republish_interval=cfg["dht.republish_interval_s"],
-        max_records_total=cfg["dht.max_records_total"])
+        max_records_total=cfg["dht.max_records_total"],
+        max_records_per_publisher=cfg["dht.max_records_per_publisher"],
+        max_records_per_ip=cfg["dht.max_records_per_ip"],
+        source_prefix_v4=cfg["dht.source_prefix_v4"],
+        source_prefix_v6=cfg["dht.source_prefix_v6"],
+        penalty_backoff=cfg["dht.penalty_backoff_s"])
     path = _dht_state_path(node)
     try:
         with open(path, "rb") as f:
@@ -96,7 +101,8 @@ async def start_dht(node: Node, nursery: trio.Nursery) -> KademliaDHT:
     except FileNotFoundError:
         state = None
     start = functools.partial(serve_dht, host, node.identity, config=config,
-                              address_book=host, self_addrs=host.dialable_addrs)
+                              address_book=host, self_addrs=host.dialable_addrs,
+                              source_ip=host.remote_ip)
     try:
         dht: KademliaDHT = await nursery.start(functools.partial(start, state=state))
     except StateError as e:
@@ -219,9 +225,12 @@ async def start_bulk_listener(node: Node, nursery: trio.Nursery) -> BulkListener
                     "[bulk] advertise is empty")
         return None
     port = cfg["bulk.port"]
+    limits = {"max_handshakes": cfg["bulk.max_handshakes"],
+              "max_handshakes_per_ip": cfg["bulk.max_handshakes_per_ip"],
+              "hello_timeout": cfg["bulk.hello_timeout_s"]}
     if not cfg["bulk.advertise"] and bind not in ("0.0.0.0", "::"):
         listener: BulkListener = await nursery.start(
-            functools.partial(serve_bulk_listener, bind, port))
+            functools.partial(serve_bulk_listener, bind, port, **limits))
         return listener
     # wildcard bind: peers are told the configured IPs, so the port must be known up
     # front; with port 0, ask the OS for a free one first (a tiny race we accept)
@@ -231,5 +240,5 @@ async def start_bulk_listener(node: Node, nursery: trio.Nursery) -> BulkListener
             port = probe.getsockname()[1]
     listener = await nursery.start(functools.partial(
         serve_bulk_listener, "0.0.0.0", port,
-        advertise=[(ip, port) for ip in advertise_ips]))
+        advertise=[(ip, port) for ip in advertise_ips], **limits))
     return listener

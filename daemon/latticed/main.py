@@ -76,6 +76,8 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from latticed.governor import cap_blas_threads
+    cap_blas_threads()  # before numpy loads: job compute stays on the governed threads
     args = build_parser().parse_args(argv)
     try:
         cfg = config_mod.load(config_file=args.config, flags=flags_from_args(args))

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -31,12 +31,14 @@ from lattice.net.bulk import BulkListener
 from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state, serve_crdt_sync
 from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
+from lattice.net.modelstore import ModelService, open_model_service
 from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
 from lattice.jobs.attach import AttachConfig
 
-from latticed import discovery, presence, statedir
-from latticed.config import Config
+from latticed import discovery, metrics, presence, statedir
+from latticed.config import Config, volunteer_config
 from latticed.events import EventBus
+from latticed.governor import NOT_YET_APPLIED, Governor, serve_governor
 from latticed.localapi import build_handlers
 from latticed.rpc_server import RpcServer, SocketInUse
 
@@ -73,7 +75,10 @@ class Node:
     dht: KademliaDHT | None = None
     sync: CrdtSync | None = None
     jobs: JobSupervisor | None = None
+    models: ModelService | None = None
     bulk: BulkListener | None = None
+    governor: Governor | None = None
+    metrics: metrics.MetricsEndpoint | None = None
     libp2p_log_filters: list[RoutineFailureFilter] = field(default_factory=list)
 
     @classmethod
@@ -115,6 +120,14 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
         except SocketInUse as e:
             raise StartupError(str(e)) from None
         log.info("local RPC socket %s (starting)", cfg.socket)
+        node.governor = await nursery.start(functools.partial(
+            serve_governor, volunteer_config(cfg), compute_threads=cfg["jobs.compute_threads"],
+            state_dir=cfg.state_dir))
+        for name in NOT_YET_APPLIED:
+            if cfg.sources[f"volunteer.{name}"] != "default":
+                log.warning("volunteer.%s is set, but not applied yet by this version", name)
+        if cfg["metrics.listen"]:
+            node.metrics = await _start_metrics(node, nursery)
 
         host_mod = await _import("lattice.net.host")
         node.store, node.state_log = open_state(
@@ -169,6 +182,8 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
         history_is_new=node.identity_created))
     nursery.start_soon(presence.serve_heartbeat, node)
     node.jobs = await _start_jobs(node, nursery)
+    node.models = open_model_service(node.jobs.blobs, node.store, node.sync, cfg,
+                                     clock=time.time)
     nursery.start_soon(presence.fan_out_peer_events, node,
                        host.peer_events(buffer=cfg["rpc.subscriber_queue"]))
     nursery.start_soon(presence.measure_rtts, node)
@@ -191,9 +206,29 @@ async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
         node.bulk = await discovery.start_bulk_listener(node, nursery)
         if node.bulk is not None:
             transport = BulkTensorTransport(listener=node.bulk)
+    assert node.governor is not None
     jobs: JobSupervisor = await nursery.start(functools.partial(
         serve_jobs, node.host, node.store, node.sync, config=config,
         checkpoint_dir=cfg.state_dir / "jobs", blob_dir=cfg.state_dir / "blobs",
-        providers=DhtProviders(node.dht), transport=transport))
+        providers=DhtProviders(node.dht), transport=transport,
+        compute=node.governor.compute))
     jobs.subscribe(lambda note: node.bus.publish("jobs", {"event": "progress", **note}))
     return jobs
+
+
+async def _start_metrics(node: Node, nursery: trio.Nursery) -> metrics.MetricsEndpoint:
+    """The opt-in Prometheus endpoint; a scrape reads `status`, connections and jobs."""
+    from latticed.localapi.system import node_status
+
+    async def snapshot() -> dict[str, Any]:
+        status = node_status(node)
+        status["connections"] = node.host.connections() if node.host else []
+        status["jobs"] = node.jobs.list() if node.jobs else []
+        return status
+
+    registry = metrics.MetricsRegistry(snapshot)
+    metrics.feed_status(registry)
+    metrics.feed_governor(registry, node.governor)
+    endpoint: metrics.MetricsEndpoint = await nursery.start(functools.partial(
+        metrics.serve_metrics, node.config["metrics.listen"], registry))
+    return endpoint

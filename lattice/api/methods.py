@@ -224,6 +224,21 @@ _METHOD_LIST = [
            access=WRITE),
     Method("models.list", "The model registry: model id -> producer, job, metrics.",
            client="models"),
+    Method("governor.pause", "Pause job compute (the daemon stays in the network: state sync, "
+           "DHT, relaying) until governor.resume, or for for_s seconds. Survives a restart. "
+           "Returns the governor's block of status.",
+           params=(Param("for_s", "float", "seconds, in (0, 366 days] (absent: until resumed)",
+                         required=False),
+                   Param("reason", "str", "shown in status", required=False, default="",
+                         max_len=200)),
+           access=WRITE, client="pause"),
+    Method("governor.resume", "Lift a pause by the user; other reasons (battery, schedule, ...) "
+           "still hold. Returns the governor's block of status.", access=WRITE,
+           client="resume"),
+    Method("governor.stats", "The governor's settings and counters: compute steps and CPU "
+           "seconds, duty-cycle waits, pauses by reason, bytes and refusals at the transfer "
+           "gates, signal read errors, what each compute thread applied.",
+           client="governor_stats"),
     Method("models.read", "Bytes of a model's canonical .safetensors file, fetched from any "
            "provider on first use; read it in chunks.",
            params=(Param("model_id", "str", "sha256 hex", max_len=128),
@@ -231,6 +246,44 @@ _METHOD_LIST = [
                    Param("length", "int", "bytes (at most 1 MiB)", required=False,
                          default=1 << 20)),
            client="read_model"),
+    Method("models.import", "Import a model the daemon reads from PATH: a .safetensors file, a "
+           "Hugging Face directory (model.safetensors.index.json and shards) or an .npz. Tensors "
+           "are kept exactly (every dtype, BF16 included) and stored as content-addressed pieces; "
+           "returns the model id and its registry record.",
+           params=(Param("path", "str", "absolute path on the daemon's machine", max_len=4096),
+                   Param("name", "str", "a name for the registry (default: the file name)",
+                         required=False, max_len=128)),
+           access=WRITE,
+           client="import_model"),
+    Method("models.export", "Write a model to PATH on the daemon's machine: one canonical "
+           ".safetensors file when PATH ends in .safetensors, else a Hugging Face directory "
+           "(sharded with an index when larger than shard_bytes).",
+           params=(Param("model_id", "str", "model id or registry name", max_len=128),
+                   Param("path", "str", "absolute path on the daemon's machine", max_len=4096),
+                   Param("shard_bytes", "int", "bytes per shard (default: [models] "
+                         "export_shard_bytes)", required=False)),
+           access=WRITE,
+           client="export_model"),
+    Method("models.merge", "Merge models on this daemon (proto/merge.md): either spec {method, "
+           "models, base, weights, dtype, parameters} or config, a mergekit YAML text. The result "
+           "is a new model that records how it was made; returns its id and record.",
+           params=(Param("spec", "map", "method, models, base, weights, dtype, parameters",
+                         required=False),
+                   Param("config", "str", "mergekit YAML", required=False, max_len=256 * 1024),
+                   Param("name", "str", "a name for the registry", required=False, max_len=128)),
+           access=WRITE,
+           client="merge_models"),
+    Method("models.verify", "Recompute a merged model's tensors (all, or those matching the glob "
+           "patterns) from its inputs and say whether every byte matches.",
+           params=(Param("model_id", "str", "model id or registry name", max_len=128),
+                   Param("tensors", "list[str]", "glob patterns of tensor names", required=False,
+                         max_len=64)),
+           client="verify_model"),
+    Method("models.info", "A model's format, metadata, record and tensors (dtype, shape).",
+           params=(Param("model_id", "str", "model id or registry name", max_len=128),),
+           client="model_info"),
+    Method("models.stats", "The model store's counters and limits.",
+           client="models_stats"),
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}

@@ -13,6 +13,7 @@ proto/jobs.md, and one registration line (`lattice.jobs.KINDS`).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -114,6 +115,8 @@ class JobKind(Protocol, Generic[SpecT]):
     """A kind of job. Implementations are registered in `lattice.jobs.KINDS`."""
 
     name: str
+    counts: Counter[str]
+    """The kind's own counters (shown in `jobs.stats` beside the supervisor's)."""
 
     def parse_spec(self, raw: Any) -> SpecT:
         """The kind's spec from a plain mapping; raises `JobSpecError`."""

@@ -319,8 +319,12 @@ class JobSupervisor:
                                  timeout=timeout if timeout is not None else self.config.fetch_timeout)
 
     def statistics(self) -> dict[str, Any]:
+        kinds: Counter[str] = Counter()
+        for kind in self.kinds.values():
+            kinds.update(kind.counts)
         return {
             **self.counts,
+            **kinds,
             "running": {jid: {"kind": r.kind.name, "round": r.round, "state": r.state,
                               "rank": r.rank, **r.progress}
                         for jid, r in self._runs.items()},
@@ -671,7 +675,7 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
                      ) -> None:
     """Run jobs until cancelled; hands back the `JobSupervisor`.
 
-    Starts `/lattice/gossip-avg/1` and `/lattice/blob/1` (blobs in ``blob_dir``, or in
+    Starts `/lattice/gossip-avg/2` and `/lattice/blob/1` (blobs in ``blob_dir``, or in
     memory), watches ``store`` for jobs, and writes through ``sync`` (a `CrdtSync`; None:
     straight to ``store``). ``kinds(services)`` builds the job kinds it runs (default:
     every kind in `lattice.jobs.KINDS`). ``checkpoint_dir`` enables resuming after a

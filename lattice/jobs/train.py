@@ -2,7 +2,7 @@
 
 A participant trains on its own partition in rounds of ``sync_every`` local steps (off
 the event loop), and after each round averages pairwise and atomically with a random
-live participant over `/lattice/gossip-avg/1`. At the end it publishes its final
+live participant over `/lattice/gossip-avg/2`. At the end it publishes its final
 parameters; the merger averages the finals, weighted by samples (exactly
 `lattice.learn.simulate.final_merge`'s rule, the in-process reference), evaluates the
 result on the task's test split and records it. Spec: `lattice.core.jobs.TrainSpec`,
@@ -12,6 +12,7 @@ proto/jobs.md.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,7 @@ class TrainKind:
         self.services = services
         self.config = services.config
         self._tasks: dict[bytes, Task] = {}
+        self.counts: Counter[str] = Counter()
 
     def parse_spec(self, raw: Any) -> TrainSpec:
         return parse_train_spec(raw)
@@ -206,6 +208,7 @@ class TrainKind:
                 raise ModelFormatError("not this job's final model")
         except ModelFormatError as e:
             log.warning("job=%s peer=%s final model rejected: %s", run.job_id, inp.peer, e)
+            self.counts["final_rejected"] += 1
             return None
         return params
 

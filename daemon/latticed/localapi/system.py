@@ -21,6 +21,11 @@ async def api_info(node: Node, client: ClientConnection) -> dict[str, Any]:
 
 
 async def status(node: Node, client: ClientConnection) -> dict[str, Any]:
+    return node_status(node)
+
+
+def node_status(node: Node) -> dict[str, Any]:
+    """What `status` answers (the metrics endpoint reads it too)."""
     host, cfg = node.host, node.config
     return {
         "peer_id": node.identity.peer_id,
@@ -46,6 +51,9 @@ async def status(node: Node, client: ClientConnection) -> dict[str, Any]:
                    "dropped": node.bus.dropped},
         "state_sync": _state_summary(node),
         "dht": _dht_summary(node),
+        "bulk": node.bulk.statistics() if node.bulk else None,
+        "governor": node.governor.status() if node.governor else None,
+        "metrics": node.metrics.statistics() if node.metrics else None,
     }
 
 
@@ -54,7 +62,7 @@ def _dht_summary(node: Node) -> dict[str, Any] | None:
         return None
     st = node.dht.statistics()
     keep = ("mode", "routing_table_size", "joined", "records_stored", "providers_stored",
-            "own_records", "rejected")
+            "own_records", "rejected", "record_store", "provider_store", "penalized_now")
     return {k: st[k] for k in keep if k in st}
 
 

@@ -49,8 +49,9 @@ class Node:
                          **kw) -> None:
         """Start the supervisor; ``kinds_factory(services)`` replaces the built-in kinds."""
         options = dict(checkpoint_dir=self.dir / "checkpoints", blob_dir=self.dir / "blobs",
-                       compute=virtual_compute(random.Random(self.index)), clock=trio.current_time,
-                       rng=random.Random(100 + self.index))
+                       compute=virtual_compute(random.Random(self.cluster.seed + self.index)),
+                       clock=trio.current_time,
+                       rng=random.Random(self.cluster.seed + 100 + self.index))
         options.update(kw)
         self.jobs = await self._start(lambda task_status: serve_jobs(
             self.peer, self.store, self.sync, config=config or self.cluster.config,
@@ -84,11 +85,12 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, nursery, tmp_path) -> None:
+    def __init__(self, nursery, tmp_path, seed: int) -> None:
         self.nursery = nursery
         self.tmp_path = tmp_path
-        self.net = MemoryNetwork()
-        self.rng = random.Random(5)
+        self.seed = seed
+        self.net = MemoryNetwork(seed=seed)
+        self.rng = random.Random(seed)
         self.sync_config = SyncConfig(anti_entropy_interval=2.0)
         self.config = FAST
         self.nodes: list[Node] = []
@@ -126,8 +128,8 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(nursery, tmp_path):
-    c = Cluster(nursery, tmp_path)
+async def cluster(nursery, tmp_path, lattice_seed):
+    c = Cluster(nursery, tmp_path, lattice_seed)
     yield c
     nursery.cancel_scope.cancel()
 

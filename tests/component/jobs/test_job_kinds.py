@@ -5,6 +5,7 @@ state machine where it writes."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ class CountKind:
     def __init__(self, services, *, refuse: bool = False) -> None:
         self.services = services
         self.refuse = refuse
+        self.counts = Counter()
 
     def parse_spec(self, raw: Any) -> CountSpec:
         spec = CountSpec(**parse_fields(raw, self.name, FIELDS))
