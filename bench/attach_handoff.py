@@ -9,8 +9,9 @@ really comes back. Per sync, from the loop's side:
 
   sync       the whole `step()` that synced, as the loop waits for it
   exchange   of which the daemon averaged with the peer (the network exchange)
-  hand-off   the rest: the call over the socket and the daemon writing the result into
-             the shared memory (the loop's parameters live there: nothing else moves)
+  hand-off   the rest: the call over the socket and handing the result to the loop (the
+             loop's parameters live in the shared memory, and the average is written
+             into its spare slot there: the loop switches slots; nothing else moves)
   staged     a loop whose parameters live elsewhere (its own arrays; a GPU is the same
              plus the device copies, bench/attach_gpu.py) adds one copy in and one out
 
@@ -52,9 +53,8 @@ def loop_role(args: argparse.Namespace) -> None:
         staged_in, staged_out = [], []
         mine = {k: v.copy() for k, v in loop.arrays.items()}  # a loop's own arrays
         rows = []
-        w = loop.arrays["w"]
         for i in range(args.syncs):
-            w[:8] += np.float32(args.rank + 1)  # something to average
+            loop.arrays["w"][:8] += np.float32(args.rank + 1)  # something to average
             loop.steps += loop.sync_every - 1
             report = loop.step(samples=1)
             assert report is not None
@@ -138,7 +138,7 @@ def main() -> int:
     print(f"  {'sync, as the loop waits':<38} {out['sync_s']:8.3f} s")
     print(f"  {'  network exchange (daemon <-> peer)':<38} {out['exchange_s']:8.3f} s")
     print(f"  {'  hand-off (loop <-> daemon)':<38} {out['handoff_s']:8.3f} s")
-    print(f"  {'    of which the result into shm':<38} {out['copy_s']:8.3f} s")
+    print(f"  {'    of which the result to the loop':<38} {out['copy_s']:8.3f} s")
     print(f"  {'staged loop adds (copy in + out)':<38} {out['staged_s']:8.3f} s")
     print(f"  outcomes: {', '.join(out['outcomes'])}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

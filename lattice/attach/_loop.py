@@ -76,8 +76,13 @@ class AttachedLoop:
     The loop's parameters live in shared memory (``arrays``: float32 views, in the
     manifest's order); train them in place and call `step` after every optimizer step.
     Every ``sync_every`` steps `step` hands them to the daemon, which averages with
-    the job's other loops and writes the result back before returning (with the job's
+    the job's other loops and has the result in place before returning (with the job's
     ``overlap`` 1, it returns at once and the average arrives one round late).
+
+    The memory holds two slots; an average lands in the spare one and a sync switches
+    to it, copying nothing. ``arrays`` (the same dict) then holds views of the new slot:
+    index it after a sync (``loop.arrays["w"] -= ...``) rather than keeping the arrays
+    themselves, which become read-only so that a stale one fails loudly.
 
     ``stage_in``/``stage_out`` are for adapters whose parameters live elsewhere (a GPU):
     called before a sync to copy the parameters into ``arrays``, and after one that
@@ -106,8 +111,15 @@ class AttachedLoop:
         self.last: SyncReport | None = None
         self._since_sync = 0
         self._losses: list[float] = []
-        self._region, self.slot = self._new_region()
-        self.arrays = self._views(self.slot)
+        self._region, self._memory = self._new_region()
+        self.active = 0  # which slot holds the parameters (the daemon says, per sync)
+        self.arrays: dict[str, np.ndarray] = self._views(self.slot)
+
+    @property
+    def slot(self) -> np.ndarray:
+        """The slot holding the parameters: ``arrays`` are views of it."""
+        n = self.manifest.num_params
+        return self._memory[self.active * n:(self.active + 1) * n]
 
     # -- life ---------------------------------------------------------------------------------
     def start(self, *, timeout: float | None = None) -> AttachedLoop:
@@ -152,6 +164,8 @@ class AttachedLoop:
         loss = sum(self._losses) / len(self._losses) if self._losses else None
         reply = self._call("attach.sync", session=self.session, steps=self.steps,
                            samples=self.samples, loss=loss)
+        if reply.get("slot", self.active) != self.active:
+            self._switch(int(reply["slot"]))
         if reply["changed"] and self.stage_out is not None:
             self.stage_out()
         self._since_sync = 0
@@ -199,11 +213,9 @@ class AttachedLoop:
             self.stage_in()
         old = self.slot
         self.client = client or Client(self.client.socket_path, timeout=self.client.timeout)
-        self._region, self.slot = self._new_region()
+        self._region, self._memory = self._new_region()
+        self._rebind(0)
         np.copyto(self.slot, old)
-        self.arrays = self._views(self.slot)
-        if self.on_rebind is not None:
-            self.on_rebind(self.arrays)
         self.local = False
         return self.start(timeout=timeout)
 
@@ -229,9 +241,24 @@ class AttachedLoop:
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _new_region(self) -> tuple[Any, np.ndarray]:
-        fd, region = create_region(self.manifest.slot_bytes)
+        fd, region = create_region(self.manifest.region_bytes)
         self._region_fd = fd
         return region, slot_of(region)
+
+    def _switch(self, slot: int) -> None:
+        """The daemon put the parameters in the other slot: follow it."""
+        if slot not in (0, 1):
+            raise LatticeError(f"the daemon named slot {slot!r}; there are two")
+        for a in self.arrays.values():
+            a.flags.writeable = False  # a stale view fails loudly instead of training nothing
+        self._rebind(slot)
+
+    def _rebind(self, slot: int) -> None:
+        self.active = slot
+        self.arrays.clear()
+        self.arrays.update(self._views(self.slot))
+        if self.on_rebind is not None:
+            self.on_rebind(self.arrays)
 
     def _views(self, slot: np.ndarray) -> dict[str, np.ndarray]:
         return {t.name: slot[o:o + t.size].reshape(t.shape)

@@ -1,7 +1,7 @@
 """Shared memory between an attached loop and its daemon (proto/attach.md).
 
 Owns both ends of the hand-off: the loop creates a sealed memfd holding its parameters
-as one float32 slot (`create_region`) and passes the descriptor with its `attach.open`
+as float32 (`create_region`: two slots, the loop's and a spare one) and passes the descriptor with its `attach.open`
 request over the Unix socket (SCM_RIGHTS); the daemon checks what it received and maps
 it (`map_region`). Nothing is ever in the file system, so nothing leaks when either
 side dies: the memory goes when the last mapping does.
@@ -74,5 +74,6 @@ def map_region(fd: int, *, uid: int, nbytes: int) -> mmap.mmap:
 
 
 def slot_of(region: mmap.mmap) -> np.ndarray:
-    """The region as the flat float32 slot both sides index by manifest offsets."""
+    """The region as flat float32 (its two slots back to back), indexed by both sides
+    with the manifest's offsets."""
     return np.frombuffer(region, dtype=np.float32)

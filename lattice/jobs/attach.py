@@ -104,19 +104,25 @@ class _Request:
 
 
 class LoopSession:
-    """An attached loop as its daemon sees it: the manifest, the shared slot, and the
-    requests the loop makes. States: ``attached`` -> ``ready`` (the job started and the
-    start weights are in the slot) -> ``merging`` (final published) -> ``done`` |
+    """An attached loop as its daemon sees it: the manifest, the shared memory's two
+    slots (``active``: the one holding the loop's parameters; the other is spare), and
+    the requests the loop makes. States: ``attached`` -> ``ready`` (the job started and
+    the start weights are in the slot) -> ``merging`` (final published) -> ``done`` |
     ``failed`` | ``left``; ``gone`` once the loop went away."""
 
     def __init__(self, session_id: str, job_id: str, manifest: Manifest, region: Any,
-                 slot: np.ndarray, owner: object = None) -> None:
+                 memory: np.ndarray, owner: object = None) -> None:
+        if memory.shape != (2 * manifest.num_params,) or memory.dtype != np.float32:
+            raise ValueError("an attached loop's memory is two float32 slots")
         self.id = session_id
         self.owner = owner  # the local connection that opened it: only it may use it
         self.job_id = job_id
         self.manifest = manifest
         self.region = region  # keeps the mapping alive as long as the session
-        self.slot = slot
+        n = manifest.num_params
+        self.slots = (memory[:n], memory[n:])
+        self.active = 0
+        self.overwritten = False  # an average landed in the active slot since `adopt`
         self.state = "attached"
         self.gone = False
         self.error: str | None = None
@@ -156,7 +162,32 @@ class LoopSession:
 
     def describe(self) -> dict[str, Any]:
         return {"session": self.id, "job_id": self.job_id, "state": self.state,
-                "model_id": self.model, **self.info}
+                "model_id": self.model, "slot": self.active, **self.info}
+
+    @property
+    def slot(self) -> np.ndarray:
+        """The slot that holds the loop's parameters."""
+        return self.slots[self.active]
+
+    def average_into(self, params: np.ndarray) -> np.ndarray:
+        """Where an exchange writes its average while the loop waits in a sync: the slot
+        that does not hold ``params`` (the current parameters). Adopting it is then a
+        switch of slots, not a copy. (A second exchange in one sync writes into the
+        active slot again: the first one's result is the current parameters then.)"""
+        into = self.slots[0] if params is self.slots[1] else self.slots[1]
+        if into is self.slot:
+            self.overwritten = True
+        return into
+
+    def adopt(self, params: np.ndarray) -> bool:
+        """At the end of a sync: make ``params`` the loop's (switching slots when an
+        average landed in the spare one, else copying); whether they changed."""
+        changed, self.overwritten = params is not self.slot or self.overwritten, False
+        if params is self.slots[1 - self.active]:
+            self.active = 1 - self.active
+        elif changed and params is not self.slot:
+            np.copyto(self.slot, params)
+        return changed
 
     def lose(self, reason: str) -> None:
         """The loop went away (its connection closed, or it detached)."""
@@ -246,7 +277,7 @@ class AttachKind:
         self.counts: Counter[str] = Counter()
 
     # -- the local API's side ----------------------------------------------------------------
-    def attach(self, job_id: str, manifest: Manifest, region: Any, slot: np.ndarray, *,
+    def attach(self, job_id: str, manifest: Manifest, region: Any, memory: np.ndarray, *,
                owner: object = None) -> LoopSession:
         """A loop attaches to ``job_id`` (the caller checked the job and joined it).
         Raises SessionError when one is attached already or too many are."""
@@ -257,7 +288,7 @@ class AttachKind:
         if live >= self.config.max_sessions:
             raise SessionError(f"{live} loops are attached already (limit "
                                f"{self.config.max_sessions})")
-        session = LoopSession(secrets.token_hex(8), job_id, manifest, region, slot, owner)
+        session = LoopSession(secrets.token_hex(8), job_id, manifest, region, memory, owner)
         self._sessions[job_id] = session
         self._by_id[session.id] = session
         self.counts["attached"] += 1
@@ -306,9 +337,14 @@ class AttachKind:
             _LoopParams(session.slot),
             ParamChannel(spec.compression, reference=init),
             OuterNesterov(init, spec.outer_lr, spec.outer_momentum) if spec.outer else None)
+        # without overlap the loop waits while we average: the average lands in the
+        # spare slot, and the sync switches slots instead of copying 4 bytes a parameter.
+        # With overlap the loop trains in its slot meanwhile: a new array, applied later.
+        into = None if spec.overlap else (lambda: session.average_into(participant.trainer.params))
         party = AveragingParty(run.job_id, self.services.network.peer_id, run.roster,
                                participant, weighting=spec.weighting,
-                               bound=NormBound(factor=spec.norm_factor), compute=compute)
+                               bound=NormBound(factor=spec.norm_factor), compute=compute,
+                               average_into=into)
         resumed = ctx.checkpoint is not None
         if ctx.checkpoint is not None:
             arrays, meta = ctx.checkpoint
@@ -464,6 +500,7 @@ class AttachKind:
                 changed = await self._take_result(p, session)
                 if answer is not None:
                     session.answer(answer[0], {**answer[1], "changed": changed,
+                                               "slot": session.active,
                                                "copy_s": trio.current_time() - started})
                 req = await session.next_request()
                 _count(p, req)
@@ -483,14 +520,15 @@ class AttachKind:
             await self._after_round(run, ctx, party, init_blob, req)
 
     async def _take_result(self, p: _LoopParticipant, session: LoopSession) -> bool:
-        """Copy an exchange's result into the loop's slot; whether there was one."""
+        """Give the loop an exchange's result (a switch of slots when it is in the spare
+        one, else a copy: an outer step's result); whether there was one."""
         result = p.trainer.params
-        if result is session.slot:
-            return False
-        slot = session.slot
-        await self.services.compute(lambda: np.copyto(slot, result))
-        p.trainer.params = slot
-        return True
+        if result is session.slot or result is session.slots[1 - session.active]:
+            changed = session.adopt(result)
+        else:
+            changed = await self.services.compute(lambda: session.adopt(result))
+        p.trainer.params = session.slot
+        return changed
 
     async def _overlapped(self, run: Run, ctx: RunContext, session: LoopSession,
                           party: AveragingParty, init_blob: str) -> _Request:
@@ -526,7 +564,8 @@ class AttachKind:
                             party.close()
                             return req
                 session.answer(req, {"round": run.round, "outcome": outcome[0],
-                                     "changed": changed, "peers": len(ctx.candidates())})
+                                     "changed": changed, "slot": session.active,
+                                     "peers": len(ctx.candidates())})
                 run.round += 1
                 party.new_round()
                 outcome = ["alone"]

@@ -84,11 +84,17 @@ class AveragingParty:
     take part: never while it trains (an offer is then *held* until the round ends, at
     most ``hold_timeout``), one exchange at a time, never after it finished. The runner
     trains only through `train`, so parameters change only there and in a committed
-    exchange."""
+    exchange.
+
+    ``average_into``, when given, returns where an exchange writes its average (or None:
+    a new array): a buffer that is neither the current parameters nor anything a
+    trainer touches until the commit adopts it (an attached loop's spare slot in shared
+    memory, so adopting the average copies nothing)."""
 
     def __init__(self, job_id: str, me: str, roster: list[str], participant: Any, *,
                  weighting: str = "uniform", bound: NormBound | None = NormBound(),
-                 compute: Compute = compute_inline) -> None:
+                 compute: Compute = compute_inline,
+                 average_into: Callable[[], np.ndarray | None] | None = None) -> None:
         self.job_id = job_id
         self.me = me
         self.roster = frozenset(roster) - {me}
@@ -96,6 +102,7 @@ class AveragingParty:
         self.weighting = weighting
         self.bound = bound
         self.compute = compute
+        self.average_into = average_into
         self.training = False
         self.closed = False
         self.exchange: str | None = None
@@ -217,7 +224,8 @@ class AveragingParty:
         theirs = parse_peer_input(self.channel.receive, payload, self.params, self.bound,
                                   keep=(InvalidTensor,))
         w_own, w_peer = pair_weights(self.samples, peer_samples, self.weighting)
-        return pair_average(out.estimate, theirs, w_own, w_peer)
+        into = self.average_into() if self.average_into is not None else None
+        return pair_average(out.estimate, theirs, w_own, w_peer, out=into)
 
     def _apply(self, out: Outgoing, average: np.ndarray) -> None:
         """The commit: adopt the average (through the outer step, if any)."""

@@ -41,8 +41,8 @@ with lattice.connect(args.socket, timeout=120) as client:
         print(f"refused: {e}", file=sys.stderr)
         sys.exit(3)
     start = {k: v.copy() for k, v in loop.arrays.items()}
-    w, b = loop.arrays["w"], loop.arrays["b"]
     for step in range(args.steps):
+        w, b = loop.arrays["w"], loop.arrays["b"]  # a sync may switch slots: index each step
         idx = rng.integers(0, len(X), 32)
         err = X[idx] @ w + b[0] - y[idx]
         w -= np.float32(0.05) * (X[idx].T @ err / 32).astype(np.float32)

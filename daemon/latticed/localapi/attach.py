@@ -62,7 +62,7 @@ async def attach_open(node: Node, client: ClientConnection, job_id: str,
         kind.counts["refused_manifest"] += 1
         raise InvalidArgumentError(f"bad manifest: {e}") from None
     try:
-        region = map_region(fd, uid=client.uid, nbytes=manifest.slot_bytes)  # closes fd
+        region = map_region(fd, uid=client.uid, nbytes=manifest.region_bytes)  # closes fd
     except SharedRegionError as e:
         kind.counts["refused_memory"] += 1
         raise InvalidArgumentError(f"bad shared memory: {e}") from None

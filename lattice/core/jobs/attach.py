@@ -148,6 +148,12 @@ class Manifest:
         return self.num_params * SLOT_ITEMSIZE
 
     @property
+    def region_bytes(self) -> int:
+        """The shared memory: two slots, the loop's and the spare an average lands in
+        (proto/attach.md)."""
+        return 2 * self.slot_bytes
+
+    @property
     def offsets(self) -> list[int]:
         out, at = [], 0
         for t in self.tensors:

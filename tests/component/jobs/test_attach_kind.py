@@ -12,7 +12,7 @@ import trio
 
 from lattice.core.jobs import STATUS_ORDER
 from lattice.core.jobs.attach import manifest_of
-from lattice.jobs.attach import SessionError, _apply_delta, _LoopParams
+from lattice.jobs.attach import LoopSession, SessionError, _apply_delta, _LoopParams
 from lattice.learn.merge import loads_safetensors
 
 SHAPES = {"w": (3, 2), "b": (2,)}
@@ -32,20 +32,35 @@ class Loop:
         self.target = np.float32(target)
         self.manifest = manifest_for(shapes)
         rng = np.random.default_rng(seed)
-        self.slot = rng.normal(size=self.manifest.num_params).astype(np.float32)
+        self.memory = np.zeros(2 * self.manifest.num_params, np.float32)  # two slots
+        self.active = 0
+        self.slot[:] = rng.normal(size=self.manifest.num_params)
         self.initial = self.slot.copy()
         self.kind = node.jobs.kinds["attach"]
         self.session = None
         self.steps = self.samples = 0
         self.replies = []
 
+    @property
+    def slot(self):
+        n = self.manifest.num_params
+        return self.memory[self.active * n:(self.active + 1) * n]
+
     async def attach(self):
         with trio.fail_after(60):  # the job reaches this daemon's replica first
             await self.node.jobs.wait_job(self.job_id, set(STATUS_ORDER))
         self.node.jobs.join(self.job_id)
         self.kind = self.node.jobs.kinds["attach"]  # a restarted daemon has a new one
-        self.session = self.kind.attach(self.job_id, self.manifest, None, self.slot)
+        if self.active:  # attaching again: new memory, the parameters in its first slot
+            self.memory, self.active = np.concatenate([self.slot, self.slot]), 0
+        self.session = self.kind.attach(self.job_id, self.manifest, None, self.memory)
         return self.session
+
+    async def sync(self):
+        """`attach.sync`, following the daemon to the slot that holds the result."""
+        reply = await self.session.request(self.steps, self.samples, 0.5, finish=False)
+        self.active = reply["slot"]
+        return reply
 
     async def wait_ready(self):
         with trio.fail_after(300):
@@ -57,7 +72,8 @@ class Loop:
     async def train_round(self, steps: int = 5):
         for _ in range(steps):
             await trio.sleep(0.01)
-            self.slot += np.float32(0.2) * (self.target - self.slot)
+            slot = self.slot
+            slot += np.float32(0.2) * (self.target - slot)
             self.steps += 1
             self.samples += 8
 
@@ -67,8 +83,7 @@ class Loop:
         self.start = self.slot.copy()
         for _ in range(rounds):
             await self.train_round()
-            self.replies.append(await self.session.request(self.steps, self.samples, 0.5,
-                                                           finish=False))
+            self.replies.append(await self.sync())
         self.final = self.slot.copy()
         await self.session.request(self.steps, self.samples, None, finish=True)
         with trio.fail_after(300):
@@ -105,6 +120,8 @@ async def test_loops_start_equal_average_and_merge(cluster, autojump_clock):
     # averaging happened: most syncs changed the loop's parameters
     changed = sum(r["changed"] for l in loops for r in l.replies)
     assert changed >= 6
+    # averages landed in the loop's spare slot: syncs switched slots instead of copying
+    assert all(any(r["slot"] == 1 for r in l.replies) for l in loops)
     assert {r["outcome"] for l in loops for r in l.replies} <= {"committed", "served", "skipped"}
     model_id = results[0][1]["model_id"]
     assert model_id and all(r[1]["model_id"] == model_id for r in results)
@@ -157,7 +174,7 @@ async def test_a_loop_that_goes_away_makes_its_daemon_leave(cluster, autojump_cl
         await loop.wait_ready()
         for _ in range(2):
             await loop.train_round()
-            await loop.session.request(loop.steps, loop.samples, None, finish=False)
+            await loop.sync()
         loop.kind.release(loop.session, "connection closed")  # what the local API does
 
     async with trio.open_nursery() as nursery:
@@ -202,6 +219,30 @@ async def test_outer_algorithms_and_overlap_run_to_a_merged_model(cluster, autoj
     assert nodes[0].jobs.get(job_id)["status"] == "done"
 
 
+def test_a_sync_switches_to_the_slot_its_average_landed_in():
+    manifest = manifest_for(SHAPES)
+    n = manifest.num_params
+    session = LoopSession("s", "j", manifest, None, np.zeros(2 * n, np.float32))
+    assert not session.adopt(session.slot)  # nothing averaged: nothing changed
+    into = session.average_into(session.slot)
+    assert into is session.slots[1]
+    into[:] = 1.0
+    assert session.adopt(into) and session.active == 1
+    np.testing.assert_array_equal(session.slot, 1.0)
+    # two exchanges in one sync: the second average lands in the active slot, whose
+    # contents the first one superseded; it still counts as a change
+    first = session.average_into(session.slot)
+    first[:] = 2.0
+    second = session.average_into(first)
+    assert second is session.slot
+    second[:] = 3.0
+    assert session.adopt(second) and session.active == 1
+    assert not session.adopt(session.slot)
+    # an outer step's result is a new array: copied into the active slot
+    assert session.adopt(np.full(n, 4.0, np.float32)) and session.active == 1
+    np.testing.assert_array_equal(session.slot, 4.0)
+
+
 def test_overlap_adds_the_averaged_delta_to_what_the_loop_trained_since():
     slot = np.array([1.0, 2.0, 3.0], np.float32)
     trainer = _LoopParams(slot)
@@ -227,13 +268,11 @@ async def test_a_restarted_daemon_resumes_and_the_loop_attaches_again(cluster, a
         await restarted.wait_ready()
         for _ in range(3):
             await restarted.train_round()
-            await restarted.session.request(restarted.steps, restarted.samples, None,
-                                            finish=False)
+            await restarted.sync()
         trained = restarted.slot.copy()
         nodes[1].stop_jobs()  # the daemon goes away mid-job (its checkpoint stays)
         with pytest.raises(SessionError):
-            await restarted.session.request(restarted.steps, restarted.samples, None,
-                                            finish=False)
+            await restarted.sync()
         await nodes[1].start_jobs()
         await restarted.attach()  # the loop attaches again, keeping what it trained
         info = await restarted.wait_ready()
@@ -241,8 +280,7 @@ async def test_a_restarted_daemon_resumes_and_the_loop_attaches_again(cluster, a
         np.testing.assert_array_equal(restarted.slot, trained)
         for _ in range(3):
             await restarted.train_round()
-            await restarted.session.request(restarted.steps, restarted.samples, None,
-                                            finish=False)
+            await restarted.sync()
         await restarted.session.request(restarted.steps, restarted.samples, None, finish=True)
 
     async with trio.open_nursery() as nursery:
