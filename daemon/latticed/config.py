@@ -144,6 +144,24 @@ SETTINGS: list[Setting] = [
             "a member is shown dead when its heartbeat is older than this", _at_least(1.0)),
     Setting("state.anti_entropy_interval_s", float, 10.0,
             "mean seconds between catch-up exchanges with a random peer", _at_least(0.5)),
+    Setting("state.session_idle_timeout_s", float, 60.0,
+            "a sync session whose peer sends nothing (not even a keepalive) for this long "
+            "ends", _at_least(3.0)),
+    Setting("state.max_authors", int, 4096, "authors whose state we keep (at most 8192)",
+            _at_least(1)),
+    Setting("state.max_state_bytes", int, 32 << 20, "replicated state kept for others, "
+            "bytes: beyond it unreferenced authors are evicted, else new state refused",
+            _at_least(1 << 20)),
+    Setting("state.max_jobs_per_author", int, 16, "jobs of one submitter shown (its newest)",
+            _at_least(1)),
+    Setting("state.peer_authors_burst", int, 256, "new authors one peer may introduce at once",
+            _at_least(1)),
+    Setting("state.peer_authors_per_s", float, 4.0, "...and per second after that",
+            _at_least(0.0)),
+    Setting("state.peer_bytes_burst", int, 4 << 20, "state bytes one peer may add at once",
+            _at_least(1)),
+    Setting("state.peer_bytes_per_s", float, 64 << 10, "...and per second after that",
+            _at_least(0.0)),
     Setting("nat.upnp", bool, False, "try a UPnP port mapping on the gateway"),
     Setting("nat.holepunch", bool, True, "upgrade relayed connections to direct ones by "
             "hole punching when both NATs allow it"),
@@ -194,6 +212,8 @@ SETTINGS: list[Setting] = [
     Setting("jobs.allowed_plugins", list, [], "plugin tasks (entry points in group "
             "lattice.tasks, installed on this machine) this daemon may run"),
     Setting("jobs.max_jobs", int, 1, "jobs joined or running at once", _at_least(0)),
+    Setting("jobs.join_timeout_s", float, 600.0, "a job joined but given no roster within "
+            "this long is left (it would hold a slot forever)", _at_least(1.0)),
     Setting("jobs.compute_threads", int, 1, "worker threads for training math", _at_least(1)),
     Setting("jobs.checkpoint_every", int, 20, "rounds between checkpoints (0: only at the end)",
             _at_least(0)),

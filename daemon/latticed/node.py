@@ -132,7 +132,12 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
         host_mod = await _import("lattice.net.host")
         node.store, node.state_log = open_state(
             node.identity, cfg.state_dir / "state.log", now=time.time(),
-            limits=StateLimits(heartbeat_timeout=cfg["state.heartbeat_timeout_s"]))
+            limits=StateLimits(
+                heartbeat_timeout=cfg["state.heartbeat_timeout_s"],
+                **{k: cfg[f"state.{k}"] for k in (
+                    "max_authors", "max_state_bytes", "max_jobs_per_author",
+                    "peer_authors_burst", "peer_authors_per_s", "peer_bytes_burst",
+                    "peer_bytes_per_s")}))
         node.store.subscribe(lambda ev: node.bus.publish(
             "state", {"event": "change", "path": ev.path, "value": ev.value,
                       "author": ev.author}))
@@ -178,7 +183,8 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
     node.dht = await discovery.start_dht(node, nursery)
     node.sync = await nursery.start(functools.partial(
         serve_crdt_sync, host, node.store,
-        config=SyncConfig(anti_entropy_interval=cfg["state.anti_entropy_interval_s"]),
+        config=SyncConfig(anti_entropy_interval=cfg["state.anti_entropy_interval_s"],
+                          idle_timeout=cfg["state.session_idle_timeout_s"]),
         history_is_new=node.identity_created))
     nursery.start_soon(presence.serve_heartbeat, node)
     node.jobs = await _start_jobs(node, nursery)
@@ -197,7 +203,8 @@ async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
     config = JobsConfig(
         accept_tasks=tuple(cfg["jobs.accept_tasks"]),
         allowed_plugins=tuple(cfg["jobs.allowed_plugins"]),
-        max_jobs=cfg["jobs.max_jobs"], compute_threads=cfg["jobs.compute_threads"],
+        max_jobs=cfg["jobs.max_jobs"], join_timeout=cfg["jobs.join_timeout_s"],
+        compute_threads=cfg["jobs.compute_threads"],
         checkpoint_every=cfg["jobs.checkpoint_every"], max_params=cfg["jobs.max_params"],
         blob=BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"]),
         attach=AttachConfig(attach_timeout=cfg["jobs.attach_timeout_s"]))

@@ -163,17 +163,24 @@ _METHOD_LIST = [
     Method("peers.find", "Resolve a peer id to its addresses through the DHT.",
            params=(Param("peer_id", "str", "12D3KooW...", max_len=128),),
            client="find_peer"),
-    Method("jobs.submit", "Submit a job; returns its id. 'kind' is train (the default) or "
-           "attach (proto/jobs.md). Train spec fields: task, min_peers, "
+    Method("jobs.submit", "Submit a job; returns its id (and, if private, the token its "
+           "joiners need). 'kind' is train (the default) or attach (proto/jobs.md). Train "
+           "spec fields: task, min_peers, "
            "steps, batch, lr, momentum, sync_every, algorithm (gossip|noloco|none), "
            "partition (iid|dirichlet:ALPHA), compression (none|fp16|int8|topk:R), seed, ...",
-           params=(Param("spec", "map", "the job spec"),), access=WRITE,
+           params=(Param("spec", "map", "the job spec"),
+                   Param("allow", "list[str]", "only these peer ids may take part",
+                         required=False, max_len=256),
+                   Param("private", "bool", "only peers given the returned token may take part",
+                         required=False, default=False)), access=WRITE,
            client="submit_job"),
-    Method("jobs.join", "This daemon's local user wants to take part in a job: its kind "
-           "then volunteers while the roster is open (an attach job runs only where a user "
-           "asked). Waits up to TIMEOUT s for the job to reach this daemon; returns its "
-           "summary.",
+    Method("jobs.join", "This daemon's local user takes part in a job now (a private one: "
+           "with the token its submitter handed out); its kind then knows a user asked (an "
+           "attach job runs only where one did). Waits up to TIMEOUT s for the job to reach "
+           "this daemon; returns its summary and whether we joined (false: we take part "
+           "already).",
            params=(Param("job_id", "str", "job id", max_len=128),
+                   Param("token", "str", "the job's token", required=False, max_len=128),
                    Param("timeout", "float", "seconds to wait for the job to be known here",
                          required=False, default=30.0)),
            access=WRITE, client="join_job"),

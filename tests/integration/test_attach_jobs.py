@@ -147,3 +147,27 @@ def test_a_restarted_daemon_raises_daemon_lost_and_the_loop_reattaches(tmp_path)
     finally:
         second.stop()
         first.stop()
+
+
+def test_a_private_attach_job_takes_loops_whose_daemon_joined_with_the_token(tmp_path):
+    with LocalNet(2, tmp_path / "net", log_level="warning") as net:
+        net.start()
+        submitter, friend = net.nodes
+        with lattice.connect(submitter.socket) as c:
+            wait_members(c, 2)
+            r = c.submit_job({"kind": "attach", "min_peers": 2, "sync_every": 5,
+                              "merge_timeout": 60}, private=True)
+        job_id, token = r["job_id"], r["token"]
+        early = start_loop(friend, job_id, tmp_path / "early.npz")
+        _, err = early.communicate(timeout=120)
+        assert early.returncode == 3 and "private" in err, err  # no token: refused
+        joined = run_cli("jobs", "join", job_id, "--token", token, socket=friend.socket)
+        assert joined.returncode == 0 and "joined" in joined.stdout, joined.stderr
+        loops = [start_loop(n, job_id, tmp_path / f"loop{i}.npz", "--seed", str(i))
+                 for i, n in enumerate(net.nodes)]  # the submitter needs no token
+        outs = [p.communicate(timeout=300) for p in loops]
+        assert [p.returncode for p in loops] == [0, 0], outs
+        with lattice.connect(friend.socket) as c:
+            job = c.job(job_id)
+            assert job["status"] == "done"
+            assert sorted(job["roster"]) == sorted(n.peer_id for n in net.nodes)

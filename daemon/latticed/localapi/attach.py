@@ -17,9 +17,10 @@ from lattice.api.errors import (
     InvalidArgumentError,
     NotFoundError,
     NotReadyError,
+    PermissionDeniedError,
 )
 from lattice.attach.shm import SharedRegionError, map_region, slot_of
-from lattice.core.jobs import TERMINAL, ManifestError, parse_manifest
+from lattice.core.jobs import TERMINAL, JoinRefused, ManifestError, parse_manifest
 from lattice.jobs import AttachKind, JobNotFound
 from lattice.jobs.attach import LoopSession, SessionError
 
@@ -79,10 +80,13 @@ async def attach_open(node: Node, client: ClientConnection, job_id: str,
     if summary["roster"] and jobs.me not in summary["roster"]:
         raise ConflictError(f"job {job_id} started without this daemon")
     try:
-        jobs.join(job_id)
+        if ours.get("state") is None:  # not yet (a private job's joiner joined with its token)
+            jobs.join(job_id)
         session = kind.attach(job_id, manifest, region, slot_of(region), owner=client)
     except JobNotFound:
         raise NotFoundError(f"no job {job_id}") from None
+    except JoinRefused as e:
+        raise PermissionDeniedError(str(e)) from None
     except SessionError as e:
         raise ConflictError(str(e)) from None
     client.on_close(lambda: kind.release(session, "its connection closed"))

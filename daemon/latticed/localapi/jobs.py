@@ -12,7 +12,7 @@ from lattice.api.errors import (
     NotReadyError,
     PermissionDeniedError,
 )
-from lattice.core.jobs import STATUS_ORDER, JobSpecError
+from lattice.core.jobs import STATUS_ORDER, JobSpecError, JoinRefused
 from lattice.jobs import JobNotFound, JobSupervisor, NotSubmitter
 
 from latticed.localapi.state import wait_writable
@@ -28,15 +28,16 @@ def require_jobs(node: Node) -> JobSupervisor:
     return node.jobs
 
 
-async def jobs_submit(node: Node, client: ClientConnection,
-                      spec: dict[str, Any]) -> dict[str, Any]:
+async def jobs_submit(node: Node, client: ClientConnection, spec: dict[str, Any],
+                      allow: list[str] | None = None, private: bool = False) -> dict[str, Any]:
     jobs = require_jobs(node)
     await wait_writable(node)
+    access = {**({"allow": allow} if allow else {}), **({"token": True} if private else {})}
     try:
-        job_id = jobs.submit(spec)
+        job_id = jobs.submit(spec, access=access or None)
     except JobSpecError as e:
         raise InvalidArgumentError(f"bad job spec: {e}", data={"field": e.field}) from None
-    return {"job_id": job_id}
+    return {"job_id": job_id, **({"token": jobs.token(job_id)} if private else {})}
 
 
 async def wait_for_job(node: Node, job_id: str, timeout: float) -> dict[str, Any]:
@@ -49,14 +50,17 @@ async def wait_for_job(node: Node, job_id: str, timeout: float) -> dict[str, Any
 
 
 async def jobs_join(node: Node, client: ClientConnection, job_id: str,
-                    timeout: float) -> dict[str, Any]:
+                    token: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
     jobs = require_jobs(node)
     await wait_writable(node)
-    await wait_for_job(node, job_id, timeout)
+    summary = await wait_for_job(node, job_id, timeout)
     try:
-        return jobs.join(job_id)
+        joined = jobs.join(job_id, token)
     except JobNotFound:
         raise NotFoundError(f"no job {job_id}") from None
+    except JoinRefused as e:
+        raise PermissionDeniedError(str(e)) from None
+    return {**summary, "job_id": job_id, "joined": joined}
 
 
 async def jobs_list(node: Node, client: ClientConnection) -> list[dict[str, Any]]:
