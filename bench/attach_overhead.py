@@ -62,6 +62,9 @@ def hivemind_role(args: argparse.Namespace) -> None:
         optimizer=lambda params: torch.optim.SGD(params, lr=args.lr, momentum=0.9),
         batch_size_per_step=args.batch, target_batch_size=args.n * args.sync_every * args.batch,
         use_local_updates=True, matchmaking_time=3.0, averaging_timeout=30.0, verbose=False)
+    # a barrier: no peer trains (and finishes, and leaves) before every peer is up
+    print(json.dumps({"ready": args.rank}), flush=True)
+    sys.stdin.readline()
     rng = np.random.default_rng(args.rank)
     started = time.perf_counter()
     for _ in range(args.steps):
@@ -79,28 +82,57 @@ def hivemind_role(args: argparse.Namespace) -> None:
 
 
 def run_hivemind(args: argparse.Namespace) -> dict:
+    """Peer 0 first (its DHT is the others' bootstrap), then the rest; each reports
+    ready once its DHT and Optimizer are up, and all start training together (a peer
+    that finished before the others joined would leave them no one to dial). On any
+    failure the row says which peer and the last line of what it printed."""
     if not HIVEMIND.exists():
         return {"skipped": "not installed (run bench/anchors/setup.sh)"}
     common = [str(HIVEMIND), __file__, "--_role", "hivemind", "--n", str(args.participants),
               "--steps", str(args.steps), "--sync-every", str(args.sync_every),
               "--run-id", f"fashion-{os.getpid()}"]
-    first = subprocess.Popen(common + ["--rank", "0"], stdout=subprocess.PIPE, text=True)
+    logs = [tempfile.TemporaryFile("w+") for _ in range(args.participants)]
+    procs: list[subprocess.Popen] = []
+
+    def start(rank: int, extra: list[str]) -> subprocess.Popen:
+        p = subprocess.Popen(common + ["--rank", str(rank), *extra], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=logs[rank], text=True)
+        procs.append(p)
+        return p
+
+    def line_of(rank: int, p: subprocess.Popen) -> dict:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if not line:
+            p.wait(60)
+            logs[rank].seek(0)
+            said = [x for x in logs[rank].read().splitlines() if x.strip()]
+            raise RuntimeError(f"hivemind peer {rank} exited with code {p.returncode}: "
+                               f"{said[-1] if said else 'nothing on stderr'}")
+        return json.loads(line)
+
     try:
-        assert first.stdout is not None
-        peers = json.loads(first.stdout.readline())["peers"]
-        rest = [subprocess.Popen(common + ["--rank", str(r), "--peers", *peers],
-                                 stdout=subprocess.PIPE, text=True)
-                for r in range(1, args.participants)]
-        lines = first.stdout.read().strip().splitlines()
-        if first.wait(1800) != 0 or not lines:
-            raise RuntimeError(f"hivemind peer 0 exited with code {first.returncode}")
-        outs = [json.loads(lines[-1])]
-        for p in rest:
-            stdout, _ = p.communicate(timeout=1800)
-            outs.append(json.loads(stdout.strip().splitlines()[-1]))
-    except (ValueError, IndexError, RuntimeError, subprocess.TimeoutExpired) as e:
-        first.kill()
+        peers = line_of(0, start(0, []))["peers"]
+        for r in range(1, args.participants):
+            start(r, ["--peers", *peers])
+        for r, p in enumerate(procs):
+            line_of(r, p)  # ready
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = [line_of(r, p) for r, p in enumerate(procs)]
+        for p in procs:
+            p.wait(600)
+    except (ValueError, KeyError, RuntimeError, subprocess.TimeoutExpired) as e:
         return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
     return {"steps_per_s": statistics.mean(o["steps_per_s"] for o in outs),
             "epochs": min(o["epochs"] for o in outs)}
 
