@@ -258,6 +258,12 @@ class _LoopParticipant:
     channel: ParamChannel
     outer: OuterNesterov | None
 
+    @property
+    def averaging_samples(self) -> int:
+        """What an exchange states as our ``samples`` (`pair_weights`): the samples the
+        loop trained on (attach jobs weigh ``uniform`` or by ``samples``)."""
+        return self.trainer.samples_seen
+
 
 # -- the kind ---------------------------------------------------------------------------------
 

@@ -62,6 +62,7 @@ from lattice.net.streams import (
     RemoteProtocolError,
     Stream,
     StreamClosedError,
+    quietly,
     recv_frame_or_eof,
     send_frame,
 )
@@ -253,10 +254,12 @@ class SyncConfig:
     """A session that ended while its peer stays connected is dialed again this long
     after (or when the peer's backoff ends, if it was penalized)."""
     hello_timeout: float = 10.0
+    """A session whose peer has not said hello by then ends."""
     idle_timeout: float = 60.0
     """A session whose remote sends no frame for this long (or does not take one of
     ours) ends; with nothing to send we send a keepalive after a third of it."""
     max_sessions: int = 256
+    """Sync sessions at once, in all."""
     backoff_base: float = 5.0
     backoff_max: float = 600.0
     max_batch_bytes: int = MAX_BATCH_BYTES
@@ -406,7 +409,7 @@ class CrdtSync:
                     now=self._clock())
             except SessionRefused as e:
                 log.debug("peer=%s crdt-sync session refused: %s", peer, e)
-                await _quietly(raw_stream.reset)
+                await quietly(raw_stream.reset)
                 return
             try:
                 await self._serve_session(CountingStream(raw_stream, session), session)
@@ -450,7 +453,7 @@ class CrdtSync:
             elif error is not None:
                 log.debug("peer=%s sid=%s crdt-sync session ended: %r", peer, sid, error)
         finally:
-            await _quietly(stream.reset if penalized else stream.close)
+            await quietly(stream.reset if penalized else stream.close)
 
     async def _watchdog(self, stream: CountingStream, session: SyncSession, *,
                         live: _Liveness) -> None:
@@ -587,14 +590,6 @@ class CrdtSync:
                 self._wake(session)
                 self.anti_entropy_rounds += 1
 
-
-async def _quietly(action: Callable[[], Any]) -> None:
-    """Close or reset a stream whose peer may already be gone, even while cancelled."""
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        try:
-            await action()
-        except PeerError:
-            pass  # already closed by the other side; nothing left to release
 
 
 async def serve_heartbeat(store: StateStore,

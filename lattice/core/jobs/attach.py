@@ -27,7 +27,7 @@ from lattice.core.jobs.spec import (
     check_compression,
     parse_fields,
 )
-from lattice.core.jobs.train import MAX_PEERS, WEIGHTINGS
+from lattice.core.jobs.train import MAX_PEERS
 
 KIND_ATTACH = "attach"
 ATTACH_ALGORITHMS = ("gossip", "noloco", "diloco")
@@ -41,6 +41,11 @@ MAX_NDIM = 8
 MAX_TENSOR_NAME = 256
 _MODEL_ID_RE = re.compile(r"[0-9a-f]{64}")
 _TENSOR_NAME_RE = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces
+
+
+# a loop does not tell its daemon its dataset size: no "data" weighting (train jobs'),
+# pairs and the merge weigh by samples trained on or not at all
+ATTACH_WEIGHTINGS = ("uniform", "samples")
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,8 @@ def parse_attach_spec(raw: Any) -> AttachSpec:
         raise JobSpecError("name", "must be a name like 'fashion-cnn' (lowercase, digits, .-_)")
     if spec.algorithm not in ATTACH_ALGORITHMS:
         raise JobSpecError("algorithm", f"must be one of {', '.join(ATTACH_ALGORITHMS)}")
-    if spec.weighting not in WEIGHTINGS:
-        raise JobSpecError("weighting", f"must be one of {', '.join(WEIGHTINGS)}")
+    if spec.weighting not in ATTACH_WEIGHTINGS:
+        raise JobSpecError("weighting", f"must be one of {', '.join(ATTACH_WEIGHTINGS)}")
     check_compression(spec.compression)
     if spec.max_peers < spec.min_peers:
         raise JobSpecError("max_peers", "must be at least min_peers")
