@@ -35,6 +35,7 @@ def test_defaults_are_resolved_so_the_record_says_what_participants_run():
     ({"name": "Has Spaces"}, "name"),
     ({"task": "digits-mlp"}, "task"),  # a train field: refused, not ignored
     ({"kind": "train"}, "kind"),
+    ({"weighting": "data"}, "weighting"),  # a loop does not report its dataset size
 ])
 def test_bad_specs_are_refused_by_field(raw, field):
     with pytest.raises(JobSpecError) as e:
