@@ -23,6 +23,7 @@ import numpy as np
 from lattice.core.jobs import JobSpecLike
 from lattice.net.blob import BlobService
 from lattice.net.gossip_avg import Compute, GossipAverager
+from lattice.net.modelstore import ModelService
 from lattice.net.streams import PeerNetwork
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class Services:
     network: PeerNetwork
     gossip: GossipAverager
     blobs: BlobService
+    models: ModelService
+    """Models as pieces over ``blobs`` (the daemon's model store: `models.*` RPCs)."""
     compute: Compute
     config: JobsConfig
     rng: random.Random
@@ -131,7 +134,11 @@ class JobKind(Protocol, Generic[SpecT]):
 
     async def produce(self, run: Run, ctx: RunContext, inputs: list[Input]) -> Result | None:
         """As the merger: the job's result from the contributions (None: none could be
-        used; the job fails)."""
+        used; the job fails; `KindRefused`: the job cannot be done, its message is the
+        reason)."""
+
+    def statistics(self) -> dict[str, Any]:
+        """The kind's own counters and limits (shown under ``kinds`` in `jobs.stats`)."""
 
     def statistics(self) -> dict[str, Any]:
         """The kind's own counters and limits (shown under ``kinds`` in `jobs.stats`)."""
