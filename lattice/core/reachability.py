@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lattice.core.holepunch import Addr, NatView, check_addr
+from lattice.core.identity import InvalidPeerId, public_key_from_peer_id
 
 WINDOW = 3
 MAX_RESULTS = 16
@@ -128,8 +129,14 @@ class ObserveProtocolError(ValueError):
 
 
 def _peer_id(value: object, what: str) -> str:
+    """An Ed25519 peer id (the only kind our daemons have); anything else is the
+    peer's fault, checked here so no caller builds a multiaddr out of it."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_ID_CHARS:
         raise ObserveProtocolError(f"{what} must be a peer id string")
+    try:
+        public_key_from_peer_id(value)
+    except InvalidPeerId:
+        raise ObserveProtocolError(f"{what} is not an Ed25519 peer id") from None
     return value
 
 

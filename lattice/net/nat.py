@@ -819,13 +819,17 @@ class NatManager:
     async def _dial_back(self, peer: str, addr: Addr) -> bool:
         """A fresh TCP connection to ``addr`` that completes a Noise handshake with
         ``peer``; the swarm never sees it, so no existing connection can be reused."""
-        maddr = multiaddr.Multiaddr(f"{_maddr(addr)}/p2p/{peer}")
+        try:
+            maddr = multiaddr.Multiaddr(f"{_maddr(addr)}/p2p/{peer}")
+            pid = ID.from_base58(peer)
+        except ValueError as e:  # the peer's words (multiaddr's parse errors are ValueErrors)
+            raise ObserveProtocolError(f"cannot dial back {peer!r} at {addr}: {e}") from None
         upgrader = self.node.host.get_network().upgrader
         with trio.move_on_after(self.config.dialback_timeout_s):
             raw = None
             try:
                 raw = await self._plain_tcp.dial(maddr)
-                secured = await upgrader.upgrade_security(raw, True, ID.from_base58(peer))
+                secured = await upgrader.upgrade_security(raw, True, pid)
                 await secured.close()
                 return True
             except (OpenConnectionError, UpgradeFailure, *PEER_ERRORS) as e:
