@@ -641,7 +641,7 @@ def build_host(identity: Identity, listen: list[str], *, max_connections: int = 
                                            low_watermark=0, max_connections=max_connections,
                                            high_watermark=max_connections),
         enable_mDNS=False,  # lattice.net.mdns starts it after the node is up
-        enable_upnp=False,  # lattice.net.nat does UPnP when configured (no 1 s stall)
+        enable_upnp=False,  # lattice.net.nat.upnp does UPnP when configured (no 1 s stall)
         transports=[ListenPortTCP()],
     )
     # One attempt per dial: the swarm's own retries (3, with backoff) made a dial to a

@@ -129,8 +129,8 @@ def test_lattice_status_shows_reachability_and_relay_service(natnet):
 
 def test_upnp_with_no_gateway_finds_none_and_says_so(natnet):
     # the testbed has no UPnP gateway: discovery's multicast stays in b's namespace
-    from lattice.net.nat import _upnp_map
+    from lattice.net.nat.upnp import upnp_map
 
     net = natnet("public_x_cone")
-    assert net.tb.host("b").call(lambda: _upnp_map(4001)) == ("none", None,
+    assert net.tb.host("b").call(lambda: upnp_map(4001)) == ("none", None,
                                                               "no UPnP gateway found")

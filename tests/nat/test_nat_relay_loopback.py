@@ -195,10 +195,10 @@ async def test_reservations_are_refreshed_before_they_expire_and_remade_after_a_
     # refreshed with half the TTL left (a short TTL must not mean refreshing nonstop)
     await poll(lambda: b_nat.reservations.get(relay.peer_id) is not None
                and b_nat.reservations[relay.peer_id].expires > first, timeout=5)
-    assert b_nat.stats.reservations_made == 2
+    assert b_nat.keeper.made == 2
     for conn in b.live_connections(relay.peer_id):
         await conn.close()  # a reservation lives only as long as the relay connection
-    await poll(lambda: b_nat.stats.reservations_made >= 3 and relay.peer_id in b_nat.reservations)
+    await poll(lambda: b_nat.keeper.made >= 3 and relay.peer_id in b_nat.reservations)
 
 
 async def test_an_idle_manager_waits_instead_of_polling(nodes):
@@ -209,20 +209,20 @@ async def test_an_idle_manager_waits_instead_of_polling(nodes):
     a, a_nat = await nodes()
     b, b_nat = await nodes(bootstrap=[addr(a)])
     await poll(lambda: a.peer_id in b_nat.observations and b.peer_id in a_nat.observations)
-    await poll(lambda: not a_nat._observing and not b_nat._observing
-               and not a_nat._probing and not b_nat._probing)
+    await poll(lambda: not a_nat.observer._observing and not b_nat.observer._observing
+               and not a_nat.observer.probing and not b_nat.observer.probing)
     looks = {"a": 0, "b": 0}
 
     def counting(name, manager):
-        original = manager._direct_peers
+        original = manager.observer._direct_peers
 
         def direct_peers():
             looks[name] += 1
             return original()
         return direct_peers
 
-    a_nat._direct_peers = counting("a", a_nat)
-    b_nat._direct_peers = counting("b", b_nat)
+    a_nat.observer._direct_peers = counting("a", a_nat)
+    b_nat.observer._direct_peers = counting("b", b_nat)
     await trio.sleep(2.0)  # the window in which an idle loop is watched
     # a few looks are due: both are short of relays and re-ask their observer with a
     # doubling backoff; polling every 50 ms would be about 40
