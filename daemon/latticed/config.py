@@ -121,10 +121,16 @@ SETTINGS: list[Setting] = [
             "hole punching when both NATs allow it"),
     Setting("nat.max_relays", int, 2, "relays holding a reservation for us while we are "
             "not publicly reachable", _at_least(0)),
-    Setting("nat.dialback_timeout_s", float, 3.0, "how long a helper's dial-back of one of "
-            "our addresses may take", _at_least(0.1)),
+    Setting("nat.dialback_timeout_s", float, 3.0, "how long our dial-back of one address "
+            "a peer asked us to test may take", _at_least(0.1)),
+    Setting("nat.dialback_max_concurrent", int, 4, "dial-backs we make for others at once "
+            "(each only to the asking peer's own IP)", _at_least(1)),
+    Setting("nat.dialback_min_interval_s", float, 1.0, "per asking peer, the least time "
+            "between two dial-backs we make for it", _at_least(0.0)),
     Setting("nat.recheck_interval_s", float, 600.0, "re-verify our reachability this often",
             _at_least(1.0)),
+    Setting("nat.penalty_s", float, 60.0, "a peer that broke the observe or hole-punch "
+            "protocol is ignored this long, doubling per offence", _at_least(1.0)),
     Setting("relay.service", str, "auto", "serve as a Circuit Relay v2 hop: auto (when "
             "publicly reachable) | on | off", _one_of("auto", "on", "off")),
     Setting("relay.max_reservations", int, 64, "peers holding a relay slot on us", _at_least(0)),

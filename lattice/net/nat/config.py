@@ -24,8 +24,11 @@ class NatConfig:
     max_relays: int = 2  # relays we keep a reservation on while not publicly reachable
     max_observers: int = 4  # peers whose view of our address we keep
     observe_interval_s: float = 300.0  # refresh each observation this often
-    dialback_timeout_s: float = 3.0  # a helper's dial-back of one address
+    dialback_timeout_s: float = 3.0  # our dial-back of one address a requester asked
+    dialback_max_concurrent: int = 4  # dial-backs we make at once (then "busy")
+    dialback_min_interval_s: float = 1.0  # per requester, between dial-backs we make
     recheck_interval_s: float = 600.0  # re-verify reachability once known
+    penalty_s: float = 60.0  # a peer that broke observe/holepunch is ignored, doubling
     # [relay] (the hop service for others, when we are publicly reachable)
     relay_service: str = "auto"  # auto (when reachable) | on | off
     relay_max_reservations: int = 64  # peers holding a slot on us
@@ -42,8 +45,10 @@ class NatConfig:
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise ValueError(f"{setting_name(f.name)} must not be negative, got {v}")
-        if self.dialback_timeout_s <= 0 or self.observe_interval_s <= 0:
-            raise ValueError("nat.dialback_timeout_s and nat.observe_interval_s must be positive")
+        for name in ("dialback_timeout_s", "observe_interval_s", "penalty_s",
+                     "dialback_max_concurrent"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{setting_name(name)} must be positive")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> NatConfig:

@@ -156,6 +156,11 @@ class NatManager:
                      "detail": self.upnp.detail},
             "observers": sorted(self.observer.observations),
             "statistics": stats,
+            "penalties": self.observer.penalties.statistics(trio.current_time()),
+            "limits": {k: getattr(self.config, k) for k in (
+                "max_relays", "max_observers", "observe_interval_s", "dialback_timeout_s",
+                "dialback_max_concurrent", "dialback_min_interval_s", "recheck_interval_s",
+                "penalty_s")},
         }
 
     # -- the verdict and what follows from it ---------------------------------------------
@@ -202,7 +207,7 @@ class NatManager:
         if self.puncher is not None:
             self.puncher.note_connection(peer, is_relayed(conn))
         if self._verdict.reachability == "unknown":
-            # An observer that had no helper to dial us back may have one now.
+            # A new peer is a new observer that can dial us back.
             self.observer.tracker.probe_now()
         self.observer.wake()
 

@@ -8,15 +8,23 @@ answering side: observations, relay lists, dial-backs. Not py-libp2p's AutoNAT, 
 dials back over the connection it already has and reports firewalled and NATed hosts
 as PUBLIC (PY-LIBP2P.md). Must not import latticed.
 
+Dial-backs (proto/observe.md): the observer asked dials back *itself*, from a fresh
+ephemeral port, only addresses at the IP it sees the requester at (AutoNAT v2's rule):
+asking for one can never aim us at a third party. `dialback` messages of the earlier
+helper scheme are never acted on (answered `busy`, counted).
+
 Failure policy: an observation or probe that fails (the peer vanished, was slow, or
-broke the protocol) is logged with the peer and retried later with backoff; a peer
-that broke the protocol is left alone for a minute. Our bugs propagate.
+broke the protocol) is logged with the peer and retried later with backoff. On both
+sides, any exception a parser raises on a peer's message is that peer's fault
+(`parse_peer_input`): counted as ``malformed``, the peer penalized (its requests
+refused, it is not asked, for ``nat.penalty_s`` doubling per offence), the stream reset;
+the handler keeps serving. Our bugs propagate.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
-import os
 import random
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +41,7 @@ from lattice.core.holepunch import Addr, NatView, Observation, classify_nat
 from lattice.core.reachability import DialBack, ObserveProtocolError, ReachabilityTracker
 from lattice.net.host import PEER_ERRORS, Libp2pStream, is_relayed, local_address, remote_address
 from lattice.net.nat.config import NatConfig
+from lattice.net.nat.guard import Penalties, parse_peer_input
 from lattice.net.nat.reservations import RelayDirectory, maddr
 from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame, send_frame
 
@@ -74,15 +83,16 @@ class Observer:
                                            retry_min=0.5, retry_max=10.0)
         self.observations: dict[str, Observation] = {}
         self.stats = {"observations": 0, "observe_failures": 0, "probes": 0,
-                      "dialbacks_served": 0, "dialbacks_refused": 0}
+                      "dialbacks_served": 0, "dialbacks_refused": 0, "dialbacks_busy": 0,
+                      "unsolicited_dialbacks": 0, "malformed": 0}
+        self.penalties = Penalties(base=config.penalty_s)
         self.hunger = HUNGER_MIN  # re-observe this often while short of relays
         self.probing = False
         self._observed_at: dict[str, float] = {}
         self._observing: set[str] = set()
         self._observe_failed: dict[str, float] = {}  # peers that do not speak observe
-        self._observe_peers: dict[str, None] = {}  # peers known to speak observe (helpers)
         self._dialback_last: dict[str, float] = {}
-        self._dialback_slots = trio.Semaphore(4)
+        self._dialback_slots = trio.Semaphore(config.dialback_max_concurrent)
         self._plain_tcp = TCP()  # dial-backs leave from an ephemeral port, never pooled
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -148,7 +158,7 @@ class Observer:
             # through _wake; waking for it sooner would only spin.
             due = []
             for peer in peers:
-                if peer in self._observing:
+                if peer in self._observing or self.penalties.is_penalized(peer, now):
                     continue
                 failed_until = self._observe_failed.get(peer, 0.0)
                 if now < failed_until:
@@ -188,6 +198,8 @@ class Observer:
             answer = await self._ask_observe(peer, dialback)
         except (PeerError, ObserveProtocolError, trio.TooSlowError) as e:
             self.stats["observe_failures"] += 1
+            if isinstance(e, (ObserveProtocolError, RemoteProtocolError)):
+                self._penalize(peer, e)
             if not (dialback and isinstance(e, trio.TooSlowError)):
                 # does not speak the protocol, or broke it: leave it alone for a minute
                 # (a slow dial-back is not the observer's fault)
@@ -202,7 +214,7 @@ class Observer:
         return answer
 
     async def _ask_observe(self, peer: str, dialback: tuple[Addr, ...]) -> rcore.ObserveAnswer:
-        sid = os.urandom(rcore.OBSERVE_ID_BYTES)
+        sid = self.rng.randbytes(rcore.OBSERVE_ID_BYTES)
         try:
             raw = await self.node.host.new_stream(ID.from_base58(peer), [OBSERVE_PROTOCOL_ID])
         except PEER_ERRORS as e:
@@ -217,13 +229,10 @@ class Observer:
             timeout = 5.0 + (self._arrange_budget(len(dialback)) if dialback else 0.0)
             with trio.fail_after(timeout):
                 await send_frame(stream, request)
-                msg = rcore.check_message(await recv_frame(stream, max_bytes=rcore.OBSERVE_MAX_MESSAGE))
-            if msg["type"] != "observed" or msg["id"] != sid:
-                raise ObserveProtocolError("expected observed with our id")
-            answer = rcore.decode_observed(msg)
+                frame = await recv_frame(stream, max_bytes=rcore.OBSERVE_MAX_MESSAGE)
+            answer = parse_peer_input(_decode_answer, frame, sid, keep=(ObserveProtocolError,))
         finally:
             await stream.close()
-        self._note_observe_peer(peer)
         now = trio.current_time()
         self._observed_at[peer] = now  # even when unusable: not again before the interval
         if answer.observed is not None and local is not None:
@@ -234,19 +243,19 @@ class Observer:
         self.on_change()
         return answer
 
-    def _note_observe_peer(self, peer: str) -> None:
-        self._observe_peers.pop(peer, None)
-        self._observe_peers[peer] = None  # most recent last; bounded
-        while len(self._observe_peers) > 1024:
-            self._observe_peers.pop(next(iter(self._observe_peers)))
-
     def _arrange_budget(self, n_addrs: int) -> float:
-        """Seconds an observer may spend arranging one dial-back (all helpers)."""
+        """Seconds an observer may spend on one dial-back request (all addresses)."""
         return 2.0 + n_addrs * self.config.dialback_timeout_s
 
+    def _penalize(self, peer: str, error: Exception) -> None:
+        self.stats["malformed"] += 1
+        backoff = self.penalties.penalize(peer, "malformed", trio.current_time())
+        log.info("observe peer=%s broke the protocol (%s); ignored for %.0f s", peer, error,
+                 backoff)
+
     async def _probe(self) -> None:
-        """One reachability probe: observers in turn, until one has a third peer dial
-        us back (an observer with no other peer has no helper to offer)."""
+        """One reachability probe: observers in turn, until one says whether its dial
+        back reached us (a busy or refusing observer passes to the next)."""
         try:
             candidates = self._dialback_candidates()
             observers = [p for p in self.observations if p in self.node.connected_peers()]
@@ -259,8 +268,9 @@ class Observer:
                 now = trio.current_time()
                 if answer is not None and answer.dialback in ("ok", "failed"):
                     addr = answer.dialback_addr or candidates[0]
-                    self.tracker.record(DialBack(observer, answer.helper, addr,
-                                                 answer.dialback == "ok", now), now)
+                    self.tracker.record(DialBack(observer, answer.dialer, addr,
+                                                 answer.dialback == "ok", now,
+                                                 answer.dialback_error), now)
                     break
                 log.debug("reachability probe via %s: %s", observer,
                           "no answer" if answer is None else answer.dialback)
@@ -271,32 +281,40 @@ class Observer:
             self.probing = False
             self._wake.set()
 
-    # -- observing (observer and helper side) ------------------------------------------
+    # -- observing (observer side) ---------------------------------------------------
     async def handle(self, raw: Any) -> None:
-        """The `/lattice/observe/1` stream handler."""
+        """The `/lattice/observe/1` stream handler (failure policy: module docstring)."""
         stream = Libp2pStream(raw, OBSERVE_PROTOCOL_ID)
         peer = stream.remote_peer_id
         try:
+            if self.penalties.is_penalized(peer, trio.current_time()):
+                await stream.reset()
+                return
             with trio.fail_after(5.0):
-                msg = rcore.check_message(await recv_frame(stream, max_bytes=rcore.OBSERVE_MAX_MESSAGE))
+                frame = await recv_frame(stream, max_bytes=rcore.OBSERVE_MAX_MESSAGE)
+            msg = parse_peer_input(rcore.check_message, frame, keep=(ObserveProtocolError,))
             if msg["type"] == "observe":
-                self._note_observe_peer(peer)
-                reply = await self._answer_observe(peer, raw, msg)
+                req = parse_peer_input(rcore.decode_observe, msg, keep=(ObserveProtocolError,))
+                reply = await self._answer_observe(peer, raw, msg["id"], req)
             elif msg["type"] == "dialback":
-                reply = await self._answer_dialback(msg)
+                # the helper scheme of earlier versions: an observer asked us to dial a
+                # third party. Never: that let anyone aim us at any ip:port (issue 11).
+                self.stats["unsolicited_dialbacks"] += 1
+                reply = {"type": "dialback_result", "id": msg["id"], "status": "busy",
+                         "addr": None}
             else:
                 raise ObserveProtocolError(f"unexpected {msg['type']}")
             await send_frame(stream, reply)
         except (ObserveProtocolError, RemoteProtocolError) as e:
-            log.info("observe peer=%s broke the protocol: %s", peer, e)
+            self._penalize(peer, e)
             await stream.reset()
         except (PeerError, trio.TooSlowError):
             pass  # gone or slow: nothing to answer
         finally:
             await stream.close()
 
-    async def _answer_observe(self, peer: str, raw: Any, msg: dict[str, Any]) -> dict[str, Any]:
-        req = rcore.decode_observe(msg)
+    async def _answer_observe(self, peer: str, raw: Any, sid: bytes,
+                              req: rcore.ObserveRequest) -> dict[str, Any]:
         conn = swarm_conn(self.node, raw)
         observed = None if conn is None or is_relayed(conn) else remote_address(conn)
         now = trio.current_time()
@@ -304,11 +322,11 @@ class Observer:
             self.directory.announce(peer, observed, now)  # a relay for us too
         elif not req.relay:
             self.directory.withdraw(peer)
-        reply: dict[str, Any] = {"type": "observed", "id": msg["id"],
+        reply: dict[str, Any] = {"type": "observed", "id": sid,
                                  "addr": None if observed is None else list(observed),
                                  "relays": self._relays_for(peer, now)}
         if req.dialback:
-            reply["dialback"] = await self._arrange_dialback(peer, observed, req.dialback, now)
+            reply["dialback"] = await self._dial_back_requester(peer, observed, req.dialback, now)
         return reply
 
     def _relays_for(self, asker: str, now: float) -> list[dict[str, Any]]:
@@ -320,97 +338,91 @@ class Observer:
             out.append({"peer": pid, "addrs": [list(addr)]})
         return out[:rcore.MAX_RELAYS_LISTED]
 
-    async def _arrange_dialback(self, peer: str, observed: Addr | None,
-                                wanted: tuple[Addr, ...], now: float) -> dict[str, Any]:
-        """Have a peer other than ``peer`` and us dial ``wanted`` on a fresh connection.
-        Only addresses at the IP we see ``peer`` at: we never aim helpers at others."""
+    async def _dial_back_requester(self, peer: str, observed: Addr | None,
+                                   wanted: tuple[Addr, ...], now: float) -> dict[str, Any]:
+        """Dial ``wanted`` on fresh connections, expecting ``peer``: only addresses at the
+        IP we see ``peer`` at (so never a third party), at most once per
+        ``nat.dialback_min_interval_s`` per requester, ``nat.dialback_max_concurrent``
+        at once (``busy`` beyond)."""
         addrs = [a for a in wanted if observed is not None and a[0] == observed[0]]
-        if not addrs or now - self._dialback_last.get(peer, -1e9) < 1.0:
+        last = self._dialback_last.get(peer)
+        if not addrs or (last is not None and now - last < self.config.dialback_min_interval_s):
             self.stats["dialbacks_refused"] += 1
             return {"status": "refused", "helper": "", "addr": None}
         self._dialback_last[peer] = now
         while len(self._dialback_last) > 1024:
             self._dialback_last.pop(next(iter(self._dialback_last)))
-        helpers = [p for p in self._direct_peers() if p != peer]
-        self.rng.shuffle(helpers)
-        helpers.sort(key=lambda p: p not in self._observe_peers)
-        with trio.move_on_after(self._arrange_budget(len(addrs))):  # the requester waits so long
-            for helper in helpers[:3]:
-                try:
-                    status, addr = await self._ask_helper(helper, peer, addrs)
-                except (PeerError, ObserveProtocolError, trio.TooSlowError) as e:
-                    log.debug("dial-back helper=%s for peer=%s failed: %s", helper, peer, e)
-                    continue
-                if status == "busy":
-                    continue
-                return {"status": status, "helper": helper,
-                        "addr": None if addr is None else list(addr)}
-        return {"status": "no_helper", "helper": "", "addr": None}
-
-    async def _ask_helper(self, helper: str, peer: str,
-                          addrs: list[Addr]) -> tuple[str, Addr | None]:
-        sid = os.urandom(rcore.OBSERVE_ID_BYTES)
-        stream = await self.node.open_stream(helper, OBSERVE_PROTOCOL_ID)
-        try:
-            with trio.fail_after(2.0 + len(addrs) * self.config.dialback_timeout_s):
-                await send_frame(stream, {"type": "dialback", "id": sid, "peer": peer,
-                                          "addrs": [list(a) for a in addrs]})
-                msg = rcore.check_message(await recv_frame(stream, max_bytes=rcore.OBSERVE_MAX_MESSAGE))
-        finally:
-            await stream.close()
-        if msg["type"] != "dialback_result" or msg["id"] != sid:
-            raise ObserveProtocolError("expected dialback_result with our id")
-        return rcore.decode_dialback_result(msg)
-
-    async def _answer_dialback(self, msg: dict[str, Any]) -> dict[str, Any]:
-        req = rcore.decode_dialback(msg)
-        reply: dict[str, Any] = {"type": "dialback_result", "id": msg["id"], "status": "busy",
-                                 "addr": None}
-        if req.peer == self.me:
-            reply["status"] = "failed"
-            return reply
         try:
             self._dialback_slots.acquire_nowait()
         except trio.WouldBlock:
-            return reply
+            self.stats["dialbacks_busy"] += 1
+            return {"status": "busy", "helper": "", "addr": None}
         try:
             self.stats["dialbacks_served"] += 1
-            for addr in req.addrs:
-                if await self._dial_back(req.peer, addr):
-                    reply.update(status="ok", addr=list(addr))
-                    return reply
-            reply["status"] = "failed"
-            return reply
+            error = "timeout"
+            for addr in addrs:
+                error = await self._dial_back(peer, addr)
+                if not error:
+                    return {"status": "ok", "helper": self.me, "addr": list(addr)}
+            return {"status": "failed", "helper": self.me, "addr": None, "error": error}
         finally:
             self._dialback_slots.release()
 
-    async def _dial_back(self, peer: str, addr: Addr) -> bool:
-        """A fresh TCP connection to ``addr`` that completes a Noise handshake with
-        ``peer``; the swarm never sees it, so no existing connection can be reused."""
-        try:
-            target = multiaddr.Multiaddr(f"{maddr(addr)}/p2p/{peer}")
-            pid = ID.from_base58(peer)
-        except ValueError as e:  # the peer's words (multiaddr's parse errors are ValueErrors)
-            raise ObserveProtocolError(f"cannot dial back {peer!r} at {addr}: {e}") from None
+    async def _dial_back(self, peer: str, addr: Addr) -> str:
+        """A fresh TCP connection to ``addr`` from an ephemeral port, that completes a
+        Noise handshake with ``peer``; the swarm never sees it, so no existing
+        connection can be reused. "" when it did, else how it failed (`DIAL_ERRORS`)."""
+        target = multiaddr.Multiaddr(f"{maddr(addr)}/p2p/{peer}")
         upgrader = self.node.host.get_network().upgrader
         with trio.move_on_after(self.config.dialback_timeout_s):
             raw = None
             try:
                 raw = await self._plain_tcp.dial(target)
-                secured = await upgrader.upgrade_security(raw, True, pid)
-                await secured.close()
-                return True
-            except (OpenConnectionError, UpgradeFailure, *PEER_ERRORS) as e:
+            except (OpenConnectionError, *PEER_ERRORS) as e:
                 log.debug("dial-back to peer=%s at %s failed: %s", peer, addr, e)
-                return False
+                return _dial_error(e)
+            try:
+                secured = await upgrader.upgrade_security(raw, True, ID.from_base58(peer))
+                await secured.close()
+                return ""
+            except (UpgradeFailure, *PEER_ERRORS) as e:
+                log.debug("dial-back to peer=%s at %s: handshake failed: %s", peer, addr, e)
+                return "handshake"
             finally:
-                if raw is not None:
-                    with trio.CancelScope(shield=True):
-                        try:
-                            await raw.close()
-                        except PEER_ERRORS:
-                            pass
-        return False
+                with trio.CancelScope(shield=True):
+                    try:
+                        await raw.close()
+                    except PEER_ERRORS:
+                        pass
+        return "timeout"
+
+
+def _decode_answer(frame: Any, sid: bytes) -> rcore.ObserveAnswer:
+    msg = rcore.check_message(frame)
+    if msg["type"] != "observed" or msg["id"] != sid:
+        raise ObserveProtocolError("expected observed with our id")
+    return rcore.decode_observed(msg)
+
+
+def _dial_error(e: BaseException) -> str:
+    """How a dial failed, from the OSError under py-libp2p's wrapping: the router (or
+    host) answered with a RST or ICMP port unreachable ("refused", both ECONNREFUSED),
+    another ICMP error ("unreachable"), or not at all (our own timeout)."""
+    cause: BaseException | None = e
+    for _ in range(6):
+        if isinstance(cause, OSError) and cause.errno is not None:
+            if cause.errno == errno.ECONNREFUSED:
+                return "refused"
+            if cause.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES,
+                               errno.EPERM):
+                return "unreachable"
+            if cause.errno == errno.ETIMEDOUT:
+                return "timeout"
+            break
+        if cause is None:
+            break
+        cause = cause.__cause__ or cause.__context__
+    return "unreachable"
 
 
 def swarm_conn(node: Any, raw_stream: Any) -> Any:

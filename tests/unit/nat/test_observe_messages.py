@@ -11,12 +11,14 @@ from lattice.core.identity import Identity
 SID = b"\x01" * rc.OBSERVE_ID_BYTES
 
 
-@pytest.mark.parametrize("peer", ["x", "", "0OIl", "/ip4/1.2.3.4", "1" * 128, 7, None,
-                                  "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"])
-def test_a_dialback_naming_something_other_than_a_peer_id_is_a_protocol_error(peer):
-    msg = {"type": "dialback", "id": SID, "peer": peer, "addrs": [["198.18.0.10", 4001]]}
-    with pytest.raises(rc.ObserveProtocolError):
-        rc.decode_dialback(rc.check_message(msg))
+def test_an_old_observers_answers_still_decode():
+    # "no_helper" and a missing "error" are what observers of earlier versions said
+    msg = {"type": "observed", "id": SID, "addr": ["198.18.0.101", 4001], "relays": [],
+           "dialback": {"status": "no_helper", "helper": "", "addr": None}}
+    answer = rc.decode_observed(rc.check_message(msg))
+    assert answer.dialback == "no_helper" and answer.dialback_error == ""
+    msg["dialback"] = {"status": "failed", "helper": "x", "addr": None, "error": "new-kind"}
+    assert rc.decode_observed(msg).dialback_error == "timeout"
 
 
 def test_a_relay_listed_under_a_bad_peer_id_is_a_protocol_error():
