@@ -14,16 +14,19 @@ connection and both initiate: the session of the smaller peer id goes on and the
 side yields and answers it. Not py-libp2p's DCUtR: it reaches a direct connection only
 ~10 s after the relayed one (docs/natlab.md); never start both.
 
-Failure policy (`serve_holepunch`): a session ends quietly when the peer vanishes, times
-out or breaks the protocol (logged with the peer and session id, outcome "failed");
-the relayed connection keeps working in every case. Anything else is our bug and
+Failure policy (`serve_holepunch`): a session ends quietly when the peer vanishes or
+times out (logged with the peer and session id, outcome "failed"); when the peer breaks
+the protocol — a malformed frame, or anything the session machine raises on its
+message (`parse_peer_input`) — the session also ends "failed", the peer is counted
+(``malformed``) and penalized (no sessions with it for ``penalty_s``, doubling). The
+relayed connection keeps working in every case. Anything else is our bug and
 propagates.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,7 +52,8 @@ from lattice.core.holepunch import (
     Timer,
 )
 from lattice.net.host import PEER_ERRORS, Libp2pStream, is_relayed
-from lattice.net.streams import PeerError, recv_frame_or_eof, send_frame
+from lattice.net.nat.guard import Penalties, parse_peer_input
+from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame_or_eof, send_frame
 
 log = logging.getLogger("lattice.net.holepunch")
 
@@ -62,6 +66,7 @@ class HolePunchConfig:
     max_concurrent: int = 8  # sessions at once, both roles together
     relay_drain_s: float = 5.0  # then the relayed connection is closed even if busy
     close_relayed: bool = True
+    penalty_s: float = 60.0  # no sessions with a peer that broke the protocol, doubling
 
 
 @dataclass
@@ -81,12 +86,15 @@ class HolePuncher:
     """Runs sessions; started by `serve_holepunch`."""
 
     def __init__(self, node: Any, *, local_view: Callable[[], PeerView],
-                 config: HolePunchConfig) -> None:
+                 config: HolePunchConfig, rng: random.Random) -> None:
         self.node = node
         self.local_view = local_view
         self.config = config
+        self.rng = rng
         self.records: dict[str, PunchRecord] = {}
-        self.counts = {"direct": 0, "relayed": 0, "failed": 0, "busy": 0, "dial_errors": 0}
+        self.counts = {"direct": 0, "relayed": 0, "failed": 0, "busy": 0, "dial_errors": 0,
+                       "malformed": 0, "refused_penalized": 0}
+        self.penalties = Penalties(base=config.penalty_s)
         self._sessions: dict[str, trio.MemorySendChannel[Any]] = {}
         # our initiator sessions: a peer initiating at the same instant may take over
         self._initiating: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
@@ -99,6 +107,9 @@ class HolePuncher:
         connection); does nothing when one runs already. When the peer is connected
         directly too, the relayed connection is retired instead."""
         if self._nursery is None or peer_id in self._sessions:
+            return
+        if self.penalties.is_penalized(peer_id, trio.current_time()):
+            self.counts["refused_penalized"] += 1
             return
         if self.node.connection_kind(peer_id) == "direct":
             self._retire_if_redundant(peer_id)
@@ -139,6 +150,8 @@ class HolePuncher:
         """Counts by outcome, and the last ``recent`` sessions (why a peer is relayed)."""
         last = list(self.records.items())[-recent:]
         return {**self.counts, "active": len(self._sessions),
+                "max_concurrent": self.config.max_concurrent,
+                "penalties": self.penalties.statistics(trio.current_time()),
                 "recent": [{"peer": p, **r.__dict__} for p, r in reversed(last)]}
 
     def peer_record(self, peer_id: str) -> dict[str, Any] | None:
@@ -148,7 +161,7 @@ class HolePuncher:
     # -- the two roles -------------------------------------------------------------------
     async def _initiate(self, peer_id: str, send: trio.MemorySendChannel[Any],
                         recv: trio.MemoryReceiveChannel[Any]) -> None:
-        sid = os.urandom(core.ID_BYTES)
+        sid = self.rng.randbytes(core.ID_BYTES)
         session = HolePunchSession("initiator", self.local_view(), session_id=sid,
                                    now=trio.current_time())
         scope, ended = trio.CancelScope(), trio.Event()
@@ -173,6 +186,10 @@ class HolePuncher:
     async def _handle(self, raw: Any) -> None:
         stream = Libp2pStream(raw, PROTOCOL_ID)
         peer_id = stream.remote_peer_id
+        if self.penalties.is_penalized(peer_id, trio.current_time()):
+            self.counts["refused_penalized"] += 1
+            await stream.reset()
+            return
         ours = self._initiating.get(peer_id)
         if ours is not None and peer_id < self.node.peer_id:
             # Both ends accepted a relayed connection from the other (they dialed each
@@ -207,9 +224,11 @@ class HolePuncher:
                 nursery.start_soon(self._read, stream, send.clone())
                 try:
                     result = await self._drive(peer_id, session, stream, nursery, send, recv, first)
-                except HolePunchProtocolError as e:
-                    log.info("holepunch peer=%s id=%s protocol error: %s", peer_id,
-                             _sid(session), e)
+                except (HolePunchProtocolError, RemoteProtocolError) as e:
+                    self.counts["malformed"] += 1
+                    backoff = self.penalties.penalize(peer_id, "malformed", trio.current_time())
+                    log.info("holepunch peer=%s id=%s protocol error: %s; no sessions for "
+                             "%.0f s", peer_id, _sid(session), e, backoff)
                     await stream.reset()
                     result = Done("failed", f"protocol error: {e}")
                 except PeerError as e:
@@ -234,8 +253,12 @@ class HolePuncher:
                 event = None  # a relayed connection, seen before py-libp2p tagged it
             elif event is not None and direct:
                 event = DirectUp()
+            if isinstance(event, RemoteProtocolError):
+                raise event  # a frame we could not decode (`_read`)
             if event is not None:
-                for act in session.handle(event, trio.current_time()):
+                actions = parse_peer_input(session.handle, event, trio.current_time(),
+                                           keep=(HolePunchProtocolError,))
+                for act in actions:
                     if isinstance(act, Send):
                         await send_frame(stream, act.msg)
                     elif isinstance(act, Dial):
@@ -255,6 +278,9 @@ class HolePuncher:
                     if msg is None:
                         break
                     await events.send(Received(msg))
+            except RemoteProtocolError as e:
+                await events.send(e)  # an undecodable frame: `_drive` blames the peer
+                return
             except PeerError:
                 pass  # reported as Closed below: the session decides what it means
             await events.send(Closed())
@@ -340,10 +366,12 @@ def _stream_count(conn: Any) -> int:
 
 async def serve_holepunch(node: Any, *, local_view: Callable[[], PeerView],
                           config: HolePunchConfig = HolePunchConfig(),
+                          rng: random.Random | None = None,
                           task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Answer `/lattice/holepunch/1` and run sessions until cancelled; hands back the
     `HolePuncher` (call `request(peer)` for relayed connections we accepted)."""
-    puncher = HolePuncher(node, local_view=local_view, config=config)
+    puncher = HolePuncher(node, local_view=local_view, config=config,
+                          rng=rng or random.Random())
     node.host.set_stream_handler(PROTOCOL_ID, puncher._handle)
     try:
         async with trio.open_nursery() as nursery:

@@ -269,7 +269,8 @@ async def serve_nat(node: Any, *, config: NatConfig, bootstrap: list[str],
         async with trio.open_nursery() as nursery, background_trio_service(m.relay):
             if config.holepunch:
                 m.puncher = await nursery.start(lambda task_status: serve_holepunch(
-                    node, local_view=m.local_view, config=HolePunchConfig(),
+                    node, local_view=m.local_view,
+                    config=HolePunchConfig(penalty_s=config.penalty_s), rng=m.rng,
                     task_status=task_status))
             nursery.start_soon(m.observer.serve)
             nursery.start_soon(m.keeper.serve)
