@@ -5,7 +5,7 @@ observers saw of our connections), `decide` (the decision table: punch, one side
 or stay relayed), `HolePunchSession` (the `/lattice/holepunch/1` exchange as a state
 machine: ``handle(event, now) -> actions``), message validation and the limits.
 Must not import trio, libp2p or sockets, and reads no clock: the driver
-(`lattice.net.holepunch`) feeds it decoded frames, dial results and ``now``.
+(`lattice.net.nat.holepunch`) feeds it decoded frames, dial results and ``now``.
 proto/holepunch.md is the normative text; a test keeps its limits table in step.
 
 Theory of operation

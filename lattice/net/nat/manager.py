@@ -25,7 +25,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from lattice.core.holepunch import PeerView
 from lattice.core.reachability import Verdict
-from lattice.net.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
+from lattice.net.nat.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
 from lattice.net.host import is_relayed
 from lattice.net.nat.config import NatConfig
 from lattice.net.nat.dialing import PeerDialer

@@ -32,7 +32,7 @@ def test_holepunch_limits_table_matches_the_code(name, value):
 
 
 def test_holepunch_session_cap_matches_the_driver_default():
-    from lattice.net.holepunch import HolePunchConfig
+    from lattice.net.nat.holepunch import HolePunchConfig
 
     assert table_row("holepunch.md", "sessions at once (both roles)") == str(
         HolePunchConfig().max_concurrent)

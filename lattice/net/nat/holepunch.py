@@ -53,9 +53,10 @@ from lattice.core.holepunch import (
 )
 from lattice.net.host import PEER_ERRORS, Libp2pStream, is_relayed
 from lattice.net.nat.guard import Penalties, parse_peer_input
+from lattice.net.nat.observe import swarm_conn
 from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame_or_eof, send_frame
 
-log = logging.getLogger("lattice.net.holepunch")
+log = logging.getLogger("lattice.net.nat.holepunch")
 
 PROTOCOL_ID = core.PROTOCOL_ID
 _RETRY_PAUSE = 0.02  # between dials of one address within a round
@@ -93,7 +94,7 @@ class HolePuncher:
         self.rng = rng
         self.records: dict[str, PunchRecord] = {}
         self.counts = {"direct": 0, "relayed": 0, "failed": 0, "busy": 0, "dial_errors": 0,
-                       "malformed": 0, "refused_penalized": 0}
+                       "malformed": 0, "refused_penalized": 0, "refused_direct": 0}
         self.penalties = Penalties(base=config.penalty_s)
         self._sessions: dict[str, trio.MemorySendChannel[Any]] = {}
         # our initiator sessions: a peer initiating at the same instant may take over
@@ -188,6 +189,13 @@ class HolePuncher:
         peer_id = stream.remote_peer_id
         if self.penalties.is_penalized(peer_id, trio.current_time()):
             self.counts["refused_penalized"] += 1
+            await stream.reset()
+            return
+        conn = swarm_conn(self.node, raw)
+        if conn is None or not is_relayed(conn):
+            # A session upgrades a relayed connection; asked over a direct one it could
+            # only serve to make us dial whatever addresses the asker names.
+            self.counts["refused_direct"] += 1
             await stream.reset()
             return
         ours = self._initiating.get(peer_id)
