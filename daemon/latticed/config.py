@@ -117,6 +117,10 @@ SETTINGS: list[Setting] = [
     Setting("state.anti_entropy_interval_s", float, 10.0,
             "mean seconds between catch-up exchanges with a random peer", _at_least(0.5)),
     Setting("nat.upnp", bool, False, "try a UPnP port mapping on the gateway"),
+    Setting("nat.reachability", str, "auto", "auto: learn from peers' dial-backs whether "
+            "others can reach us; public / private: take this as the verdict (private: "
+            "never relay for others, always keep relay reservations)",
+            _one_of("auto", "public", "private")),
     Setting("nat.holepunch", bool, True, "upgrade relayed connections to direct ones by "
             "hole punching when both NATs allow it"),
     Setting("nat.max_relays", int, 2, "relays holding a reservation for us while we are "

@@ -23,6 +23,9 @@ from lattice.net.streams import PeerError, recv_frame, send_frame
 pytestmark = pytest.mark.integration
 
 ECHO = "/test/echo/1"
+# On loopback every daemon is reachable (a dial-back always lands), hence public, and
+# a public daemon holds no reservations: the NATed side of each case is set private.
+PRIVATE = NatConfig(reachability="private")
 
 
 async def poll(predicate, timeout: float = 10.0):
@@ -64,8 +67,8 @@ def addr(node) -> str:
 
 async def test_reserve_then_reach_by_peer_id_through_the_relay(nodes):
     relay, relay_nat = await nodes(config=NatConfig(relay_service="on"))
-    b, b_nat = await nodes(bootstrap=[addr(relay)])
-    a, a_nat = await nodes(bootstrap=[addr(relay)])
+    b, b_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
+    a, a_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
     await poll(lambda: relay.peer_id in b_nat.reservations)
     res = b_nat.status()["reservations"]
     assert res[0]["addr"] == f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}"
@@ -90,7 +93,7 @@ async def test_a_relayed_connection_beside_a_direct_one_is_retired(nodes):
     # a itself (its DHT does) just as a reaches b through a relay. With no punch to
     # finish, the relayed connection must still go: the relay carries nothing after.
     relay, relay_nat = await nodes(config=NatConfig(relay_service="on"))
-    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    b, b_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
     a, a_nat = await nodes()
     await poll(lambda: relay.peer_id in b_nat.reservations)
     await a.connect(addr(b), timeout=5)
@@ -104,7 +107,7 @@ async def test_a_relayed_connection_beside_a_direct_one_is_retired(nodes):
 
 async def test_a_circuit_address_dials_through_that_relay(nodes):
     relay, _ = await nodes(config=NatConfig(relay_service="on"))
-    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    b, b_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
     a, a_nat = await nodes()
     await poll(lambda: b_nat.reservations)
     circuit = b_nat.advertised_addrs()[-1]
@@ -116,7 +119,7 @@ async def test_a_circuit_address_dials_through_that_relay(nodes):
 async def test_relay_refuses_beyond_its_circuit_limit_and_when_not_serving(nodes):
     relay, relay_nat = await nodes(config=NatConfig(relay_service="on", relay_max_circuits=1))
     off, _ = await nodes(config=NatConfig(relay_service="off"))
-    b, b_nat = await nodes(bootstrap=[addr(relay), addr(off)])
+    b, b_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay), addr(off)])
     a, a_nat = await nodes()
     c, c_nat = await nodes()
     await poll(lambda: relay.peer_id in b_nat.reservations)
@@ -141,8 +144,8 @@ async def test_unknown_peer_with_no_route_fails_with_reasons(nodes):
 async def test_closing_one_circuit_leaves_the_sources_other_circuits_alone(nodes):
     # py-libp2p's relay cleaned up by peer id: a's second circuit died with its first
     relay, relay_nat = await nodes(config=NatConfig(relay_service="on"))
-    b, b_nat = await nodes(bootstrap=[addr(relay)])
-    c, c_nat = await nodes(bootstrap=[addr(relay)])
+    b, b_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
+    c, c_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
     a, a_nat = await nodes()
     await poll(lambda: b_nat.reservations and c_nat.reservations)
     await a_nat.connect(f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}", timeout=5)
@@ -160,7 +163,7 @@ async def test_closing_one_circuit_leaves_the_sources_other_circuits_alone(nodes
 async def test_an_idle_circuit_ends_at_its_duration_limit(nodes):
     relay, relay_nat = await nodes(config=NatConfig(relay_service="on",
                                                     relay_max_circuit_duration_s=1))
-    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    b, b_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
     a, a_nat = await nodes()
     await poll(lambda: b_nat.reservations)
     await a_nat.connect(f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}", timeout=5)
@@ -189,7 +192,7 @@ async def test_reachability_changes_are_announced_after_one_peers_dial_back(node
 
 async def test_reservations_are_refreshed_before_they_expire_and_remade_after_a_drop(nodes):
     relay, _ = await nodes(config=NatConfig(relay_service="on", relay_reservation_ttl_s=4))
-    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    b, b_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
     first = (await poll(lambda: b_nat.reservations.get(relay.peer_id))).expires
     # refreshed with half the TTL left (a short TTL must not mean refreshing nonstop)
     await poll(lambda: b_nat.reservations.get(relay.peer_id) is not None
@@ -233,8 +236,8 @@ async def test_both_ends_initiating_at_once_settle_on_one_session(nodes):
     # a relayed connection, so each starts a session. Without a tie-break each refuses
     # the other's ("busy") and both record a failure; one session must go on instead.
     relay, _ = await nodes(config=NatConfig(relay_service="on"))
-    b, b_nat = await nodes(bootstrap=[addr(relay)])
-    a, a_nat = await nodes(bootstrap=[addr(relay)])
+    b, b_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
+    a, a_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
     await poll(lambda: relay.peer_id in b_nat.reservations)
     await a_nat.connect(f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}", timeout=5)
     await poll(lambda: b_nat.peer_info(a.peer_id))  # b's own session, as the acceptor
@@ -255,7 +258,7 @@ async def test_a_service_stream_reaches_a_peer_by_id_through_a_relay(nodes):
     # What jobs, blobs and state sync rely on: opening a stream to a peer we hold no
     # connection to, and no address of, goes the way `lattice peers connect` goes.
     relay, _ = await nodes(config=NatConfig(relay_service="on"))
-    b, b_nat = await nodes(bootstrap=[addr(relay)])
+    b, b_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
     a, _ = await nodes(bootstrap=[addr(relay)])
     await poll(lambda: relay.peer_id in b_nat.reservations)
     assert not a.live_connections(b.peer_id) and not a.get_addrs(b.peer_id)

@@ -20,6 +20,7 @@ class NatConfig:
 
     # [nat]
     upnp: bool = False  # try a UPnP port mapping (off: most gateways have it off too)
+    reachability: str = "auto"  # auto (from dial-backs) | public | private: set, not probed
     holepunch: bool = True  # upgrade relayed connections we accept to direct ones
     max_relays: int = 2  # relays we keep a reservation on while not publicly reachable
     max_observers: int = 4  # peers whose view of our address we keep
@@ -41,6 +42,9 @@ class NatConfig:
     def __post_init__(self) -> None:
         if self.relay_service not in ("auto", "on", "off"):
             raise ValueError(f"relay.service must be auto, on or off, not {self.relay_service!r}")
+        if self.reachability not in ("auto", "public", "private"):
+            raise ValueError(f"nat.reachability must be auto, public or private, "
+                             f"not {self.reachability!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:

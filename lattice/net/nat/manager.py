@@ -14,6 +14,7 @@ service keeps running. Our bugs propagate and take the daemon down.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from typing import Any
@@ -23,7 +24,7 @@ import trio
 from libp2p.abc import INetConn, INotifee
 from libp2p.tools.anyio_service import background_trio_service
 
-from lattice.core.holepunch import PeerView
+from lattice.core.holepunch import Addr, PeerView
 from lattice.core.reachability import Verdict
 from lattice.net.nat.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
 from lattice.net.host import is_relayed
@@ -166,7 +167,16 @@ class NatManager:
     # -- the verdict and what follows from it ---------------------------------------------
     def _recompute(self) -> None:
         old = self._verdict
-        new = self.observer.tracker.verdict(self.observer.nat_view(), trio.current_time())
+        view = self.observer.nat_view()
+        new = self.observer.tracker.verdict(view, trio.current_time())
+        forced = self.config.reachability
+        if forced == "private" and new.reachability != "private":
+            new = dataclasses.replace(new, reachability="private", public_addrs=(),
+                                      reason="set by nat.reachability")
+        elif forced == "public" and new.reachability != "public":
+            new = dataclasses.replace(new, reachability="public",
+                                      public_addrs=view.addrs or self._listen_addrs(),
+                                      reason="set by nat.reachability")
         self._verdict = new
         serve = (self.config.relay_service == "on"
                  or (self.config.relay_service == "auto" and new.reachability == "public"))
@@ -180,6 +190,10 @@ class NatManager:
             self.keeper.wake()
             self._verdict_changed.set()
             self._verdict_changed = trio.Event()
+
+    def _listen_addrs(self) -> tuple[Addr, ...]:
+        ep = self.node.listen_endpoint()
+        return () if ep is None or ep[0] in ("0.0.0.0", "::") else (ep,)
 
     def _wants_reservations(self) -> bool:
         return self.config.max_relays > 0 and self._verdict.reachability != "public"
