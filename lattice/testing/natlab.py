@@ -475,6 +475,9 @@ def router_rules(wan: str, nat: Nat, filtering: Filtering, reject: Reject,
         f'    iifname "wan0" counter name "unsolicited" {refuse_in}',
         "  }",
         "  chain forward { type filter hook forward priority filter; policy drop;",
+        # what conntrack cannot place (e.g. a SYN-ACK out of the window it tracks) would
+        # leave untranslated: routers drop it
+        "    ct state invalid drop",
         '    iifname "lan0" oifname "lan0" accept',
         '    iifname "lan0" oifname "wan0" accept',
         '    iifname "wan0" ct state established,related accept',
