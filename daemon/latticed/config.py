@@ -135,6 +135,18 @@ SETTINGS: list[Setting] = [
             _at_least(1.0)),
     Setting("nat.penalty_s", float, 60.0, "a peer that broke the observe or hole-punch "
             "protocol is ignored this long, doubling per offence", _at_least(1.0)),
+    Setting("nat.holepunch_retry_s", float, 30.0, "a peer still reached only through a "
+            "relay is hole-punched again after this, doubling", _at_least(1.0)),
+    Setting("nat.holepunch_retry_max_s", float, 1800.0, "the longest wait between two "
+            "hole punches of one relayed peer", _at_least(1.0)),
+    Setting("nat.birthday", bool, True, "against a symmetric NAT, birthday probing: the "
+            "symmetric side opens many connections, the other probes many ports"),
+    Setting("nat.birthday_ports", int, 256, "connections our side opens when its NAT is "
+            "the symmetric one (at most 1024)", _at_least(1)),
+    Setting("nat.birthday_probes", int, 1024, "ports our side probes when the peer's NAT "
+            "is the symmetric one (at most 4096)", _at_least(1)),
+    Setting("nat.birthday_rate", float, 500.0, "SYNs a second, either side, while birthday "
+            "probing (at most 2000)", _at_least(1.0)),
     Setting("relay.service", str, "auto", "serve as a Circuit Relay v2 hop: auto (when "
             "publicly reachable) | on | off", _one_of("auto", "on", "off")),
     Setting("relay.max_reservations", int, 64, "peers holding a relay slot on us", _at_least(0)),

@@ -13,6 +13,8 @@ from typing import Any
 
 from libp2p.relay.circuit_v2.resources import RelayLimits
 
+from lattice.core.holepunch import MAX_BIRTHDAY_PORTS, MAX_BIRTHDAY_PROBES, MAX_BIRTHDAY_RATE
+
 
 @dataclass(frozen=True)
 class NatConfig:
@@ -30,6 +32,14 @@ class NatConfig:
     dialback_min_interval_s: float = 1.0  # per requester, between dial-backs we make
     recheck_interval_s: float = 600.0  # re-verify reachability once known
     penalty_s: float = 60.0  # a peer that broke observe/holepunch is ignored, doubling
+    holepunch_retry_s: float = 30.0  # a relayed peer's punch is tried again, doubling...
+    holepunch_retry_max_s: float = 1800.0  # ...up to this
+    # birthday probing against a symmetric NAT (proto/holepunch.md): connections the
+    # symmetric side opens, probes the other side sends, SYNs a second, both bounded
+    birthday: bool = True
+    birthday_ports: int = 256
+    birthday_probes: int = 1024
+    birthday_rate: float = 500.0
     # [relay] (the hop service for others, when we are publicly reachable)
     relay_service: str = "auto"  # auto (when reachable) | on | off
     relay_max_reservations: int = 64  # peers holding a slot on us
@@ -50,9 +60,15 @@ class NatConfig:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise ValueError(f"{setting_name(f.name)} must not be negative, got {v}")
         for name in ("dialback_timeout_s", "observe_interval_s", "penalty_s",
-                     "dialback_max_concurrent"):
+                     "dialback_max_concurrent", "holepunch_retry_s", "birthday_ports",
+                     "birthday_probes", "birthday_rate"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{setting_name(name)} must be positive")
+        for name, cap in (("birthday_ports", MAX_BIRTHDAY_PORTS),
+                          ("birthday_probes", MAX_BIRTHDAY_PROBES),
+                          ("birthday_rate", MAX_BIRTHDAY_RATE)):
+            if getattr(self, name) > cap:
+                raise ValueError(f"{setting_name(name)} must be at most {cap}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> NatConfig:

@@ -108,9 +108,17 @@ class PeerDialer:
         if self.node.live_connections(peer):
             return peer
         if not direct and not relays:
-            raise DialError(f"no address or relay known for {peer}")
+            raise DialError(f"no address or relay known for {peer}: {self._no_relay()}")
         reasons = "; ".join(errors[-4:]) or f"timed out after {timeout:g} s"
+        if not relays:
+            reasons += f"; {self._no_relay()}"
         raise DialError(f"cannot reach {peer}: {reasons}")
+
+    def _no_relay(self) -> str:
+        """Why there is no relay to try, for a user who must fix it."""
+        return ("no relay known: no peer we know serves as one (a relay must be publicly "
+                "reachable: a public address, a port forward or UPnP; set "
+                "relay.service = \"on\" on such a daemon, or bootstrap from one)")
 
     async def _dial_circuit(self, target: str, timeout: float) -> str:
         relay_part, _, dest = target.partition("/p2p-circuit")

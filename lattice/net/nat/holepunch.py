@@ -25,6 +25,7 @@ propagates.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -32,13 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import multiaddr
 import trio
 
 from libp2p.peer.id import ID
 
 from lattice.core import holepunch as core
 from lattice.core.holepunch import (
+    Birthday,
     Closed,
     Dial,
     DirectUp,
@@ -46,6 +47,9 @@ from lattice.core.holepunch import (
     HolePunchProtocolError,
     HolePunchSession,
     PeerView,
+    Prime,
+    Primed,
+    Probe,
     Received,
     Send,
     Start,
@@ -53,13 +57,19 @@ from lattice.core.holepunch import (
 )
 from lattice.net.host import PEER_ERRORS, Libp2pStream, is_relayed
 from lattice.net.nat.guard import Penalties, parse_peer_input
+from lattice.net.nat import tcp_punch
 from lattice.net.nat.observe import swarm_conn
 from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame_or_eof, send_frame
 
 log = logging.getLogger("lattice.net.nat.holepunch")
 
 PROTOCOL_ID = core.PROTOCOL_ID
-_RETRY_PAUSE = 0.02  # between dials of one address within a round
+# Between dials of one address within a round. Short: a router that rejects answers a
+# SYN that came too early at once, and a punch through two such routers succeeds only
+# when both SYNs leave within one one-way delay of each other (docs/natlab.md); a SYN a
+# router drops is resent by the kernel, so this only spins against rejecting routers,
+# for one round at most.
+_RETRY_PAUSE = 0.005
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,11 @@ class HolePunchConfig:
     relay_drain_s: float = 5.0  # then the relayed connection is closed even if busy
     close_relayed: bool = True
     penalty_s: float = 60.0  # no sessions with a peer that broke the protocol, doubling
+    birthday: bool = True  # birthday probing against a symmetric NAT
+    birthday_limits: Birthday = Birthday()
+    # a session that did not end direct is tried again after this, doubling to the max
+    retry_min_s: float = 30.0
+    retry_max_s: float = 1800.0
 
 
 @dataclass
@@ -75,12 +90,17 @@ class PunchRecord:
     """The last session with a peer, for `lattice peers` and statistics."""
 
     outcome: str  # "direct" | "relayed" | "failed"
-    reason: str
+    reason: str  # why, naming whose NAT
     role: str
     plan: str | None
+    tried: str  # what was tried ("punch, 2 rounds", "nothing")
+    ours: str  # how we looked to the peer ("private, cone NAT, router drops")
+    theirs: str  # how the peer looked to us
     rtt_ms: float | None
     elapsed_ms: float
     at: float  # wall clock
+    retry_at: float | None  # wall clock of our next try; None: direct, or theirs to try
+    probes: dict[str, int] | None = None  # birthday: what we sent and opened
 
 
 class HolePuncher:
@@ -100,6 +120,9 @@ class HolePuncher:
         # our initiator sessions: a peer initiating at the same instant may take over
         self._initiating: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self._retiring: set[str] = set()  # peers whose relayed connections are draining
+        self._retries: dict[str, tuple[float, float]] = {}  # peer -> (trio time, delay)
+        self._probe_stats: dict[str, dict[str, int]] = {}  # birthday, per running session
+        self._wake_retries = trio.Event()
         self._nursery: trio.Nursery | None = None
 
     # -- public ------------------------------------------------------------------------
@@ -159,12 +182,27 @@ class HolePuncher:
         r = self.records.get(peer_id)
         return None if r is None else dict(r.__dict__)
 
+    def active_peers(self) -> list[str]:
+        return list(self._sessions)
+
+    def why_relayed(self, peer_id: str) -> str | None:
+        """For a peer we reach only through a relay: why not directly, what was tried,
+        when it is tried again ("their NAT is symmetric ...; tried punch, 2 rounds;
+        again in 28 s"). None when we have no record of trying."""
+        r = self.records.get(peer_id)
+        if r is None or r.outcome == "direct":
+            return None
+        when = ("again when the peer retries" if r.retry_at is None
+                else f"again in {max(0.0, r.retry_at - time.time()):.0f} s")
+        return f"{r.reason}; tried {r.tried}; {when} (we: {r.ours}; they: {r.theirs})"
+
     # -- the two roles -------------------------------------------------------------------
     async def _initiate(self, peer_id: str, send: trio.MemorySendChannel[Any],
                         recv: trio.MemoryReceiveChannel[Any]) -> None:
         sid = self.rng.randbytes(core.ID_BYTES)
         session = HolePunchSession("initiator", self.local_view(), session_id=sid,
-                                   now=trio.current_time())
+                                   now=trio.current_time(),
+                                   birthday=self.config.birthday_limits)
         scope, ended = trio.CancelScope(), trio.Event()
         self._initiating[peer_id] = (scope, ended)
         result = None
@@ -214,7 +252,8 @@ class HolePuncher:
         self._sessions[peer_id] = send
         try:
             session = HolePunchSession("responder", self.local_view(),
-                                       now=trio.current_time())
+                                       now=trio.current_time(),
+                                       birthday=self.config.birthday_limits)
             result = await self._run(peer_id, session, stream, send, recv, first=None)
         finally:
             self._sessions.pop(peer_id, None)
@@ -271,6 +310,10 @@ class HolePuncher:
                         await send_frame(stream, act.msg)
                     elif isinstance(act, Dial):
                         nursery.start_soon(self._dial, peer_id, act, send.clone())
+                    elif isinstance(act, Prime):
+                        nursery.start_soon(self._prime, peer_id, act, send.clone())
+                    elif isinstance(act, Probe):
+                        nursery.start_soon(self._probe, peer_id, act)
                     elif isinstance(act, Done):
                         return act
             assert session.deadline is not None, "a running session always has a deadline"
@@ -294,39 +337,65 @@ class HolePuncher:
             await events.send(Closed())
 
     async def _dial(self, peer_id: str, act: Dial, events: trio.MemorySendChannel[Any]) -> None:
-        """Dial every address from our listen port until one connects or ``act.until``."""
+        """Dial every address from our listen port until one connects or ``act.until``
+        (`tcp_punch.punch`), upgrading it with the Noise role the plan fixed."""
         async with events:
             await trio.sleep_until(act.at)
             source = self.node.listen_endpoint()
-            net = self.node.host.get_network()
-            pid = ID.from_base58(peer_id)
-            done = trio.Event()
-
-            async def one(ip: str, port: int) -> None:
-                proto = "ip6" if ":" in ip else "ip4"
-                addr = multiaddr.Multiaddr(f"/{proto}/{ip}/tcp/{port}")
-                while not done.is_set() and self.node.connection_kind(peer_id) != "direct":
-                    try:
-                        if act.noise_initiator:
-                            await net.dial_addr(addr, pid, source)
-                        else:
-                            await net.dial_addr_as_responder(addr, pid, source)
-                        done.set()
-                        return
-                    except PEER_ERRORS:
-                        # Expected while the peer's SYN has not opened its NAT yet, or
-                        # when its SYN landed on our listener first (EADDRNOTAVAIL):
-                        # that connection is the direct one, and the loop sees it.
-                        self.counts["dial_errors"] += 1
-                        await trio.sleep(_RETRY_PAUSE)
-                done.set()
-
-            with trio.move_on_at(act.until):
-                async with trio.open_nursery() as nursery:
-                    for ip, port in act.addrs:
-                        nursery.start_soon(one, ip, port)
+            if source is None:
+                return
+            stats: dict[str, int] = {}
+            await tcp_punch.punch(
+                source, act.addrs, act.until,
+                functools.partial(self._adopt, peer_id, initiator=act.noise_initiator),
+                pause=_RETRY_PAUSE, stats=stats)
+            self.counts["dial_errors"] += max(0, stats.get("attempts", 0) - 1)
             if self.node.connection_kind(peer_id) == "direct":
                 await events.send(DirectUp())
+
+    async def _prime(self, peer_id: str, act: Prime, events: trio.MemorySendChannel[Any]) -> None:
+        """Birthday primer: many connections from fresh ports toward the prober."""
+        async with events:
+            source = self.node.listen_endpoint()
+            if source is None:
+                return
+
+            def primed() -> None:
+                try:
+                    events.send_nowait(Primed())
+                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the session is ending
+
+            stats: dict[str, int] = {}
+            self._probe_stats[peer_id] = stats
+            await tcp_punch.prime(
+                source[0], act.target, act.ports, act.rate, act.until,
+                functools.partial(self._adopt, peer_id, initiator=False), primed=primed,
+                stats=stats)
+            log.info("holepunch peer=%s birthday primer: %d connections opened toward %s:%d, "
+                     "%d failed, %d found by a probe", peer_id, stats["opened"], *act.target,
+                     stats["failed"], stats["connected"])
+
+    async def _probe(self, peer_id: str, act: Probe) -> None:
+        """Birthday prober: dial random ports at the primer's IP from our listen port."""
+        source = self.node.listen_endpoint()
+        if source is None:
+            return
+        stats: dict[str, int] = {}
+        self._probe_stats[peer_id] = stats
+        await tcp_punch.probe(source, act.ips, act.count, act.rate, act.until,
+                              functools.partial(self._adopt, peer_id, initiator=True),
+                              rng=self.rng, stats=stats)
+        log.info("holepunch peer=%s birthday prober: %d probes sent to %s at %.0f/s, %s",
+                 peer_id, stats["sent"], ",".join(act.ips), act.rate,
+                 "one connected" if stats["connected"] else "none answered")
+
+    async def _adopt(self, peer_id: str, sock: Any, *, initiator: bool) -> None:
+        try:
+            await tcp_punch.adopt(self.node, sock, peer_id, initiator=initiator)
+        except PeerError as e:
+            self.counts["dial_errors"] += 1
+            log.info("holepunch peer=%s: %s", peer_id, e)
 
     async def _retire_relayed(self, peer_id: str) -> None:
         """Close relayed connections to ``peer_id`` once their streams are done (new
@@ -349,16 +418,70 @@ class HolePuncher:
     def _record(self, peer_id: str, session: HolePunchSession, result: Done,
                 elapsed: float) -> None:
         self.counts[result.outcome] = self.counts.get(result.outcome, 0) + 1
+        retry_at = self._schedule_retry(peer_id, session, result)
         self.records.pop(peer_id, None)  # re-insert: the dict's order is recency
         self.records[peer_id] = PunchRecord(
-            result.outcome, result.reason, session.role, session.plan,
+            result.outcome, result.reason, session.role, session.plan, session.tried,
+            describe_view(session.ours),
+            "unknown" if session.theirs is None else describe_view(session.theirs),
             None if session.rtt is None else round(session.rtt * 1000, 2),
-            round(elapsed * 1000, 1), time.time())
+            round(elapsed * 1000, 1), time.time(),
+            None if retry_at is None else round(time.time() + retry_at - trio.current_time(), 3),
+            dict(self._probe_stats.pop(peer_id, None) or {}) or None)
         while len(self.records) > 1024:  # bounded: forget the oldest peers
             self.records.pop(next(iter(self.records)))
-        log.info("holepunch peer=%s id=%s role=%s plan=%s outcome=%s (%s) in %.0f ms",
+        log.info("holepunch peer=%s id=%s role=%s plan=%s outcome=%s (%s) in %.0f ms%s",
                  peer_id, _sid(session), session.role, session.plan, result.outcome,
-                 result.reason, elapsed * 1000)
+                 result.reason, elapsed * 1000,
+                 "" if retry_at is None else
+                 f"; again in {retry_at - trio.current_time():.0f} s")
+
+    def _schedule_retry(self, peer_id: str, session: HolePunchSession,
+                        result: Done) -> float | None:
+        """When we try ``peer_id`` again (trio time), or None. The side that opened the
+        session tries again (the other says so in its record): after a failure in
+        ``retry_min_s`` doubling to ``retry_max_s``; after a decision to stay relayed,
+        in ``retry_max_s`` (NATs and addresses change)."""
+        if result.outcome == "direct" or session.role != "initiator":
+            self._retries.pop(peer_id, None)
+            return None
+        _, last = self._retries.get(peer_id, (0.0, 0.0))
+        if result.outcome == "failed":
+            delay = min(self.config.retry_max_s, max(self.config.retry_min_s, last * 2))
+        else:
+            delay = self.config.retry_max_s
+        at = trio.current_time() + delay * self.rng.uniform(0.9, 1.1)
+        self._retries[peer_id] = (at, delay)
+        while len(self._retries) > 1024:
+            self._retries.pop(next(iter(self._retries)))
+        self._wake_retries.set()
+        return at
+
+    async def serve_retries(self) -> None:
+        """Try again, when due, the peers still connected only through a relay."""
+        while True:
+            self._wake_retries = trio.Event()
+            now = trio.current_time()
+            for peer_id, (at, _) in list(self._retries.items()):
+                if at > now:
+                    continue
+                if self.node.connection_kind(peer_id) != "relayed":
+                    del self._retries[peer_id]  # direct meanwhile, or gone
+                    continue
+                self._retries[peer_id] = (float("inf"), self._retries[peer_id][1])
+                self.request(peer_id)
+            due = [at for at, _ in self._retries.values() if at != float("inf")]
+            with trio.move_on_at(min(due, default=now + 3600.0)):
+                await self._wake_retries.wait()
+
+
+def describe_view(view: PeerView) -> str:
+    """How a side looks in an exchange, in words: "private, cone NAT, router rejects"."""
+    nat = {"none": "no NAT", "unknown": "NAT unknown"}.get(view.nat, f"{view.nat} NAT")
+    words = [view.reach, nat]
+    if view.filtering in ("drop", "reject"):
+        words.append(f"router {view.filtering}s")
+    return ", ".join(words)
 
 
 def _sid(session: HolePunchSession) -> str:
@@ -384,6 +507,7 @@ async def serve_holepunch(node: Any, *, local_view: Callable[[], PeerView],
     try:
         async with trio.open_nursery() as nursery:
             puncher._nursery = nursery
+            nursery.start_soon(puncher.serve_retries)
             task_status.started(puncher)
             await trio.sleep_forever()
     finally:

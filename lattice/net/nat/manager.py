@@ -24,7 +24,7 @@ import trio
 from libp2p.abc import INetConn, INotifee
 from libp2p.tools.anyio_service import background_trio_service
 
-from lattice.core.holepunch import Addr, PeerView
+from lattice.core.holepunch import CAPS, MAX_LOCAL_ADDRS, Addr, Birthday, PeerView
 from lattice.core.reachability import Verdict
 from lattice.net.nat.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
 from lattice.net.host import is_relayed
@@ -89,7 +89,22 @@ class NatManager:
         """What we tell a peer in a hole-punch exchange."""
         v, view = self._verdict, self.observer.nat_view()
         addrs = v.public_addrs if v.reachability == "public" else view.addrs
-        return PeerView(v.reachability, view.kind, tuple(addrs))
+        caps = tuple(c for c in CAPS if c != "birthday" or self.config.birthday)
+        return PeerView(v.reachability, view.kind, tuple(addrs), v.filtering,
+                        self._lan_addrs(set(addrs)), caps)
+
+    def _lan_addrs(self, public: set[Addr]) -> tuple[Addr, ...]:
+        """Our listen addresses on this host's own networks (what a peer behind the same
+        NAT dials), without loopback and without the public ones."""
+        out = []
+        for a in self.node.dialable_addrs():
+            parts = a.split("/")
+            if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp":
+                continue
+            addr = (parts[2], int(parts[4]))
+            if addr not in public and not parts[2].startswith(("127.", "::1")):
+                out.append(addr)
+        return tuple(out[:MAX_LOCAL_ADDRS])
 
     def observed_addrs(self) -> list[str]:
         return self.observer.observed_addrs()
@@ -115,6 +130,22 @@ class NatManager:
     def peer_info(self, peer_id: str) -> dict[str, Any] | None:
         """The last hole-punch outcome with a peer (for `lattice peers`), or None."""
         return None if self.puncher is None else self.puncher.peer_record(peer_id)
+
+    def why_relayed(self, peer_id: str) -> str:
+        """Why a peer we reach only through a relay is not reached directly: whose NAT,
+        what was tried, when it is tried again (for `lattice peers` and `status`)."""
+        if self.puncher is None:
+            return "hole punching is off (nat.holepunch = false)"
+        why = self.puncher.why_relayed(peer_id)
+        if why is not None:
+            return why
+        if peer_id in self.puncher.active_peers():
+            return "hole punch under way"
+        return "no hole punch tried yet (it starts when the relayed connection is accepted)"
+
+    def relayed_peers(self) -> dict[str, str]:
+        return {p: self.why_relayed(p) for p in self.node.connected_peers()
+                if self.node.connection_kind(p) == "relayed"}
 
     def status(self) -> dict[str, Any]:
         v = self._verdict
@@ -156,6 +187,8 @@ class NatManager:
                      "external": None if self.upnp.external is None else maddr(self.upnp.external),
                      "detail": self.upnp.detail},
             "observers": sorted(self.observer.observations),
+            "filtering": v.filtering,
+            "relayed_peers": self.relayed_peers(),
             "statistics": stats,
             "penalties": self.observer.penalties.statistics(trio.current_time()),
             "limits": {k: getattr(self.config, k) for k in (
@@ -238,6 +271,15 @@ class NatManager:
             self.puncher.request(peer)
 
 
+def holepunch_config(config: NatConfig) -> HolePunchConfig:
+    return HolePunchConfig(
+        penalty_s=config.penalty_s, birthday=config.birthday,
+        birthday_limits=Birthday(config.birthday_ports, config.birthday_probes,
+                                 config.birthday_rate),
+        retry_min_s=config.holepunch_retry_s,
+        retry_max_s=max(config.holepunch_retry_s, config.holepunch_retry_max_s))
+
+
 class _Notifee(INotifee):
     """The swarm's connection events for the manager (to move onto `PeerNetwork`'s
     peer events once the seam has them)."""
@@ -284,7 +326,7 @@ async def serve_nat(node: Any, *, config: NatConfig, bootstrap: list[str],
             if config.holepunch:
                 m.puncher = await nursery.start(lambda task_status: serve_holepunch(
                     node, local_view=m.local_view,
-                    config=HolePunchConfig(penalty_s=config.penalty_s), rng=m.rng,
+                    config=holepunch_config(config), rng=m.rng,
                     task_status=task_status))
             nursery.start_soon(m.observer.serve)
             nursery.start_soon(m.keeper.serve)

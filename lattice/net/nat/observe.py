@@ -23,7 +23,6 @@ the handler keeps serving. Our bugs propagate.
 
 from __future__ import annotations
 
-import errno
 import logging
 import random
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from lattice.core.reachability import DialBack, ObserveProtocolError, Reachabili
 from lattice.net.host import PEER_ERRORS, Libp2pStream, is_relayed, local_address, remote_address
 from lattice.net.nat.config import NatConfig
 from lattice.net.nat.guard import Penalties, parse_peer_input
+from lattice.net.nat.tcp_punch import dial_error
 from lattice.net.nat.reservations import RelayDirectory, maddr
 from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame, send_frame
 
@@ -380,7 +380,7 @@ class Observer:
                 raw = await self._plain_tcp.dial(target)
             except (OpenConnectionError, *PEER_ERRORS) as e:
                 log.debug("dial-back to peer=%s at %s failed: %s", peer, addr, e)
-                return _dial_error(e)
+                return dial_error(e)
             try:
                 secured = await upgrader.upgrade_security(raw, True, ID.from_base58(peer))
                 await secured.close()
@@ -402,27 +402,6 @@ def _decode_answer(frame: Any, sid: bytes) -> rcore.ObserveAnswer:
     if msg["type"] != "observed" or msg["id"] != sid:
         raise ObserveProtocolError("expected observed with our id")
     return rcore.decode_observed(msg)
-
-
-def _dial_error(e: BaseException) -> str:
-    """How a dial failed, from the OSError under py-libp2p's wrapping: the router (or
-    host) answered with a RST or ICMP port unreachable ("refused", both ECONNREFUSED),
-    another ICMP error ("unreachable"), or not at all (our own timeout)."""
-    cause: BaseException | None = e
-    for _ in range(6):
-        if isinstance(cause, OSError) and cause.errno is not None:
-            if cause.errno == errno.ECONNREFUSED:
-                return "refused"
-            if cause.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES,
-                               errno.EPERM):
-                return "unreachable"
-            if cause.errno == errno.ETIMEDOUT:
-                return "timeout"
-            break
-        if cause is None:
-            break
-        cause = cause.__cause__ or cause.__context__
-    return "unreachable"
 
 
 def swarm_conn(node: Any, raw_stream: Any) -> Any:
