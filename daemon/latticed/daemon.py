@@ -615,7 +615,12 @@ class Daemon:
 
     async def rpc_peers_list(self, client: ClientConnection) -> list[dict[str, Any]]:
         node = self._require_node()
-        return node.connections()
+        rows = node.connections()
+        if self.nat is not None:
+            for row in rows:  # why a relayed peer is not direct (lattice.net.nat)
+                if row["connection"] == "relayed":
+                    row["why_relayed"] = self.nat.why_relayed(row["peer_id"])
+        return rows
 
     async def rpc_peers_connect(self, client: ClientConnection, addr: str,
                                 timeout: float) -> dict[str, Any]:
