@@ -571,7 +571,8 @@ class HolePunchSession:
             return [Prime(self.theirs.addrs[0], self.agreed.ports, self.agreed.rate,
                           now + EXCHANGE_TIMEOUT + self.agreed.probe_time() + ROUND_TIMEOUT)]
         self.state = _WAIT_PRIMED
-        self.deadline = now + EXCHANGE_TIMEOUT + self.agreed.ports / self.agreed.rate
+        # the primer's SYNs at its rate, and as much again for a loaded machine
+        self.deadline = now + EXCHANGE_TIMEOUT + 2 * self.agreed.ports / self.agreed.rate
         return []
 
     def _primed(self, now: float) -> list[Action]:

@@ -146,6 +146,7 @@ class Lan:
     reject: Reject = Reject.DROP
     hairpin: bool = False
     behind: str | None = None  # the name of a `Carrier` (double NAT), or on the internet
+    forward: tuple[int, ...] = ()  # TCP ports forwarded to the LAN's first host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,11 +260,11 @@ CASES: dict[str, Spec] = {
         Spec("lone_bootstrap_rst", (PublicHost("bootstrap"),),
              (Lan("lana", Nat.CONE, ("a",), reject=Reject.RST),
               Lan("lanb", Nat.CONE, ("b",), reject=Reject.RST))),
-        # nothing public: c is behind a full-cone NAT (reachable: it can relay), a and b
-        # behind port-restricted ones
+        # nothing public: every volunteer at home; c forwarded its port on its router
+        # (reachable: it can relay), a and b did not
         Spec("none_public", (),
              (Lan("lana", Nat.CONE, ("a",)), Lan("lanb", Nat.CONE, ("b",)),
-              Lan("lanc", Nat.CONE, ("c",), filtering=Filtering.NONE))),
+              Lan("lanc", Nat.CONE, ("c",), forward=(4001,)))),
         # one home LAN and nothing public: what daemons find there without any bootstrap
         Spec("same_lan", (), (Lan("lan", Nat.CONE, ("a", "b", "c", "d")),)),
     )
@@ -428,8 +429,9 @@ def _unsolicited_count(node: Node) -> int:
 
 
 def router_rules(wan: str, nat: Nat, filtering: Filtering, reject: Reject,
-                 hairpin: bool) -> str:
-    """The nftables ruleset of one NAT router (module docstring)."""
+                 hairpin: bool, forward: dict[int, str] | None = None) -> str:
+    """The nftables ruleset of one NAT router (module docstring); ``forward``: port ->
+    inside address, the port forwards a volunteer set up on its router."""
     masq = "masquerade fully-random" if nat is Nat.SYMMETRIC else "masquerade"
     refuse_fwd = {Reject.DROP: ["drop"],
                   Reject.RST: ["meta l4proto tcp reject with tcp reset",
@@ -438,14 +440,15 @@ def router_rules(wan: str, nat: Nat, filtering: Filtering, reject: Reject,
     # RST: nothing on INPUT; the router's own stack answers (RST, ICMP for UDP)
     refuse_in = {Reject.DROP: "drop", Reject.RST: "accept",
                  Reject.ICMP: "reject with icmp type port-unreachable"}[reject]
-    pre = []
+    pre = [f'iifname "wan0" ip daddr {wan} tcp dport {port} dnat ip to {host}:{port}'
+           for port, host in (forward or {}).items()]
     if hairpin:
         pre.append(f'iifname "lan0" ip daddr {wan} meta l4proto tcp '
                    "dnat ip to tcp dport map @mapped")
     if filtering is not Filtering.PORT:
         pre.append(f'iifname "wan0" ip daddr {wan} ct state new meta l4proto tcp '
                    "dnat ip to tcp dport map @mapped")
-    inbound = {Filtering.PORT: [],
+    inbound = {Filtering.PORT: (['iifname "wan0" ct status dnat accept'] if forward else []),
                Filtering.NONE: ['iifname "wan0" ct status dnat accept'],
                Filtering.ADDRESS: ['iifname "wan0" ct status dnat '
                                    "ip daddr . tcp dport . ip saddr @contacted accept"]}[filtering]
@@ -652,7 +655,7 @@ class Testbed:
 
     def _router(self, role: str, wan: str, uplink: tuple[str, str] | None, inside: str,
                 nat: Nat, filtering: Filtering, reject: Reject, hairpin: bool,
-                lan: str) -> Router:
+                lan: str, forward: dict[int, str] | None = None) -> Router:
         """A NAT router: wan0 at ``wan`` on the internet (``uplink`` None) or on a
         carrier segment (``uplink`` = (carrier namespace, its gateway)); lan0 a bridge
         holding the first address of ``inside``."""
@@ -669,7 +672,7 @@ class Testbed:
         _run(["ip", "-n", ns, "link", "set", "lan0", "up"])
         _run(["ip", "-n", ns, "addr", "add", f"{gw_ip}/{net.prefixlen}", "dev", "lan0"])
         self._sysctl(ns, "net.ipv4.ip_forward", "1")
-        self._nft(ns, router_rules(wan, nat, filtering, reject, hairpin))
+        self._nft(ns, router_rules(wan, nat, filtering, reject, hairpin, forward))
         return Router(role, ns, wan, "router", lan=lan, nat=nat, lan_addr=gw_ip,
                       lan_net=str(net), filtering=filtering, reject=reject,
                       hairpin=hairpin, _testbed=self)
@@ -708,8 +711,10 @@ class Testbed:
                 carrier = self._carriers[lan.behind]
                 wan = str(ipaddress.ip_network(carrier.lan_net)[_ROUTER_WAN_BASE + n])
                 uplink = uplinks[lan.behind]
+            first = str(lan_net[_LAN_HOST_BASE])
             router = self._router("gw-" + lan.name, wan, uplink, str(lan_net), lan.nat,
-                                  lan.filtering, lan.reject, lan.hairpin, lan.name)
+                                  lan.filtering, lan.reject, lan.hairpin, lan.name,
+                                  {port: first for port in lan.forward})
             if lan.behind is not None:
                 router.gateway = self._carriers[lan.behind]
             for j, name in enumerate(lan.hosts):
@@ -927,6 +932,8 @@ def _lan_words(lan: Lan) -> str:
         words.append(lan.reject.value)
     if lan.hairpin:
         words.append("hairpin")
+    if lan.forward:
+        words.append("forwards " + ",".join(map(str, lan.forward)))
     if lan.behind:
         words.append(f"behind {lan.behind}")
     return " ".join(words)

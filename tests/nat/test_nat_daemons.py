@@ -187,14 +187,14 @@ def test_with_no_public_node_a_reachable_volunteer_relays_else_they_say_why(natn
     with da.client() as cl:
         with pytest.raises(PeerUnreachableError, match="no relay known"):
             cl.connect_peer(db.peer_id, timeout=3)
-    # c sits behind a full-cone NAT: the others' dial-backs reach it, so it relays
+    # c forwarded its port on its router: the others' dial-backs reach it, so it relays
     dc = net.start("c")
     dc.wait_running()
     c_addr = f"/ip4/{c.public_ip}/tcp/4001/p2p/{dc.peer_id}"
     for d in (da, db):
         with d.client() as cl:
             cl.connect_peer(c_addr, timeout=10)
-    wait_until(lambda: _reached(dc, "public", "cone"), 30, "c public behind its full cone")
+    wait_until(lambda: _reached(dc, "public", "cone"), 30, "c public through its port forward")
     for d in (da, db):
         wait_until(lambda d=d: _reached(d, "private", "cone", 1), 30, f"{d.name} reserved on c")
     with da.client() as cl:

@@ -24,7 +24,7 @@ import errno
 import logging
 import random
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import multiaddr
@@ -83,6 +83,18 @@ async def _connected(sock: trio.socket.SocketType, until: float) -> bool:
     return await _connect_result(sock, until) == 0
 
 
+async def _paced(total: int, rate: float, tick: float = 0.01) -> AsyncIterator[int]:
+    """Yield how many to send now, ``total`` in all at ``rate`` a second: bursts each
+    ``tick`` (a sleep per SYN would be ruled by timer granularity, not by ``rate``)."""
+    start, done = trio.current_time(), 0
+    while done < total:
+        due = min(total, int((trio.current_time() - start) * rate) + 1)
+        if due > done:
+            yield due - done
+            done = due
+        await trio.sleep(tick)
+
+
 class _Winner:
     """The first socket to connect wins; the rest of the round is cancelled."""
 
@@ -119,22 +131,21 @@ async def prime(source_ip: str, target: Addr, ports: int, rate: float, until: fl
                     socks.remove(sock)  # adopted: no longer ours to close
                     stats["connected"] += 1
 
-            interval = 1.0 / rate
-            for _ in range(ports):
-                try:
-                    raw = _tcp_socket((source_ip, 0), reuse_port=False)
-                except OSError:
-                    stats["failed"] += 1
-                    continue
-                if not _start_connect(raw, target):
-                    raw.close()
-                    stats["failed"] += 1
-                    continue
-                sock = trio.socket.from_stdlib_socket(raw)
-                socks.append(sock)
-                stats["opened"] += 1
-                nursery.start_soon(watch, sock)
-                await trio.sleep(interval)
+            async for burst in _paced(ports, rate):
+                for _ in range(burst):
+                    try:
+                        raw = _tcp_socket((source_ip, 0), reuse_port=False)
+                    except OSError:
+                        stats["failed"] += 1
+                        continue
+                    if not _start_connect(raw, target):
+                        raw.close()
+                        stats["failed"] += 1
+                        continue
+                    sock = trio.socket.from_stdlib_socket(raw)
+                    socks.append(sock)
+                    stats["opened"] += 1
+                    nursery.start_soon(watch, sock)
             primed()
             await trio.sleep_until(until)
             nursery.cancel_scope.cancel()
@@ -174,12 +185,12 @@ async def probe(source: Addr, ips: tuple[str, ...], count: int, rate: float, unt
                 if not adopted:
                     sock.close()
 
-        interval = 1.0 / rate
         with trio.move_on_at(until):
-            for i in range(count):
-                ip = ips[i % len(ips)]
-                nursery.start_soon(one, (ip, rng.randint(*_PORT_RANGE)))
-                await trio.sleep(interval)
+            sent = 0
+            async for burst in _paced(count, rate):
+                for _ in range(burst):
+                    nursery.start_soon(one, (ips[sent % len(ips)], rng.randint(*_PORT_RANGE)))
+                    sent += 1
             await trio.sleep_until(until)
         nursery.cancel_scope.cancel()
 
