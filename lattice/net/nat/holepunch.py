@@ -25,6 +25,7 @@ propagates.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
@@ -59,6 +60,7 @@ from lattice.net.host import PEER_ERRORS, Libp2pStream, is_relayed
 from lattice.net.nat.guard import Penalties, parse_peer_input
 from lattice.net.nat import tcp_punch
 from lattice.net.nat.observe import swarm_conn
+from lattice.net.nat.punch_history import PunchHistory
 from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame_or_eof, send_frame
 
 log = logging.getLogger("lattice.net.nat.holepunch")
@@ -85,24 +87,6 @@ class HolePunchConfig:
     retry_max_s: float = 1800.0
 
 
-@dataclass
-class PunchRecord:
-    """The last session with a peer, for `lattice peers` and statistics."""
-
-    outcome: str  # "direct" | "relayed" | "failed"
-    reason: str  # why, naming whose NAT
-    role: str
-    plan: str | None
-    tried: str  # what was tried ("punch, 2 rounds", "nothing")
-    ours: str  # how we looked to the peer ("private, cone NAT, router drops")
-    theirs: str  # how the peer looked to us
-    rtt_ms: float | None
-    elapsed_ms: float
-    at: float  # wall clock
-    retry_at: float | None  # wall clock of our next try; None: direct, or theirs to try
-    probes: dict[str, int] | None = None  # birthday: what we sent and opened
-
-
 class HolePuncher:
     """Runs sessions; started by `serve_holepunch`."""
 
@@ -112,7 +96,8 @@ class HolePuncher:
         self.local_view = local_view
         self.config = config
         self.rng = rng
-        self.records: dict[str, PunchRecord] = {}
+        self.history = PunchHistory(retry_min=config.retry_min_s,
+                                    retry_max=config.retry_max_s, rng=rng)
         self.counts = {"direct": 0, "relayed": 0, "failed": 0, "busy": 0, "dial_errors": 0,
                        "malformed": 0, "refused_penalized": 0, "refused_direct": 0}
         self.penalties = Penalties(base=config.penalty_s)
@@ -120,7 +105,6 @@ class HolePuncher:
         # our initiator sessions: a peer initiating at the same instant may take over
         self._initiating: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self._retiring: set[str] = set()  # peers whose relayed connections are draining
-        self._retries: dict[str, tuple[float, float]] = {}  # peer -> (trio time, delay)
         self._probe_stats: dict[str, dict[str, int]] = {}  # birthday, per running session
         self._wake_retries = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -172,29 +156,23 @@ class HolePuncher:
 
     def statistics(self, recent: int = 8) -> dict[str, Any]:
         """Counts by outcome, and the last ``recent`` sessions (why a peer is relayed)."""
-        last = list(self.records.items())[-recent:]
         return {**self.counts, "active": len(self._sessions),
                 "max_concurrent": self.config.max_concurrent,
+                "birthday": self.config.birthday,
+                "birthday_limits": dataclasses.asdict(self.config.birthday_limits),
+                "retry_min_s": self.config.retry_min_s, "retry_max_s": self.config.retry_max_s,
                 "penalties": self.penalties.statistics(trio.current_time()),
-                "recent": [{"peer": p, **r.__dict__} for p, r in reversed(last)]}
+                "recent": self.history.recent(recent)}
 
     def peer_record(self, peer_id: str) -> dict[str, Any] | None:
-        r = self.records.get(peer_id)
-        return None if r is None else dict(r.__dict__)
+        return self.history.peer_record(peer_id)
 
     def active_peers(self) -> list[str]:
         return list(self._sessions)
 
     def why_relayed(self, peer_id: str) -> str | None:
-        """For a peer we reach only through a relay: why not directly, what was tried,
-        when it is tried again ("their NAT is symmetric ...; tried punch, 2 rounds;
-        again in 28 s"). None when we have no record of trying."""
-        r = self.records.get(peer_id)
-        if r is None or r.outcome == "direct":
-            return None
-        when = ("again when the peer retries" if r.retry_at is None
-                else f"again in {max(0.0, r.retry_at - time.time()):.0f} s")
-        return f"{r.reason}; tried {r.tried}; {when} (we: {r.ours}; they: {r.theirs})"
+        """Why ``peer_id`` is reached only through a relay (`PunchHistory.why_relayed`)."""
+        return self.history.why_relayed(peer_id, time.time())
 
     # -- the two roles -------------------------------------------------------------------
     async def _initiate(self, peer_id: str, send: trio.MemorySendChannel[Any],
@@ -418,70 +396,30 @@ class HolePuncher:
     def _record(self, peer_id: str, session: HolePunchSession, result: Done,
                 elapsed: float) -> None:
         self.counts[result.outcome] = self.counts.get(result.outcome, 0) + 1
-        retry_at = self._schedule_retry(peer_id, session, result)
-        self.records.pop(peer_id, None)  # re-insert: the dict's order is recency
-        self.records[peer_id] = PunchRecord(
-            result.outcome, result.reason, session.role, session.plan, session.tried,
-            describe_view(session.ours),
-            "unknown" if session.theirs is None else describe_view(session.theirs),
-            None if session.rtt is None else round(session.rtt * 1000, 2),
-            round(elapsed * 1000, 1), time.time(),
-            None if retry_at is None else round(time.time() + retry_at - trio.current_time(), 3),
-            dict(self._probe_stats.pop(peer_id, None) or {}) or None)
-        while len(self.records) > 1024:  # bounded: forget the oldest peers
-            self.records.pop(next(iter(self.records)))
+        now = trio.current_time()
+        retry_at = self.history.record(peer_id, session, result, elapsed=elapsed, now=now,
+                                       wall=time.time(),
+                                       probes=self._probe_stats.pop(peer_id, None))
+        if retry_at is not None:
+            self._wake_retries.set()
         log.info("holepunch peer=%s id=%s role=%s plan=%s outcome=%s (%s) in %.0f ms%s",
                  peer_id, _sid(session), session.role, session.plan, result.outcome,
                  result.reason, elapsed * 1000,
-                 "" if retry_at is None else
-                 f"; again in {retry_at - trio.current_time():.0f} s")
-
-    def _schedule_retry(self, peer_id: str, session: HolePunchSession,
-                        result: Done) -> float | None:
-        """When we try ``peer_id`` again (trio time), or None. The side that opened the
-        session tries again (the other says so in its record): after a failure in
-        ``retry_min_s`` doubling to ``retry_max_s``; after a decision to stay relayed,
-        in ``retry_max_s`` (NATs and addresses change)."""
-        if result.outcome == "direct" or session.role != "initiator":
-            self._retries.pop(peer_id, None)
-            return None
-        _, last = self._retries.get(peer_id, (0.0, 0.0))
-        if result.outcome == "failed":
-            delay = min(self.config.retry_max_s, max(self.config.retry_min_s, last * 2))
-        else:
-            delay = self.config.retry_max_s
-        at = trio.current_time() + delay * self.rng.uniform(0.9, 1.1)
-        self._retries[peer_id] = (at, delay)
-        while len(self._retries) > 1024:
-            self._retries.pop(next(iter(self._retries)))
-        self._wake_retries.set()
-        return at
+                 "" if retry_at is None else f"; again in {retry_at - now:.0f} s")
 
     async def serve_retries(self) -> None:
         """Try again, when due, the peers still connected only through a relay."""
         while True:
             self._wake_retries = trio.Event()
             now = trio.current_time()
-            for peer_id, (at, _) in list(self._retries.items()):
-                if at > now:
-                    continue
+            for peer_id in self.history.due(now):
                 if self.node.connection_kind(peer_id) != "relayed":
-                    del self._retries[peer_id]  # direct meanwhile, or gone
+                    self.history.forget_retry(peer_id)  # direct meanwhile, or gone
                     continue
-                self._retries[peer_id] = (float("inf"), self._retries[peer_id][1])
                 self.request(peer_id)
-            due = [at for at, _ in self._retries.values() if at != float("inf")]
-            with trio.move_on_at(min(due, default=now + 3600.0)):
+            due = self.history.next_due()
+            with trio.move_on_at(now + 3600.0 if due is None else due):
                 await self._wake_retries.wait()
-
-
-def describe_view(view: PeerView) -> str:
-    """How a side looks in an exchange, in words: "private, cone NAT, router rejects"."""
-    nat = {"none": "no NAT", "unknown": "NAT unknown"}.get(view.nat, f"{view.nat} NAT")
-    words = [view.reach, nat]
-    if view.filtering in ("drop", "reject"):
-        words.append(f"router {view.filtering}s")
-    return ", ".join(words)
 
 
 def _sid(session: HolePunchSession) -> str:
