@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from lattice.core.holepunch import Addr, NatView, check_addr
+from lattice.core.holepunch import Addr, NatView, Observation, check_addr
 from lattice.core.identity import InvalidPeerId, public_key_from_peer_id
 
 WINDOW = 3
@@ -111,8 +111,13 @@ class ReachabilityTracker:
         """Something changed (new address, new observer): probe at the next chance."""
         self._next_probe = 0.0
 
-    def verdict(self, view: NatView, now: float) -> Verdict:
-        recent = [r for r in self.results if now - r.at <= self.result_ttl][-WINDOW:]
+    def verdict(self, view: NatView, now: float,
+                addrs: tuple[Addr, ...] | None = None) -> Verdict:
+        """The verdict from recent results; with ``addrs`` (`dialback_candidates`), only
+        results for those addresses count: a dial-back a LAN peer made to our LAN
+        address, before any observer outside our NAT was heard from, says nothing."""
+        recent = [r for r in self.results if now - r.at <= self.result_ttl
+                  and (addrs is None or r.addr in addrs)][-WINDOW:]
         ok = tuple(dict.fromkeys(r.addr for r in recent if r.ok))
         if ok:
             return Verdict("public", view.kind, ok,
@@ -127,6 +132,19 @@ class ReachabilityTracker:
                            f"dial-back by {_peers(r.dialer for r in recent)} failed ({how})",
                            filtering)
         return Verdict("unknown", view.kind, (), "no dial-back result yet")
+
+
+def dialback_candidates(listen_port: int, observations: Iterable[Observation],
+                        extra: Iterable[Addr] = ()) -> tuple[Addr, ...]:
+    """The addresses worth a dial-back: where observers saw our listen port, and
+    ``extra`` (a UPnP mapping). When any observer saw it translated, only translated
+    ones: an observer that sees our own address is then on our side of the NAT (a LAN
+    peer, found by mDNS), and its dial-back of that address proves nothing about
+    whether the internet can reach us."""
+    seen = [o for o in observations if o.local[1] == listen_port]
+    translated = [o for o in seen if o.observed != o.local]
+    addrs = [o.observed for o in (translated or seen)] + list(extra)
+    return tuple(dict.fromkeys(addrs))[:MAX_DIALBACK_ADDRS]
 
 
 def _peers(ids: Iterable[str]) -> str:

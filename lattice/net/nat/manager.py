@@ -201,7 +201,8 @@ class NatManager:
     def _recompute(self) -> None:
         old = self._verdict
         view = self.observer.nat_view()
-        new = self.observer.tracker.verdict(view, trio.current_time())
+        new = self.observer.tracker.verdict(view, trio.current_time(),
+                                            self.observer.dialback_candidates())
         forced = self.config.reachability
         if forced == "private" and new.reachability != "private":
             new = dataclasses.replace(new, reachability="private", public_addrs=(),

@@ -92,6 +92,7 @@ class Observer:
         self._observing: set[str] = set()
         self._observe_failed: dict[str, float] = {}  # peers that do not speak observe
         self._dialback_last: dict[str, float] = {}
+        self._candidates: tuple[Addr, ...] = ()  # what the last probes tested
         self._dialback_slots = trio.Semaphore(config.dialback_max_concurrent)
         self._plain_tcp = TCP()  # dial-backs leave from an ephemeral port, never pooled
         self._wake = trio.Event()
@@ -174,7 +175,7 @@ class Observer:
                 if not fresh:
                     self.hunger = min(self.config.observe_interval_s, self.hunger * 2)
                 self._nursery.start_soon(self._observe, peer, ())
-            if not self.probing and self.observations and self._dialback_candidates():
+            if not self.probing and self.observations and self.dialback_candidates():
                 if self.tracker.probe_due(now):
                     self.probing = True
                     self._nursery.start_soon(self._probe)
@@ -184,13 +185,14 @@ class Observer:
             with trio.move_on_after(wait):
                 await self._wake.wait()
 
-    def _dialback_candidates(self) -> tuple[Addr, ...]:
+    def dialback_candidates(self) -> tuple[Addr, ...]:
+        """Our addresses worth a dial-back (`lattice.core.reachability`)."""
         port = self.listen_port()
-        addrs = [o.observed for o in self.observations.values() if o.local[1] == port]
+        if port is None:
+            return ()
         upnp = self.upnp_external()
-        if upnp is not None:
-            addrs.append(upnp)
-        return tuple(dict.fromkeys(addrs))[:rcore.MAX_DIALBACK_ADDRS]
+        return rcore.dialback_candidates(port, self.observations.values(),
+                                         () if upnp is None else (upnp,))
 
     async def _observe(self, peer: str, dialback: tuple[Addr, ...]) -> rcore.ObserveAnswer | None:
         """Ask ``peer`` what it sees of our connection (and maybe for a dial-back)."""
@@ -238,6 +240,10 @@ class Observer:
         if answer.observed is not None and local is not None:
             self.observations[peer] = Observation(peer, local, answer.observed)
             self.stats["observations"] += 1
+            candidates = self.dialback_candidates()
+            if candidates != self._candidates:  # e.g. the first observer outside our NAT
+                self._candidates = candidates
+                self.tracker.probe_now()
         for r in answer.relays:
             self.directory.learn(r.peer, [f"{maddr(a)}/p2p/{r.peer}" for a in r.addrs], now)
         self.on_change()
@@ -257,7 +263,7 @@ class Observer:
         """One reachability probe: observers in turn, until one says whether its dial
         back reached us (a busy or refusing observer passes to the next)."""
         try:
-            candidates = self._dialback_candidates()
+            candidates = self.dialback_candidates()
             observers = [p for p in self.observations if p in self.node.connected_peers()]
             self.stats["probes"] += 1
             if observers:

@@ -72,3 +72,20 @@ def test_results_are_bounded():
     for i in range(1000):
         t.record(DialBack(f"o{i}", f"o{i}", ADDR, False, float(i)), float(i))
     assert len(t.results) <= 16
+
+
+def test_a_lan_peers_dial_back_counts_only_until_someone_outside_sees_us():
+    from lattice.core.holepunch import Observation
+    from lattice.core.reachability import dialback_candidates
+
+    lan_ip, wan = ("198.19.1.10", 4001), ("198.18.0.101", 4001)
+    lan_peer = Observation("lanpeer", lan_ip, lan_ip)  # mDNS: sees our own address
+    boot = Observation("boot", lan_ip, wan)  # outside our NAT: sees the mapping
+    assert dialback_candidates(4001, [lan_peer]) == (lan_ip,)
+    assert dialback_candidates(4001, [lan_peer, boot]) == (wan,)
+    t = ReachabilityTracker(ME)
+    t.record(DialBack("lanpeer", "lanpeer", lan_ip, True, 1.0), 1.0)
+    assert t.verdict(CONE, 1.0, dialback_candidates(4001, [lan_peer])).reachability == "public"
+    # once the bootstrap has seen our NAT's mapping, the LAN dial-back no longer counts
+    assert t.verdict(CONE, 2.0, dialback_candidates(4001, [lan_peer, boot])).reachability \
+        == "unknown"
