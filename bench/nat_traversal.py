@@ -187,8 +187,9 @@ def attempt(tb: Any, root: Path, n: int, bootstrap: list[str], wait: float) -> d
                         else "relayed" if row is not None else "failed"),
             "plan": None if record is None else record["plan"],
             "tried": None if record is None else record.get("tried"),
+            # b decided (or tried): its record's reason, a's row as a fallback
             "reason": (None if direct_at is not None else
-                       (row or {}).get("why_relayed") or (record or {}).get("reason")),
+                       (record or {}).get("reason") or (row or {}).get("why_relayed")),
             "probes": None if record is None else record.get("probes"),
         }
     finally:
