@@ -15,6 +15,7 @@ import lattice
 from lattice.testing.daemons import DaemonProc
 from lattice.testing.hostile.nat import (
     MALFORMED_OBSERVE,
+    GarbageNoise,
     Witness,
     dialback_request,
     observe,
@@ -97,6 +98,20 @@ async def test_a_dialback_of_the_requesters_own_address_is_made(daemon):
     assert reply["dialback"]["addr"] == [ip, port]
     # at most one per second per requester: no amplification by repetition
     assert again["dialback"]["status"] == "refused"
+
+
+async def test_a_dial_back_answered_with_garbage_noise_fails_and_nothing_else(daemon, nursery):
+    # the requester's own IP, but what listens there answers the Noise handshake with
+    # random bytes: the AEAD's InvalidTag once escaped py-libp2p's upgrader raw
+    liar = await nursery.start(GarbageNoise().serve)
+    pid, addr = await attach(daemon)
+    async with open_hostile_node() as evil:
+        await evil.connect(addr)
+        reply = await observe(evil, pid, observe_request(dialback=[liar.addr]))
+    assert liar.answered == 1
+    assert reply["dialback"]["status"] == "failed" and reply["dialback"]["error"] == "handshake"
+    assert daemon.proc.poll() is None, daemon.log_text()
+    assert (await status(daemon))["state"] == "running"
 
 
 async def test_malformed_requests_cost_the_sender_and_the_daemon_serves_on(daemon):

@@ -36,6 +36,7 @@ from lattice.net.nat.reservations import (
     hop_status,
     split_p2p,
 )
+from lattice.net.nat.tcp_punch import HANDSHAKE_ERRORS
 from lattice.net.streams import PeerError, RemoteProtocolError
 
 _RELAY_ANSWER_TIMEOUT = 10.0
@@ -175,6 +176,9 @@ class PeerDialer:
                     pass
             if isinstance(e, (ProtobufDecodeError, ValueError)):
                 raise RemoteProtocolError(f"bad relay answer: {e}") from None
+            if isinstance(e, HANDSHAKE_ERRORS):
+                raise RemoteProtocolError(f"the relayed handshake failed: "
+                                          f"{type(e).__name__}: {e}") from None
             if isinstance(e, trio.TooSlowError):
                 raise PeerError(f"relay did not answer in {_RELAY_ANSWER_TIMEOUT:g} s") from None
             if isinstance(e, PEER_ERRORS) and not isinstance(e, PeerError):

@@ -99,7 +99,8 @@ class HolePuncher:
         self.history = PunchHistory(retry_min=config.retry_min_s,
                                     retry_max=config.retry_max_s, rng=rng)
         self.counts = {"direct": 0, "relayed": 0, "failed": 0, "busy": 0, "dial_errors": 0,
-                       "malformed": 0, "refused_penalized": 0, "refused_direct": 0}
+                       "malformed": 0, "refused_penalized": 0, "refused_direct": 0,
+                       "handshake_errors": 0}
         self.penalties = Penalties(base=config.penalty_s)
         self._sessions: dict[str, trio.MemorySendChannel[Any]] = {}
         # our initiator sessions: a peer initiating at the same instant may take over
@@ -368,12 +369,14 @@ class HolePuncher:
                  peer_id, stats["sent"], ",".join(act.ips), act.rate,
                  "one connected" if stats["connected"] else "none answered")
 
-    async def _adopt(self, peer_id: str, sock: Any, *, initiator: bool) -> None:
+    async def _adopt(self, peer_id: str, sock: Any, *, initiator: bool) -> bool:
         try:
             await tcp_punch.adopt(self.node, sock, peer_id, initiator=initiator)
         except PeerError as e:
-            self.counts["dial_errors"] += 1
+            self.counts["handshake_errors"] += 1
             log.info("holepunch peer=%s: %s", peer_id, e)
+            return False
+        return True
 
     async def _retire_relayed(self, peer_id: str) -> None:
         """Close relayed connections to ``peer_id`` once their streams are done (new

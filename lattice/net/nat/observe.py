@@ -32,7 +32,7 @@ import multiaddr
 import trio
 
 from libp2p.peer.id import ID
-from libp2p.transport.exceptions import OpenConnectionError, UpgradeFailure
+from libp2p.transport.exceptions import OpenConnectionError
 from libp2p.transport.tcp.tcp import TCP
 
 from lattice.core import reachability as rcore
@@ -41,7 +41,7 @@ from lattice.core.reachability import DialBack, ObserveProtocolError, Reachabili
 from lattice.net.host import PEER_ERRORS, Libp2pStream, is_relayed, local_address, remote_address
 from lattice.net.nat.config import NatConfig
 from lattice.net.nat.guard import Penalties, parse_peer_input
-from lattice.net.nat.tcp_punch import dial_error
+from lattice.net.nat.tcp_punch import HANDSHAKE_ERRORS, dial_error
 from lattice.net.nat.reservations import RelayDirectory, maddr
 from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame, send_frame
 
@@ -391,7 +391,7 @@ class Observer:
                 secured = await upgrader.upgrade_security(raw, True, ID.from_base58(peer))
                 await secured.close()
                 return ""
-            except (UpgradeFailure, *PEER_ERRORS) as e:
+            except (*HANDSHAKE_ERRORS, *PEER_ERRORS) as e:
                 log.debug("dial-back to peer=%s at %s: handshake failed: %s", peer, addr, e)
                 return "handshake"
             finally:

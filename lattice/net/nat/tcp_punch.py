@@ -29,15 +29,32 @@ from typing import Any
 
 import multiaddr
 import trio
+from cryptography.exceptions import InvalidTag
+from noise.exceptions import (
+    NoiseHandshakeError,
+    NoiseInvalidMessage,
+    NoiseMaxNonceError,
+    NoiseValidationError,
+    NoiseValueError,
+)
 
 from libp2p.abc import INetConn
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
+from libp2p.security.exceptions import HandshakeFailure
+from libp2p.transport.exceptions import UpgradeFailure
 
 from lattice.core.holepunch import Addr
 from lattice.net.host import PEER_ERRORS
 from lattice.net.streams import PeerError
+
+# What a Noise handshake with a peer that sends garbage raises through py-libp2p's
+# upgrader, which wraps only its own handshake failures: the noise library's errors and
+# the AEAD's InvalidTag come through raw. The peer's fault, every one.
+HANDSHAKE_ERRORS: tuple[type[BaseException], ...] = (
+    InvalidTag, HandshakeFailure, UpgradeFailure, NoiseHandshakeError, NoiseInvalidMessage,
+    NoiseMaxNonceError, NoiseValidationError, NoiseValueError)
 
 log = logging.getLogger("lattice.net.nat.holepunch")
 
@@ -46,7 +63,8 @@ _PROBE_LIFETIME = 0.5  # s a probe waits for an answer (several RTTs) before it 
 _PORT_RANGE = (1024, 65535)  # where a NAT picks ports for connections from ports >= 1024
 _ADOPT_TIMEOUT = 10.0  # s for the Noise and Yamux handshakes on the winning socket
 
-Adopt = Callable[[trio.socket.SocketType], Awaitable[None]]
+# takes a connected socket over (True), or closes it and says why it could not (False)
+Adopt = Callable[[trio.socket.SocketType], Awaitable[bool]]
 
 
 def _tcp_socket(source: Addr, *, reuse_port: bool) -> socket.socket:
@@ -96,21 +114,28 @@ async def _paced(total: int, rate: float, tick: float = 0.01) -> AsyncIterator[i
 
 
 class _Winner:
-    """The first socket to connect wins; the rest of the round is cancelled."""
+    """The first socket to connect and be adopted wins, and the rest of the round is
+    cancelled; one that fails its handshake leaves the round going."""
 
     def __init__(self, scope: trio.CancelScope, adopt: Adopt) -> None:
         self.scope = scope
         self.adopt = adopt
-        self.won = False
+        self.busy = False
 
     async def offer(self, sock: trio.socket.SocketType) -> bool:
-        if self.won:
-            return False
-        self.won = True
-        self.scope.cancel()
-        with trio.CancelScope(shield=True), trio.move_on_after(_ADOPT_TIMEOUT):
-            await self.adopt(sock)
-        return True
+        """True when ``sock`` was adopted (it is no longer the caller's to close)."""
+        if self.busy:
+            return False  # another socket is being adopted; this one closes
+        self.busy = True
+        adopted = False
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(_ADOPT_TIMEOUT):
+                adopted = await self.adopt(sock)
+        finally:
+            self.busy = False
+        if adopted:
+            self.scope.cancel()
+        return adopted
 
 
 async def prime(source_ip: str, target: Addr, ports: int, rate: float, until: float,
@@ -225,7 +250,8 @@ async def punch(source: Addr, targets: tuple[Addr, ...], until: float, adopt: Ad
                     err = await _connect_result(sock, until)
                     if err == 0:
                         adopted = await winner.offer(sock)
-                        return
+                        if adopted:
+                            return
                     refused = err == errno.ECONNREFUSED
                     stats["refused"] += refused
                 finally:
@@ -277,8 +303,9 @@ async def adopt(node: Any, sock: trio.socket.SocketType, peer_id: str, *,
         ip, port = sock.getpeername()[:2]
         where = multiaddr.Multiaddr(f"/{'ip6' if ':' in ip else 'ip4'}/{ip}/tcp/{port}")
         muxed = await network.upgrade_inbound_raw_conn(raw, where)
-    except PEER_ERRORS as e:
-        raise PeerError(f"upgrading the punched connection failed: {e}") from None
+    except (*PEER_ERRORS, *HANDSHAKE_ERRORS) as e:
+        raise PeerError(f"upgrading the punched connection failed: "
+                        f"{type(e).__name__}: {e}") from None
     if muxed.peer_id != pid:
         await muxed.close()
         raise PeerError(f"the punched connection reached {muxed.peer_id}, not {peer_id}")

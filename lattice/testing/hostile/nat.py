@@ -10,6 +10,7 @@ Must not import latticed; shipped so users can attack their own deployments too.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -127,6 +128,74 @@ MALFORMED_HOLEPUNCH: dict[str, Any] = {
 }
 
 
+class GarbageNoise:
+    """A TCP listener that says it speaks Noise (multistream-select), then answers the
+    dialer's first handshake message with random bytes: what a daemon that dials it
+    (a dial-back, a punch) must survive. `serve` runs it; `answered` counts dialers."""
+
+    def __init__(self, ip: str = "127.0.0.1") -> None:
+        self.ip = ip
+        self.port = 0
+        self.answered = 0
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host=self.ip)
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self)
+        await trio.serve_listeners(self._lie, listeners)
+
+    async def _lie(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(10):
+                for _ in range(2):  # "/multistream/1.0.0\n", "/noise\n": echo each
+                    line = await _read_varint_frame(stream)
+                    await stream.send_all(_varint(len(line)) + line)
+                length = int.from_bytes(await _read_exactly(stream, 2), "big")
+                await _read_exactly(stream, length)  # the dialer's ephemeral key
+                garbage = os.urandom(96)
+                await stream.send_all(len(garbage).to_bytes(2, "big") + garbage)
+                self.answered += 1
+                await stream.receive_some(1)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
+            pass
+        finally:
+            await stream.aclose()
+
+    @property
+    def addr(self) -> list[Any]:
+        return [self.ip, self.port]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+async def _read_exactly(stream: trio.SocketStream, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
+async def _read_varint_frame(stream: trio.SocketStream) -> bytes:
+    n, shift = 0, 0
+    while True:
+        byte = (await _read_exactly(stream, 1))[0]
+        n |= (byte & 0x7F) << shift
+        if not byte & 0x80 or shift > 28:
+            break
+        shift += 7
+    return await _read_exactly(stream, min(n, 1024))
+
+
 class Witness:
     """A TCP listener on ``(ip, port 0)`` that accepts and counts every connection:
     nothing should ever knock on it. `serve` runs it; `knocks` says who did."""
@@ -154,4 +223,4 @@ class Witness:
 
 __all__ = ["open_hostile_node", "exchange", "observe", "frame", "observe_request",
            "dialback_request", "holepunch_connect", "deep", "MALFORMED_OBSERVE",
-           "MALFORMED_HOLEPUNCH", "Witness"]
+           "MALFORMED_HOLEPUNCH", "Witness", "GarbageNoise"]
