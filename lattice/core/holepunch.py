@@ -234,6 +234,17 @@ def decide(initiator: PeerView, responder: PeerView) -> Decision:
     return Decision("punch", "both behind endpoint-independent NATs or firewalls")
 
 
+_SWAP = {"our": "their", "their": "our", "us": "them", "them": "us", "we": "they",
+         "they": "we"}
+
+
+def from_their_side(reason: str) -> str:
+    """A peer's `cancel` reason, worded from its side ("our NAT is symmetric"), reworded
+    from ours ("their NAT is symmetric") for our own record."""
+    words = reason.split(" ")
+    return " ".join(_SWAP.get(w, w) for w in words)
+
+
 # -- messages ----------------------------------------------------------------------------------
 
 def encode_view(view: PeerView) -> dict[str, Any]:
@@ -464,7 +475,7 @@ class HolePunchSession:
                 raise HolePunchProtocolError("cancel for another session")
             reason = msg.get("reason")
             reason = reason[:MAX_REASON_CHARS] if isinstance(reason, str) else "cancelled"
-            return self._finish("relayed", f"peer: {reason}")
+            return self._finish("relayed", from_their_side(reason))
         if msg["type"] == "primed":
             return self._on_primed(msg, now)
         if self.role == "initiator":

@@ -362,3 +362,10 @@ def test_largest_message_fits_the_frame_limit():
     assert len(pack(msg)) < hp.MAX_MESSAGE
     cancel = {"type": "cancel", "id": b"\xff" * 8, "reason": "x" * hp.MAX_REASON_CHARS}
     assert len(pack(cancel)) < hp.MAX_MESSAGE
+
+
+def test_each_side_words_the_reason_from_its_own_side():
+    p = Pair(REJECTING, SYM)  # b: cone behind a rejecting router; a: symmetric
+    p.run("b", p.b.handle(Start(), 0.0), 0.0)
+    assert p.done["b"].reason.startswith("their NAT is symmetric and our router rejects")
+    assert p.done["a"].reason.startswith("our NAT is symmetric and their router rejects")
