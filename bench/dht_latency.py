@@ -191,7 +191,7 @@ async def _node_main() -> None:
 
     quiet_libp2p_logging(logging.CRITICAL)
     ident = Identity.generate()
-    async with open_libp2p_node(ident, ["/ip4/127.0.0.1/tcp/0"]) as (node, _events):
+    async with open_libp2p_node(ident, ["/ip4/127.0.0.1/tcp/0"]) as node:
         async with trio.open_nursery() as nursery:
             dht = await nursery.start(partial(
                 serve_dht, node, ident, address_book=PeerstoreAddressBook(node.host),
@@ -244,7 +244,7 @@ async def _one_process_worker(n: int, ops: int, warmup: int, seed: int) -> dict:
         hosts = []
         for _ in range(n):
             ident = Identity.generate()
-            node, _events = await stack.enter_async_context(
+            node = await stack.enter_async_context(
                 open_libp2p_node(ident, ["/ip4/127.0.0.1/tcp/0"]))
             hosts.append((ident, node))
         async with trio.open_nursery() as nursery:

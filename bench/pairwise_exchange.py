@@ -70,7 +70,7 @@ def _ours(args, role: str) -> None:
 
     async def main():
         quiet_libp2p_logging(40)
-        async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (node, _):
+        async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as node:
             async with trio.open_nursery() as nursery:
                 listener = await nursery.start(serve_bulk_listener)
                 if role == "b":

@@ -208,14 +208,14 @@ def ours_recv(args) -> None:
     sys.path.insert(0, str(ROOT))
     import trio
 
-    from lattice.core.bulk_frames import BulkLimits
+    from lattice.core.arrays import ArrayLimits
     from lattice.core.identity import Identity
     from lattice.net.bulk import PROTOCOL as BULK, receive_array, serve_bulk_listener
     from lattice.net.host import open_libp2p_node, quiet_libp2p_logging
 
     async def main():
         quiet_libp2p_logging(40)
-        async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (node, _):
+        async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as node:
             async with trio.open_nursery() as nursery:
                 listener = await nursery.start(serve_bulk_listener)
                 done = trio.Event()
@@ -223,7 +223,7 @@ def ours_recv(args) -> None:
 
                 async def handler(stream):
                     array = await receive_array(stream, listener=listener,
-                                                limits=BulkLimits(max_bytes=args.nbytes))
+                                                limits=ArrayLimits(max_bytes=args.nbytes))
                     check(array, args.nbytes)
                     emit(cpu=tree_cpu())
                     count[0] += 1
@@ -250,7 +250,7 @@ def ours_send(args, *, direct: bool) -> None:
 
     async def main():
         quiet_libp2p_logging(40)
-        async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (node, _):
+        async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as node:
             peer = await node.connect(args.peer)
             config = BulkConfig(direct=direct)
             for _ in range(args.reps):

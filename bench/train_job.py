@@ -32,7 +32,7 @@ from lattice.core.jobs import parse_train_spec  # noqa: E402
 from lattice.learn.simulate import JobSpec, centralized_baseline, simulate  # noqa: E402
 from lattice.learn.tasks import get_task  # noqa: E402
 from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync  # noqa: E402
-from lattice.net.jobs import JobsConfig, serve_jobs  # noqa: E402
+from lattice.jobs import JobsConfig, serve_jobs  # noqa: E402
 from lattice.testing.memnet import MemoryNetwork  # noqa: E402
 
 
@@ -46,7 +46,7 @@ async def run_memnet(spec: dict, peers: int, seed: int) -> dict:
             await nursery.start(peer.serve)
             store, _ = open_state(peer.identity, None, now=time.time())
             sync = await nursery.start(lambda task_status, p=peer, s=store: serve_crdt_sync(
-                p, s, config=SyncConfig(anti_entropy_interval=2.0, connect_interval=0.5), rng=rng,
+                p, s, config=SyncConfig(anti_entropy_interval=2.0), rng=rng,
                 task_status=task_status))
             nodes.append((peer, store, sync))
         for i, (peer, _, sync) in enumerate(nodes):

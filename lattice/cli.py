@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import tempfile
@@ -94,6 +95,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                                       f"{relay.get('circuits', 0)} circuits"))
         for peer, why in sorted((reach.get("relayed_peers") or {}).items()):
             lines.append(("relayed", f"{peer}: {why}"))
+    gov = st.get("governor")
+    if isinstance(gov, dict):
+        lines.append(("governor", gov["summary"]))
+        if gov.get("transfer_reasons"):
+            lines.append(("transfers", gov["transfers"]))
     for extra in ("dht", "state_sync"):
         if isinstance(st.get(extra), dict):
             flat = {k: v for k, v in st[extra].items() if not isinstance(v, (dict, list))}
@@ -292,6 +298,39 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration_arg(text: str) -> float:
+    """``90s``, ``15m``, ``2h``, ``1d``, ``1h30m`` -> seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 2h, 1d or 1h30m")
+    seconds = sum(float(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("the duration must be positive")
+    return seconds
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        gov = c.pause(for_s=args.for_s, reason=args.reason)
+    if args.json:
+        _emit_json(gov)
+    else:
+        print(gov["summary"])
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        gov = c.resume()
+    if args.json:
+        _emit_json(gov)
+    elif gov["state"] == "running":
+        print("running")
+    else:
+        print(f"resumed by you, but still {gov['summary']}")
+    return 0
+
+
 def cmd_models_list(args: argparse.Namespace) -> int:
     with connect(args.socket) as c:
         models = c.models()
@@ -305,20 +344,30 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     for mid, m in sorted(models.items()):
         metrics = m.get("metrics") or {}
         acc = metrics.get("accuracy")
-        rows.append([mid, (m.get("job") or "-")[:16], "-" if acc is None else f"{100 * acc:.2f}%",
-                     str(metrics.get("participants", "-"))])
-    print(_table(rows, ["MODEL ID", "JOB", "ACCURACY", "PARTICIPANTS"]))
+        made = f"job {m['job'][:12]}" if m.get("job") else (m.get("method") or "import")
+        rows.append([mid, (m.get("name") or "-")[:24], made, "-" if acc is None else f"{100 * acc:.2f}%",
+                     _bytes_text(int(m["bytes"])) if isinstance(m.get("bytes"), int) else "-"])
+    print(_table(rows, ["MODEL ID", "NAME", "MADE BY", "ACCURACY", "SIZE"]))
     return 0
 
 
 def cmd_models_get(args: argparse.Namespace) -> int:
     from lattice.demo import download_model
+    from lattice.learn.modelfile import MANIFEST_MAGIC
     out = Path(args.output)
     if out.suffix not in (".npz", ".safetensors"):
         print("lattice: -o FILE must end in .npz or .safetensors", file=sys.stderr)
         return 2
     with connect(args.socket, timeout=None) as c:
         data = download_model(c, args.model_id)
+        if data.startswith(MANIFEST_MAGIC):  # a v2 model: its blob is the manifest of its pieces
+            if out.suffix != ".safetensors":
+                print("lattice: this model is stored as pieces: `lattice models export ID -o "
+                      "FILE.safetensors`, or -o FILE.safetensors here", file=sys.stderr)
+                return 2
+            r = c.export_model(args.model_id, str(out.resolve()))
+            print(f"wrote {r['path']} ({r['bytes']} bytes), model {args.model_id}")
+            return 0
     if out.suffix == ".safetensors":
         out.write_bytes(data)
     else:
@@ -326,6 +375,90 @@ def cmd_models_get(args: argparse.Namespace) -> int:
         arrays, meta = loads_safetensors(data)
         save_npz(out, arrays, meta)
     print(f"wrote {out} ({out.stat().st_size} bytes), model {args.model_id} verified")
+    return 0
+
+
+def _bytes_text(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_model(args: argparse.Namespace, r: dict[str, Any], verb: str) -> int:
+    if args.json:
+        _emit_json(r)
+        return 0
+    dtypes = ", ".join(f"{k} x{v}" for k, v in (r.get("dtypes") or {}).items())
+    print(f"{verb} model {r['id']}" + (f" ({r['name']})" if r.get("name") else ""))
+    print(f"  {r.get('tensors', '?')} tensors, {_bytes_text(int(r.get('bytes') or 0))}; {dtypes}")
+    return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    with connect(args.socket, timeout=None) as c:
+        r = c.import_model(str(Path(args.path).resolve()), args.name)
+    return _print_model(args, r, "imported")
+
+
+def cmd_models_export(args: argparse.Namespace) -> int:
+    with connect(args.socket, timeout=None) as c:
+        r = c.export_model(args.model_id, str(Path(args.output).resolve()), args.shard_bytes)
+    if args.json:
+        _emit_json(r)
+    else:
+        print(f"wrote {r['path']}: {', '.join(r['files'])} ({_bytes_text(r['bytes'])})")
+    return 0
+
+
+def cmd_models_merge(args: argparse.Namespace) -> int:
+    config = spec = None
+    if args.config:
+        if args.models or args.method:
+            print("lattice: --config replaces --method and --models", file=sys.stderr)
+            return 2
+        config = Path(args.config).read_text()
+    else:
+        if not args.method or not args.models:
+            print("lattice: give --method and --models (or --config FILE)", file=sys.stderr)
+            return 2
+        params = {k: v for k, v in (("density", args.density), ("lambda", args.lambda_), ("t", args.t),
+                                    ("gamma", args.gamma), ("epsilon", args.epsilon), ("seed", args.seed))
+                  if v is not None}
+        spec = {"method": args.method, "models": args.models, "base": args.base, "weights": args.weights,
+                "dtype": args.dtype, "parameters": params}
+        spec = {k: v for k, v in spec.items() if v is not None}
+    with connect(args.socket, timeout=None) as c:
+        r = c.merge_models(spec, config, args.name)
+    return _print_model(args, r, f"merged ({r.get('method')})")
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    with connect(args.socket, timeout=None) as c:
+        r = c.verify_model(args.model_id, args.tensors)
+    if args.json:
+        _emit_json(r)
+    elif r["matches"]:
+        print(f"every byte of {r['checked']} tensors matches: {r['model_id']} is {r['method']} of its inputs")
+    else:
+        print(f"MISMATCH in {len(r['mismatches'])} of {r['checked']} tensors of {r['model_id']}:")
+        for name, reason in sorted(r["mismatches"].items()):
+            print(f"  {name}: {reason}")
+    return 0 if r["matches"] else 1
+
+
+def cmd_models_info(args: argparse.Namespace) -> int:
+    with connect(args.socket, timeout=None) as c:
+        r = c.model_info(args.model_id)
+    if args.json:
+        _emit_json(r)
+        return 0
+    print(f"model {r['model_id']} ({r['format']})")
+    for k, v in sorted(r["metadata"].items()):
+        print(f"  {k}: {v if len(v) < 200 else v[:200] + '…'}")
+    rows = [[n, t["dtype"], "x".join(map(str, t["shape"])) or "scalar"] for n, t in r["tensors"].items()]
+    print(_table(rows, ["TENSOR", "DTYPE", "SHAPE"]))
     return 0
 
 
@@ -499,6 +632,51 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model_id")
     m.add_argument("-o", "--output", required=True, help="FILE.npz or FILE.safetensors")
     m.set_defaults(func=cmd_models_get)
+    m = msub.add_parser("import", parents=[common, js], help="import a .safetensors file, a Hugging "
+                        "Face directory (sharded) or an .npz; the daemon reads PATH")
+    m.add_argument("path")
+    m.add_argument("--name", help="a name for the registry (default: the file name)")
+    m.set_defaults(func=cmd_models_import)
+    m = msub.add_parser("export", parents=[common, js], help="write a model to FILE.safetensors or a "
+                        "Hugging Face directory (sharded when large); the daemon writes it")
+    m.add_argument("model_id", help="model id or name")
+    m.add_argument("-o", "--output", required=True, help="FILE.safetensors or DIR")
+    m.add_argument("--shard-bytes", type=int, help="bytes per shard in DIR (default: the daemon's)")
+    m.set_defaults(func=cmd_models_export)
+    m = msub.add_parser("merge", parents=[common, js], help="merge models on this daemon "
+                        "(proto/merge.md); the result records how it was made")
+    m.add_argument("--method", help="linear | slerp | task_arithmetic | ties | dare_linear | "
+                   "dare_ties | breadcrumbs | della | model_stock | nuslerp")
+    m.add_argument("--models", nargs="+", metavar="ID", help="input model ids or names, in order")
+    m.add_argument("--base", metavar="ID", help="the base model")
+    m.add_argument("--weights", nargs="+", type=float, help="one weight per model")
+    m.add_argument("--density", type=float)
+    m.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged task vector")
+    m.add_argument("--t", type=float, help="slerp's interpolation factor")
+    m.add_argument("--gamma", type=float, help="breadcrumbs: share of the largest entries dropped")
+    m.add_argument("--epsilon", type=float, help="della: spread of keep probabilities")
+    m.add_argument("--seed", type=int, help="DARE/DELLA mask seed (default 0)")
+    m.add_argument("--dtype", help="output dtype: float32 | float16 | bfloat16 | float64")
+    m.add_argument("--config", help="a mergekit YAML config (model references: ids or names)")
+    m.add_argument("--name", help="a name for the registry")
+    m.set_defaults(func=cmd_models_merge)
+    m = msub.add_parser("verify", parents=[common, js], help="recompute a merged model from its "
+                        "inputs and say whether every byte matches (exit 1 if not)")
+    m.add_argument("model_id", help="model id or name")
+    m.add_argument("--tensors", nargs="+", metavar="PATTERN", help="only tensors matching these globs")
+    m.set_defaults(func=cmd_models_verify)
+    m = msub.add_parser("info", parents=[common, js], help="a model's metadata and tensors")
+    m.add_argument("model_id", help="model id or name")
+    m.set_defaults(func=cmd_models_info)
+
+    s = sub.add_parser("pause", parents=[common, js],
+                       help="pause job compute (stays in the network); survives a restart")
+    s.add_argument("--for", dest="for_s", type=_duration_arg, metavar="DURATION",
+                   help="30m, 2h, 1d, 1h30m (default: until `lattice resume`)")
+    s.add_argument("--reason", default="", help="shown in `lattice status`")
+    s.set_defaults(func=cmd_pause)
+    s = sub.add_parser("resume", parents=[common, js], help="lift a pause set by `lattice pause`")
+    s.set_defaults(func=cmd_resume)
 
     s = sub.add_parser("events", parents=[common], help="stream daemon events as JSON lines")
     s.add_argument("--topic", action="append", help="peers | daemon (repeatable; default both)")

@@ -3,6 +3,7 @@
 #   bench/.venv-hivemind  hivemind (torch pinned to the local CPU build first: an
 #                         unpinned torch pulls gigabytes of CUDA packages)
 #   bench/.venv-lattica   lattica (Rust core, PyPI)
+#   bench/.venv-mergekit  mergekit 0.1.5 (torch pinned to the local CPU build first, as above)
 # Idempotent: an existing, working venv is kept.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,4 +24,5 @@ make_venv() {  # name, check-import, packages...
 
 make_venv hivemind hivemind "torch==2.13.0" "hivemind numpy"
 make_venv lattica lattica "lattica numpy"
+make_venv mergekit mergekit "torch==2.13.0" "mergekit==0.1.5"
 echo "anchors: ready" >&2

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lattice.api import paths
+from lattice.core.governor import VolunteerConfig, VolunteerConfigError
 
 ENV_PREFIX = "LATTICE_"
 
@@ -88,6 +89,25 @@ class Setting:
         return ENV_PREFIX + tail.upper()
 
 
+def _loopback_listen(key: str, value: Any) -> str:
+    if value == "":
+        return value
+    from latticed.metrics import parse_listen  # imports prometheus_client: only when on
+    try:
+        parse_listen(value)
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
+    return value
+
+
+_VOLUNTEER = VolunteerConfig()  # the [volunteer] defaults are the dataclass's
+
+
+def _volunteer(name: str, type_: type, doc: str) -> Setting:
+    """A [volunteer] setting: default from `VolunteerConfig`, checked by it after loading."""
+    return Setting(f"volunteer.{name}", type_, getattr(_VOLUNTEER, name), doc)
+
+
 SETTINGS: list[Setting] = [
     Setting("node.state_dir", Path, None,
             "where identity, lock, socket and state live (default: $XDG_STATE_HOME/lattice)"),
@@ -103,6 +123,11 @@ SETTINGS: list[Setting] = [
     Setting("rpc.max_frame_bytes", int, 4 << 20, "largest accepted local RPC frame",
             _at_least(1024)),
     Setting("rpc.max_clients", int, 64, "concurrent local RPC connections", _at_least(1)),
+    Setting("rpc.max_in_flight", int, 32, "requests one local connection may have in "
+            "flight at once (OVERLOADED beyond)", _at_least(1)),
+    Setting("rpc.read_group", str, "", "a group (name or gid) whose members may use the "
+            "socket with read access only (status, peers, jobs list...); the socket becomes "
+            "mode 0660 with that group. Empty: only our uid and root"),
     Setting("rpc.subscriber_queue", int, 256,
             "events buffered per subscriber before it is marked lagging", _at_least(1)),
     Setting("limits.max_connections", int, 256, "peer connections kept at most", _at_least(1)),
@@ -171,6 +196,18 @@ SETTINGS: list[Setting] = [
             "announcements are re-sent this often", _at_least(1.0)),
     Setting("dht.max_records_total", int, 20000, "records stored for others, at most",
             _at_least(1)),
+    Setting("dht.max_records_per_publisher", int, 1024, "records (and provider "
+            "announcements) of one publisher stored for others, at most", _at_least(1)),
+    Setting("dht.max_records_per_ip", int, 2000, "records (and provider announcements) "
+            "delivered from one source network stored for others, at most; a full store "
+            "evicts from the biggest network first", _at_least(1)),
+    Setting("dht.source_prefix_v4", int, 24, "the IPv4 prefix length one source network "
+            "spans for max_records_per_ip", _at_least(8)),
+    Setting("dht.source_prefix_v6", int, 48, "the IPv6 prefix length one source network "
+            "spans for max_records_per_ip", _at_least(16)),
+    Setting("dht.penalty_backoff_s", float, 60.0, "a peer that broke the DHT protocol is "
+            "refused this long (doubling with each further offence, at most 1 h)",
+            _at_least(1.0)),
     Setting("jobs.accept_tasks", list, ["digits-softmax", "digits-mlp", "breast-cancer-logreg"],
             "training tasks this daemon volunteers for (advertised in its member record)"),
     Setting("jobs.allowed_plugins", list, [], "plugin tasks (entry points in group "
@@ -187,8 +224,44 @@ SETTINGS: list[Setting] = [
             _at_least(0)),
     Setting("bulk.advertise", list, [], "IP addresses peers reach the side channel at "
             "(default: the listen addresses, 0.0.0.0 replaced by the host's interface addresses)"),
+    Setting("bulk.max_handshakes", int, 64, "side-channel connections waiting for their "
+            "hello at once", _at_least(1)),
+    Setting("bulk.max_handshakes_per_ip", int, 4, "of those, from one source network "
+            "(IPv4 /24, IPv6 /48)", _at_least(1)),
+    Setting("bulk.hello_timeout_s", float, 3.0, "a side-channel connection that has not "
+            "sent its 72-byte hello by then is closed", _at_least(0.1)),
     Setting("blobs.max_store_bytes", int, 4 << 30, "disk used for model blobs, at most",
             _at_least(1 << 20)),
+    Setting("models.compute_threads", int, 1, "worker threads for importing, merging and "
+            "exporting models", _at_least(1)),
+    Setting("models.fetch_timeout_s", float, 120.0, "one model piece from the network, at most",
+            _at_least(1.0)),
+    Setting("models.fetch_parallel", int, 4, "model pieces fetched at once", _at_least(1)),
+    Setting("models.export_shard_bytes", int, 4 << 30, "models export DIR starts a new "
+            "shard after this many bytes", _at_least(1 << 20)),
+    _volunteer("run_when", str, "compute always, or only when the user is idle: always | idle"),
+    _volunteer("idle_after_min", float, "minutes without user input before the machine is idle"),
+    _volunteer("pause_if_busy_percent", float, "pause compute while other programs use more "
+               "than this share of all CPUs (0: never)"),
+    _volunteer("busy_window_s", float, "other programs' CPU use is averaged over this long"),
+    _volunteer("pause_on_battery", bool, "pause compute on battery"),
+    _volunteer("priority", str, "compute threads' CPU priority: idle (SCHED_IDLE) | low "
+               "(nice 19) | normal"),
+    _volunteer("max_cores", int, "cores compute may run on (0: all)"),
+    _volunteer("cpu_percent", float, "share of those cores' time compute may use, averaged "
+               "over a minute"),
+    _volunteer("compute_schedule", str, "when compute may run: 'mon-fri 18:00-08:00; sat,sun' "
+               "('': any time)"),
+    _volunteer("network_schedule", str, "when transfers may run ('': any time)"),
+    _volunteer("max_memory_mb", float, "memory job compute may use, MB (0: no cap)"),
+    _volunteer("keep_free_gb", float, "disk space the blob store always leaves free, GB"),
+    _volunteer("upload_mbit_s", float, "upload rate limit for transfers, Mbit/s (0: none)"),
+    _volunteer("download_mbit_s", float, "download rate limit for transfers, Mbit/s (0: none)"),
+    _volunteer("monthly_data_gb", float, "transfers stop after this much a month, GB (0: no cap)"),
+    _volunteer("data_reset_day", int, "day of the month (1-28) the data allowance starts over"),
+    _volunteer("signal_interval_s", float, "how often battery, input and CPU load are read"),
+    Setting("metrics.listen", str, "", "Prometheus text endpoint on loopback, host:port "
+            "('': off)", _loopback_listen),
 ]
 BY_KEY = {s.key: s for s in SETTINGS}
 
@@ -265,6 +338,11 @@ class Config:
     def socket(self) -> Path:
         return self._values["node.socket"]
 
+    @property
+    def read_gid(self) -> int | None:
+        """`rpc.read_group` as a gid (checked when the config is loaded)."""
+        return _group_id(self._values["rpc.read_group"])
+
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
@@ -281,6 +359,24 @@ class Config:
                 section = sec
             lines.append(f"{name} = {_toml_value(self._values[s.key])}  # {self.sources[s.key]}")
         return "\n".join(lines) + "\n"
+
+
+def _group_id(group: str) -> int | None:
+    """A group name or numeric gid as a gid; None for ""; ConfigError if unknown."""
+    if not group:
+        return None
+    if group.isdigit():
+        return int(group)
+    import grp
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError("rpc.read_group", f"no group named {group!r} on this system") from None
+def volunteer_config(values: Config | dict[str, Any]) -> VolunteerConfig:
+    """The `[volunteer]` section as the governor takes it."""
+    data = values.as_dict() if isinstance(values, Config) else values
+    return VolunteerConfig.from_mapping({k: v for k, v in data.items()
+                                         if k.startswith("volunteer.")})
 
 
 def _toml_value(v: Any) -> str:
@@ -343,6 +439,11 @@ def load(*, config_file: Path | None, flags: dict[str, Any],
     for s in SETTINGS:
         if s.check is not None and values[s.key] is not None:
             values[s.key] = s.check(s.key, values[s.key])
+    try:
+        volunteer_config(values)
+    except VolunteerConfigError as e:
+        raise ConfigError(e.key, str(e).removeprefix(e.key).strip(),
+                          sources.get(e.key, "")) from None
 
     if values["node.state_dir"] is None:
         values["node.state_dir"] = paths.default_state_dir()
@@ -352,6 +453,7 @@ def load(*, config_file: Path | None, flags: dict[str, Any],
         values["node.socket"] = paths.socket_in(values["node.state_dir"])
         sources["node.socket"] = "default (<state_dir>/latticed.sock)"
     values["node.socket"] = Path(values["node.socket"]).expanduser().absolute()
+    _group_id(values["rpc.read_group"])  # an unknown group is a config error, now
     # sun_path is 108 bytes on Linux; a longer path fails later with an obscure error
     if len(os.fsencode(str(values["node.socket"]))) > 107:
         raise ConfigError("node.socket", f"path {values['node.socket']} is longer than "

@@ -12,12 +12,16 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from latticed import __version__
 from latticed import config as config_mod
 from latticed import statedir
+
+if TYPE_CHECKING:
+    from latticed.node import Node
 
 log = logging.getLogger("latticed")
 
@@ -72,6 +76,8 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from latticed.governor import cap_blas_threads
+    cap_blas_threads()  # before numpy loads: job compute stays on the governed threads
     args = build_parser().parse_args(argv)
     try:
         cfg = config_mod.load(config_file=args.config, flags=flags_from_args(args))
@@ -101,46 +107,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(cfg: config_mod.Config) -> int:
-    from latticed.daemon import Daemon
+    from latticed.node import Node, StartupError
 
     try:
-        daemon = Daemon(cfg)
+        node = Node.create(cfg)
     except statedir.StateDirError as e:
         print(f"latticed: {e}", file=sys.stderr)
         return 1
     code = 0
+    try:
+        await _serve_until_signalled(node)
+    except* StartupError as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        print(f"latticed: cannot start: {first}", file=sys.stderr)
+        code = 1
+    log.info("stopped")
+    return code
+
+
+async def _serve_until_signalled(node: "Node") -> None:
+    from latticed.node import STOPPING, serve_node
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             async def stop_on_signal() -> None:
                 async for signum in signals:
                     log.info("received %s, stopping", signal.Signals(signum).name)
-                    daemon.set_state("stopping")
+                    node.set_state(STOPPING)
                     with trio.move_on_after(0.5):  # let subscribers see "stopping"
-                        await daemon.bus.wait_drained()
+                        await node.bus.wait_drained()
                     nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S
                     nursery.cancel_scope.cancel()
                     return
 
             nursery.start_soon(stop_on_signal)
-            try:
-                await daemon.run()
-            except (RuntimeError, OSError, ValueError) as e:
-                if not _is_startup_error(e):
-                    raise
-                print(f"latticed: cannot start: {e}", file=sys.stderr)
-                code = 1
-                nursery.cancel_scope.cancel()
-    log.info("stopped")
-    return code
-
-
-def _is_startup_error(e: BaseException) -> bool:
-    """Errors that mean 'this configuration cannot run here' (a taken port, a live
-    socket), as opposed to bugs, which propagate with a traceback."""
-    text = str(e)
-    return (isinstance(e, OSError) or "another daemon is serving" in text
-            or "not a socket" in text or "bad listen address" in text
-            or "Address already in use" in text or "Failed to listen" in text.lower())
+            await serve_node(node)
+            nursery.cancel_scope.cancel()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
 """The local RPC server: msgpack-RPC over a Unix domain socket.
 
-Owns the socket file (mode 0600), peer-credential checks (same uid or root), framing
-limits, dispatch through the method table, and streaming notifications to subscribers.
+Owns the socket file (mode 0600; 0660 with `rpc.read_group`), peer-credential checks
+(same uid or root: full access; a member of the read group: read access only), framing
+limits, the two wire forms (length-prefixed frames, or a plain msgpack-RPC stream as
+neovim's clients speak it: told apart by a connection's first byte), dispatch through
+the method table with each method's declared access enforced, and streaming
+notifications to subscribers.
 
 Failure policy (`serve_rpc`): a misbehaving client gets a typed error or, for bytes that
 cannot be framed, a closed connection; it is counted in `RpcStats` and every other
-client is unaffected. A handler that raises `LatticeError` answers with its code; any
+client is unaffected. Client bytes are parsed (framing, then each method's params)
+through `parse_peer_input`, so whatever a parser raises on them is the client's error
+(a closed connection, or INVALID_PARAMS), never the daemon's. A handler that raises `LatticeError` answers with its code; any
 other exception in a handler is a daemon bug: it is logged with its traceback and
 answered with INTERNAL so one bad request cannot take the daemon down.
 """
@@ -28,6 +34,7 @@ from lattice.api.errors import (
     ErrorCode,
     FrameTooLargeError,
     InternalError,
+    InvalidParamsError,
     InvalidRequestError,
     LatticeError,
     MethodNotFoundError,
@@ -43,23 +50,28 @@ from lattice.api.framing import (
     Frame,
     FrameDecoder,
     OversizedFrame,
+    StreamDecoder,
     Unrecoverable,
     frame,
+    is_plain_stream,
 )
-from lattice.api.methods import METHODS, Method
+from lattice.api.methods import METHODS, READ, WRITE, Method
+from lattice.core.codec import pack
+from lattice.net.streams import RemoteProtocolError, parse_peer_input
 
 from latticed.events import EventBus, Subscription
 
 log = logging.getLogger("latticed.rpc")
 
-MAX_IN_FLIGHT_PER_CLIENT = 32
 
 
 @dataclass
 class RpcStats:
     connections_total: int = 0
     connections_open: int = 0
+    plain_connections: int = 0
     refused_credentials: int = 0
+    refused_access: int = 0
     refused_overloaded: int = 0
     requests: int = 0
     parse_errors: int = 0
@@ -76,22 +88,31 @@ class RpcStats:
 
 
 class ClientConnection:
-    """One local client: what a handler may use (credentials, subscriptions)."""
+    """One local client: what a handler may use (credentials, access, subscriptions).
 
-    def __init__(self, server: "RpcServer", stream: trio.SocketStream, uid: int, pid: int) -> None:
+    ``plain`` connections speak the msgpack-RPC specification's own form: no length
+    prefixes, and notification params are an array (``[2, "event", [{...}]]``)."""
+
+    def __init__(self, server: "RpcServer", stream: trio.SocketStream, uid: int, pid: int,
+                 access: str) -> None:
         self.server = server
         self.stream = stream
         self.uid = uid
         self.pid = pid
+        self.access = access
+        self.plain = False
         self._send_lock = trio.Lock()
         self.subscriptions: dict[int, Subscription] = {}
         self.nursery: trio.Nursery | None = None
         self.in_flight = 0
 
     async def send(self, message: Any) -> None:
-        data = frame(message)
+        data = pack(message) if self.plain else frame(message)
         async with self._send_lock:
             await self.stream.send_all(data)
+
+    async def notify(self, event: dict[str, Any]) -> None:
+        await self.send([NOTIFICATION, "event", [event] if self.plain else event])
 
     def start_subscription(self, sub: Subscription) -> None:
         assert self.nursery is not None
@@ -100,7 +121,7 @@ class ClientConnection:
 
     async def _pump(self, sub: Subscription) -> None:
         async for event in sub.receive:
-            await self.send([NOTIFICATION, "event", {"subscription": sub.id, **event}])
+            await self.notify({"subscription": sub.id, **event})
             self.server.stats.notifications_sent += 1
             sub.sent_one()
 
@@ -117,9 +138,14 @@ class ClientConnection:
 Handler = Callable[..., Awaitable[Any]]
 
 
+class SocketInUse(RuntimeError):
+    """The socket path is served by another daemon, or is not a socket at all."""
+
+
 class RpcServer:
     def __init__(self, path: Path, handlers: dict[str, Handler], bus: EventBus, *,
-                 max_frame: int, max_clients: int) -> None:
+                 max_frame: int, max_clients: int, max_in_flight: int = 32,
+                 read_gid: int | None = None, owner_uids: frozenset[int] | None = None) -> None:
         missing = sorted(set(METHODS) - set(handlers))
         if missing:
             raise RuntimeError(f"no handler for RPC method(s): {', '.join(missing)}")
@@ -131,9 +157,22 @@ class RpcServer:
         self.bus = bus
         self.max_frame = max_frame
         self.max_clients = max_clients
+        self.max_in_flight = max_in_flight
+        self.read_gid = read_gid
         self.stats = RpcStats()
-        self._allowed_uids = {os.getuid(), 0}
+        # who gets write access: our uid and root (injectable for tests)
+        self._owner_uids = owner_uids if owner_uids is not None else frozenset({os.getuid(), 0})
         self._inode = -1
+
+    def access_of(self, pid: int, uid: int, gid: int) -> str | None:
+        """What a process may do: WRITE for our own uid and root, READ for a member of
+        the read group (its primary or a supplementary group), None otherwise."""
+        if uid in self._owner_uids:
+            return WRITE
+        if self.read_gid is not None and (gid == self.read_gid
+                                          or self.read_gid in _supplementary_groups(pid)):
+            return READ
+        return None
 
     def bind(self) -> trio.socket.SocketType:
         """Create the listening socket, mode 0600, replacing a stale socket file only."""
@@ -141,9 +180,9 @@ class RpcServer:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+                raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
             if _socket_is_live(path):
-                raise RuntimeError(f"another daemon is serving {path}")
+                raise SocketInUse(f"another daemon is serving {path}")
             path.unlink()
         # Bind and listen under a temporary name, then rename into place: the path
         # appears only once it accepts connections (a client that sees the file and
@@ -160,7 +199,11 @@ class RpcServer:
         finally:
             os.umask(old_umask)
         try:
-            os.chmod(tmp, 0o600)
+            if self.read_gid is not None:  # the read group may connect (for read access)
+                os.chown(tmp, -1, self.read_gid)
+                os.chmod(tmp, 0o660)
+            else:
+                os.chmod(tmp, 0o600)
             sock.listen(512)  # bursts of local clients queue instead of getting EAGAIN
             if tmp != path:
                 os.rename(tmp, path)
@@ -192,13 +235,16 @@ class RpcServer:
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
         async with stream:
-            pid, uid, _gid = _peer_credentials(stream.socket)
+            pid, uid, gid = _peer_credentials(stream.socket)
             self.stats.connections_total += 1
-            if uid not in self._allowed_uids:
+            access = self.access_of(pid, uid, gid)
+            if access is None:
                 self.stats.refused_credentials += 1
                 log.warning("refused local client pid=%s uid=%s: not our uid", pid, uid)
                 await _send_error_and_close(stream, PermissionDeniedError(
-                    f"uid {uid} may not use this daemon (only uid {os.getuid()} or root)"))
+                    f"uid {uid} may not use this daemon (only uid {os.getuid()} or root"
+                    + (f", or read-only the group {self.read_gid}" if self.read_gid is not None
+                       else "") + ")"))
                 return
             if self.stats.connections_open >= self.max_clients:
                 self.stats.refused_overloaded += 1
@@ -206,7 +252,7 @@ class RpcServer:
                     f"too many local clients (limit rpc.max_clients={self.max_clients})"))
                 return
             self.stats.connections_open += 1
-            client = ClientConnection(self, stream, uid, pid)
+            client = ClientConnection(self, stream, uid, pid, access)
             try:
                 async with trio.open_nursery() as nursery:
                     client.nursery = nursery
@@ -220,7 +266,7 @@ class RpcServer:
                     client.stop_subscription(sub_id)
 
     async def _read_loop(self, client: ClientConnection, nursery: trio.Nursery) -> None:
-        decoder = FrameDecoder(self.max_frame)
+        decoder: FrameDecoder | StreamDecoder | None = None
         while True:
             try:
                 data = await client.stream.receive_some(65536)
@@ -228,7 +274,19 @@ class RpcServer:
                 return
             if not data:
                 return
-            for event in decoder.feed(data):
+            if decoder is None:
+                client.plain = is_plain_stream(data[0])
+                if client.plain:
+                    self.stats.plain_connections += 1
+                decoder = StreamDecoder(self.max_frame) if client.plain \
+                    else FrameDecoder(self.max_frame)
+            try:
+                events = parse_peer_input(decoder.feed, data)
+            except RemoteProtocolError as e:  # the decoder choked: its buffer is lost
+                self.stats.unrecoverable_streams += 1
+                log.info("closing local client pid=%s: %s", client.pid, e)
+                return
+            for event in events:
                 if isinstance(event, Frame):
                     self._dispatch(client, event.value, nursery)
                 elif isinstance(event, BadFrame):
@@ -241,6 +299,8 @@ class RpcServer:
                 elif isinstance(event, Unrecoverable):
                     self.stats.unrecoverable_streams += 1
                     log.info("closing local client pid=%s: %s", client.pid, event.reason)
+                    if client.plain:  # say why before hanging up: no frame to skip here
+                        await _reply_error(client, None, ParseError(event.reason))
                     return
 
     def _dispatch(self, client: ClientConnection, msg: Any, nursery: trio.Nursery) -> None:
@@ -250,7 +310,7 @@ class RpcServer:
             self.stats.invalid_requests += 1
             msgid = msg[1] if isinstance(msg, list) and len(msg) > 1 and isinstance(msg[1], int) else None
             nursery.start_soon(_reply_error, client, msgid, InvalidRequestError(
-                "expected [0, msgid:int, method:str, params:map]"))
+                "expected [0, msgid:int, method:str, params:map|array]"))
             return
         _, msgid, name, params = msg
         self.stats.requests += 1
@@ -260,9 +320,15 @@ class RpcServer:
             nursery.start_soon(_reply_error, client, msgid, MethodNotFoundError(
                 f"no method {name!r}; api.info lists them"))
             return
-        if client.in_flight >= MAX_IN_FLIGHT_PER_CLIENT:
+        if method.access == WRITE and client.access != WRITE:
+            self.stats.refused_access += 1
+            nursery.start_soon(_reply_error, client, msgid, PermissionDeniedError(
+                f"{name} changes the daemon's state; this connection has read access only"))
+            return
+        if client.in_flight >= self.max_in_flight:
             nursery.start_soon(_reply_error, client, msgid, OverloadedError(
-                f"more than {MAX_IN_FLIGHT_PER_CLIENT} requests in flight on one connection"))
+                f"more than {self.max_in_flight} requests in flight on one connection "
+                "(rpc.max_in_flight)"))
             return
         client.in_flight += 1
         nursery.start_soon(self._call, client, msgid, method, params)
@@ -270,7 +336,10 @@ class RpcServer:
     async def _call(self, client: ClientConnection, msgid: int, method: Method, params: Any) -> None:
         try:
             try:
-                kwargs = method.bind(params)
+                try:
+                    kwargs = parse_peer_input(method.bind, params, keep=(LatticeError,))
+                except RemoteProtocolError as e:
+                    raise InvalidParamsError(f"{method.name}: {e}") from None
                 result = await self.handlers[method.name](client, **kwargs)
             except LatticeError as e:
                 if e.code == ErrorCode.INVALID_PARAMS:
@@ -289,7 +358,11 @@ class RpcServer:
 
 
 async def _reply_error(client: ClientConnection, msgid: int | None, error: LatticeError) -> None:
-    await client.send([RESPONSE, msgid, error.to_wire(), None])
+    # Plain msgpack-RPC clients get Neovim's error shape, [code, message] (pynvim and
+    # its kin index it so); our framed clients get the map with name and data.
+    wire = ([int(error.code), f"{error.code.name}: {error.message}"] if client.plain
+            else error.to_wire())
+    await client.send([RESPONSE, msgid, wire, None])
 
 
 async def _send_error_and_close(stream: trio.SocketStream, error: LatticeError) -> None:
@@ -297,6 +370,18 @@ async def _send_error_and_close(stream: trio.SocketStream, error: LatticeError) 
         await stream.send_all(frame([RESPONSE, None, error.to_wire(), None]))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    """The supplementary gids of a local process (``Groups:`` of /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
 
 
 def _peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:

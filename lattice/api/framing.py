@@ -1,10 +1,17 @@
-"""Local RPC framing and message shapes (msgpack-RPC messages in length-prefixed frames).
+"""Local RPC framing and message shapes: msgpack-RPC messages, framed or plain.
 
 Messages are msgpack-RPC as neovim uses them: request ``[0, id, method, params]``,
-response ``[1, id, error, result]``, notification ``[2, method, params]``. Each travels
-in one frame: a 4-byte big-endian length, then the msgpack body. Length prefixes let a
-receiver refuse an oversized frame *and skip it*, so one bad request does not cost the
-client its connection. Pure: `FrameDecoder` is fed bytes and returns events.
+response ``[1, id, error, result]``, notification ``[2, method, params]``. A connection
+speaks one of two forms, told apart by its first byte (`is_plain_stream`):
+
+- *framed* (our clients): each message in one frame, a 4-byte big-endian length, then
+  the msgpack body. Length prefixes let a receiver refuse an oversized frame *and skip
+  it*, so one bad request does not cost the client its connection.
+- *plain* (the msgpack-RPC specification, as neovim and its client libraries speak it):
+  messages back to back in one msgpack stream. A message over the limit or bytes that
+  are not msgpack cannot be skipped in a stream: the connection is closed.
+
+Pure: `FrameDecoder` and `StreamDecoder` are fed bytes and return events.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from lattice.core.codec import DecodeError, pack, unpack
+import msgpack
+
+from lattice.core.codec import DecodeError, check_depth, make_unpacker, pack, unpack
 
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 HEADER = struct.Struct(">I")
@@ -25,6 +34,12 @@ HARD_MAX_FRAME = 1 << 30
 def frame(message: Any) -> bytes:
     body = pack(message)
     return HEADER.pack(len(body)) + body
+
+
+def is_plain_stream(first_byte: int) -> bool:
+    """A framed connection starts with a length below 2**24 (first byte 0); a plain
+    msgpack-RPC stream starts with an array: fixarray 0x90-0x9f, array16/32 0xdc/0xdd."""
+    return 0x90 <= first_byte <= 0x9F or first_byte in (0xDC, 0xDD)
 
 
 @dataclass
@@ -93,3 +108,54 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+
+class _TooLong(Exception):
+    pass
+
+
+class StreamDecoder:
+    """Sans-I/O splitter of a plain msgpack stream, with the same limits as `unpack`:
+    one message may not exceed ``max_message`` bytes. A message over it, or bytes that
+    are not msgpack, end the stream (`Unrecoverable`). Memory stays bounded by
+    ``max_message`` plus one fed chunk (64 KiB)."""
+
+    _CHUNK = 64 * 1024
+
+    def __init__(self, max_message: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_message = max_message
+        self._unpacker = make_unpacker(max_bytes=max_message + self._CHUNK)
+        self._fed = 0
+        self._dead = False
+
+    def feed(self, data: bytes) -> list[Frame | Unrecoverable]:
+        out: list[Frame | Unrecoverable] = []
+        for i in range(0, len(data), self._CHUNK):
+            if self._dead:
+                break
+            chunk = data[i:i + self._CHUNK]
+            try:
+                self._unpacker.feed(chunk)
+                self._fed += len(chunk)
+                start = self._unpacker.tell()
+                for value in self._unpacker:
+                    end = self._unpacker.tell()
+                    if end - start > self.max_message:
+                        raise _TooLong()
+                    check_depth(value)  # the streaming unpacker cannot bound nesting itself
+                    out.append(Frame(value))
+                    start = end
+            except _TooLong:
+                self._dead = True
+                out.append(Unrecoverable(f"a message exceeds {self.max_message} bytes"))
+                break
+            except (DecodeError, msgpack.FormatError, msgpack.StackError, ValueError,
+                    TypeError) as e:
+                self._dead = True
+                out.append(Unrecoverable(f"not a msgpack stream: {e}"))
+                break
+            # what is left buffered is the start of one message: bound it
+            if self._fed - self._unpacker.tell() > self.max_message:
+                self._dead = True
+                out.append(Unrecoverable(f"a message exceeds {self.max_message} bytes"))
+        return out

@@ -1,34 +1,19 @@
-"""The typed methods both clients offer, written once over an abstract `call`.
+"""The typed methods both clients offer, derived from the method table.
 
-Sync and async clients differ only in whether `call` blocks or awaits, so each method
-here returns the (method, params) pair and a result adapter."""
+Sync and async clients differ only in whether `call` blocks or awaits, so each maps a
+Python method name to the (method, params) pair here. The names come from
+`lattice.api.methods` (`Method.client`): the table is the only list of methods."""
 
 from __future__ import annotations
 
 from typing import Any
 
-# name -> (rpc method, python parameter names in order)
+from lattice.api.methods import METHODS
+
+# python name -> (rpc method, parameter names in the table's order)
 METHOD_MAP: dict[str, tuple[str, tuple[str, ...]]] = {
-    "api_info": ("api.info", ()),
-    "status": ("status", ()),
-    "peers": ("peers.list", ()),
-    "connect_peer": ("peers.connect", ("addr", "timeout")),
-    "members": ("members.list", ()),
-    "state_get": ("state.get", ("path",)),
-    "state_set": ("state.set", ("path", "value")),
-    "state_stats": ("state.stats", ()),
-    "dht_put": ("dht.put", ("key", "value", "ttl")),
-    "dht_get": ("dht.get", ("key", "fresh")),
-    "dht_provide": ("dht.provide", ("name",)),
-    "find_providers": ("dht.find_providers", ("name",)),
-    "find_peer": ("peers.find", ("peer_id",)),
-    "submit_job": ("jobs.submit", ("spec",)),
-    "jobs": ("jobs.list", ()),
-    "job": ("jobs.get", ("job_id",)),
-    "cancel_job": ("jobs.cancel", ("job_id",)),
-    "jobs_stats": ("jobs.stats", ()),
-    "models": ("models.list", ()),
-    "read_model": ("models.read", ("model_id", "offset", "length")),
+    m.client: (m.name, tuple(p.name for p in m.params))
+    for m in METHODS.values() if m.client is not None
 }
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from lattice.api.errors import LatticeError
 from lattice.client._methods import METHOD_MAP, params_for
 from lattice.client._session import (
     DaemonNotRunningError,
@@ -39,12 +40,14 @@ class AsyncClient:
                     chunk = b""
                 async with self._arrived:
                     if not chunk:
-                        self._closed = DaemonNotRunningError(
+                        # the daemon may have said why it hung up (permission, overload)
+                        errors = self._session.unsolicited_errors
+                        self._closed = errors.pop(0) if errors else DaemonNotRunningError(
                             self.socket_path, "the daemon closed the connection")
                     else:
                         try:
                             self._session.feed(chunk)
-                        except Exception as e:  # hand protocol errors to every waiter
+                        except LatticeError as e:  # hand protocol errors to every waiter
                             self._closed = e
                     self._arrived.notify_all()
                 if self._closed is not None:

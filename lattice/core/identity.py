@@ -11,6 +11,7 @@ A libp2p peer id for an Ed25519 key is the identity multihash of the protobuf
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -101,8 +102,10 @@ class Identity:
     seed: bytes
 
     @classmethod
-    def generate(cls) -> "Identity":
-        return cls(os.urandom(32))
+    def generate(cls, rng: random.Random | None = None) -> "Identity":
+        """A fresh key from the OS; from ``rng`` for reproducible tests only (a seeded
+        `random.Random` is not a source of secret keys)."""
+        return cls(rng.randbytes(32) if rng is not None else os.urandom(32))
 
     @property
     def _key(self) -> Ed25519PrivateKey:

@@ -9,7 +9,10 @@ pieces:
 - compression.py codecs (none, fp16, int8, topk:R) and error-feedback memory
 - optim.py       local SGD, the outer Nesterov step, LocalTrainer (checkpointable)
 - gossip.py      one pairwise averaging exchange, both sides' math
-- merge.py       merge methods, canonical model bytes and ids, .safetensors / .npz
+- modelfile.py   model formats: safetensors (hardened reader), BF16 words, .npz, v2 manifests
+- merge.py       the ten merge methods as streaming kernels; a train job's weighted average
+- mergespec.py   a merge's method, inputs and parameters; mergekit YAML configs
+- mergeengine.py whole models tensor by tensor: import, export, merge shares, verify
 - validate.py    checks on received tensors (InvalidTensor with stable reasons)
 - simulate.py    a whole train job in process, and the centralized baseline
 """
@@ -21,6 +24,7 @@ from lattice.learn.gossip import ParamChannel as ParamChannel
 from lattice.learn.gossip import exchange_in_process as exchange_in_process
 from lattice.learn.gossip import pair_average as pair_average
 from lattice.learn.gossip import pair_weights as pair_weights
+from lattice.learn.merge import MergeInputError as MergeInputError
 from lattice.learn.merge import ModelFormatError as ModelFormatError
 from lattice.learn.merge import canonical_model_bytes as canonical_model_bytes
 from lattice.learn.merge import dare as dare
@@ -36,6 +40,9 @@ from lattice.learn.merge import slerp as slerp
 from lattice.learn.merge import task_arithmetic as task_arithmetic
 from lattice.learn.merge import ties as ties
 from lattice.learn.merge import weighted_average as weighted_average
+from lattice.learn.mergespec import MergeSpec as MergeSpec
+from lattice.learn.mergespec import MergeSpecError as MergeSpecError
+from lattice.learn.modelfile import BFLOAT16 as BFLOAT16
 from lattice.learn.optim import LocalTrainer as LocalTrainer
 from lattice.learn.optim import OuterNesterov as OuterNesterov
 from lattice.learn.optim import participant_rng as participant_rng
@@ -54,7 +61,7 @@ from lattice.learn.validate import NormBound as NormBound
 from lattice.learn.validate import validate_tensor as validate_tensor
 
 __all__ = [
-    "CompressionSpecError", "DatasetsUnavailable", "ErrorFeedback", "InvalidTensor", "JobSpec", "LocalTrainer",
+    "BFLOAT16", "CompressionSpecError", "MergeInputError", "MergeSpec", "MergeSpecError", "DatasetsUnavailable", "ErrorFeedback", "InvalidTensor", "JobSpec", "LocalTrainer",
     "ModelFormatError", "NormBound", "OuterNesterov", "ParamChannel", "PartitionSchemeError", "Task", "TaskError",
     "canonical_model_bytes", "centralized_baseline", "dare", "exchange_in_process", "get_codec", "get_task",
     "linear", "load_npz", "load_safetensors", "loads_safetensors", "merge_models", "model_id", "pair_average", "pair_weights",

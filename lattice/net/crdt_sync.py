@@ -1,8 +1,9 @@
 """The trio driver of `/lattice/crdt-sync/1`, and the file that persists the state.
 
 Owns the I/O around `lattice.core.state`: running `SyncSession` machines over
-`PeerNetwork` streams (dialing connected peers, accepting inbound sessions, waking
-writers, periodic anti-entropy, penalizing peers that send invalid envelopes) and
+`PeerNetwork` streams (a session with each peer as its connection comes up, told by the
+network's peer events; accepting inbound sessions, waking writers, periodic
+anti-entropy, penalizing peers that send invalid envelopes) and
 `FileStateLog`, the append-only log in the state dir. Must not import libp2p: it talks
 to the network only through `lattice.net.streams.PeerNetwork`, so it runs unchanged
 over the real host and `lattice.testing.memnet`.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +48,8 @@ from lattice.core.state.sync import (
     SyncSession,
 )
 from lattice.net.streams import (
+    CONNECTED,
+    DISCONNECTED,
     CountingStream,
     PeerError,
     PeerNetwork,
@@ -208,9 +210,9 @@ class SyncConfig:
 
     anti_entropy_interval: float = 10.0
     """Mean seconds between summary exchanges with one random connected peer."""
-    connect_interval: float = 2.0
-    """How often connected peers without a session are looked for (a backstop: the
-    daemon calls `CrdtSync.peer_connected` as each connection comes up)."""
+    session_retry: float = 2.0
+    """A session that ended while its peer stays connected is dialed again this long
+    after (or when the peer's backoff ends, if it was penalized)."""
     hello_timeout: float = 10.0
     max_sessions: int = 256
     backoff_base: float = 5.0
@@ -238,6 +240,9 @@ class CrdtSync:
                            forward_fanout=config.forward_fanout, rng=rng, wake=self._wake)
         self._wakers: dict[int, trio.Event] = {}
         self._dialing: set[str] = set()
+        self._connected: set[str] = set()  # from the network's peer events
+        self._redial_at: dict[str, float] = {}
+        self._redial_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._closed = False
         self._self_synced = trio.Event()
@@ -264,12 +269,6 @@ class CrdtSync:
             self._dialing.discard(peer_id)
         self._nursery.start_soon(self._run_session, stream, True, None)
         return True
-
-    def peer_connected(self, peer_id: str) -> None:
-        """A connection to ``peer_id`` came up: start its session now rather than at the
-        next `SyncConfig.connect_interval` scan, so state follows a connect at once."""
-        if self._nursery is not None and self._should_dial(peer_id, self._clock()):
-            self._nursery.start_soon(self.connect, peer_id)
 
     async def wait_self_synced(self) -> None:
         """Wait until a peer has shown that we hold our own latest envelope.
@@ -359,7 +358,8 @@ class CrdtSync:
             try:
                 session = self.hub.open_session(
                     peer, initiator=initiator,
-                    session_id=secrets.token_hex(8) if initiator else None, now=self._clock())
+                    session_id=f"{self._rng.getrandbits(64):016x}" if initiator else None,
+                    now=self._clock())
             except SessionRefused as e:
                 log.debug("peer=%s crdt-sync session refused: %s", peer, e)
                 await _quietly(raw_stream.reset)
@@ -369,6 +369,8 @@ class CrdtSync:
             finally:
                 self.hub.close_session(session)
                 self._wakers.pop(id(session), None)
+                if not self._closed:
+                    self._schedule_redial(peer, self._clock() + self.config.session_retry)
         finally:
             if done is not None:
                 done.set()
@@ -432,16 +434,54 @@ class CrdtSync:
                 continue
             await send_frame(stream, msg)
 
-    async def _connect_loop(self) -> None:
-        """Keep one session per connected peer. Only the smaller peer id dials, so two
+    async def _keep_sessions(self) -> None:
+        """Keep one session per connected peer: start it as the connection comes up
+        (the network's peer events), and dial again when a session ends while the peer
+        stays connected (`_schedule_redial`). Only the smaller peer id dials, so two
         peers noticing each other at once do not open two sessions."""
+        with self.network.peer_events(buffer=self.config.max_sessions) as events:
+            self._resync_connected()  # peers connected before we listened
+            async for event in events:
+                if event.kind == CONNECTED:
+                    self._connected.add(event.peer_id)
+                    self._want_session(event.peer_id)
+                elif event.kind == DISCONNECTED:
+                    self._connected.discard(event.peer_id)
+                    self._redial_at.pop(event.peer_id, None)
+                else:  # lagged: events were dropped, read the truth once
+                    self._resync_connected()
+
+    def _resync_connected(self) -> None:
+        self._connected = set(self.network.connected_peers())
+        for peer in self._connected:
+            self._want_session(peer)
+
+    def _want_session(self, peer: str) -> None:
+        now = self._clock()
+        if self._should_dial(peer, now):
+            assert self._nursery is not None
+            self._nursery.start_soon(self.connect, peer)
+        elif self.hub.in_backoff(peer, now):
+            self._schedule_redial(peer, self.hub.backoff_until(peer) or now)
+
+    def _schedule_redial(self, peer: str, at: float) -> None:
+        if peer not in self._connected or self.network.peer_id >= peer:
+            return
+        at = max(at, self.hub.backoff_until(peer) or at)
+        if at < self._redial_at.get(peer, float("inf")):
+            self._redial_at[peer] = at
+            self._redial_changed.set()
+
+    async def _redial_when_due(self) -> None:
         while True:
+            self._redial_changed = trio.Event()
             now = self._clock()
-            for peer in self.network.connected_peers():
-                if self._should_dial(peer, now):
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self.connect, peer)
-            await trio.sleep(self.config.connect_interval)
+            for peer in [p for p, at in self._redial_at.items() if at <= now]:
+                del self._redial_at[peer]
+                self._want_session(peer)
+            wait = min(self._redial_at.values(), default=now + 3600.0) - now
+            with trio.move_on_after(max(wait, 0.0)):
+                await self._redial_changed.wait()
 
     def _should_dial(self, peer: str, now: float) -> bool:
         return (self.network.peer_id < peer and not self.hub.has_session(peer)
@@ -535,7 +575,8 @@ async def serve_crdt_sync(network: PeerNetwork, store: StateStore, *,
         network.set_stream_handler(PROTOCOL, sync._handle_inbound)
         if not sync.writable:
             nursery.start_soon(sync._allow_writes_after_timeout)
-        nursery.start_soon(sync._connect_loop)
+        nursery.start_soon(sync._keep_sessions)
+        nursery.start_soon(sync._redial_when_due)
         nursery.start_soon(sync._anti_entropy_loop)
         task_status.started(sync)
         try:

@@ -49,7 +49,17 @@ from libp2p.transport.tcp.tcp import TCP
 from libp2p.utils.address_validation import expand_wildcard_address
 
 from lattice.core.identity import Identity
-from lattice.net.streams import PeerError, StreamClosedError, StreamHandler, read_exactly
+from lattice.net.streams import (
+    CONNECTED,
+    DISCONNECTED,
+    PeerError,
+    PeerEvent,
+    PeerEventHub,
+    PeerEvents,
+    StreamClosedError,
+    StreamHandler,
+    read_exactly,
+)
 
 log = logging.getLogger("lattice.net.host")
 
@@ -85,6 +95,15 @@ PEER_ERRORS = _LIBP2P_PEER_ERRORS + (PeerError,)
 
 class DialError(PeerError):
     """A dial failed; the message says why in words a user can act on."""
+
+
+class BadDialTarget(DialError):
+    """What was given to dial is not a dialable address or peer id (or is ourselves):
+    the caller's mistake, not the network's."""
+
+
+class ListenError(ValueError):
+    """A listen address cannot be served (malformed, taken, or not on this host)."""
 
 
 # Failures py-libp2p logs at ERROR that are routine on a live network: a peer that
@@ -195,14 +214,6 @@ class Libp2pStream:
 
 
 @dataclass
-class PeerEvent:
-    kind: str  # "connected" | "disconnected"
-    peer_id: str
-    direction: str
-    addr: str
-
-
-@dataclass
 class _Conn:
     direction: str
     addrs: list[str]
@@ -259,17 +270,16 @@ def _conn_addrs(conn: INetConn) -> list[str]:
 class Libp2pNode:
     """A running libp2p host: implements `PeerNetwork` plus what the daemon shows."""
 
-    def __init__(self, host: Any, identity: Identity, events: trio.MemorySendChannel) -> None:
+    def __init__(self, host: Any, identity: Identity) -> None:
         self.host = host
         self.identity = identity
-        self._events = events
+        self.events = PeerEventHub()
         self._conns: dict[str, _Conn] = {}
         self.stream_retries = 0  # streams opened on a second try (see open_stream)
         # (when, listen addrs, what they expand to): interfaces are not re-read each call
         self._dialable: tuple[float, list[str], list[str]] = (-float("inf"), [], [])
         self._rtt_ms: dict[str, float] = {}
         self._measuring: set[str] = set()
-        self.dropped_events = 0
         self._reach: Callable[[str], Awaitable[Any]] | None = None  # see set_peer_router
 
     def set_peer_router(self, reach: Callable[[str], Awaitable[Any]] | None) -> None:
@@ -326,6 +336,9 @@ class Libp2pNode:
     def connected_peers(self) -> list[str]:
         return sorted(p.to_base58() for p in self.host.get_connected_peers())
 
+    def peer_events(self, *, buffer: int = 64) -> PeerEvents:
+        return self.events.subscribe(buffer)
+
     # -- address book (lattice.net.dht.AddressBook) ------------------------------------
     def add_addrs(self, peer_id: str, addrs: list[str], ttl: float = 3600.0) -> None:
         """Remember addresses a protocol learned so `open_stream` can dial the peer;
@@ -346,12 +359,8 @@ class Libp2pNode:
     def get_addrs(self, peer_id: str) -> list[str]:
         try:
             return [str(a) for a in self.host.get_peerstore().addrs(ID.from_base58(peer_id))]
-        except (ValueError, KeyError, LookupError):
+        except (ValueError, KeyError):  # a bad id; PeerStoreError (a KeyError): unknown
             return []
-        except Exception as e:  # py-libp2p raises PeerStoreError (an Exception) for unknown peers
-            if type(e).__name__ == "PeerStoreError":
-                return []
-            raise
 
     # -- addresses and dialing ------------------------------------------------------
     def listen_addrs(self) -> list[str]:
@@ -390,12 +399,12 @@ class Libp2pNode:
             maddr = multiaddr.Multiaddr(addr)
             info = info_from_p2p_addr(maddr)
         except (ValueError, TypeError, KeyError, multiaddr.exceptions.Error) as e:
-            raise DialError(
+            raise BadDialTarget(
                 f"not a dialable multiaddr: {addr!r} ({e}); expected e.g. "
                 "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...") from None
         peer_id = info.peer_id.to_base58()
         if peer_id == self.peer_id:
-            raise DialError("that address is this daemon itself")
+            raise BadDialTarget("that address is this daemon itself")
         self._forget_dial_failures(info.peer_id)
         with trio.move_on_after(timeout) as scope:
             try:
@@ -468,6 +477,21 @@ class Libp2pNode:
         except (ValueError, KeyError):
             return []
 
+    def remote_ip(self, peer_id: str) -> str | None:
+        """Where ``peer_id``'s connection comes from, for quotas per network: the IP of a
+        direct connection, else ``relay:<relay peer id>`` for a relayed one, else None."""
+        conns = self.live_connections(peer_id)
+        for conn in conns:
+            addr = remote_address(conn)
+            if addr is not None:
+                return addr[0]
+        for conn in conns:
+            for a in _conn_addrs(conn):
+                head, circuit, _ = a.partition("/p2p-circuit")
+                if circuit and "/p2p/" in head:
+                    return "relay:" + head.rsplit("/p2p/", 1)[1]
+        return None
+
     def connection_kind(self, peer_id: str) -> str | None:
         """"direct" if any connection to the peer is direct, "relayed" if all go through
         a relay, None when not connected."""
@@ -498,8 +522,11 @@ class Libp2pNode:
         peer_id = conn.muxed_conn.peer_id.to_base58()
         addrs = _conn_addrs(conn)
         relayed = any("p2p-circuit" in a for a in addrs)
+        first = peer_id not in self._conns
         self._conns[peer_id] = _Conn(_direction(conn), addrs, relayed, time.time())
-        self._emit(PeerEvent("connected", peer_id, _direction(conn), addrs[0] if addrs else ""))
+        if first:  # a second connection to a connected peer (a punched direct one) is no news
+            self.events.publish(PeerEvent(CONNECTED, peer_id, _direction(conn),
+                                          addrs[0] if addrs else "", relayed))
 
     def _on_disconnected(self, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id.to_base58()
@@ -507,14 +534,9 @@ class Libp2pNode:
             return  # another connection to the same peer is still up
         c = self._conns.pop(peer_id, None)
         self._rtt_ms.pop(peer_id, None)
-        self._emit(PeerEvent("disconnected", peer_id, c.direction if c else "unknown",
-                             c.addrs[0] if c and c.addrs else ""))
-
-    def _emit(self, event: PeerEvent) -> None:
-        try:
-            self._events.send_nowait(event)
-        except trio.WouldBlock:
-            self.dropped_events += 1  # bounded: a stuck consumer loses events, not memory
+        if c is not None:
+            self.events.publish(PeerEvent(DISCONNECTED, peer_id, c.direction,
+                                          c.addrs[0] if c.addrs else "", c.relayed))
 
 
 def is_relayed(conn: INetConn) -> bool:
@@ -651,25 +673,34 @@ def build_host(identity: Identity, listen: list[str], *, max_connections: int = 
 
 
 @asynccontextmanager
-async def open_libp2p_node(identity: Identity, listen: list[str], *, max_connections: int = 256, event_buffer: int = 256) -> AsyncIterator[tuple[Libp2pNode, trio.MemoryReceiveChannel]]:
-    """Run a host listening on ``listen``; yields the node and its peer-event channel."""
+async def open_libp2p_node(identity: Identity, listen: list[str], *,
+                           max_connections: int = 256) -> AsyncIterator[Libp2pNode]:
+    """Run a host listening on ``listen``; yields the node (`PeerNetwork`)."""
     try:
         maddrs = [multiaddr.Multiaddr(a) for a in listen]
     except (ValueError, multiaddr.exceptions.Error) as e:
-        raise ValueError(f"bad listen address: {e}") from None
+        raise ListenError(f"bad listen address: {e}") from None
     host = build_host(identity, listen, max_connections=max_connections)
-    send, recv = trio.open_memory_channel[PeerEvent](event_buffer)
-    node = Libp2pNode(host, identity, send)
+    node = Libp2pNode(host, identity)
     host.get_network().register_notifee(_Notifee(node))
+    listening = False
     async with host.run(maddrs):
-        for t in host.get_network().transport_manager.get_transports():
-            if isinstance(t, ListenPortTCP):
-                t.source = _listen_endpoint(host)
-        try:
-            yield node, recv
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await host.close()
+        # py-libp2p logs a listener that failed (port taken, address not ours) and runs
+        # on without it: a daemon nobody can dial. Refuse to start instead.
+        listening = len(host.get_transport_addrs()) >= len(maddrs)
+        if listening:
+            for t in host.get_network().transport_manager.get_transports():
+                if isinstance(t, ListenPortTCP):
+                    t.source = _listen_endpoint(host)
+            try:
+                yield node
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await host.close()
+    if not listening:  # raised here, outside the host's nurseries: a plain exception
+        raise ListenError(
+            f"cannot listen on {', '.join(listen)}: address in use or not an address of "
+            "this host (the log above has the system's reason)")
 
 
 def is_unspecified(addr: str) -> bool:

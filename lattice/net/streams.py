@@ -1,7 +1,10 @@
 """The stream interface every protocol driver uses, and length-prefixed msgpack framing.
 
-Owns: `Stream` / `PeerNetwork` (what a driver may ask of the network), `send_frame` /
-`recv_frame`, and the error a vanished or misbehaving peer raises (`PeerError`).
+Owns: `Stream` / `PeerNetwork` (what a driver may ask of the network), peer connect and
+disconnect events (`PeerEvent`, fanned out to bounded subscriptions by `PeerEventHub`:
+the one way a service learns that a peer came or went), `send_frame` / `recv_frame`,
+the error a vanished or misbehaving peer raises (`PeerError`), and `parse_peer_input`,
+the one way a driver runs a parser over what a peer sent.
 Must not import libp2p: `lattice.net.host` adapts py-libp2p to this interface and
 `lattice.testing.memnet` provides an in-memory one.
 
@@ -11,14 +14,16 @@ Frame: 4-byte big-endian length, then that many bytes of msgpack (proto/README.m
 from __future__ import annotations
 
 import struct
-from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import trio
 
 from lattice.core.codec import DEFAULT_MAX_BYTES, DecodeError, pack, unpack
 
 _LEN = struct.Struct(">I")
+T = TypeVar("T")
 
 
 class PeerError(Exception):
@@ -34,6 +39,31 @@ class StreamClosedError(PeerError):
 
 class RemoteProtocolError(PeerError):
     """The remote sent bytes that violate the protocol (bad frame, bad message)."""
+
+
+class MalformedInputError(RemoteProtocolError):
+    """A parser raised something other than a protocol error on the peer's input
+    (``__cause__`` holds what it raised: ValueError, KeyError, RecursionError...)."""
+
+
+def parse_peer_input(parse: Callable[..., T], *args: Any,
+                     keep: tuple[type[Exception], ...] = (), **kwargs: Any) -> T:
+    """``parse(*args, **kwargs)`` over what a peer sent: the one way a handler reads
+    peer input. ``parse`` is pure (it only looks at its arguments), so whatever it
+    raises was caused by the peer and becomes a `RemoteProtocolError` - `PeerError`s
+    pass through, exception types in ``keep`` (typed errors the caller handles itself,
+    such as `InvalidTensor`) too. The handler's existing `RemoteProtocolError` path
+    then counts it, penalizes the peer and serves on. Our own code outside ``parse``
+    keeps its bugs: they propagate as always."""
+    try:
+        return parse(*args, **kwargs)
+    except PeerError:
+        raise
+    except keep:
+        raise
+    except Exception as e:  # the peer-input boundary (above): blame the input, not us
+        name = getattr(parse, "__qualname__", type(parse).__name__)
+        raise MalformedInputError(f"{name}: {type(e).__name__}: {str(e)[:200]}") from e
 
 
 class Stream(Protocol):
@@ -90,6 +120,87 @@ class CountingStream:
         await self._stream.reset()
 
 
+CONNECTED = "connected"
+DISCONNECTED = "disconnected"
+LAGGED = "lagged"
+
+
+@dataclass(frozen=True)
+class PeerEvent:
+    """A peer's first connection came up (``connected``) or its last one went down
+    (``disconnected``). ``lagged`` (no peer) tells a subscriber that fell behind that
+    events were dropped: re-read `PeerNetwork.connected_peers` once."""
+
+    kind: str
+    peer_id: str = ""
+    direction: str = "unknown"  # "inbound" | "outbound" | "unknown"
+    addr: str = ""
+    relayed: bool = False
+
+
+class PeerEvents:
+    """One subscription to peer events: ``async for event in events`` until closed.
+    Bounded: when the queue is full further events are dropped (counted), and the next
+    one delivered is a ``lagged`` event. Use as a context manager (closing it stops
+    delivery)."""
+
+    def __init__(self, hub: "PeerEventHub", buffer: int) -> None:
+        self._hub = hub
+        self._send, self._receive = trio.open_memory_channel[PeerEvent](buffer)
+        self.dropped = 0
+        self._lagging = False
+
+    def _offer(self, event: PeerEvent) -> None:
+        try:
+            if self._lagging:
+                self._send.send_nowait(PeerEvent(LAGGED))
+                self._lagging = False
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self.dropped += 1
+            self._hub.dropped += 1
+            self._lagging = True
+        except trio.ClosedResourceError:
+            pass
+
+    def close(self) -> None:
+        self._hub._subscribers.discard(self)
+        self._send.close()
+
+    def __enter__(self) -> "PeerEvents":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> AsyncIterator[PeerEvent]:
+        return self._receive.__aiter__()
+
+
+class PeerEventHub:
+    """Fans peer events out to subscriptions; a `PeerNetwork` implementation owns one
+    and calls `publish` from wherever its transport learns of a connection."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[PeerEvents] = set()
+        self.published = 0
+        self.dropped = 0
+
+    def subscribe(self, buffer: int = 64) -> PeerEvents:
+        events = PeerEvents(self, buffer)
+        self._subscribers.add(events)
+        return events
+
+    def publish(self, event: PeerEvent) -> None:
+        self.published += 1
+        for events in list(self._subscribers):
+            events._offer(event)
+
+    def statistics(self) -> dict[str, int]:
+        return {"subscribers": len(self._subscribers), "published": self.published,
+                "dropped": self.dropped}
+
+
 class PeerNetwork(Protocol):
     """What a protocol driver may ask of the network."""
 
@@ -105,6 +216,11 @@ class PeerNetwork(Protocol):
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None: ...
 
     def connected_peers(self) -> list[str]: ...
+
+    def peer_events(self, *, buffer: int = 64) -> PeerEvents:
+        """Subscribe to peer connect/disconnect events from now on (`PeerEvents`);
+        peers already connected are in `connected_peers`."""
+        ...
 
 
 async def read_exactly(stream: Stream, n: int) -> bytes:

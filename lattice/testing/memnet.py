@@ -1,19 +1,34 @@
 """An in-memory `PeerNetwork`: many fake peers in one trio run, no sockets.
 
-Streams are pairs of bounded trio memory channels carrying byte chunks. A peer can be
-taken offline (`MemoryNetwork.disconnect`) to simulate a crash or a partition: its open
+Streams are pairs of bounded trio memory channels carrying byte chunks. Two peers are
+*connected* from the first stream between them (or `MemoryPeer.connect`) until one goes
+offline or a partition cuts them; each side gets the `PeerEvent`s a real host emits. A
+peer can be taken offline (`MemoryNetwork.disconnect`) to simulate a crash: its open
 streams are reset and new streams to or from it fail with `PeerError`. A peer can also be
 stalled (`MemoryNetwork.stall`), like a hung process: streams open, nothing arrives.
+
+Replayable: ``MemoryNetwork(seed=S)`` derives every peer's identity from ``S`` (and
+`MemoryNetwork.rng` is there for the test's own randomness), so a failing test run is
+reproduced by its seed.
 """
 
 from __future__ import annotations
 
-import itertools
+import random
 
 import trio
 
 from lattice.core.identity import Identity
-from lattice.net.streams import PeerError, StreamClosedError, StreamHandler
+from lattice.net.streams import (
+    CONNECTED,
+    DISCONNECTED,
+    PeerError,
+    PeerEvent,
+    PeerEventHub,
+    PeerEvents,
+    StreamClosedError,
+    StreamHandler,
+)
 
 _CHANNEL_DEPTH = 64
 
@@ -77,6 +92,7 @@ class MemoryPeer:
         self._handlers: dict[str, StreamHandler] = {}
         self._nursery: trio.Nursery | None = None
         self.streams: list[MemoryStream] = []
+        self.events = PeerEventHub()
 
     @property
     def peer_id(self) -> str:
@@ -88,6 +104,16 @@ class MemoryPeer:
     def connected_peers(self) -> list[str]:
         return self._net.neighbours(self.peer_id)
 
+    def peer_events(self, *, buffer: int = 64) -> PeerEvents:
+        return self.events.subscribe(buffer)
+
+    async def connect(self, peer_id: str) -> None:
+        """Connect to ``peer_id`` without opening a stream (a dial)."""
+        await trio.lowlevel.checkpoint()
+        if peer_id not in self._net.peers or not self._net.reachable(self.peer_id, peer_id):
+            raise PeerError(f"cannot reach {peer_id}")
+        self._net.link_up(self.peer_id, peer_id)
+
     async def open_stream(self, peer_id: str, protocol: str, *, route: bool = True) -> MemoryStream:
         await trio.lowlevel.checkpoint()
         remote = self._net.peers.get(peer_id)
@@ -96,7 +122,7 @@ class MemoryPeer:
         handler = remote._handlers.get(protocol)
         if handler is None or remote._nursery is None:
             raise PeerError(f"{peer_id} does not speak {protocol}")
-        self._net.links.add(frozenset((self.peer_id, peer_id)))
+        self._net.link_up(self.peer_id, peer_id)
         a_send, b_recv = trio.open_memory_channel[bytes](_CHANNEL_DEPTH)
         b_send, a_recv = trio.open_memory_channel[bytes](_CHANNEL_DEPTH)
         link = _Link()
@@ -126,19 +152,42 @@ class MemoryPeer:
 class MemoryNetwork:
     """A set of fake peers. Every pair can reach each other unless cut apart."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        """Randomness for the test (identities, nonces): replayed with the seed."""
         self.peers: dict[str, MemoryPeer] = {}
         self.links: set[frozenset[str]] = set()
         self._offline: set[str] = set()
         self._stalled: set[str] = set()
         self._resumed = trio.Event()
         self._partition: dict[str, int] | None = None
-        self._counter = itertools.count()
+        self._cut: set[frozenset[str]] = set()
 
     def add_peer(self, identity: Identity | None = None) -> MemoryPeer:
-        peer = MemoryPeer(self, identity or Identity.generate())
+        """A new peer; without ``identity``, one derived from the network's seed (fresh
+        randomness when the network has none)."""
+        if identity is None:
+            identity = Identity.generate(self.rng if self.seed is not None else None)
+        peer = MemoryPeer(self, identity)
         self.peers[peer.peer_id] = peer
         return peer
+
+    def link_up(self, a: str, b: str) -> None:
+        link = frozenset((a, b))
+        if link in self.links:
+            return
+        self.links.add(link)
+        self.peers[a].events.publish(PeerEvent(CONNECTED, b, "outbound"))
+        self.peers[b].events.publish(PeerEvent(CONNECTED, a, "inbound"))
+
+    def _links_down(self, predicate) -> None:
+        """Drop the links ``predicate(a, b)`` cuts; both ends hear of it."""
+        for link in [link for link in self.links if predicate(*sorted(link))]:
+            self.links.discard(link)
+            a, b = sorted(link)
+            self.peers[a].events.publish(PeerEvent(DISCONNECTED, b))
+            self.peers[b].events.publish(PeerEvent(DISCONNECTED, a))
 
     def reachable(self, a: str, b: str) -> bool:
         if a in self._offline or b in self._offline:
@@ -160,6 +209,7 @@ class MemoryNetwork:
         """Take a peer offline (crash): its links go and its open streams are reset."""
         self._offline.add(peer_id)
         self._reset_streams(lambda s, owner: owner == peer_id or s.remote_peer_id == peer_id)
+        self._links_down(lambda a, b: peer_id in (a, b))
 
     def reconnect(self, peer_id: str) -> None:
         self._offline.discard(peer_id)
@@ -185,9 +235,17 @@ class MemoryNetwork:
         self._partition = {p: i for i, group in enumerate(groups) for p in group}
         self._reset_streams(
             lambda s, owner: not self.reachable(owner, s.remote_peer_id))
+        self._cut = {link for link in self.links if not self.reachable(*link)}
+        self._links_down(lambda a, b: not self.reachable(a, b))
 
     def heal(self) -> None:
+        """End the partition; the connections it cut come back (as a host's keepers
+        would redial them), each end told by a ``connected`` event."""
         self._partition = None
+        cut, self._cut = self._cut, set()
+        for a, b in (sorted(link) for link in cut):
+            if self.reachable(a, b):
+                self.link_up(a, b)
 
     def _reset_streams(self, predicate) -> None:
         for owner, peer in self.peers.items():

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 
 async def _run_node(config: NatConfig, bootstrap: list[str], *, task_status) -> None:
-    async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (node, _):
+    async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as node:
         async with trio.open_nursery() as nursery:
             manager = await nursery.start(functools.partial(
                 serve_nat, node, config=config, bootstrap=bootstrap))

@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ANCHORS = (ROOT / "bench" / ".venv-hivemind" / "bin" / "python").exists() and \
     (ROOT / "bench" / ".venv-lattica" / "bin" / "python").exists()
+MERGEKIT = (ROOT / "bench" / ".venv-mergekit" / "bin" / "mergekit-yaml").exists()
 
 pytestmark = pytest.mark.bench
 
@@ -30,6 +31,13 @@ CASES = [
     ("pairwise_exchange.py", ["--params", "1000000", "--reps", "2", "--timeout", "120"],
      [r"^ours\s+2\s+[\d.]+"]),
     ("gossip_exchange.py", ["--params", "1000000", "--repeat", "2"], [r"median [\d.]+ s"]),
+    ("merge_vs_mergekit.py", ["--hidden", "16", "--layers", "2", "--methods", "linear,ties"],
+     [r"^linear\s+(\S+\s+\S+\s+)?[\d.]+", r"^ties\s+"]),
+    ("merge_throughput.py", ["--gib", "0.01", "--no-mergekit"],
+     [r"^lattice\s+[\d.]+\s+[\d.]+\s+\d+\s+\d+", r"lattice peak RSS within"]),
+    ("governor.py", ["--calls", "300", "--rounds", "1", "--trials", "1"],
+     [r"empty\s+[\d.]+\s+[\d.]+", r"lattice pause\s+median\s+[\d.]+ ms",
+      r"on battery.*median\s+[\d.]+ ms"]),
     ("train_job.py", ["--peers", "2", "--steps", "40"],
      [r"merged model \(network run\)\s+accuracy 0\.\d+", r"centralized SGD baseline"]),
     pytest.param("nat_traversal.py", ["--attempts", "1", "--case", "public_x_cone", "--case",
@@ -45,6 +53,7 @@ ANCHOR_ROWS = {
     "tensor_transfer.py": [r"^hivemind\s+(1\s+\d+|error)", r"^lattica\s+(1\s+\d+|error)"],
     "pairwise_exchange.py": [r"^hivemind\s+(2\s+[\d.]+|error)"],
     "dht_latency.py": [r"hivemind", r"[Ll]attica"],
+    "merge_vs_mergekit.py": [r"^ties\s+(\d\S*\s+\d\S*\s+[\d.]+\s+[\d.]+|error)"],
 }
 
 
@@ -56,5 +65,6 @@ def test_benchmark_prints_its_figures(script, args, expect):
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     print(r.stdout)
-    for pattern in expect + (ANCHOR_ROWS.get(script, []) if ANCHORS else []):
+    anchors = MERGEKIT if script == "merge_vs_mergekit.py" else ANCHORS
+    for pattern in expect + (ANCHOR_ROWS.get(script, []) if anchors else []):
         assert re.search(pattern, r.stdout, re.MULTILINE), f"{script}: no line matching {pattern!r}\n{r.stdout}"

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -49,6 +50,22 @@ def test_second_daemon_on_same_state_dir_refuses_and_first_keeps_serving(daemons
     assert "already using state dir" in second.log_text()
     with first.client() as c:
         assert c.status()["peer_id"] == pid  # socket and identity untouched
+
+
+def test_a_taken_listen_port_or_a_served_socket_is_exit_1_with_the_reason(daemons, tmp_path):
+    first = daemons()
+    first.wait_running()
+    with socket.socket() as other_program:  # py-libp2p alone would run on, deaf
+        other_program.bind(("127.0.0.1", 0))
+        other_program.listen()
+        port = other_program.getsockname()[1]
+        taken = daemons("--listen", f"/ip4/127.0.0.1/tcp/{port}")
+        assert taken.proc.wait(20) == 1
+    assert "cannot start: cannot listen on" in taken.log_text()
+    served = daemons("--socket", str(first.socket))  # another daemon serves this socket
+    assert served.proc.wait(20) == 1
+    assert "cannot start: another daemon is serving" in served.log_text()
+    assert first.client().status()["state"] == "running"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

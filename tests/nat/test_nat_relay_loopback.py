@@ -38,7 +38,7 @@ async def poll(predicate, timeout: float = 10.0):
 async def _run_node(config: NatConfig, bootstrap: list[str], *, task_status) -> None:
     """One host with the connectivity manager, inside its own task (its nurseries and
     contexts open and close there)."""
-    async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (node, _):
+    async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as node:
         async def echo(stream):
             await send_frame(stream, await recv_frame(stream))
 

@@ -424,6 +424,11 @@ class SyncHub:
         p = self._penalties.get(peer)
         return p is not None and now < p.until
 
+    def backoff_until(self, peer: str) -> float | None:
+        """When the peer's backoff ends (None: it has no penalty on record)."""
+        p = self._penalties.get(peer)
+        return p.until if p is not None else None
+
     def open_session(self, remote_peer: str, *, initiator: bool, session_id: str | None,
                      now: float) -> SyncSession:
         """Register a new session or raise SessionRefused."""

@@ -28,7 +28,7 @@ from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
-from lattice.net.host import PEER_ERRORS, DialError
+from lattice.net.host import PEER_ERRORS, BadDialTarget, DialError
 from lattice.net.nat.reservations import (
     RelayDirectory,
     RelayRefused,
@@ -67,10 +67,10 @@ class PeerDialer:
         try:
             pid = ID.from_base58(target)
         except (ValueError, KeyError) as e:
-            raise DialError(f"not a dialable multiaddr or peer id: {target!r} ({e})") from None
+            raise BadDialTarget(f"not a dialable multiaddr or peer id: {target!r} ({e})") from None
         peer = pid.to_base58()
         if peer == self.me:
-            raise DialError("that is this daemon itself")
+            raise BadDialTarget("that is this daemon itself")
         if self.node.live_connections(peer):
             return peer
         errors: list[str] = []
@@ -128,7 +128,7 @@ class PeerDialer:
         try:
             pid, rid = ID.from_base58(dest_id), ID.from_base58(relay_id)
         except (ValueError, KeyError) as e:
-            raise DialError(f"not a circuit address: {target!r} ({e})") from None
+            raise BadDialTarget(f"not a circuit address: {target!r} ({e})") from None
         with trio.move_on_after(timeout):
             if rid.to_base58() not in self.node.connected_peers():
                 if not base:

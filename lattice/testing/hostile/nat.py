@@ -32,7 +32,7 @@ SID = b"\x5a" * rc.OBSERVE_ID_BYTES
 @asynccontextmanager
 async def open_hostile_node(listen: str = LOOPBACK) -> AsyncIterator[Libp2pNode]:
     """A py-libp2p host with a fresh identity and no Lattice services at all."""
-    async with open_libp2p_node(Identity.generate(), [listen]) as (node, _events):
+    async with open_libp2p_node(Identity.generate(), [listen]) as node:
         yield node
 
 

@@ -19,8 +19,8 @@ ARRAY = np.arange(8 << 20, dtype=np.float32)  # 32 MiB: > socket buffers, > 8 Mi
 
 async def test_a_10_s_pause_kills_a_yamux_write_but_not_a_bulk_transfer(nursery):
     quiet_libp2p_logging(40)
-    async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (a, _), \
-            open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (b, _):
+    async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as a, \
+            open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as b:
         listener = await nursery.start(serve_bulk_listener)
         outcome = {}
 

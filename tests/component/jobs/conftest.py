@@ -10,7 +10,7 @@ import trio
 
 from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync
 from lattice.net.gossip_avg import GossipConfig
-from lattice.net.jobs import JobsConfig, serve_jobs
+from lattice.jobs import JobsConfig, serve_jobs
 from lattice.testing.memnet import MemoryNetwork
 
 FAST = JobsConfig(progress_interval=1.0, checkpoint_every=5, sync_patience=1.0, merge_takeover=5.0,
@@ -45,14 +45,17 @@ class Node:
             self.peer, self.store, config=self.cluster.sync_config, clock=trio.current_time,
             rng=self.cluster.rng, history_is_new=True, task_status=task_status))
 
-    async def start_jobs(self, config: JobsConfig | None = None, **kw) -> None:
+    async def start_jobs(self, config: JobsConfig | None = None, *, kinds_factory=None,
+                         **kw) -> None:
+        """Start the supervisor; ``kinds_factory(services)`` replaces the built-in kinds."""
         options = dict(checkpoint_dir=self.dir / "checkpoints", blob_dir=self.dir / "blobs",
-                       compute=virtual_compute(random.Random(self.index)), clock=trio.current_time,
-                       rng=random.Random(100 + self.index))
+                       compute=virtual_compute(random.Random(self.cluster.seed + self.index)),
+                       clock=trio.current_time,
+                       rng=random.Random(self.cluster.seed + 100 + self.index))
         options.update(kw)
         self.jobs = await self._start(lambda task_status: serve_jobs(
             self.peer, self.store, self.sync, config=config or self.cluster.config,
-            task_status=task_status, **options), jobs=True)
+            kinds=kinds_factory, task_status=task_status, **options), jobs=True)
 
     async def _start(self, fn, jobs: bool = False):
         scope = trio.CancelScope()
@@ -82,12 +85,13 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, nursery, tmp_path) -> None:
+    def __init__(self, nursery, tmp_path, seed: int) -> None:
         self.nursery = nursery
         self.tmp_path = tmp_path
-        self.net = MemoryNetwork()
-        self.rng = random.Random(5)
-        self.sync_config = SyncConfig(anti_entropy_interval=2.0, connect_interval=0.5)
+        self.seed = seed
+        self.net = MemoryNetwork(seed=seed)
+        self.rng = random.Random(seed)
+        self.sync_config = SyncConfig(anti_entropy_interval=2.0)
         self.config = FAST
         self.nodes: list[Node] = []
 
@@ -124,8 +128,8 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(nursery, tmp_path):
-    c = Cluster(nursery, tmp_path)
+async def cluster(nursery, tmp_path, lattice_seed):
+    c = Cluster(nursery, tmp_path, lattice_seed)
     yield c
     nursery.cancel_scope.cancel()
 

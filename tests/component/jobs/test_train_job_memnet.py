@@ -14,7 +14,8 @@ import trio
 from lattice.learn.simulate import JobSpec, simulate
 from lattice.learn.merge import loads_safetensors
 from lattice.learn.tasks import get_task
-from lattice.net.jobs import NotSubmitter, merge_finals
+from lattice.jobs import NotSubmitter
+from lattice.jobs.train import merge_finals
 
 
 def _entry(node, job_id, peer=None):
@@ -78,6 +79,7 @@ async def test_a_participant_killed_mid_job_neither_stalls_it_nor_is_forgotten(c
     with trio.fail_after(600):
         summary = await nodes[0].jobs.wait_job(job_id)
     assert summary["status"] == "done"
+    await cluster.wait_until(lambda: nodes[1].store.jobs()[job_id]["status"] == "done")
     _, record = _model_of(nodes[1], job_id)
     assert record["missing"] == [victim.peer_id]
     assert record["metrics"]["participants"] == 3 and record["metrics"]["accuracy"] > 0.85

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.integration  # real sockets, real time
 @contextlib.asynccontextmanager
 async def two_connected_nodes():
     quiet_libp2p_logging(logging.WARNING)
-    async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (a, _), \
-            open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as (b, _):
+    async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as a, \
+            open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as b:
         await a.connect(f"{b.listen_addrs()[0]}/p2p/{b.peer_id}")
         yield a, b
 

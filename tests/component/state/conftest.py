@@ -48,11 +48,11 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, nursery):
+    def __init__(self, nursery, seed: int):
         self.nursery = nursery
-        self.net = MemoryNetwork()
-        self.rng = random.Random(7)
-        self.config = SyncConfig(anti_entropy_interval=5.0, connect_interval=1.0)
+        self.net = MemoryNetwork(seed=seed)
+        self.rng = random.Random(seed)
+        self.config = SyncConfig(anti_entropy_interval=5.0)
         self.nodes: list[Node] = []
         self.limits = StateLimits()
 
@@ -93,7 +93,7 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(nursery):
-    c = Cluster(nursery)
+async def cluster(nursery, lattice_seed):
+    c = Cluster(nursery, lattice_seed)
     yield c
     nursery.cancel_scope.cancel()

@@ -5,7 +5,7 @@ import trio
 
 from lattice.core.identity import Identity
 from lattice.core.state import LocalStateError, Set, StateLimits
-from lattice.net.crdt_sync import FileStateLog, SyncConfig, open_state, serve_heartbeat
+from lattice.net.crdt_sync import FileStateLog, open_state, serve_heartbeat
 
 SIXTEEN_PLUS = 20
 
@@ -45,17 +45,29 @@ async def test_a_write_on_one_peer_reaches_all_twenty_within_five_seconds(cluste
 
 
 async def test_a_new_connection_starts_its_session_at_once(cluster, autojump_clock):
-    cluster.config = SyncConfig(connect_interval=3600.0)  # the backstop scan never helps
     a, b = await cluster.add(2)
     a.announce("a")
     b.announce("b")
     await trio.testing.wait_all_tasks_blocked()
     assert not cluster.converged()
-    cluster.net.links.add(frozenset((a.peer_id, b.peer_id)))  # libp2p connected them
-    for node, other in ((a, b), (b, a)):  # both ends hear of it; the smaller id dials
-        node.sync.peer_connected(other.peer_id)
+    start = trio.current_time()
+    await a.peer.connect(b.peer_id)  # a dial: both ends hear of it; the smaller id opens
     await cluster.wait_until(cluster.converged, timeout=1.0)
+    assert trio.current_time() - start < 0.1  # at once, not at some later scan
     assert set(a.store.members(trio.current_time())) == {a.peer_id, b.peer_id}
+
+
+async def test_a_session_cut_while_the_peers_stay_connected_comes_back(cluster, autojump_clock):
+    a, b = await cluster.add(2)
+    await a.peer.connect(b.peer_id)
+    await cluster.wait_until(lambda: a.sync.hub.has_session(b.peer_id)
+                             and b.sync.hub.has_session(a.peer_id))
+    for stream in list(a.peer.streams):  # the stream dies, the connection does not
+        await stream.reset()
+    await cluster.wait_until(lambda: not a.sync.hub.has_session(b.peer_id))
+    a.announce("a, after the cut")
+    await cluster.wait_until(cluster.converged, timeout=cluster.config.session_retry + 2)
+    assert b.store.get(f"members/{a.peer_id}/name", 0) == "a, after the cut"
 
 
 async def test_everyone_writing_at_once_converges_to_one_view(cluster, autojump_clock):

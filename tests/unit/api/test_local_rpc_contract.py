@@ -6,7 +6,18 @@ from pathlib import Path
 import pytest
 
 from lattice.api.errors import ERROR_CLASSES, ErrorCode, InvalidParamsError, error_from_wire
-from lattice.api.framing import BadFrame, Frame, FrameDecoder, OversizedFrame, Unrecoverable, frame
+import msgpack
+
+from lattice.api.framing import (
+    BadFrame,
+    Frame,
+    FrameDecoder,
+    OversizedFrame,
+    StreamDecoder,
+    Unrecoverable,
+    frame,
+    is_plain_stream,
+)
 from lattice.api.methods import METHODS, schema_json
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -17,9 +28,53 @@ def test_params_are_type_checked_and_defaults_filled():
     assert m.bind({"addr": "/ip4/1.2.3.4/tcp/1/p2p/x"}) == {"addr": "/ip4/1.2.3.4/tcp/1/p2p/x", "timeout": 10.0}
     assert m.bind({"addr": "a", "timeout": 3}) == {"addr": "a", "timeout": 3.0}
     for bad in ({}, {"addr": 5}, {"addr": "a", "timeout": "soon"}, {"addr": "a", "extra": 1},
-                {"addr": "a", "timeout": True}, ["a"], {"addr": "x" * 5000}):
+                {"addr": "a", "timeout": True}, {"addr": "x" * 5000}, "a", 7,
+                ["a", 1.0, "extra"], [], [5]):
         with pytest.raises(InvalidParamsError):
             m.bind(bad)
+
+
+def test_params_may_come_by_position_in_the_tables_order():
+    # plain msgpack-RPC clients (neovim's) send params as an array
+    m = METHODS["peers.connect"]
+    assert [p.name for p in m.params] == ["addr", "timeout"]
+    assert m.bind(["/ip4/1.2.3.4/tcp/1/p2p/x"]) == {"addr": "/ip4/1.2.3.4/tcp/1/p2p/x", "timeout": 10.0}
+    assert m.bind(["a", 3]) == {"addr": "a", "timeout": 3.0}
+    assert METHODS["status"].bind([]) == {} == METHODS["status"].bind(None)
+
+
+def test_every_client_method_name_is_unique_and_maps_to_the_table():
+    from lattice.client._methods import METHOD_MAP
+
+    clients = [m.client for m in METHODS.values() if m.client is not None]
+    assert len(clients) == len(set(clients))
+    for name, (rpc, params) in METHOD_MAP.items():
+        assert tuple(p.name for p in METHODS[rpc].params) == params
+        assert METHODS[rpc].client == name
+
+
+def test_a_plain_stream_is_told_from_frames_by_its_first_byte():
+    assert is_plain_stream(msgpack.packb([0, 1, "status", []])[0])
+    assert is_plain_stream(msgpack.packb([0, 1, "status", {}] + [None] * 20)[0])  # array16
+    assert not is_plain_stream(frame([0, 1, "status", {}])[0])
+
+
+def test_a_plain_stream_splits_messages_across_any_chunking():
+    data = b"".join(msgpack.packb([0, i, "status", []]) for i in range(3))
+    dec = StreamDecoder(1024)
+    got = []
+    for i in range(len(data)):
+        got += dec.feed(data[i:i + 1])
+    assert [g.value[1] for g in got] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("data", [msgpack.packb([0, 1, "status", ["x" * 5000]]), b"\x94\xc1",
+                                  b"\x94\x00\x01\xa6status" + b"\x91" * 100 + b"\xc0"])
+def test_an_oversized_or_garbled_plain_stream_is_unrecoverable_and_stays_so(data):
+    dec = StreamDecoder(1024)
+    events = dec.feed(data)
+    assert [type(e) for e in events] == [Unrecoverable]
+    assert dec.feed(msgpack.packb([0, 2, "status", []])) == []
 
 
 def test_list_params_must_hold_strings():

@@ -14,7 +14,7 @@ from lattice.core import jobs as J
 from lattice.core.state import views
 from lattice.learn.simulate import JobSpec, final_merge, make_participant, participant_round
 from lattice.learn.tasks import get_task
-from lattice.net.jobs import merge_finals
+from lattice.jobs.train import merge_finals
 
 ME, A, B, C, D = "me", "peer-a", "peer-b", "peer-c", "peer-d"
 
@@ -158,13 +158,15 @@ def test_the_roster_is_the_first_live_joiners_in_hash_order_sorted():
     assert J.rank_of(roster, roster[1]) == 1 and J.rank_of(roster, "stranger") is None
 
 
-def plan(me, v, *, active=(), reserved=0, policy=J.Policy(), alive=lambda p: True):
-    return J.plan(me, JOB, v, SPEC, policy=policy, active=set(active), reserved=reserved, alive=alive)
+def plan(me, v, *, active=(), reserved=0, policy=J.Policy(), alive=lambda p: True,
+         volunteer=True):
+    return J.plan(me, JOB, v, SPEC, volunteer=volunteer, policy=policy, active=set(active),
+                  reserved=reserved, alive=alive)
 
 
 def test_volunteers_join_only_tasks_they_accept_with_capacity_left_until_enough_joined():
     assert plan(ME, view()) == [J.Join(JOB)]
-    assert plan(ME, view(), policy=J.Policy(frozenset({"digits-mlp"}))) == []
+    assert plan(ME, view(), volunteer=False) == []  # the kind says no (config, no local ask)
     assert plan(ME, view(), reserved=1) == []
     assert plan(ME, view(participants=joined(A, B, C))) == []
     assert plan(ME, view(participants=joined(ME))) == []  # already in

@@ -105,11 +105,11 @@ def test_merge_models_works_tensor_by_tensor():
     ta = merge_models("task_arithmetic", [a, b], base=base)
     np.testing.assert_allclose(ta["b"], a["b"] + b["b"] - base["b"], rtol=1e-5, atol=1e-5)
     assert set(merge_models("ties", [a, b], base=base, density=0.5)) == {"w", "b"}
-    d1 = merge_models("dare", [a, b], base=base, density=0.5, seed=3)
-    assert d1["w"].tobytes() == merge_models("dare", [a, b], base=base, density=0.5, seed=3)["w"].tobytes()
+    d1 = merge_models("dare_linear", [a, b], base=base, density=0.5, seed=3)
+    assert d1["w"].tobytes() == merge_models("dare_linear", [a, b], base=base, density=0.5, seed=3)["w"].tobytes()
     with pytest.raises(ValueError, match="base"):
         merge_models("ties", [a, b])
-    with pytest.raises(ValueError, match="tensors"):
+    with pytest.raises(ValueError, match="'b'.*missing"):
         merge_models("linear", [a, {"w": a["w"]}])
     with pytest.raises(ValueError, match="unknown"):
         merge_models("frankenmerge", [a])
@@ -221,3 +221,74 @@ def test_npz_round_trip_and_pickle_is_never_loaded(tmp_path):
         load_npz(evil)
     with pytest.raises(ModelFormatError):
         save_npz(tmp_path / "x.npz", {"o": np.array([None], dtype=object)})
+
+
+# -- hostile headers (issue 11, item 4): only ModelFormatError, bounded before parsing ----------
+
+
+def _raw(header: bytes, body: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header)) + header + body
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _raw(b"[" * 100_000 + b"]" * 100_000),  # would overflow json's recursion
+        _raw(b'{"a":' + b"{" * 50_000 + b"}" * 50_000 + b"}"),
+        _raw(b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,4]}}', b"\0" * 4),
+        _raw(b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,' + b"4" * 30 + b"]}}", b"\0" * 4),
+        _file({"a": {"dtype": "F32", "shape": [0, 5], "data_offsets": [0, 4]}}, b"\0" * 4),
+        _file({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}, b"\0" * 4),
+        _file({"a": {"dtype": "F32", "shape": [1] * 40, "data_offsets": [0, 4]}}, b"\0" * 4),
+        _file({"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, b"\0" * 4),
+        _file({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4),
+        _file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4),
+        _file({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        _file({"": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        _raw(b'{"a":1e999999}'),
+        _raw(b'{"a":"\\ud800"}'),
+    ],
+)
+def test_hostile_headers_raise_only_model_format_error(data):
+    with pytest.raises(ModelFormatError):
+        loads_safetensors(data)
+
+
+def test_empty_tensors_are_valid():
+    arrays, _ = loads_safetensors(canonical_model_bytes({"e": np.zeros((0, 5), np.float32), "x": np.ones(2, np.int8)}))
+    assert arrays["e"].shape == (0, 5) and arrays["x"].tolist() == [1, 1]
+
+
+def test_a_header_limit_below_the_reference_one_is_enforced():
+    data = canonical_model_bytes({"w": np.zeros(3, np.float32)}, {"k": "v" * 1000})
+    assert loads_safetensors(data)[1]["k"] == "v" * 1000
+    with pytest.raises(ModelFormatError, match="header length"):
+        loads_safetensors(data, max_header_bytes=512)
+
+
+# -- BF16 -----------------------------------------------------------------------------------------
+
+from lattice.learn.modelfile import BFLOAT16, bf16_to_f32, f32_to_bf16  # noqa: E402
+
+
+def test_bf16_is_kept_as_words_and_round_trips_byte_for_byte():
+    words = np.array([0x3F80, 0xC049, 0x7F80, 0x0001, 0x7FC1], "<u2")  # 1, -3.14, inf, subnormal, NaN payload
+    bf = words.view(BFLOAT16)
+    data = canonical_model_bytes({"w": bf.reshape(5, 1)})
+    assert b'"dtype":"BF16"' in data and data.endswith(words.tobytes())
+    arrays, _ = loads_safetensors(data)
+    assert arrays["w"].dtype == BFLOAT16 and arrays["w"].tobytes() == words.tobytes()
+    assert model_id({"w": arrays["w"]}) == hashlib.sha256(data).hexdigest()
+
+
+def test_bf16_conversion_is_exact_up_and_rounds_to_nearest_even_down():
+    words = np.arange(0, 1 << 16, dtype=np.uint32).astype("<u2")
+    values = bf16_to_f32(words)
+    finite = np.isfinite(values)
+    assert f32_to_bf16(values[finite]).view("<u2").tolist() == words[finite].tolist()  # exact both ways
+    one = np.float32(1.0).view(np.uint32)
+    halfway = np.array([one + 0x8000, one + 0x18000, one + 0x8001, one + 0x7FFF], np.uint32).view(np.float32)
+    # 1 + half an ulp ties to even (1.0); 1 + 3 half ulps ties to even (1 + 2 ulp); just above rounds up
+    assert f32_to_bf16(halfway).view("<u2").tolist() == [0x3F80, 0x3F82, 0x3F81, 0x3F80]
+    assert f32_to_bf16(np.array([3.4e38], np.float32)).view("<u2").tolist() == [0x7F80]  # overflow -> inf
+    assert np.isnan(bf16_to_f32(f32_to_bf16(np.array([np.nan], np.float32))))

@@ -1,0 +1,72 @@
+"""Jobs: `jobs.submit`, `jobs.list`, `jobs.get`, `jobs.cancel`, `jobs.stats`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lattice.api.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    NotReadyError,
+    PermissionDeniedError,
+)
+from lattice.core.jobs import JobSpecError
+from lattice.jobs import JobNotFound, JobSupervisor, NotSubmitter
+
+from latticed.localapi.state import wait_writable
+from latticed.rpc_server import ClientConnection, Handler
+
+if TYPE_CHECKING:
+    from latticed.node import Node
+
+
+def require_jobs(node: Node) -> JobSupervisor:
+    if node.jobs is None:
+        raise NotReadyError("the job runner is still starting; retry in a moment")
+    return node.jobs
+
+
+async def jobs_submit(node: Node, client: ClientConnection,
+                      spec: dict[str, Any]) -> dict[str, Any]:
+    jobs = require_jobs(node)
+    await wait_writable(node)
+    try:
+        job_id = jobs.submit(spec)
+    except JobSpecError as e:
+        raise InvalidArgumentError(f"bad job spec: {e}", data={"field": e.field}) from None
+    return {"job_id": job_id}
+
+
+async def jobs_list(node: Node, client: ClientConnection) -> list[dict[str, Any]]:
+    return require_jobs(node).list()
+
+
+async def jobs_get(node: Node, client: ClientConnection, job_id: str) -> dict[str, Any]:
+    try:
+        return require_jobs(node).get(job_id)
+    except JobNotFound:
+        raise NotFoundError(f"no job {job_id}") from None
+
+
+async def jobs_cancel(node: Node, client: ClientConnection, job_id: str) -> dict[str, Any]:
+    jobs = require_jobs(node)
+    await wait_writable(node)
+    try:
+        return {"cancelled": jobs.cancel(job_id)}
+    except JobNotFound:
+        raise NotFoundError(f"no job {job_id}") from None
+    except NotSubmitter as e:
+        raise PermissionDeniedError(f"only the submitter may cancel: {e}") from None
+
+
+async def jobs_stats(node: Node, client: ClientConnection) -> dict[str, Any]:
+    return require_jobs(node).statistics()
+
+
+HANDLERS: dict[str, Handler] = {
+    "jobs.submit": jobs_submit,
+    "jobs.list": jobs_list,
+    "jobs.get": jobs_get,
+    "jobs.cancel": jobs_cancel,
+    "jobs.stats": jobs_stats,
+}

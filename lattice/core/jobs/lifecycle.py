@@ -1,0 +1,353 @@
+"""The lifecycle every job kind shares, pure: ids, records, states and their transition
+tables, who takes part, what this daemon should do next, who merges.
+
+Must not import trio, libp2p, sockets, lattice.learn or read the clock: time is passed
+in as ``now``. The theory of operation is in the package docstring (`lattice.core.jobs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from lattice.core.codec import canonical
+from lattice.core.jobs.spec import JobSpecError
+from lattice.core.jobs.train import KIND_TRAIN, parse_train_spec
+
+JOB_ID_HEX = 32  # 128 bits of SHA-256: collisions need 2^64 submissions
+_ID_DOMAIN = b"lattice/job/1\x00"
+
+
+class JobSpecLike(Protocol):
+    """What the lifecycle needs of any kind's spec."""
+
+    @property
+    def min_peers(self) -> int: ...
+
+    @property
+    def max_peers(self) -> int: ...
+
+    @property
+    def merge_timeout(self) -> float: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+SpecParser = Callable[[Any], JobSpecLike]
+DEFAULT_PARSERS: Mapping[str, SpecParser] = {KIND_TRAIN: parse_train_spec}
+
+# -- states -------------------------------------------------------------------------------
+
+# Same order as lattice.core.state.views.STATUS_ORDER (a test keeps them equal).
+STATUS_ORDER = ("submitted", "running", "merging", "failed", "cancelled", "done")
+TERMINAL = frozenset({"done", "failed", "cancelled"})
+
+JOB_TRANSITIONS: dict[str, frozenset[str]] = {
+    "submitted": frozenset({"running", "failed", "cancelled"}),
+    "running": frozenset({"merging", "failed", "cancelled"}),
+    "merging": frozenset({"done", "failed", "cancelled"}),
+    "done": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+"""The job's life. Every edge goes up in STATUS_ORDER except merging -> failed and
+running/merging -> failed, which the join tolerates: a status that is the max of claims
+never goes back. Enforced where a daemon writes its own claims and the submitter its
+record (`lattice.jobs`)."""
+
+PARTICIPANT_TRANSITIONS: dict[str | None, frozenset[str]] = {
+    None: frozenset({"joined", "running"}),  # running directly: resumed after a restart
+    "joined": frozenset({"joined", "running", "left", "failed"}),
+    "running": frozenset({"running", "merging", "left", "failed"}),
+    "merging": frozenset({"merging", "done", "left", "failed"}),
+    "done": frozenset({"done"}),
+    "left": frozenset({"left"}),
+    "failed": frozenset({"failed"}),
+}
+"""One participant's own entry; ``X -> X`` is a progress update or a repeated claim."""
+
+
+class IllegalTransition(ValueError):
+    """A state change the machine forbids: our own bug, never a peer's."""
+
+
+def check_transition(table: Mapping[Any, frozenset[str]], old: str | None, new: str) -> None:
+    if new not in table.get(old, frozenset()):
+        raise IllegalTransition(f"{old!r} -> {new!r} is not a legal transition")
+
+
+# -- the job record -------------------------------------------------------------------------
+
+
+def compute_job_id(spec: Mapping[str, Any], submitter: str, nonce: str,
+                   kind: str = KIND_TRAIN) -> str:
+    """Hex prefix of SHA-256 over the canonical (kind, spec, submitter, nonce)."""
+    body = canonical({"kind": kind, "spec": dict(spec), "submitter": submitter, "nonce": nonce})
+    return hashlib.sha256(_ID_DOMAIN + body).hexdigest()[:JOB_ID_HEX]
+
+
+def new_job_record(spec: JobSpecLike, submitter: str, nonce: str, now: float,
+                   kind: str = KIND_TRAIN) -> tuple[str, dict[str, Any]]:
+    """(job id, the value to write at ``jobs/<job_id>``). ``nonce``: fresh random hex."""
+    if not isinstance(nonce, str) or not 8 <= len(nonce) <= 64:
+        raise ValueError("nonce must be 8..64 characters of fresh randomness")
+    body = spec.to_dict()
+    job_id = compute_job_id(body, submitter, nonce, kind)
+    return job_id, {
+        "id": job_id,
+        "kind": kind,
+        "submitter": submitter,
+        "nonce": nonce,
+        "spec": body,
+        "state": "submitted",
+        "created": float(now),
+    }
+
+
+def read_job(job_id: str, record: Any,
+             parsers: Mapping[str, SpecParser] = DEFAULT_PARSERS) -> JobSpecLike:
+    """The spec of a received job record, after checking the record is well formed,
+    of a kind we know (``parsers``: kind -> its spec parser), and that ``job_id`` is the
+    hash of what it says. Raises JobSpecError."""
+    if not isinstance(record, Mapping):
+        raise JobSpecError("record", "must be a map")
+    kind = record.get("kind")
+    parse = parsers.get(kind) if isinstance(kind, str) else None
+    if parse is None:
+        raise JobSpecError("kind", f"unknown job kind {str(kind)[:32]!r}; "
+                           f"known: {', '.join(sorted(parsers))}")
+    submitter, nonce = record.get("submitter"), record.get("nonce")
+    if not isinstance(submitter, str) or not isinstance(nonce, str):
+        raise JobSpecError("record", "submitter and nonce must be strings")
+    spec_raw = record.get("spec")
+    spec = parse(spec_raw)
+    if not isinstance(spec_raw, Mapping) or compute_job_id(spec_raw, submitter, nonce,
+                                                           kind) != job_id:
+        raise JobSpecError("id", "does not match the hash of the record")
+    roster = record.get("roster")
+    if roster is not None and not _valid_roster(roster, spec.max_peers):
+        raise JobSpecError("roster", "must be a sorted list of distinct peer ids, at most "
+                           "max_peers")
+    return spec
+
+
+def _valid_roster(roster: Any, max_peers: int) -> bool:
+    return (isinstance(roster, list) and 1 <= len(roster) <= max_peers
+            and all(isinstance(p, str) and 0 < len(p) <= 128 for p in roster)
+            and roster == sorted(set(roster)))
+
+
+# -- selection ------------------------------------------------------------------------------
+
+
+def _order_key(job_id: str, peer: str) -> bytes:
+    return hashlib.sha256(f"{job_id}\x00{peer}".encode()).digest()
+
+
+def select_roster(job_id: str, spec: JobSpecLike, participants: Mapping[str, Mapping[str, Any]],
+                  alive: Callable[[str], bool] = lambda _peer: True) -> list[str] | None:
+    """The roster to seal: the first ``max_peers`` live joiners in hash order, sorted by
+    peer id; None until ``min_peers`` have joined."""
+    joined = [p for p, e in participants.items() if e.get("state") == "joined" and alive(p)]
+    if len(joined) < spec.min_peers:
+        return None
+    chosen = sorted(joined, key=lambda p: _order_key(job_id, p))[: spec.max_peers]
+    return sorted(chosen)
+
+
+def rank_of(roster: list[str], peer: str) -> int | None:
+    return roster.index(peer) if peer in roster else None
+
+
+# -- reconciliation -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    """This daemon's capacity for jobs (daemon config ``[jobs]``)."""
+
+    max_jobs: int = 1
+
+
+@dataclass(frozen=True)
+class SealRoster:
+    job_id: str
+    roster: list[str]
+
+
+@dataclass(frozen=True)
+class Join:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Start:
+    job_id: str
+    roster: list[str]
+    rank: int
+    resume: bool  # our entry shows we were running before (a restart)
+
+
+@dataclass(frozen=True)
+class Withdraw:
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClaimFailed:
+    """Every roster member left or failed without a final model: nobody can finish the
+    job, so a member says so (each one does: the claim is idempotent)."""
+
+    job_id: str
+
+
+Action = SealRoster | Join | Start | Withdraw | Stop | ClaimFailed
+
+_OUR_FINISHED = ("done", "left", "failed")
+
+
+def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, volunteer: bool,
+         policy: Policy, active: frozenset[str] | set[str], reserved: int,
+         alive: Callable[[str], bool] = lambda _peer: True) -> list[Action]:
+    """What this daemon should do about one job, from the merged view (`store.jobs()`).
+
+    ``volunteer``: the job's kind says this daemon takes part if there is room (its
+    config accepts the job, or a local user asked to join it); ``active``: job ids we
+    are running now; ``reserved``: how many jobs we are running or have joined and wait
+    for (capacity in use). Idempotent: applying the actions and calling again yields
+    nothing new, so the runner may call it on every change."""
+    status = view.get("status", "submitted")
+    record = view.get("spec", {})
+    participants = view.get("participants", {})
+    ours = participants.get(me, {})
+    our_state = ours.get("state")
+    roster = record.get("roster")
+    actions: list[Action] = []
+    if job_id in active:
+        if status in ("cancelled", "failed"):
+            actions.append(Stop(job_id, status))
+        return actions
+    if status in TERMINAL:
+        if our_state == "joined":
+            actions.append(Withdraw(job_id, status))
+        return actions
+    if roster is None:
+        if view.get("submitter") == me and record.get("state") == "submitted":
+            chosen = select_roster(job_id, spec, participants, alive)
+            if chosen is not None:
+                actions.append(SealRoster(job_id, chosen))
+        joined = sum(1 for e in participants.values() if e.get("state") == "joined")
+        if our_state is None and volunteer and reserved < policy.max_jobs \
+                and joined < spec.max_peers:
+            actions.append(Join(job_id))
+        return actions
+    rank = rank_of(roster, me)
+    if rank is None:
+        if our_state == "joined":
+            actions.append(Withdraw(job_id, "not_selected"))
+        return actions
+    if our_state is None:
+        # a roster we never volunteered for (a submitter cannot draft us): ignore it
+        return actions
+    if our_state not in _OUR_FINISHED:
+        actions.append(Start(job_id, list(roster), rank, resume=our_state in ("running", "merging")))
+    elif (our_state in ("left", "failed") and ours.get("job_state") != "failed"
+          and all(participants.get(p, {}).get("state") in ("left", "failed")
+                  and final_of(participants.get(p, {})) is None for p in roster)):
+        actions.append(ClaimFailed(job_id))
+    return actions
+
+
+# -- merging --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MergeDecision:
+    """``merger``: who should merge now (None: wait); ``inputs``: roster members whose
+    final contribution is published, in rank order; ``missing``: the others still
+    expected."""
+
+    merger: str | None
+    inputs: list[str]
+    missing: list[str]
+    complete: bool
+
+
+def merge_decision(roster: list[str], participants: Mapping[str, Mapping[str, Any]], *,
+                   me: str, now: float, deadline: float, takeover: float,
+                   dead: frozenset[str] | set[str] = frozenset()) -> MergeDecision:
+    """Who merges, deterministically from the same records.
+
+    Candidates are the members with a published final that are not in ``dead``, in
+    rank order. The first merges once the inputs are complete or ``deadline`` passed;
+    candidate k takes over at ``deadline + k * takeover`` if no model appeared (the
+    caller only asks while the job is not done). ``merger`` is None while nobody
+    should merge yet; the caller merges when it is itself."""
+    inputs = [p for p in roster if final_of(participants.get(p, {})) is not None]
+    gone = [p for p in roster if participants.get(p, {}).get("state") in ("left", "failed")]
+    missing = [p for p in roster if p not in inputs]
+    # a member known dead without a final will not publish one: no need to wait for it
+    complete = all(p in inputs or p in gone or p in dead for p in roster)
+    candidates = [p for p in inputs if p not in dead]
+    merger = None
+    if candidates and (complete or now >= deadline):
+        merger = candidates[0]  # whom we expect to merge (informational unless it is us)
+        if me in candidates[1:] and now >= deadline + candidates.index(me) * takeover:
+            merger = me  # no model appeared in time: we take over
+    return MergeDecision(merger, inputs, missing, complete)
+
+
+def final_of(entry: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A participant's published final contribution ``{"blob", "samples"}``, if valid."""
+    final = entry.get("final")
+    if (isinstance(final, Mapping) and isinstance(final.get("blob"), str)
+            and type(final.get("samples")) is int and final["samples"] >= 0):
+        return final
+    return None
+
+
+# -- presentation ---------------------------------------------------------------------------
+
+
+def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
+    """A compact, JSON-friendly summary of one job view (for `jobs list` / `watch`)."""
+    record = view.get("spec", {})
+    spec = record.get("spec", {}) if isinstance(record.get("spec"), Mapping) else {}
+    participants = view.get("participants", {})
+    roster = record.get("roster") or []
+    steps_total = int(spec.get("steps", 0)) * (len(roster) or int(spec.get("min_peers", 0)))
+    losses = [e["loss"] for e in participants.values()
+              if isinstance(e.get("loss"), (int, float)) and math.isfinite(e["loss"])]
+    accs = [e["accuracy"] for e in participants.values()
+            if isinstance(e.get("accuracy"), (int, float)) and math.isfinite(e["accuracy"])]
+    models = sorted({e["model"] for e in participants.values() if isinstance(e.get("model"), str)})
+    totals = view.get("totals", {})
+    return {
+        "id": view.get("id"),
+        "status": view.get("status"),
+        "kind": record.get("kind", KIND_TRAIN),
+        "task": spec.get("task"),
+        "submitter": view.get("submitter"),
+        "min_peers": spec.get("min_peers"),
+        "roster": list(roster),
+        "joined": sorted(p for p, e in participants.items() if e.get("state") == "joined"),
+        "steps": totals.get("steps", 0),
+        "steps_total": steps_total,
+        "loss": sum(losses) / len(losses) if losses else None,
+        "accuracy": sum(accs) / len(accs) if accs else None,
+        "bytes_sent": totals.get("bytes_sent", 0),
+        "bytes_received": totals.get("bytes_received", 0),
+        "peers": {p: e.get("state") for p, e in participants.items()},
+        "model": models[0] if models else None,
+        "created": record.get("created"),
+    }

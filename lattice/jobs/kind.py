@@ -1,0 +1,132 @@
+"""What a job kind is: the one interface the supervisor runs every kind through.
+
+A kind declares its spec type and parser, how a daemon decides to take part, what a
+participant does, and how the merger produces the job's result. Everything else — the
+job record and id, the roster, participation entries and their state machine, progress
+writes, checkpoints on disk, the merge decision, takeovers, cancellation — is the
+supervisor's (`lattice.jobs.supervisor`), the same for every kind.
+
+Adding a kind touches the kind's own module (`lattice.jobs.<kind>`), its spec in
+proto/jobs.md, and one registration line (`lattice.jobs.KINDS`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import numpy as np
+
+from lattice.core.jobs import JobSpecLike
+from lattice.net.blob import BlobService
+from lattice.net.gossip_avg import Compute, GossipAverager
+from lattice.net.streams import PeerNetwork
+
+if TYPE_CHECKING:
+    from lattice.jobs.supervisor import JobsConfig, Run
+
+SpecT = TypeVar("SpecT", bound=JobSpecLike)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """A participant's final part, published as a blob: ``weight`` is what the merge
+    weighs it by (samples trained on, tensors merged...)."""
+
+    blob: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class Input:
+    """One participant's contribution as the merger sees it."""
+
+    peer: str
+    rank: int
+    blob: str
+    weight: int
+
+
+@dataclass
+class Result:
+    """What a merger produced: the model (already stored as a blob, id = SHA-256 of its
+    bytes), the inputs it used, and the kind's own record fields (metrics, method...)."""
+
+    model_id: str
+    size: int
+    used: list[Input]
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Services:
+    """What a kind may use: the network and the services the supervisor runs."""
+
+    network: PeerNetwork
+    gossip: GossipAverager
+    blobs: BlobService
+    compute: Compute
+    config: JobsConfig
+    rng: random.Random
+    clock: Callable[[], float]
+
+
+class RunContext(Protocol):
+    """The supervisor's side of one participation, handed to the kind."""
+
+    services: Services
+    checkpoint: tuple[dict[str, np.ndarray], dict[str, Any]] | None
+    """The kind's arrays and metadata from the last checkpoint (None: a fresh start)."""
+
+    async def report(self, *, force: bool = False, **progress: Any) -> None:
+        """Record progress fields (written to our participation entry at most every
+        `JobsConfig.progress_interval`, or now with ``force``)."""
+
+    def due(self) -> bool:
+        """A progress write would happen now: compute costly fields (an evaluation)
+        only then."""
+
+    async def save_checkpoint(self, arrays: Mapping[str, np.ndarray],
+                              meta: Mapping[str, Any], *,
+                              final: Contribution | None = None) -> None:
+        """Persist the kind's state with the supervisor's (a restart resumes from it);
+        with ``final``, the contribution about to be returned (a restart then goes
+        straight to the merge phase while its blob is still here)."""
+
+    def on_close(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` when the participation ends (after the merge phase)."""
+
+    def candidates(self) -> list[str]:
+        """Roster members that may still exchange with us: not finished, not known dead."""
+
+
+class JobKind(Protocol, Generic[SpecT]):
+    """A kind of job. Implementations are registered in `lattice.jobs.KINDS`."""
+
+    name: str
+    counts: Counter[str]
+    """The kind's own counters (shown in `jobs.stats` beside the supervisor's)."""
+
+    def parse_spec(self, raw: Any) -> SpecT:
+        """The kind's spec from a plain mapping; raises `JobSpecError`."""
+
+    def volunteers(self, job_id: str, spec: SpecT) -> bool:
+        """Whether this daemon takes part in the job when it has room."""
+
+    async def participate(self, run: Run, ctx: RunContext) -> Contribution | None:
+        """Do this participant's part and publish its contribution (None: nothing to
+        contribute, e.g. the task cannot be built here: `KindRefused`). Cancelled when
+        the job is cancelled or fails."""
+
+    async def produce(self, run: Run, ctx: RunContext, inputs: list[Input]) -> Result | None:
+        """As the merger: the job's result from the contributions (None: none could be
+        used; the job fails)."""
+
+
+class KindRefused(Exception):
+    """This daemon cannot take part after all (the task is unknown here, the model is
+    over our limits...); the message is recorded as our participation's reason."""
+
