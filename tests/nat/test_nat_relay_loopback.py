@@ -18,7 +18,7 @@ import trio
 from lattice.core.identity import Identity
 from lattice.net.host import DialError, is_relayed, open_libp2p_node, quiet_libp2p_logging
 from lattice.net.nat import NatConfig, serve_nat
-from lattice.net.streams import PeerError, recv_frame, send_frame
+from lattice.net.streams import ADDED, CONNECTED, PeerError, recv_frame, send_frame
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +103,27 @@ async def test_a_relayed_connection_beside_a_direct_one_is_retired(nodes):
     await poll(lambda: not any(is_relayed(c) for c in a.live_connections(b.peer_id))
                and not any(is_relayed(c) for c in b.live_connections(a.peer_id)))
     assert a.connection_kind(b.peer_id) == "direct" == b.connection_kind(a.peer_id)
+
+
+async def test_a_second_connection_to_a_peer_is_an_added_peer_event(nodes):
+    # The connectivity manager learns of a peer's second connection (a punched direct
+    # one, or a relayed one racing a direct dial) from the node's peer events: a peer's
+    # first connection is "connected", one beside it "added", saying which kind it is.
+    relay, _ = await nodes(config=NatConfig(relay_service="on"))
+    b, b_nat = await nodes(config=PRIVATE, bootstrap=[addr(relay)])
+    a, a_nat = await nodes(config=NatConfig(holepunch=False))
+    await poll(lambda: relay.peer_id in b_nat.reservations)
+    with a.peer_events() as events:
+        await a.connect(addr(b), timeout=5)
+        await a_nat.connect(f"{addr(relay)}/p2p-circuit/p2p/{b.peer_id}", timeout=5)
+        seen = []
+        with trio.fail_after(10):
+            async for ev in events:
+                if ev.peer_id == b.peer_id:
+                    seen.append((ev.kind, ev.relayed))
+                if len(seen) == 2:
+                    break
+    assert seen == [(CONNECTED, False), (ADDED, True)]
 
 
 async def test_a_circuit_address_dials_through_that_relay(nodes):

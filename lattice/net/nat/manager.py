@@ -4,7 +4,9 @@ punching and UPnP for one libp2p node, and says how we are reachable.
 Owns `NatManager` (the handle the daemon holds: `connect`, `status`, `advertised_addrs`,
 `observed_addrs`, `learn_relays`, `relaying`, `wait_reachability_change`, `peer_info`)
 and `serve_nat`, which runs it. The verdict (`lattice.core.reachability`) decides
-whether we serve as a relay and whether we want reservations. Must not import latticed.
+whether we serve as a relay and whether we want reservations. It learns of connections
+from the node's peer events (`PeerNetwork.peer_events`), like every other service. Must
+not import latticed.
 
 Failure policy (`serve_nat`): everything per peer (an observation, a dial-back, a
 reservation, a relayed dial, a punch) is contained in the part that does it: a peer
@@ -21,21 +23,24 @@ from typing import Any
 
 import trio
 
-from libp2p.abc import INetConn, INotifee
 from libp2p.tools.anyio_service import background_trio_service
 
 from lattice.core.holepunch import CAPS, MAX_LOCAL_ADDRS, Addr, Birthday, PeerView
 from lattice.core.reachability import Verdict
 from lattice.net.nat.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
-from lattice.net.host import is_relayed
 from lattice.net.nat.config import NatConfig
 from lattice.net.nat.dialing import PeerDialer
 from lattice.net.nat.observe import OBSERVE_PROTOCOL_ID, Observer
 from lattice.net.nat.relay_hop import CircuitRelay, check_libp2p_version
 from lattice.net.nat.reservations import RelayDirectory, ReservationKeeper, maddr
 from lattice.net.nat.upnp import Upnp, serve_upnp
+from lattice.net.streams import ADDED, CONNECTED, DISCONNECTED, PeerEvents
 
 log = logging.getLogger("lattice.net.nat")
+
+# Peer events queued for the manager; past it they are dropped and the manager re-reads
+# the connections once (a ``lagged`` event), so the bound costs a resync, not a peer.
+PEER_EVENT_BUFFER = 64
 
 
 class NatManager:
@@ -62,6 +67,7 @@ class NatManager:
         self.puncher: HolePuncher | None = None
         self._verdict = Verdict("unknown", "unknown", (), "starting")
         self._verdict_changed = trio.Event()
+        self.peer_events_lagged = 0
 
     # -- what the daemon uses ------------------------------------------------------------
     @property
@@ -160,7 +166,8 @@ class NatManager:
             via.append("relay")
         stats = dict(self.observer.stats, reservations_made=self.keeper.made,
                      reservation_failures=self.keeper.failures,
-                     relayed_dials=self.dialer.relayed_dials)
+                     relayed_dials=self.dialer.relayed_dials,
+                     peer_events_lagged=self.peer_events_lagged)
         return {
             "reachability": v.reachability,
             "nat": v.nat,
@@ -249,22 +256,38 @@ class NatManager:
         self.observer.tracker.probe_now()
         self.observer.wake()
 
-    # -- connection events ----------------------------------------------------------------
-    def _on_connected(self, conn: INetConn) -> None:
-        peer = conn.muxed_conn.peer_id.to_base58()
+    # -- connection events (PeerNetwork.peer_events) --------------------------------------
+    async def follow_peer_events(self, events: PeerEvents) -> None:
+        """Act on the node's peer events until cancelled (``events`` is subscribed before
+        anything can dial, so no connection is missed; `serve_nat` closes it)."""
+        self._resync()
+        async for ev in events:
+            if ev.kind in (CONNECTED, ADDED):
+                self._on_connected(ev.peer_id, ev.relayed)
+            elif ev.kind == DISCONNECTED:
+                self._on_disconnected(ev.peer_id)
+            else:  # lagged: events were dropped, read the connections once
+                self.peer_events_lagged += 1
+                self._resync()
+
+    def _on_connected(self, peer: str, relayed: bool) -> None:
         if self.puncher is not None:
-            self.puncher.note_connection(peer, is_relayed(conn))
+            self.puncher.note_connection(peer, relayed)
         if self._verdict.reachability == "unknown":
             # A new peer is a new observer that can dial us back.
             self.observer.tracker.probe_now()
         self.observer.wake()
 
-    def _on_disconnected(self, conn: INetConn) -> None:
-        peer = conn.muxed_conn.peer_id.to_base58()
-        if self.node.live_connections(peer):
-            return
+    def _on_disconnected(self, peer: str) -> None:
         self.observer.forget(peer)
         self.keeper.lost(peer)
+
+    def _resync(self) -> None:
+        connected = set(self.node.connected_peers())
+        for peer in (set(self.observer.observations) | set(self.keeper.reservations)) - connected:
+            self._on_disconnected(peer)
+        for peer in sorted(connected):
+            self._on_connected(peer, self.node.connection_kind(peer) == "relayed")
 
     def _on_relayed_inbound(self, peer: str) -> None:
         log.debug("peer=%s relayed connection accepted", peer)
@@ -281,32 +304,6 @@ def holepunch_config(config: NatConfig) -> HolePunchConfig:
         retry_max_s=max(config.holepunch_retry_s, config.holepunch_retry_max_s))
 
 
-class _Notifee(INotifee):
-    """The swarm's connection events for the manager (to move onto `PeerNetwork`'s
-    peer events once the seam has them)."""
-
-    def __init__(self, manager: NatManager) -> None:
-        self._m = manager
-
-    async def connected(self, network: Any, conn: INetConn) -> None:
-        self._m._on_connected(conn)
-
-    async def disconnected(self, network: Any, conn: INetConn) -> None:
-        self._m._on_disconnected(conn)
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        pass
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        pass
-
-    async def listen(self, network: Any, multiaddr: Any) -> None:
-        pass
-
-    async def listen_close(self, network: Any, multiaddr: Any) -> None:
-        pass
-
-
 async def serve_nat(node: Any, *, config: NatConfig, bootstrap: list[str],
                     rng: random.Random | None = None,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -320,7 +317,7 @@ async def serve_nat(node: Any, *, config: NatConfig, bootstrap: list[str],
     # NATed peer is dialed through a relay (and hole-punched from there)
     node.set_peer_router(m.connect)
     node.host.set_stream_handler(OBSERVE_PROTOCOL_ID, m.observer.handle)
-    node.host.get_network().register_notifee(_Notifee(m))
+    events = node.peer_events(buffer=PEER_EVENT_BUFFER)  # before anything dials
     m._recompute()
     try:
         async with trio.open_nursery() as nursery, background_trio_service(m.relay):
@@ -329,6 +326,7 @@ async def serve_nat(node: Any, *, config: NatConfig, bootstrap: list[str],
                     node, local_view=m.local_view,
                     config=holepunch_config(config), rng=m.rng,
                     task_status=task_status))
+            nursery.start_soon(m.follow_peer_events, events)
             nursery.start_soon(m.observer.serve)
             nursery.start_soon(m.keeper.serve)
             if config.upnp:
@@ -337,5 +335,6 @@ async def serve_nat(node: Any, *, config: NatConfig, bootstrap: list[str],
             task_status.started(m)
             await trio.sleep_forever()
     finally:
+        events.close()
         node.set_peer_router(None)
         node.host.remove_stream_handler(OBSERVE_PROTOCOL_ID)

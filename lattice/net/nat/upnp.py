@@ -55,18 +55,19 @@ def upnp_map(port: int) -> tuple[str, Addr | None, str]:
         return "failed", None, "miniupnpc is not installed"
     upnp = miniupnpc.UPnP()
     upnp.discoverdelay = 500  # ms; discover() takes ~4 s anyway when nobody answers
-    # miniupnpc raises bare Exception("...") for every failure; the message is all there
-    # is. discover() raises "Success" when nothing answered: selectigd() then says so.
+    # miniupnpc raises a bare Exception for every failure (discover() even raises one
+    # saying "Success" when nobody answered), so none is told apart by its text: a
+    # discovery that raised found nothing; selectigd()'s message goes to the user as is.
     try:
-        upnp.discover()
+        found = upnp.discover()
     except Exception as e:  # noqa: BLE001 - see above
-        if str(e) != "Success":
-            return "none", None, f"UPnP discovery failed: {e}"
+        log.debug("upnp: discover() raised %r", e)
+        found = 0
+    if not found:
+        return "none", None, "no UPnP gateway found"
     try:
         upnp.selectigd()
     except Exception as e:  # noqa: BLE001 - see above
-        if "No UPnP device" in str(e):
-            return "none", None, "no UPnP gateway found"
         return "none", None, f"no usable UPnP gateway: {e}"
     try:
         external = upnp.externalipaddress()
