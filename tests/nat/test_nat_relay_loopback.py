@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 
 import pytest
 import trio
@@ -35,7 +36,8 @@ async def poll(predicate, timeout: float = 10.0):
     return value
 
 
-async def _run_node(config: NatConfig, bootstrap: list[str], *, task_status) -> None:
+async def _run_node(config: NatConfig, bootstrap: list[str], rng: random.Random, *,
+                    task_status) -> None:
     """One host with the connectivity manager, inside its own task (its nurseries and
     contexts open and close there)."""
     async with open_libp2p_node(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as node:
@@ -45,18 +47,21 @@ async def _run_node(config: NatConfig, bootstrap: list[str], *, task_status) -> 
         node.set_stream_handler(ECHO, echo)
         async with trio.open_nursery() as nursery:
             manager = await nursery.start(functools.partial(
-                serve_nat, node, config=config, bootstrap=bootstrap))
+                serve_nat, node, config=config, bootstrap=bootstrap, rng=rng))
             task_status.started((node, manager))
             await trio.sleep_forever()
 
 
 @pytest.fixture
-def nodes(nursery):
-    """``await nodes(config=..., bootstrap=...) -> (node, NatManager)``."""
+def nodes(nursery, lattice_seed):
+    """``await nodes(config=..., bootstrap=...) -> (node, NatManager)``; each manager's
+    rng (session ids, backoff jitter) derives from the test's seed."""
     quiet_libp2p_logging(logging.WARNING)
+    seeds = random.Random(lattice_seed)
 
     async def make(*, config: NatConfig = NatConfig(), bootstrap=()):
-        return await nursery.start(_run_node, config, list(bootstrap))
+        rng = random.Random(seeds.getrandbits(64))
+        return await nursery.start(_run_node, config, list(bootstrap), rng)
 
     return make
 
