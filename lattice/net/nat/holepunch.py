@@ -56,12 +56,18 @@ from lattice.core.holepunch import (
     Start,
     Timer,
 )
+from lattice.core.penalties import PenaltyBox
 from lattice.net.host import PEER_ERRORS, Libp2pStream, is_relayed
-from lattice.net.nat.guard import Penalties, parse_peer_input
 from lattice.net.nat import tcp_punch
 from lattice.net.nat.observe import swarm_conn
 from lattice.net.nat.punch_history import PunchHistory
-from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame_or_eof, send_frame
+from lattice.net.streams import (
+    PeerError,
+    RemoteProtocolError,
+    parse_peer_input,
+    recv_frame_or_eof,
+    send_frame,
+)
 
 log = logging.getLogger("lattice.net.nat.holepunch")
 
@@ -101,7 +107,7 @@ class HolePuncher:
         self.counts = {"direct": 0, "relayed": 0, "failed": 0, "busy": 0, "dial_errors": 0,
                        "malformed": 0, "refused_penalized": 0, "refused_direct": 0,
                        "handshake_errors": 0}
-        self.penalties = Penalties(base=config.penalty_s)
+        self.penalties = PenaltyBox(base=config.penalty_s)
         self._sessions: dict[str, trio.MemorySendChannel[Any]] = {}
         # our initiator sessions: a peer initiating at the same instant may take over
         self._initiating: dict[str, tuple[trio.CancelScope, trio.Event]] = {}

@@ -37,13 +37,19 @@ from libp2p.transport.tcp.tcp import TCP
 
 from lattice.core import reachability as rcore
 from lattice.core.holepunch import Addr, NatView, Observation, classify_nat
+from lattice.core.penalties import PenaltyBox
 from lattice.core.reachability import DialBack, ObserveProtocolError, ReachabilityTracker
 from lattice.net.host import PEER_ERRORS, Libp2pStream, is_relayed, local_address, remote_address
 from lattice.net.nat.config import NatConfig
-from lattice.net.nat.guard import Penalties, parse_peer_input
-from lattice.net.nat.tcp_punch import HANDSHAKE_ERRORS, dial_error
 from lattice.net.nat.reservations import RelayDirectory, maddr
-from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame, send_frame
+from lattice.net.nat.tcp_punch import HANDSHAKE_ERRORS, dial_error
+from lattice.net.streams import (
+    PeerError,
+    RemoteProtocolError,
+    parse_peer_input,
+    recv_frame,
+    send_frame,
+)
 
 log = logging.getLogger("lattice.net.nat")
 
@@ -85,7 +91,7 @@ class Observer:
         self.stats = {"observations": 0, "observe_failures": 0, "probes": 0,
                       "dialbacks_served": 0, "dialbacks_refused": 0, "dialbacks_busy": 0,
                       "unsolicited_dialbacks": 0, "malformed": 0}
-        self.penalties = Penalties(base=config.penalty_s)
+        self.penalties = PenaltyBox(base=config.penalty_s)
         self.hunger = HUNGER_MIN  # re-observe this often while short of relays
         self.probing = False
         self._observed_at: dict[str, float] = {}
