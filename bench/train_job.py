@@ -31,7 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lattice.core.jobs import parse_train_spec  # noqa: E402
 from lattice.learn.simulate import JobSpec, centralized_baseline, simulate  # noqa: E402
 from lattice.learn.tasks import get_task  # noqa: E402
-from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync  # noqa: E402
+from lattice.net.crdt_sync import (  # noqa: E402
+    SyncConfig,
+    open_state,
+    serve_crdt_sync,
+    serve_heartbeat,
+)
 from lattice.jobs import JobsConfig, serve_jobs  # noqa: E402
 from lattice.testing.memnet import MemoryNetwork  # noqa: E402
 
@@ -48,6 +53,10 @@ async def run_memnet(spec: dict, peers: int, seed: int) -> dict:
             sync = await nursery.start(lambda task_status, p=peer, s=store: serve_crdt_sync(
                 p, s, config=SyncConfig(anti_entropy_interval=2.0), rng=rng,
                 task_status=task_status))
+            # every daemon publishes a member record with a heartbeat: only live members
+            # are sealed into a roster
+            nursery.start_soon(lambda p=peer, s=store, y=sync: serve_heartbeat(
+                s, {"name": p.peer_id[-6:]}, interval=5.0, sync=y))
             nodes.append((peer, store, sync))
         for i, (peer, _, sync) in enumerate(nodes):
             for other, _, _ in nodes[i + 1:]:

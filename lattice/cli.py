@@ -241,11 +241,20 @@ def cmd_jobs_submit(args: argparse.Namespace) -> int:
         if value is not None:
             spec[name] = value
     with connect(args.socket) as c:
-        job_id = c.submit_job(spec)["job_id"]
+        r = c.submit_job(spec, allow=args.allow or None, private=args.private or None)
     if args.json:
-        _emit_json({"job_id": job_id, "spec": spec})
+        _emit_json({**r, "spec": spec})
     else:
-        print(job_id)
+        print(r["job_id"])
+        if "token" in r:  # hand it to the peers that may join: lattice jobs join ID --token T
+            print(r["token"])
+    return 0
+
+
+def cmd_jobs_join(args: argparse.Namespace) -> int:
+    with connect(args.socket) as c:
+        r = c.join_job(args.job_id, token=args.token)
+    print("joined" if r["joined"] else "already taking part")
     return 0
 
 
@@ -611,7 +620,16 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--seed", type=int)
     j.add_argument("--batch", type=int)
     j.add_argument("--lr", type=float)
+    j.add_argument("--allow", action="append", metavar="PEER_ID",
+                   help="only this peer may take part (repeatable)")
+    j.add_argument("--private", action="store_true",
+                   help="only peers given the token (printed after the id) may take part")
     j.set_defaults(func=cmd_jobs_submit)
+    j = jsub.add_parser("join", parents=[common], help="take part in a job (a private one: "
+                        "with its token)")
+    j.add_argument("job_id")
+    j.add_argument("--token", help="the token the job's submitter handed out")
+    j.set_defaults(func=cmd_jobs_join)
     j = jsub.add_parser("list", parents=[common, js], help="every job, newest first")
     j.set_defaults(func=cmd_jobs_list)
     j = jsub.add_parser("get", parents=[common, js], help="one job in detail")

@@ -65,6 +65,24 @@ log = logging.getLogger("latticed.rpc")
 
 
 
+@dataclass(frozen=True)
+class RpcConfig:
+    """The local socket's limits (section ``[rpc]``)."""
+
+    max_frame_bytes: int = 4 << 20
+    """Largest accepted local RPC frame; larger requests get FRAME_TOO_LARGE."""
+    max_clients: int = 64
+    """Concurrent local RPC connections."""
+    max_in_flight: int = 32
+    """Requests one connection may have in flight at once (OVERLOADED beyond)."""
+    read_group: str = ""
+    """A group (name or gid) whose members may use the socket with read access only
+    (status, peers, jobs list...); the socket becomes mode 0660 with that group. Empty:
+    only our uid and root."""
+    subscriber_queue: int = 256
+    """Events buffered per subscriber before it is marked lagging."""
+
+
 @dataclass
 class RpcStats:
     connections_total: int = 0

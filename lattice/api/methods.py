@@ -162,11 +162,21 @@ _METHOD_LIST = [
     Method("peers.find", "Resolve a peer id to its addresses through the DHT.",
            params=(Param("peer_id", "str", "12D3KooW...", max_len=128),),
            client="find_peer"),
-    Method("jobs.submit", "Submit a train job; returns its id. Spec fields: task, min_peers, "
+    Method("jobs.submit", "Submit a train job; returns its id (and, if private, the token "
+           "its joiners need). Spec fields: task, min_peers, "
            "steps, batch, lr, momentum, sync_every, algorithm (gossip|noloco|none), "
            "partition (iid|dirichlet:ALPHA), compression (none|fp16|int8|topk:R), seed, ...",
-           params=(Param("spec", "map", "the job spec"),), access=WRITE,
+           params=(Param("spec", "map", "the job spec"),
+                   Param("allow", "list[str]", "only these peer ids may take part",
+                         required=False, max_len=256),
+                   Param("private", "bool", "only peers given the returned token may take part",
+                         required=False, default=False)), access=WRITE,
            client="submit_job"),
+    Method("jobs.join", "Take part in a job now (a private one: with the token its submitter "
+           "handed out); returns whether we joined (false: we take part already).",
+           params=(Param("job_id", "str", "job id", max_len=128),
+                   Param("token", "str", "the job's token", required=False, max_len=128)),
+           access=WRITE, client="join_job"),
     Method("jobs.list", "Every job in the replicated state, newest first.", result="list",
            client="jobs"),
     Method("jobs.get", "One job: summary, spec, participants, totals, models.",

@@ -43,6 +43,8 @@ from lattice.core.jobs import (
     JobSpecError,
     JobSpecLike,
     Policy,
+    join_entry,
+    job_token,
     SealRoster,
     Start,
     Stop,
@@ -92,6 +94,8 @@ class JobsConfig:
     """Plugin task names (entry points) this daemon may load."""
     max_jobs: int = 1
     """Jobs joined or running at once."""
+    join_timeout: float = 600.0
+    """A job joined but not sealed within this long is left (`Policy.join_timeout`)."""
     progress_interval: float = 1.0
     """Seconds between progress writes to our participation entry (plus every transition)."""
     checkpoint_every: int = 20
@@ -194,7 +198,7 @@ class JobSupervisor:
         self.me = network.peer_id
         self._clock = services.clock
         self._rng = services.rng
-        self._policy = Policy(self.config.max_jobs)
+        self._policy = Policy(self.config.max_jobs, self.config.join_timeout)
         self._parsers = {name: kind.parse_spec for name, kind in self.kinds.items()}
         self._specs: dict[str, tuple[Any, JobSpecLike | JobSpecError]] = {}
         self._runs: dict[str, Run] = {}
@@ -213,9 +217,10 @@ class JobSupervisor:
     def gossip(self) -> Any:
         return self.services.gossip
 
-    def submit(self, raw: Mapping[str, Any]) -> str:
+    def submit(self, raw: Mapping[str, Any], access: Mapping[str, Any] | None = None) -> str:
         """Validate ``raw`` with its kind's parser (``kind``, default ``train``) and
-        publish the job; returns its id. Raises JobSpecError."""
+        publish the job (``access``: who may take part, `lattice.core.jobs.access`);
+        returns its id. Raises JobSpecError."""
         name = raw.get("kind", "train") if isinstance(raw, Mapping) else "train"
         kind = self.kinds.get(name) if isinstance(name, str) else None
         if kind is None:
@@ -223,7 +228,8 @@ class JobSupervisor:
                                f"{', '.join(sorted(self.kinds))}")
         spec = kind.parse_spec(raw)
         nonce = f"{self._rng.getrandbits(128):032x}"
-        job_id, record = new_job_record(spec, self.me, nonce, self._clock(), kind=kind.name)
+        job_id, record = new_job_record(spec, self.me, nonce, self._clock(), kind=kind.name,
+                                        access=access)
         self._write([Set(f"jobs/{job_id}", record)])
         self.counts["submitted"] += 1
         log.info("job=%s submitted: kind=%s min_peers=%d", job_id, kind.name, spec.min_peers)
@@ -242,6 +248,21 @@ class JobSupervisor:
         models = {mid: rec for mid, rec in self.store.models().items() if rec.get("job") == job_id}
         return {**job_summary(view), "spec": view["spec"].get("spec"), "record": view["spec"],
                 "participants": view["participants"], "totals": view["totals"], "models": models}
+
+    def token(self, job_id: str) -> str:
+        """The token joiners of our private job need (`lattice.core.jobs.job_token`)."""
+        return job_token(self.store.identity, job_id)
+
+    def join(self, job_id: str, token: str | None = None) -> bool:
+        """Join a job explicitly (a private one with its token); False if we take part
+        already. Raises JobNotFound, `lattice.core.jobs.JoinRefused`."""
+        view = self._job_view(job_id)
+        if view is None:
+            raise JobNotFound(job_id)
+        entry = join_entry(self.me, job_id, view, self._clock(), token)
+        if entry is not None:
+            self._write_entry(job_id, None, entry)
+        return entry is not None
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job we submitted; False if it already ended. Raises JobNotFound, NotSubmitter."""
@@ -346,8 +367,8 @@ class JobSupervisor:
         return None if isinstance(cached[1], JobSpecError) else cached[1]
 
     def _alive(self, members: Mapping[str, Mapping[str, Any]]) -> Callable[[str], bool]:
-        # a peer without a member record is presumed alive (state may lag the job board)
-        return lambda peer: members.get(peer, {}).get("alive", True)
+        # no member record, no heartbeat: not alive (a Sybil volunteer needs none to join)
+        return lambda peer: members.get(peer, {}).get("alive", False)
 
     async def _serve_board(self) -> None:
         if self.sync is not None:
@@ -374,7 +395,8 @@ class JobSupervisor:
             kind = self.kinds[view["spec"]["kind"]]
             actions = plan(self.me, job_id, view, spec, volunteer=kind.volunteers(job_id, spec),
                            policy=self._policy, active=set(self._runs), reserved=reserved,
-                           alive=alive)
+                           alive=alive, now=now,
+                           token=self.token(job_id) if view["submitter"] == self.me else None)
             for action in actions:
                 reserved += isinstance(action, Join)
                 self._do(action, view, kind, spec)

@@ -64,6 +64,7 @@ class BlobConfig:
     """Limits and timeouts (daemon config section ``[blobs]``)."""
 
     max_store_bytes: int = 4 << 30
+    """Disk used for model blobs, at most."""
     max_blob_bytes: int = 1 << 30
     chunk_bytes: int = 256 * 1024
     """Bytes per ``get`` (a provider serves at most max_chunk_bytes per request)."""

@@ -9,9 +9,13 @@ to the network only through `lattice.net.streams.PeerNetwork`, so it runs unchan
 over the real host and `lattice.testing.memnet`.
 
 Failure policy (`serve_crdt_sync`): a session ends quietly when its peer vanishes or
-resets (`PeerError`); a peer that breaks the protocol or sends an envelope proving
-misbehaviour is reset and put in backoff; anything else is our bug and propagates,
-taking the service (and the daemon's nursery) down.
+resets (`PeerError`), or stays silent: no hello within ``hello_timeout``, then no
+frame (a keepalive at least) within ``idle_timeout``, nor a frame of ours taken off
+our hands within it (`SessionTimeout`, counted, no penalty). A peer that breaks the
+protocol or sends an envelope proving misbehaviour is reset and put in backoff; so is
+one whose input raised anything else while it was handled (`SyncHub.handle` turns it
+into `SyncProtocolError` ``internal_error``). What is left is our bug or our disk and
+propagates, taking the service (and the daemon's nursery) down.
 
 The log is a separate object the daemon opens (`open_state`): the store calls it
 synchronously for every applied envelope, so our own new envelopes are on disk
@@ -22,8 +26,10 @@ peers would rightly treat as equivocation.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections import Counter
 import random
 import time
 from collections.abc import Callable
@@ -65,6 +71,28 @@ log = logging.getLogger("lattice.net.crdt_sync")
 PROTOCOL = PROTOCOL_ID
 
 
+@dataclass
+class _Liveness:
+    """When a session last heard a whole frame, last sent one, and since when it has
+    been writing one (`CrdtSync._watchdog`); trio time."""
+
+    heard: float
+    sent: float = -float("inf")
+    writing_since: float | None = None
+    keepalive_due: bool = False
+
+    def __post_init__(self) -> None:
+        self.sent = self.heard
+
+
+class SessionTimeout(PeerError):
+    """The remote stayed silent too long (``phase``: hello, idle or write)."""
+
+    def __init__(self, phase: str, seconds: float) -> None:
+        super().__init__(f"no {phase} progress within {seconds:g} s")
+        self.phase = phase
+
+
 # -- persistence ----------------------------------------------------------------------------
 
 class FileStateLog:
@@ -73,7 +101,9 @@ class FileStateLog:
     Our own envelopes are fsynced before `StateStore.apply_local` returns; received
     ones are written without fsync (after a power loss they are fetched again from
     peers). When the file holds much more than the store keeps (snapshots made older
-    envelopes useless), it is rewritten: temp file, fsync, atomic rename.
+    envelopes useless), it is rewritten: temp file, fsync, atomic rename. After the
+    store evicted authors it is rewritten as soon as a MiB (and as much as it keeps)
+    is dead, so a restart does not load them again.
     """
 
     def __init__(self, path: Path, *, compact_min_bytes: int = 4 * 1024 * 1024) -> None:
@@ -87,6 +117,7 @@ class FileStateLog:
         self.compactions = 0
         self.dropped_tail_bytes = 0
         self._since_check = 0
+        self._evicted = False  # the store evicted authors since our last rewrite
 
     def open(self) -> list[Record]:
         """Read the log (creating it if absent), cut off a torn tail, and return its
@@ -113,6 +144,8 @@ class FileStateLog:
         self._store = store
         store.add_envelope_listener(self._on_envelope)
         store.add_ban_listener(self._on_ban)
+        store.add_eviction_listener(self._on_evict)
+        self._evicted = store.statistics()["evicted"] > 0  # while loading this log
 
     def _on_envelope(self, env: Envelope, local: bool) -> None:
         self.append(("envelope", (env.raw,)), durable=local)
@@ -120,11 +153,14 @@ class FileStateLog:
     def _on_ban(self, author: str, proof: tuple[bytes, bytes]) -> None:
         self.append(("proof", proof), durable=True)
 
+    def _on_evict(self, author: str) -> None:
+        self._evicted = True  # rewritten at the next append (the store is mid-receive)
+
     def append(self, record: Record, *, durable: bool) -> None:
         self._write(encode_record(record), durable=durable)
         self.appended += 1
         self._since_check += 1
-        if self._since_check >= 64:
+        if self._since_check >= 64 or self._evicted:
             self._since_check = 0
             self.maybe_compact()
 
@@ -144,7 +180,9 @@ class FileStateLog:
         if self._store is None:
             return False
         live = self._store.statistics()["retained_bytes"]
-        if self.size <= max(self.compact_min_bytes, 4 * live):
+        dead = self.size - live
+        if self.size <= max(self.compact_min_bytes, 4 * live) and not (
+                self._evicted and dead >= max(1 << 20, live)):
             return False
         self.rewrite(self._store.records())
         return True
@@ -170,6 +208,7 @@ class FileStateLog:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.size = len(data)
         self.compactions += 1
+        self._evicted = False
 
     def close(self) -> None:
         if self._fd is not None:
@@ -214,7 +253,12 @@ class SyncConfig:
     """A session that ended while its peer stays connected is dialed again this long
     after (or when the peer's backoff ends, if it was penalized)."""
     hello_timeout: float = 10.0
+    """A session whose peer has not said hello by then ends."""
+    idle_timeout: float = 60.0
+    """A session whose remote sends no frame for this long (or does not take one of
+    ours) ends; with nothing to send we send a keepalive after a third of it."""
     max_sessions: int = 256
+    """Sync sessions at once, in all."""
     backoff_base: float = 5.0
     backoff_max: float = 600.0
     max_batch_bytes: int = MAX_BATCH_BYTES
@@ -250,6 +294,7 @@ class CrdtSync:
         self._deferred: list[list[Change]] = []
         self.deferred_writes = 0
         self.anti_entropy_rounds = 0
+        self.timeouts: Counter[str] = Counter()
 
     # -- public -------------------------------------------------------------------------
     async def connect(self, peer_id: str) -> bool:
@@ -332,6 +377,7 @@ class CrdtSync:
     def statistics(self) -> dict[str, Any]:
         return {"store": self.store.statistics(),
                 "sync": {**self.hub.statistics(), "anti_entropy_rounds": self.anti_entropy_rounds,
+                         "timeouts": dict(self.timeouts),
                          "writable": self.writable, "deferred_writes": self.deferred_writes,
                          "sessions_detail": [s.statistics() for s in self.hub.sessions.values()]}}
 
@@ -384,12 +430,14 @@ class CrdtSync:
                 async def guarded(loop) -> None:
                     try:
                         await loop(stream, session)
-                    except (PeerError, SyncProtocolError, trio.TooSlowError) as e:
+                    except (PeerError, SyncProtocolError) as e:
                         failure.append(e)
                     nursery.cancel_scope.cancel()
 
-                nursery.start_soon(guarded, self._write_loop)
-                nursery.start_soon(guarded, self._read_loop)
+                live = _Liveness(trio.current_time())
+                nursery.start_soon(guarded, functools.partial(self._write_loop, live=live))
+                nursery.start_soon(guarded, functools.partial(self._read_loop, live=live))
+                nursery.start_soon(guarded, functools.partial(self._watchdog, live=live))
             error = failure[0] if failure else None
             sid = session.session_id
             if isinstance(error, (SyncProtocolError, RemoteProtocolError)):
@@ -398,17 +446,46 @@ class CrdtSync:
                 log.warning("peer=%s sid=%s crdt-sync penalized (%s); backoff %.0f s",
                             peer, sid, error, backoff)
                 penalized = True
+            elif isinstance(error, SessionTimeout):
+                self.timeouts[error.phase] += 1
+                log.info("peer=%s sid=%s crdt-sync session ended: %s", peer, sid, error)
             elif error is not None:
                 log.debug("peer=%s sid=%s crdt-sync session ended: %r", peer, sid, error)
         finally:
             await _quietly(stream.reset if penalized else stream.close)
 
-    async def _read_loop(self, stream: CountingStream, session: SyncSession) -> None:
-        with trio.fail_after(self.config.hello_timeout):
-            first = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
-        msg = first
+    async def _watchdog(self, stream: CountingStream, session: SyncSession, *,
+                        live: _Liveness) -> None:
+        """End the session when the remote is silent (no hello within ``hello_timeout``,
+        then no whole frame within ``idle_timeout``: a trickle does not hold us) or does
+        not take a frame of ours within ``idle_timeout``; ask for a keepalive when we
+        sent nothing for a third of it. One task per session that wakes a few times per
+        idle period, so a message costs a timestamp, not a cancel scope."""
+        idle = self.config.idle_timeout
+        while True:
+            now = trio.current_time()
+            phase, limit = (("idle", idle) if session.hello_received
+                            else ("hello", self.config.hello_timeout))
+            if now >= live.heard + limit:
+                raise SessionTimeout(phase, limit)
+            if live.writing_since is not None and now >= live.writing_since + idle:
+                raise SessionTimeout("write", idle)
+            wake = live.heard + limit
+            if live.writing_since is not None:
+                wake = min(wake, live.writing_since + idle)
+            elif session.open:
+                if now >= live.sent + idle / 3:
+                    live.keepalive_due = True
+                    self._wake(session)
+                wake = min(wake, max(live.sent, now) + idle / 3)
+            await trio.sleep_until(wake)
+
+    async def _read_loop(self, stream: CountingStream, session: SyncSession, *,
+                         live: _Liveness) -> None:
+        msg = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
         me = self.network.peer_id
         while msg is not None:
+            live.heard = trio.current_time()
             outcome = self.hub.handle(session, msg, self._clock())
             if session.hello_received and \
                     self.store.seq_of(me) >= session.hello_seqs.get(me, 0):
@@ -422,9 +499,12 @@ class CrdtSync:
             msg = await recv_frame_or_eof(stream, max_bytes=MAX_FRAME_BYTES)
         raise StreamClosedError("remote ended the session")
 
-    async def _write_loop(self, stream: CountingStream, session: SyncSession) -> None:
+    async def _write_loop(self, stream: CountingStream, session: SyncSession, *,
+                          live: _Liveness) -> None:
         while True:
             msg = session.next_message(self.config.max_batch_bytes)
+            if msg is None and live.keepalive_due:
+                msg = session.keepalive()  # quiet for a while: show we are alive
             if msg is None:
                 # No await between the None above and registering the event, so a wake
                 # cannot slip in between and be lost.
@@ -432,7 +512,11 @@ class CrdtSync:
                 self._wakers[id(session)] = event
                 await event.wait()
                 continue
+            live.keepalive_due = False
+            live.writing_since = trio.current_time()
             await send_frame(stream, msg)
+            live.writing_since = None
+            live.sent = trio.current_time()
 
     async def _keep_sessions(self) -> None:
         """Keep one session per connected peer: start it as the connection comes up
@@ -499,7 +583,7 @@ class CrdtSync:
         interval = self.config.anti_entropy_interval
         while True:
             await trio.sleep(interval * self._rng.uniform(0.5, 1.5))
-            session = self.hub.pick_anti_entropy(self._rng)
+            session = self.hub.pick_anti_entropy(self._rng, self._clock())
             if session is not None:
                 session.request_summary()
                 self._wake(session)

@@ -24,7 +24,7 @@ class DHTConfig:
     get_quorum: int = 3
     # a get answered from our own store asks the network at most this often per key
     get_refresh_interval: float = 30.0
-    request_timeout: float = 5.0
+    request_timeout: float = 5.0  # one request's deadline
     # A lookup that has not converged by then ends with the closest peers that
     # answered (a put stores there, a get returns what it found): an answer in
     # bounded time even when many peers are slow.
@@ -35,13 +35,13 @@ class DHTConfig:
     server_idle_timeout: float = 60.0  # an inbound stream with no request is closed
     pool_idle_timeout: float = 20.0  # we reuse an idle outbound stream this long
     max_pooled_streams: int = 128
-    refresh_interval: float = 600.0  # random walk
-    republish_interval: float = 3600.0
+    refresh_interval: float = 600.0  # random-walk refresh of the routing table
+    republish_interval: float = 3600.0  # our records and provider announcements are re-sent
     provider_ttl: float = 24 * 3600.0
     peer_record_ttl: float = 2 * 3600.0
     gc_interval: float = 60.0
     max_records_per_key: int = 64
-    max_records_total: int = 20_000
+    max_records_total: int = 20_000  # records stored for others, at most
     max_providers_per_key: int = 64
     max_providers_total: int = 20_000
     # Quotas on what others store at us (records and providers alike), so one peer, or
@@ -50,9 +50,9 @@ class DHTConfig:
     # an IPv6 /48: whoever holds one address of a prefix can use them all). A full
     # store evicts from the biggest source first (records.RecordStore).
     max_records_per_publisher: int = 1024
-    max_records_per_ip: int = 2000
-    source_prefix_v4: int = 24
-    source_prefix_v6: int = 48
+    max_records_per_ip: int = 2000  # from one source network; the biggest is evicted first
+    source_prefix_v4: int = 24  # the IPv4 prefix length of one source network
+    source_prefix_v6: int = 48  # the IPv6 prefix length of one source network
     max_own_records: int = 1024
     max_liveness_pings: int = 8
     # a peer that broke the protocol is refused (its streams reset, kept out of our

@@ -1,4 +1,4 @@
-"""Jobs: `jobs.submit`, `jobs.list`, `jobs.get`, `jobs.cancel`, `jobs.stats`."""
+"""Jobs: `jobs.submit`, `jobs.join`, `jobs.list`, `jobs.get`, `jobs.cancel`, `jobs.stats`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from lattice.api.errors import (
     NotReadyError,
     PermissionDeniedError,
 )
-from lattice.core.jobs import JobSpecError
+from lattice.core.jobs import JobSpecError, JoinRefused
 from lattice.jobs import JobNotFound, JobSupervisor, NotSubmitter
 
 from latticed.localapi.state import wait_writable
@@ -26,15 +26,28 @@ def require_jobs(node: Node) -> JobSupervisor:
     return node.jobs
 
 
-async def jobs_submit(node: Node, client: ClientConnection,
-                      spec: dict[str, Any]) -> dict[str, Any]:
+async def jobs_submit(node: Node, client: ClientConnection, spec: dict[str, Any],
+                      allow: list[str] | None = None, private: bool = False) -> dict[str, Any]:
+    jobs = require_jobs(node)
+    await wait_writable(node)
+    access = {**({"allow": allow} if allow else {}), **({"token": True} if private else {})}
+    try:
+        job_id = jobs.submit(spec, access=access or None)
+    except JobSpecError as e:
+        raise InvalidArgumentError(f"bad job spec: {e}", data={"field": e.field}) from None
+    return {"job_id": job_id, **({"token": jobs.token(job_id)} if private else {})}
+
+
+async def jobs_join(node: Node, client: ClientConnection, job_id: str,
+                    token: str | None = None) -> dict[str, Any]:
     jobs = require_jobs(node)
     await wait_writable(node)
     try:
-        job_id = jobs.submit(spec)
-    except JobSpecError as e:
-        raise InvalidArgumentError(f"bad job spec: {e}", data={"field": e.field}) from None
-    return {"job_id": job_id}
+        return {"joined": jobs.join(job_id, token)}
+    except JobNotFound:
+        raise NotFoundError(f"no job {job_id}") from None
+    except JoinRefused as e:
+        raise PermissionDeniedError(str(e)) from None
 
 
 async def jobs_list(node: Node, client: ClientConnection) -> list[dict[str, Any]]:
@@ -65,6 +78,7 @@ async def jobs_stats(node: Node, client: ClientConnection) -> dict[str, Any]:
 
 HANDLERS: dict[str, Handler] = {
     "jobs.submit": jobs_submit,
+    "jobs.join": jobs_join,
     "jobs.list": jobs_list,
     "jobs.get": jobs_get,
     "jobs.cancel": jobs_cancel,

@@ -73,6 +73,11 @@ def _state_summary(node: Node) -> dict[str, Any] | None:
     return {"authors": st["authors"], "members_alive": sum(
         1 for m in node.store.members(time.time()).values() if m.get("alive")),
         "banned": st["banned"],
+        # quotas (proto/crdt-sync.md): use and limit, and what they turned away
+        "state_bytes": st["held_bytes"], "max_state_bytes": st["max_state_bytes"],
+        "max_authors": st["max_authors"], "evicted": st["evicted"],
+        "refused": sum(st["refused"].values()),
+        "jobs": st["views"]["jobs"], "max_jobs_per_author": node.store.limits.max_jobs_per_author,
         # False just after a restart, until a peer confirms our own history
         "writable": node.sync is not None and node.sync.writable}
 

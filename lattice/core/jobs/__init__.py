@@ -35,6 +35,10 @@ the sorted roster). A joiner left out withdraws (``state: left``). Computing the
 from the joined entries on every peer instead would let two peers that have seen
 different joiners start different jobs.
 
+Access. A record may limit who takes part to an allowlist of peer ids, or to peers
+holding a token the submitter hands out (`lattice.core.jobs.access`): only eligible,
+live joiners are sealed.
+
 Merging. When its part is done each participant publishes its final contribution as a
 blob and claims ``merging``. The merger is the lowest-rank roster member that
 published a final and is not known to be dead; it merges once every roster member
@@ -43,6 +47,11 @@ published a final or left, or when ``merge_timeout`` has passed since it finishe
 ``takeover`` seconds later per position (`merge_decision`).
 """
 
+from lattice.core.jobs.access import JoinRefused as JoinRefused
+from lattice.core.jobs.access import job_token as job_token
+from lattice.core.jobs.access import join_entry as join_entry
+from lattice.core.jobs.access import join_proof as join_proof
+from lattice.core.jobs.access import may_volunteer as may_volunteer
 from lattice.core.jobs.lifecycle import DEFAULT_PARSERS as DEFAULT_PARSERS
 from lattice.core.jobs.lifecycle import JOB_ID_HEX as JOB_ID_HEX
 from lattice.core.jobs.lifecycle import JOB_TRANSITIONS as JOB_TRANSITIONS
@@ -71,6 +80,7 @@ from lattice.core.jobs.lifecycle import plan as plan
 from lattice.core.jobs.lifecycle import rank_of as rank_of
 from lattice.core.jobs.lifecycle import read_job as read_job
 from lattice.core.jobs.lifecycle import select_roster as select_roster
+from lattice.core.jobs.lifecycle import verify_record as verify_record
 from lattice.core.jobs.spec import JobSpecError as JobSpecError
 from lattice.core.jobs.train import ALGORITHMS as ALGORITHMS
 from lattice.core.jobs.train import BUILTIN_TASKS as BUILTIN_TASKS

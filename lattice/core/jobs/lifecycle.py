@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lattice.core.codec import canonical
+from lattice.core.jobs.access import check_access, eligible, may_volunteer, normalize_access
 from lattice.core.jobs.spec import JobSpecError
 from lattice.core.jobs.train import KIND_TRAIN, parse_train_spec
 
@@ -90,13 +91,15 @@ def compute_job_id(spec: Mapping[str, Any], submitter: str, nonce: str,
 
 
 def new_job_record(spec: JobSpecLike, submitter: str, nonce: str, now: float,
-                   kind: str = KIND_TRAIN) -> tuple[str, dict[str, Any]]:
-    """(job id, the value to write at ``jobs/<job_id>``). ``nonce``: fresh random hex."""
+                   kind: str = KIND_TRAIN, *, access: Mapping[str, Any] | None = None
+                   ) -> tuple[str, dict[str, Any]]:
+    """(job id, the value to write at ``jobs/<job_id>``). ``nonce``: fresh random hex;
+    ``access``: who may take part (`lattice.core.jobs.access`; None: anyone)."""
     if not isinstance(nonce, str) or not 8 <= len(nonce) <= 64:
         raise ValueError("nonce must be 8..64 characters of fresh randomness")
     body = spec.to_dict()
     job_id = compute_job_id(body, submitter, nonce, kind)
-    return job_id, {
+    record = {
         "id": job_id,
         "kind": kind,
         "submitter": submitter,
@@ -105,28 +108,48 @@ def new_job_record(spec: JobSpecLike, submitter: str, nonce: str, now: float,
         "state": "submitted",
         "created": float(now),
     }
+    if access:
+        record["access"] = normalize_access(access)
+    return job_id, record
+
+
+def verify_record(job_id: str, record: Any) -> None:
+    """Raise JobSpecError unless ``record`` is a well-formed job record (of any kind)
+    whose id commits to it: ``job_id`` is the hash of its kind, spec, submitter and
+    nonce, so only its submitter can have written it under this id. This is what the
+    views check before they show a job (proto/jobs.md, "Authority")."""
+    if not isinstance(record, Mapping):
+        raise JobSpecError("record", "must be a map")
+    kind, submitter, nonce = record.get("kind"), record.get("submitter"), record.get("nonce")
+    spec_raw = record.get("spec")
+    if not (isinstance(kind, str) and isinstance(submitter, str) and isinstance(nonce, str)
+            and isinstance(spec_raw, Mapping)):
+        raise JobSpecError("record", "kind, submitter and nonce must be strings, spec a map")
+    if compute_job_id(spec_raw, submitter, nonce, kind) != job_id:
+        raise JobSpecError("id", "does not match the hash of the record")
+    roster = record.get("roster")
+    if roster is not None and not _valid_roster(roster, MAX_ROSTER):
+        raise JobSpecError("roster", "must be a sorted list of distinct peer ids")
+    if "access" in record:
+        check_access(record["access"])
+
+
+MAX_ROSTER = 256
+"""No kind seals more participants than this (a train job: ``min_peers`` <= 256)."""
 
 
 def read_job(job_id: str, record: Any,
              parsers: Mapping[str, SpecParser] = DEFAULT_PARSERS) -> JobSpecLike:
     """The spec of a received job record, after checking the record is well formed,
     of a kind we know (``parsers``: kind -> its spec parser), and that ``job_id`` is the
-    hash of what it says. Raises JobSpecError."""
-    if not isinstance(record, Mapping):
-        raise JobSpecError("record", "must be a map")
-    kind = record.get("kind")
-    parse = parsers.get(kind) if isinstance(kind, str) else None
+    hash of what it says (`verify_record`). Raises JobSpecError."""
+    verify_record(job_id, record)
+    kind = record["kind"]
+    parse = parsers.get(kind)
     if parse is None:
-        raise JobSpecError("kind", f"unknown job kind {str(kind)[:32]!r}; "
+        raise JobSpecError("kind", f"unknown job kind {kind[:32]!r}; "
                            f"known: {', '.join(sorted(parsers))}")
-    submitter, nonce = record.get("submitter"), record.get("nonce")
-    if not isinstance(submitter, str) or not isinstance(nonce, str):
-        raise JobSpecError("record", "submitter and nonce must be strings")
-    spec_raw = record.get("spec")
-    spec = parse(spec_raw)
-    if not isinstance(spec_raw, Mapping) or compute_job_id(spec_raw, submitter, nonce,
-                                                           kind) != job_id:
-        raise JobSpecError("id", "does not match the hash of the record")
+    spec = parse(record["spec"])
     roster = record.get("roster")
     if roster is not None and not _valid_roster(roster, spec.max_peers):
         raise JobSpecError("roster", "must be a sorted list of distinct peer ids, at most "
@@ -148,10 +171,13 @@ def _order_key(job_id: str, peer: str) -> bytes:
 
 
 def select_roster(job_id: str, spec: JobSpecLike, participants: Mapping[str, Mapping[str, Any]],
-                  alive: Callable[[str], bool] = lambda _peer: True) -> list[str] | None:
-    """The roster to seal: the first ``max_peers`` live joiners in hash order, sorted by
-    peer id; None until ``min_peers`` have joined."""
-    joined = [p for p, e in participants.items() if e.get("state") == "joined" and alive(p)]
+                  alive: Callable[[str], bool] = lambda _peer: True,
+                  eligible: Callable[[str, Mapping[str, Any]], bool] = lambda _p, _e: True
+                  ) -> list[str] | None:
+    """The roster to seal: the first ``max_peers`` live, eligible (the job's access)
+    joiners in hash order, sorted by peer id; None until ``min_peers`` have joined."""
+    joined = [p for p, e in participants.items()
+              if e.get("state") == "joined" and alive(p) and eligible(p, e)]
     if len(joined) < spec.min_peers:
         return None
     chosen = sorted(joined, key=lambda p: _order_key(job_id, p))[: spec.max_peers]
@@ -170,6 +196,10 @@ class Policy:
     """This daemon's capacity for jobs (daemon config ``[jobs]``)."""
 
     max_jobs: int = 1
+    join_timeout: float = 600.0
+    """A job we joined whose roster is not sealed within this many seconds is left
+    (reason ``not_sealed``): anyone may submit a job and never seal it, which would
+    hold our slot forever."""
 
 
 @dataclass(frozen=True)
@@ -218,14 +248,19 @@ _OUR_FINISHED = ("done", "left", "failed")
 
 def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, volunteer: bool,
          policy: Policy, active: frozenset[str] | set[str], reserved: int,
-         alive: Callable[[str], bool] = lambda _peer: True) -> list[Action]:
+         alive: Callable[[str], bool] = lambda _peer: True,
+         token: str | None = None, now: float | None = None) -> list[Action]:
     """What this daemon should do about one job, from the merged view (`store.jobs()`).
 
     ``volunteer``: the job's kind says this daemon takes part if there is room (its
     config accepts the job, or a local user asked to join it); ``active``: job ids we
     are running now; ``reserved``: how many jobs we are running or have joined and wait
-    for (capacity in use). Idempotent: applying the actions and calling again yields
-    nothing new, so the runner may call it on every change."""
+    for (capacity in use); ``alive``: whether a peer has a live member record (only
+    those are sealed); ``token``: the job's token when we submitted it
+    (`lattice.core.jobs.access`), to check joiners' proofs; ``now``: the clock of our
+    entries' ``updated``, for ``policy.join_timeout`` (None: never give up). Idempotent:
+    applying the actions and calling again yields nothing new, so the runner may call
+    it on every change."""
     status = view.get("status", "submitted")
     record = view.get("spec", {})
     participants = view.get("participants", {})
@@ -243,13 +278,18 @@ def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, vo
         return actions
     if roster is None:
         if view.get("submitter") == me and record.get("state") == "submitted":
-            chosen = select_roster(job_id, spec, participants, alive)
+            chosen = select_roster(job_id, spec, participants, alive,
+                                   eligible(job_id, record, token))
             if chosen is not None:
                 actions.append(SealRoster(job_id, chosen))
         joined = sum(1 for e in participants.values() if e.get("state") == "joined")
         if our_state is None and volunteer and reserved < policy.max_jobs \
-                and joined < spec.max_peers:
+                and may_volunteer(record, me) and joined < spec.max_peers:
             actions.append(Join(job_id))
+        elif (our_state == "joined" and now is not None and view.get("submitter") != me
+              and type(ours.get("updated")) in (int, float)
+              and now - ours["updated"] > policy.join_timeout):
+            actions.append(Withdraw(job_id, "not_sealed"))
         return actions
     rank = rank_of(roster, me)
     if rank is None:
@@ -320,17 +360,20 @@ def final_of(entry: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 
 def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
-    """A compact, JSON-friendly summary of one job view (for `jobs list` / `watch`)."""
+    """A compact, JSON-friendly summary of one job view (for `jobs list` / `watch`):
+    a view the state believes (`lattice.core.state.views`), so its spec parses."""
     record = view.get("spec", {})
     spec = record.get("spec", {}) if isinstance(record.get("spec"), Mapping) else {}
     participants = view.get("participants", {})
     roster = record.get("roster") or []
-    steps_total = int(spec.get("steps", 0)) * (len(roster) or int(spec.get("min_peers", 0)))
-    losses = [e["loss"] for e in participants.values()
-              if isinstance(e.get("loss"), (int, float)) and math.isfinite(e["loss"])]
-    accs = [e["accuracy"] for e in participants.values()
-            if isinstance(e.get("accuracy"), (int, float)) and math.isfinite(e["accuracy"])]
-    models = sorted({e["model"] for e in participants.values() if isinstance(e.get("model"), str)})
+    # the views check who wrote the record, not a kind's spec: read its numbers with care
+    steps_total = _count(spec.get("steps")) * (len(roster) or _count(spec.get("min_peers")))
+    # only the roster speaks for the job: anyone may write an entry claiming a loss
+    members = [e for p, e in participants.items() if p in roster]
+    losses = [e["loss"] for e in members
+              if type(e.get("loss")) in (int, float) and math.isfinite(e["loss"])]
+    accs = [e["accuracy"] for e in members
+            if type(e.get("accuracy")) in (int, float) and math.isfinite(e["accuracy"])]
     totals = view.get("totals", {})
     return {
         "id": view.get("id"),
@@ -338,7 +381,7 @@ def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
         "kind": record.get("kind", KIND_TRAIN),
         "task": spec.get("task"),
         "submitter": view.get("submitter"),
-        "min_peers": spec.get("min_peers"),
+        "min_peers": _count(spec.get("min_peers")) or None,
         "roster": list(roster),
         "joined": sorted(p for p, e in participants.items() if e.get("state") == "joined"),
         "steps": totals.get("steps", 0),
@@ -348,6 +391,10 @@ def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
         "bytes_sent": totals.get("bytes_sent", 0),
         "bytes_received": totals.get("bytes_received", 0),
         "peers": {p: e.get("state") for p, e in participants.items()},
-        "model": models[0] if models else None,
+        "model": view.get("model"),  # the merged model the views verified
         "created": record.get("created"),
     }
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int and 0 <= value < 2**53 else 0

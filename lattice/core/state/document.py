@@ -19,14 +19,10 @@ from pycrdt import Array, Doc, Map
 from lattice.core.codec import DecodeError, canonical, unpack
 from lattice.core.state.limits import MAX_VALUE_BYTES
 from lattice.core.state.schema import ROOTS, Change, OutOfBounds, Set, empty_content, split_path
+from lattice.core.state.update_scan import UpdateError, check_update
 
-
-class UpdateError(ValueError):
-    """An update pycrdt cannot apply as a whole. ``reason`` is the statistics key."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+__all__ = ["UpdateError", "apply_checked", "copy_doc", "encode_value", "read_content",
+           "write_delta", "write_snapshot"]
 
 
 def copy_doc(doc: Doc | None, client_id: int | None = None) -> Doc:
@@ -39,13 +35,18 @@ def copy_doc(doc: Doc | None, client_id: int | None = None) -> Doc:
     return out
 
 
-def apply_checked(base: Doc | None, update: bytes) -> Doc:
+def apply_checked(base: Doc | None, update: bytes, *, scan: bool = True) -> Doc:
     """A new document: ``base`` (None: empty) with ``update`` applied. ``base`` is untouched.
 
-    Raises UpdateError ``malformed_update`` if pycrdt cannot decode the update and
-    ``incomplete`` if some of its items depend on items the document does not have:
-    Yjs would keep those pending, invisible, and an honest author never sends them.
+    Raises UpdateError: ``malformed_update`` or ``unsupported_update`` if the bounded
+    pre-scan (`update_scan.check_update`, run before pycrdt sees a byte: its decoder
+    can overflow its stack) refuses it or pycrdt cannot decode it, and ``incomplete`` if
+    some of its items depend on items the document does not have: Yjs would keep those
+    pending, invisible, and an honest author never sends them. ``scan=False`` skips the
+    pre-scan for an update pycrdt itself just wrote (our own).
     """
+    if scan:
+        check_update(update)
     candidate = copy_doc(base)
     try:
         candidate.apply_update(update)

@@ -23,6 +23,10 @@ MAX_AUTHOR_BYTES = 1024 * 1024
 """Largest sum of an author's retained envelopes (from its last snapshot on)."""
 MAX_VALUE_BYTES = 64 * 1024
 """Largest encoded value of one record (a member field, a job spec, ...)."""
+MAX_VALUE_DEPTH = 8
+"""Deepest nesting of maps and lists in one record value (ours go 3 deep). msgpack
+decodes up to ~1000 levels without complaint, but Python code that walks a value
+(canonical encoding, equality) recurses and raises RecursionError long before that."""
 MAX_KEY_CHARS = 128
 """Longest record key (job id, model id, counter name)."""
 MAX_SEQ = 2**53
@@ -42,19 +46,42 @@ class StateLimits:
     """Local policy: how much this process keeps for others (see module docstring)."""
 
     max_authors: int = 4096
-    """Authors we replicate; beyond it new authors are refused (Sybil bound). At most
-    MAX_SUMMARY_ENTRIES, so our summary always fits one message."""
+    """Authors we replicate; beyond it unreferenced authors are evicted to make room,
+    else new authors are refused (Sybil bound). At most MAX_SUMMARY_ENTRIES, so our
+    summary always fits one message."""
+    max_state_bytes: int = 32 * 1024 * 1024
+    """The global budget: envelope bytes kept for every author but us. An envelope
+    that would exceed it evicts unreferenced authors (largest first) or is refused.
+    Memory is a small multiple of it (the documents and decoded records too)."""
+    peer_authors_per_s: float = 4.0
+    """New authors one peer may have us admit, per second after its burst."""
+    peer_authors_burst: int = 256
+    """New authors one peer may have us admit (other than its own): a token bucket of
+    this burst, refilled at this rate. A new daemon learns a network of a few hundred
+    members from its first peer at once, and the rest from every peer in parallel."""
+    peer_bytes_per_s: float = 64 * 1024
+    """Envelope bytes one peer may have us accept, per second after its burst."""
+    peer_bytes_burst: int = 4 * 1024 * 1024
+    """Envelope bytes one peer may have us accept at once: the same kind of bucket."""
     max_gap_per_author: int = 64
     """Out-of-order envelopes buffered per author while waiting for the missing seq."""
     max_gap_bytes: int = 4 * 1024 * 1024
     """Out-of-order envelopes buffered in total."""
-    snapshot_min_bytes: int = 64 * 1024
+    snapshot_min_bytes: int = 16 * 1024
     """Our own log is compacted into a snapshot once it holds this many bytes and twice
     the size of a fresh snapshot."""
     heartbeat_timeout: float = 60.0
     """A member whose heartbeat is older than this is shown as not alive."""
+    max_jobs_per_author: int = 16
+    """Jobs of one author shown (its newest): what a Sybil's job flood can make every
+    daemon plan and list is this times the authors admitted."""
     max_subscribers: int = 64
 
     def __post_init__(self) -> None:
         if not (1 <= self.max_authors <= MAX_SUMMARY_ENTRIES):
             raise ValueError(f"max_authors must be in [1, {MAX_SUMMARY_ENTRIES}]")
+        if self.max_state_bytes < MAX_AUTHOR_BYTES:
+            raise ValueError(f"max_state_bytes must hold one author ({MAX_AUTHOR_BYTES})")
+        if min(self.peer_authors_per_s, self.peer_bytes_per_s) < 0 or \
+                min(self.peer_authors_burst, self.peer_bytes_burst) < 1:
+            raise ValueError("peer allowances need rates >= 0 and bursts >= 1")

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lattice.core.state.limits import MAX_KEY_CHARS, MAX_SEQ
+from lattice.core.state.limits import MAX_KEY_CHARS, MAX_SEQ, MAX_VALUE_DEPTH
 
 ROOT_MEMBER = "member"
 ROOT_JOBS = "jobs"
@@ -89,6 +89,22 @@ def _check_str_list(where: str, v: Any, max_items: int, max_chars: int) -> None:
         _fail(where, f"must be a list of at most {max_items} strings")
     for i, item in enumerate(v):
         _check_str(f"{where}[{i}]", item, max_chars)
+
+
+def _check_depth(where: str, v: Any) -> None:
+    """Refuse values nested deeper than MAX_VALUE_DEPTH, without recursing."""
+    stack = [(v, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > MAX_VALUE_DEPTH:
+            _fail(where, f"nested deeper than {MAX_VALUE_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
 
 
 def _check_record(where: str, v: Any) -> dict[str, Any]:
@@ -182,6 +198,7 @@ _KEYED_CHECKS = {
 
 def check_entry(author: str, root: str, key: str, value: Any) -> None:
     """Raise OutOfBounds unless ``author`` may hold ``value`` at ``root/key``."""
+    _check_depth(f"{root}/{str(key)[:MAX_KEY_CHARS]}", value)  # first: the checks below walk it
     if root == ROOT_MEMBER:
         check_member_field(author, key, value)
         return

@@ -71,13 +71,8 @@ from lattice.core.state.envelope import (
     seal,
 )
 from lattice.core.state.limits import MAX_AUTHOR_BYTES, MAX_ENVELOPE_BYTES, StateLimits
+from lattice.core.state.quota import Allowance
 from lattice.core.state.schema import (
-    ROOT_COUNTERS,
-    ROOT_JOBS,
-    ROOT_MEMBER,
-    ROOT_MODELS,
-    ROOT_PARTICIPATION,
-    ROOTS,
     Change,
     OutOfBounds,
     apply_changes,
@@ -137,6 +132,10 @@ class _Quota(ValueError):
     reason = "quota"
 
 
+class _OverBudget(Exception):
+    """Accepting the envelope would exceed the state budget (a refusal, not a fault)."""
+
+
 class _Author:
     __slots__ = ("doc", "content", "seq", "retained", "retained_bytes", "gap", "gap_bytes")
 
@@ -170,20 +169,6 @@ class _Author:
         return self.retained[max(0, seq + 1 - base):]
 
 
-def _change_path(author: str, root: str, key: str) -> str:
-    if root == ROOT_MEMBER:
-        return f"members/{author}"
-    if root in (ROOT_JOBS, ROOT_PARTICIPATION):
-        return f"jobs/{key}"
-    if root == ROOT_MODELS:
-        return f"models/{key}"
-    assert root == ROOT_COUNTERS
-    return f"counters/{key}"
-
-
-_MISSING = object()
-
-
 class StateStore:
     """All authors' documents as seen by this peer (see the module docstring)."""
 
@@ -199,9 +184,15 @@ class StateStore:
         self._authors: dict[str, _Author] = {}
         self._banned: dict[str, tuple[bytes, bytes]] = {}
         self._gap_bytes = 0
+        self._held_bytes = 0  # retained bytes of every author but us: the budget's use
+        self._connected: frozenset[str] = frozenset()
+        self._room_blocked_until = -float("inf")
+        self._views = views.Views(max_jobs_per_author=limits.max_jobs_per_author)
+        self._changed_paths: set[str] = set()  # view paths to announce (`_emit`)
         self._subscribers: list[Callable[[ChangeEvent], None]] = []
         self._envelope_listeners: list[Callable[[Envelope, bool], None]] = []
         self._ban_listeners: list[Callable[[str, tuple[bytes, bytes]], None]] = []
+        self._eviction_listeners: list[Callable[[str], None]] = []
         self._counts: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
         self._refused: Counter[str] = Counter()
@@ -230,6 +221,15 @@ class StateStore:
     def add_ban_listener(self, callback: Callable[[str, tuple[bytes, bytes]], None]) -> None:
         """Call ``callback(author, proof)`` when an author is banned for equivocating."""
         self._ban_listeners.append(callback)
+
+    def add_eviction_listener(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(author)`` when an author is evicted to make room (its
+        envelopes are gone from the store; the log drops them at its next rewrite)."""
+        self._eviction_listeners.append(callback)
+
+    def set_connected(self, peers: Iterable[str]) -> None:
+        """The peers we run sync sessions with: their authors are never evicted."""
+        self._connected = frozenset(peers)
 
     # -- local writes ---------------------------------------------------------------------
     def check_local(self, changes: Iterable[Change]) -> None:
@@ -269,12 +269,11 @@ class StateStore:
             raise LocalStateError(
                 f"{env.kind} of {len(env.raw)} bytes exceeds {MAX_ENVELOPE_BYTES}; "
                 "write less at once or delete old records")
-        old = st.content
         # The same path as a received envelope: what we send is what peers accept.
-        self._integrate(st, env, local=True)
+        self._integrate(st, env, local=True, now=now)
         self._authors[self.peer_id] = st
         self._counts["accepted_local"] += 1
-        self._emit(self.peer_id, old, st.content, now)
+        self._emit(self.peer_id, now)
         return env
 
     def _seal(self, st: _Author, content: dict, changes: list[Change], snapshot: bool
@@ -287,17 +286,20 @@ class StateStore:
         return seal(self.identity, st.seq + 1, KIND_DELTA, update, prev)
 
     # -- receiving ------------------------------------------------------------------------
-    def receive(self, raw: bytes, now: float, *, sender: str | None = None) -> ReceiveResult:
-        """Validate and apply one envelope from ``sender`` (None: from our own log)."""
+    def receive(self, raw: bytes, now: float, *, sender: str | None = None,
+                allowance: Allowance | None = None) -> ReceiveResult:
+        """Validate and apply one envelope from ``sender`` (None: from our own log),
+        charging what it adds to the sender's ``allowance`` (`quota.Allowance`)."""
         try:
             # The signature is checked below, once we know this is not a duplicate:
             # under flooding most arrivals are, and Ed25519 dominates the cost.
             env = open_envelope(raw, verify_signature=False)
         except EnvelopeError as e:
             return self._reject(e.reason, None, None, penalize=True, detail=str(e))
-        return self._receive(env, now, sender)
+        return self._receive(env, now, sender, allowance)
 
-    def _receive(self, env: Envelope, now: float, sender: str | None) -> ReceiveResult:
+    def _receive(self, env: Envelope, now: float, sender: str | None,
+                 allowance: Allowance | None) -> ReceiveResult:
         author, seq = env.author, env.seq
         if author in self._banned:
             self._counts["ignored_banned"] += 1
@@ -319,15 +321,21 @@ class StateStore:
         if known is not None and known.digest == env.digest:
             self._counts["replayed"] += 1  # same statement, another valid signature
             return ReceiveResult(REPLAYED, None, author, seq)
-        if st is None:
-            if len(self._authors) >= self.limits.max_authors:
-                return self._refuse("too_many_authors", author, seq)
-            st = _Author()
         if known is not None:
             return self._equivocation(known, env, sender, now)
-        if seq <= st.seq:
+        if st is not None and seq <= st.seq:
             self._counts["stale"] += 1  # older than our last snapshot of this author
             return ReceiveResult(STALE, None, author, seq)
+        # Admission (local policy, proto/crdt-sync.md "Quotas"): refusals blame nobody.
+        new_author = st is None
+        cost = {"new_author": new_author and author != sender, "nbytes": len(env.raw)}
+        if allowance is not None and (reason := allowance.refusal(now, **cost)) is not None:
+            return self._refuse(reason, author, seq)
+        if st is None:
+            if len(self._authors) >= self.limits.max_authors and \
+                    not self._make_room(now, author, slots=1):
+                return self._refuse("too_many_authors", author, seq)
+            st = _Author()
         if seq > st.seq + 1 and not env.is_snapshot:
             if (len(st.gap) >= self.limits.max_gap_per_author
                     or self._gap_bytes + len(env.raw) > self.limits.max_gap_bytes):
@@ -337,15 +345,21 @@ class StateStore:
             self._gap_bytes += len(env.raw)
             self._authors[author] = st
             self._counts["buffered"] += 1
+            if allowance is not None:
+                allowance.charge(**cost)
             return ReceiveResult(BUFFERED, None, author, seq)
         tip = st.tip
         if seq == st.seq + 1 and tip is not None and env.prev != tip.digest:
             return self._equivocation(tip, env, sender, now)
-        old = st.content
         try:
-            self._integrate(st, env, local=False)
+            self._integrate(st, env, local=False, now=now)
         except (UpdateError, OutOfBounds, _Quota) as e:
             return self._reject(e.reason, author, seq, penalize=True, detail=str(e))
+        except _OverBudget:
+            self._emit(author, now)  # authors evicted on the way, if any
+            return self._refuse("state_budget", author, seq)
+        if allowance is not None:
+            allowance.charge(**cost)
         self._authors[author] = st
         self._counts["accepted"] += 1
         accepted = [env]
@@ -353,24 +367,28 @@ class StateStore:
             self._drop_gap_bytes(st, len(nxt.raw))
             tip = st.tip
             if tip is not None and nxt.prev != tip.digest:
-                self._emit(author, old, st.content, now)
+                self._emit(author, now)
                 self._equivocation(tip, nxt, None, now)
                 return ReceiveResult(ACCEPTED, "equivocation", author, seq, accepted=accepted,
                                      proof=(tip.raw, nxt.raw))
             try:
-                self._integrate(st, nxt, local=False)
+                self._integrate(st, nxt, local=False, now=now)
             except (UpdateError, OutOfBounds, _Quota) as e:
                 # its sender is gone by now; count it, the gap stays until a valid one
                 self._rejected[e.reason] += 1
                 break
+            except _OverBudget:
+                self._refused["state_budget"] += 1
+                break
             self._counts["accepted"] += 1
             accepted.append(nxt)
-        self._emit(author, old, st.content, now)
+        self._emit(author, now)
         return ReceiveResult(ACCEPTED, None, author, seq, accepted=accepted)
 
-    def _integrate(self, st: _Author, env: Envelope, *, local: bool) -> None:
+    def _integrate(self, st: _Author, env: Envelope, *, local: bool, now: float) -> None:
         """Apply ``env`` to a copy of the author's document and commit it if valid;
-        raises UpdateError, OutOfBounds or _Quota and leaves ``st`` unchanged."""
+        raises UpdateError, OutOfBounds or _Quota (invalid) or _OverBudget (no room
+        left) and leaves ``st`` unchanged."""
         if env.is_snapshot:
             base, retained_bytes = None, len(env.raw)
         else:
@@ -378,11 +396,17 @@ class StateStore:
         if retained_bytes > MAX_AUTHOR_BYTES:
             raise _Quota(f"author {env.author} would hold {retained_bytes} bytes "
                          f"> {MAX_AUTHOR_BYTES} without a snapshot")
-        doc = apply_checked(base, env.update)
+        doc = apply_checked(base, env.update, scan=not local)  # ours: pycrdt wrote it
         content = read_content(doc)
         check_content(env.author, content)
+        growth = retained_bytes - st.retained_bytes if env.author != self.peer_id else 0
+        if growth > 0 and self._held_bytes + growth > self.limits.max_state_bytes and \
+                not self._make_room(now, env.author, nbytes=growth):
+            raise _OverBudget
         # commit (registering the author first, so listeners see a consistent store)
         self._authors[env.author] = st
+        self._held_bytes += growth if env.author != self.peer_id else 0
+        self._changed_paths.update(self._views.update(env.author, st.content, content))
         st.doc, st.content, st.seq = doc, content, env.seq
         if env.is_snapshot:
             st.retained = [env]
@@ -429,9 +453,51 @@ class StateStore:
         self._counts["banned"] += 1
         if st is not None:
             self._gap_bytes -= st.gap_bytes
-            self._emit(author, st.content, empty_content(), now)
+            self._held_bytes -= st.retained_bytes if author != self.peer_id else 0
+            self._changed_paths.update(self._views.update(author, st.content, None))
+            self._emit(author, now)
         for listener in self._ban_listeners:
             listener(author, proof)
+
+    def _make_room(self, now: float, incoming: str, *, nbytes: int = 0, slots: int = 0
+                   ) -> bool:
+        """Evict unreferenced authors until ``nbytes`` more fit the state budget and
+        ``slots`` more authors fit ``max_authors``; False, evicting nobody, when even
+        evicting every unreferenced author would not do. Authors holding only
+        out-of-order envelopes go first, then the largest."""
+        if now < self._room_blocked_until:
+            return False  # a full store under a flood: one futile search a second
+        keep = {self.peer_id, incoming} | self._connected
+        referenced = self._views.referenced(keep, now, self.limits.heartbeat_timeout)
+        candidates = sorted(
+            (a for a in self._authors if a not in referenced and a not in keep),
+            key=lambda a: (self._authors[a].seq > 0, -self._authors[a].retained_bytes, a))
+        need_bytes = self._held_bytes + nbytes - self.limits.max_state_bytes
+        need_slots = len(self._authors) + slots - self.limits.max_authors
+        chosen = []
+        for author in candidates:
+            if need_bytes <= 0 and need_slots <= 0:
+                break
+            chosen.append(author)
+            need_bytes -= self._authors[author].retained_bytes
+            need_slots -= 1
+        if need_bytes > 0 or need_slots > 0:
+            self._room_blocked_until = now + 1.0
+            return False
+        for author in chosen:
+            self._evict(author)
+        return True
+
+    def _evict(self, author: str) -> None:
+        st = self._authors.pop(author)
+        self._gap_bytes -= st.gap_bytes
+        self._held_bytes -= st.retained_bytes
+        self._counts["evicted"] += 1
+        self._counts["evicted_bytes"] += st.retained_bytes
+        if st.seq > 0:
+            self._changed_paths.update(self._views.update(author, st.content, None))
+        for listener in self._eviction_listeners:
+            listener(author)
 
     def _reject(self, reason: str, author: str | None, seq: int | None, *, penalize: bool,
                 detail: str | None = None) -> ReceiveResult:
@@ -507,38 +573,34 @@ class StateStore:
         return {a: st.content for a, st in self._authors.items() if st.seq > 0}
 
     def get(self, path: str, now: float) -> Any:
-        """The merged-view value at ``path`` (`views.resolve`); raises StatePathError."""
-        return views.resolve(self.contents(), path, now, self.limits.heartbeat_timeout)
+        """The merged-view value at ``path`` (`views.Views.resolve`); raises StatePathError."""
+        return self._views.resolve(path, now, self.limits.heartbeat_timeout)
 
     def members(self, now: float) -> dict[str, dict[str, Any]]:
-        return views.members_view(self.contents(), now, self.limits.heartbeat_timeout)
+        return self._views.members(now, self.limits.heartbeat_timeout)
 
     def jobs(self) -> dict[str, dict[str, Any]]:
-        return views.jobs_view(self.contents())
+        """Every job shown (views are cached: treat them as read-only)."""
+        return self._views.jobs()
 
     def models(self) -> dict[str, dict[str, Any]]:
-        return views.models_view(self.contents())
+        return self._views.models()
 
     def counters(self) -> dict[str, int]:
-        return views.counters_view(self.contents())
+        return self._views.counters()
 
     def own_content(self) -> dict[str, dict[str, Any]]:
         st = self._authors.get(self.peer_id)
         return st.content if st is not None else empty_content()
 
-    def _emit(self, author: str, old: dict, new: dict, now: float) -> None:
-        if not self._subscribers or old is new:
+    def _emit(self, author: str, now: float) -> None:
+        """Announce the view paths changed since the last call (``author`` wrote)."""
+        paths, self._changed_paths = self._changed_paths, set()
+        if not self._subscribers:
             return
-        paths = set()
-        for root in ROOTS:
-            before, after = old.get(root, {}), new.get(root, {})
-            for key in before.keys() | after.keys():
-                if before.get(key, _MISSING) != after.get(key, _MISSING):
-                    paths.add(_change_path(author, root, key))
-        contents = self.contents()
         for path in sorted(paths):
             try:
-                value = views.resolve(contents, path, now, self.limits.heartbeat_timeout)
+                value = self._views.resolve(path, now, self.limits.heartbeat_timeout)
             except views.StatePathError:
                 value = None
             event = ChangeEvent(path, value, author)
@@ -552,11 +614,15 @@ class StateStore:
             "own_seq": self.seq_of(self.peer_id),
             "retained_envelopes": sum(len(st.retained) for st in self._authors.values()),
             "retained_bytes": sum(st.retained_bytes for st in self._authors.values()),
+            "held_bytes": self._held_bytes,
+            "max_state_bytes": self.limits.max_state_bytes,
+            "max_authors": self.limits.max_authors,
             "gap_envelopes": sum(len(st.gap) for st in self._authors.values()),
             "gap_bytes": self._gap_bytes,
+            "views": self._views.statistics(),
             **{k: self._counts[k] for k in (
                 "accepted", "accepted_local", "replayed", "stale", "buffered", "snapshots",
-                "ignored_banned")},
+                "ignored_banned", "evicted", "evicted_bytes")},
             "rejected": dict(self._rejected),
             "refused": dict(self._refused),
         }

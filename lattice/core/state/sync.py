@@ -31,17 +31,28 @@ repairs anything a crossing or a dropped stream lost. Equivocation proofs travel
 
 An invalid envelope (bad signature, out-of-bounds content, ...) or a malformed message
 ends the session with `SyncProtocolError` and a penalty: the peer is not dialed or
-accepted again until its backoff (doubling per offence) expires.
+accepted again until its backoff (doubling per offence) expires. `SyncHub.handle` is
+the boundary of everything a received message runs (decoding, validation, the store,
+its listeners): any other exception raised there was caused by the peer's input
+(a bug of ours it found) and becomes `SyncProtocolError` ``internal_error``, counted
+and penalized like any other, so no input can take the daemon down. Only `OSError`
+(our own disk, under the state log) still propagates.
+
+A session that has nothing to send for a while sends a *keepalive*: an ``envelopes``
+message with no items (valid in every version), so the remote can tell an idle peer
+from a hung one and end sessions that stay silent (`lattice.net.crdt_sync`).
 """
 
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lattice.core.state.envelope import Envelope
+from lattice.core.state.quota import Allowance
 from lattice.core.state.limits import (
     MAX_BATCH_BYTES,
     MAX_ITEMS_PER_MESSAGE,
@@ -127,11 +138,14 @@ class SyncSession:
 
     def __init__(self, store: StateStore, *, remote_peer: str, initiator: bool,
                  session_id: str | None,
-                 our_peers: Callable[[], tuple[int, list[str]]] = lambda: (0, [])) -> None:
+                 our_peers: Callable[[], tuple[int, list[str]]] = lambda: (0, []),
+                 allowance: Allowance | None = None) -> None:
         if initiator and not session_id:
             raise ValueError("the dialer chooses the session id")
         self.store = store
         self.remote_peer = remote_peer
+        self.allowance = allowance
+        """What the remote may still add to our store (shared by its sessions)."""
         self._our_peers = our_peers
         """(version, the peers we run sessions with): told to the remote when it changed."""
         self._peers_told = -1
@@ -150,8 +164,12 @@ class SyncSession:
         self._proofs: set[str] = set()
         self._ask_summary = False
         self._owe_summary = False
+        self.refused_since_summary = False
+        """We refused some of the remote's envelopes (a quota) since we last sent it
+        our summary: the next anti-entropy round should be with it."""
         self.envelopes_sent = 0
         self.envelopes_received = 0
+        self.keepalives_sent = 0
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -242,11 +260,14 @@ class SyncSession:
         out = Outcome()
         for raw in items:
             self.envelopes_received += 1
-            result = self.store.receive(raw, now, sender=self.remote_peer)
+            result = self.store.receive(raw, now, sender=self.remote_peer,
+                                        allowance=self.allowance)
             if result.penalize:
                 _fail(result.reason or "invalid", f"envelope from {self.remote_peer}: "
                       f"{result.detail or result.reason}")
             out.accepted.extend(result.accepted)
+            if result.status == "refused":
+                self.refused_since_summary = True
             if result.proof is not None:
                 out.banned.append(result.author or "")
             if result.author is not None and result.seq is not None:
@@ -303,6 +324,7 @@ class SyncSession:
         if self._owe_summary or self._ask_summary:
             reply = self._owe_summary
             self._owe_summary = self._ask_summary = False
+            self.refused_since_summary = False
             return self._with_peers({"t": "summary", "sid": self.session_id,
                                      "summary": encode_summary(self.store), "reply": reply},
                                     always=True)
@@ -326,6 +348,14 @@ class SyncSession:
             self._dirty.discard(author)
         return self._envelopes(items) if items else None
 
+    def keepalive(self) -> dict[str, Any] | None:
+        """An empty ``envelopes`` message that tells the remote we are alive (None
+        before the hellos were exchanged)."""
+        if not self.open:
+            return None
+        self.keepalives_sent += 1
+        return self._with_peers({"t": "envelopes", "sid": self.session_id, "items": []})
+
     def _envelopes(self, items: list[bytes]) -> dict[str, Any]:
         self.envelopes_sent += len(items)
         return self._with_peers({"t": "envelopes", "sid": self.session_id, "items": items})
@@ -342,6 +372,7 @@ class SyncSession:
             "sid": self.session_id, "peer": self.remote_peer, "initiator": self.initiator,
             "open": self.open, "dirty_authors": len(self._dirty),
             "envelopes_sent": self.envelopes_sent, "envelopes_received": self.envelopes_received,
+            "keepalives_sent": self.keepalives_sent,
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
         }
 
@@ -377,8 +408,13 @@ class SyncHub:
         self.sessions: dict[int, SyncSession] = {}
         self._peers: tuple[int, list[str]] = (0, [])  # (version, peers we have sessions with)
         self._penalties: dict[str, _Penalty] = {}
+        self._allowances: OrderedDict[str, Allowance] = OrderedDict()
+        """Per remote peer, kept across its sessions (a reconnect does not refill
+        them), the least recently used forgotten beyond ``max_penalized`` peers."""
         self.sessions_opened = 0
         self.sessions_refused = 0
+        self.internal_errors = 0
+        """Exceptions other than protocol errors that a peer's input raised (our bugs)."""
         self.penalties: dict[str, int] = {}
         self._closed_bytes_sent = 0
         self._closed_bytes_received = 0
@@ -391,6 +427,12 @@ class SyncHub:
         self._handling = session
         try:
             return session.handle(msg, now)
+        except (SyncProtocolError, OSError):
+            raise
+        except Exception as e:  # the boundary of peer input: see the module docstring
+            self.internal_errors += 1
+            raise SyncProtocolError("internal_error",
+                                    f"{type(e).__name__} handling a message: {e}") from e
         finally:
             self._handling = None
 
@@ -440,11 +482,25 @@ class SyncHub:
             self.sessions_refused += 1
             raise SessionRefused("too many sync sessions")
         session = SyncSession(self.store, remote_peer=remote_peer, initiator=initiator,
-                              session_id=session_id, our_peers=lambda: self._peers)
+                              session_id=session_id, our_peers=lambda: self._peers,
+                              allowance=self._allowance(remote_peer, now))
         self.sessions[id(session)] = session
         self.sessions_opened += 1
         self._peers_changed()
         return session
+
+    def _allowance(self, peer: str, now: float) -> Allowance:
+        allowance = self._allowances.pop(peer, None)
+        if allowance is None:
+            limits = self.store.limits
+            allowance = Allowance(authors_per_s=limits.peer_authors_per_s,
+                                  authors_burst=limits.peer_authors_burst,
+                                  bytes_per_s=limits.peer_bytes_per_s,
+                                  bytes_burst=limits.peer_bytes_burst, now=now)
+        self._allowances[peer] = allowance
+        while len(self._allowances) > self.max_penalized:
+            self._allowances.popitem(last=False)
+        return allowance
 
     def close_session(self, session: SyncSession) -> None:
         if self.sessions.pop(id(session), None) is not None:
@@ -456,6 +512,7 @@ class SyncHub:
         peers = sorted({s.remote_peer for s in self.sessions.values()})
         if peers != self._peers[1]:
             self._peers = (self._peers[0] + 1, peers)
+            self.store.set_connected(peers)  # their own authors are never evicted
 
     def has_session(self, peer: str) -> bool:
         return any(s.remote_peer == peer for s in self.sessions.values())
@@ -473,9 +530,15 @@ class SyncHub:
             del self._penalties[oldest]
         return backoff
 
-    def pick_anti_entropy(self, rng: random.Random) -> SyncSession | None:
+    def pick_anti_entropy(self, rng: random.Random, now: float) -> SyncSession | None:
+        """A random open session; first one whose envelopes we refused (a quota) and
+        whose allowance has refilled since, so what we turned away is offered again.
+        A peer that keeps its allowance empty (a flood) is not preferred."""
         candidates = [s for s in self.sessions.values() if s.open]
-        return rng.choice(candidates) if candidates else None
+        due = [s for s in candidates if s.refused_since_summary
+               and (s.allowance is None or s.allowance.refilled(now))]
+        pool = due or candidates
+        return rng.choice(pool) if pool else None
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -484,6 +547,7 @@ class SyncHub:
             "sessions_refused": self.sessions_refused,
             "penalized_peers": len(self._penalties),
             "penalties": dict(self.penalties),
+            "internal_errors": self.internal_errors,
             "bytes_sent": self._closed_bytes_sent
             + sum(s.bytes_sent for s in self.sessions.values()),
             "bytes_received": self._closed_bytes_received

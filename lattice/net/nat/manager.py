@@ -28,12 +28,12 @@ from libp2p.tools.anyio_service import background_trio_service
 from lattice.core.holepunch import CAPS, MAX_LOCAL_ADDRS, Addr, Birthday, PeerView
 from lattice.core.reachability import Verdict
 from lattice.net.nat.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
-from lattice.net.nat.config import NatConfig
 from lattice.net.nat.dialing import PeerDialer
 from lattice.net.nat.observe import OBSERVE_PROTOCOL_ID, Observer
 from lattice.net.nat.relay_hop import CircuitRelay, check_libp2p_version
 from lattice.net.nat.reservations import RelayDirectory, ReservationKeeper, maddr
 from lattice.net.nat.upnp import Upnp, serve_upnp
+from lattice.net.nat_config import NatConfig
 from lattice.net.streams import ADDED, CONNECTED, DISCONNECTED, PeerEvents
 
 log = logging.getLogger("lattice.net.nat")

@@ -40,9 +40,9 @@ from lattice.core.holepunch import Addr, NatView, Observation, classify_nat
 from lattice.core.penalties import PenaltyBox
 from lattice.core.reachability import DialBack, ObserveProtocolError, ReachabilityTracker
 from lattice.net.host import PEER_ERRORS, Libp2pStream, is_relayed, local_address, remote_address
-from lattice.net.nat.config import NatConfig
 from lattice.net.nat.reservations import RelayDirectory, maddr
 from lattice.net.nat.tcp_punch import HANDSHAKE_ERRORS, dial_error
+from lattice.net.nat_config import NatConfig
 from lattice.net.streams import (
     PeerError,
     RemoteProtocolError,

@@ -33,7 +33,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.constants import MAX_READ_LEN
 
 from lattice.net.host import PEER_ERRORS
-from lattice.net.nat.config import NatConfig
+from lattice.net.nat_config import NatConfig
 
 # The py-libp2p versions whose private relay methods this module was written against.
 SUPPORTED_LIBP2P = ("0.8.1",)

@@ -32,7 +32,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 
 from lattice.core.holepunch import Addr
 from lattice.net.host import PEER_ERRORS
-from lattice.net.nat.config import NatConfig
+from lattice.net.nat_config import NatConfig
 from lattice.net.streams import PeerError, RemoteProtocolError
 
 log = logging.getLogger("lattice.net.nat")

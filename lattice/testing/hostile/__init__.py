@@ -10,7 +10,8 @@ hostile peer sends (`tests/adversary/` uses it against ours).
         await stream.send_body(nested_msgpack(1000))
         assert await stream.drain() in ("reset", "eof")   # refused; the daemon serves on
 
-`net`: the peer protocols and the local socket. Point it only at daemons you run.
+`net`: the peer protocols and the local socket; `state`: the replicated state (see
+its docstring). Point them only at daemons you run.
 """
 
 from lattice.testing.hostile.net import HostilePeer as HostilePeer

@@ -8,7 +8,7 @@ import random
 import pytest
 import trio
 
-from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync
+from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync, serve_heartbeat
 from lattice.net.gossip_avg import GossipConfig
 from lattice.jobs import JobsConfig, serve_jobs
 from lattice.testing.memnet import MemoryNetwork
@@ -44,6 +44,11 @@ class Node:
         self.sync = await self._start(lambda task_status: serve_crdt_sync(
             self.peer, self.store, config=self.cluster.sync_config, clock=trio.current_time,
             rng=self.cluster.rng, history_is_new=True, task_status=task_status))
+        # a member record with a heartbeat, as every daemon publishes: only live members
+        # are sealed into rosters
+        await self._start(lambda task_status: serve_heartbeat(
+            self.store, {"name": f"node{self.index}"}, interval=5.0, clock=trio.current_time,
+            sync=self.sync, task_status=task_status))
 
     async def start_jobs(self, config: JobsConfig | None = None, *, kinds_factory=None,
                          **kw) -> None:

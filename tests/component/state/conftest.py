@@ -1,10 +1,12 @@
 """A small cluster of sync nodes on the in-memory network, restartable one by one."""
 
 import random
+import secrets
 
 import pytest
 import trio
 
+from lattice.core.jobs import TrainSpec, new_job_record
 from lattice.core.state import Set, StateLimits
 from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync
 from lattice.testing.memnet import MemoryNetwork
@@ -41,6 +43,13 @@ class Node:
 
     def write(self, *changes):
         return self.store.apply_local(list(changes), trio.current_time())
+
+    def submit(self, task="digits-softmax"):
+        """Publish a job record of ours; returns its id."""
+        job_id, record = new_job_record(TrainSpec(task=task), self.peer_id,
+                                        secrets.token_hex(16), trio.current_time())
+        self.write(Set(f"jobs/{job_id}", record))
+        return job_id
 
     def announce(self, name):
         return self.write(Set("member/peer_id", self.peer_id), Set("member/name", name),

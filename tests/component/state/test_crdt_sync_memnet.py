@@ -94,19 +94,19 @@ async def test_partitioned_halves_written_independently_converge_after_heal(clus
     await cluster.wait_until(cluster.converged)
 
     cluster.net.partition([n.peer_id for n in left], [n.peer_id for n in right])
-    left[1].write(Set("jobs/left-job", {"submitter": left[1].peer_id, "task": "t"}))
-    right[2].write(Set("jobs/right-job", {"submitter": right[2].peer_id, "task": "t"}))
-    right[2].write(Set("participation/left-job", {"state": "joined"}))
+    left_job = left[1].submit()
+    right_job = right[2].submit()
+    right[2].write(Set(f"participation/{left_job}", {"state": "joined"}))
     nodes[0].write(Set("member/name", "renamed in the left half"))
     await cluster.wait_until(lambda: cluster.converged(left) and cluster.converged(right))
-    assert "right-job" not in left[0].store.jobs()
-    assert "left-job" not in right[0].store.jobs()
+    assert right_job not in left[0].store.jobs()
+    assert left_job not in right[0].store.jobs()
 
     cluster.net.heal()
     await cluster.wait_until(cluster.converged, timeout=30)
     view = nodes[5].store.jobs()
-    assert set(view) == {"left-job", "right-job"}
-    assert list(view["left-job"]["participants"]) == [right[2].peer_id]
+    assert set(view) == {left_job, right_job}
+    assert list(view[left_job]["participants"]) == [right[2].peer_id]
     assert nodes[6].store.get(f"members/{nodes[0].peer_id}/name", 0) == "renamed in the left half"
 
 
@@ -116,13 +116,13 @@ async def test_a_restarted_peer_has_its_state_at_once_and_catches_up(cluster, au
     await cluster.link(a, b)
     await cluster.link(b, c)
     a.announce("a")
-    b.write(Set("jobs/j1", {"submitter": b.peer_id, "task": "t"}))
+    job = b.submit()
     await cluster.wait_until(cluster.converged)
     before = a.store.get("", 0)
 
     a.stop()
     cluster.net.disconnect(a.peer_id)  # a crash: its streams reset
-    b.write(Set("jobs/j1", {"submitter": b.peer_id, "task": "t", "state": "cancelled"}))
+    b.write(Set(f"jobs/{job}", {**b.store.jobs()[job]["spec"], "state": "cancelled"}))
     c.announce("c, while a was down")
     with open(a.log_path, "ab") as f:
         f.write(b"\x00\x00\x01\x00torn")  # the crash cut a record short
@@ -133,7 +133,7 @@ async def test_a_restarted_peer_has_its_state_at_once_and_catches_up(cluster, au
     assert a.log.dropped_tail_bytes == 8
     await cluster.link(a, b)
     await cluster.wait_until(cluster.converged)
-    assert a.store.get("jobs/j1/status", 0) == "cancelled"
+    assert a.store.get(f"jobs/{job}/status", 0) == "cancelled"
     assert c.peer_id in a.store.members(0)
     # a continues its own sequence: its next write is accepted everywhere
     a.write(Set("member/name", "a again"))

@@ -42,6 +42,15 @@ def test_the_job_id_golden_vector():
     assert f"job id `{job_id}`" in text
 
 
+def test_the_private_job_token_golden_vector():
+    from lattice.core.identity import Identity
+
+    text = (PROTO / "jobs.md").read_text()
+    token = J.job_token(Identity(bytes(range(32))), "7f34dce28ecbb16b94d8433c4d17cd4b")
+    proof = J.join_proof(token, "7f34dce28ecbb16b94d8433c4d17cd4b", "12D3KooWExampleJoiner")
+    assert f"token `{token}`" in text and f"`{proof}`" in text
+
+
 def test_every_spec_field_is_documented():
     text = (PROTO / "jobs.md").read_text()
     for name in J.TrainSpec(task="x").to_dict():

@@ -3,7 +3,7 @@ and errors that name the key."""
 
 import pytest
 
-from lattice.net.nat import NatConfig
+from lattice.net.nat_config import NatConfig
 
 
 def test_daemon_keys_map_onto_fields():

@@ -47,7 +47,8 @@ def test_signed_but_mangled_updates_are_applied_whole_or_not_at_all(edits):
     if result.status == "accepted":
         assert store.summary() == {AUTHOR.peer_id: 2}
     else:
-        assert result.reason in ("malformed_update", "incomplete", "out_of_bounds")
+        assert result.reason in ("malformed_update", "unsupported_update", "incomplete",
+                                 "out_of_bounds")
         assert store.get("", 0.0) == before and store.summary() == {AUTHOR.peer_id: 1}
 
 

@@ -4,8 +4,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lattice.core.identity import Identity
+from lattice.core.jobs import TrainSpec, new_job_record
 from lattice.core.state import Delete, Set, StateLimits, StateStore, open_envelope
-from lattice.core.state.views import STATUS_ORDER, join_status
+from lattice.core.state.views import STATUS_ORDER, build, join_status
 
 NOW = 500.0
 AUTHORS = [Identity.generate() for _ in range(3)]
@@ -33,25 +34,39 @@ def test_job_status_only_moves_forward(states):
     assert all(STATUS_ORDER.index(joined) >= STATUS_ORDER.index(s) for s in states)
 
 
+SPEC = TrainSpec(task="digits-softmax", min_peers=3)
+# every author's three job records: real ones, so that the views believe them
+RECORDS = {(i, k): new_job_record(SPEC, a.peer_id, f"nonce-{i}-{k}-0123456", NOW - k)
+           for i, a in enumerate(AUTHORS) for k in range(3)}
+ROSTER = sorted(a.peer_id for a in AUTHORS)
+
+
 def _op(author_index: int, kind: str, n: int):
     me = AUTHORS[author_index].peer_id
-    job = f"job{n % 3}"
+    own_id, own = RECORDS[(author_index, n % 3)]
+    job, _ = RECORDS[(n % 3, n % 2)]  # anyone's job, to take part in
+    model = f"m{n % 2}"
     return {
         "member": [Set("member/peer_id", me), Set("member/heartbeat", float(NOW - n))],
-        "submit": [Set(f"jobs/{job}", {"submitter": me, "n": n})],
-        "cancel": [Set(f"jobs/{job}", {"submitter": me, "state": "cancelled"})],
+        "submit": [Set(f"jobs/{own_id}", own)],
+        "seal": [Set(f"jobs/{own_id}", {**own, "roster": ROSTER})],
+        "cancel": [Set(f"jobs/{own_id}", {**own, "state": "cancelled"})],
         "progress": [Set(f"participation/{job}", {
-            "state": "running", "job_state": STATUS_ORDER[1 + n % 5]
-            if STATUS_ORDER[1 + n % 5] != "cancelled" else "done", "samples": n})],
-        "model": [Set(f"models/m{n % 2}", {"producer": me, "metrics": {"acc": n / 10}})],
+            "state": "running", "job_state": ("running", "merging", "failed")[n % 3],
+            "samples": n})],
+        "done": [Set(f"participation/{job}", {"state": "done", "job_state": "done",
+                                               "model": model})],
+        "model": [Set(f"models/{model}", {"producer": me, "job": job, "metrics": {"acc": n / 10}})],
+        "import": [Set(f"models/{model}", {"producer": me, "metrics": {"acc": n / 10}})],
         "count": [Set(f"counters/c{n % 2}", n)],
-        "delete": [Delete(f"jobs/{job}"), Delete(f"counters/c{n % 2}")],
+        "delete": [Delete(f"jobs/{own_id}"), Delete(f"counters/c{n % 2}"),
+                   Delete(f"models/{model}")],
     }[kind]
 
 
 ops = st.lists(st.tuples(st.integers(0, 2),
-                         st.sampled_from(["member", "submit", "cancel", "progress", "model",
-                                          "count", "delete"]),
+                         st.sampled_from(["member", "submit", "seal", "cancel", "progress",
+                                          "done", "model", "import", "count", "delete"]),
                          st.integers(0, 20)), min_size=1, max_size=25)
 
 
@@ -127,3 +142,19 @@ def test_merging_two_replicas_is_commutative_and_idempotent(operations, rnd):
 
 def _author(raw):
     return open_envelope(raw).author
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops, st.randoms(use_true_random=False))
+def test_incremental_views_equal_views_rebuilt_from_scratch(operations, rnd):
+    """The store keeps its views up to date change by change; at every step they are
+    what the same contents give when merged all at once."""
+    envelopes, _ = _history(operations)
+    rnd.shuffle(envelopes)
+    # authors write three jobs each: a quota of two makes the shown set shift too
+    store = StateStore(Identity.generate(), limits=StateLimits(max_gap_per_author=64,
+                                                               max_jobs_per_author=2))
+    for raw in envelopes:
+        store.receive(raw, NOW)
+        rebuilt = build(store.contents(), max_jobs_per_author=2)
+        assert store.get("", NOW) == rebuilt.full(NOW, 60.0)

@@ -5,6 +5,7 @@ from pycrdt import Array, Doc, Map
 
 from lattice.core.codec import canonical, pack, unpack
 from lattice.core.identity import Identity
+from lattice.core.jobs import TrainSpec, new_job_record
 from lattice.core.state import Delete, LocalStateError, Set, StateLimits, StateStore
 from lattice.core.state.envelope import KIND_SNAPSHOT, seal
 from lattice.core.state.limits import MAX_AUTHOR_BYTES, MAX_VALUE_BYTES
@@ -16,6 +17,13 @@ NOW = 1_000.0
 def member(identity, name="n", beat=NOW):
     return [Set("member/peer_id", identity.peer_id), Set("member/name", name),
             Set("member/heartbeat", beat), Set("member/capabilities", {"cpus": 4, "tasks": ["t"]})]
+
+
+def _nested(depth):
+    value = "x"
+    for _ in range(depth):
+        value = [value] if depth % 2 else {"k": value}
+    return value
 
 
 def snapshot_of(store):
@@ -39,23 +47,34 @@ def reader():
 
 
 def test_local_write_is_visible_locally_and_after_delivery(writer, reader, alice):
+    job_id, record = new_job_record(TrainSpec(task="t"), alice.peer_id, "0123456789abcdef", NOW)
     envs = [writer.apply_local(member(alice, "alpha"), NOW),
-            writer.apply_local([Set("jobs/j1", {"submitter": alice.peer_id, "task": "t"})], NOW)]
+            writer.apply_local([Set(f"jobs/{job_id}", record)], NOW)]
     for env in envs:
         assert reader.receive(env.raw, NOW, sender=alice.peer_id).status == "accepted"
     for store in (writer, reader):
         assert store.get(f"members/{alice.peer_id}/name", NOW) == "alpha"
         assert store.get(f"members/{alice.peer_id}/alive", NOW) is True
-        assert store.get("jobs/j1/status", NOW) == "submitted"
+        assert store.get(f"jobs/{job_id}/status", NOW) == "submitted"
         assert store.get("members/" + alice.peer_id + "/capabilities/cpus", NOW) == 4
     assert reader.summary() == {alice.peer_id: 2}
+
+
+def test_values_nested_deeper_than_the_limit_are_refused_locally(writer, alice):
+    job = {"submitter": alice.peer_id, "a": _nested(7)}  # with the record: 8 levels
+    writer.apply_local([Set("jobs/j1", job)], NOW)
+    with pytest.raises(LocalStateError, match="nested deeper"):
+        writer.apply_local([Set("jobs/j2", {"submitter": alice.peer_id, "a": _nested(8)})], NOW)
+    with pytest.raises(LocalStateError, match="nested deeper"):  # not a RecursionError
+        writer.apply_local([Set("jobs/j3", {"submitter": alice.peer_id, "a": _nested(990)})],
+                           NOW)
 
 
 def test_values_round_trip_exactly(writer, alice):
     value = {"submitter": alice.peer_id, "big": 2**60, "f": 0.5, "b": b"\x00\x01", "n": None,
              "nested": {"k": [1, "x"]}}
     writer.apply_local([Set("jobs/j1", value)], NOW)
-    assert writer.get("jobs/j1/spec", NOW) == value
+    assert writer.get(f"authors/{alice.peer_id}/jobs/j1", NOW) == value
 
 
 def test_unchanged_content_produces_no_envelope(writer, alice):
@@ -181,6 +200,9 @@ def test_forged_tampered_and_oversized_envelopes_change_nothing(writer, reader, 
     pytest.param(lambda me, other: {("counters", "c"): -1}, id="negative-counter"),
     pytest.param(lambda me, other: {("secrets", "k"): 1}, id="unknown-root"),
     pytest.param(lambda me, other: {("jobs", "bad id/x"): {"submitter": me}}, id="bad-key"),
+    pytest.param(lambda me, other: {("participation", "j1"): {"state": "joined",
+                                                              "x": _nested(8)}},
+                 id="value-nested-9-deep"),
 ])
 def test_out_of_bounds_writes_are_rejected_and_change_nothing(alice, reader, forger, entries):
     bob = Identity.generate()
@@ -197,6 +219,16 @@ def test_out_of_bounds_writes_are_rejected_and_change_nothing(alice, reader, for
     assert reader.receive(ok.raw, NOW).status == "accepted"
 
 
+def test_a_value_nested_900_deep_is_out_of_bounds_not_a_recursion_error(alice, reader,
+                                                                         forger):
+    # msgpack decodes it (its limit is ~1000 levels); walking it in Python would not
+    value = pack({"state": "joined", "x": _nested(900)})
+    env, _ = forger(alice, 1, {("participation", "j1"): value}, encode=False)
+    result = reader.receive(env.raw, NOW, sender=alice.peer_id)
+    assert (result.status, result.reason, result.penalize) == ("rejected", "out_of_bounds", True)
+    assert "nested deeper" in result.detail and reader.summary() == {}
+
+
 def test_hidden_and_unencoded_content_is_out_of_bounds(alice, reader):
     doc = Doc()
     doc.get("member", type=Array).append(b"hidden")
@@ -207,8 +239,10 @@ def test_hidden_and_unencoded_content_is_out_of_bounds(alice, reader):
     doc3 = Doc()
     doc3.get("jobs", type=Map)["j1"] = Map({"submitter": canonical(alice.peer_id)})
     nested_env = seal(alice, 1, "delta", doc3.get_update())
-    for env in (list_env, raw_env, nested_env):
+    for env in (list_env, raw_env):
         assert reader.receive(env.raw, NOW).reason == "out_of_bounds"
+    # a nested shared type is refused on the wire, before pycrdt decodes it
+    assert reader.receive(nested_env.raw, NOW).reason == "unsupported_update"
     assert reader.summary() == {}
 
 
@@ -302,11 +336,12 @@ def test_too_many_authors_are_refused_without_blame():
     reader = StateStore(Identity.generate(), limits=StateLimits(max_authors=2))
     results = []
     for _ in range(3):
-        someone = Identity.generate()
-        results.append(StateStore(someone).apply_local([Set("counters/c", 1)], NOW))
+        someone = Identity.generate()  # live members: none may be evicted for another
+        results.append(StateStore(someone).apply_local(member(someone), NOW))
     statuses = [reader.receive(e.raw, NOW) for e in results]
-    assert [(r.status, r.penalize) for r in statuses] == [
-        ("accepted", False), ("accepted", False), ("refused", False)]
+    assert [(r.status, r.reason, r.penalize) for r in statuses] == [
+        ("accepted", None, False), ("accepted", None, False),
+        ("refused", "too_many_authors", False)]
 
 
 def test_snapshot_kind_from_an_empty_doc_is_a_valid_first_envelope(alice, reader):

@@ -245,4 +245,4 @@ def test_sessions_per_peer_are_bounded():
         a.hub.open_session(peer, initiator=False, session_id=None, now=NOW)
     with pytest.raises(SessionRefused):
         a.hub.open_session(peer, initiator=False, session_id=None, now=NOW)
-    assert a.hub.pick_anti_entropy(random.Random(0)) is None  # none is open yet
+    assert a.hub.pick_anti_entropy(random.Random(0), 0.0) is None  # none is open yet
