@@ -7,6 +7,13 @@ py-libp2p internals; it refuses to run on a py-libp2p version it was not written
 manager starts), because an upgrade that renames or reshapes one of them would fail
 silently or mid-circuit instead. Must not import latticed.
 
+Why a subclass over private methods (issue 12 asks for none unless unavoidable): py-
+libp2p's `CircuitV2Protocol` has no hook to gate the hop service, cap circuits or own a
+circuit's byte pump; its HOP handler and pump are the bugs we fix. The alternative is a
+hop and stop side of our own, which would still have to make a relayed stream a swarm
+connection through the same internals (and re-implement reservations and vouchers).
+So the overrides stay here, in one module, pinned to one version.
+
 Private py-libp2p API used (0.8.1): `CircuitV2Protocol._handle_reserve`,
 `._handle_connect` (the hop's message handlers, reused behind our one-message-per-stream
 HOP handler and circuit cap), overrides of `._handle_hop_stream` and `._relay_data`
