@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from lattice.api import paths
-from lattice.core.governor import VolunteerConfig, VolunteerConfigError
+from lattice.core.config_errors import InvalidSetting
+from lattice.core.governor import VolunteerConfig
 from lattice.core.state import StateLimits
 from lattice.jobs import JobsConfig
 from lattice.net.blob import BlobConfig
@@ -27,7 +28,6 @@ from lattice.net.dht import DHTConfig
 from lattice.net.gossip_party import GossipConfig
 from lattice.net.modelstore import ModelsConfig
 from lattice.net.nat_config import NatConfig
-
 from latticed.discovery import DiscoveryConfig, SideChannelConfig
 from latticed.metrics import MetricsConfig, parse_listen
 from latticed.presence import PresenceConfig
@@ -278,15 +278,12 @@ def _toml_value(v: Any) -> str:
 def _check_together(owner: type, values: dict[str, Any], sources: dict[str, str]) -> None:
     """Build ``owner`` once, so what its own checks refuse (``__post_init__``: ranges
     that depend on each other, schedules) is a config error naming the key."""
+    mine = [s for s in SETTINGS if s.owner is owner]
     try:
         build(owner, SETTINGS, values)
-    except VolunteerConfigError as e:
-        raise ConfigError(e.key, str(e).removeprefix(e.key).strip(), sources.get(e.key, "")
-                          ) from None
-    except ValueError as e:
-        mine = [s for s in SETTINGS if s.owner is owner]
-        named = [s for s in mine if s.field in str(e) or s.key in str(e)] or mine
-        raise ConfigError(named[0].key, str(e), sources[named[0].key]) from None
+    except InvalidSetting as e:
+        named = [s for s in mine if s.field == e.field] or mine
+        raise ConfigError(named[0].key, e.reason, sources[named[0].key]) from None
 
 
 def load(*, config_file: Path | None, flags: dict[str, Any],

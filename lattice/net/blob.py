@@ -38,6 +38,7 @@ from lattice.net.streams import (
     RemoteProtocolError,
     Stream,
     parse_peer_input,
+    quietly,
     read_into,
     recv_frame,
     recv_frame_or_eof,
@@ -230,7 +231,7 @@ class BlobService:
                         parse_reply, await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
                         ("have", "missing", "error"), 0, self.config.max_blob_bytes)
                 finally:
-                    await _quietly(stream.close)
+                    await quietly(stream.close)
         except (PeerError, trio.TooSlowError) as e:
             if isinstance(e, RemoteProtocolError):
                 self._penalize(peer, "malformed_reply")
@@ -341,9 +342,9 @@ class BlobService:
                 offset += n
                 self.bytes_fetched += n
                 rid += 1
-            await _quietly(raw.close)
+            await quietly(raw.close)
         except BaseException:
-            await _quietly(raw.reset)
+            await quietly(raw.reset)
             raise
         if not await self.compute(lambda: self.store.finish_partial(bid)):
             raise BlobCorrupt(f"bytes do not hash to {bid}")
@@ -361,7 +362,7 @@ class BlobService:
         peer = stream.remote_peer_id
         if self.penalties.is_penalized(peer, trio.current_time()):
             self.counts["refused_penalized"] += 1
-            await _quietly(stream.reset)
+            await quietly(stream.reset)
             return
         if self._serving >= self.config.max_serving:
             self.counts["refused_busy"] += 1
@@ -373,7 +374,7 @@ class BlobService:
             except trio.TooSlowError:
                 pass
             finally:
-                await _quietly(stream.close)
+                await quietly(stream.close)
             return
         self._serving += 1
         try:
@@ -387,9 +388,9 @@ class BlobService:
             log.info("peer=%s blob request refused: %s", peer, e)
             self.counts["bad_requests"] += 1
             self._penalize(peer, "malformed_request")
-            await _quietly(stream.reset)
+            await quietly(stream.reset)
         except trio.TooSlowError:
-            await _quietly(stream.reset)
+            await quietly(stream.reset)
         finally:
             self._serving -= 1
 
@@ -426,13 +427,6 @@ class BlobService:
                 **self.penalties.statistics(trio.current_time()),
                 "store": self.store.statistics()}
 
-
-async def _quietly(action: Callable[[], Awaitable[Any]]) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        try:
-            await action()
-        except PeerError:
-            pass  # the peer is gone already: nothing left to release
 
 
 async def serve_blobs(network: PeerNetwork, store: BlobStore, *, config: BlobConfig = BlobConfig(),

@@ -62,6 +62,7 @@ from lattice.net.streams import (
     RemoteProtocolError,
     Stream,
     StreamClosedError,
+    quietly,
     recv_frame_or_eof,
     send_frame,
 )
@@ -408,7 +409,7 @@ class CrdtSync:
                     now=self._clock())
             except SessionRefused as e:
                 log.debug("peer=%s crdt-sync session refused: %s", peer, e)
-                await _quietly(raw_stream.reset)
+                await quietly(raw_stream.reset)
                 return
             try:
                 await self._serve_session(CountingStream(raw_stream, session), session)
@@ -452,7 +453,7 @@ class CrdtSync:
             elif error is not None:
                 log.debug("peer=%s sid=%s crdt-sync session ended: %r", peer, sid, error)
         finally:
-            await _quietly(stream.reset if penalized else stream.close)
+            await quietly(stream.reset if penalized else stream.close)
 
     async def _watchdog(self, stream: CountingStream, session: SyncSession, *,
                         live: _Liveness) -> None:
@@ -589,14 +590,6 @@ class CrdtSync:
                 self._wake(session)
                 self.anti_entropy_rounds += 1
 
-
-async def _quietly(action: Callable[[], Any]) -> None:
-    """Close or reset a stream whose peer may already be gone, even while cancelled."""
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        try:
-            await action()
-        except PeerError:
-            pass  # already closed by the other side; nothing left to release
 
 
 async def serve_heartbeat(store: StateStore,

@@ -33,7 +33,7 @@ import enum
 import logging
 import secrets
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,7 @@ from lattice.net.streams import (
     RemoteProtocolError,
     Stream,
     parse_peer_input,
+    quietly,
     recv_frame,
     send_frame,
 )
@@ -185,7 +186,7 @@ class GossipAverager:
                 reply = await _receive(stream, ("accept", "busy"), xid)
             self.health.reachable(peer)
             if reply["t"] == "busy":
-                await _quietly(stream.close)
+                await quietly(stream.close)
                 return Outcome.BUSY
             peer_samples = reply["samples"]
             transport = self.transports.get(reply["transport"])
@@ -202,14 +203,14 @@ class GossipAverager:
                 final = await _receive(stream, ("ack", "abort"), xid)
             if final["t"] == "abort":
                 log.info("peer=%s xid=%s gossip-avg aborted by peer: %s", peer, xid, final["reason"])
-                await _quietly(stream.close)
+                await quietly(stream.close)
                 return Outcome.ABORTED
             await self._commit(party, out, average)
             party.partners.add(peer)
-            await _quietly(stream.close)
+            await quietly(stream.close)
             return Outcome.COMMITTED
         except (PeerError, trio.TooSlowError) as e:
-            await _quietly(stream.reset)
+            await quietly(stream.reset)
             if isinstance(e, RemoteProtocolError):
                 self.health.penalize(peer, "protocol", trio.current_time())
             if not commit_sent:
@@ -240,7 +241,7 @@ class GossipAverager:
                                                   "xid": xid})
                         reply = await _receive(stream, ("outcome",), xid)
                     finally:
-                        await _quietly(stream.close)
+                        await quietly(stream.close)
                     outcome = reply["outcome"]
                     if outcome == "committed":
                         return True
@@ -270,7 +271,7 @@ class GossipAverager:
         self.health.penalize(peer, f"invalid_tensor:{error.reason}", trio.current_time())
         with trio.move_on_after(self.config.step_timeout):
             await _quietly_send(stream, {"t": "abort", "xid": xid, "reason": f"invalid_tensor:{error.reason}"})
-        await _quietly(stream.reset)
+        await quietly(stream.reset)
 
     # responder ------------------------------------------------------------------------------
     async def handle(self, raw: Stream) -> None:
@@ -283,14 +284,14 @@ class GossipAverager:
             if first["t"] == "status":
                 state = self._outcomes.get((peer, first["xid"]), "unknown")
                 await send_frame(stream, {"t": "outcome", "xid": first["xid"], "outcome": state})
-                await _quietly(stream.close)
+                await quietly(stream.close)
                 return
             await self._respond(stream, peer, first)
         except (PeerError, trio.TooSlowError) as e:
             if isinstance(e, RemoteProtocolError):
                 self.health.penalize(peer, "protocol", trio.current_time())
             log.debug("peer=%s gossip-avg inbound ended: %r", peer, e)
-            await _quietly(stream.reset)
+            await quietly(stream.reset)
 
     async def _respond(self, stream: CountingStream, peer: str, offer: dict[str, Any]) -> None:
         cfg = self.config
@@ -326,7 +327,7 @@ class GossipAverager:
         if reason is not None:
             self.counts[f"busy_{reason}"] += 1
             await send_frame(stream, {"t": "busy", "xid": xid, "reason": reason})
-            await _quietly(stream.close)
+            await quietly(stream.close)
             return
         assert party is not None and transport is not None
         key = (peer, xid)
@@ -378,7 +379,7 @@ class GossipAverager:
             if decision["t"] == "abort":
                 self._outcomes[key] = "aborted"
                 log.info("peer=%s xid=%s gossip-avg aborted by initiator: %s", peer, xid, decision["reason"])
-                await _quietly(stream.close)
+                await quietly(stream.close)
                 return Outcome.ABORTED
             # The commit point: we apply, remember it, then acknowledge.
             await self._commit(party, out, average)
@@ -388,7 +389,7 @@ class GossipAverager:
             try:
                 with trio.fail_after(cfg.step_timeout):
                     await send_frame(stream, {"t": "ack", "xid": xid})
-                await _quietly(stream.close)
+                await quietly(stream.close)
             except (PeerError, trio.TooSlowError) as e:
                 # the initiator will ask (status) on a new stream
                 log.info("peer=%s xid=%s gossip-avg ack not delivered: %r", peer, xid, e)
@@ -399,7 +400,7 @@ class GossipAverager:
             if isinstance(e, RemoteProtocolError):
                 self.health.penalize(peer, "protocol", trio.current_time())
             log.debug("peer=%s xid=%s gossip-avg responder failed: %r", peer, xid, e)
-            await _quietly(stream.reset)
+            await quietly(stream.reset)
             return Outcome.FAILED
 
     def _remember(self, key: tuple[str, str], state: str) -> None:
@@ -417,14 +418,6 @@ class GossipAverager:
             **self.health.statistics(trio.current_time()),
         }
 
-
-async def _quietly(action: Callable[[], Awaitable[Any]]) -> None:
-    """Close or reset a stream whose peer may already be gone, even while cancelled."""
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        try:
-            await action()
-        except PeerError:
-            pass  # already closed by the other side: nothing left to release
 
 
 async def _quietly_send(stream: Stream, message: dict[str, Any]) -> None:

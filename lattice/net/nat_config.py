@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lattice.core.config_errors import InvalidSetting
 from lattice.core.holepunch import MAX_BIRTHDAY_PORTS, MAX_BIRTHDAY_PROBES, MAX_BIRTHDAY_RATE
 
 if TYPE_CHECKING:
@@ -82,24 +83,26 @@ class NatConfig:
 
     def __post_init__(self) -> None:
         if self.relay_service not in ("auto", "on", "off"):
-            raise ValueError(f"relay.service must be auto, on or off, not {self.relay_service!r}")
+            raise InvalidSetting("relay_service", f"(relay.service) must be auto, on or off, "
+                                                  f"not {self.relay_service!r}")
         if self.reachability not in ("auto", "public", "private"):
-            raise ValueError(f"nat.reachability must be auto, public or private, "
-                             f"not {self.reachability!r}")
+            raise InvalidSetting("reachability", f"(nat.reachability) must be auto, public "
+                                                 f"or private, not {self.reachability!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ValueError(f"{setting_name(f.name)} must not be negative, got {v}")
+                raise InvalidSetting(f.name, f"({setting_name(f.name)}) must not be "
+                                             f"negative, got {v}")
         for name in ("dialback_timeout_s", "observe_interval_s", "penalty_s",
                      "dialback_max_concurrent", "holepunch_retry_s", "birthday_ports",
                      "birthday_probes", "birthday_rate"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{setting_name(name)} must be positive")
+                raise InvalidSetting(name, f"({setting_name(name)}) must be positive")
         for name, cap in (("birthday_ports", MAX_BIRTHDAY_PORTS),
                           ("birthday_probes", MAX_BIRTHDAY_PROBES),
                           ("birthday_rate", MAX_BIRTHDAY_RATE)):
             if getattr(self, name) > cap:
-                raise ValueError(f"{setting_name(name)} must be at most {cap}")
+                raise InvalidSetting(name, f"({setting_name(name)}) must be at most {cap}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> NatConfig:

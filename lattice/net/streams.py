@@ -66,6 +66,16 @@ def parse_peer_input(parse: Callable[..., T], *args: Any,
         raise MalformedInputError(f"{name}: {type(e).__name__}: {str(e)[:200]}") from e
 
 
+async def quietly(action: Callable[[], Awaitable[Any]]) -> None:
+    """Close or reset a stream whose peer may already be gone, even while cancelled
+    (shielded, at most 1 s): a `PeerError` then only means it was closed already."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            await action()
+        except PeerError:
+            pass  # already closed by the other side: nothing left to release
+
+
 class Stream(Protocol):
     """A bidirectional byte stream to one peer, for one protocol."""
 

@@ -41,11 +41,12 @@ async def call(d: DaemonProc, method: str, **params):
         return await client.call(method, **params)
 
 
-async def eventually(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll an async predicate we cannot subscribe to (a daemon's counters)."""
+async def eventually(check, what: str, timeout: float = 30.0, interval: float = 0.05):
+    """Poll an async condition we cannot subscribe to (a daemon's counters, another
+    daemon's view); returns its first truthy value."""
     with trio.move_on_after(timeout):
         while True:
-            value = await predicate()
+            value = await check()
             if value:
                 return value
             await trio.sleep(interval)

@@ -26,7 +26,7 @@ async def test_idle_connections_from_one_network_cannot_shut_the_side_channel(da
     (host, port), = (await _bulk(v))["addresses"]
     async with open_idle_connections(host, port, 64, local_ip="127.0.1.2") as idle:
         bulk = await eventually(
-            lambda: _settled(v, 64), 10, "the listener to see all 64 connections")
+            lambda: _settled(v, 64), "the listener to see all 64 connections", 10)
         assert bulk["handshaking"] == bulk["max_handshakes_per_ip"] == 4
         assert bulk["refused_ip_busy"] == 60
         # someone else still gets a slot: its hello is read (and refused: no such session)

@@ -56,7 +56,7 @@ async def _attackers_job(daemons, tmp_path, attackers: int):
         members = await call(procs[0], "members.list")
         return sum(1 for m in members.values() if m.get("alive")) >= attackers + 1
 
-    await eventually(all_alive, 60, "every daemon to see the others alive")
+    await eventually(all_alive, "every daemon to see the others alive", 60)
     job_id = (await call(procs[0], "jobs.submit", spec={
         "task": "digits-softmax", "min_peers": attackers + 1, "steps": 200_000,
         "sync_every": 20}))["job_id"]
@@ -68,7 +68,7 @@ async def _attackers_job(daemons, tmp_path, attackers: int):
             return None
         return job["status"] == "running" and v_status["peer_id"] in job["roster"]
 
-    await eventually(victim_training, 90, "the victim to train in the attacker's job")
+    await eventually(victim_training, "the victim to train in the attacker's job", 90)
     for proc in procs:  # the attacker needs its daemons no more; how they end is its business
         await trio.to_thread.run_sync(proc.stop, signal.SIGKILL)
     return v, v_status, identities, job_id
@@ -123,8 +123,8 @@ async def test_a_zero_length_dimension_is_refused_and_the_daemon_trains_on(daemo
         await peer.connect(victim_addr)
         with trio.fail_after(120):
             await lied.wait()
-        await eventually(lambda: _protocol_penalties_at_least(v, 2), 30,
-                         "the victim to penalize the lying responder")
+        await eventually(lambda: _protocol_penalties_at_least(v, 2),
+                         "the victim to penalize the lying responder", 30)
     assert_alive(v)
     job = await call(v, "jobs.get", job_id=job_id)
     assert job["status"] == "running" and job["peers"][status["peer_id"]] == "running"

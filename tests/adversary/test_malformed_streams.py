@@ -75,7 +75,7 @@ async def test_a_malformed_stream_is_refused_and_the_daemon_serves_on(victim, pr
         else:
             assert await stream.drain() in ("reset", "eof")
     assert_alive(victim)
-    after = await eventually(lambda: _counters_changed(victim, before), 10, f"{what} to be counted")
+    after = await eventually(lambda: _counters_changed(victim, before), f"{what} to be counted", 10)
     assert after[protocol] == before[protocol] + 1
     assert (await call(victim, "status"))["state"] == "running"
 

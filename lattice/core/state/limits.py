@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lattice.core.config_errors import InvalidSetting
+
 # -- protocol limits (same on every peer; changing one needs a new protocol version) --
 MAX_ENVELOPE_BYTES = 256 * 1024
 """Largest encoded envelope (a delta or a snapshot)."""
@@ -79,9 +81,12 @@ class StateLimits:
 
     def __post_init__(self) -> None:
         if not (1 <= self.max_authors <= MAX_SUMMARY_ENTRIES):
-            raise ValueError(f"max_authors must be in [1, {MAX_SUMMARY_ENTRIES}]")
+            raise InvalidSetting("max_authors", f"must be in [1, {MAX_SUMMARY_ENTRIES}]")
         if self.max_state_bytes < MAX_AUTHOR_BYTES:
-            raise ValueError(f"max_state_bytes must hold one author ({MAX_AUTHOR_BYTES})")
-        if min(self.peer_authors_per_s, self.peer_bytes_per_s) < 0 or \
-                min(self.peer_authors_burst, self.peer_bytes_burst) < 1:
-            raise ValueError("peer allowances need rates >= 0 and bursts >= 1")
+            raise InvalidSetting("max_state_bytes", f"must hold one author ({MAX_AUTHOR_BYTES})")
+        for rate in ("peer_authors_per_s", "peer_bytes_per_s"):
+            if getattr(self, rate) < 0:
+                raise InvalidSetting(rate, "must not be negative")
+        for burst in ("peer_authors_burst", "peer_bytes_burst"):
+            if getattr(self, burst) < 1:
+                raise InvalidSetting(burst, "must be at least 1")
