@@ -22,15 +22,15 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lattice.learn.gossip import ParamChannel  # noqa: E402
-from lattice.net.gossip_avg import (  # noqa: E402
+from lattice.learn.gossip import ParamChannel
+from lattice.net.gossip_avg import (
     AveragingParty,
     Outcome,
     compute_inline,
     serve_gossip_avg,
     thread_compute,
 )
-from lattice.testing.memnet import MemoryNetwork  # noqa: E402
+from lattice.testing.memnet import MemoryNetwork
 
 
 @dataclass
@@ -40,10 +40,14 @@ class _Trainer:
 
 
 @dataclass
-class _Participant:  # what AveragingParty reads of lattice.learn.simulate.Participant
+class _Participant:  # what AveragingParty reads of lattice.learn.participant.Participant
     trainer: _Trainer
     channel: ParamChannel
     outer: None = None
+
+    @property
+    def averaging_samples(self) -> int:
+        return self.trainer.samples_seen
 
 
 async def run(n: int, repeat: int, compression: str, threaded: bool) -> list[float]:

@@ -182,6 +182,9 @@ class Birthday:
         return (self.ports + self.probes) / self.rate
 
 
+DEFAULT_BIRTHDAY = Birthday()  # the defaults, one shared (frozen) instance
+
+
 @dataclass(frozen=True)
 class Decision:
     plan: str | None  # a `PLANS` value, None: stay relayed
@@ -311,7 +314,7 @@ def _decode_birthday(msg: dict[str, Any], ours: Birthday) -> Birthday:
     ports, probes, rate = msg.get("ports"), msg.get("probes"), msg.get("rate")
     if (type(ports) is not int or type(probes) is not int
             or not isinstance(rate, (int, float)) or isinstance(rate, bool)
-            or not (0 < ports and 0 < probes and 0 < rate)):
+            or not (ports > 0 and probes > 0 and rate > 0)):
         raise HolePunchProtocolError("birthday needs positive ports, probes and rate")
     return ours.clamp(Birthday(ports, probes, float(rate)))
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from lattice.core.holepunch import Addr, NatView, Observation, check_addr
 from lattice.core.identity import InvalidPeerId, public_key_from_peer_id
@@ -185,7 +186,7 @@ def _addr_list(value: object, limit: int, what: str) -> tuple[Addr, ...]:
     return tuple(dict.fromkeys(a for a in (check_addr(x) for x in value) if a is not None))
 
 
-def check_message(msg: object) -> dict:
+def check_message(msg: object) -> dict[str, Any]:
     """A decoded frame as a message map with a valid ``type`` and ``id``."""
     if not isinstance(msg, dict) or msg.get("type") not in (
             "observe", "observed", "dialback", "dialback_result"):
@@ -203,7 +204,7 @@ class ObserveRequest:
     dialback: tuple[Addr, ...]  # addresses to have a third peer dial; empty: none asked
 
 
-def decode_observe(msg: dict) -> ObserveRequest:
+def decode_observe(msg: dict[str, Any]) -> ObserveRequest:
     relay = msg.get("relay", False)
     if not isinstance(relay, bool):
         raise ObserveProtocolError("relay must be a bool")
@@ -227,7 +228,7 @@ class ObserveAnswer:
     dialback_error: str = ""  # a DIAL_ERRORS value when the dial-back failed
 
 
-def decode_observed(msg: dict) -> ObserveAnswer:
+def decode_observed(msg: dict[str, Any]) -> ObserveAnswer:
     raw = msg.get("addr")
     observed = None if raw is None else check_addr(raw)
     if raw is not None and observed is None:

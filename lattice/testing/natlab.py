@@ -1,9 +1,10 @@
 """A NAT testbed out of Linux network namespaces, veth pairs and nftables.
 
 Owns: building a topology from a declarative `Spec` (a routed public "internet",
-private LANs behind NAT routers, carrier-grade NATs in front of some), running commands and creating sockets inside its
-namespaces, and removing every trace of it again (`Testbed.build` is a context manager;
-`down_all` cleans up after crashed runs). Also the `natlab` command (`main`).
+private LANs behind NAT routers, carrier-grade NATs in front of some), running commands
+and creating sockets inside its namespaces, and removing every trace of it again
+(`Testbed.build` is a context manager; `down_all` cleans up after crashed runs). Also
+the `natlab` command (`main`).
 Must not import libp2p, trio or anything from `lattice.net`: it is plumbing that tests,
 benchmarks and developers put daemons into, not part of a daemon. Needs root.
 
@@ -335,7 +336,7 @@ def _call_in_netns(netns: str, fn: Any) -> Any:
         try:
             _setns(f"/run/netns/{netns}")
             out["value"] = fn()
-        except BaseException as e:  # handed to the caller's thread below
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
             out["error"] = e
 
     t = threading.Thread(target=target, name=f"natlab-setns-{netns}")
@@ -784,10 +785,10 @@ class Testbed:
             if first_priv is not None:
                 lines.append(f"  ip netns exec {first_priv.netns} curl -s "
                              f"http://{first_pub.addr}:8000/ >/dev/null && echo out-ok")
-                gw = first_priv.gateway
-                assert gw is not None
-                lines.append(f"  ip netns exec {gw.netns} conntrack -L     # see the NAT mapping")
-                lines.append(f"  ip netns exec {gw.netns} nft list table ip natlab")
+                priv_gw = first_priv.gateway
+                assert priv_gw is not None
+                lines.append(f"  ip netns exec {priv_gw.netns} conntrack -L     # see the NAT mapping")
+                lines.append(f"  ip netns exec {priv_gw.netns} nft list table ip natlab")
         lines.append(f"  ip netns exec {self.hosts()[0].netns} bash   # a shell in a host")
         lines.append(f"remove: tools/natlab down {self.prefix}")
         return "\n".join(lines)

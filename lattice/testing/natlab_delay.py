@@ -99,7 +99,7 @@ def serve(queue: int, delay_s: float) -> None:
                     heapq.heappush(due, (now + delay_s, pid))
         now = time.monotonic()
         while due and due[0][0] <= now:
-            at, pid = due[0]
+            _at, pid = due[0]
             verdict = _message(NFQNL_MSG_VERDICT, queue,
                                _attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, pid)), seq)
             try:

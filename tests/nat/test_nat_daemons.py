@@ -181,7 +181,7 @@ def test_a_network_whose_only_public_daemon_is_its_bootstrap(natnet, case):
 
 def test_with_no_public_node_a_reachable_volunteer_relays_else_they_say_why(natnet):
     net = natnet("none_public")
-    a, b, c = (net.tb.host(n) for n in "abc")
+    _a, b, c = (net.tb.host(n) for n in "abc")
     # nobody to relay yet: a cannot reach b, and says exactly why
     da = net.start("a", bootstrap=[f"/ip4/{b.public_ip}/tcp/4001/p2p/{_peer_id_of(net, 'b')}"])
     db = net.daemons["b"]

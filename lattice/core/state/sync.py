@@ -49,16 +49,16 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from lattice.core.state.envelope import Envelope
-from lattice.core.state.quota import Allowance
 from lattice.core.state.limits import (
     MAX_BATCH_BYTES,
     MAX_ITEMS_PER_MESSAGE,
     MAX_SEQ,
     MAX_SUMMARY_ENTRIES,
 )
+from lattice.core.state.quota import Allowance
 from lattice.core.state.store import StateStore
 
 PROTOCOL_ID = "/lattice/crdt-sync/1"
@@ -91,7 +91,7 @@ class Outcome:
     banned: list[str] = field(default_factory=list)
 
 
-def _fail(reason: str, detail: str) -> None:
+def _fail(reason: str, detail: str) -> NoReturn:
     raise SyncProtocolError(reason, detail)
 
 
@@ -115,7 +115,7 @@ def _check_summary(value: Any) -> dict[str, tuple[int, bytes]]:
     return out
 
 
-def encode_summary(store: StateStore) -> dict[str, list]:
+def encode_summary(store: StateStore) -> dict[str, list[Any]]:
     return {a: [seq, digest[:TIP_BYTES]] for a, (seq, digest) in store.tips().items()}
 
 
@@ -221,7 +221,7 @@ class SyncSession:
         _fail("malformed", f"unknown message type {kind[:32]!r}")
         raise AssertionError  # unreachable
 
-    def _on_hello(self, msg: dict) -> Outcome:
+    def _on_hello(self, msg: dict[str, Any]) -> Outcome:
         if self._hello_received:
             _fail("unexpected", "second hello")
         if msg.get("v") != PROTOCOL_VERSION:
@@ -236,7 +236,7 @@ class SyncSession:
             self.mark_proof(author)
         return Outcome()
 
-    def _learn_peers(self, msg: dict) -> None:
+    def _learn_peers(self, msg: dict[str, Any]) -> None:
         if "peers" in msg:  # optional: a peer that never says is forwarded to as before
             self.remote_peers = _check_peers(msg["peers"])
 
@@ -250,7 +250,7 @@ class SyncSession:
                 self.remote_known[author] = seq - 1
             self._dirty.add(author)
 
-    def _on_envelopes(self, msg: dict, now: float) -> Outcome:
+    def _on_envelopes(self, msg: dict[str, Any], now: float) -> Outcome:
         items = msg.get("items")
         if not isinstance(items, list) or len(items) > MAX_ITEMS_PER_MESSAGE \
                 or not all(isinstance(i, bytes) for i in items):
@@ -276,7 +276,7 @@ class SyncSession:
                 self.remote_known[result.author] = max(known, result.seq)
         return out
 
-    def _on_summary(self, msg: dict) -> Outcome:
+    def _on_summary(self, msg: dict[str, Any]) -> Outcome:
         reply = msg.get("reply")
         if not isinstance(reply, bool):
             _fail("malformed", "summary needs a boolean 'reply'")
@@ -287,7 +287,7 @@ class SyncSession:
             self._owe_summary = True
         return Outcome()
 
-    def _on_proof(self, msg: dict, now: float) -> Outcome:
+    def _on_proof(self, msg: dict[str, Any], now: float) -> Outcome:
         pair = msg.get("envelopes")
         if not isinstance(pair, list) or len(pair) != 2 \
                 or not all(isinstance(e, bytes) for e in pair):
@@ -521,7 +521,7 @@ class SyncHub:
         """Record an offence; returns the backoff (seconds) before we talk to it again."""
         p = self._penalties.get(peer)
         offences = 1 if p is None else p.offences + 1
-        backoff = min(self.backoff_base * 2 ** (offences - 1), self.backoff_max)
+        backoff: float = min(self.backoff_base * 2 ** (offences - 1), self.backoff_max)
         self._penalties[peer] = _Penalty(offences, now + backoff, reason)
         self.penalties[reason] = self.penalties.get(reason, 0) + 1
         if len(self._penalties) > self.max_penalized:

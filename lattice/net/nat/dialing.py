@@ -16,7 +16,6 @@ from typing import Any
 import multiaddr
 import trio
 from google.protobuf.message import DecodeError as ProtobufDecodeError
-
 from libp2p.abc import INetConn
 from libp2p.connection_types import ConnectionType
 from libp2p.network.connection.raw_connection import RawConnection

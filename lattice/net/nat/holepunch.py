@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-
 from libp2p.peer.id import ID
 
 from lattice.core import holepunch as core
@@ -87,7 +86,7 @@ class HolePunchConfig:
     close_relayed: bool = True
     penalty_s: float = 60.0  # no sessions with a peer that broke the protocol, doubling
     birthday: bool = True  # birthday probing against a symmetric NAT
-    birthday_limits: Birthday = Birthday()
+    birthday_limits: Birthday = core.DEFAULT_BIRTHDAY
     # a session that did not end direct is tried again after this, doubling to the max
     retry_min_s: float = 30.0
     retry_max_s: float = 1800.0

@@ -22,13 +22,12 @@ import random
 from typing import Any
 
 import trio
-
 from libp2p.tools.anyio_service import background_trio_service
 
 from lattice.core.holepunch import CAPS, MAX_LOCAL_ADDRS, Addr, Birthday, PeerView
 from lattice.core.reachability import Verdict
-from lattice.net.nat.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
 from lattice.net.nat.dialing import PeerDialer
+from lattice.net.nat.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
 from lattice.net.nat.observe import OBSERVE_PROTOCOL_ID, Observer
 from lattice.net.nat.relay_hop import CircuitRelay, check_libp2p_version
 from lattice.net.nat.reservations import RelayDirectory, ReservationKeeper, maddr

@@ -30,7 +30,6 @@ from typing import Any
 
 import multiaddr
 import trio
-
 from libp2p.peer.id import ID
 from libp2p.transport.exceptions import OpenConnectionError
 from libp2p.transport.tcp.tcp import TCP
@@ -56,6 +55,7 @@ log = logging.getLogger("lattice.net.nat")
 OBSERVE_PROTOCOL_ID = rcore.OBSERVE_PROTOCOL_ID
 _MAX_OBSERVE_FAILURES = 1024
 HUNGER_MIN = 2.0
+_DIAL_ERRORS: tuple[type[BaseException], ...] = (OpenConnectionError, *PEER_ERRORS)
 
 
 class Observer:
@@ -390,7 +390,7 @@ class Observer:
             raw = None
             try:
                 raw = await self._plain_tcp.dial(target)
-            except (OpenConnectionError, *PEER_ERRORS) as e:
+            except _DIAL_ERRORS as e:
                 log.debug("dial-back to peer=%s at %s failed: %s", peer, addr, e)
                 return dial_error(e)
             try:

@@ -31,7 +31,6 @@ from typing import Any
 
 import trio
 from google.protobuf.message import DecodeError as ProtobufDecodeError
-
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol, _is_relayed_stream
@@ -45,6 +44,9 @@ from lattice.net.nat_config import NatConfig
 # The py-libp2p versions whose private relay methods this module was written against.
 SUPPORTED_LIBP2P = ("0.8.1",)
 _HOP_READ_TIMEOUT = 10.0
+_HOP_READ_ERRORS: tuple[type[BaseException], ...] = (
+    trio.TooSlowError, ProtobufDecodeError, ValueError, *PEER_ERRORS)
+_PUMP_ERRORS: tuple[type[BaseException], ...] = (EOFError, *PEER_ERRORS)
 
 
 class UnsupportedLibp2pError(RuntimeError):
@@ -124,7 +126,7 @@ class CircuitRelay(CircuitV2Protocol):
         try:
             with trio.fail_after(_HOP_READ_TIMEOUT):
                 msg = await read_delimited_msg(stream, HopMessage)
-        except (trio.TooSlowError, ProtobufDecodeError, ValueError, *PEER_ERRORS):
+        except _HOP_READ_ERRORS:
             await self._refuse(stream, StatusCode.MALFORMED_MESSAGE, "malformed")
             return
         if msg.type == HopMessage.RESERVE:
@@ -168,7 +170,7 @@ class CircuitRelay(CircuitV2Protocol):
         try:
             with scope:
                 await self._pump(src_stream, dst_stream, deadline, circuit_data_limit)
-        except (EOFError, *PEER_ERRORS):
+        except _PUMP_ERRORS:
             pass  # one end went away: the circuit is over
         finally:
             for other in scopes:
@@ -180,7 +182,7 @@ class CircuitRelay(CircuitV2Protocol):
                 for s in (src_stream, dst_stream):
                     try:
                         await s.reset()
-                    except (EOFError, *PEER_ERRORS):
+                    except _PUMP_ERRORS:
                         pass
             for k, (a, b) in list(self._active_relays.items()):
                 if a in (src_stream, dst_stream) or b in (src_stream, dst_stream):

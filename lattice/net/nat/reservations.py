@@ -22,7 +22,6 @@ from typing import Any
 
 import trio
 from google.protobuf.message import DecodeError as ProtobufDecodeError
-
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
@@ -162,9 +161,9 @@ class RelayDirectory:
             out += [(pid, a) for a in addrs]
         out += self.bootstrap
         seen: dict[str, str] = {}
-        for pid, addr in out:
-            if pid != self.me:
-                seen.setdefault(pid, addr)
+        for relay, where in out:
+            if relay != self.me:
+                seen.setdefault(relay, where)
         return list(seen.items())
 
     def listed_for(self, asker: str, now: float, connected: Iterable[str]) -> list[tuple[str, Addr]]:

@@ -30,20 +30,19 @@ from typing import Any
 import multiaddr
 import trio
 from cryptography.exceptions import InvalidTag
-from noise.exceptions import (
-    NoiseHandshakeError,
-    NoiseInvalidMessage,
-    NoiseMaxNonceError,
-    NoiseValidationError,
-    NoiseValueError,
-)
-
 from libp2p.abc import INetConn
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 from libp2p.security.exceptions import HandshakeFailure
 from libp2p.transport.exceptions import UpgradeFailure
+from noise.exceptions import (  # type: ignore[import-untyped]
+    NoiseHandshakeError,
+    NoiseInvalidMessage,
+    NoiseMaxNonceError,
+    NoiseValidationError,
+    NoiseValueError,
+)
 
 from lattice.core.holepunch import Addr
 from lattice.net.host import PEER_ERRORS

@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 
 from lattice.core import holepunch as hp
+from lattice.core.codec import pack, unpack
 from lattice.core.holepunch import (
+    DEFAULT_BIRTHDAY,
     Birthday,
     Closed,
     Dial,
@@ -28,7 +30,6 @@ from lattice.core.holepunch import (
     classify_nat,
     decide,
 )
-from lattice.core.codec import pack, unpack
 
 LISTEN = 4001
 WAN_A, WAN_B = "198.18.0.101", "198.18.0.102"
@@ -163,8 +164,8 @@ class Pair:
 class BirthdayPair(Pair):
     """`Pair`, recording Prime and Probe actions too."""
 
-    def __init__(self, ours_b: PeerView, ours_a: PeerView, *, b_limits=Birthday(),
-                 a_limits=Birthday()) -> None:
+    def __init__(self, ours_b: PeerView, ours_a: PeerView, *, b_limits=DEFAULT_BIRTHDAY,
+                 a_limits=DEFAULT_BIRTHDAY) -> None:
         super().__init__(ours_b, ours_a)
         self.b = HolePunchSession("initiator", ours_b, session_id=b"\x01" * 8, now=0.0,
                                   birthday=b_limits)

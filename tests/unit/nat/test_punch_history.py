@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from lattice.core.holepunch import Done, HolePunchSession, PeerView
@@ -32,7 +33,7 @@ def test_a_failed_punch_is_tried_again_later_and_later():
         delays.append(at - now)
         assert h.due(at - 0.001) == [] and h.due(at) == ["p"]
         now = at
-    assert 27 <= delays[0] <= 33 and all(b > a for a, b in zip(delays, delays[1:5]))
+    assert 27 <= delays[0] <= 33 and all(b > a for a, b in itertools.pairwise(delays[:5]))
     assert max(delays) <= 1800 * 1.1
 
 
