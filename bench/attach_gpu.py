@@ -52,9 +52,9 @@ def _timed(fn, into: list):
 
 
 def loop_role(args: argparse.Namespace) -> None:
+    import fashion_mnist_attach as ex
     import torch
 
-    import fashion_mnist_attach as ex
     import lattice
     from lattice.torch import DecentralizedTraining
 

@@ -53,7 +53,7 @@ def loop_role(args: argparse.Namespace) -> None:
         staged_in, staged_out = [], []
         mine = {k: v.copy() for k, v in loop.arrays.items()}  # a loop's own arrays
         rows = []
-        for i in range(args.syncs):
+        for _ in range(args.syncs):
             loop.arrays["w"][:8] += np.float32(args.rank + 1)  # something to average
             loop.steps += loop.sync_every - 1
             report = loop.step(samples=1)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
             "handoff_s": statistics.median(handoff) if rows else None,
             "copy_s": statistics.median(r["copy"] for r in rows) if rows else None,
             "staged_s": statistics.median(a + b for o in outs
-                                          for a, b in zip(o["staged_in"], o["staged_out"])),
+                                          for a, b in zip(o["staged_in"], o["staged_out"], strict=True)),
             "outcomes": sorted({r["outcome"] for o in outs for r in o["rows"]}),
             "all": [r for o in outs for r in o["rows"]]}
 

@@ -19,6 +19,7 @@ its venv.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,11 +36,10 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 
 def hivemind_role(args: argparse.Namespace) -> None:
+    import fashion_mnist_attach as ex
     import hivemind
     import numpy as np
     import torch
-
-    import fashion_mnist_attach as ex
 
     torch.set_num_threads(1)
     torch.manual_seed(args.rank)
@@ -91,7 +91,9 @@ def run_hivemind(args: argparse.Namespace) -> dict:
     common = [str(HIVEMIND), __file__, "--_role", "hivemind", "--n", str(args.participants),
               "--steps", str(args.steps), "--sync-every", str(args.sync_every),
               "--run-id", f"fashion-{os.getpid()}"]
-    logs = [tempfile.TemporaryFile("w+") for _ in range(args.participants)]
+    stack = contextlib.ExitStack()
+    logs = [stack.enter_context(tempfile.TemporaryFile("w+"))  # noqa: SIM115 (closed below)
+            for _ in range(args.participants)]
     procs: list[subprocess.Popen] = []
 
     def start(rank: int, extra: list[str]) -> subprocess.Popen:
@@ -131,8 +133,7 @@ def run_hivemind(args: argparse.Namespace) -> dict:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        for f in logs:
-            f.close()
+        stack.close()
     return {"steps_per_s": statistics.mean(o["steps_per_s"] for o in outs),
             "epochs": min(o["epochs"] for o in outs)}
 

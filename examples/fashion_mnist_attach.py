@@ -157,7 +157,7 @@ def participant(args: argparse.Namespace) -> None:
             result = dt.result.model_id
     print(json.dumps({"rank": args.rank, "model_id": result, "steps": args.steps,
                       "seconds": elapsed, "steps_per_s": args.steps / elapsed,
-                      "samples": int(len(mine))}), flush=True)
+                      "samples": len(mine)}), flush=True)
 
 
 # -- the whole run ------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * out['merged_accuracy']:.2f}%")
         print(f"one process, same samples    test accuracy "
               f"{100 * out['single_accuracy']:.2f}%")
-        print(f"steps/s per participant: "
+        print("steps/s per participant: "
               + ", ".join(f"{s:.1f}" for s in out["steps_per_s"]))
     return 0
 

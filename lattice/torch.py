@@ -69,7 +69,7 @@ class DecentralizedTraining:
             stage_out=None if self.resident else self._stage_out,
             on_rebind=self._rebind if self.resident else None)
         self._offsets = list(zip(self.loop.manifest.offsets,
-                                 (t.size for t in self.loop.manifest.tensors)))
+                                 (t.size for t in self.loop.manifest.tensors), strict=True))
         self._staging: torch.Tensor | None = None
         if self.resident:
             for name, t in self.tensors:
@@ -128,7 +128,7 @@ class DecentralizedTraining:
         """Model -> pinned staging -> shared memory, one device sync per call."""
         assert self._staging is not None
         with torch.no_grad():
-            for (_, t), (offset, size) in zip(self.tensors, self._offsets):
+            for (_, t), (offset, size) in zip(self.tensors, self._offsets, strict=True):
                 self._staging[offset:offset + size].copy_(t.reshape(-1), non_blocking=True)
             if self.on_gpu:
                 torch.cuda.synchronize()
@@ -139,7 +139,7 @@ class DecentralizedTraining:
         assert self._staging is not None
         np.copyto(self._staging.numpy(), self.loop.slot)
         with torch.no_grad():
-            for (_, t), (offset, size) in zip(self.tensors, self._offsets):
+            for (_, t), (offset, size) in zip(self.tensors, self._offsets, strict=True):
                 t.copy_(self._staging[offset:offset + size].view(t.shape), non_blocking=True)
             if self.on_gpu:
                 torch.cuda.synchronize()

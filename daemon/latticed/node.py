@@ -28,6 +28,7 @@ from lattice.core.governor import VolunteerConfig
 from lattice.core.identity import Identity
 from lattice.core.state import StateLimits, StateStore
 from lattice.jobs import JobsConfig, JobSupervisor, MergeConfig, serve_jobs
+from lattice.jobs.attach import AttachConfig
 from lattice.net.blob import BlobConfig, DhtProviders
 from lattice.net.bulk import BulkListener
 from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state, serve_crdt_sync
@@ -36,7 +37,6 @@ from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
 from lattice.net.gossip_party import GossipConfig
 from lattice.net.modelstore import ModelsConfig, ModelService
 from lattice.net.nat_config import NatConfig
-from lattice.jobs.attach import AttachConfig
 from latticed import discovery, metrics, presence, statedir
 from latticed.config import Config
 from latticed.discovery import DiscoveryConfig

@@ -262,7 +262,7 @@ class AttachedLoop:
 
     def _views(self, slot: np.ndarray) -> dict[str, np.ndarray]:
         return {t.name: slot[o:o + t.size].reshape(t.shape)
-                for t, o in zip(self.manifest.tensors, self.manifest.offsets)}
+                for t, o in zip(self.manifest.tensors, self.manifest.offsets, strict=True)}
 
     def _wait(self, until: str, timeout: float | None) -> dict[str, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout

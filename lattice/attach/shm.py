@@ -1,10 +1,10 @@
 """Shared memory between an attached loop and its daemon (proto/attach.md).
 
 Owns both ends of the hand-off: the loop creates a sealed memfd holding its parameters
-as float32 (`create_region`: two slots, the loop's and a spare one) and passes the descriptor with its `attach.open`
-request over the Unix socket (SCM_RIGHTS); the daemon checks what it received and maps
-it (`map_region`). Nothing is ever in the file system, so nothing leaks when either
-side dies: the memory goes when the last mapping does.
+as float32 (`create_region`: two slots, the loop's and a spare one) and passes the
+descriptor with its `attach.open` request over the Unix socket (SCM_RIGHTS); the daemon
+checks what it received and maps it (`map_region`). Nothing is ever in the file system,
+so nothing leaks when either side dies: the memory goes when the last mapping does.
 
 The daemon maps only a memfd sealed against shrinking and growing (``F_SEAL_SHRINK``,
 ``F_SEAL_GROW``), owned by the caller's uid (SO_PEERCRED) and of exactly the size the

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lattice.jobs.attach import AttachKind as AttachKind
 from lattice.jobs.kind import Contribution as Contribution
 from lattice.jobs.kind import Input as Input
 from lattice.jobs.kind import JobKind as JobKind
@@ -27,7 +28,6 @@ from lattice.jobs.supervisor import JobSupervisor as JobSupervisor
 from lattice.jobs.supervisor import NotSubmitter as NotSubmitter
 from lattice.jobs.supervisor import Run as Run
 from lattice.jobs.supervisor import serve_jobs as serve_jobs
-from lattice.jobs.attach import AttachKind as AttachKind
 from lattice.jobs.train import TrainKind as TrainKind
 
 KINDS: Mapping[str, Callable[[Services], JobKind[Any]]] = {

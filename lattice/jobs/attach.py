@@ -37,6 +37,7 @@ Theory of operation
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from collections import Counter
@@ -487,7 +488,7 @@ class AttachKind:
         if difference is not None:
             raise KindRefused(f"this loop's model does not match the job's: {difference}")
         init = np.empty(manifest.num_params, dtype=np.float32)
-        for t, offset in zip(manifest.tensors, manifest.offsets):
+        for t, offset in zip(manifest.tensors, manifest.offsets, strict=True):
             init[offset:offset + t.size] = np.asarray(arrays[t.name], np.float32).reshape(-1)
         if not np.isfinite(init).all():
             raise KindRefused("the job's initial model has non-finite values")
@@ -564,7 +565,7 @@ class AttachKind:
                     await averaged.wait()  # the loop waits only if the network did not keep up
                     async with party.exclusive("sync"):
                         changed, base = await self.services.compute(
-                            lambda: _apply_delta(session.slot, p.trainer, base))
+                            functools.partial(_apply_delta, session.slot, p.trainer, base))
                         _count(p, req)
                         if req.finish:
                             party.close()
@@ -696,7 +697,7 @@ class AttachKind:
                     or set(arrays) != {t.name for t in manifest.tensors}:
                 raise ModelFormatError("not this job's final model")
             flat = np.empty(manifest.num_params, dtype=np.float32)
-            for t, offset in zip(manifest.tensors, manifest.offsets):
+            for t, offset in zip(manifest.tensors, manifest.offsets, strict=True):
                 a = arrays[t.name]
                 if a.dtype != np.float32 or a.shape != t.shape:
                     raise ModelFormatError(f"tensor {t.name!r} is not float32{list(t.shape)}")
@@ -742,7 +743,7 @@ def _apply_delta(slot: np.ndarray, trainer: _LoopParams, base: np.ndarray | None
 
 def _named(manifest: Manifest, flat: np.ndarray) -> dict[str, np.ndarray]:
     return {t.name: flat[offset:offset + t.size].reshape(t.shape)
-            for t, offset in zip(manifest.tensors, manifest.offsets)}
+            for t, offset in zip(manifest.tensors, manifest.offsets, strict=True)}
 
 
 def _manifest_of_model(arrays: dict[str, np.ndarray], meta: dict[str, str], max_tensors: int,

@@ -140,9 +140,6 @@ class JobKind(Protocol, Generic[SpecT]):
     def statistics(self) -> dict[str, Any]:
         """The kind's own counters and limits (shown under ``kinds`` in `jobs.stats`)."""
 
-    def statistics(self) -> dict[str, Any]:
-        """The kind's own counters and limits (shown under ``kinds`` in `jobs.stats`)."""
-
 
 class KindRefused(Exception):
     """This daemon cannot take part after all (the task is unknown here, the model is

@@ -65,7 +65,7 @@ from lattice.jobs.attach import AttachConfig
 from lattice.jobs.checkpoints import CheckpointError, Checkpoints
 from lattice.jobs.kind import Contribution, Input, JobKind, KindLeft, KindRefused, Services
 from lattice.jobs.merge import MergeConfig
-from lattice.net.blob import BlobConfig, BlobNotFound, BlobService, BlobStore, Providers, serve_blobs
+from lattice.net.blob import BlobConfig, BlobService, BlobStore, Providers, serve_blobs
 from lattice.net.gossip_avg import (
     Compute,
     GossipConfig,

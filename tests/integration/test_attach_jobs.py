@@ -59,7 +59,7 @@ def test_three_loops_train_together_and_the_cli_watches_them(tmp_path):
             record = c.models()[model_id]
             assert record["kind"] == "attach" and record["missing"] == []
             assert record["metrics"]["samples"] == 3 * 60 * 32
-            arrays, meta = loads_safetensors(download_model(c, model_id))
+            arrays, _meta = loads_safetensors(download_model(c, model_id))
         expected_w = np.mean([r["final_w"] for r in results], axis=0)
         np.testing.assert_allclose(arrays["w"], expected_w, rtol=1e-5)
         # averaging pulled the loops together: the merged line is close to the truth

@@ -23,7 +23,6 @@ from lattice.attach.shm import SharedRegionError, map_region, slot_of
 from lattice.core.jobs import TERMINAL, JoinRefused, ManifestError, parse_manifest
 from lattice.jobs import AttachKind, JobNotFound
 from lattice.jobs.attach import LoopSession, SessionError
-
 from latticed.localapi.jobs import require_jobs, wait_for_job
 from latticed.localapi.state import wait_writable
 from latticed.rpc_server import ClientConnection, Handler

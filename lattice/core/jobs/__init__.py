@@ -53,6 +53,12 @@ from lattice.core.jobs.access import job_token as job_token
 from lattice.core.jobs.access import join_entry as join_entry
 from lattice.core.jobs.access import join_proof as join_proof
 from lattice.core.jobs.access import may_volunteer as may_volunteer
+from lattice.core.jobs.attach import KIND_ATTACH as KIND_ATTACH
+from lattice.core.jobs.attach import AttachSpec as AttachSpec
+from lattice.core.jobs.attach import Manifest as Manifest
+from lattice.core.jobs.attach import ManifestError as ManifestError
+from lattice.core.jobs.attach import parse_attach_spec as parse_attach_spec
+from lattice.core.jobs.attach import parse_manifest as parse_manifest
 from lattice.core.jobs.lifecycle import DEFAULT_PARSERS as DEFAULT_PARSERS
 from lattice.core.jobs.lifecycle import JOB_ID_HEX as JOB_ID_HEX
 from lattice.core.jobs.lifecycle import JOB_TRANSITIONS as JOB_TRANSITIONS
@@ -83,12 +89,6 @@ from lattice.core.jobs.lifecycle import rank_of as rank_of
 from lattice.core.jobs.lifecycle import read_job as read_job
 from lattice.core.jobs.lifecycle import select_roster as select_roster
 from lattice.core.jobs.lifecycle import verify_record as verify_record
-from lattice.core.jobs.attach import KIND_ATTACH as KIND_ATTACH
-from lattice.core.jobs.attach import AttachSpec as AttachSpec
-from lattice.core.jobs.attach import Manifest as Manifest
-from lattice.core.jobs.attach import ManifestError as ManifestError
-from lattice.core.jobs.attach import parse_attach_spec as parse_attach_spec
-from lattice.core.jobs.attach import parse_manifest as parse_manifest
 from lattice.core.jobs.merge import KIND_MERGE as KIND_MERGE
 from lattice.core.jobs.merge import MergeJobSpec as MergeJobSpec
 from lattice.core.jobs.merge import parse_merge_spec as parse_merge_spec

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 
 from lattice.core.codec import canonical
 from lattice.core.jobs.access import check_access, eligible, may_volunteer, normalize_access
+from lattice.core.jobs.attach import KIND_ATTACH, parse_attach_spec
 from lattice.core.jobs.merge import KIND_MERGE, parse_merge_spec
 from lattice.core.jobs.spec import JobSpecError
-from lattice.core.jobs.attach import KIND_ATTACH, parse_attach_spec
 from lattice.core.jobs.train import KIND_TRAIN, parse_train_spec
 
 JOB_ID_HEX = 32  # 128 bits of SHA-256: collisions need 2^64 submissions

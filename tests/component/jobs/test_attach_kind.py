@@ -112,17 +112,17 @@ async def test_loops_start_equal_average_and_merge(cluster, autojump_clock):
             nursery.start_soon(run, i)
     infos = [r[0] for r in results]
     # everyone started from the reference member's weights: the lowest rank's own
-    ref = next(l for l, info in zip(loops, infos) if info["rank"] == 0)
+    ref = next(loop for loop, info in zip(loops, infos, strict=True) if info["rank"] == 0)
     assert not next(info for info in infos if info["rank"] == 0)["loaded"]
     assert all(info["loaded"] for info in infos if info["rank"] != 0)
     for loop in loops:
         np.testing.assert_array_equal(loop.start, ref.initial)
     # averaging happened: most syncs changed the loop's parameters
-    changed = sum(r["changed"] for l in loops for r in l.replies)
+    changed = sum(r["changed"] for loop in loops for r in loop.replies)
     assert changed >= 6
     # averages landed in the loop's spare slot: syncs switched slots instead of copying
-    assert all(any(r["slot"] == 1 for r in l.replies) for l in loops)
-    assert {r["outcome"] for l in loops for r in l.replies} <= {"committed", "served", "skipped"}
+    assert all(any(r["slot"] == 1 for r in loop.replies) for loop in loops)
+    assert {r["outcome"] for loop in loops for r in loop.replies} <= {"committed", "served", "skipped"}
     model_id = results[0][1]["model_id"]
     assert model_id and all(r[1]["model_id"] == model_id for r in results)
     record = nodes[1].jobs.models()[model_id]
@@ -131,7 +131,7 @@ async def test_loops_start_equal_average_and_merge(cluster, autojump_clock):
     # the model is the samples-weighted average of the finals, under the loops' names
     data = await nodes[2].jobs.fetch_model(model_id)
     arrays, meta = loads_safetensors(data)
-    expected = np.mean([l.final for l in loops], axis=0)
+    expected = np.mean([loop.final for loop in loops], axis=0)
     assert set(arrays) == set(SHAPES) and meta["job"] == job_id
     np.testing.assert_allclose(np.concatenate([arrays["w"].reshape(-1), arrays["b"]]),
                                expected, rtol=1e-6)
@@ -303,5 +303,5 @@ async def test_loops_that_report_no_samples_merge_with_equal_weights(cluster, au
     job = nodes[0].jobs.get(job_id)
     assert job["status"] == "done"
     arrays, _ = loads_safetensors(await nodes[0].jobs.fetch_model(job["model"]))
-    np.testing.assert_allclose(arrays["b"], np.mean([l.final for l in loops], axis=0)[6:],
+    np.testing.assert_allclose(arrays["b"], np.mean([loop.final for loop in loops], axis=0)[6:],
                                rtol=1e-6)
