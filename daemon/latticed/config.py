@@ -23,6 +23,7 @@ from lattice.core.config_errors import InvalidSetting
 from lattice.core.governor import VolunteerConfig
 from lattice.core.state import StateLimits
 from lattice.jobs import JobsConfig, MergeConfig
+from lattice.jobs.attach import AttachConfig
 from lattice.net.blob import BlobConfig
 from lattice.net.crdt_sync import SyncConfig
 from lattice.net.dht import DHTConfig
@@ -128,7 +129,8 @@ SECTIONS: tuple[Section, ...] = (
     _sec("log", LogConfig, expose("level", choices=("debug", "info", "warning", "error"))),
     _sec("rpc", RpcConfig, expose("max_frame_bytes", minimum=1024),
          expose("max_clients", minimum=1), expose("max_in_flight", minimum=1),
-         "read_group", expose("subscriber_queue", minimum=1)),
+         "read_group", expose("subscriber_queue", minimum=1),
+         expose("max_passed_fds", minimum=1)),
     _sec("limits", DiscoveryConfig, expose("max_connections", minimum=1),
          expose("bootstrap_retry_max", "bootstrap_retry_max_s", minimum=0.1)),
     _sec("limits", PresenceConfig, expose("ping_interval", "ping_interval_s", minimum=1.0)),
@@ -170,6 +172,7 @@ SECTIONS: tuple[Section, ...] = (
          expose("join_timeout", "join_timeout_s", minimum=1.0),
          expose("compute_threads", minimum=1), expose("checkpoint_every", minimum=0),
          expose("max_params", minimum=1)),
+    _sec("jobs", AttachConfig, expose("attach_timeout", "attach_timeout_s", minimum=1.0)),
     _sec("jobs", MergeConfig, expose("max_bytes", "merge_max_bytes", minimum=0),
          expose("straggler_min", "merge_straggler_min_s", minimum=0.0),
          expose("straggler_factor", "merge_straggler_factor", minimum=1.0),

@@ -28,6 +28,7 @@ from lattice.core.governor import VolunteerConfig
 from lattice.core.identity import Identity
 from lattice.core.state import StateLimits, StateStore
 from lattice.jobs import JobsConfig, JobSupervisor, MergeConfig, serve_jobs
+from lattice.jobs.attach import AttachConfig
 from lattice.net.blob import BlobConfig, DhtProviders
 from lattice.net.bulk import BulkListener
 from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state, serve_crdt_sync
@@ -115,7 +116,8 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
         rpc = cfg.build(RpcConfig)
         node.rpc = RpcServer(cfg.socket, build_handlers(node), node.bus,
                              max_frame=rpc.max_frame_bytes, max_clients=rpc.max_clients,
-                             max_in_flight=rpc.max_in_flight, read_gid=cfg.read_gid)
+                             max_in_flight=rpc.max_in_flight, max_fds=rpc.max_passed_fds,
+                             read_gid=cfg.read_gid)
         try:
             await nursery.start(node.rpc.serve)
         except SocketInUse as e:
@@ -194,7 +196,8 @@ async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
     cfg = node.config
     assert node.host is not None and node.dht is not None and node.store is not None
     config = cfg.build(JobsConfig, gossip=cfg.build(GossipConfig), blob=cfg.build(BlobConfig),
-                       models=cfg.build(ModelsConfig), merge=cfg.build(MergeConfig))
+                       models=cfg.build(ModelsConfig), merge=cfg.build(MergeConfig),
+                       attach=cfg.build(AttachConfig))
     transport: TensorTransport | None = None
     if cfg["bulk.direct"]:
         node.bulk = await discovery.start_bulk_listener(node, nursery)

@@ -75,6 +75,8 @@ class Services:
     config: JobsConfig
     rng: random.Random
     clock: Callable[[], float]
+    asked_to_join: Callable[[str], bool] = lambda _job_id: False
+    """Whether a local user asked to take part in this job (`JobSupervisor.join`)."""
 
 
 class RunContext(Protocol):
@@ -142,4 +144,9 @@ class JobKind(Protocol, Generic[SpecT]):
 class KindRefused(Exception):
     """This daemon cannot take part after all (the task is unknown here, the model is
     over our limits...); the message is recorded as our participation's reason."""
+
+
+class KindLeft(Exception):
+    """This participant leaves the job (e.g. the user's attached loop went away); our
+    entry says ``left`` with the message as its reason, and the others go on."""
 

@@ -49,6 +49,12 @@ CASES = [
       r"on battery.*median\s+[\d.]+ ms"]),
     ("train_job.py", ["--peers", "2", "--steps", "40"],
      [r"merged model \(network run\)\s+accuracy 0\.\d+", r"centralized SGD baseline"]),
+    ("attach_handoff.py", ["--params", "1000000", "--syncs", "2"],
+     [r"hand-off \(loop <-> daemon\)\s+[\d.]+ s", r"network exchange.*\s+[\d.]+ s"]),
+    ("attach_overhead.py", ["--steps", "60"],
+     [r"(with|without|lattice)\s+[\d.]+ steps/s|^skipped: "]),
+    ("attach_learning.py", ["--steps", "60", "--partitions", "iid"],
+     [r"iid\s+none\s+[\d.]+%|^skipped: "]),
     pytest.param("nat_traversal.py", ["--attempts", "1", "--case", "public_x_cone", "--case",
                                       "nat_cone_x_cone"],
                  [r"^\| nat_cone_x_cone \| 1 \| \d", r"^\| public_x_cone \| 1 \| \d",
@@ -64,6 +70,7 @@ ANCHOR_ROWS = {
     "tensor_transfer.py": [r"^hivemind\s+(1\s+\d+|error)", r"^lattica\s+(1\s+\d+|error)"],
     "pairwise_exchange.py": [r"^hivemind\s+(2\s+[\d.]+|error)"],
     "dht_latency.py": [r"hivemind", r"[Ll]attica"],
+    "attach_overhead.py": [r"hivemind\s+([\d.]+ steps/s|error)|^skipped: "],
     "merge_vs_mergekit.py": [r"^ties\s+(\d\S*\s+\d\S*\s+[\d.]+\s+[\d.]+|error)"],
 }
 
