@@ -81,8 +81,9 @@ class Daemon:
                            wake=lambda s: self._woken.add(id(s)))
         self.links: dict[int, tuple[SyncSession, "Daemon", SyncSession]] = {}
         self.last_sent: dict[int, float] = {}
+        # steady state: every daemon joined long ago, so joins are not news
         self.membership = Membership(self.peer_id, rng=random.Random(sim.rng.getrandbits(32)),
-                                     probe_interval=cfg.probe_interval)
+                                     probe_interval=cfg.probe_interval, gossip_joins=False)
         self.up = True
 
     # -- sync sessions -------------------------------------------------------------------

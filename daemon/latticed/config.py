@@ -135,10 +135,16 @@ SETTINGS: list[Setting] = [
             "longest wait between redials of a lost bootstrap peer", _at_least(0.1)),
     Setting("limits.ping_interval_s", float, 15.0, "how often peers' RTT is measured",
             _at_least(1.0)),
-    Setting("state.heartbeat_interval_s", float, 15.0,
-            "how often our member record's heartbeat is refreshed", _at_least(0.5)),
+    Setting("state.heartbeat_interval_s", float, 0.0,
+            "refresh our member record's heartbeat this often, seconds (0: only when the "
+            "record is written; [membership] says who is alive)", _at_least(0.0)),
     Setting("state.heartbeat_timeout_s", float, 60.0,
-            "a member is shown dead when its heartbeat is older than this", _at_least(1.0)),
+            "a member the failure detector has no news of is shown dead when its heartbeat "
+            "is older than this", _at_least(1.0)),
+    Setting("state.mesh_degree", int, 6, "sync sessions each new update is pushed to",
+            _at_least(1)),
+    Setting("state.gossip_interval_s", float, 1.0, "how often updates are announced to "
+            "sessions outside the mesh", _at_least(0.1)),
     Setting("state.anti_entropy_interval_s", float, 10.0,
             "mean seconds between catch-up exchanges with a random peer", _at_least(0.5)),
     Setting("state.session_idle_timeout_s", float, 60.0,
@@ -159,6 +165,20 @@ SETTINGS: list[Setting] = [
             _at_least(1)),
     Setting("state.peer_bytes_per_s", float, 64 << 10, "...and per second after that",
             _at_least(0.0)),
+    Setting("membership.probe_interval_s", float, 2.0, "probe one connected peer this "
+            "often (SWIM)", _at_least(0.1)),
+    Setting("membership.probe_timeout_s", float, 1.0, "a probe unanswered this long makes "
+            "its peer suspect", _at_least(0.05)),
+    Setting("membership.suspicion_timeout_s", float, 10.0, "a suspect that does not refute "
+            "within this is declared dead", _at_least(0.1)),
+    Setting("membership.max_entries", int, 4096, "members whose liveness we track",
+            _at_least(16)),
+    Setting("connections.low_water", int, 32, "the connection manager trims down to this "
+            "many connections", _at_least(1)),
+    Setting("connections.high_water", int, 64, "...once there are more than this many "
+            "(kept: DHT neighbours, sync mesh, relays, job partners)", _at_least(1)),
+    Setting("connections.grace_s", float, 30.0, "a new connection is not trimmed for this "
+            "long", _at_least(0.0)),
     Setting("nat.upnp", bool, False, "try a UPnP port mapping on the gateway"),
     Setting("nat.holepunch", bool, True, "upgrade relayed connections to direct ones by "
             "hole punching when both NATs allow it"),
@@ -200,6 +220,8 @@ SETTINGS: list[Setting] = [
     Setting("jobs.join_timeout_s", float, 600.0, "a job joined but given no roster within "
             "this long is left (it would hold a slot forever)", _at_least(1.0)),
     Setting("jobs.compute_threads", int, 1, "worker threads for training math", _at_least(1)),
+    Setting("jobs.progress_rate", float, 2.0, "progress writes per second one whole job "
+            "may cost the network (shared by its participants)", _at_least(0.01)),
     Setting("jobs.checkpoint_every", int, 20, "rounds between checkpoints (0: only at the end)",
             _at_least(0)),
     Setting("jobs.max_params", int, 50_000_000, "largest model (parameters) this daemon "

@@ -24,13 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from lattice.core.connections import WaterMarks
 from lattice.core.identity import Identity
 from lattice.core.state import StateLimits, StateStore
+from lattice.core.state.sync import MESH_HIGH, MESH_LOW
 from lattice.net.blob import BlobConfig, DhtProviders
 from lattice.net.bulk import BulkListener
+from lattice.net.connmgr import ConnectionManager, serve_connection_manager
 from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state, serve_crdt_sync
 from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
+from lattice.net.membership import MembershipConfig, MembershipService, serve_membership
 from lattice.net.modelstore import ModelService, open_model_service
 from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
 
@@ -73,6 +77,8 @@ class Node:
     nat: NatManager | None = None
     dht: KademliaDHT | None = None
     sync: CrdtSync | None = None
+    membership: MembershipService | None = None
+    connections: ConnectionManager | None = None
     jobs: JobSupervisor | None = None
     models: ModelService | None = None
     bulk: BulkListener | None = None
@@ -182,8 +188,19 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
     node.sync = await nursery.start(functools.partial(
         serve_crdt_sync, host, node.store,
         config=SyncConfig(anti_entropy_interval=cfg["state.anti_entropy_interval_s"],
-                          idle_timeout=cfg["state.session_idle_timeout_s"]),
+                          idle_timeout=cfg["state.session_idle_timeout_s"],
+                          mesh_degree=cfg["state.mesh_degree"],
+                          mesh_low=min(cfg["state.mesh_degree"], MESH_LOW),
+                          mesh_high=max(cfg["state.mesh_degree"], MESH_HIGH),
+                          gossip_interval=cfg["state.gossip_interval_s"]),
         history_is_new=node.identity_created))
+    node.membership = await nursery.start(functools.partial(
+        serve_membership, host, config=MembershipConfig(
+            probe_interval=cfg["membership.probe_interval_s"],
+            probe_timeout=cfg["membership.probe_timeout_s"],
+            suspicion_timeout=cfg["membership.suspicion_timeout_s"],
+            max_entries=cfg["membership.max_entries"]), clock=time.time))
+    node.store.set_liveness(node.membership.liveness)
     nursery.start_soon(presence.serve_heartbeat, node)
     node.jobs = await _start_jobs(node, nursery)
     node.models = open_model_service(node.jobs.blobs, node.store, node.sync, cfg,
@@ -191,6 +208,11 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
     nursery.start_soon(presence.fan_out_peer_events, node,
                        host.peer_events(buffer=cfg["rpc.subscriber_queue"]))
     nursery.start_soon(presence.measure_rtts, node)
+    node.connections = await nursery.start(functools.partial(
+        serve_connection_manager, host, WaterMarks(
+            low=cfg["connections.low_water"], high=cfg["connections.high_water"],
+            grace=cfg["connections.grace_s"]),
+        protected=functools.partial(presence.protected_peers, node)))
     for addr in cfg["node.bootstrap"]:
         nursery.start_soon(discovery.keep_bootstrap_peer, node, addr, host_mod.PEER_ERRORS)
 
@@ -204,6 +226,7 @@ async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
         max_jobs=cfg["jobs.max_jobs"], join_timeout=cfg["jobs.join_timeout_s"],
         compute_threads=cfg["jobs.compute_threads"],
         checkpoint_every=cfg["jobs.checkpoint_every"], max_params=cfg["jobs.max_params"],
+        progress_rate=cfg["jobs.progress_rate"],
         blob=BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"]))
     transport: TensorTransport | None = None
     if cfg["bulk.direct"]:

@@ -10,9 +10,11 @@ in O(log N) probe rounds while each sends O(1) messages per round, whatever N. A
 that hears itself suspected or declared dead refutes it with a higher incarnation.
 (Das, Gupta, Motivala, "SWIM", DSN 2002; the suspicion mechanism of its section 4.2.)
 
-Memory is what a daemon has heard of: its neighbours and the rumours in flight, at most
-``max_entries``; a member it never heard anything about is not tracked (its member
-record in the shared state says it exists; no news is "alive").
+A daemon announces its own start as a rumour, and hands each new neighbour its table
+(``members``, once per connection), so a daemon that joins late learns who is alive
+and who died without waiting for news. Memory is what a daemon has heard of, at most
+``max_entries`` (its neighbours are never forgotten); a member it has no news of is
+not tracked, and the views fall back to its record's heartbeat.
 
 Must not import trio, libp2p, sockets or read the clock: the driver passes ``now`` and
 carries the returned ``(peer, message)`` pairs.
@@ -30,6 +32,8 @@ _RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2}
 MAX_PIGGYBACK = 8
 """Rumours carried by one ping or ack (SWIM piggybacks a bounded number)."""
 MAX_PEER_CHARS = 128
+MAX_TABLE = 4096
+"""Entries in one ``members`` message: the table a daemon hands a new neighbour."""
 
 
 class MembershipError(ValueError):
@@ -56,7 +60,8 @@ class Membership:
     def __init__(self, me: str, *, rng: random.Random | None = None,
                  probe_interval: float = 2.0, probe_timeout: float = 1.0,
                  suspicion_timeout: float = 6.0, retransmit_mult: int = 3,
-                 max_entries: int = 4096, dead_ttl: float = 600.0) -> None:
+                 max_entries: int = 4096, dead_ttl: float = 600.0,
+                 gossip_joins: bool = True) -> None:
         self.me = me
         self.rng = rng or random.Random()
         self.probe_interval = probe_interval
@@ -65,13 +70,17 @@ class Membership:
         self.retransmit_mult = retransmit_mult
         self.max_entries = max_entries
         self.dead_ttl = dead_ttl
+        self.gossip_joins = gossip_joins
+        """Spread our start, and each member we hear from first, as news (off: a
+        simulation of a network whose members all joined long ago)."""
         self.incarnation = 0
         self._entries: dict[str, _Entry] = {}
         self._neighbours: set[str] = set()
         self._order: list[str] = []
+        self._recheck: set[str] = set()
         self._awaiting: dict[int, tuple[str, float]] = {}  # nonce -> (peer, deadline)
         self._nonce = 0
-        self._own_rumour = 0  # transmits left of our own refutation
+        self._own_rumour = self._transmits() if gossip_joins else 0  # start, refutations
         self.counts = {"pings": 0, "acks": 0, "suspected": 0, "declared_dead": 0,
                        "refuted": 0, "malformed": 0}
 
@@ -83,7 +92,11 @@ class Membership:
             self._evidence(peer, None, now)
 
     def remove_neighbour(self, peer: str) -> None:
-        self._neighbours.discard(peer)
+        """The connection to ``peer`` closed: probe it once more at the next tick (a
+        crash closes connections too), then no longer."""
+        if peer in self._neighbours:
+            self._neighbours.discard(peer)
+            self._recheck.add(peer)
 
     def neighbours(self) -> set[str]:
         return set(self._neighbours)
@@ -109,6 +122,12 @@ class Membership:
     def heard_dead(self, peer: str) -> float | None:
         e = self._entries.get(peer)
         return e.changed if e is not None and e.status == DEAD else None
+
+    def table(self) -> dict[str, Any]:
+        """A ``members`` message with what we know (for a new neighbour)."""
+        rows = [[self.me, ALIVE, self.incarnation]]
+        rows += [[p, e.status, e.incarnation] for p, e in self._entries.items()]
+        return {"t": "members", "n": 0, "g": rows[:MAX_TABLE]}
 
     def tracked(self) -> int:
         return len(self._entries)
@@ -136,6 +155,10 @@ class Membership:
                 self.counts["declared_dead"] += 1
             elif e.status == DEAD and now >= e.changed + self.dead_ttl and e.transmits == 0:
                 del self._entries[peer]
+        while self._recheck:
+            peer = self._recheck.pop()
+            if peer not in self._neighbours:
+                return [self._ping(peer, now)]
         if not self._order:
             self._order = [p for p in self._neighbours
                            if (e := self._entries.get(p)) is None or e.status != DEAD]
@@ -143,11 +166,14 @@ class Membership:
         while self._order:
             peer = self._order.pop()
             if peer in self._neighbours:
-                self._nonce += 1
-                self._awaiting[self._nonce] = (peer, now + self.probe_timeout)
-                self.counts["pings"] += 1
-                return [(peer, {"t": "ping", "n": self._nonce, "g": self._rumours()})]
+                return [self._ping(peer, now)]
         return []
+
+    def _ping(self, peer: str, now: float) -> tuple[str, dict[str, Any]]:
+        self._nonce += 1
+        self._awaiting[self._nonce] = (peer, now + self.probe_timeout)
+        self.counts["pings"] += 1
+        return peer, {"t": "ping", "n": self._nonce, "g": self._rumours()}
 
     def handle(self, sender: str, msg: Any, now: float) -> list[tuple[str, dict[str, Any]]]:
         """One message from ``sender``; returns what to send. Raises MembershipError
@@ -159,7 +185,9 @@ class Membership:
             raise
         self._evidence(sender, None, now)
         for peer, status, inc in gossip:
-            self._rumour(peer, status, inc, now)
+            self._rumour(peer, status, inc, now, news=kind != "members")
+        if kind == "members":
+            return []
         if kind == "ping":
             self.counts["acks"] += 1
             return [(sender, {"t": "ack", "n": nonce, "g": self._rumours()})]
@@ -172,8 +200,9 @@ class Membership:
     def _evidence(self, peer: str, incarnation: int | None, now: float) -> None:
         """``peer`` spoke to us: alive at least at its known incarnation."""
         e = self._entries.get(peer)
-        if e is None:
-            self._entries[peer] = _Entry(ALIVE, incarnation or 0, now, now)
+        if e is None:  # news: a member we never heard of is alive
+            self._entries[peer] = _Entry(ALIVE, incarnation or 0, now, now,
+                                         self._transmits() if self.gossip_joins else 0)
             self._bound()
         else:
             e.seen = now
@@ -181,7 +210,8 @@ class Membership:
                 # a suspect that answers is alive: spread it at its incarnation
                 self._set(peer, ALIVE, max(e.incarnation, incarnation or 0), now)
 
-    def _rumour(self, peer: str, status: str, inc: int, now: float) -> None:
+    def _rumour(self, peer: str, status: str, inc: int, now: float, *,
+                news: bool = True) -> None:
         if peer == self.me:
             if status != ALIVE and inc >= self.incarnation:
                 self.incarnation = inc + 1  # refute (SWIM 4.2)
@@ -191,12 +221,14 @@ class Membership:
         e = self._entries.get(peer)
         if e is None:
             self._entries[peer] = _Entry(status, inc, now, now if status == ALIVE else None,
-                                         self._transmits())
+                                         self._transmits() if news else 0)
             self._bound()
             return
         newer = inc > e.incarnation or (inc == e.incarnation and _RANK[status] > _RANK[e.status])
         if newer:
             self._set(peer, status, inc, now)
+            if not news:
+                e.transmits = 0
             if status == ALIVE:
                 e.seen = now
 
@@ -220,13 +252,14 @@ class Membership:
         return out
 
     def _bound(self) -> None:
-        if len(self._entries) <= self.max_entries:
-            return
-        # forget the oldest entry that is neither a neighbour nor a rumour in flight
-        spare = [(e.changed, p) for p, e in self._entries.items()
-                 if p not in self._neighbours and e.transmits == 0]
-        if spare:
-            del self._entries[min(spare)[1]]
+        while len(self._entries) > self.max_entries:
+            # forget an entry that is not a neighbour: one whose rumour is spent first,
+            # then the oldest (a flood of rumours cannot grow us past the bound)
+            spare = [(e.transmits > 0, e.changed, p) for p, e in self._entries.items()
+                     if p not in self._neighbours]
+            if not spare:
+                return
+            del self._entries[min(spare)[2]]
 
     def statistics(self) -> dict[str, Any]:
         by_status = {ALIVE: 0, SUSPECT: 0, DEAD: 0}
@@ -237,10 +270,11 @@ class Membership:
 
 
 def _check(msg: Any) -> tuple[str, int, list[tuple[str, str, int]]]:
-    if not isinstance(msg, dict) or msg.get("t") not in ("ping", "ack") \
+    if not isinstance(msg, dict) or msg.get("t") not in ("ping", "ack", "members") \
             or type(msg.get("n")) is not int or not isinstance(msg.get("g"), list) \
-            or len(msg["g"]) > MAX_PIGGYBACK + 1:
-        raise MembershipError("a membership message is {t: ping|ack, n: int, g: [rumour]}")
+            or len(msg["g"]) > (MAX_TABLE if msg["t"] == "members" else MAX_PIGGYBACK + 1):
+        raise MembershipError("a membership message is {t: ping|ack|members, n: int, "
+                              "g: [rumour]}")
     out = []
     for r in msg["g"]:
         if not (isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)

@@ -623,9 +623,9 @@ async def serve_heartbeat(store: StateStore,
                           task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Publish our member record (``member``: name, version, reachability, addrs,
     capabilities; see `lattice.core.state.schema`; a callable is asked at the first
-    write) and refresh its heartbeat every ``interval`` seconds until cancelled. Others
-    show us as alive while the heartbeat is younger than their ``heartbeat_timeout``
-    (default 60 s: keep interval well below).
+    write) and refresh its heartbeat every ``interval`` seconds until cancelled (0:
+    never; daemons take liveness from `lattice.net.membership`, and fall back to the
+    heartbeat's age, ``heartbeat_timeout``, only for members it has no news of).
 
     With ``sync``, the first write waits for `CrdtSync.wait_writable`. A member record
     the schema refuses raises `LocalStateError` before ``task_status.started()`` (a
@@ -641,6 +641,8 @@ async def serve_heartbeat(store: StateStore,
                           + [Set("member/heartbeat", clock())], clock())
         task_status.started()
         started = True
+        if interval <= 0:  # liveness comes from the failure detector (issue 16)
+            await trio.sleep_forever()
         while True:
             await trio.sleep(interval)
             store.apply_local([Set("member/heartbeat", clock())], clock())

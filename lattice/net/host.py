@@ -339,6 +339,13 @@ class Libp2pNode:
     def peer_events(self, *, buffer: int = 64) -> PeerEvents:
         return self.events.subscribe(buffer)
 
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id`` (`lattice.net.connmgr` trims)."""
+        try:
+            await self.host.disconnect(ID.from_base58(peer_id))
+        except (OSError, ValueError, KeyError) as e:  # already gone, or not a peer id
+            raise PeerError(f"disconnect {peer_id}: {e}") from e
+
     # -- address book (lattice.net.dht.AddressBook) ------------------------------------
     def add_addrs(self, peer_id: str, addrs: list[str], ttl: float = 3600.0) -> None:
         """Remember addresses a protocol learned so `open_stream` can dial the peer;
