@@ -284,11 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=5.0, help="seconds measured per write")
     p.add_argument("--idle", type=float, default=30.0, help="idle seconds measured")
     p.add_argument("--warmup", type=float, default=12.0)
-    p.add_argument("--failure-window", type=float, default=30.0)
+    p.add_argument("--failure-window", type=float, default=60.0)
     p.add_argument("--gossip-interval", type=float, default=1.0)
     p.add_argument("--anti-entropy-interval", type=float, default=10.0)
     p.add_argument("--idle-timeout", type=float, default=60.0)
-    p.add_argument("--probe-interval", type=float, default=2.0)
+    p.add_argument("--probe-interval", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     print("scale_sim: real sync and membership machines, discrete-event network, "

@@ -165,11 +165,11 @@ SETTINGS: list[Setting] = [
             _at_least(1)),
     Setting("state.peer_bytes_per_s", float, 64 << 10, "...and per second after that",
             _at_least(0.0)),
-    Setting("membership.probe_interval_s", float, 2.0, "probe one connected peer this "
+    Setting("membership.probe_interval_s", float, 3.0, "probe one connected peer this "
             "often (SWIM)", _at_least(0.1)),
-    Setting("membership.probe_timeout_s", float, 1.0, "a probe unanswered this long makes "
+    Setting("membership.probe_timeout_s", float, 2.0, "a probe unanswered this long makes "
             "its peer suspect", _at_least(0.05)),
-    Setting("membership.suspicion_timeout_s", float, 10.0, "a suspect that does not refute "
+    Setting("membership.suspicion_timeout_s", float, 15.0, "a suspect that does not refute "
             "within this is declared dead", _at_least(0.1)),
     Setting("membership.max_entries", int, 4096, "members whose liveness we track",
             _at_least(16)),

@@ -58,8 +58,8 @@ class Membership:
     """One daemon's view of liveness (see the module docstring)."""
 
     def __init__(self, me: str, *, rng: random.Random | None = None,
-                 probe_interval: float = 2.0, probe_timeout: float = 1.0,
-                 suspicion_timeout: float = 6.0, retransmit_mult: int = 3,
+                 probe_interval: float = 3.0, probe_timeout: float = 2.0,
+                 suspicion_timeout: float = 15.0, retransmit_mult: int = 3,
                  max_entries: int = 4096, dead_ttl: float = 600.0,
                  gossip_joins: bool = True) -> None:
         self.me = me
@@ -78,6 +78,8 @@ class Membership:
         self._neighbours: set[str] = set()
         self._order: list[str] = []
         self._recheck: set[str] = set()
+        self._tell: set[str] = set()
+        """Peers that spoke to us while we hold them suspect or dead."""
         self._awaiting: dict[int, tuple[str, float]] = {}  # nonce -> (peer, deadline)
         self._nonce = 0
         self._own_rumour = self._transmits() if gossip_joins else 0  # start, refutations
@@ -160,8 +162,7 @@ class Membership:
             if peer not in self._neighbours:
                 return [self._ping(peer, now)]
         if not self._order:
-            self._order = [p for p in self._neighbours
-                           if (e := self._entries.get(p)) is None or e.status != DEAD]
+            self._order = list(self._neighbours)  # a dead one may answer: it refutes
             self.rng.shuffle(self._order)
         while self._order:
             peer = self._order.pop()
@@ -173,7 +174,7 @@ class Membership:
         self._nonce += 1
         self._awaiting[self._nonce] = (peer, now + self.probe_timeout)
         self.counts["pings"] += 1
-        return peer, {"t": "ping", "n": self._nonce, "g": self._rumours()}
+        return peer, {"t": "ping", "n": self._nonce, "g": self._rumours(peer)}
 
     def handle(self, sender: str, msg: Any, now: float) -> list[tuple[str, dict[str, Any]]]:
         """One message from ``sender``; returns what to send. Raises MembershipError
@@ -190,7 +191,7 @@ class Membership:
             return []
         if kind == "ping":
             self.counts["acks"] += 1
-            return [(sender, {"t": "ack", "n": nonce, "g": self._rumours()})]
+            return [(sender, {"t": "ack", "n": nonce, "g": self._rumours(sender)})]
         waiting = self._awaiting.pop(nonce, None)
         if waiting is not None and waiting[0] != sender:
             self._awaiting[nonce] = waiting  # not the peer we asked: ignore
@@ -206,9 +207,11 @@ class Membership:
             self._bound()
         else:
             e.seen = now
-            if e.status != ALIVE and (e.status == SUSPECT or (incarnation or 0) > e.incarnation):
-                # a suspect that answers is alive: spread it at its incarnation
-                self._set(peer, ALIVE, max(e.incarnation, incarnation or 0), now)
+            if e.status != ALIVE:
+                # It speaks, so it lives, but only its own refutation (a higher
+                # incarnation) can overrule the rumour everywhere: tell it what is said
+                # of it, with our next message to it (`_rumours`).
+                self._tell.add(peer)
 
     def _rumour(self, peer: str, status: str, inc: int, now: float, *,
                 news: bool = True) -> None:
@@ -237,15 +240,21 @@ class Membership:
         e.status, e.incarnation, e.changed = status, inc, now
         e.transmits = self._transmits()
 
-    def _rumours(self) -> list[list]:
+    def _rumours(self, to: str | None = None) -> list[list]:
         out: list[list] = []
+        if to in self._tell:
+            self._tell.discard(to)
+            e = self._entries.get(to)
+            if e is not None and e.status != ALIVE:
+                out.append([to, e.status, e.incarnation])
         if self._own_rumour > 0:
             self._own_rumour -= 1
             out.append([self.me, ALIVE, self.incarnation])
         live = [(p, e) for p, e in self._entries.items() if e.transmits > 0]
-        if len(live) > MAX_PIGGYBACK - len(out):
+        room = MAX_PIGGYBACK + 1 - len(out) if to is not None else MAX_PIGGYBACK - len(out)
+        if len(live) > room:
             live.sort(key=lambda pe: -pe[1].transmits)  # the newest first
-            live = live[:MAX_PIGGYBACK - len(out)]
+            live = live[:room]
         for peer, e in live:
             e.transmits -= 1
             out.append([peer, e.status, e.incarnation])

@@ -46,10 +46,10 @@ MAX_MESSAGE_BYTES = 64 + MAX_TABLE * 180
 class MembershipConfig:
     """Daemon config section ``[membership]``."""
 
-    probe_interval: float = 2.0
+    probe_interval: float = 3.0
     """Seconds between probes (one neighbour each): SWIM's protocol period."""
-    probe_timeout: float = 1.0
-    suspicion_timeout: float = 10.0
+    probe_timeout: float = 2.0
+    suspicion_timeout: float = 15.0
     """A suspected member that does not refute within this is declared dead."""
     max_entries: int = 4096
     max_in_flight: int = 16

@@ -61,6 +61,7 @@ from lattice.core.state.quota import Allowance
 from lattice.core.state.limits import (
     MAX_BATCH_BYTES,
     MAX_ITEMS_PER_MESSAGE,
+    MAX_RANGES_PER_MESSAGE,
     MAX_SEQ,
     MAX_SUMMARY_ENTRIES,
 )
@@ -71,8 +72,6 @@ PROTOCOL_ID = "/lattice/crdt-sync/2"
 PROTOCOL_VERSION = 2
 MAX_SESSION_ID_CHARS = 64
 MAX_SESSIONS_PER_PEER = 2  # one each way when two peers dial each other at once
-MAX_RANGES_PER_MESSAGE = 1024
-"""Reconciliation ranges in one ``recon`` message (each level of a split is 16)."""
 MESH_DEGREE = 6
 """Sessions each new envelope is pushed to (gossipsub's D): with a random mesh of this
 degree an update reaches a connected network in O(log N) hops with high probability,
