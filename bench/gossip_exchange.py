@@ -1,4 +1,4 @@
-"""One `/lattice/gossip-avg/1` exchange of a 10M-parameter float32 model, end to end.
+"""One `/lattice/gossip-avg/2` exchange of a 10M-parameter float32 model, end to end.
 
 Two parties on the in-memory network (no sockets: this isolates the protocol and the
 math — prepare, transfer through the `TensorTransport` seam, validate, average, commit —

@@ -208,7 +208,7 @@ def ours_recv(args) -> None:
     sys.path.insert(0, str(ROOT))
     import trio
 
-    from lattice.core.bulk_frames import BulkLimits
+    from lattice.core.arrays import ArrayLimits
     from lattice.core.identity import Identity
     from lattice.net.bulk import PROTOCOL as BULK, receive_array, serve_bulk_listener
     from lattice.net.host import open_libp2p_node, quiet_libp2p_logging
@@ -223,7 +223,7 @@ def ours_recv(args) -> None:
 
                 async def handler(stream):
                     array = await receive_array(stream, listener=listener,
-                                                limits=BulkLimits(max_bytes=args.nbytes))
+                                                limits=ArrayLimits(max_bytes=args.nbytes))
                     check(array, args.nbytes)
                     emit(cpu=tree_cpu())
                     count[0] += 1

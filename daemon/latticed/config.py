@@ -1,32 +1,81 @@
 """Effective configuration: defaults < TOML file < LATTICE_* environment < flags.
 
-Owns the table of every setting (key, type, default, doc), loading from each source,
-validation with messages that name the key, and `--print-config` rendering. Adding a
-setting is one `Setting(...)` line; the annotated `daemon/latticed.toml` documents them
+Owns which dataclass fields are config keys (`SECTIONS`: each service declares its
+values once, default and doc, in its own config dataclass; `latticed.settings` derives
+the table from them), loading from each source, validation with messages that name the
+key, and `--print-config`. Adding a setting is a field with a doc in the service's
+dataclass plus one `expose(...)` here; `daemon/latticed.toml` annotates them for people
 and a test keeps the two in step.
 """
 
 from __future__ import annotations
 
 import os
+import textwrap
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from lattice.api import paths
-from lattice.core.governor import VolunteerConfig, VolunteerConfigError
+from lattice.core.connections import WaterMarks
+from lattice.core.config_errors import InvalidSetting
+from lattice.core.governor import VolunteerConfig
+from lattice.core.state import StateLimits
+from lattice.jobs import JobsConfig
+from lattice.net.blob import BlobConfig
+from lattice.net.crdt_sync import SyncConfig
+from lattice.net.dht import DHTConfig
+from lattice.net.membership import MembershipConfig
+from lattice.net.gossip_party import GossipConfig
+from lattice.net.modelstore import ModelsConfig
+from lattice.net.nat_config import NatConfig
+from latticed.discovery import DiscoveryConfig, SideChannelConfig
+from latticed.metrics import MetricsConfig, parse_listen
+from latticed.presence import PresenceConfig
+from latticed.rpc_server import RpcConfig
+from latticed.settings import (
+    ENV_PREFIX,
+    ConfigError,
+    Exposed,
+    Section,
+    Setting,
+    build,
+    coerce,
+    derive,
+    expose,
+)
 
-ENV_PREFIX = "LATTICE_"
+__all__ = ["ENV_PREFIX", "SECTIONS", "SETTINGS", "BY_KEY", "Config", "ConfigError",
+           "Setting", "load"]
+
+T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """Bad configuration: names the key, the source and what is wrong."""
+@dataclass(frozen=True)
+class NodeConfig:
+    """The daemon's identity and addresses (section ``[node]``)."""
 
-    def __init__(self, key: str, message: str, source: str = "") -> None:
-        where = f" (from {source})" if source else ""
-        super().__init__(f"{key}: {message}{where}")
-        self.key = key
+    state_dir: Path | None = None
+    """Where identity, lock, socket and state live (default: $XDG_STATE_HOME/lattice)."""
+    socket: Path | None = None
+    """The local RPC socket (default: <state_dir>/latticed.sock)."""
+    name: str = ""
+    """A human-readable name shown to other members."""
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
+    """Multiaddrs to listen on (TCP)."""
+    bootstrap: tuple[str, ...] = ()
+    """Peers to dial at start and keep connected (multiaddrs ending in /p2p/<peer id>)."""
+    mdns: bool = True
+    """Find daemons on the local network by mDNS."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Section ``[log]``."""
+
+    level: str = "info"
+    """debug | info | warning | error"""
 
 
 def _xdg_config_file() -> Path:
@@ -54,45 +103,9 @@ def _multiaddr_list(*, need_peer_id: bool) -> Callable[[str, Any], list[str]]:
     return check
 
 
-def _one_of(*choices: str) -> Callable[[str, Any], str]:
-    def check(key: str, value: Any) -> str:
-        v = str(value).lower()
-        if v not in choices:
-            raise ConfigError(key, f"must be one of {', '.join(choices)}, got {value!r}")
-        return v
-    return check
-
-
-def _at_least(n: float) -> Callable[[str, Any], Any]:
-    def check(key: str, value: Any) -> Any:
-        if value < n:
-            raise ConfigError(key, f"must be at least {n}, got {value}")
-        return value
-    return check
-
-
-@dataclass(frozen=True)
-class Setting:
-    key: str            # "section.name"
-    type: type          # str, int, float, bool, list, Path
-    default: Any
-    doc: str
-    check: Callable[[str, Any], Any] | None = None
-    env: str = ""       # environment variable; derived from the key when empty
-
-    @property
-    def env_name(self) -> str:
-        if self.env:
-            return self.env
-        section, name = self.key.split(".", 1)
-        tail = name if section == "node" else f"{section}_{name}"
-        return ENV_PREFIX + tail.upper()
-
-
 def _loopback_listen(key: str, value: Any) -> str:
     if value == "":
         return value
-    from latticed.metrics import parse_listen  # imports prometheus_client: only when on
     try:
         parse_listen(value)
     except ValueError as e:
@@ -100,218 +113,84 @@ def _loopback_listen(key: str, value: Any) -> str:
     return value
 
 
-_VOLUNTEER = VolunteerConfig()  # the [volunteer] defaults are the dataclass's
+def _sec(name: str, owner: type, *fields: Exposed | str) -> Section:
+    return Section(name, owner, tuple(expose(f) if isinstance(f, str) else f for f in fields))
 
 
-def _volunteer(name: str, type_: type, doc: str) -> Setting:
-    """A [volunteer] setting: default from `VolunteerConfig`, checked by it after loading."""
-    return Setting(f"volunteer.{name}", type_, getattr(_VOLUNTEER, name), doc)
+def _all_of(owner: type, *, but: tuple[str, ...] = ()) -> tuple[str, ...]:
+    import dataclasses
+    return tuple(f.name for f in dataclasses.fields(owner) if f.init and f.name not in but)
 
 
-SETTINGS: list[Setting] = [
-    Setting("node.state_dir", Path, None,
-            "where identity, lock, socket and state live (default: $XDG_STATE_HOME/lattice)"),
-    Setting("node.socket", Path, None, "local RPC socket (default: <state_dir>/latticed.sock)"),
-    Setting("node.name", str, "", "a human-readable name shown to other members"),
-    Setting("node.listen", list, ["/ip4/0.0.0.0/tcp/4001"], "multiaddrs to listen on",
-            _multiaddr_list(need_peer_id=False)),
-    Setting("node.bootstrap", list, [], "peers to dial at start and keep connected "
-            "(multiaddrs ending in /p2p/<peer id>)", _multiaddr_list(need_peer_id=True)),
-    Setting("node.mdns", bool, True, "find daemons on the local network by mDNS"),
-    Setting("log.level", str, "info", "debug | info | warning | error",
-            _one_of("debug", "info", "warning", "error")),
-    Setting("rpc.max_frame_bytes", int, 4 << 20, "largest accepted local RPC frame",
-            _at_least(1024)),
-    Setting("rpc.max_clients", int, 64, "concurrent local RPC connections", _at_least(1)),
-    Setting("rpc.max_in_flight", int, 32, "requests one local connection may have in "
-            "flight at once (OVERLOADED beyond)", _at_least(1)),
-    Setting("rpc.read_group", str, "", "a group (name or gid) whose members may use the "
-            "socket with read access only (status, peers, jobs list...); the socket becomes "
-            "mode 0660 with that group. Empty: only our uid and root"),
-    Setting("rpc.subscriber_queue", int, 256,
-            "events buffered per subscriber before it is marked lagging", _at_least(1)),
-    Setting("limits.max_connections", int, 256, "peer connections kept at most", _at_least(1)),
-    Setting("limits.bootstrap_retry_max_s", float, 30.0,
-            "longest wait between redials of a lost bootstrap peer", _at_least(0.1)),
-    Setting("limits.ping_interval_s", float, 15.0, "how often peers' RTT is measured",
-            _at_least(1.0)),
-    Setting("state.heartbeat_interval_s", float, 0.0,
-            "refresh our member record's heartbeat this often, seconds (0: only when the "
-            "record is written; [membership] says who is alive)", _at_least(0.0)),
-    Setting("state.heartbeat_timeout_s", float, 60.0,
-            "a member the failure detector has no news of is shown dead when its heartbeat "
-            "is older than this", _at_least(1.0)),
-    Setting("state.mesh_degree", int, 6, "sync sessions each new update is pushed to",
-            _at_least(1)),
-    Setting("state.gossip_interval_s", float, 1.0, "how often updates are announced to "
-            "sessions outside the mesh", _at_least(0.1)),
-    Setting("state.anti_entropy_interval_s", float, 10.0,
-            "mean seconds between catch-up exchanges with a random peer", _at_least(0.5)),
-    Setting("state.session_idle_timeout_s", float, 60.0,
-            "a sync session whose peer sends nothing (not even a keepalive) for this long "
-            "ends", _at_least(3.0)),
-    Setting("state.max_authors", int, 4096, "authors whose state we keep (at most 8192)",
-            _at_least(1)),
-    Setting("state.max_state_bytes", int, 32 << 20, "replicated state kept for others, "
-            "bytes: beyond it unreferenced authors are evicted, else new state refused",
-            _at_least(1 << 20)),
-    Setting("state.max_jobs_per_author", int, 16, "jobs of one submitter shown (its newest)",
-            _at_least(1)),
-    Setting("state.peer_authors_burst", int, 256, "new authors one peer may introduce at once",
-            _at_least(1)),
-    Setting("state.peer_authors_per_s", float, 4.0, "...and per second after that",
-            _at_least(0.0)),
-    Setting("state.peer_bytes_burst", int, 4 << 20, "state bytes one peer may add at once",
-            _at_least(1)),
-    Setting("state.peer_bytes_per_s", float, 64 << 10, "...and per second after that",
-            _at_least(0.0)),
-    Setting("membership.probe_interval_s", float, 3.0, "probe one connected peer this "
-            "often (SWIM)", _at_least(0.1)),
-    Setting("membership.probe_timeout_s", float, 2.0, "a probe unanswered this long makes "
-            "its peer suspect", _at_least(0.05)),
-    Setting("membership.suspicion_timeout_s", float, 15.0, "a suspect that does not refute "
-            "within this is declared dead", _at_least(0.1)),
-    Setting("membership.max_entries", int, 4096, "members whose liveness we track",
-            _at_least(16)),
-    Setting("connections.low_water", int, 32, "the connection manager trims down to this "
-            "many connections", _at_least(1)),
-    Setting("connections.high_water", int, 64, "...once there are more than this many "
-            "(kept: DHT neighbours, sync mesh, relays, job partners)", _at_least(1)),
-    Setting("connections.grace_s", float, 30.0, "a new connection is not trimmed for this "
-            "long", _at_least(0.0)),
-    Setting("nat.upnp", bool, False, "try a UPnP port mapping on the gateway"),
-    Setting("nat.holepunch", bool, True, "upgrade relayed connections to direct ones by "
-            "hole punching when both NATs allow it"),
-    Setting("nat.max_relays", int, 2, "relays holding a reservation for us while we are "
-            "not publicly reachable", _at_least(0)),
-    Setting("nat.dialback_timeout_s", float, 3.0, "how long a helper's dial-back of one of "
-            "our addresses may take", _at_least(0.1)),
-    Setting("nat.recheck_interval_s", float, 600.0, "re-verify our reachability this often",
-            _at_least(1.0)),
-    Setting("relay.service", str, "auto", "serve as a Circuit Relay v2 hop: auto (when "
-            "publicly reachable) | on | off", _one_of("auto", "on", "off")),
-    Setting("relay.max_reservations", int, 64, "peers holding a relay slot on us", _at_least(0)),
-    Setting("relay.max_circuits", int, 32, "relayed connections through this daemon at once "
-            "(with max_circuit_bytes, this bounds what relaying costs the uplink)", _at_least(0)),
-    Setting("relay.max_circuits_per_peer", int, 4, "relayed connections per reserving peer",
-            _at_least(0)),
-    Setting("relay.max_circuit_bytes", int, 64 << 20, "bytes per relayed connection, both "
-            "directions (bulk transfers go direct or elsewhere)", _at_least(0)),
-    Setting("relay.max_circuit_duration_s", int, 1800, "seconds per relayed connection",
-            _at_least(0)),
-    Setting("dht.mode", str, "auto", "server: answer DHT queries; client: only ask "
-            "(for daemons that others cannot dial); auto: client once reachability says "
-            "we are behind a NAT, server otherwise",
-            _one_of("server", "client", "auto")),
-    Setting("dht.replication", int, 20, "a put is stored at this many closest peers",
-            _at_least(1)),
-    Setting("dht.request_timeout_s", float, 5.0, "one DHT request's deadline", _at_least(0.1)),
-    Setting("dht.refresh_interval_s", float, 600.0, "random-walk refresh of the routing table",
-            _at_least(1.0)),
-    Setting("dht.republish_interval_s", float, 3600.0, "our records and provider "
-            "announcements are re-sent this often", _at_least(1.0)),
-    Setting("dht.max_records_total", int, 20000, "records stored for others, at most",
-            _at_least(1)),
-    Setting("jobs.accept_tasks", list, ["digits-softmax", "digits-mlp", "breast-cancer-logreg"],
-            "training tasks this daemon volunteers for (advertised in its member record)"),
-    Setting("jobs.allowed_plugins", list, [], "plugin tasks (entry points in group "
-            "lattice.tasks, installed on this machine) this daemon may run"),
-    Setting("jobs.max_jobs", int, 1, "jobs joined or running at once", _at_least(0)),
-    Setting("jobs.join_timeout_s", float, 600.0, "a job joined but given no roster within "
-            "this long is left (it would hold a slot forever)", _at_least(1.0)),
-    Setting("jobs.compute_threads", int, 1, "worker threads for training math", _at_least(1)),
-    Setting("jobs.progress_rate", float, 2.0, "progress writes per second one whole job "
-            "may cost the network (shared by its participants)", _at_least(0.01)),
-    Setting("jobs.checkpoint_every", int, 20, "rounds between checkpoints (0: only at the end)",
-            _at_least(0)),
-    Setting("jobs.max_params", int, 50_000_000, "largest model (parameters) this daemon "
-            "trains", _at_least(1)),
-    Setting("bulk.direct", bool, True, "move large tensors over an AES-GCM side channel "
-            "(raw TCP, keys from the Noise-authenticated stream) instead of the libp2p stream"),
-    Setting("bulk.port", int, 0, "TCP port of the side channel (0: any free port)",
-            _at_least(0)),
-    Setting("bulk.advertise", list, [], "IP addresses peers reach the side channel at "
-            "(default: the listen addresses, 0.0.0.0 replaced by the host's interface addresses)"),
-    Setting("blobs.max_store_bytes", int, 4 << 30, "disk used for model blobs, at most",
-            _at_least(1 << 20)),
-    Setting("models.compute_threads", int, 1, "worker threads for importing, merging and "
-            "exporting models", _at_least(1)),
-    Setting("models.fetch_timeout_s", float, 120.0, "one model piece from the network, at most",
-            _at_least(1.0)),
-    Setting("models.fetch_parallel", int, 4, "model pieces fetched at once", _at_least(1)),
-    Setting("models.export_shard_bytes", int, 4 << 30, "models export DIR starts a new "
-            "shard after this many bytes", _at_least(1 << 20)),
-    _volunteer("run_when", str, "compute always, or only when the user is idle: always | idle"),
-    _volunteer("idle_after_min", float, "minutes without user input before the machine is idle"),
-    _volunteer("pause_if_busy_percent", float, "pause compute while other programs use more "
-               "than this share of all CPUs (0: never)"),
-    _volunteer("busy_window_s", float, "other programs' CPU use is averaged over this long"),
-    _volunteer("pause_on_battery", bool, "pause compute on battery"),
-    _volunteer("priority", str, "compute threads' CPU priority: idle (SCHED_IDLE) | low "
-               "(nice 19) | normal"),
-    _volunteer("max_cores", int, "cores compute may run on (0: all)"),
-    _volunteer("cpu_percent", float, "share of those cores' time compute may use, averaged "
-               "over a minute"),
-    _volunteer("compute_schedule", str, "when compute may run: 'mon-fri 18:00-08:00; sat,sun' "
-               "('': any time)"),
-    _volunteer("network_schedule", str, "when transfers may run ('': any time)"),
-    _volunteer("max_memory_mb", float, "memory job compute may use, MB (0: no cap)"),
-    _volunteer("keep_free_gb", float, "disk space the blob store always leaves free, GB"),
-    _volunteer("upload_mbit_s", float, "upload rate limit for transfers, Mbit/s (0: none)"),
-    _volunteer("download_mbit_s", float, "download rate limit for transfers, Mbit/s (0: none)"),
-    _volunteer("monthly_data_gb", float, "transfers stop after this much a month, GB (0: no cap)"),
-    _volunteer("data_reset_day", int, "day of the month (1-28) the data allowance starts over"),
-    _volunteer("signal_interval_s", float, "how often battery, input and CPU load are read"),
-    Setting("metrics.listen", str, "", "Prometheus text endpoint on loopback, host:port "
-            "('': off)", _loopback_listen),
-]
+SECTIONS: tuple[Section, ...] = (
+    _sec("node", NodeConfig, "state_dir", "socket", "name",
+         expose("listen", check=_multiaddr_list(need_peer_id=False)),
+         expose("bootstrap", check=_multiaddr_list(need_peer_id=True)), "mdns"),
+    _sec("log", LogConfig, expose("level", choices=("debug", "info", "warning", "error"))),
+    _sec("rpc", RpcConfig, expose("max_frame_bytes", minimum=1024),
+         expose("max_clients", minimum=1), expose("max_in_flight", minimum=1),
+         "read_group", expose("subscriber_queue", minimum=1)),
+    _sec("limits", DiscoveryConfig, expose("max_connections", minimum=1),
+         expose("bootstrap_retry_max", "bootstrap_retry_max_s", minimum=0.1)),
+    _sec("limits", PresenceConfig, expose("ping_interval", "ping_interval_s", minimum=1.0)),
+    _sec("state", PresenceConfig,
+         expose("heartbeat_interval", "heartbeat_interval_s", minimum=0.0)),
+    _sec("state", StateLimits, expose("heartbeat_timeout", "heartbeat_timeout_s", minimum=1.0)),
+    _sec("state", SyncConfig,
+         expose("anti_entropy_interval", "anti_entropy_interval_s", minimum=0.5),
+         expose("idle_timeout", "session_idle_timeout_s", minimum=3.0),
+         expose("hello_timeout", "session_hello_timeout_s", minimum=1.0),
+         expose("max_sessions", minimum=1), expose("mesh_degree", minimum=1),
+         expose("gossip_interval", "gossip_interval_s", minimum=0.1)),
+    _sec("state", StateLimits, expose("max_authors", minimum=1),
+         expose("max_state_bytes", minimum=1 << 20), expose("max_jobs_per_author", minimum=1),
+         expose("peer_authors_burst", minimum=1), expose("peer_authors_per_s", minimum=0.0),
+         expose("peer_bytes_burst", minimum=1), expose("peer_bytes_per_s", minimum=0.0)),
+    _sec("membership", MembershipConfig,
+         expose("probe_interval", "probe_interval_s", minimum=0.1),
+         expose("probe_timeout", "probe_timeout_s", minimum=0.05),
+         expose("suspicion_timeout", "suspicion_timeout_s", minimum=0.1),
+         expose("max_entries", minimum=16)),
+    _sec("connections", WaterMarks, expose("low", "low_water", minimum=1),
+         expose("high", "high_water", minimum=1), expose("grace", "grace_s", minimum=0.0)),
+    _sec("nat", NatConfig, "upnp", "holepunch", expose("max_relays", minimum=0),
+         expose("dialback_timeout_s", minimum=0.1), expose("recheck_interval_s", minimum=1.0)),
+    _sec("relay", NatConfig, expose("relay_service", "service", choices=("auto", "on", "off")),
+         *(expose(f"relay_{name}", name, minimum=0) for name in (
+             "max_reservations", "max_circuits", "max_circuits_per_peer", "max_circuit_bytes",
+             "max_circuit_duration_s"))),
+    _sec("dht", DiscoveryConfig, expose("dht_mode", "mode", choices=("server", "client", "auto"))),
+    _sec("dht", DHTConfig, expose("replication", minimum=1),
+         expose("request_timeout", "request_timeout_s", minimum=0.1),
+         expose("refresh_interval", "refresh_interval_s", minimum=1.0),
+         expose("republish_interval", "republish_interval_s", minimum=1.0),
+         expose("max_records_total", minimum=1), expose("max_records_per_publisher", minimum=1),
+         expose("max_records_per_ip", minimum=1), expose("source_prefix_v4", minimum=8),
+         expose("source_prefix_v6", minimum=16),
+         expose("penalty_backoff", "penalty_backoff_s", minimum=1.0)),
+    _sec("jobs", JobsConfig, "accept_tasks", "allowed_plugins", expose("max_jobs", minimum=0),
+         expose("join_timeout", "join_timeout_s", minimum=1.0),
+         expose("compute_threads", minimum=1), expose("checkpoint_every", minimum=0),
+         expose("max_params", minimum=1), expose("progress_rate", minimum=0.01)),
+    _sec("gossip", GossipConfig, expose("accept_timeout", "accept_timeout_s", minimum=0.1),
+         expose("hold_timeout", "hold_timeout_s", minimum=0.1),
+         expose("step_timeout", "step_timeout_s", minimum=0.1),
+         expose("max_payload_bytes", minimum=1 << 20),
+         expose("penalty_backoff", "penalty_backoff_s", minimum=1.0)),
+    _sec("bulk", SideChannelConfig, "direct", expose("port", minimum=0), "advertise",
+         expose("max_handshakes", minimum=1), expose("max_handshakes_per_ip", minimum=1),
+         expose("hello_timeout", "hello_timeout_s", minimum=0.1)),
+    _sec("blobs", BlobConfig, expose("max_store_bytes", minimum=1 << 20)),
+    _sec("models", ModelsConfig, expose("compute_threads", minimum=1),
+         expose("fetch_timeout", "fetch_timeout_s", minimum=1.0),
+         expose("fetch_parallel", minimum=1),
+         expose("shard_bytes", "export_shard_bytes", minimum=1 << 20)),
+    _sec("volunteer", VolunteerConfig,
+         *_all_of(VolunteerConfig, but=("duty_burst_s", "rate_burst_s"))),
+    _sec("metrics", MetricsConfig, expose("listen", check=_loopback_listen)),
+)
+SETTINGS: list[Setting] = derive(SECTIONS)
 BY_KEY = {s.key: s for s in SETTINGS}
-
-
-def _coerce(setting: Setting, value: Any, source: str) -> Any:
-    t = setting.type
-    key = setting.key
-    if value is None:
-        return None
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(key, f"must be true or false, got {value!r}", source)
-    if t is int:
-        if isinstance(value, bool):
-            raise ConfigError(key, f"must be an integer, got {value!r}", source)
-        try:
-            return int(value) if isinstance(value, (int, str)) else _bad(key, "an integer", value, source)
-        except ValueError:
-            raise ConfigError(key, f"must be an integer, got {value!r}", source) from None
-    if t is float:
-        if isinstance(value, bool):
-            raise ConfigError(key, f"must be a number, got {value!r}", source)
-        try:
-            return float(value) if isinstance(value, (int, float, str)) else _bad(key, "a number", value, source)
-        except ValueError:
-            raise ConfigError(key, f"must be a number, got {value!r}", source) from None
-    if t is list:
-        if isinstance(value, str):  # from the environment: comma or space separated
-            value = [v for v in value.replace(",", " ").split() if v]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(key, f"must be a list of strings, got {value!r}", source)
-        return value
-    if t is Path:
-        if not isinstance(value, (str, Path)) or str(value) == "":
-            raise ConfigError(key, f"must be a path, got {value!r}", source)
-        return Path(value).expanduser()
-    if not isinstance(value, str):
-        raise ConfigError(key, f"must be a string, got {value!r}", source)
-    return value
-
-
-def _bad(key: str, what: str, value: Any, source: str) -> Any:
-    raise ConfigError(key, f"must be {what}, got {value!r}", source)
 
 
 class Config:
@@ -348,6 +227,12 @@ class Config:
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
+    def build(self, owner: type[T], **overrides: Any) -> T:
+        """The service config ``owner`` (a dataclass named in `SECTIONS`) with this
+        config's values for its exposed fields, then ``overrides``."""
+        built: T = build(owner, SETTINGS, self._values, **overrides)
+        return built
+
     def to_toml(self) -> str:
         """The effective config as TOML, each value annotated with where it came from."""
         lines: list[str] = []
@@ -359,7 +244,12 @@ class Config:
                     lines.append("")
                 lines.append(f"[{sec}]")
                 section = sec
-            lines.append(f"{name} = {_toml_value(self._values[s.key])}  # {self.sources[s.key]}")
+            lines.extend(textwrap.wrap(s.doc, 88, initial_indent="# ", subsequent_indent="# "))
+            value = self._values[s.key]
+            if value is None:  # TOML has no null: an unset optional path
+                lines.append(f"# {name} =  ({self.sources[s.key]})")
+                continue
+            lines.append(f"{name} = {_toml_value(value)}  # {self.sources[s.key]}")
         return "\n".join(lines) + "\n"
 
 
@@ -374,11 +264,6 @@ def _group_id(group: str) -> int | None:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ConfigError("rpc.read_group", f"no group named {group!r} on this system") from None
-def volunteer_config(values: Config | dict[str, Any]) -> VolunteerConfig:
-    """The `[volunteer]` section as the governor takes it."""
-    data = values.as_dict() if isinstance(values, Config) else values
-    return VolunteerConfig.from_mapping({k: v for k, v in data.items()
-                                         if k.startswith("volunteer.")})
 
 
 def _toml_value(v: Any) -> str:
@@ -391,6 +276,17 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _check_together(owner: type, values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Build ``owner`` once, so what its own checks refuse (``__post_init__``: ranges
+    that depend on each other, schedules) is a config error naming the key."""
+    mine = [s for s in SETTINGS if s.owner is owner]
+    try:
+        build(owner, SETTINGS, values)
+    except InvalidSetting as e:
+        named = [s for s in mine if s.field == e.field] or mine
+        raise ConfigError(named[0].key, e.reason, sources[named[0].key]) from None
 
 
 def load(*, config_file: Path | None, flags: dict[str, Any],
@@ -423,29 +319,28 @@ def load(*, config_file: Path | None, flags: dict[str, Any],
                 key = f"{section}.{name}"
                 if key not in BY_KEY:
                     raise ConfigError(key, "unknown setting", str(path))
-                values[key] = _coerce(BY_KEY[key], value, str(path))
+                values[key] = coerce(BY_KEY[key], value, str(path))
                 sources[key] = f"file {path}"
 
     for s in SETTINGS:
         if s.env_name in env:
-            values[s.key] = _coerce(s, env[s.env_name], f"environment {s.env_name}")
+            values[s.key] = coerce(s, env[s.env_name], f"environment {s.env_name}")
             sources[s.key] = f"environment {s.env_name}"
 
     for key, value in flags.items():
         if value is None:
             continue
         s = BY_KEY[key]
-        values[key] = _coerce(s, value, "command line")
+        values[key] = coerce(s, value, "command line")
         sources[key] = "command line"
 
     for s in SETTINGS:
-        if s.check is not None and values[s.key] is not None:
-            values[s.key] = s.check(s.key, values[s.key])
-    try:
-        volunteer_config(values)
-    except VolunteerConfigError as e:
-        raise ConfigError(e.key, str(e).removeprefix(e.key).strip(),
-                          sources.get(e.key, "")) from None
+        try:
+            values[s.key] = s.validate(values[s.key])
+        except ConfigError as e:
+            raise ConfigError(e.key, str(e).removeprefix(f"{e.key}: "), sources[s.key]) from None
+    for owner in dict.fromkeys(section.owner for section in SECTIONS):
+        _check_together(owner, values, sources)
 
     if values["node.state_dir"] is None:
         values["node.state_dir"] = paths.default_state_dir()

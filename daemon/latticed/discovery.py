@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -29,6 +30,41 @@ if TYPE_CHECKING:
     from latticed.node import Node
 
 log = logging.getLogger("latticed")
+
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    """How the node keeps itself in the network."""
+
+    max_connections: int = 256
+    """Peer connections kept at most."""
+    bootstrap_retry_max: float = 30.0
+    """Longest wait between redials of a lost bootstrap peer, seconds."""
+    dht_mode: str = "auto"
+    """server: answer DHT queries; client: only ask (for daemons that others cannot
+    dial); auto: client once reachability says we are behind a NAT, server otherwise."""
+
+
+@dataclass(frozen=True)
+class SideChannelConfig:
+    """The bulk side channel's listener (section ``[bulk]``)."""
+
+    direct: bool = True
+    """Move large tensors over an AES-GCM side channel (raw TCP, keys from the
+    Noise-authenticated stream) instead of the libp2p stream."""
+    port: int = 0
+    """TCP port of the side channel (0: any free port)."""
+    advertise: tuple[str, ...] = ()
+    """IP addresses peers reach the side channel at (default: the listen addresses,
+    0.0.0.0 replaced by the host's interface addresses)."""
+    max_handshakes: int = 64
+    """Side-channel connections waiting for their hello at once."""
+    max_handshakes_per_ip: int = 4
+    """Of those, from one source network (IPv4 /24, IPv6 /48)."""
+    hello_timeout: float = 3.0
+    """A side-channel connection that has not sent its 72-byte hello by then is closed."""
+
 
 RELAY_KEY = "lattice:circuit-relay-v2"  # relays provide this name in the DHT
 RELAY_DISCOVERY_INTERVAL_S = 60.0
@@ -49,7 +85,7 @@ async def keep_bootstrap_peer(node: Node, addr: str,
     assert host is not None
     peer_id = addr.rsplit("/p2p/", 1)[-1]
     backoff = 0.25
-    max_backoff = node.config["limits.bootstrap_retry_max_s"]
+    max_backoff = node.config.build(DiscoveryConfig).bootstrap_retry_max
     with host.peer_events(buffer=16) as events:
         while True:
             if peer_id in host.connected_peers():
@@ -82,13 +118,8 @@ async def start_dht(node: Node, nursery: trio.Nursery) -> KademliaDHT:
     run (a corrupt file is logged and ignored), then bootstrap in the background."""
     cfg, host = node.config, node.host
     assert host is not None
-    mode = "server" if cfg["dht.mode"] == "auto" else cfg["dht.mode"]
-    config = DHTConfig(
-        mode=Mode(mode), replication=cfg["dht.replication"],
-        request_timeout=cfg["dht.request_timeout_s"],
-        refresh_interval=cfg["dht.refresh_interval_s"],
-        republish_interval=cfg["dht.republish_interval_s"],
-        max_records_total=cfg["dht.max_records_total"])
+    mode = cfg.build(DiscoveryConfig).dht_mode
+    config = cfg.build(DHTConfig, mode=Mode("server" if mode == "auto" else mode))
     path = _dht_state_path(node)
     try:
         with open(path, "rb") as f:
@@ -96,7 +127,8 @@ async def start_dht(node: Node, nursery: trio.Nursery) -> KademliaDHT:
     except FileNotFoundError:
         state = None
     start = functools.partial(serve_dht, host, node.identity, config=config,
-                              address_book=host, self_addrs=host.dialable_addrs)
+                              address_book=host, self_addrs=host.dialable_addrs,
+                              source_ip=host.remote_ip)
     try:
         dht: KademliaDHT = await nursery.start(functools.partial(start, state=state))
     except StateError as e:
@@ -104,7 +136,7 @@ async def start_dht(node: Node, nursery: trio.Nursery) -> KademliaDHT:
         dht = await nursery.start(functools.partial(start, state=None))
     node.dht = dht
     nursery.start_soon(_dht_bootstrap_and_persist, node, dht)
-    if cfg["dht.mode"] == "auto":
+    if mode == "auto":
         nursery.start_soon(_dht_mode_follows_reachability, node, dht)
     nursery.start_soon(_relays_through_dht, node, dht)
     return dht
@@ -212,16 +244,20 @@ async def start_bulk_listener(node: Node, nursery: trio.Nursery) -> BulkListener
         if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
             ips.append(parts[2])
     bind = ips[0] if ips else "127.0.0.1"
-    advertise_ips = list(cfg["bulk.advertise"]) or list(dict.fromkeys(
+    side = cfg.build(SideChannelConfig)
+    advertise_ips = list(side.advertise) or list(dict.fromkeys(
         a.split("/")[2] for a in host.dialable_addrs() if a.split("/")[1] in ("ip4", "ip6")))
     if not advertise_ips:
         log.warning("bulk side channel off: listening on a wildcard address and "
                     "[bulk] advertise is empty")
         return None
-    port = cfg["bulk.port"]
-    if not cfg["bulk.advertise"] and bind not in ("0.0.0.0", "::"):
+    port = side.port
+    limits = {"max_handshakes": side.max_handshakes,
+              "max_handshakes_per_ip": side.max_handshakes_per_ip,
+              "hello_timeout": side.hello_timeout}
+    if not side.advertise and bind not in ("0.0.0.0", "::"):
         listener: BulkListener = await nursery.start(
-            functools.partial(serve_bulk_listener, bind, port))
+            functools.partial(serve_bulk_listener, bind, port, **limits))
         return listener
     # wildcard bind: peers are told the configured IPs, so the port must be known up
     # front; with port 0, ask the OS for a free one first (a tiny race we accept)
@@ -231,5 +267,5 @@ async def start_bulk_listener(node: Node, nursery: trio.Nursery) -> BulkListener
             port = probe.getsockname()[1]
     listener = await nursery.start(functools.partial(
         serve_bulk_listener, "0.0.0.0", port,
-        advertise=[(ip, port) for ip in advertise_ips]))
+        advertise=[(ip, port) for ip in advertise_ips], **limits))
     return listener

@@ -212,6 +212,14 @@ def feed_governor(registry: MetricsRegistry, governor: Any) -> None:
 # -- the endpoint -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Section ``[metrics]``."""
+
+    listen: str = ""
+    """Prometheus text endpoint on loopback, host:port ('': off)."""
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """``127.0.0.1:9464`` / ``[::1]:9464`` / ``localhost:9464`` -> (host, port); the host
     must be loopback: metrics name this daemon's peers and jobs."""

@@ -25,25 +25,28 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from lattice.core.connections import WaterMarks
+from lattice.core.governor import VolunteerConfig
 from lattice.core.identity import Identity
 from lattice.core.state import StateLimits, StateStore
-from lattice.core.state.sync import MESH_HIGH, MESH_LOW
 from lattice.net.blob import BlobConfig, DhtProviders
 from lattice.net.bulk import BulkListener
 from lattice.net.connmgr import ConnectionManager, serve_connection_manager
 from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state, serve_crdt_sync
 from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
+from lattice.net.gossip_party import GossipConfig
 from lattice.net.membership import MembershipConfig, MembershipService, serve_membership
-from lattice.net.modelstore import ModelService, open_model_service
+from lattice.net.modelstore import ModelsConfig, ModelService, open_model_service
+from lattice.net.nat_config import NatConfig
 from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
 
 from latticed import discovery, metrics, presence, statedir
-from latticed.config import Config, volunteer_config
+from latticed.config import Config
 from latticed.events import EventBus
 from latticed.governor import NOT_YET_APPLIED, Governor, serve_governor
 from latticed.localapi import build_handlers
-from latticed.rpc_server import RpcServer, SocketInUse
+from latticed.discovery import DiscoveryConfig
+from latticed.rpc_server import RpcConfig, RpcServer, SocketInUse
 
 if TYPE_CHECKING:
     from lattice.net.host import Libp2pNode, RoutineFailureFilter
@@ -115,17 +118,17 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
     RUNNING); a service's bug propagates and stops the node (crash-only at the top)."""
     cfg = node.config
     async with trio.open_nursery() as nursery:
+        rpc = cfg.build(RpcConfig)
         node.rpc = RpcServer(cfg.socket, build_handlers(node), node.bus,
-                             max_frame=cfg["rpc.max_frame_bytes"],
-                             max_clients=cfg["rpc.max_clients"],
-                             max_in_flight=cfg["rpc.max_in_flight"], read_gid=cfg.read_gid)
+                             max_frame=rpc.max_frame_bytes, max_clients=rpc.max_clients,
+                             max_in_flight=rpc.max_in_flight, read_gid=cfg.read_gid)
         try:
             await nursery.start(node.rpc.serve)
         except SocketInUse as e:
             raise StartupError(str(e)) from None
         log.info("local RPC socket %s (starting)", cfg.socket)
         node.governor = await nursery.start(functools.partial(
-            serve_governor, volunteer_config(cfg), compute_threads=cfg["jobs.compute_threads"],
+            serve_governor, cfg.build(VolunteerConfig), compute_threads=cfg["jobs.compute_threads"],
             state_dir=cfg.state_dir))
         for name in NOT_YET_APPLIED:
             if cfg.sources[f"volunteer.{name}"] != "default":
@@ -136,12 +139,7 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
         host_mod = await _import("lattice.net.host")
         node.store, node.state_log = open_state(
             node.identity, cfg.state_dir / "state.log", now=time.time(),
-            limits=StateLimits(
-                heartbeat_timeout=cfg["state.heartbeat_timeout_s"],
-                **{k: cfg[f"state.{k}"] for k in (
-                    "max_authors", "max_state_bytes", "max_jobs_per_author",
-                    "peer_authors_burst", "peer_authors_per_s", "peer_bytes_burst",
-                    "peer_bytes_per_s")}))
+            limits=cfg.build(StateLimits))
         node.store.subscribe(lambda ev: node.bus.publish(
             "state", {"event": "change", "path": ev.path, "value": ev.value,
                       "author": ev.author}))
@@ -150,7 +148,7 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
         try:
             async with host_mod.open_libp2p_node(
                     node.identity, cfg["node.listen"],
-                    max_connections=cfg["limits.max_connections"]) as host:
+                    max_connections=cfg.build(DiscoveryConfig).max_connections) as host:
                 node.host = host
                 try:
                     await _start_services(node, nursery, host_mod)
@@ -181,37 +179,24 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
     assert host is not None and node.store is not None
     nat_mod = await _import("lattice.net.nat")
     node.nat = await nursery.start(functools.partial(
-        nat_mod.serve_nat, host, config=nat_mod.NatConfig.from_mapping(
-            {k: v for k, v in cfg.as_dict().items() if k.startswith(("nat.", "relay."))}),
-        bootstrap=cfg["node.bootstrap"]))
+        nat_mod.serve_nat, host, config=cfg.build(NatConfig), bootstrap=cfg["node.bootstrap"]))
     node.dht = await discovery.start_dht(node, nursery)
     node.sync = await nursery.start(functools.partial(
         serve_crdt_sync, host, node.store,
-        config=SyncConfig(anti_entropy_interval=cfg["state.anti_entropy_interval_s"],
-                          idle_timeout=cfg["state.session_idle_timeout_s"],
-                          mesh_degree=cfg["state.mesh_degree"],
-                          mesh_low=min(cfg["state.mesh_degree"], MESH_LOW),
-                          mesh_high=max(cfg["state.mesh_degree"], MESH_HIGH),
-                          gossip_interval=cfg["state.gossip_interval_s"]),
+        config=cfg.build(SyncConfig),
         history_is_new=node.identity_created))
     node.membership = await nursery.start(functools.partial(
-        serve_membership, host, config=MembershipConfig(
-            probe_interval=cfg["membership.probe_interval_s"],
-            probe_timeout=cfg["membership.probe_timeout_s"],
-            suspicion_timeout=cfg["membership.suspicion_timeout_s"],
-            max_entries=cfg["membership.max_entries"]), clock=time.time))
+        serve_membership, host, config=cfg.build(MembershipConfig), clock=time.time))
     node.store.set_liveness(node.membership.liveness)
     nursery.start_soon(presence.serve_heartbeat, node)
     node.jobs = await _start_jobs(node, nursery)
-    node.models = open_model_service(node.jobs.blobs, node.store, node.sync, cfg,
-                                     clock=time.time)
+    node.models = open_model_service(node.jobs.blobs, node.store, node.sync,
+                                     cfg.build(ModelsConfig), clock=time.time)
     nursery.start_soon(presence.fan_out_peer_events, node,
                        host.peer_events(buffer=cfg["rpc.subscriber_queue"]))
     nursery.start_soon(presence.measure_rtts, node)
     node.connections = await nursery.start(functools.partial(
-        serve_connection_manager, host, WaterMarks(
-            low=cfg["connections.low_water"], high=cfg["connections.high_water"],
-            grace=cfg["connections.grace_s"]),
+        serve_connection_manager, host, cfg.build(WaterMarks),
         protected=functools.partial(presence.protected_peers, node)))
     for addr in cfg["node.bootstrap"]:
         nursery.start_soon(discovery.keep_bootstrap_peer, node, addr, host_mod.PEER_ERRORS)
@@ -220,14 +205,7 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
 async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
     cfg = node.config
     assert node.host is not None and node.dht is not None and node.store is not None
-    config = JobsConfig(
-        accept_tasks=tuple(cfg["jobs.accept_tasks"]),
-        allowed_plugins=tuple(cfg["jobs.allowed_plugins"]),
-        max_jobs=cfg["jobs.max_jobs"], join_timeout=cfg["jobs.join_timeout_s"],
-        compute_threads=cfg["jobs.compute_threads"],
-        checkpoint_every=cfg["jobs.checkpoint_every"], max_params=cfg["jobs.max_params"],
-        progress_rate=cfg["jobs.progress_rate"],
-        blob=BlobConfig(max_store_bytes=cfg["blobs.max_store_bytes"]))
+    config = cfg.build(JobsConfig, gossip=cfg.build(GossipConfig), blob=cfg.build(BlobConfig))
     transport: TensorTransport | None = None
     if cfg["bulk.direct"]:
         node.bulk = await discovery.start_bulk_listener(node, nursery)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -25,6 +26,18 @@ if TYPE_CHECKING:
     from latticed.node import Node
 
 log = logging.getLogger("latticed")
+
+
+@dataclass(frozen=True)
+class PresenceConfig:
+    """How often we show ourselves and measure peers."""
+
+    heartbeat_interval: float = 0.0
+    """Our member record's heartbeat is refreshed this often, seconds; 0: only when the
+    record is written. Liveness comes from [membership] (O(1) messages per daemon per
+    second); a replicated heartbeat costs every daemon O(N)."""
+    ping_interval: float = 15.0
+    """Peers' round-trip time is measured this often, seconds."""
 
 
 def member_record(node: Node) -> dict[str, Any]:
@@ -67,7 +80,7 @@ async def serve_heartbeat(node: Node) -> None:
     assert node.store is not None and node.sync is not None
     await crdt_sync.serve_heartbeat(
         node.store, lambda: member_record(node),
-        interval=node.config["state.heartbeat_interval_s"], sync=node.sync)
+        interval=node.config.build(PresenceConfig).heartbeat_interval, sync=node.sync)
 
 
 def protected_peers(node: Node) -> set[str]:
@@ -112,7 +125,7 @@ async def measure_rtts(node: Node) -> None:
     instant, a burst of stream setups that delayed everything else."""
     host = node.host
     assert host is not None
-    interval = node.config["limits.ping_interval_s"]
+    interval = node.config.build(PresenceConfig).ping_interval
     async with trio.open_nursery() as nursery:
         while True:
             peers = host.connected_peers()

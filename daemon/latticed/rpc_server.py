@@ -9,7 +9,9 @@ notifications to subscribers.
 
 Failure policy (`serve_rpc`): a misbehaving client gets a typed error or, for bytes that
 cannot be framed, a closed connection; it is counted in `RpcStats` and every other
-client is unaffected. A handler that raises `LatticeError` answers with its code; any
+client is unaffected. Client bytes are parsed (framing, then each method's params)
+through `parse_peer_input`, so whatever a parser raises on them is the client's error
+(a closed connection, or INVALID_PARAMS), never the daemon's. A handler that raises `LatticeError` answers with its code; any
 other exception in a handler is a daemon bug: it is logged with its traceback and
 answered with INTERNAL so one bad request cannot take the daemon down.
 """
@@ -32,6 +34,7 @@ from lattice.api.errors import (
     ErrorCode,
     FrameTooLargeError,
     InternalError,
+    InvalidParamsError,
     InvalidRequestError,
     LatticeError,
     MethodNotFoundError,
@@ -54,11 +57,30 @@ from lattice.api.framing import (
 )
 from lattice.api.methods import METHODS, READ, WRITE, Method
 from lattice.core.codec import pack
+from lattice.net.streams import RemoteProtocolError, parse_peer_input
 
 from latticed.events import EventBus, Subscription
 
 log = logging.getLogger("latticed.rpc")
 
+
+
+@dataclass(frozen=True)
+class RpcConfig:
+    """The local socket's limits (section ``[rpc]``)."""
+
+    max_frame_bytes: int = 4 << 20
+    """Largest accepted local RPC frame; larger requests get FRAME_TOO_LARGE."""
+    max_clients: int = 64
+    """Concurrent local RPC connections."""
+    max_in_flight: int = 32
+    """Requests one connection may have in flight at once (OVERLOADED beyond)."""
+    read_group: str = ""
+    """A group (name or gid) whose members may use the socket with read access only
+    (status, peers, jobs list...); the socket becomes mode 0660 with that group. Empty:
+    only our uid and root."""
+    subscriber_queue: int = 256
+    """Events buffered per subscriber before it is marked lagging."""
 
 
 @dataclass
@@ -276,7 +298,13 @@ class RpcServer:
                     self.stats.plain_connections += 1
                 decoder = StreamDecoder(self.max_frame) if client.plain \
                     else FrameDecoder(self.max_frame)
-            for event in decoder.feed(data):
+            try:
+                events = parse_peer_input(decoder.feed, data)
+            except RemoteProtocolError as e:  # the decoder choked: its buffer is lost
+                self.stats.unrecoverable_streams += 1
+                log.info("closing local client pid=%s: %s", client.pid, e)
+                return
+            for event in events:
                 if isinstance(event, Frame):
                     self._dispatch(client, event.value, nursery)
                 elif isinstance(event, BadFrame):
@@ -326,7 +354,10 @@ class RpcServer:
     async def _call(self, client: ClientConnection, msgid: int, method: Method, params: Any) -> None:
         try:
             try:
-                kwargs = method.bind(params)
+                try:
+                    kwargs = parse_peer_input(method.bind, params, keep=(LatticeError,))
+                except RemoteProtocolError as e:
+                    raise InvalidParamsError(f"{method.name}: {e}") from None
                 result = await self.handlers[method.name](client, **kwargs)
             except LatticeError as e:
                 if e.code == ErrorCode.INVALID_PARAMS:

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgpack
 
-from lattice.core.codec import DecodeError, make_unpacker, pack, unpack
+from lattice.core.codec import DecodeError, check_depth, make_unpacker, pack, unpack
 
 REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
 HEADER = struct.Struct(">I")
@@ -142,6 +142,7 @@ class StreamDecoder:
                     end = self._unpacker.tell()
                     if end - start > self.max_message:
                         raise _TooLong()
+                    check_depth(value)  # the streaming unpacker cannot bound nesting itself
                     out.append(Frame(value))
                     start = end
             except _TooLong:

@@ -1,37 +1,41 @@
-"""Pure formats of `/lattice/bulk/1`: array headers, control messages, chunk geometry,
-the key schedule and the side-channel hello (proto/bulk.md is the spec).
+"""Pure formats of `/lattice/bulk/2`: control messages, chunk geometry, the key
+schedule and the side-channel hello (proto/bulk.md is the spec). Array specs and what a
+receiver accepts are `lattice.core.arrays`'.
 
-Owns: what a bulk transfer looks like on the wire and what a receiver accepts
-(`BulkLimits`). Every function here is pure: it neither reads the clock nor does I/O, so
-the net driver (`lattice.net.bulk`) and the tests share one definition. Must not import
-trio, libp2p or sockets.
+Owns: what a bulk transfer looks like on the wire. Every function here is pure: it
+neither reads the clock nor does I/O, so the net driver (`lattice.net.bulk`) and the
+tests share one definition. Must not import trio, libp2p or sockets.
 
 Theory of operation, in short: both sides send a HELLO carrying an ephemeral X25519 key
-and the header of the array they will send (if any). The session id is a hash of both
-hellos (in canonical order), so it is bound to both ephemeral keys; the control stream is
-already Noise-authenticated, so those keys are authenticated by riding on it. HKDF-SHA256
-over the X25519 secret, salted with the session id, gives each direction its own AES-256-GCM
-key and its own one-time side-channel token. Because a key is used for exactly one array,
-the chunk index is a safe nonce, and since the header fixes the chunk count and size, a
-receiver knows exactly which bytes to expect: reordering, replay, truncation and tampering
-all show up as a failed tag or a short read.
+and the specs of the arrays they will send (if any): one session carries every array of
+an exchange, so there is one key agreement per exchange. The session id is a hash of
+both hellos (in canonical order), so it is bound to both ephemeral keys; the control
+stream is already Noise-authenticated, so those keys are authenticated by riding on it.
+HKDF-SHA256 over the X25519 secret, salted with the session id, gives each direction its
+own AES-256-GCM key and its own one-time side-channel token. A direction's arrays are
+cut into chunks in order and the chunks numbered across them; because a key is used for
+one direction of one session, that number is a safe nonce, and since the specs fix the
+chunk count and sizes, a receiver knows exactly which bytes to expect: reordering,
+replay, truncation and tampering all show up as a failed tag or a short read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from lattice.core.arrays import ArraySpec
 from lattice.core.codec import canonical
 
-PROTOCOL = "/lattice/bulk/1"
-VERSION = 1
+PROTOCOL = "/lattice/bulk/2"
+VERSION = 2
 
 TAG_BYTES = 16  # AES-GCM tag appended to every sealed chunk
 KEY_BYTES = 32
@@ -55,17 +59,9 @@ STREAM_CHUNK_MIN = 1024
 STREAM_CHUNK_MAX = 1024 * 1024
 
 MAX_ADDRS = 8
+MAX_ARRAYS = 16  # arrays one side sends in one session
 MAX_REASON_CHARS = 300
 MODES = ("direct", "stream")
-
-# Plain little-endian numeric dtypes only: no objects, no structured or big-endian types
-# (a receiver must be able to view raw bytes as the array without interpretation). bool is
-# left out because bytes other than 0/1 would make an array numpy treats inconsistently.
-DEFAULT_DTYPES = frozenset({
-    "<f2", "<f4", "<f8",
-    "|i1", "<i2", "<i4", "<i8",
-    "|u1", "<u2", "<u4", "<u8",
-})
 
 
 class BulkFormatError(ValueError):
@@ -73,62 +69,28 @@ class BulkFormatError(ValueError):
     outside our limits. The driver turns it into a `RemoteProtocolError`."""
 
 
-@dataclass(frozen=True)
-class BulkLimits:
-    """What a receiver accepts (daemon config section `[bulk]`)."""
-
-    max_bytes: int = 1 << 30
-    max_ndim: int = 8
-    dtypes: frozenset[str] = field(default_factory=lambda: DEFAULT_DTYPES)
-
-
-@dataclass(frozen=True)
-class ArrayHeader:
-    """dtype (numpy `dtype.str`), shape and size of the array a side will send."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
-
-
-def header_from_wire(obj: Any, limits: BulkLimits) -> ArrayHeader:
-    """A validated header, or BulkFormatError saying which limit it breaks."""
-    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "nbytes"}:
-        raise BulkFormatError("header must be a map of exactly dtype, shape, nbytes")
-    dtype, shape, nbytes = obj["dtype"], obj["shape"], obj["nbytes"]
-    if not isinstance(dtype, str) or dtype not in limits.dtypes:
-        raise BulkFormatError(f"dtype {dtype!r} is not allowed")
-    if not isinstance(shape, list) or len(shape) > limits.max_ndim:
-        raise BulkFormatError(f"shape must be a list of at most {limits.max_ndim} dims")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise BulkFormatError("shape dims must be non-negative integers")
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-        raise BulkFormatError("nbytes must be a non-negative integer")
-    if nbytes > limits.max_bytes:
-        raise BulkFormatError(f"array of {nbytes} bytes exceeds limit {limits.max_bytes}")
-    count = 1
-    for d in shape:
-        count *= d
-        if count * itemsize(dtype) > limits.max_bytes:
-            raise BulkFormatError(f"shape {shape} exceeds limit {limits.max_bytes} bytes")
-    if count * itemsize(dtype) != nbytes:
-        raise BulkFormatError(f"nbytes {nbytes} does not match shape {shape} of {dtype}")
-    return ArrayHeader(dtype, tuple(shape), nbytes)
-
-
-def itemsize(dtype: str) -> int:
-    """Bytes per element of an allowed dtype string ("<f4" -> 4)."""
-    return int(dtype[2:])
-
-
 # -- chunk geometry -----------------------------------------------------------------
 
 
 def chunk_count(nbytes: int, chunk: int) -> int:
     return (nbytes + chunk - 1) // chunk
+
+
+def total_chunks(sizes: Sequence[int], chunk: int) -> int:
+    """Chunks of one direction: each array's own, arrays in order (empty ones have none)."""
+    return sum(chunk_count(n, chunk) for n in sizes)
+
+
+def chunk_spans(sizes: Sequence[int], chunk: int) -> Iterator[tuple[int, int, int, int]]:
+    """(chunk number, array index, start, stop) for every chunk of one direction: the
+    number runs across the arrays (and is the chunk's nonce), [start, stop) is within
+    its array. A generator: a peer's choice of tiny chunks costs no memory."""
+    number = 0
+    for index, nbytes in enumerate(sizes):
+        for i in range(chunk_count(nbytes, chunk)):
+            start, stop = chunk_span(i, nbytes, chunk)
+            yield number, index, start, stop
+            number += 1
 
 
 def chunk_span(index: int, nbytes: int, chunk: int) -> tuple[int, int]:
@@ -177,7 +139,7 @@ def session_id(hello_a: dict[str, Any], hello_b: dict[str, Any]) -> bytes:
     """SHA-256 over both hellos in canonical byte order: both sides compute the same id
     without agreeing on who is "first", and it commits to both keys and headers."""
     a, b = sorted((canonical(hello_a), canonical(hello_b)))
-    h = hashlib.sha256(b"lattice/bulk/1 session")
+    h = hashlib.sha256(b"lattice/bulk/2 session")
     for part in (a, b):
         h.update(len(part).to_bytes(4, "big"))
         h.update(part)
@@ -197,7 +159,7 @@ class DirectionKeys:
 
 def _hkdf(shared: bytes, sid: bytes, label: bytes, sender_epk: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=sid,
-                info=b"lattice/bulk/1 " + label + b" " + sender_epk).derive(shared)
+                info=b"lattice/bulk/2 " + label + b" " + sender_epk).derive(shared)
 
 
 def direction_keys(shared: bytes, sid: bytes, sender_epk: bytes) -> DirectionKeys:
@@ -229,28 +191,32 @@ def token_matches(expected: bytes, presented: bytes) -> bool:
 # -- control messages -------------------------------------------------------------------
 
 
-def hello(epk: bytes, header: ArrayHeader | None) -> dict[str, Any]:
+def hello(epk: bytes, specs: Sequence[ArraySpec] | None) -> dict[str, Any]:
     return {"t": "hello", "v": VERSION, "epk": epk,
-            "send": None if header is None else header.to_wire()}
+            "send": None if specs is None else [s.to_wire() for s in specs]}
 
 
 @dataclass(frozen=True)
 class Hello:
     epk: bytes
-    send: Any  # the peer's header as sent (None: it sends nothing); check with header_from_wire
+    send: list[Any] | None  # the peer's array specs as sent (None: it sends nothing)
     wire: dict[str, Any]  # as received: the session id is computed over it
 
 
 def parse_hello(obj: Any) -> Hello:
     """A peer's hello, checked for structure only: the session id is computed over it
-    before we decide (with `header_from_wire`) whether to accept its header."""
+    before we decide (`lattice.core.arrays.parse_array_spec`) whether to accept its
+    arrays."""
     _expect_type(obj, "hello", {"t", "v", "epk", "send"})
-    if obj["v"] != VERSION:
-        raise BulkFormatError(f"unsupported bulk version {obj['v']!r}")
+    if obj["v"] != VERSION or type(obj["v"]) is not int:
+        raise BulkFormatError(f"unsupported bulk version {str(obj['v'])[:16]!r}")
     epk = obj["epk"]
     if not isinstance(epk, bytes) or len(epk) != 32:
         raise BulkFormatError("epk must be 32 bytes")
-    return Hello(epk, obj["send"], obj)
+    send = obj["send"]
+    if send is not None and (not isinstance(send, list) or not 0 < len(send) <= MAX_ARRAYS):
+        raise BulkFormatError(f"send must be nil or a list of 1 to {MAX_ARRAYS} array specs")
+    return Hello(epk, send, obj)
 
 
 def accept(addrs: list[tuple[str, int]], window: int) -> dict[str, Any]:

@@ -17,9 +17,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class WaterMarks:
+    """The connection manager's bounds (daemon config section ``[connections]``)."""
+
     low: int = 32
+    """Above the high water mark, connections are trimmed down to this many."""
     high: int = 64
+    """More connections than this start a trim (kept: DHT neighbours, the sync mesh,
+    relays, job partners)."""
     grace: float = 30.0
+    """A connection younger than this, seconds, is not trimmed."""
 
     def __post_init__(self) -> None:
         if not (1 <= self.low <= self.high):

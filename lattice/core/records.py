@@ -19,6 +19,7 @@ A record is ``{key, subkey, value, expires_at, publisher, signature}``:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -234,20 +235,49 @@ class StoreOutcome(Enum):
     REPLACED = "replaced"  # newer version from the same publisher
     KEPT_EXISTING = "kept_existing"  # we already hold this or a newer version
     FULL = "full"  # over the per-key or total bound, and not worth an eviction
+    PUBLISHER_QUOTA = "publisher_quota"  # the publisher holds max_per_publisher already
+    SOURCE_QUOTA = "source_quota"  # records delivered from that network: max_per_source
+
+
+LOCAL = None
+"""The source of our own records: exempt from quotas, never evicted for others."""
+UNATTRIBUTED = "unattributed"
+"""The source of records put without saying where they came from: one shared quota."""
 
 
 class RecordStore:
-    """Validated records by key and publisher, bounded per key and in total.
+    """Validated records by key and publisher, bounded per key, per publisher, per
+    source and in total.
 
-    Callers validate before `put`; the store only orders versions and enforces bounds.
-    When a key is full, a new publisher evicts the record that expires soonest, if it
-    expires sooner than the newcomer (long-lived records are the ones worth keeping).
+    Callers validate before `put` and say where a record came from (``source``: a
+    `lattice.core.netgroups.source_group`, or `LOCAL` for our own); the store orders versions and enforces
+    the bounds. Theory of operation:
+
+    1. One slot per (key, publisher); a newer version replaces the old in place (and
+       keeps the slot's source: only its first delivery is charged).
+    2. A new slot is refused when its publisher holds ``max_per_publisher`` slots, or
+       its source ``max_per_source``: one peer, or one network's Sybils, can fill only
+       that share of the store, so it can never shut out everyone else.
+    3. When the key (``max_per_key``) or the whole store (``max_total``) is full, the
+       newcomer evicts the soonest-expiring record of the source holding the most slots
+       there - if that source holds at least two more than the newcomer's (max-min
+       fairness: an eviction never makes the shares less even). Failing that, a full
+       key still makes room for a newcomer that outlives its soonest-expiring record
+       (long-lived records are the ones worth keeping); a full store says FULL.
+    Our own records (`LOCAL`) count towards the total but never against a quota, and
+    are never evicted.
     """
 
-    def __init__(self, *, max_per_key: int = 64, max_total: int = 10_000) -> None:
+    def __init__(self, *, max_per_key: int = 64, max_total: int = 10_000,
+                 max_per_publisher: int | None = None, max_per_source: int | None = None) -> None:
         self.max_per_key = max_per_key
         self.max_total = max_total
+        self.max_per_publisher = max_per_publisher  # None: no quota
+        self.max_per_source = max_per_source
         self._by_key: dict[str, dict[str, Record]] = {}
+        self._source: dict[tuple[str, str], str | None] = {}  # (key, publisher) -> source
+        self._by_source: dict[str, set[tuple[str, str]]] = {}
+        self._per_publisher: Counter[str] = Counter()
         self._total = 0
 
     def __len__(self) -> int:
@@ -256,7 +286,7 @@ class RecordStore:
     def keys(self) -> list[str]:
         return list(self._by_key)
 
-    def put(self, record: Record, now: float) -> StoreOutcome:
+    def put(self, record: Record, now: float, source: str | None = UNATTRIBUTED) -> StoreOutcome:
         slots = self._by_key.get(record.key)
         if slots is not None:
             old = slots.get(record.publisher)
@@ -267,16 +297,55 @@ class RecordStore:
                 return StoreOutcome.REPLACED
             self._drop_expired(record.key, now)
             slots = self._by_key.get(record.key)
+        if source is not LOCAL:
+            if (self.max_per_publisher is not None
+                    and self._per_publisher[record.publisher] >= self.max_per_publisher):
+                return StoreOutcome.PUBLISHER_QUOTA
+            if (self.max_per_source is not None
+                    and len(self._by_source.get(source, ())) >= self.max_per_source):
+                return StoreOutcome.SOURCE_QUOTA
         if slots is not None and len(slots) >= self.max_per_key:
-            victim = min(slots.values(), key=lambda r: r.expires_at)
-            if victim.expires_at >= record.expires_at:
-                return StoreOutcome.FULL
+            victim = self._fair_victim(
+                [(record.key, p) for p in slots], source) if source is not LOCAL else None
+            if victim is None:
+                victim = min(slots.values(), key=lambda r: r.expires_at)
+                if victim.expires_at >= record.expires_at or self._is_local(victim):
+                    return StoreOutcome.FULL
             self._remove(victim)
         elif self._total >= self.max_total:
-            return StoreOutcome.FULL
+            victim = self._fair_victim(None, source) if source is not LOCAL else None
+            if victim is None:
+                return StoreOutcome.FULL
+            self._remove(victim)
         self._by_key.setdefault(record.key, {})[record.publisher] = record
+        slot = (record.key, record.publisher)
+        self._source[slot] = source
+        if source is not LOCAL:
+            self._by_source.setdefault(source, set()).add(slot)
+        self._per_publisher[record.publisher] += 1
         self._total += 1
         return StoreOutcome.STORED
+
+    def _fair_victim(self, among: list[tuple[str, str]] | None, newcomer: str) -> Record | None:
+        """The soonest-expiring record of the source with the most slots (``among`` a
+        key's slots, or the whole store), if it holds at least two more than
+        ``newcomer``'s source; else None."""
+        if among is None:
+            counts = {src: len(slots) for src, slots in self._by_source.items()}
+        else:
+            counts = Counter(src for slot in among if (src := self._source[slot]) is not LOCAL)
+        if not counts:
+            return None
+        biggest = max(counts, key=lambda src: counts[src])
+        if counts[biggest] < counts.get(newcomer, 0) + 2:
+            return None
+        slots = self._by_source[biggest] if among is None else [
+            slot for slot in among if self._source[slot] == biggest]
+        key, publisher = min(slots, key=lambda s: self._by_key[s[0]][s[1]].expires_at)
+        return self._by_key[key][publisher]
+
+    def _is_local(self, record: Record) -> bool:
+        return self._source[(record.key, record.publisher)] is LOCAL
 
     def get(self, key: str, now: float) -> list[Record]:
         """Live records under ``key``, one per publisher, ordered by publisher."""
@@ -289,12 +358,33 @@ class RecordStore:
     def all_records(self) -> list[Record]:
         return [r for slots in self._by_key.values() for r in slots.values()]
 
+    def drop(self, key: str) -> int:
+        """Forget every record under ``key`` (e.g. an operator clears a key); returns
+        how many."""
+        records = list(self._by_key.get(key, {}).values())
+        for record in records:
+            self._remove(record)
+        return len(records)
+
+    def clear(self) -> None:
+        for key in list(self._by_key):
+            self.drop(key)
+
     def gc(self, now: float) -> int:
         """Drop expired records; returns how many."""
         before = self._total
         for key in list(self._by_key):
             self._drop_expired(key, now)
         return before - self._total
+
+    def statistics(self) -> dict[str, Any]:
+        return {"stored": self._total, "max_total": self.max_total,
+                "max_per_key": self.max_per_key,
+                "max_per_publisher": self.max_per_publisher,
+                "max_per_source": self.max_per_source,
+                "sources": len(self._by_source),
+                "largest_source": max(map(len, self._by_source.values()), default=0),
+                "publishers": len(self._per_publisher)}
 
     def _drop_expired(self, key: str, now: float) -> None:
         for r in [r for r in self._by_key.get(key, {}).values() if r.expires_at <= now]:
@@ -303,6 +393,16 @@ class RecordStore:
     def _remove(self, record: Record) -> None:
         slots = self._by_key[record.key]
         del slots[record.publisher]
+        slot = (record.key, record.publisher)
+        source = self._source.pop(slot)
+        if source is not LOCAL:
+            members = self._by_source[source]
+            members.discard(slot)
+            if not members:
+                del self._by_source[source]
+        self._per_publisher[record.publisher] -= 1
+        if not self._per_publisher[record.publisher]:
+            del self._per_publisher[record.publisher]
         self._total -= 1
         if not slots:
             del self._by_key[record.key]

@@ -673,7 +673,7 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
                      ) -> None:
     """Run jobs until cancelled; hands back the `JobSupervisor`.
 
-    Starts `/lattice/gossip-avg/1` and `/lattice/blob/1` (blobs in ``blob_dir``, or in
+    Starts `/lattice/gossip-avg/2` and `/lattice/blob/1` (blobs in ``blob_dir``, or in
     memory), watches ``store`` for jobs, and writes through ``sync`` (a `CrdtSync`; None:
     straight to ``store``). ``kinds(services)`` builds the job kinds it runs (default:
     every kind in `lattice.jobs.KINDS`). ``checkpoint_dir`` enables resuming after a

@@ -2,7 +2,7 @@
 
 A participant trains on its own partition in rounds of ``sync_every`` local steps (off
 the event loop), and after each round averages pairwise and atomically with a random
-live participant over `/lattice/gossip-avg/1`. At the end it publishes its final
+live participant over `/lattice/gossip-avg/2`. At the end it publishes its final
 parameters; the merger averages the finals, weighted by samples (exactly
 `lattice.learn.simulate.final_merge`'s rule, the in-process reference), evaluates the
 result on the task's test split and records it. Spec: `lattice.core.jobs.TrainSpec`,

@@ -4,7 +4,7 @@ Owns the math of an exchange between two participants (D-PSGD / AD-PSGD pairwise
 averaging, Lian et al. 2017/2018): what each side sends (`ParamChannel.prepare`), how
 it checks and rebuilds what it received (`ParamChannel.receive`), and the average both
 sides commit (`pair_average`). Pure numpy: must not import trio, libp2p or sockets,
-and reads no clock. The network driver for /lattice/gossip-avg/1 calls exactly these;
+and reads no clock. The network driver for /lattice/gossip-avg/2 calls exactly these;
 `exchange_in_process` runs both sides in one process for the simulation and tests.
 
 Atomicity: both sides compute `pair_average(own_estimate, peer_estimate, w_own,

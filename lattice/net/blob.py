@@ -1,10 +1,11 @@
 """`/lattice/blob/1`: content-addressed, chunked, resumable transfer of blobs (models).
 
-Owns the local blob store (`BlobStore`: a directory of files named by their SHA-256,
-written to a temp file then renamed, bounded in total size), the protocol driver
-(`serve_blobs` -> `BlobService`: answer ``have``/``get``, and `BlobService.fetch` from
-any provider, resuming by offset, verified against the id), and the `Providers` seam
-for discovery (default: ask the connected peers; `DhtProviders` adapts the DHT). Spec:
+Owns the protocol driver (`serve_blobs` -> `BlobService`: answer ``have``/``get``, and
+`BlobService.fetch` from any provider, resuming by offset, verified against the id),
+its message parsers, and the `Providers` seam for discovery (default: ask the connected
+peers; `DhtProviders` adapts the DHT). The local store (`BlobStore`: a directory of
+files named by their SHA-256, written to a temp file then renamed, bounded in total
+size) is `lattice.net.blob_store`'s, re-exported here. Spec:
 proto/blob.md. Must not import libp2p: it speaks through `lattice.net.streams`.
 
 Verification. A blob id is the plain SHA-256 of the bytes, so `sha256sum model.safetensors`
@@ -16,24 +17,28 @@ dropped out mid-way are kept, and the next provider continues from that offset).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import re
-import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
+from lattice.core.penalties import PenaltyBox
+from lattice.net.blob_store import BlobError as BlobError
+from lattice.net.blob_store import BlobNotFound as BlobNotFound
+from lattice.net.blob_store import BlobStore as BlobStore
+from lattice.net.blob_store import BlobStoreFull as BlobStoreFull
+from lattice.net.blob_store import blob_id as blob_id
+from lattice.net.blob_store import is_blob_id as is_blob_id
 from lattice.net.streams import (
     PeerError,
     PeerNetwork,
     RemoteProtocolError,
     Stream,
+    parse_peer_input,
+    quietly,
     read_into,
     recv_frame,
     recv_frame_or_eof,
@@ -46,29 +51,9 @@ PROTOCOL = "/lattice/blob/1"
 VERSION = 1
 MAX_CONTROL_BYTES = 16 * 1024
 MAX_REQUESTS_PER_STREAM = 1 << 20
-_ID_RE = re.compile(r"[0-9a-f]{64}")
+MAX_INT = 2**63 - 1  # rid, size, offset, length
 
 Compute = Callable[[Callable[[], Any]], Awaitable[Any]]
-
-
-def is_blob_id(value: Any) -> bool:
-    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
-
-
-def blob_id(data: bytes | bytearray | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class BlobError(Exception):
-    """A local blob-store problem (not a peer's fault)."""
-
-
-class BlobNotFound(BlobError, KeyError):
-    """No such blob here, and (for a fetch) no provider delivered it."""
-
-
-class BlobStoreFull(BlobError):
-    """Storing this blob would exceed the store's byte limit."""
 
 
 class BlobCorrupt(RemoteProtocolError):
@@ -80,6 +65,7 @@ class BlobConfig:
     """Limits and timeouts (daemon config section ``[blobs]``)."""
 
     max_store_bytes: int = 4 << 30
+    """Disk used for model blobs, at most."""
     max_blob_bytes: int = 1 << 30
     chunk_bytes: int = 256 * 1024
     """Bytes per ``get`` (a provider serves at most max_chunk_bytes per request)."""
@@ -90,142 +76,9 @@ class BlobConfig:
     max_serving: int = 64
     """Concurrent inbound streams; beyond it requests get ``busy``."""
     max_providers_asked: int = 32
-
-
-# -- the local store ----------------------------------------------------------------------
-
-
-class BlobStore:
-    """Blobs by id: files in ``root`` (or in memory when ``root`` is None).
-
-    Complete blobs are ``<root>/<id>``; partial downloads ``<root>/partial/<id>``. A blob
-    is written to a temp file, fsynced and renamed, so a crash leaves no torn blob.
-    Methods do blocking file I/O: call the big ones (`put`, `finish_partial`) off the
-    event loop."""
-
-    def __init__(self, root: Path | str | None, *, max_bytes: int = 4 << 30) -> None:
-        self.root = Path(root) if root is not None else None
-        self.max_bytes = max_bytes
-        self._memory: dict[str, bytes] = {}
-        self._partial_memory: dict[str, bytearray] = {}
-        self._sizes: dict[str, int] = {}
-        if self.root is not None:
-            (self.root / "partial").mkdir(parents=True, exist_ok=True)
-            for entry in self.root.iterdir():
-                if entry.is_file() and is_blob_id(entry.name):
-                    self._sizes[entry.name] = entry.stat().st_size
-                elif entry.is_file() and entry.name.startswith(".tmp-"):
-                    entry.unlink()  # a put interrupted by a crash
-
-    @property
-    def used_bytes(self) -> int:
-        return sum(self._sizes.values())
-
-    def has(self, bid: str) -> bool:
-        return bid in self._sizes
-
-    def size(self, bid: str) -> int | None:
-        return self._sizes.get(bid)
-
-    def ids(self) -> list[str]:
-        return sorted(self._sizes)
-
-    def _reserve(self, n: int) -> None:
-        if self.used_bytes + n > self.max_bytes:
-            raise BlobStoreFull(f"storing {n} bytes would exceed the limit of {self.max_bytes}")
-
-    def put(self, data: bytes | bytearray | memoryview) -> str:
-        """Store ``data``; returns its id (idempotent)."""
-        bid = blob_id(data)
-        if bid in self._sizes:
-            return bid
-        self._reserve(len(data))
-        if self.root is None:
-            self._memory[bid] = bytes(data)
-        else:
-            tmp = self.root / f".tmp-{secrets.token_hex(8)}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root / bid)
-        self._sizes[bid] = len(data)
-        return bid
-
-    def read(self, bid: str, offset: int, length: int) -> bytes:
-        size = self._sizes.get(bid)
-        if size is None:
-            raise BlobNotFound(bid)
-        end = min(size, offset + length)
-        if self.root is None:
-            return self._memory[bid][offset:end]
-        with open(self.root / bid, "rb") as f:
-            f.seek(offset)
-            return f.read(max(0, end - offset))
-
-    def get(self, bid: str) -> bytes:
-        size = self._sizes.get(bid)
-        if size is None:
-            raise BlobNotFound(bid)
-        return self.read(bid, 0, size)
-
-    def delete(self, bid: str) -> None:
-        if self._sizes.pop(bid, None) is None:
-            return
-        if self.root is None:
-            self._memory.pop(bid, None)
-        else:
-            (self.root / bid).unlink(missing_ok=True)
-
-    # partial downloads ----------------------------------------------------------------------
-    def partial_size(self, bid: str) -> int:
-        if self.root is None:
-            return len(self._partial_memory.get(bid, b""))
-        path = self.root / "partial" / bid
-        return path.stat().st_size if path.exists() else 0
-
-    def append_partial(self, bid: str, offset: int, data: bytes) -> None:
-        if offset != self.partial_size(bid):
-            raise BlobError(f"partial {bid[:12]} is at {self.partial_size(bid)}, not {offset}")
-        self._reserve(offset + len(data))
-        if self.root is None:
-            self._partial_memory.setdefault(bid, bytearray()).extend(data)
-            return
-        with open(self.root / "partial" / bid, "ab") as f:
-            f.write(data)
-
-    def discard_partial(self, bid: str) -> None:
-        if self.root is None:
-            self._partial_memory.pop(bid, None)
-        else:
-            (self.root / "partial" / bid).unlink(missing_ok=True)
-
-    def finish_partial(self, bid: str) -> bool:
-        """Verify the partial download against its id and make it a blob; False (and the
-        partial is discarded) when the bytes do not hash to the id."""
-        if self.root is None:
-            data = bytes(self._partial_memory.pop(bid, b""))
-            if blob_id(data) != bid:
-                return False
-            self._memory[bid] = data
-            self._sizes[bid] = len(data)
-            return True
-        path = self.root / "partial" / bid
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        if h.hexdigest() != bid:
-            path.unlink(missing_ok=True)
-            return False
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(path, self.root / bid)
-        self._sizes[bid] = (self.root / bid).stat().st_size
-        return True
-
-    def statistics(self) -> dict[str, Any]:
-        return {"blobs": len(self._sizes), "bytes": self.used_bytes, "max_bytes": self.max_bytes}
+    penalty_backoff: float = 60.0
+    """A peer that sent a malformed request or bytes that do not hash to the id is
+    neither served nor asked for this long (doubling for each further offence)."""
 
 
 # -- discovery ----------------------------------------------------------------------------
@@ -283,9 +136,52 @@ class DhtProviders:
 # -- the service --------------------------------------------------------------------------
 
 
-def _expect(msg: Any, kinds: tuple[str, ...], rid: int) -> dict[str, Any]:
+class BlobFormatError(ValueError):
+    """A request or answer that does not follow proto/blob.md."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked ``have`` or ``get`` request (``offset``/``length`` -1 for ``have``)."""
+
+    t: str
+    rid: int
+    bid: str
+    offset: int = -1
+    length: int = -1
+
+
+def _int(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= MAX_INT
+
+
+def parse_request(msg: Any) -> Request:
+    """A client's request, checked; raises BlobFormatError. A ``get`` whose range
+    misses the blob is well-formed: the provider answers ``error: range``."""
+    if not isinstance(msg, dict) or msg.get("v") != VERSION or not _int(msg.get("rid")):
+        raise BlobFormatError("a request is a map with v: 1 and an integer rid")
+    t, bid = msg.get("t"), msg.get("id")
+    if t not in ("have", "get"):
+        raise BlobFormatError(f"unknown request {str(t)[:16]!r}")
+    if not is_blob_id(bid):
+        raise BlobFormatError("bad blob id")
+    if t == "have":
+        return Request("have", msg["rid"], bid)
+    if not (_int(msg.get("offset")) and _int(msg.get("length"))):
+        raise BlobFormatError("offset and length are non-negative integers")
+    return Request("get", msg["rid"], bid, msg["offset"], msg["length"])
+
+
+def parse_reply(msg: Any, kinds: tuple[str, ...], rid: int, max_size: int) -> dict[str, Any]:
+    """A provider's answer to request ``rid``: one of ``kinds``, with ``size`` (have) in
+    [0, max_size] and ``offset``/``length`` (data) integers; raises BlobFormatError."""
     if not isinstance(msg, dict) or msg.get("t") not in kinds or msg.get("rid") != rid:
-        raise RemoteProtocolError(f"expected {kinds} for request {rid}, got {str(msg)[:80]}")
+        got = msg.get("t") if isinstance(msg, dict) else type(msg).__name__
+        raise BlobFormatError(f"expected {kinds} for request {rid}, got {str(got)[:32]!r}")
+    if msg["t"] == "have" and not (_int(msg.get("size")) and msg["size"] <= max_size):
+        raise BlobFormatError(f"blob size {str(msg.get('size'))[:32]} outside [0, {max_size}]")
+    if msg["t"] == "data" and not (_int(msg.get("offset")) and _int(msg.get("length"))):
+        raise BlobFormatError("data header needs integer offset and length")
     return msg
 
 
@@ -311,7 +207,7 @@ class BlobService:
         self._serving = 0
         self._fetching: dict[str, trio.Lock] = {}
         self.counts: Counter[str] = Counter()
-        self.penalized: Counter[str] = Counter()
+        self.penalties = PenaltyBox(base=config.penalty_backoff)
         self.bytes_served = 0
         self.bytes_fetched = 0
 
@@ -331,17 +227,17 @@ class BlobService:
                 stream = await self.network.open_stream(peer, PROTOCOL)
                 try:
                     await send_frame(stream, {"t": "have", "v": VERSION, "rid": 0, "id": bid})
-                    reply = _expect(await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
-                                    ("have", "missing", "error"), 0)
+                    reply = parse_peer_input(
+                        parse_reply, await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES),
+                        ("have", "missing", "error"), 0, self.config.max_blob_bytes)
                 finally:
-                    await _quietly(stream.close)
+                    await quietly(stream.close)
         except (PeerError, trio.TooSlowError) as e:
+            if isinstance(e, RemoteProtocolError):
+                self._penalize(peer, "malformed_reply")
             log.debug("peer=%s blob=%s have? failed: %r", peer, bid[:12], e)
             return None
-        size = reply.get("size")
-        if reply["t"] == "have" and type(size) is int and 0 <= size <= self.config.max_blob_bytes:
-            return size
-        return None
+        return reply["size"] if reply["t"] == "have" else None
 
     async def fetch(self, bid: str, *, hints: Iterable[str] = (), timeout: float | None = None,
                     max_bytes: int | None = None) -> bytes:
@@ -380,11 +276,14 @@ class BlobService:
                     return
             provider = pending.pop(0)
             tried.add(provider)
+            if self.penalties.is_penalized(provider, trio.current_time()):
+                self.counts["skipped_penalized"] += 1
+                continue
             try:
                 done = await self._download_from(provider, bid, contributors, max_bytes)
             except BlobCorrupt as e:
                 for peer in contributors:
-                    self.penalized[peer] += 1
+                    self._penalize(peer, "corrupt")
                 log.warning("blob=%s corrupt after download (providers %s): %s; starting over",
                             bid[:12], sorted(contributors), e)
                 self.counts["corrupt"] += 1
@@ -392,7 +291,7 @@ class BlobService:
                 continue
             except (PeerError, trio.TooSlowError) as e:
                 if isinstance(e, RemoteProtocolError):
-                    self.penalized[provider] += 1
+                    self._penalize(provider, "malformed_reply")
                 self.counts["provider_failed"] += 1
                 log.debug("peer=%s blob=%s fetch interrupted at %d: %r", provider, bid[:12],
                           self.store.partial_size(bid), e)
@@ -409,13 +308,12 @@ class BlobService:
         try:
             with trio.fail_after(cfg.request_timeout):
                 await send_frame(raw, {"t": "have", "v": VERSION, "rid": 0, "id": bid})
-                reply = _expect(await recv_frame(raw, max_bytes=MAX_CONTROL_BYTES),
-                                ("have", "missing", "error"), 0)
+                reply = parse_peer_input(
+                    parse_reply, await recv_frame(raw, max_bytes=MAX_CONTROL_BYTES),
+                    ("have", "missing", "error"), 0, min(max_bytes, cfg.max_blob_bytes))
             if reply["t"] != "have":
                 return False
-            size = reply.get("size")
-            if type(size) is not int or not 0 <= size <= min(max_bytes, cfg.max_blob_bytes):
-                raise RemoteProtocolError(f"blob size {size!r} outside [0, {min(max_bytes, cfg.max_blob_bytes)}]")
+            size = reply["size"]
             offset = self.store.partial_size(bid)
             if offset > size:
                 self.store.discard_partial(bid)  # an earlier provider claimed a longer blob
@@ -429,12 +327,13 @@ class BlobService:
                 with trio.fail_after(cfg.request_timeout):
                     await send_frame(raw, {"t": "get", "v": VERSION, "rid": rid, "id": bid,
                                            "offset": offset, "length": length})
-                    head = _expect(await recv_frame(raw, max_bytes=MAX_CONTROL_BYTES),
-                                   ("data", "missing", "error"), rid)
+                    head = parse_peer_input(
+                        parse_reply, await recv_frame(raw, max_bytes=MAX_CONTROL_BYTES),
+                        ("data", "missing", "error"), rid, size)
                     if head["t"] != "data":
                         raise RemoteProtocolError(f"provider answered {head['t']} after have")
-                    n = head.get("length")
-                    if head.get("offset") != offset or type(n) is not int or not 0 < n <= length:
+                    n = head["length"]
+                    if head["offset"] != offset or not 0 < n <= length:
                         raise RemoteProtocolError("data header does not match the request")
                     buf = bytearray(n)
                     await read_into(raw, memoryview(buf))
@@ -443,9 +342,9 @@ class BlobService:
                 offset += n
                 self.bytes_fetched += n
                 rid += 1
-            await _quietly(raw.close)
+            await quietly(raw.close)
         except BaseException:
-            await _quietly(raw.reset)
+            await quietly(raw.reset)
             raise
         if not await self.compute(lambda: self.store.finish_partial(bid)):
             raise BlobCorrupt(f"bytes do not hash to {bid}")
@@ -454,16 +353,28 @@ class BlobService:
 
     # server ---------------------------------------------------------------------------------------
     async def handle(self, stream: Stream) -> None:
-        """Serve ``have``/``get`` requests on one stream until the client closes it."""
+        """Serve ``have``/``get`` requests on one stream until the client closes it.
+
+        Failure policy: a malformed request (`parse_request` refused or choked on it)
+        resets the stream, is counted (``bad_requests``) and penalizes the peer, whose
+        streams are then reset at once for ``penalty_backoff`` (doubling); a stream idle
+        for ``request_timeout`` is reset. Store errors and bugs propagate."""
         peer = stream.remote_peer_id
+        if self.penalties.is_penalized(peer, trio.current_time()):
+            self.counts["refused_penalized"] += 1
+            await quietly(stream.reset)
+            return
         if self._serving >= self.config.max_serving:
             self.counts["refused_busy"] += 1
             try:
-                msg = await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES)
-                rid = msg.get("rid") if isinstance(msg, dict) else None
+                with trio.fail_after(self.config.request_timeout):
+                    msg = await recv_frame(stream, max_bytes=MAX_CONTROL_BYTES)
+                rid = msg.get("rid") if isinstance(msg, dict) and _int(msg.get("rid")) else None
                 await send_frame(stream, {"t": "error", "rid": rid, "reason": "busy"})
+            except trio.TooSlowError:
+                pass
             finally:
-                await _quietly(stream.close)
+                await quietly(stream.close)
             return
         self._serving += 1
         try:
@@ -476,31 +387,27 @@ class BlobService:
         except RemoteProtocolError as e:
             log.info("peer=%s blob request refused: %s", peer, e)
             self.counts["bad_requests"] += 1
-            await _quietly(stream.reset)
+            self._penalize(peer, "malformed_request")
+            await quietly(stream.reset)
         except trio.TooSlowError:
-            await _quietly(stream.reset)
+            await quietly(stream.reset)
         finally:
             self._serving -= 1
 
     async def _answer(self, stream: Stream, msg: Any) -> None:
-        if not isinstance(msg, dict) or msg.get("v") != VERSION or type(msg.get("rid")) is not int:
-            raise RemoteProtocolError("malformed request")
-        rid, bid = msg["rid"], msg.get("id")
-        if not is_blob_id(bid):
-            raise RemoteProtocolError("bad blob id")
+        request = parse_peer_input(parse_request, msg)
+        rid, bid = request.rid, request.bid
         size = self.store.size(bid)
-        if msg.get("t") == "have":
+        if request.t == "have":
             self.counts["have"] += 1
             reply = {"t": "have", "rid": rid, "size": size} if size is not None else {"t": "missing", "rid": rid}
             await send_frame(stream, reply)
             return
-        if msg.get("t") != "get":
-            raise RemoteProtocolError(f"unknown request {str(msg.get('t'))[:16]!r}")
-        offset, length = msg.get("offset"), msg.get("length")
+        offset, length = request.offset, request.length
         if size is None:
             await send_frame(stream, {"t": "missing", "rid": rid})
             return
-        if type(offset) is not int or type(length) is not int or not (0 <= offset < size and length > 0):
+        if not (offset < size and length > 0):
             await send_frame(stream, {"t": "error", "rid": rid, "reason": "range"})
             return
         n = min(length, self.config.max_chunk_bytes, size - offset)
@@ -510,18 +417,16 @@ class BlobService:
         self.counts["chunks_served"] += 1
         self.bytes_served += len(data)
 
+    def _penalize(self, peer: str, reason: str) -> None:
+        backoff = self.penalties.penalize(peer, reason, trio.current_time())
+        log.info("peer=%s blob penalized (%s); refused for %.0f s", peer, reason, backoff)
+
     def statistics(self) -> dict[str, Any]:
         return {**self.counts, "serving": self._serving, "bytes_served": self.bytes_served,
-                "bytes_fetched": self.bytes_fetched, "penalized": dict(self.penalized),
+                "bytes_fetched": self.bytes_fetched,
+                **self.penalties.statistics(trio.current_time()),
                 "store": self.store.statistics()}
 
-
-async def _quietly(action: Callable[[], Awaitable[Any]]) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        try:
-            await action()
-        except PeerError:
-            pass  # the peer is gone already: nothing left to release
 
 
 async def serve_blobs(network: PeerNetwork, store: BlobStore, *, config: BlobConfig = BlobConfig(),

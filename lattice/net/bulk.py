@@ -1,11 +1,15 @@
-"""Bulk tensor transfer, `/lattice/bulk/1`: numpy arrays between two peers at memory
+"""Bulk tensor transfer, `/lattice/bulk/2`: numpy arrays between two peers at memory
 speed, encrypted and authenticated (spec: proto/bulk.md; pure formats:
-`lattice.core.bulk_frames`).
+`lattice.core.bulk_frames`, array specs: `lattice.core.arrays`).
 
-Owns: `send_array`, `receive_array`, `exchange_arrays` (both directions at once, for a
-pairwise averaging step), the side-channel listener (`serve_bulk_listener`), the
-standalone push protocol (`serve_bulk` / `push_array`) and the typed errors a transfer
-raises. Must not import libp2p: the control stream is any `lattice.net.streams.Stream`.
+Owns the public face: `send_arrays`, `receive_arrays`, `exchange` (both directions at
+once, for a pairwise averaging step) - one session, one key agreement, for a set of up
+to 16 arrays - their one-array forms `send_array`, `receive_array`, `exchange_arrays`,
+and the standalone push protocol (`serve_bulk` / `push_arrays`). Beside it:
+`bulk_session` (one run of the protocol), `bulk_listener` (the side channel's receiving
+end, `serve_bulk_listener`), `bulk_config` (settings and the typed errors), all
+re-exported here. Must not import libp2p: the control stream is any
+`lattice.net.streams.Stream`.
 
 Why a side channel. One py-libp2p TCP+Noise+Yamux stream gives ~170-300 MB/s at 3+ CPU-s
 per GiB and resets itself after 5 s without a window update (../shared/PY-LIBP2P.md). So
@@ -50,337 +54,152 @@ a protocol may run one inside its own exchange and keep using the stream.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
-import trio
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lattice.core import bulk_frames as bf
-from lattice.core.bulk_frames import ArrayHeader, BulkFormatError, BulkLimits
-from lattice.net.streams import (
-    PeerError,
-    PeerNetwork,
-    RemoteProtocolError,
-    Stream,
-    StreamClosedError,
-    raise_peer_fault,
-    recv_frame,
-    send_frame,
-)
-
-log = logging.getLogger("lattice.net.bulk")
+from lattice.core.arrays import WIRE_DTYPES, ArrayFormatError, ArrayLimits, ArraySpec, prepare_array
+from lattice.net.bulk_config import DEFAULT_CONFIG as DEFAULT_CONFIG
+from lattice.net.bulk_config import DEFAULT_LIMITS as DEFAULT_LIMITS
+from lattice.net.bulk_config import BulkAbortedError as BulkAbortedError
+from lattice.net.bulk_config import BulkConfig as BulkConfig
+from lattice.net.bulk_config import BulkHeaderError as BulkHeaderError
+from lattice.net.bulk_config import BulkIntegrityError as BulkIntegrityError
+from lattice.net.bulk_config import BulkRejectedError as BulkRejectedError
+from lattice.net.bulk_config import BulkStalledError as BulkStalledError
+from lattice.net.bulk_config import BulkTruncatedError as BulkTruncatedError
+from lattice.net.bulk_config import Progress as Progress
+from lattice.net.bulk_listener import BulkAuthError as BulkAuthError
+from lattice.net.bulk_listener import BulkListener as BulkListener
+from lattice.net.bulk_listener import serve_bulk_listener as serve_bulk_listener
+from lattice.net.bulk_session import Check as Check
+from lattice.net.bulk_session import Session
+from lattice.net.streams import PeerNetwork, Stream
 
 PROTOCOL = bf.PROTOCOL
-
-Progress = Callable[[int, int], Awaitable[None]]
-"""``await on_progress(done_bytes, total_bytes)`` after each chunk; a slow callback
-simply pauses the transfer (flow control holds the peer back, nothing times out)."""
-
-
-# -- errors ---------------------------------------------------------------------------
-
-
-class BulkHeaderError(RemoteProtocolError):
-    """The peer offered an array outside our limits (dtype, shape, size) or not the one we
-    expected; we refused it."""
-
-
-class BulkRejectedError(PeerError):
-    """The peer refused the array we offered; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"peer refused the array: {reason}")
-        self.reason = reason
-
-
-class BulkAuthError(RemoteProtocolError):
-    """A side-channel connection presented the wrong one-time token for the session."""
-
-
-class BulkIntegrityError(RemoteProtocolError):
-    """A chunk failed authentication: tampered, corrupted or misordered on the way."""
-
-
-class BulkTruncatedError(StreamClosedError):
-    """The data ended before the announced size (the peer vanished mid-transfer)."""
-
-
-class BulkStalledError(PeerError):
-    """No progress for `BulkConfig.idle_timeout` seconds."""
-
-
-class BulkAbortedError(PeerError):
-    """The peer aborted the transfer; ``reason`` is what it told us."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"peer aborted the transfer: {reason}")
-        self.reason = reason
-
-
-# -- configuration -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BulkConfig:
-    """How we transfer (daemon config section `[bulk]`; limits are `BulkLimits`)."""
-
-    chunk_bytes: int = 1 << 20
-    """Plaintext bytes per sealed chunk on the side channel (bf.DIRECT_CHUNK_MIN..MAX)."""
-    stream_chunk_bytes: int = 1 << 20
-    """Plaintext bytes per sealed chunk on the fallback path (bf.STREAM_CHUNK_MIN..MAX)."""
-    stream_window_bytes: int = 8 << 20
-    """Fallback credit we grant as receiver: sealed bytes the sender may run ahead of our
-    consumer, i.e. what we buffer per inbound transfer while the consumer pauses."""
-    direct: bool = True
-    """As sender: use the side channel the receiver offers. False forces the fallback."""
-    connect_timeout: float = 3.0
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    """Seconds without any progress (a chunk, a credit, a frame) before BulkStalledError.
-    A reader may pause this long; Yamux alone would have reset the stream after 5 s."""
-
-
-DEFAULT_LIMITS = BulkLimits()
-DEFAULT_CONFIG = BulkConfig()
-
-
-# -- side-channel listener ------------------------------------------------------------------
-
-
-class _Expectation:
-    """One receiver waiting for its sender's side-channel connection.
-
-    The listener's handler task keeps owning the connection (trio.serve_listeners closes
-    it when the handler returns) and waits for `released`, set when the session ends."""
-
-    def __init__(self, token: bytes) -> None:
-        self.token = token
-        self._ready = trio.Event()
-        self.released = trio.Event()
-        self._conn: trio.SocketStream | None = None
-        self._error: PeerError | None = None
-
-    def deliver(self, conn: trio.SocketStream) -> None:
-        self._conn = conn
-        self._ready.set()
-
-    def fail(self, error: PeerError) -> None:
-        self._error = error
-        self._ready.set()
-
-    async def wait(self) -> trio.SocketStream:
-        await self._ready.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._conn is not None
-        conn, self._conn = self._conn, None
-        return conn
-
-    def release(self) -> None:
-        self.released.set()
-
-
-class BulkListener:
-    """Handle of a running side-channel listener (from `serve_bulk_listener`).
-
-    A connection must open with the 72-byte channel hello (magic, channel id, token)
-    within `hello_timeout`; the first connection naming a pending channel consumes it,
-    and a wrong token fails that transfer with BulkAuthError (the token is one-time).
-    Connections naming no pending channel are closed.
-    """
-
-    def __init__(self, addresses: list[tuple[str, int]], *, max_sessions: int,
-                 max_handshakes: int, hello_timeout: float) -> None:
-        self.addresses = addresses
-        self._max_sessions = max_sessions
-        self._max_handshakes = max_handshakes
-        self._hello_timeout = hello_timeout
-        self._sessions: dict[bytes, _Expectation] = {}
-        self._handshaking = 0
-        self._counts = {"authenticated": 0, "bad_token": 0, "unknown_session": 0,
-                        "bad_hello": 0, "refused_busy": 0}
-
-    def statistics(self) -> dict[str, Any]:
-        return {"addresses": [list(a) for a in self.addresses],
-                "pending_sessions": len(self._sessions),
-                "max_sessions": self._max_sessions,
-                "handshaking": self._handshaking,
-                "max_handshakes": self._max_handshakes,
-                **self._counts}
-
-    @contextlib.contextmanager
-    def expect(self, keys: bf.DirectionKeys) -> Iterator[_Expectation | None]:
-        """Register an inbound transfer for the duration of the block; yields None when
-        the listener is at its limit (the caller then offers no channel)."""
-        cid = keys.channel_id
-        if len(self._sessions) >= self._max_sessions or cid in self._sessions:
-            yield None
-            return
-        exp = _Expectation(keys.token)
-        self._sessions[cid] = exp
-        try:
-            yield exp
-        finally:
-            if self._sessions.get(cid) is exp:
-                del self._sessions[cid]
-            exp.release()
-
-    async def _handle(self, conn: trio.SocketStream) -> None:
-        if self._handshaking >= self._max_handshakes:
-            self._counts["refused_busy"] += 1
-            await conn.aclose()
-            return
-        self._handshaking += 1
-        try:
-            hello = b""
-            with trio.move_on_after(self._hello_timeout):
-                hello = await _receive_hello(conn)
-        finally:
-            self._handshaking -= 1
-        try:
-            cid, token = bf.parse_channel_hello(hello)
-        except BulkFormatError:
-            self._counts["bad_hello"] += 1
-            await conn.aclose()
-            return
-        exp = self._sessions.pop(cid, None)
-        if exp is None:
-            self._counts["unknown_session"] += 1
-            await conn.aclose()
-            return
-        if not bf.token_matches(exp.token, token):
-            self._counts["bad_token"] += 1
-            exp.fail(BulkAuthError("side-channel connection presented a wrong token"))
-            await conn.aclose()
-            return
-        self._counts["authenticated"] += 1
-        exp.deliver(conn)
-        await exp.released.wait()  # serve_listeners closes conn when we return
-
-
-async def _receive_hello(conn: trio.SocketStream) -> bytes:
-    buf = bytearray()
-    while len(buf) < bf.CHANNEL_HELLO_BYTES:
-        try:
-            part = await conn.receive_some(bf.CHANNEL_HELLO_BYTES - len(buf))
-        except (trio.BrokenResourceError, OSError):
-            return b""
-        if not part:
-            return b""
-        buf += part
-    return bytes(buf)
-
-
-async def serve_bulk_listener(host: str = "127.0.0.1", port: int = 0, *,
-                              advertise: list[tuple[str, int]] | None = None,
-                              max_sessions: int = 64, max_handshakes: int = 64,
-                              hello_timeout: float = 10.0,
-                              task_status: trio.TaskStatus[BulkListener] = trio.TASK_STATUS_IGNORED,
-                              ) -> None:
-    """Listen for side-channel connections until cancelled; `nursery.start` returns the
-    `BulkListener` to pass to `receive_array` / `exchange_arrays` / `serve_bulk`.
-
-    ``advertise`` is what receivers offer to senders; by default the bound addresses, which
-    requires a concrete ``host`` (with a wildcard bind, say which addresses peers reach).
-    Failure policy: a misbehaving connection is closed and counted; accept errors other
-    than resource exhaustion (which trio.serve_listeners rides out) propagate.
-    """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = [tuple(ln.socket.getsockname()[:2]) for ln in listeners]
-    if advertise is None:
-        if any(h in ("0.0.0.0", "::") for h, _ in bound):
-            raise ValueError("bulk listener bound to a wildcard address: pass advertise=")
-        advertise = [(str(h), int(p)) for h, p in bound]
-    listener = BulkListener(advertise, max_sessions=max_sessions,
-                            max_handshakes=max_handshakes, hello_timeout=hello_timeout)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, listener._handle, listeners)
-        task_status.started(listener)
 
 
 # -- public API -------------------------------------------------------------------------
 
 
+async def send_arrays(stream: Stream, arrays: Sequence[np.ndarray], *,
+                      config: BulkConfig = DEFAULT_CONFIG,
+                      on_progress: Progress | None = None) -> None:
+    """Send ``arrays`` (1 to `MAX_ARRAYS`, in one session) to the peer at the other end
+    of ``stream`` (which runs `receive_arrays`); returns once the peer confirmed it
+    received every byte intact. ``on_progress`` counts bytes over all of them."""
+    await Session(stream, config, None, sent_progress=on_progress).run(
+        outgoing=list(arrays), receive=False, limits=DEFAULT_LIMITS, check=None, out=None)
+
+
+async def receive_arrays(stream: Stream, *, limits: ArrayLimits = DEFAULT_LIMITS,
+                         listener: BulkListener | None = None,
+                         config: BulkConfig = DEFAULT_CONFIG,
+                         check: Check | None = None,
+                         out: Sequence[np.ndarray] | None = None,
+                         on_progress: Progress | None = None) -> list[np.ndarray]:
+    """Receive the arrays the peer sends with `send_arrays`.
+
+    With a ``listener`` the peer is offered the side channel; without, or when it cannot
+    connect, the data comes over ``stream`` itself. Every spec must pass ``limits`` (per
+    array and in total) and then ``check(specs)``, which raises `ArrayFormatError` to
+    refuse. Returns fresh, writable arrays that authenticated chunk by chunk, or ``out``
+    filled in place (which implies their dtypes and shapes). Reusing ``out`` across
+    exchanges saves the page faults of fresh buffers (~0.1 s per 256 MiB); when this
+    raises, ``out`` holds garbage and must not be used.
+    """
+    if out is not None:
+        check = same_as([check_out(o) for o in out])
+    result = await Session(stream, config, listener, received_progress=on_progress).run(
+        outgoing=None, receive=True, limits=limits, check=check,
+        out=list(out) if out is not None else None)
+    assert result is not None
+    return result
+
+
+async def exchange(stream: Stream, ours: Sequence[np.ndarray], *,
+                   limits: ArrayLimits = DEFAULT_LIMITS,
+                   listener: BulkListener | None = None,
+                   config: BulkConfig = DEFAULT_CONFIG,
+                   check: Check | None = None,
+                   out: Sequence[np.ndarray] | None = None,
+                   on_progress: Progress | None = None) -> list[np.ndarray]:
+    """Send ``ours`` and receive the peer's arrays, both directions at once, in one
+    session (one key agreement however many arrays); the peer calls `exchange` too.
+    ``check`` and ``out`` as for `receive_arrays`; ``on_progress`` reports the inbound
+    direction."""
+    if out is not None:
+        check = same_as([check_out(o) for o in out])
+    result = await Session(stream, config, listener, received_progress=on_progress).run(
+        outgoing=list(ours), receive=True, limits=limits, check=check,
+        out=list(out) if out is not None else None)
+    assert result is not None
+    return result
+
+
 async def send_array(stream: Stream, array: np.ndarray, *, config: BulkConfig = DEFAULT_CONFIG,
                      on_progress: Progress | None = None) -> None:
-    """Send ``array`` to the peer at the other end of ``stream`` (which runs
-    `receive_array`); returns once the peer confirmed it received every byte intact."""
-    await _Session(stream, config, None, sent_progress=on_progress).run(
-        outgoing=array, receive=False, limits=DEFAULT_LIMITS, expect=None, out=None)
+    """`send_arrays` of one array."""
+    await send_arrays(stream, [array], config=config, on_progress=on_progress)
 
 
-async def receive_array(stream: Stream, *, limits: BulkLimits = DEFAULT_LIMITS,
+async def receive_array(stream: Stream, *, limits: ArrayLimits = DEFAULT_LIMITS,
                         listener: BulkListener | None = None,
                         config: BulkConfig = DEFAULT_CONFIG,
                         expect: tuple[str, tuple[int, ...]] | None = None,
                         out: np.ndarray | None = None,
                         on_progress: Progress | None = None) -> np.ndarray:
-    """Receive the array the peer sends with `send_array`.
-
-    With a ``listener`` the peer is offered the side channel; without, or when it cannot
-    connect, the data comes over ``stream`` itself. ``expect=(dtype_str, shape)`` refuses
-    anything else. Returns a fresh, writable array that authenticated chunk by chunk, or
-    ``out`` filled in place (which implies ``expect`` = its dtype and shape). Reusing one
-    ``out`` across exchanges saves the page faults of a fresh buffer (~0.1 s per 256 MiB);
-    when this raises, ``out`` holds garbage and must not be used.
-    """
-    if out is not None:
-        expect = _check_out(out)
-    result = await _Session(stream, config, listener, received_progress=on_progress).run(
-        outgoing=None, receive=True, limits=limits, expect=expect, out=out)
-    assert result is not None
-    return result
+    """`receive_arrays` of one array; ``expect=(dtype_str, shape)`` refuses anything
+    else (``out`` implies its own)."""
+    check = same_as([(expect[0], tuple(expect[1]))]) if expect is not None else one_array
+    (array,) = await receive_arrays(stream, limits=limits, listener=listener, config=config,
+                                    check=check, out=None if out is None else [out],
+                                    on_progress=on_progress)
+    return array
 
 
 async def exchange_arrays(stream: Stream, ours: np.ndarray, *,
-                          limits: BulkLimits = DEFAULT_LIMITS,
+                          limits: ArrayLimits = DEFAULT_LIMITS,
                           listener: BulkListener | None = None,
                           config: BulkConfig = DEFAULT_CONFIG,
                           out: np.ndarray | None = None,
                           on_progress: Progress | None = None) -> np.ndarray:
-    """Send ``ours`` and receive the peer's array of the same dtype and shape, both
-    directions at once (the peer calls `exchange_arrays` too). Returns theirs (in ``out``
-    if given, as for `receive_array`); ``on_progress`` reports the inbound direction."""
-    header, _ = _prepare(ours)
-    expect = (header.dtype, header.shape)
-    if out is not None and _check_out(out) != expect:
+    """`exchange` of one array each way, the peer's of the same dtype and shape as
+    ``ours`` (a model both sides hold)."""
+    spec, _ = prepare_array(ours)
+    if out is not None and check_out(out) != (spec.dtype, spec.shape):
         raise ValueError(f"out is {out.dtype.str}{list(out.shape)}, ours is "
-                         f"{header.dtype}{list(header.shape)}")
-    result = await _Session(stream, config, listener, received_progress=on_progress).run(
-        outgoing=ours, receive=True, limits=limits, expect=expect, out=out)
-    assert result is not None
-    return result
+                         f"{spec.dtype}{list(spec.shape)}")
+    (theirs,) = await exchange(stream, [ours], limits=limits, listener=listener, config=config,
+                               check=same_as([(spec.dtype, spec.shape)]),
+                               out=None if out is None else [out], on_progress=on_progress)
+    return theirs
 
 
-ArrayHandler = Callable[[str, np.ndarray], Awaitable[None]]
+ArrayHandler = Callable[[str, list[np.ndarray]], Awaitable[None]]
 
 
-def serve_bulk(network: PeerNetwork, on_array: ArrayHandler, *,
-               listener: BulkListener | None = None, limits: BulkLimits = DEFAULT_LIMITS,
+def serve_bulk(network: PeerNetwork, on_arrays: ArrayHandler, *,
+               listener: BulkListener | None = None, limits: ArrayLimits = DEFAULT_LIMITS,
                config: BulkConfig = DEFAULT_CONFIG) -> None:
-    """Accept pushed arrays on `/lattice/bulk/1`: each is received (side channel when a
-    listener is given) and passed to ``await on_array(peer_id, array)``."""
+    """Accept pushed arrays on `/lattice/bulk/2`: each push is received (side channel
+    when a listener is given) and passed to ``await on_arrays(peer_id, arrays)``."""
 
     async def handler(stream: Stream) -> None:
-        array = await receive_array(stream, limits=limits, listener=listener, config=config)
-        await on_array(stream.remote_peer_id, array)
+        arrays = await receive_arrays(stream, limits=limits, listener=listener, config=config)
+        await on_arrays(stream.remote_peer_id, arrays)
 
     network.set_stream_handler(PROTOCOL, handler)
 
 
-async def push_array(network: PeerNetwork, peer_id: str, array: np.ndarray, *,
-                     config: BulkConfig = DEFAULT_CONFIG,
-                     on_progress: Progress | None = None) -> None:
-    """Open `/lattice/bulk/1` to ``peer_id`` and send ``array`` (see `serve_bulk`)."""
+async def push_arrays(network: PeerNetwork, peer_id: str, arrays: Sequence[np.ndarray], *,
+                      config: BulkConfig = DEFAULT_CONFIG,
+                      on_progress: Progress | None = None) -> None:
+    """Open `/lattice/bulk/2` to ``peer_id`` and send ``arrays`` (see `serve_bulk`)."""
     stream = await network.open_stream(peer_id, PROTOCOL)
     try:
-        await send_array(stream, array, config=config, on_progress=on_progress)
+        await send_arrays(stream, arrays, config=config, on_progress=on_progress)
         await stream.close_write()
     except BaseException:
         await stream.reset()
@@ -388,409 +207,35 @@ async def push_array(network: PeerNetwork, peer_id: str, array: np.ndarray, *,
     await stream.close()
 
 
-# -- the session ----------------------------------------------------------------------------
+async def push_array(network: PeerNetwork, peer_id: str, array: np.ndarray, *,
+                     config: BulkConfig = DEFAULT_CONFIG,
+                     on_progress: Progress | None = None) -> None:
+    """`push_arrays` of one array."""
+    await push_arrays(network, peer_id, [array], config=config, on_progress=on_progress)
 
 
-def _prepare(array: np.ndarray) -> tuple[ArrayHeader, memoryview]:
-    """Header and a flat byte view of ``array`` (copied only if it is not contiguous
-    little-endian already)."""
-    a = np.asarray(array)
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
-    if a.dtype.str not in bf.DEFAULT_DTYPES:
-        raise ValueError(f"cannot send dtype {a.dtype} (allowed: {sorted(bf.DEFAULT_DTYPES)})")
-    if not a.flags.c_contiguous:
-        a = a.copy(order="C")  # (not ascontiguousarray: it turns 0-d arrays into 1-d)
-    view = memoryview(a.reshape(-1).view(np.uint8))
-    return ArrayHeader(a.dtype.str, tuple(int(d) for d in a.shape), int(a.nbytes)), view
+# -- checks a receiver applies to what it is offered ----------------------------------------
 
 
-def _check_out(out: np.ndarray) -> tuple[str, tuple[int, ...]]:
+def same_as(expected: list[tuple[str, tuple[int, ...]]]) -> Check:
+    def check(specs: list[ArraySpec]) -> None:
+        got = [(s.dtype, s.shape) for s in specs]
+        if got != expected:
+            raise ArrayFormatError(f"expected {_describe(expected)}, offered {_describe(got)}")
+    return check
+
+
+def one_array(specs: list[ArraySpec]) -> None:
+    if len(specs) != 1:
+        raise ArrayFormatError(f"expected one array, offered {len(specs)}")
+
+
+def _describe(specs: list[tuple[str, tuple[int, ...]]]) -> str:
+    return ", ".join(f"{d}{list(s)}" for d, s in specs[:4]) + (" ..." if len(specs) > 4 else "")
+
+
+def check_out(out: np.ndarray) -> tuple[str, tuple[int, ...]]:
     if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.flags.writeable
-            and out.dtype.str in bf.DEFAULT_DTYPES):
+            and out.dtype.str in WIRE_DTYPES):
         raise ValueError("out must be a writable C-contiguous little-endian numeric array")
     return out.dtype.str, tuple(int(d) for d in out.shape)
-
-
-@contextlib.contextmanager
-def _within(seconds: float, what: str) -> Iterator[None]:
-    try:
-        with trio.fail_after(seconds):
-            yield
-    except trio.TooSlowError:
-        raise BulkStalledError(f"no progress for {seconds:g} s while {what}") from None
-
-
-def _parsed(fn: Callable[..., Any], *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except BulkFormatError as e:
-        raise RemoteProtocolError(str(e)) from None
-
-
-_SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-class _Session:
-    """One run of the protocol on one control stream (proto/bulk.md, "Session")."""
-
-    def __init__(self, stream: Stream, config: BulkConfig, listener: BulkListener | None, *,
-                 sent_progress: Progress | None = None,
-                 received_progress: Progress | None = None) -> None:
-        self.stream = stream
-        self.config = config
-        self.listener = listener
-        self.sent_progress = sent_progress
-        self.received_progress = received_progress
-        self._write_lock = trio.StrictFIFOLock()
-        # what the protocol allows a sender to choose, not what we would choose
-        self._max_frame = bf.STREAM_CHUNK_MAX + bf.TAG_BYTES + bf.FRAME_OVERHEAD
-        self.peer = stream.remote_peer_id[-8:]
-        # outbound progress, updated by the control reader
-        self._acked = 0
-        self._peer_done = False
-        self._changed = trio.Event()
-        # inbound: start and data frames, handed from the control reader to the receiver
-        self._in_send: trio.MemorySendChannel[Any] | None = None
-        self._in_recv: trio.MemoryReceiveChannel[Any] | None = None
-        self._credited = 0
-        self._in_window = 0
-        self._sent = 0
-        # Listening for the peer's `abort` after it has nothing else to send, until we
-        # send our own `done` (cancelled just before, so no frame is half-read).
-        self._abort_watch = trio.CancelScope()
-        self._done_sent = False
-        self._out: np.ndarray | None = None
-
-    async def _send(self, message: dict[str, Any]) -> None:
-        async with self._write_lock:
-            await send_frame(self.stream, message)
-
-    async def _recv(self) -> Any:
-        return await recv_frame(self.stream, max_bytes=self._max_frame)
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def run(self, *, outgoing: np.ndarray | None, receive: bool, limits: BulkLimits,
-                  expect: tuple[str, tuple[int, ...]] | None,
-                  out: np.ndarray | None) -> np.ndarray | None:
-        self._out = out
-        try:
-            return await self._run(outgoing, receive, limits, expect)
-        except (BulkAbortedError, BulkRejectedError, BulkHeaderError):
-            raise  # the peer already knows (it aborted, or a reject went out)
-        except PeerError as e:
-            # Tell the peer why, so it fails fast with a reason instead of a timeout.
-            with trio.move_on_after(1.0):
-                try:
-                    await self._send(bf.abort(str(e)))
-                except PeerError:
-                    pass
-            raise
-
-    async def _run(self, outgoing: np.ndarray | None, receive: bool, limits: BulkLimits,
-                   expect: tuple[str, tuple[int, ...]] | None) -> np.ndarray | None:
-        header, src = _prepare(outgoing) if outgoing is not None else (None, None)
-        key = bf.EphemeralKey()
-        our_hello = bf.hello(key.public, header)
-        with _within(self.config.handshake_timeout, "waiting for the peer's hello"):
-            await self._send(our_hello)
-            peer = _parsed(bf.parse_hello, await self._recv_control())
-        shared = _parsed(key.exchange, peer.epk)
-        sid = bf.session_id(our_hello, peer.wire)
-        out_keys = bf.direction_keys(shared, sid, key.public)
-        in_keys = bf.direction_keys(shared, sid, peer.epk)
-
-        with contextlib.ExitStack() as stack:
-            incoming: ArrayHeader | None = None
-            expectation: _Expectation | None = None
-            if peer.send is not None:
-                incoming = await self._judge(peer.send, receive, limits, expect)
-                if self.listener is not None and self.config.direct and incoming.nbytes:
-                    expectation = stack.enter_context(self.listener.expect(in_keys))
-                addrs = self.listener.addresses if expectation is not None else []
-                await self._send(bf.accept(addrs, self.config.stream_window_bytes))
-            elif receive:
-                raise RemoteProtocolError("peer offered no array")
-            verdict = None
-            if header is not None:
-                with _within(self.config.handshake_timeout, "waiting for the peer's verdict"):
-                    verdict = _parsed(bf.parse_verdict, await self._recv_control())
-                if not verdict.accepted:
-                    raise BulkRejectedError(verdict.reason)
-
-            result: list[np.ndarray] = []
-            if incoming is not None:
-                depth = self._window_chunks(self.config.stream_window_bytes,
-                                            bf.STREAM_CHUNK_MIN) + 2
-                self._in_send, self._in_recv = trio.open_memory_channel(depth)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read_control, header is not None, incoming)
-                    if header is not None:
-                        assert verdict is not None and src is not None
-                        nursery.start_soon(self._send_data, header, src, verdict, sid, out_keys)
-                    if incoming is not None:
-                        nursery.start_soon(self._receive_data, incoming, expectation, in_keys,
-                                           result)
-            except BaseExceptionGroup as group:
-                raise_peer_fault(group)
-            log.debug("peer=%s sid=%s bulk session done: sent %s, received %s", self.peer,
-                      sid.hex()[:12], header, incoming)
-            return result[0] if result else None
-
-    async def _recv_control(self) -> Any:
-        msg = await self._recv()
-        if isinstance(msg, dict) and msg.get("t") == "abort":
-            raise BulkAbortedError(_parsed(bf.parse_abort, msg))
-        return msg
-
-    async def _judge(self, offered: Any, receive: bool, limits: BulkLimits,
-                     expect: tuple[str, tuple[int, ...]] | None) -> ArrayHeader:
-        """Accept the peer's header or send `reject` and raise BulkHeaderError."""
-        try:
-            if not receive:
-                raise BulkFormatError("not expecting an array on this stream")
-            header = bf.header_from_wire(offered, limits)
-            if expect is not None and (header.dtype, header.shape) != (
-                    expect[0], tuple(expect[1])):
-                raise BulkFormatError(
-                    f"expected {expect[0]}{list(expect[1])}, offered {header.dtype}"
-                    f"{list(header.shape)}")
-        except BulkFormatError as e:
-            await self._send(bf.reject(str(e)))
-            raise BulkHeaderError(str(e)) from None
-        return header
-
-    @staticmethod
-    def _window_chunks(window_bytes: int, chunk: int) -> int:
-        return max(1, window_bytes // (chunk + bf.TAG_BYTES))
-
-    # -- control reader ------------------------------------------------------------------
-
-    async def _read_control(self, sending: bool, incoming: ArrayHeader | None) -> None:
-        """Demultiplex the control stream until it has nothing more to tell us: the
-        peer's `done` (if we send) and its `start` plus all data frames (if we receive).
-        Then, while we still owe our `done`, only an `abort` may come; we listen for it
-        (so a sender that gives up frees a receiver parked in its progress callback)
-        until `_receive_data` cancels the watch just before sending `done`. Reading thus
-        stops at a frame boundary, and the stream stays usable for the caller."""
-        need_done = sending
-        need_inbound = incoming is not None
-        expected_chunks: int | None = None
-        got_chunks = 0
-        while need_done or need_inbound:
-            try:
-                msg = await self._recv()
-            except StreamClosedError:
-                if need_inbound and expected_chunks is not None:
-                    raise BulkTruncatedError(
-                        f"control stream ended after {got_chunks} of {expected_chunks} "
-                        "chunks") from None
-                raise
-            t = _parsed(bf.message_type, msg)
-            if t == "abort":
-                raise BulkAbortedError(_parsed(bf.parse_abort, msg))
-            if t == "credit" and sending and not self._peer_done:
-                self._acked = max(self._acked, _parsed(bf.parse_credit, msg, self._sent))
-                self._notify()
-            elif t == "done" and need_done:
-                need_done = False
-                self._peer_done = True
-                self._notify()
-            elif t == "start" and need_inbound and expected_chunks is None:
-                assert incoming is not None and self._in_send is not None
-                mode, chunk = _parsed(bf.parse_start, msg)
-                expected_chunks = (bf.chunk_count(incoming.nbytes, chunk)
-                                   if mode == "stream" else 0)
-                if mode == "direct":
-                    need_inbound = False
-                self._in_window = self._window_chunks(self.config.stream_window_bytes, chunk)
-                self._in_send.send_nowait(("start", mode, chunk))
-                if expected_chunks == 0:
-                    need_inbound = False
-            elif t == "data" and need_inbound and expected_chunks is not None:
-                assert self._in_send is not None
-                got_chunks += 1
-                # The peer may only run `window` chunks ahead of what we credited; the
-                # channel is sized for that, so this never blocks (or starves the reads
-                # our own outbound direction depends on).
-                if got_chunks > self._credited + self._in_window:
-                    raise RemoteProtocolError("peer sent data beyond the credit we granted")
-                self._in_send.send_nowait(msg)
-                if got_chunks == expected_chunks:
-                    need_inbound = False
-            else:
-                raise RemoteProtocolError(f"unexpected {t!r} message in bulk session")
-        if incoming is not None and not self._done_sent:
-            with self._abort_watch:
-                msg = await self._recv()
-                if _parsed(bf.message_type, msg) == "abort":
-                    raise BulkAbortedError(_parsed(bf.parse_abort, msg))
-                raise RemoteProtocolError(f"unexpected {msg.get('t')!r} after the data")
-
-    # -- sending -------------------------------------------------------------------------
-
-    async def _send_data(self, header: ArrayHeader, src: memoryview, verdict: bf.Verdict,
-                         sid: bytes, keys: bf.DirectionKeys) -> None:
-        aead = AESGCM(keys.data_key)
-        conn = None
-        if verdict.addrs and self.config.direct and header.nbytes:
-            conn = await _connect(verdict.addrs, self.config.connect_timeout)
-            if conn is None:
-                log.info("peer=%s sid=%s side channel %s unreachable; using the stream",
-                         self.peer, sid.hex()[:12], verdict.addrs)
-        if conn is not None:
-            async with conn:
-                what = "waiting for the receiver's confirmation"
-                try:
-                    await conn.send_all(bf.channel_hello(keys))
-                    await self._send(bf.start("direct", self.config.chunk_bytes))
-                    await self._pump_direct(conn, aead, src, header.nbytes)
-                except _SOCKET_ERRORS as e:
-                    # A receiver that fails closes the channel and sends `abort` with the
-                    # reason over the control stream; its word (abort or done) decides.
-                    what = f"waiting for the receiver's verdict after the side channel failed ({e})"
-                await self._wait_done(what)
-        else:
-            await self._send(bf.start("stream", self.config.stream_chunk_bytes))
-            await self._pump_stream(aead, src, header.nbytes, verdict.window)
-            await self._wait_done("waiting for the receiver's confirmation")
-
-    async def _wait_done(self, what: str) -> None:
-        with _within(self.config.idle_timeout, what):
-            while not self._peer_done:
-                await self._changed.wait()
-
-    async def _pump_direct(self, conn: trio.SocketStream, aead: AESGCM, src: memoryview,
-                           nbytes: int) -> None:
-        chunk = self.config.chunk_bytes
-        scratch = memoryview(bytearray(chunk + bf.TAG_BYTES))
-        for i in range(bf.chunk_count(nbytes, chunk)):
-            start, stop = bf.chunk_span(i, nbytes, chunk)
-            sealed = scratch[:stop - start + bf.TAG_BYTES]
-            aead.encrypt_into(bf.nonce(i), src[start:stop], None, sealed)
-            with _within(self.config.idle_timeout, "sending on the side channel"):
-                await conn.send_all(sealed)
-            if self.sent_progress is not None:
-                await self.sent_progress(stop, nbytes)
-
-    async def _pump_stream(self, aead: AESGCM, src: memoryview, nbytes: int,
-                           window_bytes: int) -> None:
-        chunk = self.config.stream_chunk_bytes
-        window = self._window_chunks(window_bytes, chunk)
-        for i in range(bf.chunk_count(nbytes, chunk)):
-            with _within(self.config.idle_timeout, "waiting for credit"):
-                while i - self._acked >= window:
-                    await self._changed.wait()
-            start, stop = bf.chunk_span(i, nbytes, chunk)
-            sealed = aead.encrypt(bf.nonce(i), src[start:stop], None)
-            self._sent = i + 1
-            with _within(self.config.idle_timeout, "sending on the stream"):
-                await self._send(bf.data(i, sealed))
-            if self.sent_progress is not None:
-                await self.sent_progress(stop, nbytes)
-
-    # -- receiving -----------------------------------------------------------------------
-
-    async def _receive_data(self, header: ArrayHeader, expectation: _Expectation | None,
-                            keys: bf.DirectionKeys, result: list[np.ndarray]) -> None:
-        assert self._in_recv is not None
-        with _within(self.config.idle_timeout, "waiting for the sender to start"):
-            _, mode, chunk = await self._in_recv.receive()
-        array = self._out if self._out is not None else np.empty(
-            header.shape, dtype=np.dtype(header.dtype))
-        dst = memoryview(array.reshape(-1).view(np.uint8))
-        aead = AESGCM(keys.data_key)
-        if mode == "direct":
-            if expectation is None:
-                raise RemoteProtocolError("peer chose the side channel we did not offer")
-            with _within(self.config.idle_timeout, "waiting for the side channel"):
-                conn = await expectation.wait()
-            async with conn:
-                await self._pump_in_direct(conn, aead, dst, header.nbytes, chunk)
-        else:
-            await self._pump_in_stream(aead, dst, header.nbytes, chunk)
-        self._done_sent = True
-        self._abort_watch.cancel()
-        await self._send(bf.DONE)
-        result.append(array)
-
-    async def _pump_in_direct(self, conn: trio.SocketStream, aead: AESGCM, dst: memoryview,
-                              nbytes: int, chunk: int) -> None:
-        sock = conn.socket
-        scratch = memoryview(bytearray(chunk + bf.TAG_BYTES))
-        for i in range(bf.chunk_count(nbytes, chunk)):
-            start, stop = bf.chunk_span(i, nbytes, chunk)
-            sealed = scratch[:stop - start + bf.TAG_BYTES]
-            filled = 0
-            with _within(self.config.idle_timeout, "receiving on the side channel"):
-                while filled < len(sealed):
-                    try:
-                        n = await sock.recv_into(sealed[filled:])
-                    except OSError as e:
-                        raise BulkTruncatedError(f"side channel failed: {e}") from None
-                    if n == 0:
-                        raise BulkTruncatedError(
-                            f"side channel ended at byte {start + filled} of {nbytes}")
-                    filled += n
-            try:
-                aead.decrypt_into(bf.nonce(i), sealed, None, dst[start:stop])
-            except InvalidTag:
-                raise BulkIntegrityError(f"chunk {i} failed authentication") from None
-            if self.received_progress is not None:
-                await self.received_progress(stop, nbytes)
-
-    async def _pump_in_stream(self, aead: AESGCM, dst: memoryview, nbytes: int,
-                              chunk: int) -> None:
-        assert self._in_recv is not None
-        count = bf.chunk_count(nbytes, chunk)
-        # Credit in quarter windows: the sender never idles, and credit frames stay rare.
-        batch = max(1, self._window_chunks(self.config.stream_window_bytes, chunk) // 4)
-        for i in range(count):
-            start, stop = bf.chunk_span(i, nbytes, chunk)
-            with _within(self.config.idle_timeout, "receiving on the stream"):
-                msg = await self._in_recv.receive()
-            sealed = _parsed(bf.parse_data, msg, i, stop - start + bf.TAG_BYTES)
-            try:
-                aead.decrypt_into(bf.nonce(i), sealed, None, dst[start:stop])
-            except InvalidTag:
-                raise BulkIntegrityError(f"chunk {i} failed authentication") from None
-            if self.received_progress is not None:
-                await self.received_progress(stop, nbytes)
-            if i + 1 < count and i + 1 - self._credited >= batch:
-                self._credited = i + 1
-                await self._send(bf.credit(i + 1))
-
-
-_CONNECT_STAGGER = 0.25  # s between attempts, as in happy eyeballs (RFC 8305)
-
-
-async def _connect(addrs: list[tuple[str, int]], timeout: float) -> trio.SocketStream | None:
-    """The first of ``addrs`` that connects within ``timeout`` (all tried concurrently,
-    each started a little after the previous, so the receiver's order is a preference
-    and an unreachable first address costs a stagger, not a timeout), or None."""
-    winner: list[trio.SocketStream] = []
-
-    async def attempt(host: str, port: int, delay: float, nursery: trio.Nursery) -> None:
-        await trio.sleep(delay)
-        try:
-            conn = await trio.open_tcp_stream(host, port)
-        except OSError as e:
-            log.debug("bulk side channel %s:%d: %s", host, port, e)
-            return
-        if winner:
-            await conn.aclose()
-            return
-        winner.append(conn)
-        nursery.cancel_scope.cancel()
-
-    with trio.move_on_after(timeout):
-        async with trio.open_nursery() as nursery:
-            for n, (host, port) in enumerate(addrs):
-                nursery.start_soon(attempt, host, port, n * _CONNECT_STAGGER, nursery)
-    return winner[0] if winner else None
-
-

@@ -65,6 +65,7 @@ from lattice.net.streams import (
     RemoteProtocolError,
     Stream,
     StreamClosedError,
+    quietly,
     recv_frame_or_eof,
     send_frame,
 )
@@ -260,17 +261,22 @@ class SyncConfig:
     """A session that ended while its peer stays connected is dialed again this long
     after (or when the peer's backoff ends, if it was penalized)."""
     hello_timeout: float = 10.0
+    """A session whose peer has not said hello by then ends."""
     idle_timeout: float = 60.0
     """A session whose remote sends no frame for this long (or does not take one of
     ours) ends; with nothing to send we send a keepalive after a third of it."""
     max_sessions: int = 256
+    """Sync sessions at once, in all."""
     backoff_base: float = 5.0
     backoff_max: float = 600.0
     max_batch_bytes: int = MAX_BATCH_BYTES
     mesh_degree: int = MESH_DEGREE
-    """Sessions every new envelope is pushed to (`lattice.core.state.sync`)."""
+    """Sync sessions each new update is pushed to (the overlay's mesh degree; a graft is
+    accepted up to 8). Others hear of it at the next gossip tick and pull what they lack."""
     mesh_low: int = MESH_LOW
     mesh_high: int = MESH_HIGH
+    """The mesh is grafted up below ``mesh_low`` and pruned above ``mesh_high`` (both
+    widened to include ``mesh_degree``)."""
     lazy_fanout: int = LAZY_FANOUT
     initial_sync_timeout: float = 10.0
     """How long local writes wait for a peer to confirm our own history after a start
@@ -289,8 +295,10 @@ class CrdtSync:
         self._rng = rng
         self.hub = SyncHub(store, max_sessions=config.max_sessions,
                            backoff_base=config.backoff_base, backoff_max=config.backoff_max,
-                           mesh_degree=config.mesh_degree, mesh_low=config.mesh_low,
-                           mesh_high=config.mesh_high, lazy_fanout=config.lazy_fanout,
+                           mesh_degree=config.mesh_degree,
+                           mesh_low=min(config.mesh_low, config.mesh_degree),
+                           mesh_high=max(config.mesh_high, config.mesh_degree),
+                           lazy_fanout=config.lazy_fanout,
                            rng=rng, wake=self._wake)
         self._wakers: dict[int, trio.Event] = {}
         self._dialing: set[str] = set()
@@ -418,7 +426,7 @@ class CrdtSync:
                     now=self._clock())
             except SessionRefused as e:
                 log.debug("peer=%s crdt-sync session refused: %s", peer, e)
-                await _quietly(raw_stream.reset)
+                await quietly(raw_stream.reset)
                 return
             try:
                 await self._serve_session(CountingStream(raw_stream, session), session)
@@ -462,7 +470,7 @@ class CrdtSync:
             elif error is not None:
                 log.debug("peer=%s sid=%s crdt-sync session ended: %r", peer, sid, error)
         finally:
-            await _quietly(stream.reset if penalized else stream.close)
+            await quietly(stream.reset if penalized else stream.close)
 
     async def _watchdog(self, stream: CountingStream, session: SyncSession, *,
                         live: _Liveness) -> None:
@@ -605,15 +613,6 @@ class CrdtSync:
         while True:
             await trio.sleep(interval * self._rng.uniform(0.9, 1.1))
             self.hub.tick()
-
-
-async def _quietly(action: Callable[[], Any]) -> None:
-    """Close or reset a stream whose peer may already be gone, even while cancelled."""
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        try:
-            await action()
-        except PeerError:
-            pass  # already closed by the other side; nothing left to release
 
 
 async def serve_heartbeat(store: StateStore,

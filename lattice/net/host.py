@@ -484,6 +484,21 @@ class Libp2pNode:
         except (ValueError, KeyError):
             return []
 
+    def remote_ip(self, peer_id: str) -> str | None:
+        """Where ``peer_id``'s connection comes from, for quotas per network: the IP of a
+        direct connection, else ``relay:<relay peer id>`` for a relayed one, else None."""
+        conns = self.live_connections(peer_id)
+        for conn in conns:
+            addr = remote_address(conn)
+            if addr is not None:
+                return addr[0]
+        for conn in conns:
+            for a in _conn_addrs(conn):
+                head, circuit, _ = a.partition("/p2p-circuit")
+                if circuit and "/p2p/" in head:
+                    return "relay:" + head.rsplit("/p2p/", 1)[1]
+        return None
+
     def connection_kind(self, peer_id: str) -> str | None:
         """"direct" if any connection to the peer is direct, "relayed" if all go through
         a relay, None when not connected."""

@@ -30,6 +30,7 @@ from lattice.net.streams import (
     PeerError,
     PeerNetwork,
     Stream,
+    quietly,
     recv_frame,
     recv_frame_or_eof,
     send_frame,
@@ -47,12 +48,15 @@ class MembershipConfig:
     """Daemon config section ``[membership]``."""
 
     probe_interval: float = 3.0
-    """Seconds between probes (one neighbour each): SWIM's protocol period."""
+    """One connected peer is probed this often, seconds (SWIM's protocol period)."""
     probe_timeout: float = 2.0
+    """A probe unanswered this long makes its peer suspect, seconds."""
     suspicion_timeout: float = 15.0
-    """A suspected member that does not refute within this is declared dead."""
+    """A suspect that does not refute within this is declared dead, seconds."""
     max_entries: int = 4096
+    """Members whose liveness we track (neighbours are never forgotten)."""
     max_in_flight: int = 16
+    """Membership messages being sent at once; beyond it one is skipped (counted)."""
 
 
 class MembershipService:
@@ -95,7 +99,7 @@ class MembershipService:
                         if reply is not None:
                             self.machine.handle(peer, reply, self._clock())
                 finally:
-                    await _quietly(stream.close)
+                    await quietly(stream.close)
         except (PeerError, MembershipError) as e:
             self.errors += 1
             log.debug("peer=%s membership %s failed: %s", peer, msg["t"], e)
@@ -112,11 +116,11 @@ class MembershipService:
                         await send_frame(stream, reply)
         except MembershipError as e:
             log.info("peer=%s malformed membership message: %s", peer, e)
-            await _quietly(stream.reset)
+            await quietly(stream.reset)
             return
         except PeerError as e:
             log.debug("peer=%s membership stream failed: %s", peer, e)
-        await _quietly(stream.close)
+        await quietly(stream.close)
 
     async def _probe_loop(self) -> None:
         while True:
@@ -142,14 +146,6 @@ class MembershipService:
         if peer not in self.machine.neighbours():
             self.machine.add_neighbour(peer, self._clock())
             self._send(peer, self.machine.table())
-
-
-async def _quietly(action: Callable[[], Any]) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-        try:
-            await action()
-        except PeerError:
-            pass  # already gone; nothing left to release
 
 
 async def serve_membership(network: PeerNetwork, *, config: MembershipConfig = MembershipConfig(),

@@ -86,14 +86,10 @@ class ModelsConfig:
     """Largest single-blob (v1) model read."""
 
 
-def open_model_service(blobs: BlobService, store: Any, sync: Any, settings: Any, *,
+def open_model_service(blobs: BlobService, store: Any, sync: Any, config: ModelsConfig, *,
                        clock: Callable[[], float]) -> ModelService:
-    """The daemon's model store over the job runner's blobs; ``settings`` maps the
-    daemon config keys ``models.*``; records go through ``sync`` (a `CrdtSync`)."""
-    config = ModelsConfig(compute_threads=settings["models.compute_threads"],
-                          fetch_timeout=settings["models.fetch_timeout_s"],
-                          fetch_parallel=settings["models.fetch_parallel"],
-                          shard_bytes=settings["models.export_shard_bytes"])
+    """The daemon's model store over the job runner's blobs; records go through ``sync``
+    (a `CrdtSync`)."""
     me = blobs.network.peer_id
     write = sync.write if sync is not None else (lambda changes: store.apply_local(changes, clock()))
     return ModelService(blobs, store, write, me, config, clock=clock)

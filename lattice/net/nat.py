@@ -39,7 +39,6 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +56,6 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol, _is_relayed_stream
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode, to_proto_status
-from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.tools.constants import MAX_READ_LEN
@@ -73,6 +71,7 @@ from lattice.core.reachability import (
     Verdict,
 )
 from lattice.net.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
+from lattice.net.nat_config import NatConfig as NatConfig
 from lattice.net.host import (
     PEER_ERRORS,
     BadDialTarget,
@@ -92,73 +91,6 @@ _RELAY_CANDIDATES_MAX = 32
 _MAX_OBSERVE_FAILURES = 1024
 _LEARNED_RELAY_TTL = 3600.0
 _HUNGER_MIN = 2.0
-
-
-# -- configuration --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class NatConfig:
-    """`[nat]` and `[relay]` settings (names as in the daemon's config file)."""
-
-    # [nat]
-    upnp: bool = False  # try a UPnP port mapping (off: most gateways have it off too)
-    holepunch: bool = True  # upgrade relayed connections we accept to direct ones
-    max_relays: int = 2  # relays we keep a reservation on while not publicly reachable
-    max_observers: int = 4  # peers whose view of our address we keep
-    observe_interval_s: float = 300.0  # refresh each observation this often
-    dialback_timeout_s: float = 3.0  # a helper's dial-back of one address
-    recheck_interval_s: float = 600.0  # re-verify reachability once known
-    # [relay] (the hop service for others, when we are publicly reachable)
-    relay_service: str = "auto"  # auto (when reachable) | on | off
-    relay_max_reservations: int = 64  # peers holding a slot on us
-    relay_max_circuits: int = 32  # relayed connections through us at once
-    relay_max_circuits_per_peer: int = 4  # per reserving peer
-    relay_max_circuit_bytes: int = 64 << 20  # per circuit, both directions
-    relay_max_circuit_duration_s: int = 1800  # per circuit
-    relay_reservation_ttl_s: int = 3600
-
-    def __post_init__(self) -> None:
-        if self.relay_service not in ("auto", "on", "off"):
-            raise ValueError(f"relay.service must be auto, on or off, not {self.relay_service!r}")
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ValueError(f"{_setting_name(f.name)} must not be negative, got {v}")
-        if self.dialback_timeout_s <= 0 or self.observe_interval_s <= 0:
-            raise ValueError("nat.dialback_timeout_s and nat.observe_interval_s must be positive")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> NatConfig:
-        """From ``{"nat.upnp": True, "relay.max_circuits": 8, ...}`` (the daemon's keys;
-        bare field names work too). Unknown keys raise ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        unknown = []
-        for key, value in values.items():
-            section, _, name = key.rpartition(".")
-            field_name = name if section in ("", "nat") else f"{section}_{name}"
-            if section == "relay" and name == "service":
-                field_name = "relay_service"
-            if field_name not in known:
-                unknown.append(key)
-                continue
-            kwargs[field_name] = value
-        if unknown:
-            raise ValueError(f"unknown NAT/relay setting(s): {', '.join(sorted(unknown))}")
-        return cls(**kwargs)
-
-    def relay_limits(self) -> RelayLimits:
-        return RelayLimits(duration=self.relay_max_circuit_duration_s,
-                           data=self.relay_max_circuit_bytes,
-                           max_circuit_conns=self.relay_max_circuits_per_peer,
-                           max_reservations=self.relay_max_reservations,
-                           reservation_ttl=self.relay_reservation_ttl_s)
-
-
-def _setting_name(field_name: str) -> str:
-    if field_name.startswith("relay_"):
-        return "relay." + field_name[len("relay_"):]
-    return "nat." + field_name
 
 
 # -- the relay hop and stop sides ------------------------------------------------------------

@@ -3,7 +3,8 @@
 Owns: `Stream` / `PeerNetwork` (what a driver may ask of the network), peer connect and
 disconnect events (`PeerEvent`, fanned out to bounded subscriptions by `PeerEventHub`:
 the one way a service learns that a peer came or went), `send_frame` / `recv_frame`,
-and the error a vanished or misbehaving peer raises (`PeerError`).
+the error a vanished or misbehaving peer raises (`PeerError`), and `parse_peer_input`,
+the one way a driver runs a parser over what a peer sent.
 Must not import libp2p: `lattice.net.host` adapts py-libp2p to this interface and
 `lattice.testing.memnet` provides an in-memory one.
 
@@ -15,13 +16,14 @@ from __future__ import annotations
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import trio
 
 from lattice.core.codec import DEFAULT_MAX_BYTES, DecodeError, pack, unpack
 
 _LEN = struct.Struct(">I")
+T = TypeVar("T")
 
 
 class PeerError(Exception):
@@ -37,6 +39,41 @@ class StreamClosedError(PeerError):
 
 class RemoteProtocolError(PeerError):
     """The remote sent bytes that violate the protocol (bad frame, bad message)."""
+
+
+class MalformedInputError(RemoteProtocolError):
+    """A parser raised something other than a protocol error on the peer's input
+    (``__cause__`` holds what it raised: ValueError, KeyError, RecursionError...)."""
+
+
+def parse_peer_input(parse: Callable[..., T], *args: Any,
+                     keep: tuple[type[Exception], ...] = (), **kwargs: Any) -> T:
+    """``parse(*args, **kwargs)`` over what a peer sent: the one way a handler reads
+    peer input. ``parse`` is pure (it only looks at its arguments), so whatever it
+    raises was caused by the peer and becomes a `RemoteProtocolError` - `PeerError`s
+    pass through, exception types in ``keep`` (typed errors the caller handles itself,
+    such as `InvalidTensor`) too. The handler's existing `RemoteProtocolError` path
+    then counts it, penalizes the peer and serves on. Our own code outside ``parse``
+    keeps its bugs: they propagate as always."""
+    try:
+        return parse(*args, **kwargs)
+    except PeerError:
+        raise
+    except keep:
+        raise
+    except Exception as e:  # the peer-input boundary (above): blame the input, not us
+        name = getattr(parse, "__qualname__", type(parse).__name__)
+        raise MalformedInputError(f"{name}: {type(e).__name__}: {str(e)[:200]}") from e
+
+
+async def quietly(action: Callable[[], Awaitable[Any]]) -> None:
+    """Close or reset a stream whose peer may already be gone, even while cancelled
+    (shielded, at most 1 s): a `PeerError` then only means it was closed already."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            await action()
+        except PeerError:
+            pass  # already closed by the other side: nothing left to release
 
 
 class Stream(Protocol):

@@ -94,3 +94,26 @@ def run_cli(*args: str, socket: Path | None = None, timeout: float = 60) -> subp
         cmd += ["--socket", str(socket)]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
                           env=child_env())
+
+
+class DaemonFactory:
+    """Starts `DaemonProc`s in numbered state dirs under ``base`` and kills whatever is
+    still running on `close` (a test's teardown): ``factory(*extra_args, env=...)``."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.started: list[DaemonProc] = []
+
+    def __call__(self, *extra: str, start: bool = True, state_dir: Path | None = None,
+                 env: dict | None = None) -> DaemonProc:
+        d = DaemonProc(state_dir or self.base / f"d{len(self.started)}", *extra, env=env)
+        self.started.append(d)
+        if start:
+            d.start()
+        return d
+
+    def close(self) -> None:
+        for d in self.started:
+            if d.proc is not None and d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()

@@ -16,7 +16,15 @@ from lattice.core.identity import Identity
 from lattice.core.jobs import join_proof
 from lattice.core.state import Set
 from lattice.testing.daemons import run_cli
-from lattice.testing.hostile.state import Author, Fleet, hijack_record, job_records, open_attacker
+from lattice.testing.hostile.state import (
+    Author,
+    Fleet,
+    hijack_record,
+    job_records,
+    open_attacker,
+)
+
+from .conftest import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -38,14 +46,6 @@ async def rpc(d, method: str, **params):
     async with lattice.open_client(d.socket) as c:
         return await c.call(method, **params)
 
-
-async def eventually(check, what: str, timeout: float = 60.0):
-    deadline = trio.current_time() + timeout
-    while not (value := await check()):
-        if trio.current_time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await trio.sleep(0.1)
-    return value
 
 
 async def job_in(d, job_id: str, statuses: tuple[str, ...]) -> dict:

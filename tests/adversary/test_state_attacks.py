@@ -29,6 +29,8 @@ from lattice.testing.hostile.state import (
     sybils,
 )
 
+from .conftest import eventually
+
 pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
@@ -48,15 +50,6 @@ async def rpc(d, method: str, **params):
     async with lattice.open_client(d.socket) as c:
         return await c.call(method, **params)
 
-
-async def eventually(check, what: str, timeout: float = 30.0):
-    """Poll an async condition until it holds (a daemon's counters have no event)."""
-    deadline = trio.current_time() + timeout
-    while not (value := await check()):
-        if trio.current_time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await trio.sleep(0.1)
-    return value
 
 
 async def honest_pair(fleet: Fleet, env: dict | None = None):

@@ -53,6 +53,7 @@ def node_status(node: Node) -> dict[str, Any]:
                    "dropped": node.bus.dropped},
         "state_sync": _state_summary(node),
         "dht": _dht_summary(node),
+        "bulk": node.bulk.statistics() if node.bulk else None,
         "governor": node.governor.status() if node.governor else None,
         "metrics": node.metrics.statistics() if node.metrics else None,
     }
@@ -63,7 +64,7 @@ def _dht_summary(node: Node) -> dict[str, Any] | None:
         return None
     st = node.dht.statistics()
     keep = ("mode", "routing_table_size", "joined", "records_stored", "providers_stored",
-            "own_records", "rejected")
+            "own_records", "rejected", "record_store", "provider_store", "penalized_now")
     return {k: st[k] for k in keep if k in st}
 
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lattice.core.config_errors import InvalidSetting
 from lattice.core.governor.budgets import format_bytes
 from lattice.core.governor.localtime import Now, next_period_start
 from lattice.core.governor.schedule import Schedule, ScheduleError, parse_schedule
@@ -39,11 +40,12 @@ COMPUTE_REASONS = (USER, BATTERY, SCHEDULE, USER_ACTIVE, BUSY)
 NETWORK_REASONS = (NETWORK_SCHEDULE, DATA_CAP)
 
 
-class VolunteerConfigError(ValueError):
+class VolunteerConfigError(InvalidSetting):
     """A bad ``[volunteer]`` setting; ``key`` names it (``volunteer.cpu_percent``)."""
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key} {message}")
+        super().__init__(key.rpartition(".")[2], message)
+        self.args = (f"{key} {message}",)
         self.key = key
 
 

@@ -42,7 +42,6 @@ DEFAULT_PARSERS: Mapping[str, SpecParser] = {KIND_TRAIN: parse_train_spec}
 
 # -- states -------------------------------------------------------------------------------
 
-# Same order as lattice.core.state.views.STATUS_ORDER (a test keeps them equal).
 STATUS_ORDER = ("submitted", "running", "merging", "failed", "cancelled", "done")
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lattice.core.config_errors import InvalidSetting
+
 # -- protocol limits (same on every peer; changing one needs a new protocol version) --
 MAX_ENVELOPE_BYTES = 256 * 1024
 """Largest encoded envelope (a delta or a snapshot)."""
@@ -56,13 +58,15 @@ class StateLimits:
     that would exceed it evicts unreferenced authors (largest first) or is refused.
     Memory is a small multiple of it (the documents and decoded records too)."""
     peer_authors_per_s: float = 4.0
+    """New authors one peer may have us admit, per second after its burst."""
     peer_authors_burst: int = 256
     """New authors one peer may have us admit (other than its own): a token bucket of
     this burst, refilled at this rate. A new daemon learns a network of a few hundred
     members from its first peer at once, and the rest from every peer in parallel."""
     peer_bytes_per_s: float = 64 * 1024
+    """Envelope bytes one peer may have us accept, per second after its burst."""
     peer_bytes_burst: int = 4 * 1024 * 1024
-    """Envelope bytes one peer may have us accept: the same kind of bucket."""
+    """Envelope bytes one peer may have us accept at once: the same kind of bucket."""
     max_gap_per_author: int = 64
     """Out-of-order envelopes buffered per author while waiting for the missing seq."""
     max_gap_bytes: int = 4 * 1024 * 1024
@@ -79,9 +83,12 @@ class StateLimits:
 
     def __post_init__(self) -> None:
         if not (1 <= self.max_authors <= MAX_SUMMARY_ENTRIES):
-            raise ValueError(f"max_authors must be in [1, {MAX_SUMMARY_ENTRIES}]")
+            raise InvalidSetting("max_authors", f"must be in [1, {MAX_SUMMARY_ENTRIES}]")
         if self.max_state_bytes < MAX_AUTHOR_BYTES:
-            raise ValueError(f"max_state_bytes must hold one author ({MAX_AUTHOR_BYTES})")
-        if min(self.peer_authors_per_s, self.peer_bytes_per_s) < 0 or \
-                min(self.peer_authors_burst, self.peer_bytes_burst) < 1:
-            raise ValueError("peer allowances need rates >= 0 and bursts >= 1")
+            raise InvalidSetting("max_state_bytes", f"must hold one author ({MAX_AUTHOR_BYTES})")
+        for rate in ("peer_authors_per_s", "peer_bytes_per_s"):
+            if getattr(self, rate) < 0:
+                raise InvalidSetting(rate, "must not be negative")
+        for burst in ("peer_authors_burst", "peer_bytes_burst"):
+            if getattr(self, burst) < 1:
+                raise InvalidSetting(burst, "must be at least 1")

@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from lattice.core.jobs import JobSpecError, verify_record
+from lattice.core.jobs import STATUS_ORDER, JobSpecError, verify_record
 from lattice.core.state.schema import (
     ROOT_COUNTERS,
     ROOT_JOBS,
@@ -56,9 +56,7 @@ from lattice.core.state.schema import (
 Content = Mapping[str, Mapping[str, Any]]
 Contents = Mapping[str, Content]
 
-STATUS_ORDER = ("submitted", "running", "merging", "failed", "cancelled", "done")
 _RANK = {s: i for i, s in enumerate(STATUS_ORDER)}
-TERMINAL = frozenset({"failed", "cancelled", "done"})
 _GAVE_UP = ("left", "failed")
 _EMPTY: Mapping[str, Any] = {}
 

@@ -2,13 +2,15 @@
 receiver hands out any array; and a reader that pauses 10 s does not kill a transfer."""
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
 import trio
 import trio.testing
 
-from lattice.core.bulk_frames import CHANNEL_MAGIC, BulkLimits
+from lattice.core.arrays import ArrayLimits
+from lattice.core.bulk_frames import CHANNEL_MAGIC
 from lattice.net.bulk import (
     BulkAbortedError,
     BulkAuthError,
@@ -21,6 +23,7 @@ from lattice.net.bulk import (
     exchange_arrays,
     receive_array,
     send_array,
+    serve_bulk_listener,
 )
 from lattice.net.streams import PeerError, RemoteProtocolError, StreamClosedError
 
@@ -47,7 +50,7 @@ async def run_both(send, receive):
     return out["sender"], out["receiver"]
 
 
-def transfer(a, b, array=PAYLOAD, *, listener=None, config=SMALL, limits=BulkLimits(),
+def transfer(a, b, array=PAYLOAD, *, listener=None, config=SMALL, limits=ArrayLimits(),
              on_received=None):
     return run_both(
         lambda: send_array(a, array, config=config),
@@ -177,9 +180,9 @@ async def test_peer_vanishing_mid_transfer_fails_both_sides(stream_pair):
 
 
 @pytest.mark.parametrize("offered, limits, why", [
-    (np.zeros(1000, np.float32), BulkLimits(max_bytes=3999), "exceeds limit"),
-    (np.zeros(10, np.int64), BulkLimits(dtypes=frozenset({"<f4"})), "not allowed"),
-    (np.zeros((1,) * 9, np.float32), BulkLimits(max_ndim=8), "at most 8"),
+    (np.zeros(1000, np.float32), ArrayLimits(max_bytes=3999), "exceeds limit"),
+    (np.zeros(10, np.int64), ArrayLimits(dtypes=frozenset({"<f4"})), "not allowed"),
+    (np.zeros((1,) * 9, np.float32), ArrayLimits(max_ndim=8), "at most 8"),
 ], ids=["oversize", "dtype", "ndim"])
 async def test_headers_outside_limits_are_refused(stream_pair, listener, offered, limits, why):
     a, b = await stream_pair()
@@ -321,3 +324,85 @@ async def test_a_reader_gone_silent_stalls_the_sender_after_idle_timeout(
     assert trio.current_time() - start == pytest.approx(30, abs=1)
     # the sender said why before leaving, which ends the hung receiver too
     assert isinstance(received, BulkAbortedError) and "no progress" in received.reason
+
+
+# -- the handler boundary: a parser choking on peer input is the peer's fault ---------------
+
+PARSERS = ["bulk_frames.parse_hello", "bulk_frames.session_id", "arrays.parse_array_spec",
+           "bulk_frames.parse_verdict", "bulk_frames.message_type", "bulk_frames.parse_start",
+           "bulk_frames.parse_data"]
+PEER_ERRORS = [ValueError, RecursionError, KeyError, OverflowError, TypeError]
+
+
+@pytest.mark.parametrize("error", PEER_ERRORS)
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_an_exception_inside_any_parser_becomes_a_peer_error(stream_pair, monkeypatch,
+                                                                     parser, error):
+    def boom(*args, **kwargs):
+        raise error("injected")
+
+    module, name = parser.split(".")
+    target = "lattice.net.bulk_session" if module == "arrays" else f"lattice.core.{module}"
+    monkeypatch.setattr(f"{target}.{name}", boom)
+    a, b = await stream_pair()
+    # run_both lets only PeerErrors through: anything else would fail this test
+    sent, received = await transfer(a, b)
+    assert isinstance(sent, PeerError) and isinstance(received, PeerError)
+    assert isinstance(sent, RemoteProtocolError) or isinstance(received, RemoteProtocolError)
+
+
+async def test_a_zero_length_dimension_cannot_smuggle_a_huge_extent(stream_pair, monkeypatch):
+    a, b = await stream_pair()
+    lie = {"dtype": "<f4", "shape": [0, 2**40, 2**40], "nbytes": 0}
+    monkeypatch.setattr("lattice.core.arrays.ArraySpec.to_wire", lambda self: lie)
+    sent, received = await transfer(a, b, np.zeros(0, np.float32))
+    assert isinstance(received, BulkHeaderError) and "exceeds limit" in str(received)
+    assert isinstance(sent, BulkRejectedError)
+
+
+@pytest.mark.parametrize("error", PEER_ERRORS)
+async def test_the_listener_survives_a_choking_hello_parser(stream_pair, listener, monkeypatch,
+                                                           error):
+    def boom(*args, **kwargs):
+        raise error("injected")
+
+    host, port = listener.addresses[0]
+    monkeypatch.setattr("lattice.core.bulk_frames.parse_channel_hello", boom)
+    async with await trio.open_tcp_stream(host, port) as conn:
+        await conn.send_all(CHANNEL_MAGIC + bytes(64))
+        try:
+            assert await conn.receive_some(100) == b""
+        except trio.BrokenResourceError:
+            pass
+    monkeypatch.undo()
+    assert listener.statistics()["bad_hello"] == 1
+    a, b = await stream_pair()  # and it serves the next transfer over the side channel
+    sent, received = await transfer(a, b, listener=listener)
+    assert sent is None and np.array_equal(received, PAYLOAD)
+    assert listener.statistics()["authenticated"] == 1
+
+
+# -- the listener's handshake slots: bounded per source network, and short-lived -----------
+
+
+async def test_idle_connections_from_one_network_take_only_their_share(stream_pair, nursery,
+                                                                       autojump_clock):
+    listener = await nursery.start(partial(serve_bulk_listener, max_handshakes=8,
+                                           max_handshakes_per_ip=3, hello_timeout=2.0))
+    host, port = listener.addresses[0]
+    idle = [await trio.open_tcp_stream(host, port, local_address=f"127.0.1.{i + 2}")
+            for i in range(10)]  # one /24: one source network
+    await trio.testing.wait_all_tasks_blocked()
+    stats = listener.statistics()
+    assert (stats["handshaking"], stats["refused_ip_busy"]) == (3, 7)
+    # an honest transfer from another network still gets a slot and its side channel
+    a, b = await stream_pair()
+    sent, received = await transfer(a, b, listener=listener)
+    assert sent is None and np.array_equal(received, PAYLOAD)
+    assert listener.statistics()["authenticated"] == 1
+    # and the idle ones are dropped after the hello timeout
+    await trio.sleep(2.5)
+    assert listener.statistics()["hello_timeouts"] == 3
+    assert listener.statistics()["handshaking"] == 0
+    for conn in idle:
+        await conn.aclose()

@@ -7,13 +7,19 @@ import numpy as np
 import pytest
 import trio
 
-from lattice.core.bulk_frames import BulkLimits
+from lattice.core import bulk_frames as bf
+from lattice.core.arrays import ArrayFormatError, ArrayLimits
 from lattice.net.bulk import (
     BulkConfig,
+    BulkHeaderError,
+    BulkRejectedError,
+    exchange,
     exchange_arrays,
     push_array,
     receive_array,
+    receive_arrays,
     send_array,
+    send_arrays,
     serve_bulk,
     serve_bulk_listener,
 )
@@ -34,7 +40,7 @@ ARRAYS = {
 }
 
 
-async def transfer(a, b, array, *, listener=None, config=SMALL_CHUNKS, limits=BulkLimits()):
+async def transfer(a, b, array, *, listener=None, config=SMALL_CHUNKS, limits=ArrayLimits()):
     got = []
     async with trio.open_nursery() as n:
         async def receive():
@@ -197,13 +203,13 @@ async def test_push_array_to_a_serving_peer(stream_pair, listener):
     a, b = list(net.peers.values())
     inbox_send, inbox_recv = trio.open_memory_channel(1)
 
-    async def on_array(peer_id, array):
-        await inbox_send.send((peer_id, array))
+    async def on_arrays(peer_id, arrays):
+        await inbox_send.send((peer_id, arrays))
 
-    serve_bulk(b, on_array, listener=listener)
+    serve_bulk(b, on_arrays, listener=listener)
     sent = ARRAYS["f64-3d"]
     await push_array(a, b.peer_id, sent)
-    peer_id, received = await inbox_recv.receive()
+    peer_id, (received,) = await inbox_recv.receive()
     assert peer_id == a.peer_id
     assert_same(received, sent)
 
@@ -233,3 +239,86 @@ async def test_exchange_into_a_reused_buffer(stream_pair, listener):
     assert (out_a == 1).all() and (out_b == 0).all()
     with pytest.raises(ValueError, match="out is"):
         await exchange_arrays(a, np.zeros(1000), out=np.empty(999))
+
+
+# -- one session, many arrays ----------------------------------------------------------------
+
+SET = [ARRAYS["f32-vector"], ARRAYS["empty"], ARRAYS["u64"], ARRAYS["f16-matrix"],
+       ARRAYS["big-endian"]]
+
+
+@pytest.fixture
+def key_agreements(monkeypatch):
+    """How many ephemeral keys (one per side per session) were made."""
+    made = []
+    real = bf.EphemeralKey
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bf, "EphemeralKey", counting)
+    return made
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["side-channel", "stream"])
+async def test_one_session_carries_every_array_of_an_exchange(stream_pair, listener, direct,
+                                                               key_agreements):
+    a, b = await stream_pair()
+    ours, theirs = SET, [np.flip(x).copy() if x.ndim else x for x in reversed(SET)]
+    got = {}
+    chan = listener if direct else None
+    async with trio.open_nursery() as n:
+        async def side_b():
+            got["b"] = await exchange(b, theirs, listener=chan, config=SMALL_CHUNKS)
+        n.start_soon(side_b)
+        got["a"] = await exchange(a, ours, listener=chan, config=SMALL_CHUNKS)
+    for received, sent in [*zip(got["a"], theirs), *zip(got["b"], ours)]:
+        assert_same(received, sent)
+    assert len(key_agreements) == 2  # one key agreement for the exchange, one per side
+    assert listener.statistics()["authenticated"] == (2 if direct else 0)
+    await send_frame(a, {"t": "after"})  # the control stream is still at a frame boundary
+    assert await recv_frame(b) == {"t": "after"}
+
+
+async def test_a_set_of_arrays_counts_against_the_limit_as_a_whole(stream_pair, listener):
+    a, b = await stream_pair()
+    arrays = [np.zeros(1000, np.float32)] * 3  # 4000 bytes each, 12000 together
+    outcome = {}
+    async with trio.open_nursery() as n:
+        async def receive():
+            try:
+                await receive_arrays(b, listener=listener, limits=ArrayLimits(max_bytes=10_000))
+            except BulkHeaderError as e:
+                outcome["receiver"] = e
+        n.start_soon(receive)
+        with pytest.raises(BulkRejectedError, match="exceed limit 10000"):
+            await send_arrays(a, arrays)
+    assert "exceed limit" in str(outcome["receiver"])
+    assert listener.statistics()["pending_sessions"] == 0
+
+
+async def test_the_receiver_decides_what_it_takes(stream_pair):
+    a, b = await stream_pair()
+
+    def only_floats(specs):
+        if any(s.dtype != "<f4" for s in specs):
+            raise ArrayFormatError("floats only")
+
+    outcome = {}
+    async with trio.open_nursery() as n:
+        async def receive():
+            try:
+                await receive_arrays(b, check=only_floats)
+            except BulkHeaderError as e:
+                outcome["receiver"] = e
+        n.start_soon(receive)
+        with pytest.raises(BulkRejectedError, match="floats only"):
+            await send_arrays(a, [np.zeros(3, np.float32), np.zeros(3, np.int8)])
+    assert "floats only" in str(outcome["receiver"])
+
+
+async def test_more_arrays_than_a_session_carries_is_our_error(stream_pair):
+    a, _ = await stream_pair()
+    with pytest.raises(ValueError, match="1 to 16 arrays"):
+        await send_arrays(a, [np.zeros(1, np.float32)] * 17)

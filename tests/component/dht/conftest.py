@@ -25,13 +25,17 @@ class Swarm:
     nodes: list[KademliaDHT] = field(default_factory=list)
     peers: dict[str, MemoryPeer] = field(default_factory=dict)
 
+    # peer id -> the IP its connections come from (the DHT's per-network quotas); a
+    # peer not listed is unknown and charged on its own
+    ips: dict[str, str] = field(default_factory=dict)
+
     async def add(self, *, config: DHTConfig = DHTConfig(), peer: MemoryPeer | None = None,
                   state: bytes | None = None) -> KademliaDHT:
         peer = peer or self.net.add_peer()
         await self.nursery.start(peer.serve)
         dht = await self.nursery.start(partial(
             serve_dht, peer, peer.identity, config=config, wall_clock=wall_clock,
-            state=state))
+            state=state, source_ip=self.ips.get))
         self.nodes.append(dht)
         self.peers[dht.peer_id] = peer
         return dht

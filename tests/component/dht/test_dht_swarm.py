@@ -3,6 +3,7 @@ everywhere within log2(N)+2 hops, refuse bad records, survive churn, keep client
 of routing tables."""
 
 import math
+from functools import partial
 import random
 
 import pytest
@@ -20,8 +21,8 @@ from lattice.core.kademlia import (
     parse_message,
 )
 from lattice.core.records import RecordLimits, peer_key, sign_record, user_key
-from lattice.net.dht import DHTConfig, PeerNotFound
-from lattice.net.streams import StreamClosedError, recv_frame, send_frame
+from lattice.net.dht import DHTConfig, PeerNotFound, serve_dht
+from lattice.net.streams import StreamClosedError, recv_frame, recv_frame_or_eof, send_frame
 
 from .conftest import wall_clock
 
@@ -96,9 +97,14 @@ async def test_bad_records_are_refused_by_every_node(swarm, autojump_clock):
     cases = [(forged, "bad_signature"), (expired.to_wire(), "expired"),
              (oversize.to_wire(), "too_large"), (far.to_wire(), "too_large")]
     for node in nodes:
+        # each from its own sender: a forged record also gets its sender penalized
         for record, reason in cases:
-            answer = await _raw_request(swarm, rogue, node.peer_id, "PUT_VALUE", record=record)
+            sender = swarm.net.add_peer()
+            await swarm.nursery.start(sender.serve)
+            answer = await _raw_request(swarm, sender, node.peer_id, "PUT_VALUE", record=record)
             assert answer.body == {"ok": False, "reason": reason}
+            assert node.penalties.is_penalized(sender.peer_id, trio.current_time()) == (
+                reason == "bad_signature")
         answer = await _raw_request(swarm, rogue, node.peer_id, "PUT_VALUE", record=good.to_wire())
         assert answer.body == {"ok": True, "reason": ""}
     for node in nodes:
@@ -148,8 +154,7 @@ async def test_forged_records_in_answers_are_dropped_and_blamed(swarm, autojump_
     # the liar stores a forged record behind its own validation's back
     record = sign_record(liar.identity, key, codec.pack("true"), wall_clock() + 60)
     forged = record.to_wire() | {"value": codec.pack("false")}
-    liar.records._by_key[key] = {liar.peer_id: type(record)(**forged)}
-    liar.records._total += 1
+    liar.records.put(type(record)(**forged), wall_clock())  # the store does not validate
     assert await reader.get(key) == []
     assert reader.statistics()["rejected"]["bad_signature"] == 1
     assert liar.peer_id not in reader.table
@@ -217,7 +222,7 @@ async def test_client_mode_peers_never_enter_routing_tables(swarm, autojump_cloc
     await turned.refresh()
     for s in servers:
         if s is not turned:
-            await turned._request(s.peer_id, "PING")
+            await turned.request(s.peer_id, "PING")
     assert not any(turned.peer_id in s.table for s in servers)
 
 
@@ -246,10 +251,8 @@ async def test_restarted_node_rejoins_from_its_state_and_republishes(swarm, auto
     # crash it, and let every other node forget its records
     swarm.net.disconnect(old.peer_id)
     for n in nodes:
-        n.records._by_key.clear()
-        n.records._total = 0
-        n.providers._by_key.clear()
-        n.providers._total = 0
+        n.records.clear()
+        n.providers.clear()
     assert await nodes[0].get(user_key("persisted")) == []
     # restart: same identity, new process, no bootstrap peers given
     del swarm.net.peers[identity.peer_id]
@@ -284,7 +287,7 @@ async def test_what_a_get_costs(swarm, autojump_clock):
         return sum(peer_hash(p) ^ target < ours ^ target for p in reader.table.peers())
 
     def gets_sent():
-        return reader.requests_out["GET_VALUE"]
+        return reader.statistics()["requests_out"].get("GET_VALUE", 0)
 
     keys = [user_key(f"key-{i}") for i in range(1000)]
     far = next(k for k in keys if rank(k) >= reader.config.replication)
@@ -312,8 +315,7 @@ async def test_what_a_get_costs(swarm, autojump_clock):
     # a replica among the quorum closest whose store missed the put: its own (empty)
     # store is one answer of the quorum, and it keeps what the others hold
     await writer.put(near, "near", ttl=600)
-    reader.records._by_key.pop(near)
-    reader.records._total -= 1
+    assert reader.records.drop(near) == 1
     before = gets_sent()
     assert [r.unpack_value() for r in await reader.get(near)] == ["near"]
     assert gets_sent() - before == 2
@@ -334,13 +336,12 @@ async def test_a_miss_at_the_quorum_widens_the_get_and_repairs_the_replicas(swar
     keeper = [n for n in within_k if n.peer_id in put.stored_at][-1]
     assert order.index(keeper) > 3  # well outside the quorum
     for n in nodes:
-        if n is not keeper and n.records.get(key, wall_clock()):
-            n.records._by_key.pop(key)
-            n.records._total -= 1
-    before = reader.requests_out["GET_VALUE"]
+        if n is not keeper:
+            n.records.drop(key)
+    before = reader.statistics()["requests_out"].get("GET_VALUE", 0)
     got = await reader.get(key)
     assert [r.unpack_value() for r in got] == ["here"]
-    assert reader.requests_out["GET_VALUE"] - before > 3  # beyond the quorum
+    assert reader.statistics()["requests_out"].get("GET_VALUE", 0) - before > 3  # beyond the quorum
     # the quorum closest replicas that answered empty-handed got the record back
     await trio.testing.wait_all_tasks_blocked()
     closest = sorted((n for n in nodes if n is not reader),
@@ -397,3 +398,155 @@ async def test_a_lookup_answers_by_its_deadline_when_every_peer_stalls(swarm, au
     # record stays ours and is republished
     assert trio.current_time() - started <= 8.0
     assert put.stored_at == [] and reader.statistics()["own_records"] == 1
+
+
+# -- the handler boundary: a parser choking on peer input is the peer's fault ---------------
+
+PEER_ERRORS = [ValueError, RecursionError, KeyError, OverflowError, TypeError]
+
+
+@pytest.mark.parametrize("error", PEER_ERRORS)
+@pytest.mark.parametrize("parser", ["parse_message", "validate_record"])
+async def test_an_exception_inside_a_request_parser_cannot_escape_the_handler(
+        swarm, autojump_clock, monkeypatch, parser, error):
+    nodes = await swarm.grow(4)
+    victim = nodes[1]
+    rogue = swarm.net.add_peer()
+    await swarm.nursery.start(rogue.serve)
+    record = sign_record(rogue.identity, user_key("x"), codec.pack(1), wall_clock() + 60)
+
+    def boom(*args, **kwargs):
+        raise error("injected")
+
+    monkeypatch.setattr(f"lattice.net.dht_server.{parser}", boom)
+    with pytest.raises(StreamClosedError):  # the victim resets the stream
+        await _raw_request(swarm, rogue, victim.peer_id, "PUT_VALUE", record=record.to_wire())
+    monkeypatch.undo()
+    assert victim.statistics()["rejected"] == {"malformed_message": 1}
+    assert victim.penalties.is_penalized(rogue.peer_id, trio.current_time())
+    with pytest.raises(StreamClosedError):  # refused for a while
+        await _raw_request(swarm, rogue, victim.peer_id, "PING")
+    # and everyone else is served as before
+    await nodes[3].put(user_key("y"), "still here", ttl=60)
+    assert [r.unpack_value() for r in await victim.get(user_key("y"))] == ["still here"]
+
+
+@pytest.mark.parametrize("error", PEER_ERRORS)
+async def test_an_exception_inside_the_answer_parser_blames_the_responder(
+        swarm, autojump_clock, monkeypatch, error):
+    nodes = await swarm.grow(6)
+    asker, liar = nodes[0], nodes[3]
+    real = parse_message
+
+    def boom_on_the_liars_answers(raw):
+        if raw.get("response") and raw["sender"]["peer_id"] == liar.peer_id:
+            raise error("injected")
+        return real(raw)
+
+    monkeypatch.setattr("lattice.net.dht_client.parse_message", boom_on_the_liars_answers)
+    lookup = await asker.find_closest_peers(peer_hash(liar.peer_id))
+    monkeypatch.undo()
+    assert liar.peer_id not in lookup.peers and liar.peer_id not in asker.table
+    assert asker.statistics()["rejected"] == {"malformed_message": 1}
+    assert len(lookup.peers) == 4  # all the others answered
+
+
+# -- quotas: one peer, or one network of Sybils, cannot shut honest publishers out ---------
+
+
+async def _flood(swarm, victim, network: str, senders: int, records_each: int):
+    """Sybil senders on ``network`` (an IPv4 /24) PUT records of Sybil publishers under
+    fresh keys; returns the answers' reasons, counted."""
+    reasons: dict[str, int] = {}
+    for s in range(senders):
+        sender = swarm.net.add_peer()
+        await swarm.nursery.start(sender.serve)
+        swarm.ips[sender.peer_id] = f"{network}.{s + 1}"
+        stream = await sender.open_stream(victim.peer_id, PROTOCOL_ID)
+        for i in range(records_each):
+            publisher = Identity.generate()
+            record = sign_record(publisher, user_key(f"spam-{network}-{s}-{i}"), codec.pack(i),
+                                 wall_clock() + 47 * 3600)
+            msg = make_message("PUT_VALUE", i, False, PeerInfo(sender.peer_id, (), Mode.CLIENT),
+                               record=record.to_wire())
+            await send_frame(stream, msg.to_wire())
+            answer = parse_message(await recv_frame(stream))
+            reason = answer.body["reason"] or "stored"
+            reasons[reason] = reasons.get(reason, 0) + 1
+        await stream.close()
+    return reasons
+
+
+async def test_one_network_of_sybils_fills_only_its_quota(swarm, autojump_clock):
+    config = DHTConfig(max_records_total=200, max_records_per_ip=50, max_records_per_publisher=5)
+    victim, honest = await swarm.add(config=config), await swarm.add()
+    swarm.ips[honest.peer_id] = "198.51.100.7"
+    await honest.bootstrap([victim.peer_id])
+    assert await _flood(swarm, victim, "203.0.113", senders=4, records_each=20) == {
+        "stored": 50, "ip_quota": 30}
+    put = await honest.put(user_key("honest"), "still room", ttl=60)
+    assert victim.peer_id in put.stored_at
+    stats = victim.statistics()
+    assert stats["rejected"] == {"ip_quota": 30}
+    assert stats["record_store"]["largest_source"] == 50
+    assert stats["record_store"]["max_per_source"] == 50
+
+
+async def test_a_full_store_still_takes_honest_publishers(swarm, autojump_clock):
+    # attackers on 5 networks fill the store entirely; an honest publisher from a sixth
+    # network evicts from the biggest
+    config = DHTConfig(max_records_total=200, max_records_per_ip=60)
+    victim, honest = await swarm.add(config=config), await swarm.add()
+    swarm.ips[honest.peer_id] = "198.51.100.7"
+    await honest.bootstrap([victim.peer_id])
+    for n in range(5):
+        await _flood(swarm, victim, f"203.0.{n}", senders=1, records_each=60)
+    # each later network evicted from the biggest until the shares were even: 5 x 40
+    assert len(victim.records) == 200
+    assert victim.statistics()["rejected"] == {"store_full": 30}
+    assert victim.statistics()["record_store"]["largest_source"] == 40
+    for i in range(3):
+        put = await honest.put(user_key(f"honest-{i}"), i, ttl=60)
+        assert victim.peer_id in put.stored_at
+    assert len(victim.records) == 200 and victim.statistics()["rejected"] == {"store_full": 30}
+
+
+async def test_one_publisher_holds_at_most_its_quota_at_every_node(swarm, autojump_clock):
+    config = DHTConfig(max_records_per_publisher=3)
+    nodes = await swarm.grow(4, config=config)
+    rogue = swarm.net.add_peer()
+    await swarm.nursery.start(rogue.serve)
+    answers = []
+    for i in range(5):
+        record = sign_record(rogue.identity, user_key(f"mine-{i}"), codec.pack(i), wall_clock() + 60)
+        answer = await _raw_request(swarm, rogue, nodes[1].peer_id, "PUT_VALUE", record=record.to_wire())
+        answers.append(answer.body["reason"])
+    assert answers == ["", "", "", "publisher_quota", "publisher_quota"]
+
+
+async def test_the_dhts_randomness_comes_only_from_its_rng(swarm, autojump_clock):
+    """Request ids and refresh targets are drawn from the injected rng: two nodes seeded
+    alike ask alike (a run can be replayed from its seed)."""
+    listener = swarm.net.add_peer()
+    await swarm.nursery.start(listener.serve)
+    asked: dict[str, list[int]] = {}
+
+    async def answer(stream):
+        while (raw := await recv_frame_or_eof(stream)) is not None:
+            request = parse_message(raw)
+            asked.setdefault(stream.remote_peer_id, []).append(request.id)
+            await send_frame(stream, make_message(
+                request.type, request.id, True, PeerInfo(listener.peer_id, (), Mode.SERVER),
+                **({"closer": []} if request.type == "FIND_NODE" else {})).to_wire())
+
+    listener.set_stream_handler(PROTOCOL_ID, answer)
+    seeded = []
+    for _ in range(2):
+        peer = swarm.net.add_peer()
+        await swarm.nursery.start(peer.serve)
+        dht = await swarm.nursery.start(partial(serve_dht, peer, peer.identity,
+                                                wall_clock=wall_clock, rng=random.Random(3)))
+        await dht.bootstrap([listener.peer_id])
+        seeded.append(dht.peer_id)
+    first, second = (asked[p][:2] for p in seeded)  # the bootstrap ping, the self lookup
+    assert first == second and len(first) == 2

@@ -65,7 +65,8 @@ async def test_a_provider_serving_corrupt_bytes_is_penalized_and_another_one_del
     liar.store._sizes[BID] = len(bad)
     data = await client.fetch(BID, hints=[liar.network.peer_id, honest.network.peer_id])
     assert data == DATA
-    assert client.penalized == {liar.network.peer_id: 1} and client.counts["corrupt"] == 1
+    assert client.statistics()["penalties"] == {"corrupt": 1} and client.counts["corrupt"] == 1
+    assert client.penalties.is_penalized(liar.network.peer_id, trio.current_time())
 
 
 async def test_a_provider_vanishing_mid_transfer_is_resumed_from_the_offset_by_another(swarm, autojump_clock):
@@ -87,7 +88,7 @@ async def test_a_provider_vanishing_mid_transfer_is_resumed_from_the_offset_by_a
     assert data == DATA
     assert client.counts["resumed"] == 1 and client.counts["provider_failed"] == 1
     assert steady.bytes_served == len(DATA) - 4000  # only what was missing
-    assert client.penalized == {}
+    assert client.statistics()["penalties"] == {}
 
 
 async def test_providers_are_found_among_connected_peers(swarm, autojump_clock):
@@ -104,7 +105,8 @@ async def test_a_blob_larger_than_the_caller_expects_is_refused(swarm, autojump_
     await provider.put(DATA)
     with pytest.raises(BlobNotFound):
         await client.fetch(BID, hints=[provider.network.peer_id], max_bytes=len(DATA) - 1)
-    assert client.penalized == {provider.network.peer_id: 1} and provider.counts["chunks_served"] == 0
+    assert client.statistics()["penalties"] == {"malformed_reply": 1}
+    assert provider.counts["chunks_served"] == 0
 
 
 async def test_nobody_has_it(swarm, autojump_clock):
@@ -114,8 +116,8 @@ async def test_nobody_has_it(swarm, autojump_clock):
     assert client.counts["fetch_failed"] == 1
 
 
-async def test_malformed_requests_are_refused_without_harm(swarm, autojump_clock):
-    _, (client, provider) = await swarm(2)
+async def test_malformed_requests_are_refused_and_penalized_and_others_are_served(swarm, autojump_clock):
+    _, (client, provider, bystander) = await swarm(3)
     await provider.put(DATA)
     peer = provider.network.peer_id
     stream = await client.network.open_stream(peer, PROTOCOL)
@@ -124,7 +126,59 @@ async def test_malformed_requests_are_refused_without_harm(swarm, autojump_clock
     await send_frame(stream, {"t": "get", "v": 1, "rid": 2, "id": "../etc/passwd", "offset": 0, "length": 10})
     await trio.testing.wait_all_tasks_blocked()
     assert provider.counts["bad_requests"] == 1
-    assert await client.fetch(BID, hints=[peer]) == DATA  # the provider serves on
+    assert provider.statistics()["penalties"] == {"malformed_request": 1}
+    assert await bystander.fetch(BID, hints=[peer]) == DATA  # the provider serves on
+    with pytest.raises(BlobNotFound):  # but not the offender, for a while
+        await client.fetch(BID, hints=[peer])
+    assert provider.counts["refused_penalized"] >= 1  # the hint, and the have? that follows
+
+
+PEER_ERRORS = [ValueError, RecursionError, KeyError, OverflowError, TypeError]
+
+
+@pytest.mark.parametrize("error", PEER_ERRORS)
+async def test_an_exception_inside_the_request_parser_cannot_escape_the_provider(
+        swarm, autojump_clock, monkeypatch, error):
+    _, (client, provider, bystander) = await swarm(3)
+    await provider.put(DATA)
+
+    def boom(msg):
+        raise error("injected")
+
+    monkeypatch.setattr("lattice.net.blob.parse_request", boom)
+    with pytest.raises(BlobNotFound):
+        await client.fetch(BID, hints=[provider.network.peer_id])
+    monkeypatch.undo()
+    assert provider.counts["bad_requests"] == 1
+    assert provider.statistics()["penalties"] == {"malformed_request": 1}
+    assert await bystander.fetch(BID, hints=[provider.network.peer_id]) == DATA
+
+
+@pytest.mark.parametrize("error", PEER_ERRORS)
+async def test_an_exception_inside_the_reply_parser_cannot_escape_the_client(
+        swarm, autojump_clock, monkeypatch, error):
+    _, (client, liar, honest) = await swarm(3)
+    await liar.put(DATA)
+    await honest.put(DATA)
+    original = __import__("lattice.net.blob", fromlist=["parse_reply"]).parse_reply
+
+    def boom_for_the_liar(msg, *args):
+        if client._fetching and liar_is_answering[0]:
+            raise error("injected")
+        return original(msg, *args)
+
+    liar_is_answering = [True]
+    monkeypatch.setattr("lattice.net.blob.parse_reply", boom_for_the_liar)
+    original_download_from = client._download_from
+
+    async def track(provider, *args):
+        liar_is_answering[0] = provider == liar.network.peer_id
+        return await original_download_from(provider, *args)
+
+    client._download_from = track
+    assert await client.fetch(BID, hints=[liar.network.peer_id, honest.network.peer_id]) == DATA
+    assert client.statistics()["penalties"] == {"malformed_reply": 1}
+    assert client.penalties.is_penalized(liar.network.peer_id, trio.current_time())
 
 
 def test_the_store_survives_a_reopen_refuses_to_overfill_and_cleans_torn_writes(tmp_path):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import trio
 
-from lattice.core.codec import DecodeError, unpack
+from lattice.core import bulk_frames
+from lattice.core.codec import DecodeError, pack, unpack
 from lattice.learn.simulate import JobSpec, make_participant, participant_round, sync_pair
 from lattice.learn.tasks import get_task
 from lattice.learn.validate import NormBound
@@ -25,6 +26,7 @@ from lattice.net.gossip_avg import (
     serve_gossip_avg,
 )
 from lattice.net.streams import StreamClosedError, recv_frame, send_frame
+from lattice.testing.hostile import arrays_header
 from lattice.testing.memnet import MemoryNetwork
 
 JOB = "0123456789abcdef0123456789abcdef"
@@ -143,16 +145,21 @@ async def test_a_committed_exchange_gives_both_the_in_process_result_bit_for_bit
     await _check_exchange_matches_the_reference(p)
 
 
-@pytest.mark.parametrize("options", [{}, {"compression": "int8"}])
-async def test_the_bulk_transport_plugs_into_the_same_exchange(pair, options):
+@pytest.mark.parametrize("options", [{}, {"compression": "int8"}, {"compression": "topk:0.5"}])
+async def test_the_bulk_transport_plugs_into_the_same_exchange(pair, options, monkeypatch):
     # real clock: bulk's timers are its own (the fallback path runs over the memnet stream)
-    p = await pair(transport=BulkTensorTransport(min_bulk_bytes=1024), **options)
+    p = await pair(transport=BulkTensorTransport(), **options)
+    made = []
+    real = bulk_frames.EphemeralKey
+    monkeypatch.setattr(bulk_frames, "EphemeralKey", lambda *a: made.append(1) or real(*a))
     with trio.fail_after(30):
         await _check_exchange_matches_the_reference(p)
+    # every array of the payload (2 or 3 of them) in one session: one key agreement
+    assert len(made) == 2
 
 
 async def test_peers_with_different_transports_agree_on_one_they_both_speak(pair):
-    p = await pair(transport=[BulkTensorTransport(min_bulk_bytes=1024), None])
+    p = await pair(transport=[BulkTensorTransport(), None])
     with trio.fail_after(30):
         await _check_exchange_matches_the_reference(p)  # bulk offered, framed chosen
     p.services.reverse()
@@ -257,7 +264,7 @@ async def test_a_peer_sending_garbage_is_rejected_and_penalized_and_our_model_is
     n = before.size
     payload = _bad_payloads(n).get(kind) or {"data": np.zeros(n, np.float16), "shape": np.array([n], np.int64)}
     stream = await p.nets[0].open_stream(honest.me, PROTOCOL)  # the attacker is a roster member
-    await send_frame(stream, {"t": "offer", "v": 1, "job": JOB, "xid": "x" * 32, "samples": 100, "codec": "none"})
+    await send_frame(stream, {"t": "offer", "v": 2, "job": JOB, "xid": "x" * 32, "samples": 100, "codec": "none"})
     assert (await recv_frame(stream))["t"] == "accept"
     transport = FramedTensorTransport()
     try:
@@ -322,3 +329,109 @@ async def test_a_killed_tensor_transfer_aborts_both(pair, autojump_clock):
     assert all(x.tobytes() == y.tobytes() for x, y in zip(before, p.params()))
     assert p.parties[0].exchange is None and p.parties[1].exchange is None
 
+
+
+# -- the handler boundary: whatever a parser raises on peer input is the peer's fault --
+
+ATTACKER_OFFER = {"t": "offer", "v": 2, "job": JOB, "xid": "a" * 32, "samples": 1, "codec": "none"}
+PEER_ERRORS = [ValueError, RecursionError, KeyError, OverflowError, TypeError, IndexError]
+
+
+async def _attack(p, header=None, *, raw: bytes | None = None):
+    """Attacker = parties[0]'s peer, speaking raw frames to parties[1]'s service: an offer
+    (or ``raw`` bytes instead), then ``header`` and as many zero bytes as it announces.
+    Returns what the victim answered first (None if it reset the stream at once)."""
+    stream = await p.nets[0].open_stream(p.parties[1].me, PROTOCOL)
+    await stream.write(raw if raw is not None else
+                       len(pack(ATTACKER_OFFER)).to_bytes(4, "big") + pack(ATTACKER_OFFER))
+    reply = None
+    try:
+        reply = await recv_frame(stream)
+        if header is not None:
+            await send_frame(stream, header)
+            size = sum(spec["nbytes"] for _, spec in header["items"])
+            await stream.write(bytes(min(size, 1 << 20)))
+        while await stream.read(1 << 16):
+            pass  # until the victim resets or closes
+    except StreamClosedError:
+        pass
+    await trio.testing.wait_all_tasks_blocked()
+    return reply
+
+
+def _payload_header(n: int, shape=None):
+    shape = [n] if shape is None else shape
+    return arrays_header(("data", "<f4", shape, 4 * int(np.prod(shape))), ("shape", "<i8", [1], 8))
+
+
+async def _victim_serves_on(p):
+    """The victim's handler is alive: a new offer is answered (busy: penalized)."""
+    stream = await p.nets[0].open_stream(p.parties[1].me, PROTOCOL)
+    await send_frame(stream, {**ATTACKER_OFFER, "xid": "b" * 32})
+    assert await recv_frame(stream) == {"t": "busy", "xid": "b" * 32, "reason": "penalized"}
+
+
+@pytest.mark.parametrize("error", PEER_ERRORS)
+@pytest.mark.parametrize("parser", ["parse_message", "parse_array_header", "receive"])
+async def test_an_exception_inside_any_parser_is_the_peers_fault_and_cannot_escape(
+        pair, autojump_clock, monkeypatch, parser, error):
+    p = await pair()
+    victim, service = p.parties[1], p.services[1]
+    before = victim.params.copy()
+
+    def boom(*args, **kwargs):
+        raise error("injected")
+
+    if parser == "receive":
+        monkeypatch.setattr(victim.channel, "receive", boom)
+    else:
+        module = "gossip_transports" if parser == "parse_array_header" else "gossip_avg"
+        monkeypatch.setattr(f"lattice.net.{module}.{parser}", boom)
+    n = before.size
+    payload = _payload_header(n)
+    await _attack(p, payload)
+    monkeypatch.undo()
+    assert victim.params.tobytes() == before.tobytes()
+    assert service.statistics()["penalties"] == {"protocol": 1}
+    assert service.health.is_penalized(p.nets[0].peer_id, trio.current_time())
+    await _victim_serves_on(p)
+
+
+@pytest.mark.parametrize("attack", [
+    "deep_frame", "zero_dim_huge_extent", "transports_not_a_list", "bool_samples", "xid_not_str",
+])
+async def test_malformed_offers_and_headers_are_refused_penalized_and_served_on(pair, autojump_clock, attack):
+    p = await pair()
+    victim, service = p.parties[1], p.services[1]
+    before = victim.params.copy()
+    deep = b"\x91" * 1000 + b"\xc0"
+    if attack == "deep_frame":
+        await _attack(p, raw=len(deep).to_bytes(4, "big") + deep)
+    elif attack == "zero_dim_huge_extent":
+        # each dimension within the payload bound, their product past what numpy allows
+        assert (await _attack(p, _payload_header(0, [0] + [8000] * 6)))["t"] == "accept"
+    else:
+        bad = {"transports_not_a_list": {"transports": "framed"}, "bool_samples": {"samples": True},
+               "xid_not_str": {"xid": ["a"] * 999}}[attack]
+        offer = {**ATTACKER_OFFER, **bad}
+        body = pack(offer)
+        assert await _attack(p, raw=len(body).to_bytes(4, "big") + body) is None
+    assert victim.params.tobytes() == before.tobytes()
+    assert service.statistics()["penalties"] == {"protocol": 1}
+    await _victim_serves_on(p)
+
+
+async def test_a_responder_answering_garbage_is_penalized_by_the_initiator(pair, autojump_clock):
+    p = await pair()
+    initiator, service = p.parties[0], p.services[0]
+
+    async def liar(stream):
+        offer = await recv_frame(stream)
+        await send_frame(stream, {"t": "accept", "xid": offer["xid"], "samples": 1, "transport": []})
+        await trio.sleep_forever()
+
+    p.nets[1].set_stream_handler(PROTOCOL, liar)
+    before = initiator.params.copy()
+    assert await service.initiate(initiator, p.parties[1].me) is Outcome.FAILED
+    assert initiator.params.tobytes() == before.tobytes()
+    assert service.statistics()["penalties"] == {"protocol": 1}

@@ -68,7 +68,8 @@ def test_a_plain_stream_splits_messages_across_any_chunking():
     assert [g.value[1] for g in got] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("data", [msgpack.packb([0, 1, "status", ["x" * 5000]]), b"\x94\xc1"])
+@pytest.mark.parametrize("data", [msgpack.packb([0, 1, "status", ["x" * 5000]]), b"\x94\xc1",
+                                  b"\x94\x00\x01\xa6status" + b"\x91" * 100 + b"\xc0"])
 def test_an_oversized_or_garbled_plain_stream_is_unrecoverable_and_stays_so(data):
     dec = StreamDecoder(1024)
     events = dec.feed(data)

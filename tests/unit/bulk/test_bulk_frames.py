@@ -1,5 +1,6 @@
-"""The pure formats of /lattice/bulk/1: header limits, chunk geometry, the key schedule
-(with the golden vector of proto/bulk.md) and control-message validation."""
+"""The pure formats of /lattice/bulk/2: chunk geometry across a session's arrays, the
+key schedule (with the golden vector of proto/bulk.md) and control-message validation.
+Array specs themselves: tests/unit/core/test_arrays.py."""
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -7,41 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lattice.core import bulk_frames as bf
-from lattice.core.bulk_frames import ArrayHeader, BulkFormatError, BulkLimits
-
-LIMITS = BulkLimits(max_bytes=1 << 20)
-
-
-def wire(dtype="<f4", shape=(2, 3), nbytes=24):
-    return {"dtype": dtype, "shape": list(shape), "nbytes": nbytes}
-
-
-# -- headers ------------------------------------------------------------------------------
-
-
-def test_a_consistent_header_is_accepted():
-    assert bf.header_from_wire(wire(), LIMITS) == ArrayHeader("<f4", (2, 3), 24)
-    assert bf.header_from_wire(wire("|u1", (), 1), LIMITS).shape == ()
-    assert bf.header_from_wire(wire("<f8", (0, 7), 0), LIMITS).nbytes == 0
-
-
-@pytest.mark.parametrize("bad, why", [
-    (wire(dtype="|O8"), "not allowed"),
-    (wire(dtype=">f4"), "not allowed"),
-    (wire(dtype="float32"), "not allowed"),
-    (wire(dtype="|b1", shape=(24,)), "not allowed"),
-    (wire(shape=(2, 3), nbytes=25), "does not match"),
-    (wire(shape=(-2, -3)), "non-negative"),
-    (wire(shape=(True, 24)), "non-negative"),
-    (wire(shape=(1,) * 9, nbytes=4), "at most 8"),
-    (wire(shape=(1 << 20,), nbytes=4 << 20), "exceeds limit"),
-    (wire(shape=(1 << 40, 1 << 40, 0), nbytes=0), "exceeds limit"),  # no overflow games
-    ({**wire(), "extra": 1}, "exactly"),
-    ([1, 2, 3], "exactly"),
-])
-def test_headers_outside_the_limits_are_refused(bad, why):
-    with pytest.raises(BulkFormatError, match=why):
-        bf.header_from_wire(bad, LIMITS)
+from lattice.core.arrays import ArraySpec
+from lattice.core.bulk_frames import BulkFormatError
 
 
 # -- chunks ---------------------------------------------------------------------------------
@@ -53,6 +21,15 @@ def test_chunks_tile_the_array_exactly(nbytes, chunk):
     assert [s for s, _ in spans] == list(range(0, nbytes, chunk))
     assert all(0 < stop - start <= chunk for start, stop in spans)
     assert (spans[-1][1] if spans else 0) == nbytes
+
+
+@given(sizes=st.lists(st.integers(0, 5_000), max_size=5), chunk=st.integers(1, 3000))
+def test_a_sessions_chunks_are_numbered_across_its_arrays_and_tile_each(sizes, chunk):
+    spans = list(bf.chunk_spans(sizes, chunk))
+    assert [n for n, *_ in spans] == list(range(bf.total_chunks(sizes, chunk)))
+    for index, nbytes in enumerate(sizes):
+        mine = [(start, stop) for _, i, start, stop in spans if i == index]
+        assert mine == [bf.chunk_span(c, nbytes, chunk) for c in range(bf.chunk_count(nbytes, chunk))]
 
 
 def test_chunk_sizes_are_bounded_per_mode():
@@ -69,8 +46,8 @@ def test_chunk_sizes_are_bounded_per_mode():
 
 def pair():
     a, b = bf.EphemeralKey(), bf.EphemeralKey()
-    ha = bf.hello(a.public, ArrayHeader("<f4", (10,), 40))
-    hb = bf.hello(b.public, ArrayHeader("<f4", (10,), 40))
+    ha = bf.hello(a.public, [ArraySpec("<f4", (10,), 40)])
+    hb = bf.hello(b.public, [ArraySpec("<f4", (10,), 40)])
     return a, b, ha, hb
 
 
@@ -85,10 +62,11 @@ def test_both_sides_derive_the_same_session_and_opposite_directions():
     assert len({a_out.data_key, a_out.token, a_out.channel_id, b_out.data_key}) == 4
 
 
-def test_session_id_commits_to_the_headers():
+def test_session_id_commits_to_the_array_specs():
     a, b, ha, hb = pair()
-    changed = bf.hello(a.public, ArrayHeader("<f4", (5, 2), 40))
-    assert bf.session_id(ha, hb) != bf.session_id(changed, hb)
+    for changed in ([ArraySpec("<f4", (5, 2), 40)],
+                    [ArraySpec("<f4", (10,), 40), ArraySpec("|u1", (0,), 0)]):
+        assert bf.session_id(ha, hb) != bf.session_id(bf.hello(a.public, changed), hb)
 
 
 def test_reflected_and_low_order_keys_are_refused():
@@ -102,21 +80,24 @@ def test_reflected_and_low_order_keys_are_refused():
 def test_golden_vector_of_proto_bulk_md():
     a = bf.EphemeralKey.from_private_bytes(bytes(range(32)))
     b = bf.EphemeralKey.from_private_bytes(bytes(range(32, 64)))
-    ha = bf.hello(a.public, ArrayHeader("<f4", (2, 3), 24))
+    ha = bf.hello(a.public, [ArraySpec("<f4", (2, 3), 24), ArraySpec("<i8", (1,), 8)])
     hb = bf.hello(b.public, None)
     sid = bf.session_id(ha, hb)
     keys = bf.direction_keys(a.exchange(b.public), sid, a.public)
     assert a.public.hex() == "8f40c5adb68f25624ae5b214ea767a6ec94d829d3d7b5e1ad1ba6f3e2138285f"
-    assert sid.hex() == "f34acd2b771b0d181fe7a3180b7e01b37c412fdf325def3ee45e57cc9de813ab"
+    assert sid.hex() == "31abbf533b871cd6fe04a30b8c036a40abf2e4e0cc10f221a28663c9b0ed8d13"
     assert keys.data_key.hex() == (
-        "21da4382de7c230105238982c2786e1c9f4467c7d670d19445d6728cb102dca7")
+        "f847793ebd830c8248a9e046f031a4bc172638d6f88506a5fd6cda620b7dc876")
     assert keys.channel_id.hex() == (
-        "454b9cf462ca71c15c9f3ae05808539fd4c3f4cac4d0b8b70083710bc737b847")
+        "c74b1cb7e633bacf2fa69332c7a806da840e6f783e6ffe6a21d2284f73bdef6f")
     assert keys.token.hex() == (
-        "8e9eb8b0c611b6f8436d7c48c6c3d343504cc3bbfaedf7bc1095412608defa6f")
-    sealed = AESGCM(keys.data_key).encrypt(bf.nonce(0), bytes(range(24)), None)
-    assert sealed.hex() == ("efdb3e0719e7377c8adf2f32a9bb033c9412faba0631df27"
-                            "69c7a3178597cfa01e61447228f2a49e")
+        "5edc044d8b143757ee96a0f57ccac3f1e1cf2c673cc779f395d4e6e99f63e58a")
+    aead = AESGCM(keys.data_key)
+    # the first array is chunk 0; the second array's first chunk is number 1
+    assert aead.encrypt(bf.nonce(0), bytes(range(24)), None).hex() == (
+        "f1bdf93d47de257dd534708c16aa70cc302caa38957cf3d6d5653ebf78acf999b0eb9780245bf430")
+    assert aead.encrypt(bf.nonce(1), bytes(range(8)), None).hex() == (
+        "1a8b272c79948e892ad58d163fdc113b5462b69bf54e31fd")
 
 
 def test_channel_hello_round_trips_and_rejects_strangers():
@@ -137,8 +118,12 @@ def test_channel_hello_round_trips_and_rejects_strangers():
 def test_hello_is_checked_for_structure_only():
     h = bf.parse_hello(bf.hello(b"e" * 32, None))
     assert (h.epk, h.send) == (b"e" * 32, None)
-    for bad in ({"t": "hello", "v": 2, "epk": b"e" * 32, "send": None},
-                {"t": "hello", "v": 1, "epk": b"e" * 31, "send": None},
+    assert bf.parse_hello({**bf.hello(b"e" * 32, None), "send": ["anything"]}).send == ["anything"]
+    for bad in ({"t": "hello", "v": 1, "epk": b"e" * 32, "send": None},
+                {"t": "hello", "v": 2, "epk": b"e" * 31, "send": None},
+                {"t": "hello", "v": 2, "epk": b"e" * 32, "send": []},
+                {"t": "hello", "v": 2, "epk": b"e" * 32, "send": [{}] * 17},
+                {"t": "hello", "v": 2, "epk": b"e" * 32, "send": {"dtype": "<f4"}},
                 {"t": "accept", "addrs": [], "window": 4096}, "hello"):
         with pytest.raises(BulkFormatError):
             bf.parse_hello(bad)

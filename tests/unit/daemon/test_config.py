@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from lattice.jobs import JobsConfig
+from lattice.net.dht import DHTConfig
 from latticed import config as cfgmod
 from latticed.main import build_parser, flags_from_args
 
@@ -60,15 +62,46 @@ def test_bad_config_names_the_key(tmp_path, toml, env, argv, key):
     assert e.value.key == key and key in str(e.value)
 
 
-def test_default_config_file_documents_every_setting_and_loads(tmp_path):
+def test_annotated_config_file_agrees_with_the_dataclasses(tmp_path):
+    """daemon/latticed.toml documents every setting, in its section, with the default
+    its owner dataclass declares (an unset optional path as a commented example)."""
+    import tomllib
     text = (ROOT / "daemon" / "latticed.toml").read_text()
-    c = cfgmod.load(config_file=ROOT / "daemon" / "latticed.toml",
-                    flags={"node.state_dir": tmp_path}, environ={})
+    parsed = tomllib.loads(text)
+    sections = {}
+    for block in ("\n" + text).split("\n[")[1:]:
+        name, _, body = block.partition("]")
+        sections[name] = body
     for s in cfgmod.SETTINGS:
         section, name = s.key.split(".", 1)
-        assert f"{name} =" in text, f"daemon/latticed.toml does not document {s.key}"
-        if s.default is not None:
-            assert c[s.key] == s.default, f"daemon/latticed.toml disagrees with the default of {s.key}"
+        assert section in sections, f"daemon/latticed.toml has no [{section}]"
+        if s.default is None:
+            assert f"# {name} =" in sections[section], f"latticed.toml: no example of {s.key}"
+            continue
+        assert name in parsed[section], f"daemon/latticed.toml does not document {s.key}"
+        assert parsed[section][name] == s.default, (
+            f"daemon/latticed.toml says {s.key} = {parsed[section][name]!r}; "
+            f"{s.owner.__qualname__}.{s.field} says {s.default!r}")
+    c = cfgmod.load(config_file=ROOT / "daemon" / "latticed.toml",
+                    flags={"node.state_dir": tmp_path}, environ={})
+    assert all(src.startswith("file") for key, src in c.sources.items()
+               if cfgmod.BY_KEY[key].default is not None)
+
+
+def test_every_setting_has_its_owners_doc_and_builds_its_owner(tmp_path):
+    c = load(tmp_path, "[dht]\nreplication = 7\nrequest_timeout_s = 2.5\n")
+    dht = c.build(DHTConfig)
+    assert (dht.replication, dht.request_timeout) == (7, 2.5)
+    assert dht.k == DHTConfig().k  # not a setting: the dataclass's own default
+    assert all(s.doc for s in cfgmod.SETTINGS)
+    jobs = c.build(JobsConfig)
+    assert isinstance(jobs.accept_tasks, tuple)  # config lists become the field's tuples
+
+
+def test_a_services_own_check_is_a_config_error_naming_the_key(tmp_path):
+    with pytest.raises(cfgmod.ConfigError) as e:
+        load(tmp_path, "[state]\nmax_authors = 100000\n")
+    assert e.value.key == "state.max_authors" and "file" in str(e.value)
 
 
 def run_latticed(*args, env=None):

@@ -4,7 +4,9 @@ import pytest
 
 from lattice.core import codec
 from lattice.core.identity import Identity
+from lattice.core.netgroups import source_group
 from lattice.core.records import (
+    LOCAL,
     BadSignature,
     Expired,
     Malformed,
@@ -154,3 +156,96 @@ def test_merge_keeps_newest_per_publisher():
 def test_user_keys_live_in_the_values_namespace():
     assert user_key("hello") == "/v/hello"
     assert isinstance(rec(key=user_key("hello")), Record)
+
+
+# -- quotas: one publisher or one network cannot shut others out -----------------------
+
+SYBILS = [Identity(bytes([i]) * 32) for i in range(2, 40)]
+
+
+def test_one_publisher_holds_at_most_its_quota():
+    store = RecordStore(max_total=100, max_per_publisher=3)
+    outcomes = [store.put(rec(key=f"/v/{i}"), NOW, "net-a") for i in range(5)]
+    assert outcomes == [StoreOutcome.STORED] * 3 + [StoreOutcome.PUBLISHER_QUOTA] * 2
+    assert store.put(rec(BOB, key="/v/0"), NOW, "net-a") is StoreOutcome.STORED
+
+
+def test_one_network_of_sybils_holds_at_most_its_quota():
+    store = RecordStore(max_total=100, max_per_source=10)
+    outcomes = [store.put(rec(s, key=f"/v/{i}"), NOW, "net-a") for i, s in enumerate(SYBILS[:12])]
+    assert outcomes.count(StoreOutcome.STORED) == 10
+    assert outcomes[-2:] == [StoreOutcome.SOURCE_QUOTA] * 2
+    assert store.put(rec(BOB), NOW, "net-b") is StoreOutcome.STORED
+    assert store.statistics()["largest_source"] == 10
+
+
+def test_a_full_store_makes_room_for_a_newcomer_from_the_biggest_source():
+    store = RecordStore(max_total=10)
+    for i, s in enumerate(SYBILS[:10]):
+        assert store.put(rec(s, key=f"/v/{i}", ttl=3600.0 - i), NOW, "attacker") is StoreOutcome.STORED
+    # honest publishers from another network get in, each evicting the attacker's
+    # soonest-expiring record, until both hold an even share
+    honest = [store.put(rec(s, key=f"/v/h{i}", ttl=60.0), NOW, "honest")
+              for i, s in enumerate(SYBILS[20:27])]
+    assert honest == [StoreOutcome.STORED] * 5 + [StoreOutcome.FULL] * 2
+    assert len(store) == 10
+    assert store.get("/v/9", NOW) == [] and store.get("/v/0", NOW) != []  # soonest went
+    assert store.statistics()["largest_source"] == 5
+
+
+def test_a_full_key_makes_room_for_a_newcomer_from_the_biggest_source():
+    store = RecordStore(max_per_key=4, max_total=100)
+    for s in SYBILS[:4]:
+        assert store.put(rec(s, ttl=3600.0), NOW, "attacker") is StoreOutcome.STORED
+    # shorter-lived than every attacker record, yet it gets in
+    assert store.put(rec(BOB, ttl=60.0), NOW, "honest") is StoreOutcome.STORED
+    assert BOB.peer_id in {r.publisher for r in store.get("/v/model", NOW)}
+    assert len(store.get("/v/model", NOW)) == 4
+
+
+def test_our_own_records_are_exempt_from_quotas_and_never_evicted():
+    store = RecordStore(max_total=3, max_per_source=1, max_per_publisher=1)
+    assert store.put(rec(key="/v/a"), NOW, LOCAL) is StoreOutcome.STORED
+    assert store.put(rec(key="/v/b"), NOW, LOCAL) is StoreOutcome.STORED
+    assert store.put(rec(BOB, key="/v/c"), NOW, "net-a") is StoreOutcome.STORED
+    assert store.put(rec(SYBILS[0], key="/v/d"), NOW, "net-b") is StoreOutcome.FULL
+    assert len(store) == 3 and store.get("/v/a", NOW) and store.get("/v/b", NOW)
+
+
+def test_quota_counts_follow_expiry_and_replacement():
+    store = RecordStore(max_total=100, max_per_source=2)
+    assert store.put(rec(key="/v/a", ttl=10.0), NOW, "net-a") is StoreOutcome.STORED
+    assert store.put(rec(BOB, key="/v/a", ttl=100.0), NOW, "net-a") is StoreOutcome.STORED
+    # a newer version of a stored record replaces it in place, whoever delivers it
+    assert store.put(rec(key="/v/a", ttl=20.0), NOW, "net-b") is StoreOutcome.REPLACED
+    assert store.put(rec(SYBILS[0]), NOW, "net-a") is StoreOutcome.SOURCE_QUOTA
+    assert store.gc(NOW + 30) == 1
+    assert store.put(rec(SYBILS[0], now=NOW + 30), NOW + 30, "net-a") is StoreOutcome.STORED
+    assert store.statistics() == {
+        "stored": 2, "max_total": 100, "max_per_key": 64, "max_per_publisher": None,
+        "max_per_source": 2, "sources": 1, "largest_source": 2, "publishers": 2}
+
+
+@pytest.mark.parametrize("ip, group", [
+    ("203.0.113.7", "203.0.113.0/24"),
+    ("203.0.113.250", "203.0.113.0/24"),
+    ("127.0.1.2", "127.0.1.0/24"),
+    ("2001:db8:1:2::5", "2001:db8:1::/48"),
+    ("::ffff:198.51.100.9", "198.51.100.0/24"),
+    ("fe80::1%eth0", "fe80::/48"),
+    ("relay:12D3KooWR", "relay:12D3KooWR"),  # everyone behind one relay shares it
+    (None, "peer:12D3KooWX"),
+])
+def test_records_are_charged_to_the_network_they_came_from(ip, group):
+    assert source_group(ip, "12D3KooWX") == group
+
+
+def test_dropping_a_key_or_everything_keeps_the_quota_counts_right():
+    store = RecordStore(max_total=10, max_per_source=2)
+    assert store.put(rec(key="/v/a"), NOW, "net-a") is StoreOutcome.STORED
+    assert store.put(rec(BOB, key="/v/a"), NOW, "net-a") is StoreOutcome.STORED
+    assert store.put(rec(SYBILS[0], key="/v/b"), NOW, "net-a") is StoreOutcome.SOURCE_QUOTA
+    assert store.drop("/v/a") == 2 and len(store) == 0
+    assert store.put(rec(SYBILS[0], key="/v/b"), NOW, "net-a") is StoreOutcome.STORED
+    store.clear()
+    assert store.statistics()["stored"] == store.statistics()["sources"] == 0

@@ -18,13 +18,13 @@ def load(tmp_path, toml=None, env=None):
 
 def test_defaults_are_the_governors_and_precedence_holds(tmp_path):
     c = load(tmp_path)
-    assert cfgmod.volunteer_config(c) == VolunteerConfig()
+    assert c.build(VolunteerConfig) == VolunteerConfig()
     assert c["metrics.listen"] == ""
     c = load(tmp_path, '[volunteer]\ncpu_percent = 30\nrun_when = "idle"\n'
                        'compute_schedule = "mon-fri 18:00-08:00; sat,sun"\n'
                        '[metrics]\nlisten = "127.0.0.1:9464"\n',
              env={"LATTICE_VOLUNTEER_CPU_PERCENT": "20", "LATTICE_VOLUNTEER_MAX_CORES": "1"})
-    v = cfgmod.volunteer_config(c)
+    v = c.build(VolunteerConfig)
     assert (v.cpu_percent, v.max_cores, v.run_when) == (20.0, 1, "idle")
     assert c.sources["volunteer.cpu_percent"] == "environment LATTICE_VOLUNTEER_CPU_PERCENT"
     assert v.compute_windows.contains(5 * 86400 + 3600)  # Saturday 01:00

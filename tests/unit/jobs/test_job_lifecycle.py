@@ -105,9 +105,7 @@ def test_the_job_id_commits_to_spec_submitter_and_nonce():
 # -- state machines -----------------------------------------------------------------------
 
 
-def test_status_order_is_the_state_views_and_every_transition_moves_up():
-    assert J.STATUS_ORDER == views.STATUS_ORDER
-    assert J.TERMINAL == views.TERMINAL
+def test_every_transition_moves_up_the_status_the_views_show():
     for old, news in J.JOB_TRANSITIONS.items():
         for new in news:
             # the status is a max of claims: an edge that went down could never be seen

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lattice.core import gossip_messages
+from lattice.core.arrays import ArraySpec
 from lattice.core import jobs as J
+from lattice.core.gossip_messages import GossipFormatError, parse_array_header
 from lattice.net import blob, gossip_avg
-from lattice.net.gossip_avg import TensorFormatError, parse_array_header
 
 PROTO = Path(__file__).resolve().parents[3] / "proto"
 
@@ -20,7 +22,7 @@ def _limits(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"^\| `(MAX_[A-Z_]+)` \| (\d+) \|$", text, re.M)}
 
 
-@pytest.mark.parametrize("doc,module", [("gossip-avg.md", gossip_avg), ("blob.md", blob)])
+@pytest.mark.parametrize("doc,module", [("gossip-avg.md", gossip_messages), ("blob.md", blob)])
 def test_limits_tables_match_the_code(doc, module):
     table = _limits((PROTO / doc).read_text())
     assert table
@@ -29,8 +31,8 @@ def test_limits_tables_match_the_code(doc, module):
 
 
 def test_protocol_ids_are_the_specs():
-    assert "`/lattice/gossip-avg/1`" in (PROTO / "gossip-avg.md").read_text()
-    assert gossip_avg.PROTOCOL == "/lattice/gossip-avg/1" and blob.PROTOCOL == "/lattice/blob/1"
+    assert "`/lattice/gossip-avg/2`" in (PROTO / "gossip-avg.md").read_text()
+    assert gossip_avg.PROTOCOL == "/lattice/gossip-avg/2" and blob.PROTOCOL == "/lattice/blob/1"
 
 
 def test_the_job_id_golden_vector():
@@ -59,28 +61,45 @@ EXPECT = {"data": np.dtype(np.float32), "shape": np.dtype(np.int64)}
 
 
 def header(*items):
-    return {"t": "arrays", "items": [list(i) for i in items]}
+    return {"t": "arrays", "items": [[n, {"dtype": d, "shape": s, "nbytes": b}]
+                                     for n, d, s, b in items]}
 
 
 def test_a_well_formed_header_is_read():
-    specs = parse_array_header(header(["data", "float32", [10], 40], ["shape", "int64", [1], 8]),
+    specs = parse_array_header(header(["data", "<f4", [10], 40], ["shape", "<i8", [1], 8]),
                                expect=EXPECT, max_bytes=1000)
-    assert specs == [("data", np.dtype(np.float32), (10,)), ("shape", np.dtype(np.int64), (1,))]
+    assert specs == [("data", ArraySpec("<f4", (10,), 40)), ("shape", ArraySpec("<i8", (1,), 8))]
 
 
 @pytest.mark.parametrize("bad", [
     None,
     {"t": "other", "items": []},
-    header(["data", "float32", [10], 40]),  # a name missing
-    header(["data", "float64", [10], 80], ["shape", "int64", [1], 8]),  # dtype not on the wire
-    header(["data", "float16", [10], 20], ["shape", "int64", [1], 8]),  # not what the codec sends
-    header(["data", "float32", [10], 41], ["shape", "int64", [1], 8]),  # nbytes lies
-    header(["data", "float32", [-1], -4], ["shape", "int64", [1], 8]),
-    header(["data", "float32", [1000], 4000], ["shape", "int64", [1], 8]),  # over max_bytes
-    header(["data", "float32", [10], 40], ["data", "float32", [10], 40]),
-    header(["data", "float32", [10], 40], ["shape", "int64", [1], 8], ["extra", "int8", [1], 1]),
-    {"t": "arrays", "items": [["data", "float32", [2] * 33, 4 * 2 ** 33]]},
+    header(["data", "<f4", [10], 40]),  # a name missing
+    header(["data", "<f8", [10], 80], ["shape", "<i8", [1], 8]),  # dtype not on the wire
+    header(["data", "<f2", [10], 20], ["shape", "<i8", [1], 8]),  # not what the codec sends
+    header(["data", "<f4", [10], 41], ["shape", "<i8", [1], 8]),  # nbytes lies
+    header(["data", "<f4", [-1], -4], ["shape", "<i8", [1], 8]),
+    header(["data", "<f4", [1000], 4000], ["shape", "<i8", [1], 8]),  # over max_bytes
+    header(["data", "<f4", [10], 40], ["data", "<f4", [10], 40]),
+    header(["data", "<f4", [10], 40], ["shape", "<i8", [1], 8], ["extra", "|i1", [1], 1]),
+    {"t": "arrays", "items": [["data", "<f4", [2] * 33, 4 * 2 ** 33]]},
+    # zero bytes, but numpy multiplies every dimension when it allocates
+    header(["data", "<f4", [0, 10**6, 10**6, 10**6], 0], ["shape", "<i8", [1], 8]),
+    header(["data", "<f4", [0, 1000], 0], ["shape", "<i8", [1], 8]),
+    header(["data", "<f4", [True] * 3, 4], ["shape", "<i8", [1], 8]),
+    header([["data"], "<f4", [10], 40], ["shape", "<i8", [1], 8]),
+    header(["data", ["<f4"], [10], 40], ["shape", "<i8", [1], 8]),
 ])
 def test_bad_headers_are_refused_before_any_allocation(bad):
-    with pytest.raises(TensorFormatError):
+    with pytest.raises(GossipFormatError):
         parse_array_header(bad, expect=EXPECT, max_bytes=1000)
+
+
+def test_an_accepted_header_always_allocates():
+    # the largest extents the checks let through allocate without error
+    for shape in ([0, 250], [250, 0], [0], [1] * 8, [0] * 8):
+        nbytes = int(np.prod(shape)) * 4
+        (_, spec), _ = parse_array_header(
+            header(["data", "<f4", shape, nbytes], ["shape", "<i8", [1], 8]),
+            expect=EXPECT, max_bytes=1000)
+        assert np.empty(spec.shape, dtype=spec.numpy_dtype).nbytes == nbytes
