@@ -699,6 +699,10 @@ async def open_libp2p_node(identity: Identity, listen: list[str], *,
             for t in host.get_network().transport_manager.get_transports():
                 if isinstance(t, ListenPortTCP):
                     t.source = _listen_endpoint(host)
+            # py-libp2p's auto-connector dials every peer in the peerstore until it
+            # holds (low + high water) / 2 = 128 connections: a full mesh at any size
+            # we run, fighting lattice.net.connmgr. Connections are ours to manage.
+            await host.get_network().auto_connector.stop()
             try:
                 yield node
             finally:
