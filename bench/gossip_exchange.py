@@ -40,10 +40,14 @@ class _Trainer:
 
 
 @dataclass
-class _Participant:  # what AveragingParty reads of lattice.learn.simulate.Participant
+class _Participant:  # what AveragingParty reads of lattice.learn.participant.Participant
     trainer: _Trainer
     channel: ParamChannel
     outer: None = None
+
+    @property
+    def averaging_samples(self) -> int:
+        return self.trainer.samples_seen
 
 
 async def run(n: int, repeat: int, compression: str, threaded: bool) -> list[float]:

@@ -228,8 +228,8 @@ def cmd_peers_find(args: argparse.Namespace) -> int:
 
 def cmd_jobs_submit(args: argparse.Namespace) -> int:
     spec: dict[str, Any] = {"task": args.task, "min_peers": args.min_peers}
-    for name in ("steps", "sync_every", "algorithm", "partition", "compression", "seed",
-                 "batch", "lr"):
+    for name in ("steps", "sync_every", "schedule", "algorithm", "partition", "compression",
+                 "weighting", "correction", "seed", "batch", "lr"):
         value = getattr(args, name)
         if value is not None:
             spec[name] = value
@@ -603,13 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
     jsub = s.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND", required=True)
     j = jsub.add_parser("submit", parents=[common, js], help="submit a job; prints its id")
     j.add_argument("kind", choices=["train"], help="job kind")
-    j.add_argument("--task", required=True, help="digits-mlp | digits-softmax | breast-cancer-logreg | plugin")
+    j.add_argument("--task", required=True, help="digits-mlp | digits-softmax | breast-cancer-logreg | "
+                   "fashion-mlp | fashion-softmax | plugin")
     j.add_argument("--min-peers", type=int, default=4, help="participants (default 4)")
     j.add_argument("--steps", type=int, help="local steps per participant")
-    j.add_argument("--sync-every", type=int, help="average with a random peer every H steps")
+    j.add_argument("--sync-every", type=int, help="average with a random peer every H steps "
+                   "(with --schedule: the budget, steps/H averages)")
+    j.add_argument("--schedule", help="constant | late[:POWER] | tail[:FRACTION]: where the averages fall")
     j.add_argument("--algorithm", choices=["gossip", "noloco", "none"])
     j.add_argument("--partition", help="iid | dirichlet:ALPHA")
     j.add_argument("--compression", help="none | fp16 | int8 | topk:R")
+    j.add_argument("--weighting", help="data | uniform | samples: weights of averages and the merge")
+    j.add_argument("--correction", help="none | logit-adjust: drift correction for label skew")
     j.add_argument("--seed", type=int)
     j.add_argument("--batch", type=int)
     j.add_argument("--lr", type=float)

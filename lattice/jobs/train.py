@@ -1,16 +1,18 @@
 """The ``train`` job kind: decentralized SGD on a built-in or plugin task.
 
-A participant trains on its own partition in rounds of ``sync_every`` local steps (off
-the event loop), and after each round averages pairwise and atomically with a random
-live participant over `/lattice/gossip-avg/2`. At the end it publishes its final
-parameters; the merger averages the finals, weighted by samples (exactly
-`lattice.learn.simulate.final_merge`'s rule, the in-process reference), evaluates the
-result on the task's test split and records it. Spec: `lattice.core.jobs.TrainSpec`,
-proto/jobs.md.
+A participant (`lattice.learn.participant`) trains on its own partition in rounds (off
+the event loop): the local steps up to the next average of the spec's communication
+schedule, which the learning ring computes. After each round it averages pairwise and
+atomically with a random live participant over `/lattice/gossip-avg/2`. At the end it
+publishes its final parameters; the merger averages the finals, weighted by
+`lattice.learn.participant.merge_weights` (exactly `lattice.learn.simulate.final_merge`'s
+rule, the in-process reference), evaluates the result on the task's test split and
+records it. Spec: `lattice.core.jobs.TrainSpec`, proto/jobs.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from typing import Any
@@ -22,8 +24,8 @@ from lattice.core.jobs import TrainSpec, parse_train_spec
 from lattice.jobs.kind import Contribution, Input, KindRefused, Result, RunContext, Services
 from lattice.jobs.supervisor import Run
 from lattice.learn.merge import ModelFormatError, canonical_model_bytes, loads_safetensors, weighted_average
-from lattice.learn.simulate import JobSpec as LearnSpec
-from lattice.learn.simulate import Participant, make_participant, participant_round
+from lattice.learn.participant import Participant, job_partition, make_participant, merge_weights
+from lattice.learn.participant import participant_round
 from lattice.learn.tasks import DatasetsUnavailable, Task, TaskError, get_task
 from lattice.learn.validate import NormBound
 from lattice.net.blob import BlobNotFound, blob_id
@@ -36,11 +38,12 @@ FINAL_TENSOR = "params"
 
 def merge_finals(task: Task, job_id: str, finals: list[tuple[int, np.ndarray, int]]
                  ) -> tuple[np.ndarray, str, bytes]:
-    """(merged params, model id, canonical model bytes) from (rank, params, samples).
+    """(merged params, model id, canonical model bytes) from (rank, params, weight),
+    weight from `lattice.learn.participant.merge_weights`.
 
-    Exactly `lattice.learn.simulate.final_merge`'s rule (weighted by samples, inputs in
-    rank order, id over the task's named blocks) with the job id in the metadata, so
-    two jobs never share a model id by accident."""
+    Exactly `lattice.learn.simulate.final_merge`'s rule (weighted, inputs in rank
+    order, id over the task's named blocks) with the job id in the metadata, so two
+    jobs never share a model id by accident."""
     ordered = sorted(finals, key=lambda f: f[0])
     merged = weighted_average([f[1] for f in ordered], [f[2] for f in ordered])
     data = canonical_model_bytes(task.unflatten(merged), {"task": task.name, "job": job_id})
@@ -68,7 +71,7 @@ class TrainKind:
     async def participate(self, run: Run, ctx: RunContext) -> Contribution | None:
         spec: TrainSpec = run.spec
         compute = self.services.compute
-        lspec = _learn_spec(spec, len(run.roster))
+        lspec = _for_roster(spec, run.roster)
         try:
             task = await self._task(spec)
             if task.num_params > self.config.max_params:
@@ -114,7 +117,7 @@ class TrainKind:
             self._tasks[key] = task
         return task
 
-    async def _train(self, run: Run, ctx: RunContext, party: AveragingParty, lspec: LearnSpec,
+    async def _train(self, run: Run, ctx: RunContext, party: AveragingParty, lspec: TrainSpec,
                      task: Task) -> None:
         trainer = party.participant.trainer
         await self._report(run, ctx, party, task, force=True)
@@ -122,7 +125,7 @@ class TrainKind:
                  len(run.roster), trainer.step)
         averaging = lspec.algorithm != "none" and len(run.roster) > 1
         loss = run.progress.get("loss")
-        while trainer.step < lspec.steps:
+        while trainer.step < lspec.steps:  # a round: up to the schedule's next average
             losses = await party.train(lambda: participant_round(party.participant, lspec))
             run.round += 1
             if losses:
@@ -164,16 +167,21 @@ class TrainKind:
     async def produce(self, run: Run, ctx: RunContext, inputs: list[Input]) -> Result | None:
         spec: TrainSpec = run.spec
         task = await self._task(spec)
-        finals: list[tuple[int, np.ndarray, int]] = []
+        found: list[tuple[int, np.ndarray, int]] = []
         used: list[Input] = []
         for inp in inputs:
             params = await self._final_params(run, inp, task)
             if params is not None:
-                finals.append((inp.rank, params, inp.weight))
+                found.append((inp.rank, params, inp.weight))
                 used.append(inp)
-        if not finals:
+        if not found:
             return None
         compute = self.services.compute
+        lspec = _for_roster(spec, run.roster)
+        sizes = await compute(lambda: [len(p) for p in job_partition(lspec, task)]
+                              ) if spec.weighting == "data" else []
+        weights = merge_weights(spec.weighting, [(rank, samples) for rank, _, samples in found], sizes)
+        finals = [(rank, params, w) for (rank, params, _), w in zip(found, weights)]
         merged, mid, data = await compute(lambda: merge_finals(task, run.job_id, finals))
         metrics = await compute(lambda: task.evaluate(merged, *task.test_data()))
         stored = await self.services.blobs.put(data)
@@ -210,13 +218,13 @@ class TrainKind:
         return params
 
 
-def _learn_spec(spec: TrainSpec, participants: int) -> LearnSpec:
-    return LearnSpec(
-        task=spec.task, task_options=dict(spec.task_options), participants=participants,
-        steps=spec.steps, batch=spec.batch, lr=spec.lr, momentum=spec.momentum,
-        sync_every=spec.sync_every, algorithm=spec.algorithm, partition=spec.partition,
-        compression=spec.compression, weighting=spec.weighting, outer_lr=spec.outer_lr,
-        outer_momentum=spec.outer_momentum, seed=spec.seed, norm_factor=spec.norm_factor)
+def _for_roster(spec: TrainSpec, roster: list[str]) -> TrainSpec:
+    """The spec as the learning ring sees it: the sealed roster's size is the number of
+    participants the partition splits the data into (a roster may be shorter than
+    ``min_peers``; `lattice.core.jobs.read_job` bounds it)."""
+    if len(roster) == spec.participants:
+        return spec
+    return dataclasses.replace(spec, min_peers=len(roster))
 
 
 def _snapshot(p: Participant) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

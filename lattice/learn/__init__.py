@@ -6,6 +6,8 @@ pieces:
 
 - tasks.py       the task registry: built-in numpy models on bundled datasets, plugins
 - partition.py   iid / dirichlet:ALPHA splits of the train set among participants
+- schedule.py    communication schedules: after which local steps to average
+- drift.py       drift correction for label skew (logit-adjust)
 - compression.py codecs (none, fp16, int8, topk:R) and error-feedback memory
 - optim.py       local SGD, the outer Nesterov step, LocalTrainer (checkpointable)
 - gossip.py      one pairwise averaging exchange, both sides' math
@@ -14,12 +16,14 @@ pieces:
 - mergespec.py   a merge's method, inputs and parameters; mergekit YAML configs
 - mergeengine.py whole models tensor by tensor: import, export, merge shares, verify
 - validate.py    checks on received tensors (InvalidTensor with stable reasons)
+- participant.py one participant of a train job (from the one TrainSpec): what daemons run
 - simulate.py    a whole train job in process, and the centralized baseline
 """
 
 from lattice.learn.compression import CompressionSpecError as CompressionSpecError
 from lattice.learn.compression import ErrorFeedback as ErrorFeedback
 from lattice.learn.compression import get_codec as get_codec
+from lattice.learn.drift import CorrectionSpecError as CorrectionSpecError
 from lattice.learn.gossip import ParamChannel as ParamChannel
 from lattice.learn.gossip import exchange_in_process as exchange_in_process
 from lattice.learn.gossip import pair_average as pair_average
@@ -46,10 +50,16 @@ from lattice.learn.modelfile import BFLOAT16 as BFLOAT16
 from lattice.learn.optim import LocalTrainer as LocalTrainer
 from lattice.learn.optim import OuterNesterov as OuterNesterov
 from lattice.learn.optim import participant_rng as participant_rng
+from lattice.learn.participant import Participant as Participant
+from lattice.learn.participant import make_participant as make_participant
+from lattice.learn.participant import participant_round as participant_round
 from lattice.learn.partition import PartitionSchemeError as PartitionSchemeError
 from lattice.learn.partition import parse_scheme as parse_scheme
 from lattice.learn.partition import partition as partition
-from lattice.learn.simulate import JobSpec as JobSpec
+from lattice.learn.schedule import ScheduleSpecError as ScheduleSpecError
+from lattice.learn.schedule import parse_schedule as parse_schedule
+from lattice.learn.schedule import steps_until_sync as steps_until_sync
+from lattice.learn.schedule import sync_points as sync_points
 from lattice.learn.simulate import centralized_baseline as centralized_baseline
 from lattice.learn.simulate import simulate as simulate
 from lattice.learn.tasks import DatasetsUnavailable as DatasetsUnavailable
@@ -61,10 +71,12 @@ from lattice.learn.validate import NormBound as NormBound
 from lattice.learn.validate import validate_tensor as validate_tensor
 
 __all__ = [
-    "BFLOAT16", "CompressionSpecError", "MergeInputError", "MergeSpec", "MergeSpecError", "DatasetsUnavailable", "ErrorFeedback", "InvalidTensor", "JobSpec", "LocalTrainer",
-    "ModelFormatError", "NormBound", "OuterNesterov", "ParamChannel", "PartitionSchemeError", "Task", "TaskError",
+    "BFLOAT16", "CompressionSpecError", "CorrectionSpecError", "DatasetsUnavailable", "ErrorFeedback",
+    "InvalidTensor", "LocalTrainer", "MergeInputError", "MergeSpec", "MergeSpecError",
+    "ModelFormatError", "NormBound", "OuterNesterov", "ParamChannel", "Participant", "PartitionSchemeError", "ScheduleSpecError",
+    "Task", "TaskError",
     "canonical_model_bytes", "centralized_baseline", "dare", "exchange_in_process", "get_codec", "get_task",
-    "linear", "load_npz", "load_safetensors", "loads_safetensors", "merge_models", "model_id", "pair_average", "pair_weights",
-    "parse_scheme", "participant_rng", "partition", "save_npz", "save_safetensors", "simulate", "slerp",
-    "task_arithmetic", "ties", "validate_tensor", "weighted_average",
+    "linear", "load_npz", "load_safetensors", "loads_safetensors", "make_participant", "merge_models", "model_id", "pair_average", "pair_weights",
+    "parse_schedule", "parse_scheme", "participant_rng", "participant_round", "partition", "save_npz", "save_safetensors", "simulate",
+    "slerp", "steps_until_sync", "sync_points", "task_arithmetic", "ties", "validate_tensor", "weighted_average",
 ]

@@ -42,15 +42,22 @@ __all__ = [
     "pair_weights",
 ]
 
-WEIGHTINGS = ("uniform", "samples")
+WEIGHTINGS = ("uniform", "samples", "data")
 
 
 def pair_weights(samples_own: int, samples_peer: int, weighting: str = "uniform") -> tuple[float, float]:
-    """(w_own, w_peer): 0.5/0.5, or proportional to samples seen. Swapping the
-    arguments swaps the result exactly, which `pair_average`'s symmetry relies on."""
+    """(w_own, w_peer): 0.5/0.5, or proportional to the two counts: samples seen
+    (`samples`) or local dataset sizes (`data`; the caller passes those, see
+    `participant.Participant.averaging_samples`). Swapping the arguments swaps the result
+    exactly, which `pair_average`'s symmetry relies on.
+
+    Why `data`: a weighted pair average keeps sum(n_i * x_i) unchanged, so with weights
+    n_i = local dataset size the tracked mean moves along the gradient of the *global*
+    objective sum(n_i f_i) / n (FedAvg's weighting, McMahan et al. 2017), while uniform
+    weights give a participant with 3 samples the same pull as one with 17,000."""
     if weighting == "uniform":
         return 0.5, 0.5
-    if weighting == "samples":
+    if weighting in ("samples", "data"):
         total = samples_own + samples_peer
         if samples_own < 0 or samples_peer < 0 or total == 0:
             return 0.5, 0.5

@@ -113,6 +113,7 @@ class LocalTrainer:
     rng: np.random.Generator
     step: int = 0
     samples_seen: int = 0
+    logit_offset: np.ndarray | None = None  # drift.logit_offset: derived from the data, not state
     _order: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     _pos: int = 0
 
@@ -134,8 +135,9 @@ class LocalTrainer:
         lr: float,
         momentum: float = 0.0,
         rng: np.random.Generator,
+        logit_offset: np.ndarray | None = None,
     ) -> LocalTrainer:
-        return cls(task, params, X, y, SGD(lr, momentum), rng)
+        return cls(task, params, X, y, SGD(lr, momentum), rng, logit_offset=logit_offset)
 
     def next_batch(self, batch: int) -> np.ndarray:
         if batch < 1:
@@ -156,7 +158,11 @@ class LocalTrainer:
         first, losses = self.step, []
         for _ in range(k):
             idx = self.next_batch(batch)
-            loss, grad = self.task.loss_and_grad(self.params, self.X[idx], self.y[idx])
+            if self.logit_offset is None:
+                loss, grad = self.task.loss_and_grad(self.params, self.X[idx], self.y[idx])
+            else:
+                loss, grad = self.task.loss_and_grad(self.params, self.X[idx], self.y[idx],
+                                                     logit_offset=self.logit_offset)
             self.optimizer.step(self.params, grad)
             losses.append(loss)
             self.step += 1

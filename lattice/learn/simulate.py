@@ -1,138 +1,55 @@
 """An in-process simulation of a whole train job, and the centralized baseline.
 
-Owns `simulate` (N participants, no networking) and `centralized_baseline` (one
-learner, same total samples). Pure numpy: must not import trio, libp2p or sockets,
-and reads no clock. It composes the same building blocks the daemon's job runner
-uses, each callable on its own:
+Owns `simulate` (N participants, no networking), `sync_pair` (one exchange, both sides
+in process), `final_merge` and `centralized_baseline` (one learner, same total samples).
+Pure numpy: must not import trio, libp2p or sockets, and reads no clock. The job is
+the daemon's own spec, `lattice.core.jobs.TrainSpec` (its `participants` is the
+roster size), and a participant is exactly what the daemon runs
+(`lattice.learn.participant`: `make_participant`, `participant_round`); the runtime
+never imports this module.
 
-- `make_participant(spec, task, rank)`: one participant's state (trainer, channel,
-  outer optimizer) from the job spec and its rank.
-- `participant_round(p, spec)`: H local steps (the part the daemon runs off the loop).
-- `sync_pair(p, q, spec)`: one pairwise exchange, then the optional outer step.
-- `final_merge(participants, task)`: the weighted average by samples, its model id.
-
-Schedule: rounds of H = `sync_every` local steps; after each round the participants
-are paired by a random perfect matching (one sits out if N is odd) and each pair
-averages (pairwise, both end equal). `algorithm="none"` skips all exchanges: local
-training, then the one global merge ("A Single Merging Suffices" shows when that is
-enough; on label-skewed data it is not, which the benchmark shows).
+Rounds: a round is the local steps up to the next sync point of `spec.schedule`
+(schedule.py: R = ceil(steps / sync_every) averages, placed evenly, late or in the
+tail); after each round the participants are paired by a random perfect matching (one
+sits out if N is odd) and each pair averages (pairwise, both end equal).
+`algorithm="none"` skips all exchanges: local training, then the one global merge
+("A Single Merging Suffices" shows when that is enough; on label-skewed data it is
+not, which the benchmark shows). `correction` changes the local loss (drift.py);
+`weighting="data"` weights averages and the merge by local dataset size.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from lattice.learn.compression import get_codec
-from lattice.learn.gossip import ParamChannel, exchange_in_process, pair_weights
+from lattice.core.jobs.train import TrainSpec
+from lattice.learn.gossip import exchange_in_process, pair_weights
 from lattice.learn.merge import model_id, weighted_average
-from lattice.learn.optim import LocalTrainer, OuterNesterov, participant_rng
-from lattice.learn.partition import parse_scheme, partition
+from lattice.learn.optim import LocalTrainer, participant_rng
+from lattice.learn.participant import Participant, check_spec, job_partition, make_participant, merge_weights
+from lattice.learn.participant import participant_round
 from lattice.learn.tasks import Task, get_task
 from lattice.learn.validate import NormBound
 
 __all__ = [
-    "ALGORITHMS",
     "BaselineResult",
-    "JobSpec",
-    "Participant",
     "SimulationResult",
     "centralized_baseline",
     "final_merge",
-    "make_participant",
-    "participant_round",
     "simulate",
     "sync_pair",
 ]
 
-ALGORITHMS = ("gossip", "noloco", "none")
 BASELINE_RANK = 0xFFFFFFFF  # its own sampler stream, distinct from every participant rank
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    """What a train job fixes for every participant (the daemon's job spec carries
-    the same fields). `steps` are local steps per participant."""
-
-    task: str = "digits-mlp"
-    task_options: dict[str, Any] = field(default_factory=dict)
-    participants: int = 8
-    # Defaults tuned on digits-mlp, 8 participants (bench/learning_quality.py): IID
-    # and Dirichlet(0.1) gossip land within 0.5 point of the centralized baseline.
-    steps: int = 600
-    batch: int = 32
-    lr: float = 0.02
-    momentum: float = 0.9
-    sync_every: int = 2
-    algorithm: str = "gossip"
-    partition: str = "iid"
-    compression: str = "none"
-    weighting: str = "uniform"
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.3
-    seed: int = 0
-    norm_factor: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        for name in ("participants", "steps", "batch", "sync_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        parse_scheme(self.partition)
-        get_codec(self.compression)
-        pair_weights(1, 1, self.weighting)
-
-    @property
-    def total_samples(self) -> int:
-        return self.participants * self.steps * self.batch
-
-
-@dataclass
-class Participant:
-    rank: int
-    trainer: LocalTrainer
-    channel: ParamChannel
-    outer: OuterNesterov | None
-    bytes_sent: int = 0
-
-
-def job_partition(spec: JobSpec, task: Task) -> list[np.ndarray]:
-    _, y = task.train_data()
-    return partition(y, spec.participants, spec.partition, spec.seed)
-
-
-def make_participant(spec: JobSpec, task: Task, rank: int, part: np.ndarray | None = None) -> Participant:
-    """Participant `rank` (0-based, e.g. its position among sorted peer ids). Every
-    participant starts from `task.init_params(spec.seed)`, which is also the shared
-    reference of lossy channels."""
-    X, y = task.train_data()
-    if part is None:
-        part = job_partition(spec, task)[rank]
-    init = task.init_params(spec.seed)
-    trainer = LocalTrainer.create(
-        task, init, X[part], y[part], lr=spec.lr, momentum=spec.momentum, rng=participant_rng(spec.seed, rank)
-    )
-    channel = ParamChannel(spec.compression, reference=init)
-    outer = OuterNesterov(init, spec.outer_lr, spec.outer_momentum) if spec.algorithm == "noloco" else None
-    return Participant(rank, trainer, channel, outer)
-
-
-def participant_round(p: Participant, spec: JobSpec, steps: int | None = None) -> list[float]:
-    """Up to H local steps (fewer at the end of the job); the per-step losses."""
-    k = spec.sync_every if steps is None else steps
-    k = min(k, spec.steps - p.trainer.step)
-    return p.trainer.run_steps(k, spec.batch).losses if k > 0 else []
-
-
-def sync_pair(p: Participant, q: Participant, spec: JobSpec) -> int:
+def sync_pair(p: Participant, q: Participant, spec: TrainSpec) -> int:
     """One exchange between p and q (both end with the same average), then each
     applies its outer step if the algorithm has one. Returns the bytes sent."""
-    w_p, w_q = pair_weights(p.trainer.samples_seen, q.trainer.samples_seen, spec.weighting)
+    w_p, w_q = pair_weights(p.averaging_samples, q.averaging_samples, spec.weighting)
     bound = NormBound(factor=spec.norm_factor)
     new_p, new_q, stats = exchange_in_process(p.trainer.params, q.trainer.params, p.channel, q.channel, w_p, w_q, bound)
     for part, new in ((p, new_p), (q, new_q)):
@@ -143,16 +60,18 @@ def sync_pair(p: Participant, q: Participant, spec: JobSpec) -> int:
 
 
 def final_merge(participants: Sequence[Participant], task: Task, meta: dict[str, str] | None = None) -> tuple[np.ndarray, str]:
-    """(merged params, model id): the weighted average by samples seen, inputs in
-    rank order; the id is over the task's named blocks plus `meta`."""
+    """(merged params, model id): the weighted average (`participant.merge_weights`),
+    inputs in rank order; the id is over the task's named blocks plus `meta`."""
     ordered = sorted(participants, key=lambda p: p.rank)
-    merged = weighted_average([p.trainer.params for p in ordered], [p.trainer.samples_seen for p in ordered])
+    weights = merge_weights(ordered[0].weighting, [(p.rank, p.trainer.samples_seen) for p in ordered],
+                            ordered[0].part_sizes)
+    merged = weighted_average([p.trainer.params for p in ordered], weights)
     return merged, model_id(task.unflatten(merged), {"task": task.name, **(meta or {})})
 
 
 @dataclass
 class SimulationResult:
-    spec: JobSpec
+    spec: TrainSpec
     accuracy: float  # merged model, held-out test set
     loss: float
     model_id: str
@@ -168,15 +87,17 @@ class SimulationResult:
         return self.bytes_gossip + self.bytes_merge
 
 
-def simulate(spec: JobSpec, task: Task | None = None) -> SimulationResult:
-    """Run the whole job in process; deterministic in `spec`."""
-    task = task or get_task(spec.task, **spec.task_options)
+def simulate(spec: TrainSpec, task: Task | None = None) -> SimulationResult:
+    """Run the whole job in process (`spec.participants` of them); deterministic in
+    `spec`."""
+    check_spec(spec)
+    task = task or get_task(spec.task, **dict(spec.task_options))
     parts = job_partition(spec, task)
-    people = [make_participant(spec, task, r, parts[r]) for r in range(spec.participants)]
+    people = [make_participant(spec, task, r, parts) for r in range(spec.participants)]
     pairing_rng = np.random.default_rng([spec.seed, 0x9055])  # matchings, independent of ranks' streams
     steps: list[dict[str, float]] = []
     bytes_gossip = exchanges = 0
-    for _ in range(math.ceil(spec.steps / spec.sync_every)):
+    while people[0].trainer.step < spec.steps:  # rounds are in lockstep: all at the same step
         losses = [participant_round(p, spec) for p in people]
         for i in range(len(losses[0])):
             steps.append({"step": float(len(steps) + 1), "loss": float(np.mean([l[i] for l in losses])),

@@ -1,18 +1,24 @@
 """Training tasks: a model, its loss with an analytic gradient, and its data.
 
-Owns the task registry (`get_task`), the three built-in numpy tasks and the loading of
-plugin tasks. Pure numpy: must not import trio, libp2p or sockets, and reads no clock.
-scikit-learn is an optional extra used only for its bundled datasets; it is imported
-lazily, when a built-in task's data is first needed.
+Owns the task registry (`get_task`), the built-in numpy tasks, the loading of their
+datasets and of plugin tasks. Pure numpy: must not import trio, libp2p or sockets, and
+reads no clock. scikit-learn is an optional extra used only for its bundled datasets
+(digits, breast cancer); it is imported lazily, when such a task's data is first
+needed. Fashion-MNIST (Xiao et al. 2017) is read with numpy from Debian's
+`dataset-fashion-mnist` package (its IDX files in /usr/share/datasets/fashion-mnist).
 
 Parameters are always ONE flat float32 vector. Each task documents its layout (the
 order, names and shapes of the blocks inside that vector) in `Task.layout`, and
 `Task.unflatten` returns named views into it, e.g. to save a model as named tensors.
 
-Data: every built-in task uses a fixed, deterministic, stratified held-out test split
-(25 % of each class, chosen by a fixed seed that does not depend on the job), and
+Data: the scikit-learn datasets use a fixed, deterministic, stratified held-out test
+split (25 % of each class, chosen by a fixed seed that does not depend on the job), and
 features standardized with the mean and standard deviation of the *train* split only.
-So every daemon, whatever its job, sees the same train and test sets.
+Fashion-MNIST keeps its official split (60,000 train / 10,000 test) and is stored as
+the raw uint8 pixels (47 MB instead of 188 MB of float32): a task decodes a batch to
+standardized features (per-pixel train mean, one train standard deviation) when it
+uses it (`Task.features`). So every daemon, whatever its job, sees the same train and
+test sets.
 
 Plugins: a third-party distribution may declare tasks in the entry-point group
 `lattice.tasks` (name -> a `Task` subclass or a factory returning a `Task`). A plugin
@@ -24,10 +30,12 @@ shadowed by a plugin.
 from __future__ import annotations
 
 import functools
+import gzip
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,6 +46,8 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "lattice.tasks"
 TEST_FRACTION = 0.25
 SPLIT_SEED = 20240611  # fixed forever: changing it changes every task's test set
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -45,6 +55,7 @@ __all__ = [
     "DatasetsUnavailable",
     "LogisticRegression",
     "MLPClassifier",
+    "PixelEncoding",
     "SoftmaxRegression",
     "Task",
     "TaskError",
@@ -58,18 +69,34 @@ class TaskError(ValueError):
 
 
 class DatasetsUnavailable(ImportError):
-    """scikit-learn (the `datasets` extra) is needed for the built-in tasks' data."""
+    """A built-in task's data is not installed: scikit-learn (the `datasets` extra) or
+    Debian's `dataset-fashion-mnist`; the message names what to install."""
+
+
+@dataclass(frozen=True)
+class PixelEncoding:
+    """How stored uint8 rows decode to features: `pixels * scale - shift`."""
+
+    scale: float
+    shift: np.ndarray  # float32 (n_features,)
+
+    def decode(self, X: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        return X.astype(dtype) * dtype.type(self.scale) - self.shift.astype(dtype, copy=False)
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A standardized train/test split. Arrays are read-only and shared."""
+    """A train/test split of standardized features. Arrays are read-only and shared.
 
-    X_train: np.ndarray  # float32 (n_train, n_features)
+    X arrays are float32 features, or uint8 pixels when `encoding` is set (decoded by
+    `Task.features`)."""
+
+    X_train: np.ndarray  # float32 or uint8 (n_train, n_features)
     y_train: np.ndarray  # int64 (n_train,)
     X_test: np.ndarray
     y_test: np.ndarray
     n_classes: int
+    encoding: PixelEncoding | None = None
 
 
 def _require_sklearn_datasets() -> Any:
@@ -113,9 +140,69 @@ def _standardized(X: np.ndarray, y: np.ndarray, n_classes: int) -> Dataset:
     return Dataset(*arrays, n_classes=n_classes)
 
 
+_IDX_MAGIC = {2049: 1, 2051: 3}  # labels: 1 dimension, images: 3 (IDX format, LeCun et al.)
+
+
+def read_idx(path: Path, expected_shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 array in a gzipped IDX file, which must have `expected_shape`.
+
+    The header is checked against the expected shape before the body is read, so a
+    damaged file cannot make us allocate more than that."""
+    with gzip.open(path, "rb") as f:
+        head = f.read(4)
+        magic = int.from_bytes(head, "big") if len(head) == 4 else -1
+        ndim = _IDX_MAGIC.get(magic)
+        if ndim is None or ndim != len(expected_shape):
+            raise TaskError(f"{path}: not an IDX file of {len(expected_shape)} dimensions")
+        dims = tuple(int.from_bytes(f.read(4), "big") for _ in range(ndim))
+        if dims != expected_shape:
+            raise TaskError(f"{path}: shape {dims}, expected {expected_shape}")
+        body = f.read(int(np.prod(expected_shape)) + 1)
+    if len(body) != int(np.prod(expected_shape)):
+        raise TaskError(f"{path}: {len(body)} bytes of data, expected {int(np.prod(expected_shape))}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(expected_shape)
+
+
+def _fashion_mnist(directory: Path) -> Dataset:
+    files = {
+        "X_train": ("train-images-idx3-ubyte.gz", (60000, 28, 28)),
+        "y_train": ("train-labels-idx1-ubyte.gz", (60000,)),
+        "X_test": ("t10k-images-idx3-ubyte.gz", (10000, 28, 28)),
+        "y_test": ("t10k-labels-idx1-ubyte.gz", (10000,)),
+    }
+    missing = [name for name, _ in files.values() if not (directory / name).is_file()]
+    if missing:
+        raise DatasetsUnavailable(
+            f"the fashion tasks need Fashion-MNIST in {directory} (missing {', '.join(missing)}): "
+            f"apt-get install {FASHION_MNIST_PACKAGE}")
+    raw = {key: read_idx(directory / name, shape) for key, (name, shape) in files.items()}
+    X_train = raw["X_train"].reshape(60000, 784)
+    X_test = raw["X_test"].reshape(10000, 784)
+    for key in ("y_train", "y_test"):
+        if raw[key].max() > 9:
+            raise TaskError(f"{files[key][0]}: labels outside 0..9")
+    # per-pixel train mean, one train std for all pixels: per-pixel stds would blow up
+    # the near-constant border pixels
+    total, squares = np.zeros(784), np.zeros(784)
+    for start in range(0, 60000, 6000):  # in chunks: no 60000 x 784 float temporary
+        chunk = X_train[start : start + 6000].astype(np.float64)
+        total += chunk.sum(axis=0)
+        squares += (chunk * chunk).sum(axis=0)
+    mean = total / 60000
+    std = float(np.sqrt((squares / 60000 - mean * mean).mean()))
+    shift = (mean / std).astype(np.float32)
+    arrays = [X_train, raw["y_train"].astype(np.int64), X_test, raw["y_test"].astype(np.int64), shift]
+    for a in arrays:
+        a.setflags(write=False)
+    return Dataset(*arrays[:4], n_classes=10, encoding=PixelEncoding(1.0 / std, shift))
+
+
 @functools.cache
 def load_dataset(name: str) -> Dataset:
-    """The bundled dataset `digits` or `breast_cancer`, split and standardized."""
+    """The dataset `digits`, `breast_cancer` (split and standardized here) or
+    `fashion_mnist` (its official split)."""
+    if name == "fashion_mnist":
+        return _fashion_mnist(FASHION_MNIST_DIR)
     skd = _require_sklearn_datasets()
     if name == "digits":
         bunch = skd.load_digits()
@@ -136,6 +223,9 @@ class Task(ABC):
 
     name: str
     layout: tuple[tuple[str, tuple[int, ...]], ...]
+    n_classes: int | None = None
+    """Set by softmax classifiers, whose `loss_and_grad` then also takes `logit_offset`
+    (a (n_classes,) vector added to the logits in training only: drift.py)."""
 
     @property
     def num_params(self) -> int:
@@ -164,6 +254,17 @@ class Task(ABC):
                 raise ValueError(f"{self.name}: block {block} has shape {arr.shape}, expected {shape}")
             parts.append(arr.astype(np.float32).ravel())
         return np.concatenate(parts)
+
+    def features(self, X: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """Model inputs in `dtype` from rows of this task's data: stored uint8 pixels
+        are decoded (`Dataset.encoding`); float rows are taken as features already."""
+        dtype = np.dtype(dtype)
+        if X.dtype == np.uint8:
+            encoding = self._dataset().encoding
+            if encoding is None:
+                raise TypeError(f"{self.name}: uint8 rows, but the dataset has no pixel encoding")
+            return encoding.decode(X, dtype)
+        return X.astype(dtype, copy=False)
 
     @abstractmethod
     def init_params(self, seed: int) -> np.ndarray:
@@ -222,6 +323,7 @@ class SoftmaxRegression(Task):
 
     def __init__(self, name: str, dataset: str, n_features: int, n_classes: int, l2: float = 0.0):
         self.name, self._dataset_name, self.l2 = name, dataset, float(l2)
+        self.n_classes = n_classes
         self.layout = (("W", (n_features, n_classes)), ("b", (n_classes,)))
 
     def _dataset(self) -> Dataset:
@@ -236,7 +338,7 @@ class SoftmaxRegression(Task):
 
     def _logits(self, params: np.ndarray, X: np.ndarray) -> np.ndarray:
         blocks = self.unflatten(params)
-        return X.astype(params.dtype, copy=False) @ blocks["W"] + blocks["b"]
+        return self.features(X, params.dtype) @ blocks["W"] + blocks["b"]
 
     def _losses(self, params, X, y):
         return _softmax_ce(self._logits(params, X), y)[0]
@@ -245,10 +347,11 @@ class SoftmaxRegression(Task):
         logits = self._logits(params, X)
         return logits, logits.argmax(axis=1)
 
-    def loss_and_grad(self, params, X, y):
-        X = X.astype(params.dtype, copy=False)
+    def loss_and_grad(self, params, X, y, logit_offset=None):
+        X = self.features(X, params.dtype)
         blocks = self.unflatten(params)
-        losses, dlogits = _softmax_ce(X @ blocks["W"] + blocks["b"], y)
+        logits = X @ blocks["W"] + blocks["b"]
+        losses, dlogits = _softmax_ce(logits if logit_offset is None else logits + logit_offset, y)
         grad = np.empty_like(params)
         g = self.unflatten(grad)
         g["W"][...] = X.T @ dlogits
@@ -282,6 +385,7 @@ class MLPClassifier(Task):
             raise TaskError(f"{name}: hidden must be an int in [1, 65536], got {hidden!r}")
         self.name, self._dataset_name = name, dataset
         self.hidden, self.activation, self.l2 = hidden, activation, float(l2)
+        self.n_classes = n_classes
         self.layout = (
             ("W1", (n_features, hidden)),
             ("b1", (hidden,)),
@@ -308,7 +412,7 @@ class MLPClassifier(Task):
 
     def _forward(self, params, X):
         blocks = self.unflatten(params)
-        X = X.astype(params.dtype, copy=False)
+        X = self.features(X, params.dtype)
         pre = X @ blocks["W1"] + blocks["b1"]
         hid = np.maximum(pre, 0) if self.activation == "relu" else np.tanh(pre)
         return blocks, X, pre, hid, hid @ blocks["W2"] + blocks["b2"]
@@ -320,9 +424,9 @@ class MLPClassifier(Task):
         logits = self._forward(params, X)[-1]
         return logits, logits.argmax(axis=1)
 
-    def loss_and_grad(self, params, X, y):
+    def loss_and_grad(self, params, X, y, logit_offset=None):
         blocks, X, pre, hid, logits = self._forward(params, X)
-        losses, dlogits = _softmax_ce(logits, y)
+        losses, dlogits = _softmax_ce(logits if logit_offset is None else logits + logit_offset, y)
         grad = np.empty_like(params)
         g = self.unflatten(grad)
         g["W2"][...] = hid.T @ dlogits
@@ -360,7 +464,7 @@ class LogisticRegression(Task):
 
     def _margin(self, params, X):
         blocks = self.unflatten(params)
-        return X.astype(params.dtype, copy=False) @ blocks["w"] + blocks["b"][0]
+        return self.features(X, params.dtype) @ blocks["w"] + blocks["b"][0]
 
     def _losses(self, params, X, y):
         z = self._margin(params, X)
@@ -372,7 +476,7 @@ class LogisticRegression(Task):
         return z, (z > 0).astype(np.int64)
 
     def loss_and_grad(self, params, X, y):
-        X = X.astype(params.dtype, copy=False)
+        X = self.features(X, params.dtype)
         blocks = self.unflatten(params)
         z = X @ blocks["w"] + blocks["b"][0]
         s = (2 * y - 1).astype(params.dtype)
@@ -396,6 +500,8 @@ _BUILTINS: dict[str, TaskFactory] = {
     "digits-softmax": functools.partial(SoftmaxRegression, "digits-softmax", "digits", 64, 10),
     "digits-mlp": functools.partial(MLPClassifier, "digits-mlp", "digits", 64, 10),
     "breast-cancer-logreg": functools.partial(LogisticRegression, "breast-cancer-logreg", "breast_cancer", 30),
+    "fashion-softmax": functools.partial(SoftmaxRegression, "fashion-softmax", "fashion_mnist", 784, 10),
+    "fashion-mlp": functools.partial(MLPClassifier, "fashion-mlp", "fashion_mnist", 784, 10),
 }
 
 

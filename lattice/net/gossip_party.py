@@ -79,7 +79,7 @@ class Held:
 class AveragingParty:
     """One participant of one job, as the averaging protocol sees it.
 
-    Holds the parameters (through ``participant``: a `lattice.learn.simulate.Participant`,
+    Holds the parameters (through ``participant``: a `lattice.learn.participant.Participant`,
     i.e. trainer, channel, outer optimizer), the roster, and when the participant can
     take part: never while it trains (an offer is then *held* until the round ends, at
     most ``hold_timeout``), one exchange at a time, never after it finished. The runner
@@ -116,7 +116,7 @@ class AveragingParty:
 
     @property
     def samples(self) -> int:
-        return int(self.participant.trainer.samples_seen)
+        return int(self.participant.averaging_samples)
 
     @property
     def channel(self) -> ParamChannel:

@@ -43,6 +43,8 @@ CASES = [
     ("pairwise_exchange.py", ["--params", "1000000", "--reps", "2", "--timeout", "120"],
      [r"^ours\s+2\s+[\d.]+"]),
     ("gossip_exchange.py", ["--params", "1000000", "--repeat", "2"], [r"median [\d.]+ s"]),
+    ("learning_quality.py", ["--quick"],
+     [r"^\s+gossip H=2 uniform \(reference\)\s+2\s+[\d.]+\s+100\.00", r"best within budget: .* of the bytes"]),
     ("merge_vs_mergekit.py", ["--hidden", "16", "--layers", "2", "--methods", "linear,ties"],
      [r"^linear\s+(\S+\s+\S+\s+)?[\d.]+", r"^ties\s+"]),
     ("merge_throughput.py", ["--gib", "0.01", "--no-mergekit"],

@@ -84,6 +84,7 @@ from lattice.core.jobs.lifecycle import verify_record as verify_record
 from lattice.core.jobs.spec import JobSpecError as JobSpecError
 from lattice.core.jobs.train import ALGORITHMS as ALGORITHMS
 from lattice.core.jobs.train import BUILTIN_TASKS as BUILTIN_TASKS
+from lattice.core.jobs.train import CORRECTIONS as CORRECTIONS
 from lattice.core.jobs.train import KIND_TRAIN as KIND_TRAIN
 from lattice.core.jobs.train import WEIGHTINGS as WEIGHTINGS
 from lattice.core.jobs.train import TrainSpec as TrainSpec

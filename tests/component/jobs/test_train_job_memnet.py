@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import trio
 
-from lattice.learn.simulate import JobSpec, simulate
+from lattice.core.jobs import parse_train_spec
+from lattice.learn.participant import job_partition
+from lattice.learn.simulate import simulate
 from lattice.learn.merge import loads_safetensors
 from lattice.learn.tasks import get_task
 from lattice.jobs import NotSubmitter
@@ -42,8 +44,8 @@ async def test_four_daemons_train_merge_and_publish_what_the_simulation_reaches(
     assert record["missing"] == [] and record["metrics"]["participants"] == 4
     assert record["metrics"]["samples"] == 4 * 60 * 32
 
-    reference = simulate(JobSpec(task="digits-softmax", participants=4, steps=60, batch=32,
-                                         sync_every=3, seed=3))
+    learn_spec = parse_train_spec(spec)  # the simulator runs the very spec the daemons ran
+    reference = simulate(learn_spec)
     assert abs(record["metrics"]["accuracy"] - reference.accuracy) < 0.03
     # every participant averaged with others along the way (AD-PSGD), and said so
     await cluster.wait_until(lambda: all(
@@ -62,11 +64,13 @@ async def test_four_daemons_train_merge_and_publish_what_the_simulation_reaches(
     params = task.flatten(arrays)
     assert task.evaluate(params, *task.test_data())["accuracy"] == record["metrics"]["accuracy"]
 
-    # anyone holding the inputs recomputes the same model id
+    # anyone holding the inputs and the spec recomputes the same model id (weighting
+    # "data": each rank weighs its partition's size, a function of the spec)
+    sizes = [len(p) for p in job_partition(learn_spec, task)]
     finals = []
     for item in record["inputs"]:
         blob = await nodes[3].jobs.blobs.fetch(item["blob"], hints=[item["peer"]])
-        finals.append((item["rank"], loads_safetensors(blob)[0]["params"], item["samples"]))
+        finals.append((item["rank"], loads_safetensors(blob)[0]["params"], sizes[item["rank"]]))
     assert merge_finals(task, job_id, finals)[1] == mid
 
 
@@ -108,7 +112,7 @@ async def test_the_submitter_cancels_and_every_participant_stops(cluster, autoju
 
 async def test_a_restarted_daemon_resumes_from_its_checkpoint(cluster, autojump_clock, small_job):
     nodes = await cluster.add(4)
-    job_id = nodes[0].jobs.submit(small_job(steps=90))
+    job_id = nodes[0].jobs.submit(small_job(steps=90, schedule="constant"))  # rounds of 3 steps
     node = nodes[3]
 
     def progressed():

@@ -3,8 +3,6 @@ selection, the reconciliation planner and the merge decision."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 from hypothesis import given
@@ -12,7 +10,8 @@ from hypothesis import strategies as st
 
 from lattice.core import jobs as J
 from lattice.core.state import views
-from lattice.learn.simulate import JobSpec, final_merge, make_participant, participant_round
+from lattice.learn.participant import check_spec, make_participant, merge_weights, participant_round
+from lattice.learn.simulate import final_merge
 from lattice.learn.tasks import get_task
 from lattice.jobs.train import merge_finals
 
@@ -20,13 +19,6 @@ ME, A, B, C, D = "me", "peer-a", "peer-b", "peer-c", "peer-d"
 
 
 # -- spec ---------------------------------------------------------------------------------
-
-
-def test_defaults_match_the_learning_rings_job_spec():
-    ours, theirs = J.TrainSpec(task="digits-mlp"), JobSpec()
-    for f in dataclasses.fields(JobSpec):
-        if f.name != "participants":  # min_peers defaults to 4: the README's local network
-            assert getattr(ours, f.name) == getattr(theirs, f.name), f.name
 
 
 def test_a_minimal_spec_gets_every_default_written_out():
@@ -55,6 +47,11 @@ def test_a_minimal_spec_gets_every_default_written_out():
     ({"task": "digits-mlp", "compression": "int8:0"}, "compression"),
     ({"task": "digits-mlp", "compression": "zip"}, "compression"),
     ({"task": "digits-mlp", "weighting": "median"}, "weighting"),
+    ({"task": "digits-mlp", "schedule": "often"}, "schedule"),
+    ({"task": "digits-mlp", "schedule": "late:0"}, "schedule"),
+    ({"task": "digits-mlp", "schedule": "tail:1.5"}, "schedule"),
+    ({"task": "digits-mlp", "schedule": "constant:2"}, "schedule"),
+    ({"task": "digits-mlp", "correction": "scaffold"}, "correction"),
     ({"task": "digits-mlp", "steps": 5, "sync_every": 6}, "sync_every"),
     ({"task": "digits-mlp", "task_options": {"hidden": [1]}}, "task_options.hidden"),
     ({"task": "digits-mlp", "task_options": {"bad name": 1}}, "task_options"),
@@ -69,9 +66,11 @@ def test_bad_specs_are_refused_naming_the_field(bad, field):
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet:0.1", "dirichlet:5", "dirichlet:1e-2"])
 @pytest.mark.parametrize("compression", ["none", "fp16", "int8", "int8:64", "topk:0.1", "topk:1"])
-def test_what_the_core_accepts_the_learning_ring_accepts(partition, compression):
-    spec = J.parse_train_spec({"task": "digits-mlp", "partition": partition, "compression": compression})
-    JobSpec(task=spec.task, partition=spec.partition, compression=spec.compression)  # does not raise
+@pytest.mark.parametrize("schedule", ["constant", "late", "late:0.25", "tail", "tail:1"])
+def test_what_the_core_accepts_the_learning_ring_accepts(partition, compression, schedule):
+    spec = J.parse_train_spec({"task": "digits-mlp", "partition": partition, "compression": compression,
+                               "schedule": schedule, "weighting": "samples", "correction": "logit-adjust"})
+    check_spec(spec)  # does not raise
 
 
 @given(st.dictionaries(st.text(max_size=8), st.one_of(st.integers(), st.floats(), st.text(max_size=8),
@@ -237,12 +236,16 @@ def test_the_next_candidate_takes_over_late_and_the_dead_are_skipped():
 
 def test_the_network_merge_is_the_simulations_final_merge():
     task = get_task("digits-softmax")
-    spec = JobSpec(task="digits-softmax", participants=3, steps=6, sync_every=3, seed=2)
+    spec = J.TrainSpec(task="digits-softmax", min_peers=3, steps=6, sync_every=3, seed=2,
+                       partition="dirichlet:0.5")
     people = [make_participant(spec, task, r) for r in range(3)]
     for p in people:
         participant_round(p, spec, steps=1 + p.rank)  # different samples seen
     merged, mid = final_merge(people, task, {"job": JOB})
-    shuffled = [(p.rank, p.trainer.params, p.trainer.samples_seen) for p in reversed(people)]
+    weights = merge_weights(spec.weighting, [(p.rank, p.trainer.samples_seen) for p in people],
+                            people[0].part_sizes)
+    assert weights == list(people[0].part_sizes)  # weighting "data": by partition size
+    shuffled = [(p.rank, p.trainer.params, w) for p, w in reversed(list(zip(people, weights)))]
     ours, our_id, data = merge_finals(task, JOB, shuffled)
     assert ours.tobytes() == merged.tobytes() and our_id == mid
     assert np.frombuffer(data[-4 * task.num_params:], np.float32).size == task.num_params

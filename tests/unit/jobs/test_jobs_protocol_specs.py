@@ -46,8 +46,8 @@ def test_the_private_job_token_golden_vector():
     from lattice.core.identity import Identity
 
     text = (PROTO / "jobs.md").read_text()
-    token = J.job_token(Identity(bytes(range(32))), "7f34dce28ecbb16b94d8433c4d17cd4b")
-    proof = J.join_proof(token, "7f34dce28ecbb16b94d8433c4d17cd4b", "12D3KooWExampleJoiner")
+    token = J.job_token(Identity(bytes(range(32))), "fefce12cca7d662479523f9b882b074f")
+    proof = J.join_proof(token, "fefce12cca7d662479523f9b882b074f", "12D3KooWExampleJoiner")
     assert f"token `{token}`" in text and f"`{proof}`" in text
 
 

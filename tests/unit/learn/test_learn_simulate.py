@@ -7,19 +7,14 @@ import numpy as np
 import pytest
 
 from lattice.learn.merge import model_id, weighted_average
-from lattice.learn.simulate import (
-    JobSpec,
-    centralized_baseline,
-    final_merge,
-    make_participant,
-    participant_round,
-    simulate,
-    sync_pair,
-)
+from lattice.core.jobs import TrainSpec
+from lattice.learn.participant import job_partition, make_participant, merge_weights, participant_round
+from lattice.learn.simulate import centralized_baseline, final_merge, simulate, sync_pair
+from lattice.learn.schedule import sync_points
 from lattice.learn.tasks import get_task
 
-SMALL = JobSpec(task="digits-mlp", task_options={"hidden": 16}, participants=4, steps=80, batch=16, lr=0.05,
-                momentum=0.5, sync_every=3, partition="dirichlet:0.1", seed=1)
+SMALL = TrainSpec(task="digits-mlp", task_options={"hidden": 16}, min_peers=4, steps=80, batch=16, lr=0.05,
+                  momentum=0.5, sync_every=3, partition="dirichlet:0.1", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +71,42 @@ def test_centralized_baseline_uses_the_same_total_samples(task):
 
 
 @pytest.mark.parametrize("bad", [dict(algorithm="allreduce"), dict(steps=0), dict(partition="shards"),
-                                 dict(compression="zip"), dict(weighting="median")])
-def test_job_spec_is_validated(bad):
+                                 dict(compression="zip"), dict(weighting="median"), dict(schedule="often"),
+                                 dict(correction="fedprox")])
+def test_the_simulator_refuses_what_the_learning_ring_cannot_run(bad, task):
     with pytest.raises(ValueError):
-        JobSpec(**bad)
+        simulate(dataclasses.replace(SMALL, **bad), task)
+
+
+def test_data_weighting_keeps_the_dataset_weighted_mean_and_merges_by_partition_size(task):
+    spec = dataclasses.replace(SMALL, steps=6, weighting="data")
+    parts = job_partition(spec, task)
+    sizes = np.array([len(p) for p in parts], np.float64)
+    assert len(set(sizes)) > 1  # Dirichlet(0.1): unequal parts, the case this is for
+    people = [make_participant(spec, task, r, parts) for r in range(4)]
+    for p in people:
+        participant_round(p, spec)
+    assert [p.averaging_samples for p in people] == list(sizes)
+
+    def weighted_mean():
+        return sum(s * p.trainer.params.astype(np.float64) for s, p in zip(sizes, people)) / sizes.sum()
+
+    before = weighted_mean()
+    sync_pair(people[0], people[3], spec)
+    sync_pair(people[1], people[2], spec)
+    np.testing.assert_allclose(weighted_mean(), before, rtol=1e-5, atol=1e-6)
+    merged, _ = final_merge(people, task)
+    np.testing.assert_allclose(merged, before, rtol=1e-5, atol=1e-6)
+    assert merge_weights("data", [(0, 999), (3, 5)], people[2].part_sizes) == [sizes[0], sizes[3]]
+    assert merge_weights("uniform", [(0, 999), (3, 5)], people[2].part_sizes) == [999, 5]
+
+
+def test_a_late_schedule_averages_where_the_schedule_says_within_the_same_budget(task):
+    constant = simulate(dataclasses.replace(SMALL, sync_every=8, schedule="constant"), task)
+    late = simulate(dataclasses.replace(SMALL, sync_every=8, schedule="late"), task)
+    points = sync_points("late", SMALL.steps, 8)
+    assert late.exchanges == 2 * len(points) <= constant.exchanges == 2 * 10
+    averaged_at = [int(s["step"]) for a, s in zip([{"bytes_sent": 0.0}] + late.steps, late.steps)
+                   if s["bytes_sent"] > a["bytes_sent"]]
+    assert averaged_at == points
+    assert late.bytes_gossip <= constant.bytes_gossip

@@ -1,6 +1,7 @@
 """Built-in tasks: analytic gradients match finite differences, data splits are fixed,
 plugins load only when allowed."""
 
+import gzip
 import sys
 
 import numpy as np
@@ -39,9 +40,17 @@ def test_analytic_gradient_matches_central_differences(name, options):
     assert loss == pytest.approx(task.loss_and_grad(params, Xb, yb)[0])
 
 
+def _data_or_skip(task):
+    try:
+        return task.train_data()
+    except DatasetsUnavailable as e:
+        pytest.skip(str(e))
+
+
 @pytest.mark.parametrize("name", builtin_task_names())
 def test_float32_params_layout_and_init_are_deterministic(name):
     task = get_task(name)
+    _data_or_skip(task)
     p = task.init_params(7)
     assert p.dtype == np.float32 and p.shape == (task.num_params,)
     np.testing.assert_array_equal(p, task.init_params(7))
@@ -137,3 +146,72 @@ def test_plugin_returning_a_non_task_is_refused(monkeypatch):
     monkeypatch.setattr(tasks_mod, "_entry_points", lambda group: [_FakeEntryPoint("bad", lambda: object())])
     with pytest.raises(TaskError, match="not a Task"):
         get_task("bad", allowed_plugins=("bad",))
+
+
+# -- Fashion-MNIST (Debian's dataset-fashion-mnist) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    try:
+        return tasks_mod.load_dataset("fashion_mnist")
+    except DatasetsUnavailable as e:
+        pytest.skip(str(e))
+
+
+def test_fashion_keeps_its_official_split_as_compact_pixels(fashion):
+    assert fashion.X_train.shape == (60000, 784) and fashion.X_test.shape == (10000, 784)
+    assert fashion.X_train.dtype == np.uint8 and not fashion.X_train.flags.writeable
+    assert (np.bincount(fashion.y_train) == 6000).all() and (np.bincount(fashion.y_test) == 1000).all()
+    task = get_task("fashion-mlp")
+    assert task.num_params == 784 * 64 + 64 + 64 * 10 + 10 and task.n_classes == 10
+    # decoded with train statistics: per-pixel mean 0, one overall standard deviation 1
+    f = np.concatenate([task.features(fashion.X_train[i::10][:600], np.float64) for i in range(10)])
+    assert abs(f.mean()) < 0.02 and abs(f.std() - 1) < 0.02
+    total = sum(task.features(fashion.X_train[i:i + 10000], np.float64).sum(axis=0) for i in range(0, 60000, 10000))
+    assert np.abs(total / 60000).max() < 1e-4
+    # float rows are features already: the gradient check path is unchanged
+    np.testing.assert_array_equal(task.features(f[:3], np.float64), f[:3])
+
+
+def test_fashion_softmax_gradient_matches_central_differences(fashion):
+    task = get_task("fashion-softmax")
+    Xb, yb = task.features(fashion.X_train[:20], np.float64), fashion.y_train[:20]
+    rng = np.random.default_rng(2)
+    params = task.init_params(0).astype(np.float64) + rng.normal(0, 0.01, task.num_params)
+    _, grad = task.loss_and_grad(params, Xb, yb)
+    _, from_pixels = task.loss_and_grad(params, fashion.X_train[:20], yb)
+    np.testing.assert_allclose(from_pixels, grad, rtol=1e-5, atol=1e-8)
+    for i in rng.choice(task.num_params, size=20, replace=False):
+        plus, minus = params.copy(), params.copy()
+        plus[i] += 1e-6
+        minus[i] -= 1e-6
+        numeric = (task.loss_and_grad(plus, Xb, yb)[0] - task.loss_and_grad(minus, Xb, yb)[0]) / 2e-6
+        assert grad[i] == pytest.approx(numeric, rel=1e-4, abs=1e-7)
+
+
+def test_missing_fashion_data_names_the_debian_package(tmp_path):
+    with pytest.raises(DatasetsUnavailable, match="apt-get install dataset-fashion-mnist"):
+        tasks_mod._fashion_mnist(tmp_path)
+
+
+def _idx(path, magic, dims, body):
+    with gzip.open(path, "wb") as f:
+        f.write(magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims) + body)
+    return path
+
+
+@pytest.mark.parametrize("magic,dims,body,match", [
+    (2051, (2, 2, 2), bytes(8), None),
+    (2049, (2, 2, 2), bytes(8), "IDX file of 3"),
+    (2051, (3, 2, 2), bytes(12), "shape"),
+    (2051, (2, 2, 2), bytes(7), "bytes of data"),
+    (2051, (2, 2, 2), bytes(9), "bytes of data"),
+])
+def test_idx_files_are_checked_before_they_are_read(tmp_path, magic, dims, body, match):
+    path = _idx(tmp_path / "x.gz", magic, dims, body)
+    if match is None:
+        assert tasks_mod.read_idx(path, (2, 2, 2)).shape == (2, 2, 2)
+    else:
+        with pytest.raises(TaskError, match=match):
+            tasks_mod.read_idx(path, (2, 2, 2))
