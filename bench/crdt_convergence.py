@@ -28,9 +28,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lattice.core.state import Set, StateStore  # noqa: E402
-from lattice.net.crdt_sync import SyncConfig, serve_crdt_sync  # noqa: E402
-from lattice.testing.memnet import MemoryNetwork  # noqa: E402
+from lattice.core.state import Set, StateStore
+from lattice.net.crdt_sync import SyncConfig, serve_crdt_sync
+from lattice.testing.memnet import MemoryNetwork
 
 
 class BenchNode(Protocol):

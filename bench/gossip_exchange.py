@@ -22,15 +22,15 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lattice.learn.gossip import ParamChannel  # noqa: E402
-from lattice.net.gossip_avg import (  # noqa: E402
+from lattice.learn.gossip import ParamChannel
+from lattice.net.gossip_avg import (
     AveragingParty,
     Outcome,
     compute_inline,
     serve_gossip_avg,
     thread_compute,
 )
-from lattice.testing.memnet import MemoryNetwork  # noqa: E402
+from lattice.testing.memnet import MemoryNetwork
 
 
 @dataclass

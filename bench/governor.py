@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
 
-from latticed.governor import cap_blas_threads  # noqa: E402
+from latticed.governor import cap_blas_threads
 
 cap_blas_threads()  # as latticed does, before numpy loads
 

@@ -34,24 +34,24 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: tiny matmuls, no thread pool
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from multiprocessing import get_context  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from multiprocessing import get_context
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lattice.learn.compression import get_codec  # noqa: E402
-from lattice.core.jobs import TrainSpec  # noqa: E402
-from lattice.learn.simulate import centralized_baseline, simulate  # noqa: E402
-from lattice.learn.tasks import DatasetsUnavailable, get_task  # noqa: E402
+from lattice.core.jobs import TrainSpec
+from lattice.learn.compression import get_codec
+from lattice.learn.simulate import centralized_baseline, simulate
+from lattice.learn.tasks import DatasetsUnavailable, get_task
 
 TARGETS = {"iid": (1.0, 0.02), "dirichlet:0.1": (2.0, 0.05)}  # (points below central, byte share)
 REFERENCE_H = 2

@@ -40,9 +40,10 @@ def llama_shapes(hidden: int, inter: int, vocab: int, layers: int, kv: int) -> d
     return shapes(hidden, inter, vocab, layers, kv)
 
 
-def plan(gib: float) -> tuple[dict, dict[str, tuple[int, ...]]]:
+def plan(gib: float, layers: int | None = None) -> tuple[dict, dict[str, tuple[int, ...]]]:
     """TinyLlama-like widths (hidden 2048, intermediate 5632, vocab 32000, GQA 4:1); the
-    layer count is chosen for about ``gib`` GiB of BF16 (at least one layer)."""
+    layer count is chosen for about ``gib`` GiB of BF16 (at least one layer), unless
+    given (quick runs: few tensors)."""
     hidden, inter, vocab, heads, kv_heads = 2048, 5632, 32000, 32, 8
     if gib < 0.5:  # quick runs (the smoke test): everything smaller
         scale = max(gib / 0.5, 1 / 64)
@@ -51,7 +52,7 @@ def plan(gib: float) -> tuple[dict, dict[str, tuple[int, ...]]]:
     kv = kv_heads * hidden // heads
     per_layer = 2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * inter + 2 * hidden
     fixed = 2 * vocab * hidden + hidden
-    layers = max(1, round((gib * (1 << 30) / 2 - fixed) / per_layer))
+    layers = layers or max(1, round((gib * (1 << 30) / 2 - fixed) / per_layer))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
               "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
               "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-5,
@@ -108,14 +109,14 @@ def child_merge(store_dir: str, ids_json: str, density: float) -> None:
                       "vmhwm": hwm * 1024}))
 
 
-def child_prepare(work: str, gib: float, seed: int) -> None:
+def child_prepare(work: str, gib: float, seed: int, layers: int | None = None) -> None:
     """In a child process: write the inputs and import them (so the measuring parent stays
     small: Linux counts the parent's resident size at exec into a child's ru_maxrss)."""
     from lattice.learn.mergeengine import import_model, open_model_path
     from lattice.learn.modelfile import dumps_manifest
     from lattice.net.blob import BlobStore
 
-    config, shapes = plan(gib)
+    config, shapes = plan(gib, layers)
     t0 = time.perf_counter()
     dirs = write_models(Path(work) / "in", config, shapes, seed)
     written = time.perf_counter() - t0
@@ -145,6 +146,7 @@ def main() -> int:
     ap.add_argument("--gib", type=float, default=1.0, help="size of each model (default 1)")
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, help="transformer layers (default: as many as --gib holds)")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--child", nargs=3, metavar=("STORE", "IDS", "DENSITY"), help=argparse.SUPPRESS)
     ap.add_argument("--prepare", metavar="WORK", help=argparse.SUPPRESS)
@@ -154,16 +156,16 @@ def main() -> int:
         child_merge(args.child[0], args.child[1], float(args.child[2]))
         return 0
     if args.prepare:
-        child_prepare(args.prepare, args.gib, args.seed)
+        child_prepare(args.prepare, args.gib, args.seed, args.layers)
         return 0
 
-    config, shapes = plan(args.gib)
+    config, shapes = plan(args.gib, args.layers)
     largest = max(2 * _count(s) for s in shapes.values())
     total = sum(2 * _count(s) for s in shapes.values())
     with tempfile.TemporaryDirectory(prefix="merge-throughput-", dir=args.tmp) as tmp:
         work = Path(tmp)
         _, _, out, rc = run_measured([sys.executable, __file__, "--prepare", str(work), "--gib", str(args.gib),
-                                      "--seed", str(args.seed)])
+                                      "--seed", str(args.seed), *(["--layers", str(args.layers)] if args.layers else [])])
         if rc:
             print(out)
             return 1

@@ -31,8 +31,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lattice.testing.daemons import DaemonProc  # noqa: E402
-from lattice.testing.hostile.state import Author, job_records, open_attacker, sybils  # noqa: E402
+from lattice.testing.daemons import DaemonProc
+from lattice.testing.hostile.state import Author, job_records, open_attacker, sybils
 
 MiB = 1 << 20
 TICKS = os.sysconf("SC_CLK_TCK")

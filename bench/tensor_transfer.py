@@ -210,7 +210,8 @@ def ours_recv(args) -> None:
 
     from lattice.core.arrays import ArrayLimits
     from lattice.core.identity import Identity
-    from lattice.net.bulk import PROTOCOL as BULK, receive_array, serve_bulk_listener
+    from lattice.net.bulk import PROTOCOL as BULK
+    from lattice.net.bulk import receive_array, serve_bulk_listener
     from lattice.net.host import open_libp2p_node, quiet_libp2p_logging
 
     async def main():

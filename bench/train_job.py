@@ -32,32 +32,33 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy, and inherited by the daemons
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-import trio  # noqa: E402
+import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lattice.core.jobs import TrainSpec, parse_train_spec  # noqa: E402
-from lattice.jobs import JobsConfig, serve_jobs  # noqa: E402
-from lattice.learn.merge import loads_safetensors  # noqa: E402
-from lattice.learn.simulate import centralized_baseline, simulate  # noqa: E402
-from lattice.learn.tasks import get_task  # noqa: E402
-from lattice.net.crdt_sync import (  # noqa: E402
+from learning_quality import budget_sync_every
+
+from lattice.core.jobs import TrainSpec, parse_train_spec
+from lattice.jobs import JobsConfig, serve_jobs
+from lattice.learn.merge import loads_safetensors
+from lattice.learn.simulate import centralized_baseline, simulate
+from lattice.learn.tasks import get_task
+from lattice.net.crdt_sync import (
     SyncConfig,
     open_state,
     serve_crdt_sync,
     serve_heartbeat,
 )
-from learning_quality import budget_sync_every  # noqa: E402  (bench/, the script's directory)
-from lattice.testing.memnet import MemoryNetwork  # noqa: E402
+from lattice.testing.memnet import MemoryNetwork
 
 
 async def run_memnet(spec: dict, peers: int, seed: int) -> dict:

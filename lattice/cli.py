@@ -260,7 +260,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     if not jobs:
         print("no jobs")
         return 0
-    rows = [[j["id"], j.get("task") or "-", j.get("status") or "-",
+    rows = [[j["id"], j.get("task") or j.get("kind") or "-", j.get("status") or "-",
              f"{j.get('steps', 0)}/{j.get('steps_total', 0)}",
              "-" if j.get("accuracy") is None else f"{100 * j['accuracy']:.1f}%",
              str(len(j.get("peers") or {})), (j.get("model") or "-")[:16]] for j in jobs]
@@ -275,14 +275,25 @@ def cmd_jobs_get(args: argparse.Namespace) -> int:
         _emit_json(job)
         return 0
     from lattice.demo import ProgressLine
-    print(f"job      {job['id']}\ntask     {job.get('task')}\nstatus   {job.get('status')}\n"
-          f"progress {ProgressLine().format(job)}\nmodel    {job.get('model') or '-'}")
-    rows = [[pid, e.get("state", "-"), str(e.get("steps", "-")),
-             "-" if e.get("loss") is None else f"{e['loss']:.3f}",
-             "-" if e.get("accuracy") is None else f"{100 * e['accuracy']:.1f}%"]
-            for pid, e in sorted((job.get("participants") or {}).items())]
+    print(f"job      {job['id']}\ntask     {job.get('task') or job.get('kind')}\n"
+          f"status   {job.get('status')}\nprogress {ProgressLine().format(job)}\n"
+          f"model    {job.get('model') or '-'}")
+    if job.get("reason"):
+        print(f"reason   {job['reason']}")
+    participants = sorted((job.get("participants") or {}).items())
+    if job.get("kind") == "merge":
+        rows = [[pid, e.get("state", "-"), str(e.get("steps", "-")), str(e.get("helped", "-")),
+                 _bytes_text(int(e.get("bytes_received") or 0)), (e.get("reason") or "")[:60]]
+                for pid, e in participants]
+        headers = ["PARTICIPANT", "STATE", "TENSORS", "TAKEN OVER", "FETCHED", "REASON"]
+    else:
+        rows = [[pid, e.get("state", "-"), str(e.get("steps", "-")),
+                 "-" if e.get("loss") is None else f"{e['loss']:.3f}",
+                 "-" if e.get("accuracy") is None else f"{100 * e['accuracy']:.1f}%"]
+                for pid, e in participants]
+        headers = ["PARTICIPANT", "STATE", "STEPS", "LOSS", "ACCURACY"]
     if rows:
-        print(_table(rows, ["PARTICIPANT", "STATE", "STEPS", "LOSS", "ACCURACY"]))
+        print(_table(rows, headers))
     return 0
 
 
@@ -290,6 +301,8 @@ def cmd_jobs_watch(args: argparse.Namespace) -> int:
     from lattice.demo import watch_job
     with connect(args.socket, timeout=None) as c:
         summary = watch_job(c, args.job_id)
+    if summary.get("reason"):
+        print(f"lattice: job {summary['status']}: {summary['reason']}", file=sys.stderr)
     return 0 if summary.get("status") == "done" else 1
 
 
@@ -380,7 +393,7 @@ def cmd_models_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bytes_text(n: int) -> str:
+def _bytes_text(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -414,26 +427,63 @@ def cmd_models_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_merge(args: argparse.Namespace) -> int:
-    config = spec = None
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    """The merge options `models merge` and `jobs submit merge` share."""
+    p.add_argument("--method", help="linear | slerp | task_arithmetic | ties | dare_linear | "
+                   "dare_ties | breadcrumbs | della | model_stock | nuslerp")
+    p.add_argument("--models", nargs="+", metavar="ID", help="input model ids or names, in order")
+    p.add_argument("--base", metavar="ID", help="the base model")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per model")
+    p.add_argument("--density", type=float)
+    p.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=float,
+                   help="scale of the merged task vector")
+    p.add_argument("--t", type=float, help="slerp's interpolation factor")
+    p.add_argument("--gamma", type=float, help="breadcrumbs: share of the largest entries dropped")
+    p.add_argument("--epsilon", type=float, help="della: spread of keep probabilities")
+    p.add_argument("--seed", type=int, help="DARE/DELLA mask seed (default 0)")
+    p.add_argument("--dtype", help="output dtype: float32 | float16 | bfloat16 | float64")
+    p.add_argument("--config", help="a mergekit YAML config (model references: ids or names)")
+    p.add_argument("--name", help="a name for the registry")
+
+
+def _merge_request(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str | None]:
+    """(spec, config text) from the merge options; SystemExit(2) when they conflict."""
     if args.config:
         if args.models or args.method:
             print("lattice: --config replaces --method and --models", file=sys.stderr)
-            return 2
-        config = Path(args.config).read_text()
-    else:
-        if not args.method or not args.models:
-            print("lattice: give --method and --models (or --config FILE)", file=sys.stderr)
-            return 2
-        params = {k: v for k, v in (("density", args.density), ("lambda", args.lambda_), ("t", args.t),
-                                    ("gamma", args.gamma), ("epsilon", args.epsilon), ("seed", args.seed))
-                  if v is not None}
-        spec = {"method": args.method, "models": args.models, "base": args.base, "weights": args.weights,
-                "dtype": args.dtype, "parameters": params}
-        spec = {k: v for k, v in spec.items() if v is not None}
+            raise SystemExit(2)
+        return None, Path(args.config).read_text()
+    if not args.method or not args.models:
+        print("lattice: give --method and --models (or --config FILE)", file=sys.stderr)
+        raise SystemExit(2)
+    params = {k: v for k, v in (("density", args.density), ("lambda", args.lambda_), ("t", args.t),
+                                ("gamma", args.gamma), ("epsilon", args.epsilon), ("seed", args.seed))
+              if v is not None}
+    spec = {"method": args.method, "models": args.models, "base": args.base, "weights": args.weights,
+            "dtype": args.dtype, "parameters": params}
+    return {k: v for k, v in spec.items() if v is not None}, None
+
+
+def cmd_models_merge(args: argparse.Namespace) -> int:
+    spec, config = _merge_request(args)
     with connect(args.socket, timeout=None) as c:
         r = c.merge_models(spec, config, args.name)
     return _print_model(args, r, f"merged ({r.get('method')})")
+
+
+def cmd_jobs_submit_merge(args: argparse.Namespace) -> int:
+    spec, config = _merge_request(args)
+    request: dict[str, Any] = {"kind": "merge", **(spec or {"config": config})}
+    for name in ("name", "min_peers", "max_peers", "join_window", "merge_timeout"):
+        if getattr(args, name) is not None:
+            request[name] = getattr(args, name)
+    with connect(args.socket, timeout=None) as c:
+        job_id = c.submit_job(request)["job_id"]
+    if args.json:
+        _emit_json({"job_id": job_id, "request": request})
+    else:
+        print(job_id)
+    return 0
 
 
 def cmd_models_verify(args: argparse.Namespace) -> int:
@@ -601,8 +651,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("jobs", parents=[common], help="submit, list, watch and cancel jobs")
     jsub = s.add_subparsers(dest="jobs_command", metavar="SUBCOMMAND", required=True)
-    j = jsub.add_parser("submit", parents=[common, js], help="submit a job; prints its id")
-    j.add_argument("kind", choices=["train"], help="job kind")
+    submit = jsub.add_parser("submit", parents=[common], help="submit a job; prints its id")
+    ksub = submit.add_subparsers(dest="kind", metavar="KIND", required=True)
+    j = ksub.add_parser("train", parents=[common, js], help="decentralized SGD on a task, among the "
+                        "daemons that accept it")
     j.add_argument("--task", required=True, help="digits-mlp | digits-softmax | breast-cancer-logreg | "
                    "fashion-mlp | fashion-softmax | plugin")
     j.add_argument("--min-peers", type=int, default=4, help="participants (default 4)")
@@ -623,6 +675,19 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--private", action="store_true",
                    help="only peers given the token (printed after the id) may take part")
     j.set_defaults(func=cmd_jobs_submit)
+    j = ksub.add_parser("merge", parents=[common, js], help="merge models by id across the daemons "
+                        "that accept merge jobs (proto/jobs.md); the result records how it was made",
+                        description="Merge models across the daemons whose config accepts merge jobs: "
+                        "the tensors are divided among them, each fetches only the input pieces it "
+                        "merges, and the result is a model id that `lattice models verify` recomputes.")
+    _merge_arguments(j)
+    j.add_argument("--min-peers", type=int, help="participants needed (default 1: one merges alone)")
+    j.add_argument("--max-peers", type=int, help="participants taken at most (default 8)")
+    j.add_argument("--join-window", type=float, metavar="SECONDS",
+                   help="how long volunteers are gathered before the merge starts (default 5)")
+    j.add_argument("--merge-timeout", type=float, metavar="SECONDS",
+                   help="how long the merger waits for the others' shares (default 120)")
+    j.set_defaults(func=cmd_jobs_submit_merge)
     j = jsub.add_parser("join", parents=[common], help="take part in a job (a private one: "
                         "with its token)")
     j.add_argument("job_id")
@@ -661,20 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models_export)
     m = msub.add_parser("merge", parents=[common, js], help="merge models on this daemon "
                         "(proto/merge.md); the result records how it was made")
-    m.add_argument("--method", help="linear | slerp | task_arithmetic | ties | dare_linear | "
-                   "dare_ties | breadcrumbs | della | model_stock | nuslerp")
-    m.add_argument("--models", nargs="+", metavar="ID", help="input model ids or names, in order")
-    m.add_argument("--base", metavar="ID", help="the base model")
-    m.add_argument("--weights", nargs="+", type=float, help="one weight per model")
-    m.add_argument("--density", type=float)
-    m.add_argument("--lambda", dest="lambda_", type=float, help="scale of the merged task vector")
-    m.add_argument("--t", type=float, help="slerp's interpolation factor")
-    m.add_argument("--gamma", type=float, help="breadcrumbs: share of the largest entries dropped")
-    m.add_argument("--epsilon", type=float, help="della: spread of keep probabilities")
-    m.add_argument("--seed", type=int, help="DARE/DELLA mask seed (default 0)")
-    m.add_argument("--dtype", help="output dtype: float32 | float16 | bfloat16 | float64")
-    m.add_argument("--config", help="a mergekit YAML config (model references: ids or names)")
-    m.add_argument("--name", help="a name for the registry")
+    _merge_arguments(m)
     m.set_defaults(func=cmd_models_merge)
     m = msub.add_parser("verify", parents=[common, js], help="recompute a merged model from its "
                         "inputs and say whether every byte matches (exit 1 if not)")

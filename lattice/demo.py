@@ -13,8 +13,9 @@ import hashlib
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import lattice
 from lattice.client.localnet import LocalNet, LocalNetError
@@ -52,10 +53,15 @@ class ProgressLine:
         eta = "-"
         if 0 < frac < 1 and elapsed > 0:
             eta = f"{elapsed / frac - elapsed:.0f}s"
-        loss = "-" if s.get("loss") is None else f"{s['loss']:.3f}"
-        acc = "-" if s.get("accuracy") is None else f"{100 * s['accuracy']:.1f}%"
         peers = s.get("peers") or {}
         active = sum(1 for st in peers.values() if st not in ("left", "failed", "not_selected"))
+        if s.get("kind") == "merge":
+            # (a tensor merged twice, by a member behind and one taking over, counts once)
+            return (f"[{bar}] {100 * frac:5.1f}% {s.get('status', '?'):<9} tensors "
+                    f"{min(steps, total) if total else steps}/{total}"
+                    f"  fetched {_bytes(s.get('bytes_received') or 0)}  peers {active}  eta {eta}")
+        loss = "-" if s.get("loss") is None else f"{s['loss']:.3f}"
+        acc = "-" if s.get("accuracy") is None else f"{100 * s['accuracy']:.1f}%"
         return (f"[{bar}] {100 * frac:5.1f}% {s.get('status', '?'):<9} steps {steps}/{total}"
                 f"  loss {loss}  acc {acc}  peers {active}  sent {_bytes(s.get('bytes_sent') or 0)}"
                 f"  eta {eta}")

@@ -13,16 +13,17 @@ from __future__ import annotations
 import os
 import textwrap
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from lattice.api import paths
 from lattice.core.connections import WaterMarks
 from lattice.core.config_errors import InvalidSetting
 from lattice.core.governor import VolunteerConfig
 from lattice.core.state import StateLimits
-from lattice.jobs import JobsConfig
+from lattice.jobs import JobsConfig, MergeConfig
 from lattice.net.blob import BlobConfig
 from lattice.net.crdt_sync import SyncConfig
 from lattice.net.dht import DHTConfig
@@ -91,7 +92,7 @@ def _multiaddr_list(*, need_peer_id: bool) -> Callable[[str, Any], list[str]]:
         for item in value:
             try:
                 m = multiaddr.Multiaddr(item)
-            except Exception as e:  # the multiaddr package raises many unrelated types
+            except Exception as e:  # noqa: BLE001 - the multiaddr package raises many unrelated types
                 raise ConfigError(key, f"{item!r} is not a multiaddr ({e})") from None
             protos = [p.name for p in m.protocols()]
             if need_peer_id and "p2p" not in protos:
@@ -105,12 +106,12 @@ def _multiaddr_list(*, need_peer_id: bool) -> Callable[[str, Any], list[str]]:
 
 def _loopback_listen(key: str, value: Any) -> str:
     if value == "":
-        return value
+        return ""
     try:
         parse_listen(value)
     except ValueError as e:
         raise ConfigError(key, str(e)) from None
-    return value
+    return str(value)
 
 
 def _sec(name: str, owner: type, *fields: Exposed | str) -> Section:
@@ -172,6 +173,11 @@ SECTIONS: tuple[Section, ...] = (
          expose("join_timeout", "join_timeout_s", minimum=1.0),
          expose("compute_threads", minimum=1), expose("checkpoint_every", minimum=0),
          expose("max_params", minimum=1), expose("progress_rate", minimum=0.01)),
+    _sec("jobs", MergeConfig, expose("max_bytes", "merge_max_bytes", minimum=0),
+         expose("straggler_min", "merge_straggler_min_s", minimum=0.0),
+         expose("straggler_factor", "merge_straggler_factor", minimum=1.0),
+         expose("prefetch_bytes", "merge_prefetch_bytes", minimum=0),
+         expose("check_tensors", "merge_check_tensors", minimum=0)),
     _sec("gossip", GossipConfig, expose("accept_timeout", "accept_timeout_s", minimum=0.1),
          expose("hold_timeout", "hold_timeout_s", minimum=0.1),
          expose("step_timeout", "step_timeout_s", minimum=0.1),
@@ -213,11 +219,13 @@ class Config:
 
     @property
     def state_dir(self) -> Path:
-        return self._values["node.state_dir"]
+        path: Path = self._values["node.state_dir"]  # a Path setting: the type is checked on load
+        return path
 
     @property
     def socket(self) -> Path:
-        return self._values["node.socket"]
+        path: Path = self._values["node.socket"]
+        return path
 
     @property
     def read_gid(self) -> int | None:

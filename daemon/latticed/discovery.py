@@ -23,7 +23,6 @@ from lattice.core.records import RecordError
 from lattice.net.bulk import BulkListener, serve_bulk_listener
 from lattice.net.dht import DHTConfig, KademliaDHT, Mode, StateError, serve_dht
 from lattice.net.streams import PeerError
-
 from latticed import presence
 
 if TYPE_CHECKING:
@@ -252,12 +251,11 @@ async def start_bulk_listener(node: Node, nursery: trio.Nursery) -> BulkListener
                     "[bulk] advertise is empty")
         return None
     port = side.port
-    limits = {"max_handshakes": side.max_handshakes,
-              "max_handshakes_per_ip": side.max_handshakes_per_ip,
-              "hello_timeout": side.hello_timeout}
+    serve = functools.partial(serve_bulk_listener, max_handshakes=side.max_handshakes,
+                              max_handshakes_per_ip=side.max_handshakes_per_ip,
+                              hello_timeout=side.hello_timeout)
     if not side.advertise and bind not in ("0.0.0.0", "::"):
-        listener: BulkListener = await nursery.start(
-            functools.partial(serve_bulk_listener, bind, port, **limits))
+        listener: BulkListener = await nursery.start(functools.partial(serve, bind, port))
         return listener
     # wildcard bind: peers are told the configured IPs, so the port must be known up
     # front; with port 0, ask the OS for a free one first (a tiny race we accept)
@@ -266,6 +264,5 @@ async def start_bulk_listener(node: Node, nursery: trio.Nursery) -> BulkListener
             probe.bind(("0.0.0.0", 0))
             port = probe.getsockname()[1]
     listener = await nursery.start(functools.partial(
-        serve_bulk_listener, "0.0.0.0", port,
-        advertise=[(ip, port) for ip in advertise_ips], **limits))
+        serve, "0.0.0.0", port, advertise=[(ip, port) for ip in advertise_ips]))
     return listener

@@ -18,8 +18,8 @@ import trio
 class Subscription:
     id: int
     topics: frozenset[str]
-    send: trio.MemorySendChannel
-    receive: trio.MemoryReceiveChannel
+    send: trio.MemorySendChannel[dict[str, Any]]
+    receive: trio.MemoryReceiveChannel[dict[str, Any]]
     dropped: int = 0
     pending: int = 0  # queued or being written to the client
     idle: trio.Event = field(default_factory=trio.Event)

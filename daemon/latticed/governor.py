@@ -36,7 +36,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -378,9 +378,9 @@ class ComputeThreads:
         if self._closed:
             raise trio.ClosedResourceError("the compute threads have stopped")
         done = trio.Event()
-        box: list[tuple[outcome.Outcome, float]] = []
+        box: list[tuple[outcome.Outcome[T], float]] = []
 
-        def deliver(result: outcome.Outcome, used: float) -> None:
+        def deliver(result: outcome.Outcome[T], used: float) -> None:
             box.append((result, used))
             done.set()
 

@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from latticed import __version__
+from latticed import __version__, statedir
 from latticed import config as config_mod
-from latticed import statedir
 
 if TYPE_CHECKING:
     from latticed.node import Node
@@ -127,7 +126,7 @@ async def _run(cfg: config_mod.Config) -> int:
     return code
 
 
-async def _serve_until_signalled(node: "Node") -> None:
+async def _serve_until_signalled(node: Node) -> None:
     from latticed.node import STOPPING, serve_node
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

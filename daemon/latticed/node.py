@@ -28,6 +28,7 @@ from lattice.core.connections import WaterMarks
 from lattice.core.governor import VolunteerConfig
 from lattice.core.identity import Identity
 from lattice.core.state import StateLimits, StateStore
+from lattice.jobs import JobsConfig, JobSupervisor, MergeConfig, serve_jobs
 from lattice.net.blob import BlobConfig, DhtProviders
 from lattice.net.bulk import BulkListener
 from lattice.net.connmgr import ConnectionManager, serve_connection_manager
@@ -36,16 +37,14 @@ from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
 from lattice.net.gossip_party import GossipConfig
 from lattice.net.membership import MembershipConfig, MembershipService, serve_membership
-from lattice.net.modelstore import ModelsConfig, ModelService, open_model_service
+from lattice.net.modelstore import ModelsConfig, ModelService
 from lattice.net.nat_config import NatConfig
-from lattice.jobs import JobsConfig, JobSupervisor, serve_jobs
-
 from latticed import discovery, metrics, presence, statedir
 from latticed.config import Config
+from latticed.discovery import DiscoveryConfig
 from latticed.events import EventBus
 from latticed.governor import NOT_YET_APPLIED, Governor, serve_governor
 from latticed.localapi import build_handlers
-from latticed.discovery import DiscoveryConfig
 from latticed.rpc_server import RpcConfig, RpcServer, SocketInUse
 
 if TYPE_CHECKING:
@@ -166,7 +165,8 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
                 finally:
                     node.state = STOPPING
                     node.bus.publish("daemon", {"event": "state", "state": STOPPING})
-                    node.state_log.close()
+                    if node.state_log is not None:
+                        node.state_log.close()
                     if node.dht is not None:
                         discovery.save_dht_state(node)
         except host_mod.ListenError as e:  # raised by open_libp2p_node only
@@ -190,8 +190,7 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
     node.store.set_liveness(node.membership.liveness)
     nursery.start_soon(presence.serve_heartbeat, node)
     node.jobs = await _start_jobs(node, nursery)
-    node.models = open_model_service(node.jobs.blobs, node.store, node.sync,
-                                     cfg.build(ModelsConfig), clock=time.time)
+    node.models = node.jobs.services.models
     nursery.start_soon(presence.fan_out_peer_events, node,
                        host.peer_events(buffer=cfg["rpc.subscriber_queue"]))
     nursery.start_soon(presence.measure_rtts, node)
@@ -205,7 +204,8 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
 async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
     cfg = node.config
     assert node.host is not None and node.dht is not None and node.store is not None
-    config = cfg.build(JobsConfig, gossip=cfg.build(GossipConfig), blob=cfg.build(BlobConfig))
+    config = cfg.build(JobsConfig, gossip=cfg.build(GossipConfig), blob=cfg.build(BlobConfig),
+                       models=cfg.build(ModelsConfig), merge=cfg.build(MergeConfig))
     transport: TensorTransport | None = None
     if cfg["bulk.direct"]:
         node.bulk = await discovery.start_bulk_listener(node, nursery)

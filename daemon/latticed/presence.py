@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from lattice.core.state import LocalStateError, Set
+from lattice.core.state import Change, LocalStateError, Set
 from lattice.net import crdt_sync
 from lattice.net.streams import CONNECTED, DISCONNECTED, PeerEvents
-
 from latticed import __version__
 
 if TYPE_CHECKING:
@@ -70,8 +69,8 @@ def publish_reachability(node: Node) -> None:
     if node.sync is None:
         return
     try:
-        node.sync.write([Set("member/peer_id", node.identity.peer_id)]
-                        + [Set(f"member/{k}", v) for k, v in reachability(node).items()])
+        changes: list[Change] = [Set("member/peer_id", node.identity.peer_id)]
+        node.sync.write(changes + [Set(f"member/{k}", v) for k, v in reachability(node).items()])
     except LocalStateError as e:
         log.warning("could not publish reachability in our member record: %s", e)
 

@@ -23,7 +23,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,6 @@ from lattice.api.framing import (
 from lattice.api.methods import METHODS, READ, WRITE, Method
 from lattice.core.codec import pack
 from lattice.net.streams import RemoteProtocolError, parse_peer_input
-
 from latticed.events import EventBus, Subscription
 
 log = logging.getLogger("latticed.rpc")
@@ -111,7 +110,7 @@ class ClientConnection:
     ``plain`` connections speak the msgpack-RPC specification's own form: no length
     prefixes, and notification params are an array (``[2, "event", [{...}]]``)."""
 
-    def __init__(self, server: "RpcServer", stream: trio.SocketStream, uid: int, pid: int,
+    def __init__(self, server: RpcServer, stream: trio.SocketStream, uid: int, pid: int,
                  access: str) -> None:
         self.server = server
         self.stream = stream
@@ -213,7 +212,8 @@ class RpcServer:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the socket is created 0600: no window with wider mode
         try:
-            sock._sock.bind(str(tmp))
+            # trio has no synchronous bind; the umask above must cover the bind itself
+            sock._sock.bind(str(tmp))  # type: ignore[attr-defined]
         finally:
             os.umask(old_umask)
         try:
@@ -232,7 +232,7 @@ class RpcServer:
         self._inode = path.stat().st_ino
         return sock
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[RpcServer] = trio.TASK_STATUS_IGNORED) -> None:
         sock = self.bind()
         listener = trio.SocketListener(sock)
         try:
@@ -299,7 +299,9 @@ class RpcServer:
                 decoder = StreamDecoder(self.max_frame) if client.plain \
                     else FrameDecoder(self.max_frame)
             try:
-                events = parse_peer_input(decoder.feed, data)
+                feed: Callable[[bytes], Sequence[Frame | BadFrame | OversizedFrame | Unrecoverable]] = \
+                    decoder.feed
+                events = parse_peer_input(feed, data)
             except RemoteProtocolError as e:  # the decoder choked: its buffer is lost
                 self.stats.unrecoverable_streams += 1
                 log.info("closing local client pid=%s: %s", client.pid, e)

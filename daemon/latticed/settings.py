@@ -15,6 +15,7 @@ Must not import libp2p (the daemon loads its config before it imports libp2p).
 from __future__ import annotations
 
 import ast
+import builtins
 import dataclasses
 import functools
 import inspect
@@ -83,7 +84,7 @@ class Setting:
     type: type  # str, int, float, bool, list (of str) or Path
     default: Any
     doc: str
-    owner: type
+    owner: builtins.type  # (`type` is the field above here)
     field: str
     exposed: Exposed
 

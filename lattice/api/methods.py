@@ -45,12 +45,12 @@ class Param:
         if not isinstance(value, allowed):
             raise InvalidParamsError(
                 f"parameter {self.name!r} must be {self.type}, got {type(value).__name__}")
-        if self.type == "list[str]" and not all(isinstance(v, str) for v in value):
+        if self.type == "list[str]" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise InvalidParamsError(f"parameter {self.name!r} must be a list of strings")
         if self.max_len is not None and hasattr(value, "__len__") and len(value) > self.max_len:
             raise InvalidParamsError(
                 f"parameter {self.name!r} is longer than {self.max_len}")
-        return float(value) if self.type == "float" else value
+        return float(value) if self.type == "float" and isinstance(value, (int, float)) else value
 
 
 READ = "read"
@@ -162,10 +162,14 @@ _METHOD_LIST = [
     Method("peers.find", "Resolve a peer id to its addresses through the DHT.",
            params=(Param("peer_id", "str", "12D3KooW...", max_len=128),),
            client="find_peer"),
-    Method("jobs.submit", "Submit a train job; returns its id (and, if private, the token "
-           "its joiners need). Spec fields: task, min_peers, "
-           "steps, batch, lr, momentum, sync_every, algorithm (gossip|noloco|none), "
-           "partition (iid|dirichlet:ALPHA), compression (none|fp16|int8|topk:R), seed, ...",
+    Method("jobs.submit", "Submit a job; returns its id (and, if private, the token its "
+           "joiners need; proto/jobs.md). kind 'train' (the default): task, min_peers, steps, "
+           "batch, lr, momentum, sync_every, algorithm (gossip|noloco|none), partition "
+           "(iid|dirichlet:ALPHA), compression (none|fp16|int8|topk:R), seed, ... kind 'merge': "
+           "method, models (ids or names), base, weights, parameters, dtype, or config (mergekit "
+           "YAML text); name, min_peers, max_peers, join_window, merge_timeout. A merge's inputs "
+           "are checked first (an input that cannot be merged is INVALID_ARGUMENT naming the "
+           "tensor).",
            params=(Param("spec", "map", "the job spec"),
                    Param("allow", "list[str]", "only these peer ids may take part",
                          required=False, max_len=256),

@@ -131,7 +131,7 @@ async def _connect_unix(path: Path) -> trio.SocketStream:
         await sock.connect(str(path))
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
         sock.close()
-        raise connect_error(path, e) from None
+        raise (connect_error(path, e) or e) from None
     return trio.SocketStream(sock)
 
 

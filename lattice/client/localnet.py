@@ -130,7 +130,7 @@ class LocalNet:
                 codes[node.index] = node.process.wait()
         return codes
 
-    def __enter__(self) -> "LocalNet":
+    def __enter__(self) -> LocalNet:
         return self
 
     def __exit__(self, *exc: Any) -> None:

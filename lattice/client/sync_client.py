@@ -29,7 +29,7 @@ class Client:
     def close(self) -> None:
         self._sock.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -61,7 +61,7 @@ class Client:
     def _receive(self) -> None:
         try:
             chunk = self._sock.recv(1 << 16)
-        except socket_mod.timeout:
+        except TimeoutError:
             raise TimeoutError(f"the daemon did not answer within {self.timeout} s") from None
         if not chunk:
             self._raise_close_reason()
@@ -71,7 +71,7 @@ class Client:
             raise self._session.unsolicited_errors.pop(0)
 
     def subscribe(self, topics: list[str] | tuple[str, ...] = ("peers", "daemon"),
-                  *, timeout: float | None = None) -> "Subscription":
+                  *, timeout: float | None = None) -> Subscription:
         """Stream events on a dedicated connection: ``for event in client.subscribe(...)``."""
         return Subscription(self.socket_path, list(topics), timeout)
 
@@ -126,7 +126,7 @@ class Subscription:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "Subscription":
+    def __enter__(self) -> Subscription:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -140,7 +140,7 @@ def _open(path: Path, timeout: float | None) -> socket_mod.socket:
         _connect_patiently(s, path, timeout)
     except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
         s.close()
-        raise connect_error(path, e) from None
+        raise (connect_error(path, e) or e) from None
     return s
 
 

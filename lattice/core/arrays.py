@@ -99,7 +99,7 @@ def prepare_array(array: Any) -> tuple[ArraySpec, memoryview]:
         raise ValueError(f"cannot send dtype {a.dtype} (allowed: {sorted(WIRE_DTYPES)})")
     if not a.flags.c_contiguous:
         a = a.copy(order="C")  # (not ascontiguousarray: it turns 0-d arrays into 1-d)
-    view = memoryview(a.reshape(-1).view(np.uint8))
+    view = a.reshape(-1).view(np.uint8).data
     return ArraySpec(a.dtype.str, tuple(int(d) for d in a.shape), int(a.nbytes)), view
 
 
@@ -110,4 +110,4 @@ def empty_like_spec(spec: ArraySpec) -> np.ndarray:
 
 def byte_view(array: np.ndarray) -> memoryview:
     """A flat writable byte view of a C-contiguous array (a receive buffer)."""
-    return memoryview(array.reshape(-1).view(np.uint8))
+    return array.reshape(-1).view(np.uint8).data

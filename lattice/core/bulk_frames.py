@@ -122,7 +122,7 @@ class EphemeralKey:
         self.public = self._private.public_key().public_bytes_raw()
 
     @classmethod
-    def from_private_bytes(cls, raw: bytes) -> "EphemeralKey":
+    def from_private_bytes(cls, raw: bytes) -> EphemeralKey:
         return cls(X25519PrivateKey.from_private_bytes(raw))
 
     def exchange(self, peer_public: bytes) -> bytes:
@@ -309,9 +309,10 @@ def parse_abort(obj: Any) -> str:
 
 
 def message_type(obj: Any) -> str:
-    if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
+    kind = obj.get("t") if isinstance(obj, dict) else None
+    if not isinstance(kind, str):
         raise BulkFormatError("control message must be a map with a string 't'")
-    return obj["t"]
+    return kind
 
 
 def _expect_type(obj: Any, t: str, keys: set[str]) -> None:

@@ -12,7 +12,7 @@ Must not import trio, libp2p or sockets.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class GossipFormatError(ValueError):
 # -- control messages -----------------------------------------------------------------
 
 
-def _is_id(value: Any, max_chars: int) -> bool:
+def _is_id(value: Any, max_chars: int) -> TypeGuard[str]:
     return (isinstance(value, str) and 0 < len(value) <= max_chars and value.isascii()
             and value.isprintable())
 
@@ -87,7 +87,7 @@ def _reason(value: Any) -> str:
 
 
 def _outcome(value: Any) -> str:
-    if value not in OUTCOMES:
+    if not isinstance(value, str) or value not in OUTCOMES:
         raise GossipFormatError(f"outcome must be one of {OUTCOMES}")
     return value
 

@@ -102,7 +102,7 @@ class Identity:
     seed: bytes
 
     @classmethod
-    def generate(cls, rng: random.Random | None = None) -> "Identity":
+    def generate(cls, rng: random.Random | None = None) -> Identity:
         """A fresh key from the OS; from ``rng`` for reproducible tests only (a seeded
         `random.Random` is not a source of secret keys)."""
         return cls(rng.randbytes(32) if rng is not None else os.urandom(32))

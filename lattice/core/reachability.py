@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from lattice.core.holepunch import Addr, NatView, check_addr
 
@@ -139,7 +140,7 @@ def _addr_list(value: object, limit: int, what: str) -> tuple[Addr, ...]:
     return tuple(dict.fromkeys(a for a in (check_addr(x) for x in value) if a is not None))
 
 
-def check_message(msg: object) -> dict:
+def check_message(msg: object) -> dict[str, Any]:
     """A decoded frame as a message map with a valid ``type`` and ``id``."""
     if not isinstance(msg, dict) or msg.get("type") not in (
             "observe", "observed", "dialback", "dialback_result"):
@@ -157,7 +158,7 @@ class ObserveRequest:
     dialback: tuple[Addr, ...]  # addresses to have a third peer dial; empty: none asked
 
 
-def decode_observe(msg: dict) -> ObserveRequest:
+def decode_observe(msg: dict[str, Any]) -> ObserveRequest:
     relay = msg.get("relay", False)
     if not isinstance(relay, bool):
         raise ObserveProtocolError("relay must be a bool")
@@ -180,7 +181,7 @@ class ObserveAnswer:
     dialback_addr: Addr | None
 
 
-def decode_observed(msg: dict) -> ObserveAnswer:
+def decode_observed(msg: dict[str, Any]) -> ObserveAnswer:
     raw = msg.get("addr")
     observed = None if raw is None else check_addr(raw)
     if raw is not None and observed is None:
@@ -213,14 +214,14 @@ class DialBackRequest:
     addrs: tuple[Addr, ...]
 
 
-def decode_dialback(msg: dict) -> DialBackRequest:
+def decode_dialback(msg: dict[str, Any]) -> DialBackRequest:
     addrs = _addr_list(msg.get("addrs"), MAX_DIALBACK_ADDRS, "addrs")
     if not addrs:
         raise ObserveProtocolError("dialback needs at least one address")
     return DialBackRequest(_peer_id(msg.get("peer"), "peer"), addrs)
 
 
-def decode_dialback_result(msg: dict) -> tuple[str, Addr | None]:
+def decode_dialback_result(msg: dict[str, Any]) -> tuple[str, Addr | None]:
     """(status, the address that answered): status ``ok``, ``failed`` or ``busy`` (the
     helper is at its dial-back limit; ask another)."""
     status = msg.get("status")

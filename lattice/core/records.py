@@ -105,7 +105,7 @@ class Record:
     def namespace(self) -> str:
         return split_key(self.key)[0]
 
-    def newer_than(self, other: "Record") -> bool:
+    def newer_than(self, other: Record) -> bool:
         """Version order between two records of one publisher under one key: later
         expiry wins; ties break on the value bytes so all replicas pick the same one."""
         return (self.expires_at, self.value, self.signature) > (

@@ -18,6 +18,8 @@ from lattice.jobs.kind import JobKind as JobKind
 from lattice.jobs.kind import KindRefused as KindRefused
 from lattice.jobs.kind import Result as Result
 from lattice.jobs.kind import Services as Services
+from lattice.jobs.merge import MergeConfig as MergeConfig
+from lattice.jobs.merge import MergeKind as MergeKind
 from lattice.jobs.supervisor import JobNotFound as JobNotFound
 from lattice.jobs.supervisor import JobsConfig as JobsConfig
 from lattice.jobs.supervisor import JobSupervisor as JobSupervisor
@@ -28,6 +30,7 @@ from lattice.jobs.train import TrainKind as TrainKind
 
 KINDS: Mapping[str, Callable[[Services], JobKind[Any]]] = {
     "train": TrainKind,
+    "merge": MergeKind,
 }
 
 

@@ -45,7 +45,7 @@ class Checkpoints:
         body = {**arrays, META: np.frombuffer(canonical(dict(meta)), dtype=np.uint8)}
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, **body)
+            np.savez(f, allow_pickle=False, **body)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

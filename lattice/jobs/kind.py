@@ -23,6 +23,7 @@ import numpy as np
 from lattice.core.jobs import JobSpecLike
 from lattice.net.blob import BlobService
 from lattice.net.gossip_avg import Compute, GossipAverager
+from lattice.net.modelstore import ModelService
 from lattice.net.streams import PeerNetwork
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class Services:
     network: PeerNetwork
     gossip: GossipAverager
     blobs: BlobService
+    models: ModelService
+    """Models as pieces over ``blobs`` (the daemon's model store: `models.*` RPCs)."""
     compute: Compute
     config: JobsConfig
     rng: random.Random
@@ -102,6 +105,12 @@ class RunContext(Protocol):
     def candidates(self) -> list[str]:
         """Roster members that may still exchange with us: not finished, not known dead."""
 
+    def entries(self) -> dict[str, Mapping[str, Any]]:
+        """The roster members' participation entries as this daemon sees them now."""
+
+    async def wait_changed(self) -> None:
+        """Wait until the job's records (or members' liveness) may have changed."""
+
 
 class JobKind(Protocol, Generic[SpecT]):
     """A kind of job. Implementations are registered in `lattice.jobs.KINDS`."""
@@ -123,7 +132,11 @@ class JobKind(Protocol, Generic[SpecT]):
 
     async def produce(self, run: Run, ctx: RunContext, inputs: list[Input]) -> Result | None:
         """As the merger: the job's result from the contributions (None: none could be
-        used; the job fails)."""
+        used; the job fails; `KindRefused`: the job cannot be done, its message is the
+        reason)."""
+
+    def statistics(self) -> dict[str, Any]:
+        """The kind's own counters and limits (shown under ``kinds`` in `jobs.stats`)."""
 
 
 class KindRefused(Exception):

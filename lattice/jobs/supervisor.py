@@ -21,6 +21,7 @@ state errors and bugs propagate.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 import random
@@ -39,12 +40,10 @@ from lattice.core.jobs import (
     PARTICIPANT_TRANSITIONS,
     TERMINAL,
     ClaimFailed,
-    Join,
     JobSpecError,
     JobSpecLike,
+    Join,
     Policy,
-    join_entry,
-    job_token,
     SealRoster,
     Start,
     Stop,
@@ -52,6 +51,8 @@ from lattice.core.jobs import (
     check_transition,
     final_of,
     job_summary,
+    job_token,
+    join_entry,
     merge_decision,
     new_job_record,
     plan,
@@ -61,7 +62,8 @@ from lattice.core.jobs.train import BUILTIN_TASKS
 from lattice.core.state import LocalStateError, Set, StateStore
 from lattice.jobs.checkpoints import CheckpointError, Checkpoints
 from lattice.jobs.kind import Contribution, Input, JobKind, KindRefused, Services
-from lattice.net.blob import BlobConfig, BlobNotFound, BlobService, BlobStore, Providers, serve_blobs
+from lattice.jobs.merge import MergeConfig
+from lattice.net.blob import BlobConfig, BlobService, BlobStore, Providers, serve_blobs
 from lattice.net.gossip_avg import (
     Compute,
     GossipConfig,
@@ -69,6 +71,7 @@ from lattice.net.gossip_avg import (
     serve_gossip_avg,
     thread_compute,
 )
+from lattice.net.modelstore import ModelsConfig, open_model_service
 from lattice.net.streams import PeerNetwork
 
 log = logging.getLogger("lattice.jobs")
@@ -122,6 +125,8 @@ class JobsConfig:
     e.g. a huge hidden layer must not exhaust our memory."""
     gossip: GossipConfig = field(default_factory=GossipConfig)
     blob: BlobConfig = field(default_factory=BlobConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 @dataclass
@@ -182,6 +187,14 @@ class _Context:
 
     def candidates(self) -> list[str]:
         return self._sup.candidates(self._run)
+
+    def entries(self) -> dict[str, Mapping[str, Any]]:
+        view = self._sup._job_view(self._run.job_id)
+        found = view["participants"] if view is not None else {}
+        return {p: found.get(p, {}) for p in self._run.roster}
+
+    async def wait_changed(self) -> None:
+        await self._sup._changed.wait()
 
     def close(self) -> None:
         for callback in reversed(self._closers):
@@ -339,6 +352,7 @@ class JobSupervisor:
             "running": {jid: {"kind": r.kind.name, "round": r.round, "state": r.state,
                               "rank": r.rank, **r.progress}
                         for jid, r in self._runs.items()},
+            "kinds": {name: kind.statistics() for name, kind in self.kinds.items()},
             "gossip": self.services.gossip.statistics(),
             "blobs": self.services.blobs.statistics(),
         }
@@ -355,7 +369,7 @@ class JobSupervisor:
             for listener in list(self._listeners):
                 listener(note)
 
-    def _write(self, changes: list[Any]) -> None:
+    def _write(self, changes: builtins.list[Any]) -> None:  # (`list` is a method here)
         if self.sync is not None:
             self.sync.write(changes)
         else:
@@ -445,11 +459,11 @@ class JobSupervisor:
             self._write_entry(job_id, ours.get("state"), {
                 **ours, "job_state": "failed", "updated": self._clock()})
         elif isinstance(action, Stop):
-            run = self._runs.get(job_id)
-            if run is not None and run.stop_reason is None:
+            running = self._runs.get(job_id)
+            if running is not None and running.stop_reason is None:
                 log.info("job=%s stopping: %s", job_id, action.reason)
-                run.stop_reason = action.reason
-                run.scope.cancel()
+                running.stop_reason = action.reason
+                running.scope.cancel()
 
     def _write_entry(self, job_id: str, old: str | None, entry: dict[str, Any], *,
                      also: Sequence[Any] = ()) -> None:
@@ -568,17 +582,21 @@ class JobSupervisor:
         return found[0] if found else None
 
     async def _merge(self, run: Run, ctx: _Context, view: Mapping[str, Any],
-                     members: list[str]) -> None:
+                     members: builtins.list[str]) -> None:
         participants = view["participants"]
         inputs = []
         for peer in members:
             final = final_of(participants[peer])
             assert final is not None  # merge_decision's inputs have one
             inputs.append(Input(peer, run.roster.index(peer), final["blob"], final["samples"]))
-        result = await run.kind.produce(run, ctx, inputs)
+        why = "no final contribution could be read"
+        try:
+            result = await run.kind.produce(run, ctx, inputs)
+        except KindRefused as e:  # the kind found the job cannot be done (a bad input...)
+            result, why = None, str(e)[:200]
         if result is None:  # even our own is unreadable: nothing to merge, the job failed
             run.job_state = run.state = "failed"
-            self._publish_progress(run, force=True, reason="no final contribution could be read")
+            self._publish_progress(run, force=True, reason=why)
             return
         used_peers = {u.peer for u in result.used}
         run.missing = [p for p in run.roster if p not in used_peers]
@@ -597,7 +615,7 @@ class JobSupervisor:
                  len(result.used), run.missing, result.model_id)
         self.counts["merged"] += 1
 
-    def candidates(self, run: Run) -> list[str]:
+    def candidates(self, run: Run) -> builtins.list[str]:
         """Roster members that may still exchange with us: not finished, not known dead."""
         view = self._job_view(run.job_id)
         entries = view["participants"] if view else {}
@@ -668,6 +686,7 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
                      providers: Providers | None = None,
                      transport: TensorTransport | None = None,
                      compute: Compute | None = None,
+                     model_compute: Compute | None = None,
                      clock: Callable[[], float] = time.time,
                      rng: random.Random | None = None,
                      task_status: trio.TaskStatus[JobSupervisor] = trio.TASK_STATUS_IGNORED,
@@ -675,11 +694,15 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
     """Run jobs until cancelled; hands back the `JobSupervisor`.
 
     Starts `/lattice/gossip-avg/2` and `/lattice/blob/1` (blobs in ``blob_dir``, or in
-    memory), watches ``store`` for jobs, and writes through ``sync`` (a `CrdtSync`; None:
-    straight to ``store``). ``kinds(services)`` builds the job kinds it runs (default:
-    every kind in `lattice.jobs.KINDS`). ``checkpoint_dir`` enables resuming after a
-    restart. ``compute`` runs the math (default: ``config.compute_threads`` worker
-    threads); ``clock`` is the wall clock of records and member liveness (tests pass
+    memory) and the model store over them (`Services.models`), watches ``store`` for
+    jobs, and writes through ``sync`` (a `CrdtSync`; None: straight to ``store``).
+    ``kinds(services)`` builds the job kinds it runs (default: every kind in
+    `lattice.jobs.KINDS`). ``checkpoint_dir`` enables resuming after a restart.
+    ``compute`` runs the jobs' math, merge jobs' merges included (default:
+    ``config.compute_threads`` worker threads; the daemon passes its governor's);
+    ``model_compute`` the model store's own work for local users (imports, exports,
+    merges over the RPC; default: its ``config.models.compute_threads`` worker
+    threads). ``clock`` is the wall clock of records and member liveness (tests pass
     ``trio.current_time``); ``rng`` the randomness of nonces and partner choice (seed it
     to replay a test). Failure policy: see the module docstring."""
     from lattice.jobs import builtin_kinds
@@ -693,8 +716,10 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
         blobs = await nursery.start(lambda task_status: serve_blobs(
             network, blob_store, config=config.blob, providers=providers, compute=compute,
             task_status=task_status))
-        services = Services(network, gossip, blobs, compute, config, rng or random.Random(),
-                            clock)
+        models = open_model_service(blobs, store, sync, config.models, clock=clock,
+                                    compute=model_compute)
+        services = Services(network, gossip, blobs, models, compute, config,
+                            rng or random.Random(), clock)
         supervisor = JobSupervisor(
             network, store, sync, (kinds or builtin_kinds)(services),
             services, Checkpoints(Path(checkpoint_dir) if checkpoint_dir is not None else None))

@@ -24,8 +24,13 @@ from lattice.core.jobs import TrainSpec, parse_train_spec
 from lattice.jobs.kind import Contribution, Input, KindRefused, Result, RunContext, Services
 from lattice.jobs.supervisor import Run
 from lattice.learn.merge import ModelFormatError, canonical_model_bytes, loads_safetensors, weighted_average
-from lattice.learn.participant import Participant, job_partition, make_participant, merge_weights
-from lattice.learn.participant import participant_round
+from lattice.learn.participant import (
+    Participant,
+    job_partition,
+    make_participant,
+    merge_weights,
+    participant_round,
+)
 from lattice.learn.tasks import DatasetsUnavailable, Task, TaskError, get_task
 from lattice.learn.validate import NormBound
 from lattice.net.blob import BlobNotFound, blob_id
@@ -66,6 +71,9 @@ class TrainKind:
 
     def volunteers(self, job_id: str, spec: TrainSpec) -> bool:
         return spec.task in self.config.accept_tasks
+
+    def statistics(self) -> dict[str, Any]:
+        return {"accept_tasks": list(self.config.accept_tasks), "tasks_loaded": len(self._tasks)}
 
     # -- a participant ---------------------------------------------------------------------
     async def participate(self, run: Run, ctx: RunContext) -> Contribution | None:

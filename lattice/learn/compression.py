@@ -27,6 +27,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -76,7 +77,7 @@ class Codec(ABC):
 
     spec: str
     # key -> dtype of every array a payload of this codec carries (besides "shape")
-    payload_dtypes: Mapping[str, np.dtype]
+    payload_dtypes: ClassVar[Mapping[str, np.dtype]]
 
     @abstractmethod
     def _encode_flat(self, flat: np.ndarray) -> Payload: ...
@@ -138,12 +139,12 @@ def _check_len(arr: np.ndarray, key: str, n: int) -> None:
 
 class NoCompression(Codec):
     spec = "none"
-    payload_dtypes = {"data": np.dtype(np.float32)}
+    payload_dtypes: ClassVar[Mapping[str, np.dtype]] = {"data": np.dtype(np.float32)}
 
-    def _encode_flat(self, flat):
+    def _encode_flat(self, flat: np.ndarray) -> Payload:
         return {"data": flat.copy()}
 
-    def _decode_flat(self, payload, size):
+    def _decode_flat(self, payload: Mapping[str, np.ndarray], size: int) -> np.ndarray:
         _check_len(payload["data"], "data", size)
         # no copy: callers never write into a decoded array (pair_average allocates)
         return payload["data"]
@@ -153,12 +154,12 @@ class Fp16(Codec):
     """IEEE half precision. Values beyond +-65504 are clipped, not turned into inf."""
 
     spec = "fp16"
-    payload_dtypes = {"data": np.dtype(np.float16)}
+    payload_dtypes: ClassVar[Mapping[str, np.dtype]] = {"data": np.dtype(np.float16)}
 
-    def _encode_flat(self, flat):
+    def _encode_flat(self, flat: np.ndarray) -> Payload:
         return {"data": np.clip(flat, -FP16_MAX, FP16_MAX).astype(np.float16)}
 
-    def _decode_flat(self, payload, size):
+    def _decode_flat(self, payload: Mapping[str, np.ndarray], size: int) -> np.ndarray:
         _check_len(payload["data"], "data", size)
         return payload["data"].astype(np.float32)
 
@@ -168,7 +169,7 @@ class Int8(Codec):
 
     Per element |x - decode(encode(x))| <= scale / 2 = max|chunk| / 254."""
 
-    payload_dtypes = {"q": np.dtype(np.int8), "scale": np.dtype(np.float32)}
+    payload_dtypes: ClassVar[Mapping[str, np.dtype]] = {"q": np.dtype(np.int8), "scale": np.dtype(np.float32)}
 
     def __init__(self, chunk: int = 1024):
         if chunk < 1:
@@ -176,7 +177,7 @@ class Int8(Codec):
         self.chunk = chunk
         self.spec = "int8" if chunk == 1024 else f"int8:{chunk}"
 
-    def _encode_flat(self, flat):
+    def _encode_flat(self, flat: np.ndarray) -> Payload:
         n = flat.size
         n_chunks = -(-n // self.chunk)
         padded = np.zeros(n_chunks * self.chunk, dtype=np.float32)
@@ -187,14 +188,15 @@ class Int8(Codec):
         q = np.clip(np.rint(blocks / safe[:, None]), -127, 127).astype(np.int8)
         return {"q": q.reshape(-1)[:n], "scale": scale}
 
-    def _decode_flat(self, payload, size):
+    def _decode_flat(self, payload: Mapping[str, np.ndarray], size: int) -> np.ndarray:
         q, scale = payload["q"], payload["scale"]
         _check_len(q, "q", size)
         _check_len(scale, "scale", -(-size // self.chunk))
         if not np.isfinite(scale).all() or (scale < 0).any():
             raise InvalidTensor("payload", "int8 scales must be finite and >= 0")
         per_elem = np.repeat(scale, self.chunk)[:size]
-        return q.astype(np.float32) * per_elem
+        decoded: np.ndarray = q.astype(np.float32) * per_elem
+        return decoded
 
 
 class TopK(Codec):
@@ -202,7 +204,7 @@ class TopK(Codec):
     uint32 indices, sorted ascending; the rest decode to zero. Meant for quantities
     that are sparse-ish (updates, deltas), with ErrorFeedback."""
 
-    payload_dtypes = {"idx": np.dtype(np.uint32), "val": np.dtype(np.float32)}
+    payload_dtypes: ClassVar[Mapping[str, np.dtype]] = {"idx": np.dtype(np.uint32), "val": np.dtype(np.float32)}
 
     def __init__(self, ratio: float):
         if not (0 < ratio <= 1) or not math.isfinite(ratio):
@@ -213,7 +215,7 @@ class TopK(Codec):
     def k_for(self, n: int) -> int:
         return 0 if n == 0 else min(n, max(1, math.ceil(self.ratio * n)))
 
-    def _encode_flat(self, flat):
+    def _encode_flat(self, flat: np.ndarray) -> Payload:
         n = flat.size
         if n > np.iinfo(np.uint32).max:
             raise ValueError(f"topk indexes with uint32: {n} elements is too many")
@@ -224,7 +226,7 @@ class TopK(Codec):
             idx = np.sort(np.argpartition(np.abs(flat), n - k)[n - k :])
         return {"idx": idx.astype(np.uint32), "val": flat[idx].copy()}
 
-    def _decode_flat(self, payload, size):
+    def _decode_flat(self, payload: Mapping[str, np.ndarray], size: int) -> np.ndarray:
         idx, val = payload["idx"], payload["val"]
         k = self.k_for(size)
         _check_len(idx, "idx", k)

@@ -50,4 +50,5 @@ def logit_offset(correction: str, labels: np.ndarray, n_classes: int | None) -> 
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     with np.errstate(divide="ignore"):
         # log 0 = -inf: softmax gives an absent class probability 0 and gradient 0
-        return np.log(counts / counts.sum()).astype(np.float32)
+        prior: np.ndarray = np.log(counts / counts.sum()).astype(np.float32)
+    return prior

@@ -114,6 +114,13 @@ class _Block:
     base: np.ndarray | None
     models: list[np.ndarray]
 
+    @property
+    def given_base(self) -> np.ndarray:
+        """The base, for a method that requires one (its spec was refused without)."""
+        if self.base is None:
+            raise AssertionError("a method that needs a base ran without one")
+        return self.base
+
 
 class _Inputs:
     """A tensor's inputs (optional base, then models), read as float blocks."""
@@ -211,7 +218,8 @@ def _row_len(shape: tuple[int, ...]) -> int:
 def _magnitude_bits(x: np.ndarray) -> np.ndarray:
     """Bit patterns of |x|; for non-negative floats they sort as the values do."""
     a = np.abs(x)
-    return a.view(np.uint64 if a.dtype == np.float64 else np.uint32)
+    bits: np.ndarray = a.view(np.uint64 if a.dtype == np.float64 else np.uint32)
+    return bits
 
 
 def _select(inputs: _Inputs, wants: list[tuple[int, list[int]]],
@@ -314,7 +322,8 @@ class _Magnitude(_Sparsifier):
         if keep is None:
             return None
         a = np.abs(d)
-        return (a >= keep[0]) & (a <= keep[1])
+        inside: np.ndarray = (a >= keep[0]) & (a <= keep[1])
+        return inside
 
     def apply(self, i: int, d: np.ndarray, blk: _Block) -> np.ndarray:
         m = self.mask(i, d)
@@ -368,6 +377,8 @@ class _Della(_Sparsifier):
     """DELLA's MagPrune: within each row, the entry of magnitude rank r (1 = smallest of
     n) is kept with probability p = density - epsilon + 2·epsilon·(r-1)/(n-1) (n = 1:
     p = density); survivors times 1/p."""
+
+    row_len: int  # ranks are taken within rows: prepare always sets it
 
     def prepare(self, inputs: _Inputs, p: _Params) -> None:
         if len(inputs.shape) > 2:
@@ -423,7 +434,8 @@ def _linear(inputs: _Inputs, p: _Params, out: _Writer) -> None:
         out.write(acc)
 
 
-def _task_vector_method(sparsifier: type[_Sparsifier] | None, consensus: bool):
+def _task_vector_method(sparsifier: type[_Sparsifier] | None, consensus: bool
+                        ) -> Callable[[_Inputs, _Params, _Writer], None]:
     """The generalized task arithmetic of mergekit (TIES, DARE, breadcrumbs, DELLA):
     sparsify each task vector, weight it, optionally keep only entries agreeing with the
     elected sign, sum, optionally normalize by the weights, scale by lambda, add to base."""
@@ -434,7 +446,7 @@ def _task_vector_method(sparsifier: type[_Sparsifier] | None, consensus: bool):
         sp.prepare(inputs, p)
         lam, normalize = p.shared["lambda"], p.shared["normalize"]
         for blk in inputs.blocks(check=True, row_len=sp.row_len):
-            base = blk.base
+            base = blk.given_base
             deltas = [sp.apply(i, m - base, blk) * w for i, (m, w) in enumerate(zip(blk.models, weights))]
             if consensus:
                 total = deltas[0].copy()
@@ -468,7 +480,9 @@ def _slerp(inputs: _Inputs, p: _Params, out: _Writer) -> None:
     saa, sbb, sab = _Sum(), _Sum(), _Sum()
     for blk in inputs.blocks():
         a, b = _f64(_ends(blk)[0]), _f64(_ends(blk)[1])
-        saa.add(a * a), sbb.add(b * b), sab.add(a * b)
+        saa.add(a * a)
+        sbb.add(b * b)
+        sab.add(a * b)
     na, nb = math.sqrt(saa.value), math.sqrt(sbb.value)
     ca, cb = 1 - t, t
     if na > 1e-8 and nb > 1e-8:
@@ -523,7 +537,9 @@ def _nuslerp(inputs: _Inputs, p: _Params, out: _Writer) -> None:
         s = [_Sum(), _Sum(), _Sum()]
         for blk in inputs.blocks():
             v0, v1 = (_f64(v) for v in ends(blk))
-            s[0].add(v0 * v0), s[1].add(v1 * v1), s[2].add(v0 * v1)
+            s[0].add(v0 * v0)
+            s[1].add(v1 * v1)
+            s[2].add(v0 * v1)
         c0, c1, div = (float(x) for x in _nuslerp_coefficients(t, *(np.array(x.value) for x in s)))
         for blk in inputs.blocks(check=True):
             v0, v1 = ends(blk)
@@ -534,9 +550,9 @@ def _nuslerp(inputs: _Inputs, p: _Params, out: _Writer) -> None:
         for blk in inputs.blocks(check=True, row_len=n):
             v0, v1 = (_rows(v, n) for v in ends(blk))
             a, b = _f64(v0), _f64(v1)
-            c0, c1, div = _nuslerp_coefficients(t, (a * a).sum(1), (b * b).sum(1), (a * b).sum(1))
+            c0s, c1s, divs = _nuslerp_coefficients(t, (a * a).sum(1), (b * b).sum(1), (a * b).sum(1))
             dt = v0.dtype
-            finish(blk, v0, v1, c0.astype(dt)[:, None], c1.astype(dt)[:, None], div.astype(dt)[:, None])
+            finish(blk, v0, v1, c0s.astype(dt)[:, None], c1s.astype(dt)[:, None], divs.astype(dt)[:, None])
         return
     cols = inputs.count // inputs.shape[0] if inputs.shape[0] else 0  # vectors along axis 0
     s00, s11, s01 = (np.zeros(cols) for _ in range(3))
@@ -546,11 +562,11 @@ def _nuslerp(inputs: _Inputs, p: _Params, out: _Writer) -> None:
             s00 += r0 * r0
             s11 += r1 * r1
             s01 += r0 * r1
-    c0, c1, div = _nuslerp_coefficients(t, s00, s11, s01)
+    c0s, c1s, divs = _nuslerp_coefficients(t, s00, s11, s01)
     for blk in inputs.blocks(check=True, row_len=cols):
         v0, v1 = (_rows(v, cols) for v in ends(blk))
         dt = v0.dtype
-        finish(blk, v0, v1, c0.astype(dt)[None, :], c1.astype(dt)[None, :], div.astype(dt)[None, :])
+        finish(blk, v0, v1, c0s.astype(dt)[None, :], c1s.astype(dt)[None, :], divs.astype(dt)[None, :])
 
 
 def _model_stock_t(count: int, cos: np.ndarray) -> np.ndarray:
@@ -569,7 +585,7 @@ def _model_stock(inputs: _Inputs, p: _Params, out: _Writer) -> None:
             norms = [np.sqrt((o * o).sum(1)) for o in offs]
             cos = np.mean([np.clip((offs[i] * offs[j]).sum(1) / np.maximum(norms[i] * norms[j], 1e-6), -1, 1)
                            for i, j in pairs], axis=0)
-            t = _model_stock_t(count, cos).astype(blk.base.dtype)[:, None]
+            t = _model_stock_t(count, cos).astype(blk.given_base.dtype)[:, None]
             _model_stock_write(blk, t, count, n, out)
         return
     dots = {pair: _Sum() for pair in pairs}
@@ -583,9 +599,9 @@ def _model_stock(inputs: _Inputs, p: _Params, out: _Writer) -> None:
     norms = [math.sqrt(s.value) for s in sq]
     cos = math.fsum(max(-1.0, min(1.0, dots[(i, j)].value / max(norms[i] * norms[j], 1e-6)))
                     for i, j in pairs) / len(pairs)
-    t = float(_model_stock_t(count, np.array(cos)))
+    t_all = float(_model_stock_t(count, np.array(cos)))
     for blk in inputs.blocks(check=True):
-        _model_stock_write(blk, blk.base.dtype.type(t), count, None, out)
+        _model_stock_write(blk, blk.given_base.dtype.type(t_all), count, None, out)
 
 
 def _model_stock_write(blk: _Block, t: Any, count: int, n: int | None, out: _Writer) -> None:
@@ -593,7 +609,7 @@ def _model_stock_write(blk: _Block, t: Any, count: int, n: int | None, out: _Wri
     for m in blk.models[1:]:
         avg += m
     avg /= avg.dtype.type(count)
-    base = blk.base
+    base = blk.given_base
     if n is not None:
         avg, base = _rows(avg, n), _rows(base, n)
     out.write((t * avg + (1 - t) * base).reshape(-1))

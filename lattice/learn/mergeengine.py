@@ -29,6 +29,7 @@ import numpy as np
 from lattice.learn.merge import BLOCK_ELEMENTS, MergeInputError, Source, merge_tensor
 from lattice.learn.mergespec import METADATA_KEY, MergeSpec, MergeSpecError
 from lattice.learn.modelfile import (
+    FLOAT_TAGS,
     MAX_HEADER_BYTES,
     PIECE_BYTES,
     TAGS,
@@ -109,7 +110,8 @@ class ArrayBackedSource:
 class ModelReader(Protocol):
     """A model to read tensor by tensor."""
 
-    meta: dict[str, str]
+    @property
+    def meta(self) -> dict[str, str]: ...
 
     def infos(self) -> dict[str, TensorInfo]: ...
 
@@ -166,7 +168,8 @@ class NpzReader:
     def source(self, name: str) -> ArrayBackedSource:
         def load() -> np.ndarray:
             with np.load(self.path, allow_pickle=False) as z:
-                return z[name]
+                array: np.ndarray = z[name]
+                return array
         return ArrayBackedSource(self._infos[name], load)
 
 
@@ -289,8 +292,8 @@ class PieceWriter:
         self.pieces: list[str] = []
 
     def write(self, data: bytes | np.ndarray) -> None:
-        view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8) if isinstance(data, np.ndarray)
-                          else data).cast("B")
+        view = (np.ascontiguousarray(data).reshape(-1).view(np.uint8).data if isinstance(data, np.ndarray)
+                else memoryview(data)).cast("B")
         while len(view):
             take = min(len(view), PIECE_BYTES - len(self._buf))
             self._buf += view[:take]
@@ -399,19 +402,37 @@ def _short(model: str) -> str:
 
 def merge_plan(spec: MergeSpec, readers: Mapping[str, ModelReader]) -> list[str]:
     """The output tensor names (the base's, else the first model's), after checking
-    every input has exactly those tensors; raises MergeInputError naming a tensor."""
+    from the headers alone that every input has exactly those tensors with the same
+    shapes and dtypes (what `merge_tensor` would refuse, found before any tensor bytes
+    are read); raises MergeInputError naming a tensor."""
     first = spec.base if spec.base is not None else spec.models[0]
-    names = sorted(readers[first].infos())
+    reference = readers[first].infos()
+    names = sorted(reference)
     wanted = set(names)
     for mid in ([spec.base] if spec.base is not None else []) + list(spec.models):
-        have = set(readers[mid].infos())
+        have = readers[mid].infos()
         for name in names:
-            if name not in have:
+            info, ref = have.get(name), reference[name]
+            if info is None:
                 raise MergeInputError(name, f"missing from input {_short(mid)}")
-        extra = sorted(have - wanted)
+            if info.shape != ref.shape:
+                raise MergeInputError(name, f"input {_short(mid)} has shape {list(info.shape)}, "
+                                            f"expected {list(ref.shape)}")
+            if info.dtype != ref.dtype:
+                raise MergeInputError(name, f"input {_short(mid)} has dtype {info.dtype}, "
+                                            f"expected {ref.dtype}")
+        extra = sorted(set(have) - wanted)
         if extra:
             raise MergeInputError(extra[0], f"input {_short(mid)} has it but {_short(first)} does not")
     return names
+
+
+def output_info(spec: MergeSpec, info: TensorInfo) -> TensorInfo:
+    """What a merge of ``spec`` makes of an input tensor like ``info``: float tensors
+    in the spec's dtype (or their own), others copied (`merge_tensor`)."""
+    if info.dtype in FLOAT_TAGS and spec.dtype is not None:
+        return TensorInfo(info.name, spec.dtype, info.shape)
+    return info
 
 
 def select_tensors(names: Iterable[str], patterns: Sequence[str] | None) -> list[str]:

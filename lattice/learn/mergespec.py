@@ -227,10 +227,41 @@ class MergeSpec:
         weights per model."""
         if weights is not None and len(weights) != len(models):
             raise MergeSpecError(f"{len(weights)} weights for {len(models)} models")
-        per_model = tuple({"weight": w} if weights is not None else {} for w in weights or [None] * len(models))
+        per_model: tuple[dict[str, Any], ...] = (
+            tuple({"weight": w} for w in weights) if weights is not None else tuple({} for _ in models))
         if dtype is not None:
             dtype = _dtype(dtype, "dtype")
         return cls(method, tuple(models), base, {k: v for k, v in params.items() if v is not None}, per_model, dtype)
+
+    @classmethod
+    def from_request(cls, doc: Any) -> MergeSpec:
+        """The spec a client sends as a map (`models.merge`'s ``spec``, a merge job's
+        request): method, models, base, weights, dtype, parameters; references are
+        left as given (`with_ids` resolves them)."""
+        if not isinstance(doc, Mapping):
+            raise MergeSpecError("a merge spec is a map")
+        unknown = set(doc) - {"method", "models", "base", "weights", "dtype", "parameters"}
+        if unknown:
+            raise MergeSpecError(f"unknown spec field(s): {', '.join(sorted(map(str, unknown)))}")
+        method, models = doc.get("method"), doc.get("models")
+        if not isinstance(method, str) or not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise MergeSpecError("spec needs method (str) and models (list of ids or names)")
+        if len(models) > MAX_MODELS:
+            raise MergeSpecError(f"more than {MAX_MODELS} models")
+        weights = doc.get("weights")
+        if weights is not None and (not isinstance(weights, list) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
+            raise MergeSpecError("weights must be a list of numbers")
+        params = doc.get("parameters") or {}
+        if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+            raise MergeSpecError("parameters must be a map")
+        clash = sorted(set(params) & {"method", "models", "base", "weights", "dtype"})
+        if clash:
+            raise MergeSpecError(f"parameter {clash[0]!r} is not a parameter of {method}")
+        base = doc.get("base")
+        if base is not None and not isinstance(base, str):
+            raise MergeSpecError("base must be a model id or name")
+        return cls.from_arguments(method, models, base=base, weights=weights, dtype=doc.get("dtype"), **params)
 
     @classmethod
     def from_yaml(cls, text: str, resolve: Callable[[str], str] = lambda ref: ref) -> MergeSpec:
@@ -248,7 +279,7 @@ class MergeSpec:
                 return super().compose_node(parent, index)
 
         try:
-            doc = yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+            doc = yaml.load(text, Loader=Loader)
         except (yaml.YAMLError, RecursionError) as e:
             raise MergeSpecError(f"not valid YAML: {str(e)[:200]}") from None
         if not isinstance(doc, dict):

@@ -377,17 +377,17 @@ def save_safetensors(path: str | os.PathLike[str] | IO[bytes], arrays: Mapping[s
     """Write the canonical bytes; returns the v1 model id (the file's SHA-256)."""
     data = canonical_model_bytes(arrays, meta)
     if hasattr(path, "write"):
-        path.write(data)  # type: ignore[union-attr]
+        path.write(data)
     else:
-        with open(path, "wb") as f:  # type: ignore[arg-type]
+        with open(path, "wb") as f:
             f.write(data)
     return hashlib.sha256(data).hexdigest()
 
 
 def load_safetensors(path: str | os.PathLike[str] | IO[bytes]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if hasattr(path, "read"):
-        return loads_safetensors(path.read())  # type: ignore[union-attr]
-    with open(path, "rb") as f:  # type: ignore[arg-type]
+        return loads_safetensors(path.read())
+    with open(path, "rb") as f:
         return loads_safetensors(f.read())
 
 
@@ -399,14 +399,16 @@ def save_npz(path: str | os.PathLike[str] | IO[bytes], arrays: Mapping[str, np.n
     """numpy .npz (uncompressed); metadata is canonical JSON in a uint8 array named
     `__lattice_meta__`. Not canonical bytes (zip headers): ids come from safetensors."""
     meta = check_meta(meta)
-    if NPZ_META_KEY in arrays:
-        raise ModelFormatError(f"tensor name {NPZ_META_KEY!r} is reserved")
+    # numpy.savez reads a keyword named allow_pickle as its own option, dropping the tensor
+    for reserved in (NPZ_META_KEY, "allow_pickle"):
+        if reserved in arrays:
+            raise ModelFormatError(f"tensor name {reserved!r} is reserved in .npz")
     for name, arr in arrays.items():
         if np.asarray(arr).dtype.hasobject:
             raise ModelFormatError(f"tensor {name!r}: object arrays are not allowed")
     payload = {k: np.asarray(v) for k, v in arrays.items()}
     payload[NPZ_META_KEY] = np.frombuffer(canonical_json(meta), dtype=np.uint8)
-    np.savez(path, **payload)
+    np.savez(path, allow_pickle=False, **payload)
 
 
 def load_npz(path: str | os.PathLike[str] | IO[bytes]) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -87,6 +87,8 @@ def partition(
         return [np.sort(p).astype(np.int64) for p in np.array_split(rng.permutation(n), n_parts)]
     if labels is None:
         raise PartitionSchemeError(f"{parsed}: a label-skewed split needs the labels, not a sample count")
+    if parsed.alpha is None:
+        raise PartitionSchemeError(f"{parsed}: a Dirichlet split needs alpha")
     return _dirichlet(labels, n_parts, parsed.alpha, rng)
 
 

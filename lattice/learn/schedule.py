@@ -55,7 +55,8 @@ class Schedule:
         else:
             start = steps * (1.0 - self.arg)
             t = start + (steps - start) * k / rounds
-        return max(1, min(steps, round(t)))
+        rounded: int = round(t)
+        return max(1, min(steps, rounded))
 
 
 def parse_schedule(spec: str | Schedule) -> Schedule:

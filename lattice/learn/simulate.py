@@ -29,8 +29,14 @@ from lattice.core.jobs.train import TrainSpec
 from lattice.learn.gossip import exchange_in_process, pair_weights
 from lattice.learn.merge import model_id, weighted_average
 from lattice.learn.optim import LocalTrainer, participant_rng
-from lattice.learn.participant import Participant, check_spec, job_partition, make_participant, merge_weights
-from lattice.learn.participant import participant_round
+from lattice.learn.participant import (
+    Participant,
+    check_spec,
+    job_partition,
+    make_participant,
+    merge_weights,
+    participant_round,
+)
 from lattice.learn.tasks import Task, get_task
 from lattice.learn.validate import NormBound
 

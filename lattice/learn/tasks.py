@@ -81,7 +81,8 @@ class PixelEncoding:
     shift: np.ndarray  # float32 (n_features,)
 
     def decode(self, X: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        return X.astype(dtype) * dtype.type(self.scale) - self.shift.astype(dtype, copy=False)
+        decoded: np.ndarray = X.astype(dtype) * dtype.type(self.scale) - self.shift.astype(dtype, copy=False)
+        return decoded
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def _standardized(X: np.ndarray, y: np.ndarray, n_classes: int) -> Dataset:
     std = X[train_idx].std(axis=0)
     std[std == 0] = 1.0  # constant features (digits' border pixels) stay 0, not NaN
     Xs = ((X - mean) / std).astype(np.float32)
-    arrays = [Xs[train_idx], y[train_idx].astype(np.int64), Xs[test_idx], y[test_idx].astype(np.int64)]
+    arrays = (Xs[train_idx], y[train_idx].astype(np.int64), Xs[test_idx], y[test_idx].astype(np.int64))
     for a in arrays:
         a.setflags(write=False)  # cached and shared by every task instance
     return Dataset(*arrays, n_classes=n_classes)
@@ -191,10 +192,10 @@ def _fashion_mnist(directory: Path) -> Dataset:
     mean = total / 60000
     std = float(np.sqrt((squares / 60000 - mean * mean).mean()))
     shift = (mean / std).astype(np.float32)
-    arrays = [X_train, raw["y_train"].astype(np.int64), X_test, raw["y_test"].astype(np.int64), shift]
-    for a in arrays:
+    arrays = (X_train, raw["y_train"].astype(np.int64), X_test, raw["y_test"].astype(np.int64))
+    for a in (*arrays, shift):
         a.setflags(write=False)
-    return Dataset(*arrays[:4], n_classes=10, encoding=PixelEncoding(1.0 / std, shift))
+    return Dataset(*arrays, n_classes=10, encoding=PixelEncoding(1.0 / std, shift))
 
 
 @functools.cache
@@ -271,8 +272,10 @@ class Task(ABC):
         """A fresh float32 parameter vector, a pure function of `seed`."""
 
     @abstractmethod
-    def loss_and_grad(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """Mean loss over the batch and its gradient (same shape and dtype as params)."""
+    def loss_and_grad(self, params: np.ndarray, X: np.ndarray, y: np.ndarray,
+                      logit_offset: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        """Mean loss over the batch and its gradient (same shape and dtype as params);
+        ``logit_offset`` (softmax tasks only) is added to the logits first."""
 
     @abstractmethod
     def predict_scores(self, params: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -338,16 +341,18 @@ class SoftmaxRegression(Task):
 
     def _logits(self, params: np.ndarray, X: np.ndarray) -> np.ndarray:
         blocks = self.unflatten(params)
-        return self.features(X, params.dtype) @ blocks["W"] + blocks["b"]
+        logits: np.ndarray = self.features(X, params.dtype) @ blocks["W"] + blocks["b"]
+        return logits
 
-    def _losses(self, params, X, y):
+    def _losses(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         return _softmax_ce(self._logits(params, X), y)[0]
 
-    def predict_scores(self, params, X):
+    def predict_scores(self, params: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits = self._logits(params, X)
         return logits, logits.argmax(axis=1)
 
-    def loss_and_grad(self, params, X, y, logit_offset=None):
+    def loss_and_grad(self, params: np.ndarray, X: np.ndarray, y: np.ndarray,
+                      logit_offset: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         X = self.features(X, params.dtype)
         blocks = self.unflatten(params)
         logits = X @ blocks["W"] + blocks["b"]
@@ -410,21 +415,24 @@ class MLPClassifier(Task):
         b["W2"][...] = rng.normal(0.0, np.sqrt(2.0 / (h + k)), (h, k))
         return p
 
-    def _forward(self, params, X):
+    def _forward(
+            self, params: np.ndarray, X: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         blocks = self.unflatten(params)
         X = self.features(X, params.dtype)
         pre = X @ blocks["W1"] + blocks["b1"]
         hid = np.maximum(pre, 0) if self.activation == "relu" else np.tanh(pre)
         return blocks, X, pre, hid, hid @ blocks["W2"] + blocks["b2"]
 
-    def _losses(self, params, X, y):
+    def _losses(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         return _softmax_ce(self._forward(params, X)[-1], y)[0]
 
-    def predict_scores(self, params, X):
+    def predict_scores(self, params: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits = self._forward(params, X)[-1]
         return logits, logits.argmax(axis=1)
 
-    def loss_and_grad(self, params, X, y, logit_offset=None):
+    def loss_and_grad(self, params: np.ndarray, X: np.ndarray, y: np.ndarray,
+                      logit_offset: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         blocks, X, pre, hid, logits = self._forward(params, X)
         losses, dlogits = _softmax_ce(logits if logit_offset is None else logits + logit_offset, y)
         grad = np.empty_like(params)
@@ -462,20 +470,25 @@ class LogisticRegression(Task):
         p[:-1] = rng.normal(0.0, 0.01, self.num_params - 1)
         return p
 
-    def _margin(self, params, X):
+    def _margin(self, params: np.ndarray, X: np.ndarray) -> np.ndarray:
         blocks = self.unflatten(params)
-        return self.features(X, params.dtype) @ blocks["w"] + blocks["b"][0]
+        margin: np.ndarray = self.features(X, params.dtype) @ blocks["w"] + blocks["b"][0]
+        return margin
 
-    def _losses(self, params, X, y):
+    def _losses(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         z = self._margin(params, X)
         # log(1 + exp(-s z)) with s = 2y - 1, computed stably
-        return np.logaddexp(0, -(2 * y - 1) * z)
+        losses: np.ndarray = np.logaddexp(0, -(2 * y - 1) * z)
+        return losses
 
-    def predict_scores(self, params, X):
+    def predict_scores(self, params: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z = self._margin(params, X)
         return z, (z > 0).astype(np.int64)
 
-    def loss_and_grad(self, params, X, y):
+    def loss_and_grad(self, params: np.ndarray, X: np.ndarray, y: np.ndarray,
+                      logit_offset: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        if logit_offset is not None:
+            raise TaskError(f"{self.name}: logit adjustment needs a softmax task")
         X = self.features(X, params.dtype)
         blocks = self.unflatten(params)
         z = X @ blocks["w"] + blocks["b"][0]
@@ -524,7 +537,8 @@ def _plugin_factory(name: str) -> TaskFactory:
                         f"(entry-point group {ENTRY_POINT_GROUP!r})")
     if len(matches) > 1:
         raise TaskError(f"task {name!r} is provided by {len(matches)} installed entry points; refusing to guess")
-    return matches[0].load()
+    factory: TaskFactory = matches[0].load()  # a plugin's word; get_task checks what it builds
+    return factory
 
 
 def get_task(name: str, allowed_plugins: Iterable[str] = (), **options: Any) -> Task:

@@ -13,12 +13,12 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 _ID_RE = re.compile(r"[0-9a-f]{64}")
 
 
-def is_blob_id(value: Any) -> bool:
+def is_blob_id(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from lattice.core import bulk_frames as bf
 from lattice.core.arrays import (
-    WIRE_DTYPES,
     ArrayFormatError,
     ArrayLimits,
     ArraySpec,
@@ -155,9 +154,10 @@ class Session:
             if peer.send is not None:
                 incoming = await self._judge(peer.send, receive, limits, check)
                 if (self.listener is not None and self.config.direct
-                        and sum(s.nbytes for s in incoming)):
+                        and sum(s.nbytes for s in incoming) > 0):
                     expectation = stack.enter_context(self.listener.expect(in_keys))
-                addrs = self.listener.addresses if expectation is not None else []
+                addrs = self.listener.addresses \
+                    if expectation is not None and self.listener is not None else []
                 await self._send(bf.accept(addrs, self.config.stream_window_bytes))
             elif receive:
                 raise RemoteProtocolError("peer offered no array")

@@ -29,9 +29,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections import Counter
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path

@@ -31,7 +31,6 @@ from typing import Any
 
 import multiaddr
 import trio
-
 from libp2p.peer.id import ID
 
 from lattice.core import holepunch as core

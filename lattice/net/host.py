@@ -22,18 +22,18 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import multiaddr
 import trio
-
 from libp2p import new_host
 from libp2p.abc import INetConn, INetStream, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
 from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.stream.exceptions import StreamError
@@ -196,7 +196,7 @@ class Libp2pStream:
 
     async def close_write(self) -> None:
         try:
-            await self._s.close_write()
+            await self._s.close_write()  # type: ignore[attr-defined]  # NetStream has it; INetStream omits it
         except _LIBP2P_PEER_ERRORS:
             pass  # the remote is gone; nothing left to flush
 
@@ -222,7 +222,7 @@ class _Conn:
 
 
 class _Notifee(INotifee):
-    def __init__(self, node: "Libp2pNode") -> None:
+    def __init__(self, node: Libp2pNode) -> None:
         self._node = node
 
     async def opened_stream(self, network: Any, stream: INetStream) -> None:
@@ -347,7 +347,7 @@ class Libp2pNode:
             raise PeerError(f"disconnect {peer_id}: {e}") from e
 
     # -- address book (lattice.net.dht.AddressBook) ------------------------------------
-    def add_addrs(self, peer_id: str, addrs: list[str], ttl: float = 3600.0) -> None:
+    def add_addrs(self, peer_id: str, addrs: Sequence[str], ttl: float = 3600.0) -> None:
         """Remember addresses a protocol learned so `open_stream` can dial the peer;
         a peer's malformed addresses are skipped, not raised."""
         good = []
@@ -576,7 +576,7 @@ def remote_address(conn: INetConn) -> tuple[str, int] | None:
     """The far end (ip, port) of a direct TCP connection as our socket sees it."""
     muxed = getattr(conn, "muxed_conn", conn)
     try:
-        remote = muxed.get_remote_address()
+        remote = muxed.get_remote_address()  # type: ignore[union-attr]  # the muxed conn has it; INetConn omits it
     except _LIBP2P_PEER_ERRORS:
         return None
     if not remote or is_relayed(conn):
@@ -662,7 +662,7 @@ def build_host(identity: Identity, listen: list[str], *, max_connections: int = 
     host = new_host(
         key_pair=key_pair,
         sec_opt=security,
-        muxer_opt={YAMUX_ID: Yamux},
+        muxer_opt={TProtocol(YAMUX_ID): Yamux},
         listen_addrs=[multiaddr.Multiaddr(a) for a in listen],
         # min_connections/low_watermark 0: libp2p's auto-connector would otherwise dial
         # up to 200 peerstore entries on its own; we decide whom to connect to.
@@ -675,7 +675,8 @@ def build_host(identity: Identity, listen: list[str], *, max_connections: int = 
     )
     # One attempt per dial: the swarm's own retries (3, with backoff) made a dial to a
     # dead address take seconds; retry policy belongs to the caller (bootstrap keeper).
-    host.get_network().retry_config = RetryConfig(max_retries=0)
+    # (the Swarm has retry_config; libp2p's INetworkService does not declare it)
+    host.get_network().retry_config = RetryConfig(max_retries=0)  # type: ignore[attr-defined]
     return host
 
 

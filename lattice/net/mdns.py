@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import trio
-
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.discovery.mdns.mdns import MDNSDiscovery
 

@@ -1,8 +1,9 @@
 """Models as content-addressed pieces over the blob store: import, export, fetch, merge,
 verify (issue 14). Formats: proto/model-format.md; merges: proto/merge.md.
 
-Owns `ModelService`, what the daemon builds over the job runner's `BlobService` (its
-RPC face is `latticed.localapi.models`). Must not import libp2p: blobs move through
+Owns `ModelService`, which the job supervisor builds over its `BlobService`
+(`lattice.jobs.serve_jobs`; the merge kind uses it, and its RPC face is
+`latticed.localapi.models`). Must not import libp2p: blobs move through
 `lattice.net.blob`.
 
 A v2 model is a manifest blob (its id is the model id) naming one blob per 16 MiB piece
@@ -11,10 +12,10 @@ only the pieces of the tensors wanted, each from any provider (the manifest's pr
 first), resumed and verified by `BlobService.fetch`; nothing here holds a whole model.
 v1 models (one canonical safetensors blob, a train job's result) are read in place.
 
-Failure policy. Blocking work (hashing, merging, file I/O) runs in worker threads under
-a limiter of `compute_threads`. A malformed model from a peer is a ModelFormatError for
-that request only; a provider that sends bad pieces is penalized by the blob service.
-Local bugs propagate.
+Failure policy. Blocking work (hashing, merging, file I/O) runs through ``compute``
+(worker threads under a limiter of `compute_threads` unless one is given). A malformed
+model from a peer is a ModelFormatError for that request only; a provider that sends
+bad pieces is penalized by the blob service. Local bugs propagate.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lattice.learn.mergeengine import (
     PiecesReader,
     export_dir,
     export_file,
+    hash_piece,
     import_model,
     merge_plan,
     merge_share,
@@ -49,11 +51,12 @@ from lattice.learn.mergespec import MergeSpec, MergeSpecError
 from lattice.learn.modelfile import (
     MAX_MANIFEST_BYTES,
     Manifest,
+    ManifestTensor,
     dumps_manifest,
     is_manifest,
     loads_manifest,
 )
-from lattice.net.blob import BlobNotFound, BlobService, is_blob_id
+from lattice.net.blob import BlobNotFound, BlobService, BlobStoreFull, Compute, is_blob_id
 
 log = logging.getLogger("lattice.net.modelstore")
 
@@ -67,7 +70,12 @@ class ModelNotFound(LookupError):
 
 
 class ModelUnavailable(Exception):
-    """No provider delivered a piece of the model in time."""
+    """No provider delivered a piece of the model in time; ``fetched``: the bytes of
+    the other pieces that did come (they stay in the store)."""
+
+    def __init__(self, message: str, *, fetched: int = 0) -> None:
+        super().__init__(message)
+        self.fetched = fetched
 
 
 @dataclass(frozen=True)
@@ -87,33 +95,41 @@ class ModelsConfig:
 
 
 def open_model_service(blobs: BlobService, store: Any, sync: Any, config: ModelsConfig, *,
-                       clock: Callable[[], float]) -> ModelService:
+                       clock: Callable[[], float], compute: Compute | None = None) -> ModelService:
     """The daemon's model store over the job runner's blobs; records go through ``sync``
-    (a `CrdtSync`)."""
+    (a `CrdtSync`; None: straight to ``store``)."""
     me = blobs.network.peer_id
     write = sync.write if sync is not None else (lambda changes: store.apply_local(changes, clock()))
-    return ModelService(blobs, store, write, me, config, clock=clock)
+    return ModelService(blobs, store, write, me, config, clock=clock, compute=compute)
 
 
 class ModelService:
-    """Models over a `BlobService`; records written with ``write`` (a `CrdtSync.write`)."""
+    """Models over a `BlobService`; records written with ``write`` (a `CrdtSync.write`);
+    blocking work through ``compute`` (default: `compute_threads` worker threads)."""
 
     def __init__(self, blobs: BlobService, store: Any, write: Callable[[list[Any]], Any], me: str,
-                 config: ModelsConfig = ModelsConfig(), *, clock: Callable[[], float]) -> None:
+                 config: ModelsConfig = ModelsConfig(), *, clock: Callable[[], float],
+                 compute: Compute | None = None) -> None:
         self.blobs = blobs
         self.state = store
         self.write = write
         self.me = me
         self.config = config
         self.clock = clock
-        self.limiter = trio.CapacityLimiter(config.compute_threads)
+        self._compute = compute or _threads(config.compute_threads)
+        self._fetching = trio.CapacityLimiter(config.fetch_parallel)
+        """Pieces fetched at once, over every fetch of this service (each holds up to a
+        piece in memory while the blob service reads it back)."""
+        self._pending: dict[str, trio.Event] = {}
+        """Pieces being fetched now (a second fetch of one waits for the first)."""
         self.counts: Counter[str] = Counter()
         self.bytes_imported = 0
         self.bytes_merged = 0
+        self.bytes_fetched = 0
         self.pieces_fetched = 0
 
     async def _work(self, fn: Callable[[], Any]) -> Any:
-        return await trio.to_thread.run_sync(fn, limiter=self.limiter)
+        return await self._compute(fn)
 
     def _put_piece(self, piece: bytes) -> str:
         return self.blobs.store.put(piece)  # pieces are not announced: the manifest is
@@ -189,12 +205,31 @@ class ModelService:
         if not is_manifest(head):
             return await self._work(lambda: open_blob_model(mid, size, self.blobs.store.read))
         manifest = await self._work(lambda: loads_manifest(self.blobs.store.get(mid)))
-        names = sorted(manifest.tensors) if tensors is None else list(tensors)
+        await self._fetch_tensors(mid, manifest, sorted(manifest.tensors) if tensors is None else tensors)
+        return PiecesReader(manifest, self.blobs.store.read)
+
+    async def fetch_tensors(self, mid: str, reader: ModelReader, names: Sequence[str]) -> int:
+        """Bring the pieces of tensors ``names`` of model ``mid``, opened as ``reader``,
+        into the local store (nothing to do for a v1 model: `open` fetched it whole);
+        returns the bytes fetched."""
+        if not isinstance(reader, PiecesReader):
+            return 0
+        return await self._fetch_tensors(mid, reader.manifest, names)
+
+    async def _fetch_tensors(self, mid: str, manifest: Manifest, names: Sequence[str]) -> int:
         wanted = list(dict.fromkeys(p for n in names for p in manifest.tensors[n].pieces
                                     if not self.blobs.store.has(p)))
-        if wanted:
-            await self._fetch_pieces(wanted, hints or await self._providers(mid))
-        return PiecesReader(manifest, self.blobs.store.read)
+        if not wanted:
+            return 0
+        record = self.state.models().get(mid) or {}
+        producers = list(record.get("producers", []))
+        try:
+            return await self.fetch_blobs(wanted, producers or await self._providers(mid))
+        except ModelUnavailable:
+            if not producers:
+                raise
+        # the producers are gone or pruned the pieces: whoever announced the model
+        return await self.fetch_blobs(wanted, await self._providers(mid))
 
     async def manifest(self, mid: str) -> Manifest | None:
         """The manifest of a v2 model (fetched if needed); None for a v1 model."""
@@ -218,27 +253,80 @@ class ModelService:
             except BlobNotFound:
                 raise ModelUnavailable(f"no provider delivered {bid}") from None
             self.pieces_fetched += 1
+            self.bytes_fetched += self.blobs.store.size(bid) or 0
         return self.blobs.store.read(bid, 0, 64)
 
-    async def _fetch_pieces(self, pieces: list[str], hints: list[str]) -> None:
-        limit = trio.CapacityLimiter(self.config.fetch_parallel)
-        failed: list[str] = []
+    async def fetch_inputs(self, readers: dict[str, ModelReader], names: Sequence[str]) -> int:
+        """The pieces of tensors ``names`` of every model in ``readers`` (model id ->
+        opened reader), all models at once; returns the bytes fetched. Raises
+        ModelUnavailable."""
+        fetched = 0
+        failed: list[Exception] = []  # raised after the nursery, not as a group
 
-        async def one(pid: str) -> None:
-            async with limit:
-                try:
-                    await self._fetch(pid, hints, max_bytes=self.blobs.config.max_blob_bytes)
-                except ModelUnavailable:
-                    failed.append(pid)
+        async def one(mid: str, reader: ModelReader) -> None:
+            nonlocal fetched
+            try:
+                got = await self.fetch_tensors(mid, reader, names)
+            except (ModelUnavailable, BlobStoreFull) as e:
+                failed.append(e)
+                return
+            fetched += got
 
         async with trio.open_nursery() as nursery:
-            for pid in pieces:
-                nursery.start_soon(one, pid)
+            for mid, reader in readers.items():
+                nursery.start_soon(one, mid, reader)
         if failed:
-            raise ModelUnavailable(f"{len(failed)} pieces were not delivered (first: {sorted(failed)[0]})")
+            raise failed[0]
+        return fetched
+
+    async def fetch_blobs(self, pieces: Sequence[str], hints: Sequence[str]) -> int:
+        """Bring blobs (pieces) into the local store, at most ``fetch_parallel`` at a
+        time over the whole service, each from ``hints`` first, then any provider;
+        returns the bytes fetched. Raises ModelUnavailable naming one that no provider
+        delivered."""
+        failed: list[str] = []
+        full: list[BlobStoreFull] = []  # raised after the nursery, not as a group
+        fetched = 0
+
+        async def one(pid: str) -> None:
+            nonlocal fetched
+            if self.blobs.store.has(pid):
+                return
+            pending = self._pending.get(pid)
+            if pending is not None:  # another fetch of ours brings it: counted there
+                await pending.wait()
+                if not self.blobs.store.has(pid):
+                    failed.append(pid)
+                return
+            self._pending[pid] = done = trio.Event()
+            try:
+                async with self._fetching:
+                    await self._fetch(pid, list(hints), max_bytes=self.blobs.config.max_blob_bytes)
+            except ModelUnavailable:
+                failed.append(pid)
+                return
+            except BlobStoreFull as e:
+                full.append(e)
+                return
+            finally:
+                del self._pending[pid]
+                done.set()
+            fetched += self.blobs.store.size(pid) or 0
+
+        async with trio.open_nursery() as nursery:
+            for pid in dict.fromkeys(pieces):
+                nursery.start_soon(one, pid)
+        if full:
+            raise full[0]
+        if failed:
+            raise ModelUnavailable(f"{len(failed)} pieces were not delivered (first: {sorted(failed)[0]})",
+                                   fetched=fetched)
+        return fetched
 
     # -- merge and verify ------------------------------------------------------------------------------
-    async def _readers(self, spec: MergeSpec, tensors: Sequence[str] | None) -> dict[str, ModelReader]:
+    async def readers(self, spec: MergeSpec, tensors: Sequence[str] | None = ()) -> dict[str, ModelReader]:
+        """A reader of every input of ``spec`` with the pieces of ``tensors`` fetched
+        (none by default: only the manifests; all when None)."""
         ids = list(dict.fromkeys(([spec.base] if spec.base else []) + list(spec.models)))
         return {mid: await self.open(mid, tensors) for mid in ids}
 
@@ -247,7 +335,7 @@ class ModelService:
         """Merge locally (the whole model, one participant) and record the result; the
         entry point the merge job kind calls per share is `merge_share`. Raises
         ModelNotFound, ModelUnavailable, MergeInputError, MergeSpecError."""
-        readers = await self._readers(spec, None)
+        readers = await self.readers(spec, None)
 
         def run() -> tuple[str, Manifest]:
             names = merge_plan(spec, readers)
@@ -265,13 +353,20 @@ class ModelService:
                             inputs=list(spec.models),
                             spec=canonical if len(canonical) <= MAX_RECORD_SPEC_CHARS else None)
 
-    async def merge_share(self, spec: MergeSpec, names: Sequence[str]) -> dict[str, Any]:
-        """One participant's share of a merge: merge ``names``, store their pieces, and
-        return each tensor's output entry (dtype, shape, piece ids) for the merger."""
-        readers = await self._readers(spec, names)
-        result = await self._work(lambda: merge_share(spec, readers, names, self._put_piece))
-        return {n: {"dtype": t.info.dtype, "shape": list(t.info.shape), "pieces": list(t.pieces)}
-                for n, t in result.items()}
+    async def merge_share(self, spec: MergeSpec, readers: dict[str, ModelReader], names: Sequence[str], *,
+                          keep: bool = True, compute: Compute | None = None
+                          ) -> tuple[dict[str, ManifestTensor], int]:
+        """Part of a merge (a merge job participant's share): fetch the input pieces of
+        ``names`` only, merge them (through ``compute``: a job's, else ours), and store
+        the output pieces (``keep`` False: only hash them, to recompute a tensor someone
+        else merged). Returns each tensor's output entry and the bytes fetched. Raises
+        MergeInputError naming a tensor, ModelUnavailable."""
+        fetched = await self.fetch_inputs(readers, names)
+        emit = self._put_piece if keep else hash_piece
+        result = await (compute or self._compute)(lambda: merge_share(spec, readers, names, emit))
+        if keep:
+            self.bytes_merged += sum(t.info.nbytes for t in result.values())
+        return result, fetched
 
     async def verify(self, ref: str, patterns: Sequence[str] | None = None) -> dict[str, Any]:
         """Recompute the tensors of a merged model matching ``patterns`` from its inputs
@@ -283,7 +378,7 @@ class ModelService:
             raise MergeSpecError("a v1 (single-file) model records no merge to recompute")
         spec = spec_of(manifest)
         names = select_tensors(sorted(manifest.tensors), patterns)
-        readers = await self._readers(spec, names)
+        readers = await self.readers(spec, names)
         verdicts = await self._work(lambda: list(verify_share(manifest, readers, names)))
         self.counts["verified"] += 1
         bad = {v.tensor: v.reason for v in verdicts if not v.matches}
@@ -307,6 +402,15 @@ class ModelService:
 
     def statistics(self) -> dict[str, Any]:
         return {**self.counts, "bytes_imported": self.bytes_imported, "bytes_merged": self.bytes_merged,
-                "pieces_fetched": self.pieces_fetched, "compute_threads": self.config.compute_threads,
+                "pieces_fetched": self.pieces_fetched, "bytes_fetched": self.bytes_fetched,
+                "compute_threads": self.config.compute_threads,
                 "fetch_parallel": self.config.fetch_parallel, "fetch_timeout": self.config.fetch_timeout,
                 "export_shard_bytes": self.config.shard_bytes, "max_v1_bytes": self.config.max_v1_bytes}
+
+
+def _threads(n: int) -> Compute:
+    limiter = trio.CapacityLimiter(n)
+
+    async def run(fn: Callable[[], Any]) -> Any:
+        return await trio.to_thread.run_sync(fn, limiter=limiter)
+    return run

@@ -45,7 +45,6 @@ from typing import Any
 import multiaddr
 import trio
 from google.protobuf.message import DecodeError as ProtobufDecodeError
-
 from libp2p.abc import INetConn, INotifee
 from libp2p.connection_types import ConnectionType
 from libp2p.network.connection.raw_connection import RawConnection
@@ -71,7 +70,6 @@ from lattice.core.reachability import (
     Verdict,
 )
 from lattice.net.holepunch import HolePunchConfig, HolePuncher, serve_holepunch
-from lattice.net.nat_config import NatConfig as NatConfig
 from lattice.net.host import (
     PEER_ERRORS,
     BadDialTarget,
@@ -81,6 +79,7 @@ from lattice.net.host import (
     local_address,
     remote_address,
 )
+from lattice.net.nat_config import NatConfig as NatConfig
 from lattice.net.streams import PeerError, RemoteProtocolError, recv_frame, send_frame
 
 log = logging.getLogger("lattice.net.nat")
@@ -146,7 +145,7 @@ class _CircuitRelay(CircuitV2Protocol):
         try:
             with trio.fail_after(_HOP_READ_TIMEOUT):
                 msg = await read_delimited_msg(stream, HopMessage)
-        except (trio.TooSlowError, ProtobufDecodeError, ValueError, *PEER_ERRORS):
+        except (trio.TooSlowError, ProtobufDecodeError, ValueError) + PEER_ERRORS:
             await self._refuse(stream, StatusCode.MALFORMED_MESSAGE, "malformed")
             return
         if msg.type == HopMessage.RESERVE:
@@ -190,7 +189,7 @@ class _CircuitRelay(CircuitV2Protocol):
         try:
             with scope:
                 await self._pump(src_stream, dst_stream, deadline, circuit_data_limit)
-        except (EOFError, *PEER_ERRORS):
+        except (EOFError,) + PEER_ERRORS:
             pass  # one end went away: the circuit is over
         finally:
             for other in scopes:
@@ -202,7 +201,7 @@ class _CircuitRelay(CircuitV2Protocol):
                 for s in (src_stream, dst_stream):
                     try:
                         await s.reset()
-                    except (EOFError, *PEER_ERRORS):
+                    except (EOFError,) + PEER_ERRORS:
                         pass
             for k, (a, b) in list(self._active_relays.items()):
                 if a in (src_stream, dst_stream) or b in (src_stream, dst_stream):
@@ -761,7 +760,7 @@ class NatManager:
                 secured = await upgrader.upgrade_security(raw, True, ID.from_base58(peer))
                 await secured.close()
                 return True
-            except (OpenConnectionError, UpgradeFailure, *PEER_ERRORS) as e:
+            except (OpenConnectionError, UpgradeFailure) + PEER_ERRORS as e:
                 log.debug("dial-back to peer=%s at %s failed: %s", peer, addr, e)
                 return False
             finally:
@@ -812,9 +811,9 @@ class NatManager:
             out += [(pid, a) for a in addrs]
         out += self.bootstrap
         seen: dict[str, str] = {}
-        for pid, addr in out:
+        for pid, relay_addr in out:
             if pid != self.me:
-                seen.setdefault(pid, addr)
+                seen.setdefault(pid, relay_addr)
         return list(seen.items())
 
     async def _keep_reservations(self) -> None:
@@ -1047,7 +1046,7 @@ class NatManager:
             result = await trio.to_thread.run_sync(_upnp_map, port, abandon_on_cancel=True)
             state, external, detail = result
             self.upnp.state, self.upnp.external, self.upnp.detail = state, external, detail
-            if state != "mapped":
+            if state != "mapped" or external is None:
                 log.info("upnp: %s", detail)
                 return
             log.info("upnp: mapped %s -> port %d", _maddr(external), port)

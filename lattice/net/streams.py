@@ -154,7 +154,7 @@ class PeerEvents:
     one delivered is a ``lagged`` event. Use as a context manager (closing it stops
     delivery)."""
 
-    def __init__(self, hub: "PeerEventHub", buffer: int) -> None:
+    def __init__(self, hub: PeerEventHub, buffer: int) -> None:
         self._hub = hub
         self._send, self._receive = trio.open_memory_channel[PeerEvent](buffer)
         self.dropped = 0
@@ -177,7 +177,7 @@ class PeerEvents:
         self._hub._subscribers.discard(self)
         self._send.close()
 
-    def __enter__(self) -> "PeerEvents":
+    def __enter__(self) -> PeerEvents:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -40,7 +40,7 @@ class DaemonProc:
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
 
-    def start(self) -> "DaemonProc":
+    def start(self) -> DaemonProc:
         self.started_at = time.monotonic()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
@@ -49,9 +49,11 @@ class DaemonProc:
 
     def wait_running(self, timeout: float = 20.0) -> dict:
         """Wait for the socket, then for the 'running' state event (not polling status)."""
-        wait_for(lambda: self.socket.exists() or self.proc.poll() is not None, timeout,
+        proc = self.proc
+        assert proc is not None, "start() first"
+        wait_for(lambda: self.socket.exists() or proc.poll() is not None, timeout,
                  f"socket {self.socket}")
-        assert self.proc.poll() is None, f"latticed exited {self.proc.returncode}:\n{self.log_text()}"
+        assert proc.poll() is None, f"latticed exited {proc.returncode}:\n{self.log_text()}"
         with lattice.connect(self.socket, timeout=timeout) as c:
             with c.subscribe(["daemon"], timeout=timeout) as events:
                 for ev in events:

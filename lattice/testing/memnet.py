@@ -36,7 +36,7 @@ _CHANNEL_DEPTH = 64
 class MemoryStream:
     def __init__(self, protocol: str, remote_peer_id: str,
                  send: trio.MemorySendChannel, recv: trio.MemoryReceiveChannel,
-                 link: "_Link", net: "MemoryNetwork", owner: str) -> None:
+                 link: _Link, net: MemoryNetwork, owner: str) -> None:
         self.protocol = protocol
         self.remote_peer_id = remote_peer_id
         self._send = send
@@ -86,7 +86,7 @@ class _Link:
 class MemoryPeer:
     """One fake peer: implements `lattice.net.streams.PeerNetwork`."""
 
-    def __init__(self, net: "MemoryNetwork", identity: Identity) -> None:
+    def __init__(self, net: MemoryNetwork, identity: Identity) -> None:
         self._net = net
         self.identity = identity
         self._handlers: dict[str, StreamHandler] = {}

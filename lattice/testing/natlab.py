@@ -229,7 +229,7 @@ def _call_in_netns(netns: str, fn: Any) -> Any:
         try:
             _setns(f"/run/netns/{netns}")
             out["value"] = fn()
-        except BaseException as e:  # handed to the caller's thread below
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
             out["error"] = e
 
     t = threading.Thread(target=target, name=f"natlab-setns-{netns}")
@@ -560,9 +560,9 @@ class Testbed:
             if first_priv is not None:
                 lines.append(f"  ip netns exec {first_priv.netns} curl -s "
                              f"http://{first_pub.addr}:8000/ >/dev/null && echo out-ok")
-                gw = first_priv.gateway
-                assert gw is not None
-                lines.append(f"  ip netns exec {gw.netns} conntrack -L     # see the NAT mapping")
+                priv_gw = first_priv.gateway
+                assert priv_gw is not None
+                lines.append(f"  ip netns exec {priv_gw.netns} conntrack -L     # see the NAT mapping")
                 lines.append(f"  ip netns exec {gw.netns} iptables -L UNSOLICITED -v -n")
         lines.append(f"  ip netns exec {self.hosts()[0].netns} bash   # a shell in a host")
         lines.append(f"remove: tools/natlab down {self.prefix}")

@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from lattice.core import codec
 from lattice.core.gossip_messages import PROTOCOL as GOSSIP_PROTOCOL
 from lattice.core.identity import Identity
 from lattice.core.kademlia import PROTOCOL_ID as KAD

@@ -196,7 +196,8 @@ def test_async_client_mirrors_the_blocking_one(daemons):
 
 
 def test_localnet_brings_up_n_nodes_and_stops_them_on_sigterm(tmp_path):
-    import subprocess, sys
+    import subprocess
+    import sys
     proc = subprocess.Popen([sys.executable, "-m", "lattice.cli", "localnet", "--nodes", "3",
                              "--base-dir", str(tmp_path / "net")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -226,7 +227,8 @@ def _stderr_line_with(proc, text: str, timeout: float) -> str:
 
 
 def test_localnet_reports_a_dead_node_and_keeps_the_rest_running(tmp_path):
-    import subprocess, sys
+    import subprocess
+    import sys
     proc = subprocess.Popen([sys.executable, "-m", "lattice.cli", "localnet", "--nodes", "3",
                              "--base-dir", str(tmp_path / "net")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

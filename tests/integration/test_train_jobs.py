@@ -4,7 +4,6 @@ watch to the end, fetch the merged model by id; and the job survives a killed pe
 import hashlib
 import json
 import signal
-import time
 
 import numpy as np
 import pytest

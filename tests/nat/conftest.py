@@ -12,14 +12,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 import lattice
-from lattice.testing import natlab
 from lattice.api.paths import child_env
+from lattice.testing import natlab
 from lattice.testing.daemons import wait_for
 
 LISTEN_PORT = 4001

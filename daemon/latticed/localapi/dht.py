@@ -9,7 +9,6 @@ from lattice.api.errors import InvalidArgumentError, NotReadyError
 from lattice.core.codec import DecodeError, unpack
 from lattice.core.records import RecordError, user_key
 from lattice.net.dht import KademliaDHT
-
 from latticed.rpc_server import ClientConnection, Handler
 
 if TYPE_CHECKING:

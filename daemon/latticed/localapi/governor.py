@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from lattice.api.errors import InvalidArgumentError, NotReadyError
-
 from latticed.governor import Governor
 from latticed.rpc_server import ClientConnection, Handler
 

@@ -10,9 +10,10 @@ from lattice.api.errors import (
     NotReadyError,
     PermissionDeniedError,
 )
-from lattice.core.jobs import JobSpecError, JoinRefused
+from lattice.core.jobs import KIND_MERGE, JobSpecError, JoinRefused
 from lattice.jobs import JobNotFound, JobSupervisor, NotSubmitter
-
+from lattice.jobs.merge import prepare_merge_job
+from latticed.localapi.modelerrors import translated
 from latticed.localapi.state import wait_writable
 from latticed.rpc_server import ClientConnection, Handler
 
@@ -30,6 +31,8 @@ async def jobs_submit(node: Node, client: ClientConnection, spec: dict[str, Any]
                       allow: list[str] | None = None, private: bool = False) -> dict[str, Any]:
     jobs = require_jobs(node)
     await wait_writable(node)
+    if spec.get("kind") == KIND_MERGE:  # names, weights or a mergekit config: the spec
+        spec = await translated(prepare_merge_job(jobs.services.models, spec))
     access = {**({"allow": allow} if allow else {}), **({"token": True} if private else {})}
     try:
         job_id = jobs.submit(spec, access=access or None)

@@ -14,13 +14,11 @@ from lattice.api.errors import (
 )
 from lattice.core.identity import InvalidPeerId, public_key_from_peer_id
 from lattice.net.dht import PeerNotFound
-
 from latticed.localapi.dht import require_dht
 from latticed.rpc_server import ClientConnection, Handler
 
 if TYPE_CHECKING:
     from lattice.net.host import Libp2pNode
-
     from latticed.node import Node
 
 

@@ -6,9 +6,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lattice.api.errors import InvalidArgumentError, NotFoundError, NotReadyError
-from lattice.core.state import LocalStateError, Set, StatePathError, StateStore
+from lattice.core.state import Change, LocalStateError, Set, StatePathError, StateStore
 from lattice.net.crdt_sync import CrdtSync
-
 from latticed.rpc_server import ClientConnection, Handler
 
 if TYPE_CHECKING:
@@ -49,7 +48,7 @@ async def state_get(node: Node, client: ClientConnection, path: str) -> Any:
 async def state_set(node: Node, client: ClientConnection, path: str,
                     value: Any) -> dict[str, Any]:
     sync = require_sync(node)
-    changes = [Set(path, value)]
+    changes: list[Change] = [Set(path, value)]
     if path.startswith("member/") and path != "member/peer_id":
         # a member record always names its author; before the first heartbeat it may
         # not yet, so say it in the same signed update

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from lattice.api.errors import InvalidArgumentError
 from lattice.api.methods import EVENT_TOPICS, schema
-
 from latticed import __version__
 from latticed.rpc_server import ClientConnection, Handler
 

@@ -3,7 +3,7 @@
 Owns the job record and id (`compute_job_id`), the job and participant state machines,
 roster selection, the reconciliation planner (`plan`: what this daemon should do about
 one job, given the replicated view), the merge decisions, and the spec types of the
-job kinds (`TrainSpec`, ...), each parsed and bounded from a plain dict so the same
+job kinds (`TrainSpec`, `MergeJobSpec`, ...), each parsed and bounded from a plain dict so the same
 check runs on a spec typed by a user and one received from the network. Must not
 import trio, libp2p, sockets, lattice.learn or read the clock: time is passed in as
 ``now``. The supervisor that runs jobs is `lattice.jobs`; the wire and state formats
@@ -28,8 +28,9 @@ every peer computes the same status from the same records.
 Selection. Daemons whose kind says they volunteer (the config accepts the task, or a
 local user asked to join) write ``state: joined``. The submitter *seals* the roster:
 the first ``max_peers`` live joiners in a deterministic order (SHA-256 of job id and
-peer id, so the same peers are not always first), once ``min_peers`` have joined,
-stored sorted by peer id in its own record. Only one author writes the roster, so
+peer id, so the same peers are not always first), once ``min_peers`` have joined (and,
+for a kind whose spec has a ``join_window``, once that window has passed or
+``max_peers`` joined), stored sorted by peer id in its own record. Only one author writes the roster, so
 there is nothing to agree on: each participant reads it and takes its rank (index in
 the sorted roster). A joiner left out withdraws (``state: left``). Computing the roster
 from the joined entries on every peer instead would let two peers that have seen
@@ -61,8 +62,8 @@ from lattice.core.jobs.lifecycle import TERMINAL as TERMINAL
 from lattice.core.jobs.lifecycle import Action as Action
 from lattice.core.jobs.lifecycle import ClaimFailed as ClaimFailed
 from lattice.core.jobs.lifecycle import IllegalTransition as IllegalTransition
-from lattice.core.jobs.lifecycle import Join as Join
 from lattice.core.jobs.lifecycle import JobSpecLike as JobSpecLike
+from lattice.core.jobs.lifecycle import Join as Join
 from lattice.core.jobs.lifecycle import MergeDecision as MergeDecision
 from lattice.core.jobs.lifecycle import Policy as Policy
 from lattice.core.jobs.lifecycle import SealRoster as SealRoster
@@ -74,6 +75,7 @@ from lattice.core.jobs.lifecycle import check_transition as check_transition
 from lattice.core.jobs.lifecycle import compute_job_id as compute_job_id
 from lattice.core.jobs.lifecycle import final_of as final_of
 from lattice.core.jobs.lifecycle import job_summary as job_summary
+from lattice.core.jobs.lifecycle import join_window as join_window
 from lattice.core.jobs.lifecycle import merge_decision as merge_decision
 from lattice.core.jobs.lifecycle import new_job_record as new_job_record
 from lattice.core.jobs.lifecycle import plan as plan
@@ -81,6 +83,9 @@ from lattice.core.jobs.lifecycle import rank_of as rank_of
 from lattice.core.jobs.lifecycle import read_job as read_job
 from lattice.core.jobs.lifecycle import select_roster as select_roster
 from lattice.core.jobs.lifecycle import verify_record as verify_record
+from lattice.core.jobs.merge import KIND_MERGE as KIND_MERGE
+from lattice.core.jobs.merge import MergeJobSpec as MergeJobSpec
+from lattice.core.jobs.merge import parse_merge_spec as parse_merge_spec
 from lattice.core.jobs.spec import JobSpecError as JobSpecError
 from lattice.core.jobs.train import ALGORITHMS as ALGORITHMS
 from lattice.core.jobs.train import BUILTIN_TASKS as BUILTIN_TASKS

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from lattice.core.codec import canonical
 from lattice.core.jobs.access import check_access, eligible, may_volunteer, normalize_access
+from lattice.core.jobs.merge import KIND_MERGE, parse_merge_spec
 from lattice.core.jobs.spec import JobSpecError
 from lattice.core.jobs.train import KIND_TRAIN, parse_train_spec
 
@@ -38,7 +39,8 @@ class JobSpecLike(Protocol):
 
 
 SpecParser = Callable[[Any], JobSpecLike]
-DEFAULT_PARSERS: Mapping[str, SpecParser] = {KIND_TRAIN: parse_train_spec}
+DEFAULT_PARSERS: Mapping[str, SpecParser] = {KIND_TRAIN: parse_train_spec,
+                                             KIND_MERGE: parse_merge_spec}
 
 # -- states -------------------------------------------------------------------------------
 
@@ -169,15 +171,25 @@ def _order_key(job_id: str, peer: str) -> bytes:
     return hashlib.sha256(f"{job_id}\x00{peer}".encode()).digest()
 
 
+def join_window(spec: JobSpecLike) -> float:
+    """Seconds the roster stays open for more than ``min_peers`` joiners: a kind's spec
+    may declare ``join_window`` (merge: gather volunteers); others seal at once."""
+    return float(getattr(spec, "join_window", 0.0))
+
+
 def select_roster(job_id: str, spec: JobSpecLike, participants: Mapping[str, Mapping[str, Any]],
                   alive: Callable[[str], bool] = lambda _peer: True,
-                  eligible: Callable[[str, Mapping[str, Any]], bool] = lambda _p, _e: True
-                  ) -> list[str] | None:
+                  eligible: Callable[[str, Mapping[str, Any]], bool] = lambda _p, _e: True, *,
+                  open_for: float = math.inf) -> list[str] | None:
     """The roster to seal: the first ``max_peers`` live, eligible (the job's access)
-    joiners in hash order, sorted by peer id; None until ``min_peers`` have joined."""
+    joiners in hash order, sorted by peer id; None until ``min_peers`` have joined and,
+    while fewer than ``max_peers`` have, until the job has been open (``open_for``
+    seconds) for its `join_window`."""
     joined = [p for p, e in participants.items()
               if e.get("state") == "joined" and alive(p) and eligible(p, e)]
     if len(joined) < spec.min_peers:
+        return None
+    if len(joined) < spec.max_peers and open_for < join_window(spec):
         return None
     chosen = sorted(joined, key=lambda p: _order_key(job_id, p))[: spec.max_peers]
     return sorted(chosen)
@@ -256,10 +268,11 @@ def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, vo
     are running now; ``reserved``: how many jobs we are running or have joined and wait
     for (capacity in use); ``alive``: whether a peer has a live member record (only
     those are sealed); ``token``: the job's token when we submitted it
-    (`lattice.core.jobs.access`), to check joiners' proofs; ``now``: the clock of our
-    entries' ``updated``, for ``policy.join_timeout`` (None: never give up). Idempotent:
-    applying the actions and calling again yields nothing new, so the runner may call
-    it on every change."""
+    (`lattice.core.jobs.access`), to check joiners' proofs; ``now``: the wall clock of
+    the records, against our entries' ``updated`` for ``policy.join_timeout`` and the
+    record's ``created`` for a kind's join window (None: never give up, the window is
+    over). Idempotent: applying the actions and calling again yields nothing new, so
+    the runner may call it on every change."""
     status = view.get("status", "submitted")
     record = view.get("spec", {})
     participants = view.get("participants", {})
@@ -277,8 +290,11 @@ def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, vo
         return actions
     if roster is None:
         if view.get("submitter") == me and record.get("state") == "submitted":
+            created = record.get("created")
+            open_for = (now - created if now is not None and type(created) in (int, float)
+                        else math.inf)
             chosen = select_roster(job_id, spec, participants, alive,
-                                   eligible(job_id, record, token))
+                                   eligible(job_id, record, token), open_for=open_for)
             if chosen is not None:
                 actions.append(SealRoster(job_id, chosen))
         joined = sum(1 for e in participants.values() if e.get("state") == "joined")
@@ -367,12 +383,17 @@ def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
     roster = record.get("roster") or []
     # the views check who wrote the record, not a kind's spec: read its numbers with care
     steps_total = _count(spec.get("steps")) * (len(roster) or _count(spec.get("min_peers")))
+    if record.get("kind") == KIND_MERGE:  # a merge's progress counts the output's tensors
+        steps_total = _count(spec.get("tensors"))
     # only the roster speaks for the job: anyone may write an entry claiming a loss
-    members = [e for p, e in participants.items() if p in roster]
-    losses = [e["loss"] for e in members
+    members = {p: e for p, e in participants.items() if p in roster}
+    losses = [e["loss"] for e in members.values()
               if type(e.get("loss")) in (int, float) and math.isfinite(e["loss"])]
-    accs = [e["accuracy"] for e in members
+    accs = [e["accuracy"] for e in members.values()
             if type(e.get("accuracy")) in (int, float) and math.isfinite(e["accuracy"])]
+    # why a failed job failed: a roster member's reason (each says it when it gives up)
+    reasons = sorted((p, e["reason"]) for p, e in members.items()
+                     if e.get("state") == "failed" and isinstance(e.get("reason"), str))
     totals = view.get("totals", {})
     return {
         "id": view.get("id"),
@@ -391,6 +412,7 @@ def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
         "bytes_received": totals.get("bytes_received", 0),
         "peers": {p: e.get("state") for p, e in participants.items()},
         "model": view.get("model"),  # the merged model the views verified
+        "reason": reasons[0][1] if view.get("status") == "failed" and reasons else None,
         "created": record.get("created"),
     }
 

@@ -4,6 +4,7 @@ The public face of `lattice.core.state` (the modules are private). Must not impo
 trio, libp2p, sockets or read the clock. Protocol: proto/crdt-sync.md.
 """
 
+from lattice.core.jobs import STATUS_ORDER as STATUS_ORDER  # (the job lifecycle owns it)
 from lattice.core.state.envelope import KIND_DELTA as KIND_DELTA
 from lattice.core.state.envelope import KIND_SNAPSHOT as KIND_SNAPSHOT
 from lattice.core.state.envelope import Envelope as Envelope
@@ -25,7 +26,6 @@ from lattice.core.state.sync import PROTOCOL_ID as PROTOCOL_ID
 from lattice.core.state.sync import SyncHub as SyncHub
 from lattice.core.state.sync import SyncProtocolError as SyncProtocolError
 from lattice.core.state.sync import SyncSession as SyncSession
-from lattice.core.state.views import STATUS_ORDER as STATUS_ORDER
 from lattice.core.state.views import StatePathError as StatePathError
 from lattice.core.state.views import join_status as join_status
 

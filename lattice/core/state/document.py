@@ -11,7 +11,7 @@ bytes and nesting exactly, and `codec.unpack` bounds what we decode.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import pycrdt
 from pycrdt import Array, Doc, Map
@@ -21,21 +21,25 @@ from lattice.core.state.limits import MAX_VALUE_BYTES
 from lattice.core.state.schema import ROOTS, Change, OutOfBounds, Set, empty_content, split_path
 from lattice.core.state.update_scan import UpdateError, check_update
 
-__all__ = ["UpdateError", "apply_checked", "copy_doc", "encode_value", "read_content",
+__all__ = ["StateDoc", "UpdateError", "apply_checked", "copy_doc", "encode_value", "read_content",
            "write_delta", "write_snapshot"]
 
+# Roots are typed Any: a received update decides their type; read_content refuses all
+# but maps of encoded values.
+StateDoc: TypeAlias = Doc[Any]
 
-def copy_doc(doc: Doc | None, client_id: int | None = None) -> Doc:
+
+def copy_doc(doc: StateDoc | None, client_id: int | None = None) -> StateDoc:
     """A copy of ``doc``. Writers pass their own ``client_id``: Yjs encodes deletions as
     ranges per client, so writing every change under a new random client id would make
     each delta carry one more range than the last."""
-    out = Doc(client_id=client_id)
+    out: StateDoc = Doc(client_id=client_id)
     if doc is not None:
         out.apply_update(doc.get_update())
     return out
 
 
-def apply_checked(base: Doc | None, update: bytes, *, scan: bool = True) -> Doc:
+def apply_checked(base: StateDoc | None, update: bytes, *, scan: bool = True) -> StateDoc:
     """A new document: ``base`` (None: empty) with ``update`` applied. ``base`` is untouched.
 
     Raises UpdateError: ``malformed_update`` or ``unsupported_update`` if the bounded
@@ -60,7 +64,7 @@ def apply_checked(base: Doc | None, update: bytes, *, scan: bool = True) -> Doc:
     return candidate
 
 
-def read_content(doc: Doc) -> dict[str, dict[str, Any]]:
+def read_content(doc: StateDoc) -> dict[str, dict[str, Any]]:
     """The document as content; raises OutOfBounds for anything that is not a known root
     holding a map of encoded values (unknown roots, list or text content, nested types)."""
     content = empty_content()
@@ -89,7 +93,7 @@ def encode_value(value: Any) -> bytes:
     return data
 
 
-def write_delta(base: Doc | None, changes: list[Change], client_id: int) -> bytes:
+def write_delta(base: StateDoc | None, changes: list[Change], client_id: int) -> bytes:
     """The update that applies ``changes`` to a copy of ``base`` (``base`` is untouched)."""
     doc = copy_doc(base, client_id)
     before = doc.get_state()
@@ -106,7 +110,7 @@ def write_delta(base: Doc | None, changes: list[Change], client_id: int) -> byte
 
 def write_snapshot(content: dict[str, dict[str, Any]], client_id: int) -> bytes:
     """The update that creates a fresh document holding exactly ``content``."""
-    doc = Doc(client_id=client_id)
+    doc: StateDoc = Doc(client_id=client_id)
     with doc.transaction():
         for root in ROOTS:
             entries = content.get(root)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from lattice.core.state.limits import MAX_KEY_CHARS, MAX_SEQ, MAX_VALUE_DEPTH
 
@@ -65,7 +65,7 @@ def is_record_id(key: Any) -> bool:
 
 # -- value checks -----------------------------------------------------------------------
 
-def _fail(where: str, why: str) -> None:
+def _fail(where: str, why: str) -> NoReturn:
     raise OutOfBounds(f"{where}: {why}")
 
 

@@ -49,11 +49,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycrdt import Doc
-
 from lattice.core.codec import canonical
 from lattice.core.identity import Identity
+from lattice.core.state import views
 from lattice.core.state.document import (
+    StateDoc,
     UpdateError,
     apply_checked,
     read_content,
@@ -79,7 +79,6 @@ from lattice.core.state.schema import (
     check_content,
     empty_content,
 )
-from lattice.core.state import views
 
 ACCEPTED = "accepted"
 BUFFERED = "buffered"
@@ -140,7 +139,7 @@ class _Author:
     __slots__ = ("doc", "content", "seq", "retained", "retained_bytes", "gap", "gap_bytes")
 
     def __init__(self) -> None:
-        self.doc: Doc | None = None
+        self.doc: StateDoc | None = None
         self.content: dict[str, dict[str, Any]] = empty_content()
         self.seq = 0
         self.retained: list[Envelope] = []  # contiguous, from the last snapshot (or seq 1)
@@ -282,7 +281,7 @@ class StateStore:
         self._emit(self.peer_id, now)
         return env
 
-    def _seal(self, st: _Author, content: dict, changes: list[Change], snapshot: bool
+    def _seal(self, st: _Author, content: dict[str, dict[str, Any]], changes: list[Change], snapshot: bool
               ) -> Envelope:
         prev = st.tip.digest if st.tip is not None else b""
         if snapshot:
@@ -333,9 +332,10 @@ class StateStore:
             self._counts["stale"] += 1  # older than our last snapshot of this author
             return ReceiveResult(STALE, None, author, seq)
         # Admission (local policy, proto/crdt-sync.md "Quotas"): refusals blame nobody.
-        new_author = st is None
-        cost = {"new_author": new_author and author != sender, "nbytes": len(env.raw)}
-        if allowance is not None and (reason := allowance.refusal(now, **cost)) is not None:
+        new_author = st is None and author != sender
+        nbytes = len(env.raw)
+        if allowance is not None and (
+                reason := allowance.refusal(now, new_author=new_author, nbytes=nbytes)) is not None:
             return self._refuse(reason, author, seq)
         if st is None:
             if len(self._authors) >= self.limits.max_authors and \
@@ -352,7 +352,7 @@ class StateStore:
             self._authors[author] = st
             self._counts["buffered"] += 1
             if allowance is not None:
-                allowance.charge(**cost)
+                allowance.charge(new_author=new_author, nbytes=nbytes)
             return ReceiveResult(BUFFERED, None, author, seq)
         tip = st.tip
         if seq == st.seq + 1 and tip is not None and env.prev != tip.digest:
@@ -365,7 +365,7 @@ class StateStore:
             self._emit(author, now)  # authors evicted on the way, if any
             return self._refuse("state_budget", author, seq)
         if allowance is not None:
-            allowance.charge(**cost)
+            allowance.charge(new_author=new_author, nbytes=nbytes)
         self._authors[author] = st
         self._counts["accepted"] += 1
         accepted = [env]

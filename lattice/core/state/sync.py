@@ -53,11 +53,10 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from lattice.core.state import reconcile
 from lattice.core.state.envelope import Envelope
-from lattice.core.state.quota import Allowance
 from lattice.core.state.limits import (
     MAX_BATCH_BYTES,
     MAX_ITEMS_PER_MESSAGE,
@@ -65,6 +64,7 @@ from lattice.core.state.limits import (
     MAX_SEQ,
     MAX_SUMMARY_ENTRIES,
 )
+from lattice.core.state.quota import Allowance
 from lattice.core.state.reconcile import TIP_BYTES, TipIndex
 from lattice.core.state.store import BUFFERED, REPLAYED, StateStore
 
@@ -107,7 +107,7 @@ class Outcome:
     banned: list[str] = field(default_factory=list)
 
 
-def _fail(reason: str, detail: str) -> None:
+def _fail(reason: str, detail: str) -> NoReturn:
     raise SyncProtocolError(reason, detail)
 
 
@@ -134,7 +134,7 @@ def _check_seqs(value: Any, what: str) -> dict[str, int]:
     return value
 
 
-def encode_summary(store: StateStore) -> dict[str, list]:
+def encode_summary(store: StateStore) -> dict[str, list[Any]]:
     return {a: [seq, digest[:TIP_BYTES]] for a, (seq, digest) in store.tips().items()}
 
 
@@ -267,7 +267,7 @@ class SyncSession:
             _fail("malformed", f"unknown message type {kind[:32]!r}")
         return handler(self, msg, now)
 
-    def _on_hello(self, msg: dict) -> Outcome:
+    def _on_hello(self, msg: dict[str, Any]) -> Outcome:
         if self._hello_received:
             _fail("unexpected", "second hello")
         if msg.get("v") != PROTOCOL_VERSION:
@@ -319,7 +319,7 @@ class SyncSession:
                 behind[author] = self.store.seq_of(author)
         return behind
 
-    def _on_envelopes(self, msg: dict, now: float) -> Outcome:
+    def _on_envelopes(self, msg: dict[str, Any], now: float) -> Outcome:
         items = msg.get("items")
         if not isinstance(items, list) or len(items) > MAX_ITEMS_PER_MESSAGE \
                 or not all(isinstance(i, bytes) for i in items):
@@ -348,7 +348,7 @@ class SyncSession:
                     self._want[result.author] = self.store.seq_of(result.author)
         return out
 
-    def _on_summary(self, msg: dict, now: float) -> Outcome:
+    def _on_summary(self, msg: dict[str, Any], now: float) -> Outcome:
         reply = msg.get("reply")
         if not isinstance(reply, bool):
             _fail("malformed", "summary needs a boolean 'reply'")
@@ -361,7 +361,7 @@ class SyncSession:
             self._owe_summary = True
         return Outcome()
 
-    def _on_have(self, msg: dict, now: float) -> Outcome:
+    def _on_have(self, msg: dict[str, Any], now: float) -> Outcome:
         banned = self.store.banned()
         for author, seq in _check_seqs(msg.get("tips"), "have").items():
             self.remote_known[author] = max(self.remote_known.get(author, 0), seq)
@@ -370,21 +370,21 @@ class SyncSession:
                 self._want[author] = mine
         return Outcome()
 
-    def _on_want(self, msg: dict, now: float) -> Outcome:
+    def _on_want(self, msg: dict[str, Any], now: float) -> Outcome:
         for author, seq in _check_seqs(msg.get("seqs"), "want").items():
             self.remote_known[author] = seq
             if self.store.seq_of(author) > seq:
                 self._dirty.add(author)
         return Outcome()
 
-    def _on_mesh(self, msg: dict, now: float) -> Outcome:
+    def _on_mesh(self, msg: dict[str, Any], now: float) -> Outcome:
         on = msg.get("on")
         if not isinstance(on, bool):
             _fail("malformed", "mesh needs a boolean 'on'")
         self.eager = on  # the hub may prune it again if its mesh is full (`SyncHub.handle`)
         return Outcome()
 
-    def _on_recon(self, msg: dict, now: float) -> Outcome:
+    def _on_recon(self, msg: dict[str, Any], now: float) -> Outcome:
         ranges = msg.get("ranges")
         if not isinstance(ranges, list) or len(ranges) > MAX_RANGES_PER_MESSAGE:
             _fail("malformed", f"ranges must be a list of at most {MAX_RANGES_PER_MESSAGE}")
@@ -430,7 +430,7 @@ class SyncSession:
                         reconcile.encode_fingerprint(count, fp)])
         return out
 
-    def _on_proof(self, msg: dict, now: float) -> Outcome:
+    def _on_proof(self, msg: dict[str, Any], now: float) -> Outcome:
         pair = msg.get("envelopes")
         if not isinstance(pair, list) or len(pair) != 2 \
                 or not all(isinstance(e, bytes) for e in pair):
@@ -446,7 +446,7 @@ class SyncSession:
                 out.banned.append(result.author)
         return out
 
-    _HANDLERS: dict[str, Callable[["SyncSession", dict, float], Outcome]] = {
+    _HANDLERS: dict[str, Callable[["SyncSession", dict[str, Any], float], Outcome]] = {
         "envelopes": _on_envelopes, "summary": _on_summary, "proof": _on_proof,
         "recon": _on_recon, "have": _on_have, "want": _on_want, "mesh": _on_mesh,
     }
@@ -752,7 +752,7 @@ class SyncHub:
         """Record an offence; returns the backoff (seconds) before we talk to it again."""
         p = self._penalties.get(peer)
         offences = 1 if p is None else p.offences + 1
-        backoff = min(self.backoff_base * 2 ** (offences - 1), self.backoff_max)
+        backoff: float = min(self.backoff_base * 2 ** (offences - 1), self.backoff_max)
         self._penalties[peer] = _Penalty(offences, now + backoff, reason)
         self.penalties[reason] = self.penalties.get(reason, 0) + 1
         if len(self._penalties) > self.max_penalized:

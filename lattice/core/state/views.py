@@ -102,7 +102,9 @@ def member_view(author: str, content: Content, now: float,
 
 def _created(record: Mapping[str, Any]) -> float:
     value = record.get("created")
-    return float(value) if type(value) in (int, float) and math.isfinite(value) else 0.0
+    if (type(value) is int or type(value) is float) and math.isfinite(value):  # not a bool
+        return float(value)
+    return 0.0
 
 
 class Views:
@@ -163,10 +165,10 @@ class Views:
             models.add(model_id)
             was = _model_job(old.get(ROOT_MODELS, _EMPTY).get(model_id))
             now_names = _model_job(new.get(ROOT_MODELS, _EMPTY).get(model_id))
-            for job_id, present in ((was, False), (now_names, True)):
-                if job_id is not None:
-                    jobs.add(job_id)  # a merged model backs (or stops backing) a done claim
-                    _index(self._models_of_job, job_id, (model_id, author), present)
+            for model_job, present in ((was, False), (now_names, True)):
+                if model_job is not None:
+                    jobs.add(model_job)  # a merged model backs (or stops backing) a done claim
+                    _index(self._models_of_job, model_job, (model_id, author), present)
             _index(self._producers, model_id, author, model_id in new.get(ROOT_MODELS, _EMPTY))
         for name in self._changed(old, new, ROOT_COUNTERS):
             paths.add(f"counters/{name}")
@@ -335,7 +337,7 @@ class Views:
         if view is None or author not in (view["spec"].get("roster") or []):
             return False
         entry = view["participants"].get(author, _EMPTY)
-        return entry.get("job_state") == "done" and entry.get("model") == model_id
+        return bool(entry.get("job_state") == "done" and entry.get("model") == model_id)
 
     # -- counters -------------------------------------------------------------------------------
     def counter(self, name: str) -> int | None:
@@ -424,9 +426,8 @@ def _index(index: dict[str, set[Any]], key: str, member: Any, present: bool) -> 
 
 
 def _model_job(record: Any) -> str | None:
-    if isinstance(record, Mapping) and isinstance(record.get("job"), str):
-        return record["job"]
-    return None
+    job = record.get("job") if isinstance(record, Mapping) else None
+    return job if isinstance(job, str) else None
 
 
 def _descend(value: Any, parts: list[str], path: str) -> Any:

@@ -186,7 +186,7 @@ class Fleet:
         d.wait_running(60)
         return d
 
-    def __enter__(self) -> "Fleet":
+    def __enter__(self) -> Fleet:
         return self
 
     def __exit__(self, *exc: object) -> None:

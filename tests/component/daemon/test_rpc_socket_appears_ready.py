@@ -5,9 +5,9 @@ import os
 import socket
 import stat
 
+from lattice.api.methods import METHODS
 from latticed.events import EventBus
 from latticed.rpc_server import RpcServer
-from lattice.api.methods import METHODS
 
 
 async def test_the_socket_path_appears_only_when_it_accepts_connections(tmp_path, monkeypatch):

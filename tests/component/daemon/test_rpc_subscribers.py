@@ -4,9 +4,9 @@ buffered without limit, and the subscriber learns how many it missed."""
 import trio
 
 import lattice
+from lattice.api.methods import METHODS
 from latticed.events import EventBus
 from latticed.rpc_server import RpcServer
-from lattice.api.methods import METHODS
 
 
 def make_server(path, bus):

@@ -3,8 +3,8 @@ everywhere within log2(N)+2 hops, refuse bad records, survive churn, keep client
 of routing tables."""
 
 import math
-from functools import partial
 import random
+from functools import partial
 
 import pytest
 import trio
@@ -17,8 +17,8 @@ from lattice.core.kademlia import (
     PeerInfo,
     key_hash,
     make_message,
-    peer_hash,
     parse_message,
+    peer_hash,
 )
 from lattice.core.records import RecordLimits, peer_key, sign_record, user_key
 from lattice.net.dht import DHTConfig, PeerNotFound, serve_dht

@@ -13,7 +13,6 @@ import trio
 
 from lattice.core.governor import Now
 from lattice.core.governor.localtime import days_from_civil
-
 from latticed.governor import Sources
 
 # Wednesday 2025-06-11 12:00 UTC: virtual time 0

@@ -13,7 +13,6 @@ import pytest
 import trio
 
 from lattice.core.governor import VolunteerConfig
-
 from latticed.governor import THREAD_NAME, ComputeThreads, CpuControls, choose_cpus, serve_governor
 
 

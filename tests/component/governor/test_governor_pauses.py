@@ -4,8 +4,6 @@ virtual time, with the signals read from a fake /proc, /sys, /dev and logind."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import trio
 import trio.testing

@@ -11,7 +11,6 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from lattice.core.governor import VolunteerConfig
-
 from latticed.metrics import (
     FAMILIES,
     MetricsRegistry,

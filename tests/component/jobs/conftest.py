@@ -5,12 +5,13 @@ deterministically and fast, and participants really are busy while they train)."
 from __future__ import annotations
 
 import random
+
 import pytest
 import trio
 
+from lattice.jobs import JobsConfig, serve_jobs
 from lattice.net.crdt_sync import SyncConfig, open_state, serve_crdt_sync, serve_heartbeat
 from lattice.net.gossip_avg import GossipConfig
-from lattice.jobs import JobsConfig, serve_jobs
 from lattice.testing.memnet import MemoryNetwork
 
 FAST = JobsConfig(progress_interval=1.0, checkpoint_every=5, sync_patience=1.0, merge_takeover=5.0,
@@ -28,7 +29,7 @@ def virtual_compute(rng: random.Random, cost: float = 0.01):
 
 
 class Node:
-    def __init__(self, cluster: "Cluster", peer, index: int) -> None:
+    def __init__(self, cluster: Cluster, peer, index: int) -> None:
         self.cluster = cluster
         self.peer = peer
         self.peer_id = peer.peer_id

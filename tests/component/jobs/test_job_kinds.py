@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 import trio
 
@@ -17,8 +18,6 @@ from lattice.core.jobs.spec import Fields, FloatBound, parse_fields
 from lattice.jobs import Contribution, Input, KindRefused, Result
 from lattice.learn.merge import canonical_model_bytes, loads_safetensors
 from lattice.net.blob import blob_id
-
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,9 @@ class CountKind:
 
     def volunteers(self, job_id: str, spec: CountSpec) -> bool:
         return True
+
+    def statistics(self) -> dict[str, Any]:
+        return {}
 
     async def participate(self, run, ctx) -> Contribution | None:
         if self.refuse:

@@ -12,7 +12,6 @@ import pytest
 import trio
 
 from lattice.core.governor import Now, VolunteerConfig
-
 from latticed.governor import Sources, serve_governor
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import trio
 
-from lattice.learn.schedule import sync_points
 from lattice.core.jobs import parse_train_spec
+from lattice.learn.schedule import sync_points
 from lattice.learn.simulate import simulate
 
 

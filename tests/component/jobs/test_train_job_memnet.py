@@ -12,12 +12,12 @@ import pytest
 import trio
 
 from lattice.core.jobs import parse_train_spec
-from lattice.learn.participant import job_partition
-from lattice.learn.simulate import simulate
-from lattice.learn.merge import loads_safetensors
-from lattice.learn.tasks import get_task
 from lattice.jobs import NotSubmitter
 from lattice.jobs.train import merge_finals
+from lattice.learn.merge import loads_safetensors
+from lattice.learn.participant import job_partition
+from lattice.learn.simulate import simulate
+from lattice.learn.tasks import get_task
 
 
 def _entry(node, job_id, peer=None):

@@ -3,11 +3,10 @@
 import json
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from lattice.api.errors import ERROR_CLASSES, ErrorCode, InvalidParamsError, error_from_wire
-import msgpack
-
 from lattice.api.framing import (
     BadFrame,
     Frame,

@@ -11,7 +11,6 @@ from lattice.core import bulk_frames as bf
 from lattice.core.arrays import ArraySpec
 from lattice.core.bulk_frames import BulkFormatError
 
-
 # -- chunks ---------------------------------------------------------------------------------
 
 

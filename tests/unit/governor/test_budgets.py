@@ -2,7 +2,8 @@
 data allowance, the CPU load meter, memory and disk checks."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lattice.core.governor import (
     CpuSample,

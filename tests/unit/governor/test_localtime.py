@@ -1,6 +1,7 @@
 """Local time without reading the clock: weekdays, dates, how a future time is shown."""
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lattice.core.governor import Now, next_period_start
 from lattice.core.governor.localtime import civil_from_days, days_from_civil

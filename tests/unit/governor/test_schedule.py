@@ -2,7 +2,8 @@
 week's end, and when the next change comes (what `lattice status` says "until")."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lattice.core.governor import ScheduleError, parse_schedule
 
@@ -77,7 +78,7 @@ def test_bad_schedules_are_refused_naming_the_entry(text):
                                   st.integers(0, 1439)), min_size=1, max_size=4),
        moment=st.integers(0, 7 * D - 1))
 def test_nothing_changes_before_the_announced_change_and_it_does_change(entries, moment):
-    days = "mon tue wed thu fri sat sun".split()
+    days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
     text = "; ".join(f"{days[a]}-{days[b]} {s // 60:02d}:{s % 60:02d}-{e // 60:02d}:{e % 60:02d}"
                      for a, b, s, e in entries if s != e)
     if not text:

@@ -4,7 +4,6 @@ usual precedence, and bad values exiting with the key named."""
 import pytest
 
 from lattice.core.governor import VolunteerConfig
-
 from latticed import config as cfgmod
 
 

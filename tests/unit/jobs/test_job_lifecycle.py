@@ -3,6 +3,8 @@ selection, the reconciliation planner and the merge decision."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -10,10 +12,10 @@ from hypothesis import strategies as st
 
 from lattice.core import jobs as J
 from lattice.core.state import views
+from lattice.jobs.train import merge_finals
 from lattice.learn.participant import check_spec, make_participant, merge_weights, participant_round
 from lattice.learn.simulate import final_merge
 from lattice.learn.tasks import get_task
-from lattice.jobs.train import merge_finals
 
 ME, A, B, C, D = "me", "peer-a", "peer-b", "peer-c", "peer-d"
 
@@ -153,6 +155,36 @@ def test_the_roster_is_the_first_live_joiners_in_hash_order_sorted():
     without = J.select_roster(JOB, SPEC, joined(A, B, C, D), alive=lambda p: p != dead)
     assert dead not in without and len(without) == 3
     assert J.rank_of(roster, roster[1]) == 1 and J.rank_of(roster, "stranger") is None
+
+
+@dataclasses.dataclass(frozen=True)
+class GatheringSpec:
+    """A kind that takes 1 to 3 participants and keeps the roster open 5 s for more."""
+
+    min_peers: int = 1
+    max_peers: int = 3
+    merge_timeout: float = 10.0
+    join_window: float = 5.0
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def test_a_join_window_keeps_the_roster_open_until_it_passes_or_max_peers_joined():
+    spec = GatheringSpec()
+    assert J.select_roster(JOB, spec, joined(A), open_for=4.9) is None
+    assert J.select_roster(JOB, spec, joined(A), open_for=5.0) == [A]
+    assert J.select_roster(JOB, spec, joined(A, B, C), open_for=0.0) == sorted([A, B, C])
+    assert J.select_roster(JOB, SPEC, joined(A, B, C), open_for=0.0) is not None  # train: no window
+    v = view(submitter=ME, participants=joined(ME, A))
+    v["spec"]["created"] = 100.0
+
+    def seals(now):
+        return [a for a in J.plan(ME, JOB, v, spec, volunteer=True, policy=J.Policy(), active=set(),
+                                  reserved=1, now=now) if isinstance(a, J.SealRoster)]
+    assert seals(104.0) == []
+    assert seals(105.0) == [J.SealRoster(JOB, sorted([ME, A]))]
+    assert seals(None) == [J.SealRoster(JOB, sorted([ME, A]))]  # no clock given: the window is over
 
 
 def plan(me, v, *, active=(), reserved=0, policy=J.Policy(), alive=lambda p: True,

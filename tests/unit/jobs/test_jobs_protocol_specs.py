@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from lattice.core import gossip_messages
-from lattice.core.arrays import ArraySpec
 from lattice.core import jobs as J
+from lattice.core.arrays import ArraySpec
 from lattice.core.gossip_messages import GossipFormatError, parse_array_header
 from lattice.net import blob, gossip_avg
 
@@ -40,6 +40,11 @@ def test_the_job_id_golden_vector():
     spec = J.parse_train_spec({"task": "digits-mlp", "min_peers": 4, "steps": 600, "seed": 7})
     job_id, _ = J.new_job_record(spec, "12D3KooWExampleSubmitter", "00112233445566778899aabbccddeeff", 0.0)
     assert f"job id `{job_id}`" in text
+    merge = J.parse_merge_spec({"method": "ties", "models": ["a" * 64, "b" * 64], "base": "c" * 64,
+                                "parameters": {"density": 0.5}, "input_bytes": 3 << 30, "tensors": 201})
+    job_id, _ = J.new_job_record(merge, "12D3KooWExampleSubmitter", "00112233445566778899aabbccddeeff",
+                                 0.0, kind=J.KIND_MERGE)
+    assert f"job id `{job_id}`" in text
 
 
 def test_the_private_job_token_golden_vector():
@@ -53,8 +58,11 @@ def test_the_private_job_token_golden_vector():
 
 def test_every_spec_field_is_documented():
     text = (PROTO / "jobs.md").read_text()
+    train, merge = text.split("## The merge kind")
     for name in J.TrainSpec(task="x").to_dict():
-        assert f"| `{name}` |" in text, name
+        assert f"| `{name}` |" in train, name
+    for name in J.MergeJobSpec(method="ties", models=("a" * 64,)).to_dict():
+        assert f"| `{name}` |" in merge, name
 
 
 EXPECT = {"data": np.dtype(np.float32), "shape": np.dtype(np.int64)}

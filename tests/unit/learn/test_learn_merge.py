@@ -109,7 +109,7 @@ def test_merge_models_works_tensor_by_tensor():
     assert d1["w"].tobytes() == merge_models("dare_linear", [a, b], base=base, density=0.5, seed=3)["w"].tobytes()
     with pytest.raises(ValueError, match="base"):
         merge_models("ties", [a, b])
-    with pytest.raises(ValueError, match="'b'.*missing"):
+    with pytest.raises(ValueError, match=r"'b'.*missing"):
         merge_models("linear", [a, {"w": a["w"]}])
     with pytest.raises(ValueError, match="unknown"):
         merge_models("frankenmerge", [a])
@@ -221,6 +221,12 @@ def test_npz_round_trip_and_pickle_is_never_loaded(tmp_path):
         load_npz(evil)
     with pytest.raises(ModelFormatError):
         save_npz(tmp_path / "x.npz", {"o": np.array([None], dtype=object)})
+
+
+def test_npz_refuses_a_tensor_numpy_would_take_for_its_own_option(tmp_path):
+    # numpy.savez(file, allow_pickle=..., **arrays): a tensor of that name was dropped
+    with pytest.raises(ModelFormatError, match="allow_pickle"):
+        save_npz(tmp_path / "m.npz", {"allow_pickle": np.zeros(3), "w": np.ones(2)})
 
 
 # -- hostile headers (issue 11, item 4): only ModelFormatError, bounded before parsing ----------

@@ -20,6 +20,7 @@ from lattice.learn.mergeengine import (
     merged_manifest,
     open_blob_model,
     open_model_path,
+    output_info,
     select_tensors,
     spec_of,
     verify_share,
@@ -115,10 +116,10 @@ def test_an_npz_imports_with_its_dtypes(tmp_path):
 
 
 def test_broken_directories_are_refused_with_the_reason(tmp_path):
-    with pytest.raises(ModelFormatError, match="no model.safetensors.index.json"):
+    with pytest.raises(ModelFormatError, match=r"no model.safetensors.index.json"):
         open_model_path(tmp_path)
     (tmp_path / HF_INDEX).write_text(json.dumps({"weight_map": {"w": "../evil.safetensors"}}))
-    with pytest.raises(ModelFormatError, match="not a .safetensors file in the directory"):
+    with pytest.raises(ModelFormatError, match=r"not a .safetensors file in the directory"):
         open_model_path(tmp_path)
     _write(tmp_path / "a.safetensors", {"w": np.zeros(2, np.float32), "v": np.zeros(1, np.float32)})
     (tmp_path / HF_INDEX).write_text(json.dumps({"weight_map": {"w": "a.safetensors"}}))
@@ -170,8 +171,40 @@ def test_a_missing_tensor_fails_the_merge_with_its_name(tmp_path):
     m = import_model(open_model_path(_write(tmp_path / "x.safetensors", arrays)), blobs.put)
     readers[manifest_id(m)] = PiecesReader(m, blobs.read)
     spec = MergeSpec.from_arguments("task_arithmetic", [one, manifest_id(m)], base=base)
-    with pytest.raises(MergeInputError, match="'model.norm.weight'.*missing"):
+    with pytest.raises(MergeInputError, match=r"'model.norm.weight'.*missing"):
         merge_plan(spec, readers)
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda a: a.update({"model.norm.weight": a["model.norm.weight"][:16]}),
+     "has shape \\[16\\], expected \\[32\\]"),
+    (lambda a: a.update({"model.norm.weight": a["model.norm.weight"].astype(np.float32)}),
+     "has dtype F32, expected F16"),
+])
+def test_a_tensor_of_another_shape_or_dtype_fails_the_plan_before_any_bytes_are_read(tmp_path, change,
+                                                                                      problem):
+    blobs = Blobs()
+    readers = _inputs(tmp_path, blobs)
+    base, one, _ = list(readers)
+    arrays = _model()
+    change(arrays)
+    m = import_model(open_model_path(_write(tmp_path / "x.safetensors", arrays)), blobs.put)
+    readers[manifest_id(m)] = PiecesReader(m, blobs.read)
+    spec = MergeSpec.from_arguments("ties", [one, manifest_id(m)], base=base)
+    blobs.data.clear()  # the plan reads headers only: no piece is there to read
+    with pytest.raises(MergeInputError, match=f"'model.norm.weight': input {manifest_id(m)[:12]} {problem}"):
+        merge_plan(spec, readers)
+
+
+def test_output_info_is_what_the_merge_writes(tmp_path):
+    blobs = Blobs()
+    readers = _inputs(tmp_path, blobs)
+    base, *models = list(readers)
+    for dtype in (None, "BF16"):
+        spec = MergeSpec.from_arguments("ties", models, base=base, dtype=dtype)
+        merged = merge_share(spec, readers, merge_plan(spec, readers), blobs.put)
+        assert {n: output_info(spec, readers[base].infos()[n]) for n in merged} == \
+            {n: t.info for n, t in merged.items()}
 
 
 def test_a_v1_model_blob_reads_tensor_by_tensor():

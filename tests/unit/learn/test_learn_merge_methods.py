@@ -163,7 +163,7 @@ def test_integer_tensors_are_copied_when_equal_and_refused_when_not():
 
 def test_overflowing_results_are_refused_by_name():
     big = {"w": np.full(2, 60000, np.float16)}
-    with pytest.raises(MergeInputError, match="'w'.*overflow"):
+    with pytest.raises(MergeInputError, match=r"'w'.*overflow"):
         merge_models("task_arithmetic", [big, big], base={"w": np.zeros(2, np.float16)})
 
 

@@ -100,3 +100,19 @@ def test_parameter_ranges_are_checked_per_tensor():
     della = MergeSpec.from_arguments("della", [B], base=A, density=0.9, epsilon=0.15)
     with pytest.raises(MergeSpecError, match="density ± epsilon"):
         della.resolve("w", 0)
+
+
+def test_a_client_request_map_becomes_the_same_spec_as_the_arguments():
+    request = {"method": "ties", "models": ["one", "two"], "base": "base", "weights": [1, 0.5],
+               "dtype": "bfloat16", "parameters": {"density": 0.5}}
+    spec = MergeSpec.from_request(request).with_ids(resolve)
+    assert spec == MergeSpec.from_arguments("ties", [B, C], base=A, weights=[1.0, 0.5], dtype="bfloat16",
+                                            density=0.5)
+    for bad, match in [({**request, "seed": 1}, "unknown spec field"),
+                       ({**request, "weights": [1, "x"]}, "weights"),
+                       ({**request, "parameters": {"base": A}}, "'base' is not a parameter of ties"),
+                       ({**request, "models": "one"}, "models"),
+                       ({**request, "models": ["x"] * 65}, "more than 64 models"),
+                       ([request], "a map")]:
+        with pytest.raises(MergeSpecError, match=match):
+            MergeSpec.from_request(bad)

@@ -6,11 +6,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from lattice.learn.merge import model_id, weighted_average
 from lattice.core.jobs import TrainSpec
+from lattice.learn.merge import model_id, weighted_average
 from lattice.learn.participant import job_partition, make_participant, merge_weights, participant_round
-from lattice.learn.simulate import centralized_baseline, final_merge, simulate, sync_pair
 from lattice.learn.schedule import sync_points
+from lattice.learn.simulate import centralized_baseline, final_merge, simulate, sync_pair
 from lattice.learn.tasks import get_task
 
 SMALL = TrainSpec(task="digits-mlp", task_options={"hidden": 16}, min_peers=4, steps=80, batch=16, lr=0.05,

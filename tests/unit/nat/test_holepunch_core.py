@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lattice.core import holepunch as hp
+from lattice.core.codec import pack, unpack
 from lattice.core.holepunch import (
     Closed,
     Dial,
@@ -22,7 +23,6 @@ from lattice.core.holepunch import (
     classify_nat,
     decide,
 )
-from lattice.core.codec import pack, unpack
 
 LISTEN = 4001
 WAN_A, WAN_B = "198.18.0.101", "198.18.0.102"

@@ -16,11 +16,11 @@ def test_daemon_keys_map_onto_fields():
 
 
 def test_unknown_keys_and_bad_values_are_named():
-    with pytest.raises(ValueError, match="nat.bogus"):
+    with pytest.raises(ValueError, match=r"nat.bogus"):
         NatConfig.from_mapping({"nat.bogus": 1})
-    with pytest.raises(ValueError, match="relay.service"):
+    with pytest.raises(ValueError, match=r"relay.service"):
         NatConfig.from_mapping({"relay.service": "sometimes"})
-    with pytest.raises(ValueError, match="relay.max_circuits"):
+    with pytest.raises(ValueError, match=r"relay.max_circuits"):
         NatConfig.from_mapping({"relay.max_circuits": -1})
 
 
