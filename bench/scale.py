@@ -9,7 +9,7 @@ then measures over --idle seconds:
   all loopback traffic (/proc/net/dev, includes DHT, membership probes, pings);
 - connections per daemon (`status`), mean and max;
 - one write (`state.set counters/...` on one daemon): the sync bytes it cost in all
-  (minus the idle rate over the same time), as a multiple of N × its envelope size, and
+  (minus the idle rate over the same time), as a multiple of N x its envelope size, and
   the time until every daemon's `state` subscription reported it;
 - DHT put on one daemon, then a fresh get on another (median of --dht-runs);
 - a --job-steps digits-mlp job with N participants (submit to done; --job-max limits the
@@ -21,7 +21,7 @@ then measures over --idle seconds:
 Targets (issue 16) print beside the figures: idle < 0.5 % of a core and < 2 KB/s per
 daemon, flat in N; one write ≤ 20·N·size bytes reaching all within 1 s at 96;
 connections ≤ the high water mark (64) plus job partners; the 48-participant job within
-2× the 16-participant one.
+2x the 16-participant one.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
 
-import lattice  # noqa: E402
-from lattice.core.identity import Identity  # noqa: E402
-from lattice.core.state import Set, StateStore  # noqa: E402
-from lattice.testing.daemons import DaemonProc, wait_for  # noqa: E402
+import lattice
+from lattice.core.identity import Identity
+from lattice.core.state import Set, StateStore
+from lattice.testing.daemons import DaemonProc, wait_for
 
 TICKS = os.sysconf("SC_CLK_TCK")
 HIGH_WATER = 64
@@ -118,7 +118,7 @@ def measure_idle(daemons: list[DaemonProc], seconds: float, pool: ThreadPoolExec
     c1 = [cpu_seconds(p) for p in pids]
     s1, l1, t1 = sync_bytes(daemons, pool), loopback_bytes(), time.monotonic()
     dt = t1 - t0
-    cpu = [100 * (b - a) / dt for a, b in zip(c0, c1)]
+    cpu = [100 * (b - a) / dt for a, b in zip(c0, c1, strict=True)]
     return {"cpu_mean": statistics.mean(cpu), "cpu_max": max(cpu),
             "sync_bps": (s1 - s0) / dt, "lo_bps": (l1 - l0) / dt}
 
@@ -246,7 +246,7 @@ def report(r: dict[str, Any]) -> None:
         ("connections per daemon", f"{r['conn_mean']:.1f} (max {r['conn_max']})",
          f"≤ {HIGH_WATER} + job partners"),
         ("DHT put / fresh get", f"{1000 * r['dht'][0]:.0f} / {1000 * r['dht'][1]:.1f} ms", ""),
-        (f"digits-mlp job, {n} participants", job_text, "48 within 2× the 16"),
+        (f"digits-mlp job, {n} participants", job_text, "48 within 2x the 16"),
     ]
     print(f"\nN = {n} real daemons")
     width = max(len(a) for a, _, _ in rows)

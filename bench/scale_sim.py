@@ -13,7 +13,7 @@ Each daemon dials ``--dial`` random others (so it holds about twice that many
 connections, as a connection manager between its water marks would keep). Printed,
 per N, with the issue's targets beside: idle bytes and messages per second per daemon,
 and for one write: the bytes and messages it cost in all (and as a multiple of
-N × the envelope's size), receipts per daemon, and the time until every daemon held
+N x the envelope's size), receipts per daemon, and the time until every daemon held
 it. Bytes are frame bytes (4-byte length + msgpack); transport overhead (yamux, noise,
 TCP/QUIC) is not counted.
 
@@ -35,11 +35,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lattice.core.codec import pack, unpack  # noqa: E402
-from lattice.core.identity import Identity  # noqa: E402
-from lattice.core.membership import Membership  # noqa: E402
-from lattice.core.state import Set, StateStore, SyncHub  # noqa: E402
-from lattice.core.state.sync import SyncSession  # noqa: E402
+from lattice.core.codec import pack, unpack
+from lattice.core.identity import Identity
+from lattice.core.membership import Membership
+from lattice.core.state import Set, StateStore, SyncHub
+from lattice.core.state.sync import SyncSession
 
 FRAME_HEADER = 4
 TARGET_IDLE_BYTES = 2000.0
@@ -79,7 +79,7 @@ class Daemon:
         self._woken: set[int] = set()
         self.hub = SyncHub(self.store, rng=random.Random(sim.rng.getrandbits(32)),
                            wake=lambda s: self._woken.add(id(s)))
-        self.links: dict[int, tuple[SyncSession, "Daemon", SyncSession]] = {}
+        self.links: dict[int, tuple[SyncSession, Daemon, SyncSession]] = {}
         self.last_sent: dict[int, float] = {}
         # steady state: every daemon joined long ago, so joins are not news
         self.membership = Membership(self.peer_id, rng=random.Random(sim.rng.getrandbits(32)),
@@ -98,7 +98,7 @@ class Daemon:
             while (msg := session.next_message()) is not None:
                 self.send(key, msg, remote, remote_session)
 
-    def send(self, key: int, msg: dict, remote: "Daemon", remote_session: SyncSession) -> None:
+    def send(self, key: int, msg: dict, remote: Daemon, remote_session: SyncSession) -> None:
         data = pack(msg)
         self.sim.bytes += len(data) + FRAME_HEADER
         self.sim.messages += 1
@@ -137,13 +137,13 @@ class Daemon:
         self.sim.at(self.sim.now + every, lambda: self.keepalives(every))
 
     # -- membership ----------------------------------------------------------------------
-    def probe(self, daemons: dict[str, "Daemon"]) -> None:
+    def probe(self, daemons: dict[str, Daemon]) -> None:
         if self.up:
             for target, msg in self.membership.tick(self.sim.now):
                 self.send_member(daemons, target, msg)
         self.sim.at(self.sim.now + self.membership.probe_interval, lambda: self.probe(daemons))
 
-    def send_member(self, daemons: dict[str, "Daemon"], target: str, msg: dict) -> None:
+    def send_member(self, daemons: dict[str, Daemon], target: str, msg: dict) -> None:
         data = pack(msg)
         self.sim.bytes += len(data) + FRAME_HEADER
         self.sim.messages += 1
@@ -151,7 +151,7 @@ class Daemon:
         self.sim.at(self.sim.now + self.sim.latency,
                     lambda: remote.on_member(daemons, self.peer_id, data))
 
-    def on_member(self, daemons: dict[str, "Daemon"], sender: str, data: bytes) -> None:
+    def on_member(self, daemons: dict[str, Daemon], sender: str, data: bytes) -> None:
         if not self.up:
             return
         for target, msg in self.membership.handle(sender, unpack(data), self.sim.now):
@@ -194,7 +194,7 @@ def run(n: int, args: argparse.Namespace) -> dict[str, Any]:
     mesh = sum(d.hub.statistics()["mesh"] for d in daemons) / n
 
     # idle
-    b0, m0, t_idle = sim.bytes, sim.messages, sim.now
+    b0, m0 = sim.bytes, sim.messages
     sim.run_until(sim.now + args.idle)
     idle_bytes = (sim.bytes - b0) / args.idle / n
     idle_msgs = (sim.messages - m0) / args.idle / n
@@ -207,8 +207,8 @@ def run(n: int, args: argparse.Namespace) -> dict[str, Any]:
         seq = author.store.seq_of(author.peer_id) + 1
         for d in daemons:
             d.store.add_envelope_listener(
-                lambda env, local, d=d, a=author.peer_id, s=seq:
-                arrived.setdefault(d.peer_id, sim.now) if env.author == a and env.seq == s
+                lambda env, local, d=d, a=author.peer_id, s=seq, seen=arrived:
+                seen.setdefault(d.peer_id, sim.now) if env.author == a and env.seq == s
                 else None)
         b0, m0, dup0 = sim.bytes, sim.messages, _dups(daemons)
         start = sim.now
@@ -256,7 +256,8 @@ def report(r: dict[str, Any]) -> None:
           f"{r['mesh']:.1f} each; setup {r['setup_s']:.0f} s, run {r['wall_s']:.0f} s, "
           f"peak RSS {r['rss_mb']:.0f} MiB)")
     rows = [
-        ("idle bytes/s per daemon", f"{r['idle_bytes']:.0f} B/s", f"< {TARGET_IDLE_BYTES:.0f} B/s, flat in N"),
+        ("idle bytes/s per daemon", f"{r['idle_bytes']:.0f} B/s",
+         f"< {TARGET_IDLE_BYTES:.0f} B/s, flat in N"),
         ("idle messages/s per daemon", f"{r['idle_msgs']:.2f}", "flat in N"),
         ("update size (envelope)", f"{mean('size'):.0f} B", ""),
         ("bytes per update, all daemons", f"{mean('bytes') / 1e6:.2f} MB = {mean('factor'):.1f}·N·size",

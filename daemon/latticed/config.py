@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lattice.api import paths
-from lattice.core.connections import WaterMarks
 from lattice.core.config_errors import InvalidSetting
+from lattice.core.connections import WaterMarks
 from lattice.core.governor import VolunteerConfig
 from lattice.core.state import StateLimits
 from lattice.jobs import JobsConfig, MergeConfig
 from lattice.net.blob import BlobConfig
 from lattice.net.crdt_sync import SyncConfig
 from lattice.net.dht import DHTConfig
-from lattice.net.membership import MembershipConfig
 from lattice.net.gossip_party import GossipConfig
+from lattice.net.membership import MembershipConfig
 from lattice.net.modelstore import ModelsConfig
 from lattice.net.nat_config import NatConfig
 from latticed.discovery import DiscoveryConfig, SideChannelConfig

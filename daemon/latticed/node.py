@@ -185,9 +185,10 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
         serve_crdt_sync, host, node.store,
         config=cfg.build(SyncConfig),
         history_is_new=node.identity_created))
-    node.membership = await nursery.start(functools.partial(
+    membership: MembershipService = await nursery.start(functools.partial(
         serve_membership, host, config=cfg.build(MembershipConfig), clock=time.time))
-    node.store.set_liveness(node.membership.liveness)
+    node.membership = membership
+    node.store.set_liveness(membership.liveness)
     nursery.start_soon(presence.serve_heartbeat, node)
     node.jobs = await _start_jobs(node, nursery)
     node.models = node.jobs.services.models

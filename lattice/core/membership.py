@@ -240,8 +240,8 @@ class Membership:
         e.status, e.incarnation, e.changed = status, inc, now
         e.transmits = self._transmits()
 
-    def _rumours(self, to: str | None = None) -> list[list]:
-        out: list[list] = []
+    def _rumours(self, to: str | None = None) -> list[list[Any]]:
+        out: list[list[Any]] = []
         if to in self._tell:
             self._tell.discard(to)
             e = self._entries.get(to)

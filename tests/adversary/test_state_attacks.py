@@ -101,7 +101,8 @@ WRONG = {
     # name: (what the attacker sends after the hellos, the penalty it earns)
     "not-msgpack": (b"\x00\x00\x00\x03\xc1\xc1\xc1", "malformed"),
     "oversized-frame": (b"\x7f\xff\xff\xff", "malformed"),
-    "second-hello": ({"t": "hello", "v": 2, "root": [0, bytes(8)], "summary": {}, "banned": []}, "unexpected"),
+    "second-hello": ({"t": "hello", "v": 2, "root": [0, bytes(8)], "summary": {}, "banned": []},
+                     "unexpected"),
     "other-session-id": ({"t": "summary", "sid": "not-ours", "summary": {}, "reply": True},
                          "malformed"),
     "huge-summary": ({"t": "summary", "summary": {f"a{i}": [1, b"12345678"]

@@ -13,7 +13,7 @@ CONFIG = MembershipConfig(probe_interval=1.0, probe_timeout=0.5, suspicion_timeo
 
 async def start(nursery, net, n, seed):
     peers, services = [], []
-    for i in range(n):
+    for _ in range(n):
         peer = net.add_peer()
         await nursery.start(peer.serve)
         peers.append(peer)

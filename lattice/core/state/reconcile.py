@@ -129,7 +129,7 @@ class TipIndex:
         return (t[0], t[1]) if t is not None else None
 
 
-def encode_fingerprint(count: int, fp: int) -> list:
+def encode_fingerprint(count: int, fp: int) -> list[Any]:
     return [count, fp.to_bytes(8, "big")]
 
 

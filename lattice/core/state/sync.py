@@ -53,7 +53,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 from lattice.core.state import reconcile
 from lattice.core.state.envelope import Envelope
@@ -182,7 +182,7 @@ class SyncSession:
         self._proofs: set[str] = set()
         self._announce: dict[str, int] = {}
         self._want: dict[str, int] = {}
-        self._recon_out: list[list] = []
+        self._recon_out: list[list[Any]] = []
         self._mesh_out: bool | None = None
         self._ask_summary = False
         self._owe_summary = False
@@ -415,7 +415,7 @@ class SyncSession:
         return Outcome()
 
     def _answer_fingerprint(self, depth: int, index: int, theirs: tuple[int, int]
-                            ) -> list[list]:
+                            ) -> list[list[Any]]:
         mine = self.index.fingerprint(depth, index)
         if mine == theirs:
             return []
@@ -446,7 +446,7 @@ class SyncSession:
                 out.banned.append(result.author)
         return out
 
-    _HANDLERS: dict[str, Callable[["SyncSession", dict[str, Any], float], Outcome]] = {
+    _HANDLERS: ClassVar[dict[str, Callable[[SyncSession, dict[str, Any], float], Outcome]]] = {
         "envelopes": _on_envelopes, "summary": _on_summary, "proof": _on_proof,
         "recon": _on_recon, "have": _on_have, "want": _on_want, "mesh": _on_mesh,
     }
@@ -485,7 +485,8 @@ class SyncSession:
             return {"t": "summary", "sid": sid, "summary": encode_summary(self.store),
                     "reply": reply}
         if self._recon_out:
-            ranges, entries = [], 0
+            ranges: list[list[Any]] = []
+            entries = 0
             while self._recon_out and len(ranges) < MAX_RANGES_PER_MESSAGE:
                 size = len(self._recon_out[0][3]) if self._recon_out[0][2] else 0
                 if ranges and entries + size > MAX_SUMMARY_ENTRIES:

@@ -249,7 +249,8 @@ class RawSession:
 
 
 def hello(sid: str, summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    return {"t": "hello", "sid": sid, "v": 2, "root": [0, bytes(8)], "summary": dict(summary or {}), "banned": []}
+    return {"t": "hello", "sid": sid, "v": 2, "root": [0, bytes(8)],
+            "summary": dict(summary or {}), "banned": []}
 
 
 class Attacker:

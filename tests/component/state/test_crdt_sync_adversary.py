@@ -22,8 +22,8 @@ def signed_write(identity, seq, entries, prev=b""):
 
 async def open_raw_session(mallory, victim, summary=None):
     stream = await mallory.open_stream(victim.peer_id, PROTOCOL)
-    await send_frame(stream, {"t": "hello", "sid": "evil", "v": 2, "root": [0, bytes(8)], "summary": summary or {},
-                              "banned": []})
+    await send_frame(stream, {"t": "hello", "sid": "evil", "v": 2, "root": [0, bytes(8)],
+                              "summary": summary or {}, "banned": []})
     hello = await recv_frame(stream)
     assert hello["t"] == "hello" and hello["sid"] == "evil"
     return stream
