@@ -50,6 +50,7 @@ from libp2p.utils.address_validation import expand_wildcard_address
 
 from lattice.core.identity import Identity
 from lattice.net.streams import (
+    ADDED,
     CONNECTED,
     DISCONNECTED,
     PeerError,
@@ -531,9 +532,10 @@ class Libp2pNode:
         relayed = any("p2p-circuit" in a for a in addrs)
         first = peer_id not in self._conns
         self._conns[peer_id] = _Conn(_direction(conn), addrs, relayed, time.time())
-        if first:  # a second connection to a connected peer (a punched direct one) is no news
-            self.events.publish(PeerEvent(CONNECTED, peer_id, _direction(conn),
-                                          addrs[0] if addrs else "", relayed))
+        # a second connection to a connected peer (a punched direct one) is no news to
+        # those who count peers, but it is to the hole puncher (lattice.net.nat)
+        self.events.publish(PeerEvent(CONNECTED if first else ADDED, peer_id,
+                                      _direction(conn), addrs[0] if addrs else "", relayed))
 
     def _on_disconnected(self, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id.to_base58()
@@ -670,7 +672,7 @@ def build_host(identity: Identity, listen: list[str], *, max_connections: int = 
                                            low_watermark=0, max_connections=max_connections,
                                            high_watermark=max_connections),
         enable_mDNS=False,  # lattice.net.mdns starts it after the node is up
-        enable_upnp=False,  # lattice.net.nat does UPnP when configured (no 1 s stall)
+        enable_upnp=False,  # lattice.net.nat.upnp does UPnP when configured (no 1 s stall)
         transports=[ListenPortTCP()],
     )
     # One attempt per dial: the swarm's own retries (3, with backoff) made a dial to a
