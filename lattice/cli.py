@@ -152,16 +152,16 @@ def cmd_members(args: argparse.Namespace) -> int:
     if not members:
         print("no members known yet")
         return 0
-    now = time.time()
     rows = []
     for pid, m in sorted(members.items(), key=lambda kv: (not kv[1].get("alive"), kv[0])):
-        hb = m.get("heartbeat")
+        # age: since the failure detector's last sign of life (else the heartbeat's)
+        age = m.get("age")
         caps = m.get("capabilities") or {}
         rows.append([pid, m.get("name") or "-", "alive" if m.get("alive") else "dead",
-                     "-" if hb is None else f"{max(0, now - hb):.0f}s ago",
+                     "-" if age is None else f"{max(0, age):.0f}s ago",
                      m.get("version") or "-", str(caps.get("cpus", "-")),
                      m.get("reachability") or "-"])
-    print(_table(rows, ["PEER ID", "NAME", "LIVENESS", "HEARTBEAT", "VERSION", "CPUS", "REACHABILITY"]))
+    print(_table(rows, ["PEER ID", "NAME", "LIVENESS", "LAST SEEN", "VERSION", "CPUS", "REACHABILITY"]))
     return 0
 
 

@@ -102,7 +102,14 @@ class JobsConfig:
     join_timeout: float = 600.0
     """A job joined but not sealed within this long is left (`Policy.join_timeout`)."""
     progress_interval: float = 1.0
-    """Seconds between progress writes to our participation entry (plus every transition)."""
+    """Seconds between progress writes to our participation entry (plus every transition),
+    at least; a large roster spaces them further (`progress_rate`)."""
+    progress_rate: float = 8.0
+    """Progress writes per second one whole job may cost the network, shared by its
+    roster: each write is replicated to every daemon, so 256 participants writing every
+    second would flood it; each waits ``roster / progress_rate`` seconds instead (`jobs
+    watch` still sees the job's totals move about this often). Jobs of up to this many
+    participants write every ``progress_interval`` as before."""
     checkpoint_every: int = 20
     """Rounds between checkpoints (0: only when training ends)."""
     sync_patience: float = 2.0
@@ -196,6 +203,12 @@ class _Context:
         for callback in reversed(self._closers):
             callback()
         self._closers.clear()
+
+
+def progress_spacing(roster_size: int, config: JobsConfig) -> float:
+    """Seconds between one participant's progress writes: the job as a whole writes at
+    most ``config.progress_rate`` times a second."""
+    return max(config.progress_interval, roster_size / max(config.progress_rate, 1e-9))
 
 
 class JobSupervisor:
@@ -336,6 +349,11 @@ class JobSupervisor:
         hints = list(record.get("producers", [])) if record else []
         return await blobs.fetch(model_id, hints=hints,
                                  timeout=timeout if timeout is not None else self.config.fetch_timeout)
+
+    def partners(self) -> set[str]:
+        """The peers in the rosters of the jobs this daemon runs now (the connection
+        manager keeps their connections)."""
+        return {p for run in self._runs.values() for p in run.roster if p != self.me}
 
     def statistics(self) -> dict[str, Any]:
         kinds: Counter[str] = Counter()
@@ -635,7 +653,7 @@ class JobSupervisor:
         now = trio.current_time()
         if not force and now < run.next_publish:
             return
-        run.next_publish = now + self.config.progress_interval
+        run.next_publish = now + progress_spacing(len(run.roster), self.config)
         self._publish(run, run.state, **extra)
 
     def _publish(self, run: Run, state: str, *, also: Sequence[Any] = (), **extra: Any) -> None:

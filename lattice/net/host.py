@@ -340,6 +340,13 @@ class Libp2pNode:
     def peer_events(self, *, buffer: int = 64) -> PeerEvents:
         return self.events.subscribe(buffer)
 
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id`` (`lattice.net.connmgr` trims)."""
+        try:
+            await self.host.disconnect(ID.from_base58(peer_id))
+        except (OSError, ValueError, KeyError) as e:  # already gone, or not a peer id
+            raise PeerError(f"disconnect {peer_id}: {e}") from e
+
     # -- address book (lattice.net.dht.AddressBook) ------------------------------------
     def add_addrs(self, peer_id: str, addrs: Sequence[str], ttl: float = 3600.0) -> None:
         """Remember addresses a protocol learned so `open_stream` can dial the peer;
@@ -695,6 +702,10 @@ async def open_libp2p_node(identity: Identity, listen: list[str], *,
             for t in host.get_network().transport_manager.get_transports():
                 if isinstance(t, ListenPortTCP):
                     t.source = _listen_endpoint(host)
+            # py-libp2p's auto-connector dials every peer in the peerstore until it
+            # holds (low + high water) / 2 = 128 connections: a full mesh at any size
+            # we run, fighting lattice.net.connmgr. Connections are ours to manage.
+            await host.get_network().auto_connector.stop()
             try:
                 yield node
             finally:

@@ -231,6 +231,10 @@ class PeerNetwork(Protocol):
 
     def connected_peers(self) -> list[str]: ...
 
+    async def disconnect(self, peer_id: str) -> None:
+        """Close our connections to ``peer_id`` (the connection manager trims)."""
+        ...
+
     def peer_events(self, *, buffer: int = 64) -> PeerEvents:
         """Subscribe to peer connect/disconnect events from now on (`PeerEvents`);
         peers already connected are in `connected_peers`."""
