@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/crdt_convergence.py [--sizes 8 24] [--writes 20] [--degree 3]
 
-Every run builds N peers running `/lattice/crdt-sync/1`, links them in a ring plus
+Every run builds N peers running `/lattice/crdt-sync/2`, links them in a ring plus
 ``degree - 2`` random chords each (so messages need several hops, as in a real mesh),
 lets them settle, then repeatedly: a random peer writes (a heartbeat-sized change to
 its member record), and we time until *every other* peer's store shows it. Bytes are

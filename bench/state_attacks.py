@@ -4,7 +4,7 @@
                                             [--job-authors 400] [--jobs-per-author 25]
 
 Starts one `latticed` on loopback and attacks it from a py-libp2p attacker host with
-the kit in `lattice.testing.hostile.state`, over `/lattice/crdt-sync/1`:
+the kit in `lattice.testing.hostile.state`, over `/lattice/crdt-sync/2`:
 
 - **sybils**: fresh authors of about ``--author-mib`` MiB each (valid, signed,
   schema-conforming padding records), sent over one session (``--own-connections``:

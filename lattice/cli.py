@@ -78,7 +78,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if isinstance(reach, dict):
         verdict = reach.get("reachability", "unknown")
         if verdict == "private" and reach.get("nat") not in (None, "unknown", "none"):
-            verdict += f" (behind a {reach['nat']} NAT)"
+            verdict += f" (behind a {reach['nat']} NAT"
+            verdict += {"reject": " that rejects", "drop": " that drops"}.get(
+                reach.get("filtering") or "", "") + ")"
         elif reach.get("reason") and verdict == "unknown":
             verdict += f" ({reach['reason']})"
         via = ", ".join(reach.get("reachable_via") or []) or "-"
@@ -91,6 +93,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if relay.get("active"):
             lines.append(("relaying", f"{relay.get('reservations', 0)} reservations, "
                                       f"{relay.get('circuits', 0)} circuits"))
+        for peer, why in sorted((reach.get("relayed_peers") or {}).items()):
+            lines.append(("relayed", f"{peer}: {why}"))
     gov = st.get("governor")
     if isinstance(gov, dict):
         lines.append(("governor", gov["summary"]))
@@ -123,6 +127,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
              "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f}", ", ".join(p["addrs"])]
             for p in peers]
     print(_table(rows, ["PEER ID", "DIRECTION", "CONNECTION", "RTT MS", "ADDRS"]))
+    for p in peers:
+        if p.get("why_relayed"):
+            print(f"{p['peer_id']} relayed: {p['why_relayed']}")
     return 0
 
 
@@ -145,16 +152,16 @@ def cmd_members(args: argparse.Namespace) -> int:
     if not members:
         print("no members known yet")
         return 0
-    now = time.time()
     rows = []
     for pid, m in sorted(members.items(), key=lambda kv: (not kv[1].get("alive"), kv[0])):
-        hb = m.get("heartbeat")
+        # age: since the failure detector's last sign of life (else the heartbeat's)
+        age = m.get("age")
         caps = m.get("capabilities") or {}
         rows.append([pid, m.get("name") or "-", "alive" if m.get("alive") else "dead",
-                     "-" if hb is None else f"{max(0, now - hb):.0f}s ago",
+                     "-" if age is None else f"{max(0, age):.0f}s ago",
                      m.get("version") or "-", str(caps.get("cpus", "-")),
                      m.get("reachability") or "-"])
-    print(_table(rows, ["PEER ID", "NAME", "LIVENESS", "HEARTBEAT", "VERSION", "CPUS", "REACHABILITY"]))
+    print(_table(rows, ["PEER ID", "NAME", "LIVENESS", "LAST SEEN", "VERSION", "CPUS", "REACHABILITY"]))
     return 0
 
 

@@ -62,7 +62,8 @@ class ProgressLine:
                     f"  fetched {_bytes(s.get('bytes_received') or 0)}  peers {active}  eta {eta}")
         loss = "-" if s.get("loss") is None else f"{s['loss']:.3f}"
         acc = "-" if s.get("accuracy") is None else f"{100 * s['accuracy']:.1f}%"
-        return (f"[{bar}] {100 * frac:5.1f}% {s.get('status', '?'):<9} steps {steps}/{total}"
+        return (f"[{bar}] {100 * frac:5.1f}% {s.get('status', '?'):<9} steps {steps}"
+                f"{f'/{total}' if total else ''}"  # an attach job has no total
                 f"  loss {loss}  acc {acc}  peers {active}  sent {_bytes(s.get('bytes_sent') or 0)}"
                 f"  eta {eta}")
 

@@ -20,13 +20,16 @@ from typing import Any, TypeVar
 
 from lattice.api import paths
 from lattice.core.config_errors import InvalidSetting
+from lattice.core.connections import WaterMarks
 from lattice.core.governor import VolunteerConfig
 from lattice.core.state import StateLimits
 from lattice.jobs import JobsConfig, MergeConfig
+from lattice.jobs.attach import AttachConfig
 from lattice.net.blob import BlobConfig
 from lattice.net.crdt_sync import SyncConfig
 from lattice.net.dht import DHTConfig
 from lattice.net.gossip_party import GossipConfig
+from lattice.net.membership import MembershipConfig
 from lattice.net.modelstore import ModelsConfig
 from lattice.net.nat_config import NatConfig
 from latticed.discovery import DiscoveryConfig, SideChannelConfig
@@ -128,24 +131,40 @@ SECTIONS: tuple[Section, ...] = (
     _sec("log", LogConfig, expose("level", choices=("debug", "info", "warning", "error"))),
     _sec("rpc", RpcConfig, expose("max_frame_bytes", minimum=1024),
          expose("max_clients", minimum=1), expose("max_in_flight", minimum=1),
-         "read_group", expose("subscriber_queue", minimum=1)),
+         "read_group", expose("subscriber_queue", minimum=1),
+         expose("max_passed_fds", minimum=1)),
     _sec("limits", DiscoveryConfig, expose("max_connections", minimum=1),
          expose("bootstrap_retry_max", "bootstrap_retry_max_s", minimum=0.1)),
     _sec("limits", PresenceConfig, expose("ping_interval", "ping_interval_s", minimum=1.0)),
     _sec("state", PresenceConfig,
-         expose("heartbeat_interval", "heartbeat_interval_s", minimum=0.5)),
+         expose("heartbeat_interval", "heartbeat_interval_s", minimum=0.0)),
     _sec("state", StateLimits, expose("heartbeat_timeout", "heartbeat_timeout_s", minimum=1.0)),
     _sec("state", SyncConfig,
          expose("anti_entropy_interval", "anti_entropy_interval_s", minimum=0.5),
          expose("idle_timeout", "session_idle_timeout_s", minimum=3.0),
          expose("hello_timeout", "session_hello_timeout_s", minimum=1.0),
-         expose("max_sessions", minimum=1)),
+         expose("max_sessions", minimum=1), expose("mesh_degree", minimum=1),
+         expose("gossip_interval", "gossip_interval_s", minimum=0.1)),
     _sec("state", StateLimits, expose("max_authors", minimum=1),
          expose("max_state_bytes", minimum=1 << 20), expose("max_jobs_per_author", minimum=1),
          expose("peer_authors_burst", minimum=1), expose("peer_authors_per_s", minimum=0.0),
          expose("peer_bytes_burst", minimum=1), expose("peer_bytes_per_s", minimum=0.0)),
-    _sec("nat", NatConfig, "upnp", "holepunch", expose("max_relays", minimum=0),
-         expose("dialback_timeout_s", minimum=0.1), expose("recheck_interval_s", minimum=1.0)),
+    _sec("membership", MembershipConfig,
+         expose("probe_interval", "probe_interval_s", minimum=0.1),
+         expose("probe_timeout", "probe_timeout_s", minimum=0.05),
+         expose("suspicion_timeout", "suspicion_timeout_s", minimum=0.1),
+         expose("max_entries", minimum=16)),
+    _sec("connections", WaterMarks, expose("low", "low_water", minimum=1),
+         expose("high", "high_water", minimum=1), expose("grace", "grace_s", minimum=0.0)),
+    _sec("nat", NatConfig, "upnp",
+         expose("reachability", choices=("auto", "public", "private")), "holepunch",
+         expose("max_relays", minimum=0), expose("dialback_timeout_s", minimum=0.1),
+         expose("dialback_max_concurrent", minimum=1),
+         expose("dialback_min_interval_s", minimum=0.0),
+         expose("recheck_interval_s", minimum=1.0), expose("penalty_s", minimum=1.0),
+         expose("holepunch_retry_s", minimum=1.0), expose("holepunch_retry_max_s", minimum=1.0),
+         "birthday", expose("birthday_ports", minimum=1), expose("birthday_probes", minimum=1),
+         expose("birthday_rate", minimum=1.0)),
     _sec("relay", NatConfig, expose("relay_service", "service", choices=("auto", "on", "off")),
          *(expose(f"relay_{name}", name, minimum=0) for name in (
              "max_reservations", "max_circuits", "max_circuits_per_peer", "max_circuit_bytes",
@@ -162,7 +181,8 @@ SECTIONS: tuple[Section, ...] = (
     _sec("jobs", JobsConfig, "accept_tasks", "allowed_plugins", expose("max_jobs", minimum=0),
          expose("join_timeout", "join_timeout_s", minimum=1.0),
          expose("compute_threads", minimum=1), expose("checkpoint_every", minimum=0),
-         expose("max_params", minimum=1)),
+         expose("max_params", minimum=1), expose("progress_rate", minimum=0.01)),
+    _sec("jobs", AttachConfig, expose("attach_timeout", "attach_timeout_s", minimum=1.0)),
     _sec("jobs", MergeConfig, expose("max_bytes", "merge_max_bytes", minimum=0),
          expose("straggler_min", "merge_straggler_min_s", minimum=0.0),
          expose("straggler_factor", "merge_straggler_factor", minimum=1.0),

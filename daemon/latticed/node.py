@@ -24,16 +24,20 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from lattice.core.connections import WaterMarks
 from lattice.core.governor import VolunteerConfig
 from lattice.core.identity import Identity
 from lattice.core.state import StateLimits, StateStore
 from lattice.jobs import JobsConfig, JobSupervisor, MergeConfig, serve_jobs
+from lattice.jobs.attach import AttachConfig
 from lattice.net.blob import BlobConfig, DhtProviders
 from lattice.net.bulk import BulkListener
+from lattice.net.connmgr import ConnectionManager, serve_connection_manager
 from lattice.net.crdt_sync import CrdtSync, FileStateLog, SyncConfig, open_state, serve_crdt_sync
 from lattice.net.dht import KademliaDHT
 from lattice.net.gossip_avg import BulkTensorTransport, TensorTransport
 from lattice.net.gossip_party import GossipConfig
+from lattice.net.membership import MembershipConfig, MembershipService, serve_membership
 from lattice.net.modelstore import ModelsConfig, ModelService
 from lattice.net.nat_config import NatConfig
 from lattice.net.shaping import GovernedNetwork
@@ -80,6 +84,8 @@ class Node:
     nat: NatManager | None = None
     dht: KademliaDHT | None = None
     sync: CrdtSync | None = None
+    membership: MembershipService | None = None
+    connections: ConnectionManager | None = None
     jobs: JobSupervisor | None = None
     models: ModelService | None = None
     bulk: BulkListener | None = None
@@ -119,7 +125,8 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
         rpc = cfg.build(RpcConfig)
         node.rpc = RpcServer(cfg.socket, build_handlers(node), node.bus,
                              max_frame=rpc.max_frame_bytes, max_clients=rpc.max_clients,
-                             max_in_flight=rpc.max_in_flight, read_gid=cfg.read_gid)
+                             max_in_flight=rpc.max_in_flight, max_fds=rpc.max_passed_fds,
+                             read_gid=cfg.read_gid)
         try:
             await nursery.start(node.rpc.serve)
         except SocketInUse as e:
@@ -183,12 +190,19 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
         serve_crdt_sync, network, node.store,
         config=cfg.build(SyncConfig),
         history_is_new=node.identity_created))
+    membership: MembershipService = await nursery.start(functools.partial(
+        serve_membership, host, config=cfg.build(MembershipConfig), clock=time.time))
+    node.membership = membership
+    node.store.set_liveness(membership.liveness)
     nursery.start_soon(presence.serve_heartbeat, node)
     node.jobs = await _start_jobs(node, nursery)
     node.models = node.jobs.services.models
     nursery.start_soon(presence.fan_out_peer_events, node,
                        host.peer_events(buffer=cfg["rpc.subscriber_queue"]))
     nursery.start_soon(presence.measure_rtts, node)
+    node.connections = await nursery.start(functools.partial(
+        serve_connection_manager, host, cfg.build(WaterMarks),
+        protected=functools.partial(presence.protected_peers, node)))
     for addr in cfg["node.bootstrap"]:
         nursery.start_soon(discovery.keep_bootstrap_peer, node, addr, host_mod.PEER_ERRORS)
 
@@ -199,7 +213,8 @@ async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
     assert governor is not None
     blob = cfg.build(BlobConfig, keep_free_bytes=int(governor.config.keep_free_gb * 1e9))
     config = cfg.build(JobsConfig, gossip=cfg.build(GossipConfig), blob=blob,
-                       models=cfg.build(ModelsConfig), merge=cfg.build(MergeConfig))
+                       models=cfg.build(ModelsConfig), merge=cfg.build(MergeConfig),
+                       attach=cfg.build(AttachConfig))
     transport: TensorTransport | None = None
     if cfg["bulk.direct"]:
         node.bulk = await discovery.start_bulk_listener(node, nursery)

@@ -1,6 +1,7 @@
 """How a node shows itself and sees its peers: its member record in the replicated state
 (name, version, reachability, addresses, capabilities, heartbeat), peer connect and
-disconnect events published to local subscribers, and peers' round-trip times.
+disconnect events published to local subscribers, peers' round-trip times, and which
+connections the connection manager must keep.
 
 Each `serve_*`/`measure_*`/`fan_out_*` here is a task of the node's nursery; a peer that
 does not answer a ping costs only its RTT; anything else propagates.
@@ -30,8 +31,10 @@ log = logging.getLogger("latticed")
 class PresenceConfig:
     """How often we show ourselves and measure peers."""
 
-    heartbeat_interval: float = 15.0
-    """Our member record's heartbeat is refreshed this often, seconds."""
+    heartbeat_interval: float = 0.0
+    """Our member record's heartbeat is refreshed this often, seconds; 0: only when the
+    record is written. Liveness comes from [membership] (O(1) messages per daemon per
+    second); a replicated heartbeat costs every daemon O(N)."""
     ping_interval: float = 15.0
     """Peers' round-trip time is measured this often, seconds."""
 
@@ -77,6 +80,22 @@ async def serve_heartbeat(node: Node) -> None:
     await crdt_sync.serve_heartbeat(
         node.store, lambda: member_record(node),
         interval=node.config.build(PresenceConfig).heartbeat_interval, sync=node.sync)
+
+
+def protected_peers(node: Node) -> set[str]:
+    """Connections the connection manager never trims: our DHT neighbours (the k
+    closest in the routing table), the sync mesh, relays holding a reservation for us,
+    and the partners of the jobs we run."""
+    out: set[str] = set()
+    if node.dht is not None:
+        out.update(node.dht.table.closest(node.dht.table.local_key))
+    if node.sync is not None:
+        out |= node.sync.hub.mesh_peers()
+    if node.nat is not None:
+        out.update(r.relay for r in node.nat.reservations.values())
+    if node.jobs is not None:
+        out |= node.jobs.partners()
+    return out
 
 
 async def fan_out_peer_events(node: Node, events: PeerEvents) -> None:

@@ -1,8 +1,9 @@
 """The local RPC server: msgpack-RPC over a Unix domain socket.
 
 Owns the socket file (mode 0600; 0660 with `rpc.read_group`), peer-credential checks
-(same uid or root: full access; a member of the read group: read access only), framing
-limits, the two wire forms (length-prefixed frames, or a plain msgpack-RPC stream as
+(same uid or root: full access; a member of the read group: read access only), file
+descriptors passed with requests (SCM_RIGHTS: an attached loop's shared memory; at most
+``max_fds`` unclaimed per connection, closed with it), framing limits, the two wire forms (length-prefixed frames, or a plain msgpack-RPC stream as
 neovim's clients speak it: told apart by a connection's first byte), dispatch through
 the method table with each method's declared access enforced, and streaming
 notifications to subscribers.
@@ -18,12 +19,13 @@ answered with INTERNAL so one bad request cannot take the daemon down.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
 import stat
 import struct
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,6 +83,9 @@ class RpcConfig:
     only our uid and root."""
     subscriber_queue: int = 256
     """Events buffered per subscriber before it is marked lagging."""
+    max_passed_fds: int = 4
+    """File descriptors (an attached loop's shared memory) one connection may have
+    passed and not yet used; more are closed."""
 
 
 @dataclass
@@ -100,6 +105,8 @@ class RpcStats:
     unrecoverable_streams: int = 0
     internal_errors: int = 0
     notifications_sent: int = 0
+    fds_received: int = 0
+    fds_refused: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     """Every error answered, by code name (the metrics' RPC errors by code)."""
 
@@ -127,6 +134,25 @@ class ClientConnection:
         self.subscriptions: dict[int, Subscription] = {}
         self.nursery: trio.Nursery | None = None
         self.in_flight = 0
+        self.fds: deque[int] = deque()  # passed with requests, not yet claimed
+        self._closers: list[Callable[[], Any]] = []
+
+    def take_fd(self) -> int | None:
+        """The oldest file descriptor this client passed and no handler claimed yet;
+        the caller owns (and must close) it."""
+        return self.fds.popleft() if self.fds else None
+
+    def on_close(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` when this connection ends (the client went away)."""
+        self._closers.append(callback)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+        callbacks, self._closers = self._closers, []
+        for callback in reversed(callbacks):
+            callback()
 
     async def send(self, message: Any) -> None:
         data = pack(message) if self.plain else frame(message)
@@ -167,7 +193,8 @@ class SocketInUse(RuntimeError):
 class RpcServer:
     def __init__(self, path: Path, handlers: dict[str, Handler], bus: EventBus, *,
                  max_frame: int, max_clients: int, max_in_flight: int = 32,
-                 read_gid: int | None = None, owner_uids: frozenset[int] | None = None) -> None:
+                 max_fds: int = 4, read_gid: int | None = None,
+                 owner_uids: frozenset[int] | None = None) -> None:
         missing = sorted(set(METHODS) - set(handlers))
         if missing:
             raise RuntimeError(f"no handler for RPC method(s): {', '.join(missing)}")
@@ -180,6 +207,7 @@ class RpcServer:
         self.max_frame = max_frame
         self.max_clients = max_clients
         self.max_in_flight = max_in_flight
+        self.max_fds = max_fds
         self.read_gid = read_gid
         self.stats = RpcStats()
         # who gets write access: our uid and root (injectable for tests)
@@ -287,13 +315,14 @@ class RpcServer:
                 self.stats.connections_open -= 1
                 for sub_id in list(client.subscriptions):
                     client.stop_subscription(sub_id)
+                client.close()
 
     async def _read_loop(self, client: ClientConnection, nursery: trio.Nursery) -> None:
         decoder: FrameDecoder | StreamDecoder | None = None
         while True:
             try:
-                data = await client.stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = await self._receive(client)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 return
             if not data:
                 return
@@ -327,6 +356,27 @@ class RpcServer:
                     if client.plain:  # say why before hanging up: no frame to skip here
                         await _reply_error(client, None, ParseError(event.reason))
                     return
+
+    async def _receive(self, client: ClientConnection) -> bytes:
+        """The client's next bytes, keeping the descriptors passed with them (SCM_RIGHTS)
+        for the handler of the request they came with; beyond ``max_fds`` unclaimed, or
+        from a read-only client, they are closed at once. The kernel closes any that do
+        not fit the ancillary buffer."""
+        data, ancillary, _flags, _addr = await client.stream.socket.recvmsg(
+            65536, socket.CMSG_SPACE(self.max_fds * 4), socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in ancillary:
+            if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
+                continue
+            fds = array.array("i")
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            for fd in fds:
+                if client.access == WRITE and len(client.fds) < self.max_fds:
+                    client.fds.append(fd)
+                    self.stats.fds_received += 1
+                else:
+                    os.close(fd)
+                    self.stats.fds_refused += 1
+        return data
 
     def _dispatch(self, client: ClientConnection, msg: Any, nursery: trio.Nursery) -> None:
         if not (isinstance(msg, list) and len(msg) == 4 and msg[0] == REQUEST

@@ -24,6 +24,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "bool": (bool,),
     "bytes": (bytes,),
     "list[str]": (list,),
+    "list": (list,),
     "map": (dict,),
     "any": (object,),
 }
@@ -169,17 +170,23 @@ _METHOD_LIST = [
            "method, models (ids or names), base, weights, parameters, dtype, or config (mergekit "
            "YAML text); name, min_peers, max_peers, join_window, merge_timeout. A merge's inputs "
            "are checked first (an input that cannot be merged is INVALID_ARGUMENT naming the "
-           "tensor).",
+           "tensor). kind 'attach': a user's own training loop (name, min_peers, sync_every, "
+           "algorithm, compression, overlap, init, ...; then attach.open).",
            params=(Param("spec", "map", "the job spec"),
                    Param("allow", "list[str]", "only these peer ids may take part",
                          required=False, max_len=256),
                    Param("private", "bool", "only peers given the returned token may take part",
                          required=False, default=False)), access=WRITE,
            client="submit_job"),
-    Method("jobs.join", "Take part in a job now (a private one: with the token its submitter "
-           "handed out); returns whether we joined (false: we take part already).",
+    Method("jobs.join", "This daemon's local user takes part in a job now (a private one: "
+           "with the token its submitter handed out); its kind then knows a user asked (an "
+           "attach job runs only where one did). Waits up to TIMEOUT s for the job to reach "
+           "this daemon; returns its summary and whether we joined (false: we take part "
+           "already).",
            params=(Param("job_id", "str", "job id", max_len=128),
-                   Param("token", "str", "the job's token", required=False, max_len=128)),
+                   Param("token", "str", "the job's token", required=False, max_len=128),
+                   Param("timeout", "float", "seconds to wait for the job to be known here",
+                         required=False, default=30.0)),
            access=WRITE, client="join_job"),
     Method("jobs.list", "Every job in the replicated state, newest first.", result="list",
            client="jobs"),
@@ -191,6 +198,41 @@ _METHOD_LIST = [
            client="cancel_job"),
     Method("jobs.stats", "The job runner's statistics.",
            client="jobs_stats"),
+    Method("attach.open", "Attach a training loop to an attach job (lattice.attach, "
+           "lattice.torch) and join it. The request must pass a sealed memfd (SCM_RIGHTS) "
+           "holding the model's parameters as float32 in TENSORS order (proto/attach.md). "
+           "Returns the session id and the job's spec; then call attach.wait.",
+           params=(Param("job_id", "str", "job id", max_len=128),
+                   Param("tensors", "list", "[[name, dtype, shape], ...] in slot order",
+                         max_len=1 << 16)),
+           access=WRITE),
+    Method("attach.wait", "Wait until the session is ready (the job started and the start "
+           "weights are in the slot) or, with until='done', the job's model is known; at "
+           "most TIMEOUT s (attach.max_wait). Returns the session's state, rank, roster, "
+           "whether the slot was loaded, and the model id once known.",
+           params=(Param("session", "str", "from attach.open", max_len=64),
+                   Param("until", "str", "ready | done", required=False, default="ready",
+                         max_len=8),
+                   Param("timeout", "float", "seconds", required=False, default=30.0)),
+           access=WRITE),
+    Method("attach.sync", "The loop finished a round: its parameters are in the slot. "
+           "Returns once the daemon averaged (or, with overlap, applied the last round's "
+           "average and snapshotted): round, outcome, whether the slot changed.",
+           params=(Param("session", "str", "from attach.open", max_len=64),
+                   Param("steps", "int", "the loop's steps so far"),
+                   Param("samples", "int", "samples trained on so far"),
+                   Param("loss", "float", "the round's mean loss", required=False)),
+           access=WRITE),
+    Method("attach.finish", "The loop is done: the slot becomes this daemon's final "
+           "contribution and the job goes to its merge. Returns the final's blob id.",
+           params=(Param("session", "str", "from attach.open", max_len=64),
+                   Param("steps", "int", "the loop's steps in all"),
+                   Param("samples", "int", "samples trained on in all")),
+           access=WRITE),
+    Method("attach.detach", "End the session without a final: this daemon leaves the job "
+           "(as when the loop's connection closes).",
+           params=(Param("session", "str", "from attach.open", max_len=64),),
+           access=WRITE),
     Method("models.list", "The model registry: model id -> producer, job, metrics.",
            client="models"),
     Method("governor.pause", "Pause job compute (the daemon stays in the network: state sync, "

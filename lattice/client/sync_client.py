@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket as socket_mod
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,19 @@ class Client:
 
     def call(self, method: str, **params: Any) -> Any:
         """Call any RPC method by name (see `api_info()` for the table)."""
+        return self.call_passing_fds(method, (), **params)
+
+    def call_passing_fds(self, method: str, fds: Sequence[int], **params: Any) -> Any:
+        """`call`, passing open file descriptors with the request (SCM_RIGHTS; how
+        `attach.open` hands over shared memory). The daemon gets its own copies: ours
+        stay open."""
         msgid, data = self._session.request(method, params)
         try:
-            self._sock.sendall(data)
+            if fds:
+                sent = socket_mod.send_fds(self._sock, [data], list(fds))
+                self._sock.sendall(data[sent:])
+            else:
+                self._sock.sendall(data)
             while not self._session.has_response(msgid):
                 self._receive()
         except (BrokenPipeError, ConnectionResetError) as e:

@@ -1,21 +1,28 @@
 """Reachability, sans-I/O: are we publicly reachable, from dial-backs by other peers.
 
 Owns: the verdict (`public` / `private` / `unknown`, with the NAT kind from
-`lattice.core.holepunch.classify_nat`), which dial-back results count, and when to
-probe again. Must not import trio, libp2p or sockets, and reads no clock (``now`` is
-passed in). The driver is `lattice.net.nat` (the `/lattice/observe/1` protocol,
-proto/observe.md).
+`lattice.core.holepunch.classify_nat` and how our router answers unsolicited traffic),
+which dial-back results count, and when to probe again; and the `/lattice/observe/1`
+messages (proto/observe.md). Must not import trio, libp2p or sockets, and reads no clock
+(``now`` is passed in). The driver is `lattice.net.nat.observe`.
 
 Why our own: py-libp2p's AutoNAT dials back over the connection we already have, so a
 firewalled public host and a NATed host announcing its WAN address both came out PUBLIC
-(PY-LIBP2P.md). Here a result counts only if it came from a *helper*: a peer other than
-us and other than the observer we asked, dialing a fresh connection to the address the
-observer saw us at. A NAT or firewall that lets the observer in because we talked to it
-(address-restricted filtering) does not let a third party in.
+(PY-LIBP2P.md). Here a result counts only if it came from a *fresh* connection: the
+observer we asked dials the address it saw us at from a new ephemeral port, on a
+connection its swarm never sees, and completes a Noise handshake with our peer id.
+A NAT or stateful firewall that only lets in what belongs to connections we made
+(port-restricted, symmetric) drops or rejects it; no NAT, a port forward or an
+endpoint-independent NAT lets it in. The observer dials only the IP it sees us at
+(AutoNAT v2's rule), so asking for a dial-back can never aim anyone at a third party;
+and any peer that can dial out can do it, NATed ones included, so a network's lone
+public daemon learns that it is public from the first peer that connects to it.
 
 Verdict: the most recent `WINDOW` results younger than ``result_ttl`` decide: any
-success -> ``public`` (a success is hard to fake by accident; a lying helper at worst
-makes us offer relay service), else any failure -> ``private``, else ``unknown``.
+success -> ``public`` (a success is hard to fake by accident; a lying observer at worst
+makes us offer relay service), else any failure -> ``private``, else ``unknown``. How
+the failures failed says how our router filters: ``reject`` (a RST or ICMP error came
+back: the router answers unsolicited SYNs), ``drop`` (silence), else ``unknown``.
 Probing: while the verdict is unknown, back off from ``retry_min`` to ``retry_max``;
 once known, probe again every ``recheck``.
 """
@@ -26,22 +33,29 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lattice.core.holepunch import Addr, NatView, check_addr
+from lattice.core.holepunch import Addr, NatView, Observation, check_addr
+from lattice.core.identity import InvalidPeerId, public_key_from_peer_id
 
 WINDOW = 3
 MAX_RESULTS = 16
 
 
+DIAL_ERRORS = ("", "timeout", "refused", "unreachable", "handshake")
+FILTERING = ("open", "drop", "reject", "unknown")
+
+
 @dataclass(frozen=True)
 class DialBack:
-    """One dial-back: ``helper`` dialed ``addr`` on a fresh connection, at ``observer``'s
-    request on our behalf. ``ok``: it completed a handshake with us (our peer id)."""
+    """One dial-back: ``dialer`` dialed ``addr`` on a fresh connection at our request
+    (``observer`` asked; today the observer dials itself). ``ok``: it completed a
+    handshake with us (our peer id); else ``error`` says how it failed (`DIAL_ERRORS`)."""
 
     observer: str
-    helper: str
+    dialer: str
     addr: Addr
     ok: bool
     at: float
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,7 @@ class Verdict:
     nat: str  # "none" | "cone" | "symmetric" | "unknown" (see classify_nat)
     public_addrs: tuple[Addr, ...]  # addresses a dial-back reached
     reason: str
+    filtering: str = "unknown"  # how our router answers unsolicited inbound: FILTERING
 
 
 @dataclass
@@ -68,7 +83,7 @@ class ReachabilityTracker:
 
     def record(self, result: DialBack, now: float) -> bool:
         """Keep ``result`` if it counts (see the module docstring); reschedule probing."""
-        if result.helper in ("", self.self_id, result.observer):
+        if result.dialer in ("", self.self_id) or result.error not in DIAL_ERRORS:
             self.rejected += 1
             self._no_answer(now)
             return False
@@ -97,16 +112,40 @@ class ReachabilityTracker:
         """Something changed (new address, new observer): probe at the next chance."""
         self._next_probe = 0.0
 
-    def verdict(self, view: NatView, now: float) -> Verdict:
-        recent = [r for r in self.results if now - r.at <= self.result_ttl][-WINDOW:]
+    def verdict(self, view: NatView, now: float,
+                addrs: tuple[Addr, ...] | None = None) -> Verdict:
+        """The verdict from recent results; with ``addrs`` (`dialback_candidates`), only
+        results for those addresses count: a dial-back a LAN peer made to our LAN
+        address, before any observer outside our NAT was heard from, says nothing."""
+        recent = [r for r in self.results if now - r.at <= self.result_ttl
+                  and (addrs is None or r.addr in addrs)][-WINDOW:]
         ok = tuple(dict.fromkeys(r.addr for r in recent if r.ok))
         if ok:
             return Verdict("public", view.kind, ok,
-                           f"dial-back by {_peers(r.helper for r in recent if r.ok)} reached us")
+                           f"dial-back by {_peers(r.dialer for r in recent if r.ok)} reached us",
+                           "open")
         if recent:
+            errors = {r.error for r in recent}
+            filtering = ("reject" if errors & {"refused", "unreachable"}
+                         else "drop" if "timeout" in errors else "unknown")
+            how = ", ".join(sorted(e for e in errors if e)) or "failed"
             return Verdict("private", view.kind, (),
-                           f"dial-back by {_peers(r.helper for r in recent)} failed")
+                           f"dial-back by {_peers(r.dialer for r in recent)} failed ({how})",
+                           filtering)
         return Verdict("unknown", view.kind, (), "no dial-back result yet")
+
+
+def dialback_candidates(listen_port: int, observations: Iterable[Observation],
+                        extra: Iterable[Addr] = ()) -> tuple[Addr, ...]:
+    """The addresses worth a dial-back: where observers saw our listen port, and
+    ``extra`` (a UPnP mapping). When any observer saw it translated, only translated
+    ones: an observer that sees our own address is then on our side of the NAT (a LAN
+    peer, found by mDNS), and its dial-back of that address proves nothing about
+    whether the internet can reach us."""
+    seen = [o for o in observations if o.local[1] == listen_port]
+    translated = [o for o in seen if o.observed != o.local]
+    addrs = [o.observed for o in (translated or seen)] + list(extra)
+    return tuple(dict.fromkeys(addrs))[:MAX_DIALBACK_ADDRS]
 
 
 def _peers(ids: Iterable[str]) -> str:
@@ -121,6 +160,7 @@ OBSERVE_ID_BYTES = 8
 MAX_DIALBACK_ADDRS = 4
 MAX_RELAYS_LISTED = 8
 MAX_PEER_ID_CHARS = 128
+# "no_helper": what observers of earlier versions said with no third peer to ask
 DIALBACK_STATUS = ("ok", "failed", "no_helper", "refused", "busy")
 
 
@@ -129,8 +169,14 @@ class ObserveProtocolError(ValueError):
 
 
 def _peer_id(value: object, what: str) -> str:
+    """An Ed25519 peer id (the only kind our daemons have); anything else is the
+    peer's fault, checked here so no caller builds a multiaddr out of it."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_ID_CHARS:
         raise ObserveProtocolError(f"{what} must be a peer id string")
+    try:
+        public_key_from_peer_id(value)
+    except InvalidPeerId:
+        raise ObserveProtocolError(f"{what} is not an Ed25519 peer id") from None
     return value
 
 
@@ -177,8 +223,9 @@ class ObserveAnswer:
     observed: Addr | None  # None: the request came over a relayed connection
     relays: tuple[RelayInfo, ...]
     dialback: str | None  # a DIALBACK_STATUS, None when none was asked
-    helper: str
+    dialer: str  # who dialed (the ``helper`` field): the observer itself
     dialback_addr: Addr | None
+    dialback_error: str = ""  # a DIAL_ERRORS value when the dial-back failed
 
 
 def decode_observed(msg: dict[str, Any]) -> ObserveAnswer:
@@ -200,32 +247,12 @@ def decode_observed(msg: dict[str, Any]) -> ObserveAnswer:
         return ObserveAnswer(observed, tuple(relays), None, "", None)
     if not isinstance(db, dict) or db.get("status") not in DIALBACK_STATUS:
         raise ObserveProtocolError(f"dialback must be a map with status in {DIALBACK_STATUS}")
-    helper = db.get("helper", "")
-    if not isinstance(helper, str) or len(helper) > MAX_PEER_ID_CHARS:
+    dialer = db.get("helper", "")
+    if not isinstance(dialer, str) or len(dialer) > MAX_PEER_ID_CHARS:
         raise ObserveProtocolError("helper must be a peer id string")
+    error = db.get("error", "")
+    if error not in DIAL_ERRORS:
+        error = "" if db["status"] == "ok" else "timeout"  # a newer observer's word for it
     addr = db.get("addr")
-    return ObserveAnswer(observed, tuple(relays), db["status"], helper,
-                         None if addr is None else check_addr(addr))
-
-
-@dataclass(frozen=True)
-class DialBackRequest:
-    peer: str  # whom to dial (the requester, as the observer knows it)
-    addrs: tuple[Addr, ...]
-
-
-def decode_dialback(msg: dict[str, Any]) -> DialBackRequest:
-    addrs = _addr_list(msg.get("addrs"), MAX_DIALBACK_ADDRS, "addrs")
-    if not addrs:
-        raise ObserveProtocolError("dialback needs at least one address")
-    return DialBackRequest(_peer_id(msg.get("peer"), "peer"), addrs)
-
-
-def decode_dialback_result(msg: dict[str, Any]) -> tuple[str, Addr | None]:
-    """(status, the address that answered): status ``ok``, ``failed`` or ``busy`` (the
-    helper is at its dial-back limit; ask another)."""
-    status = msg.get("status")
-    if status not in ("ok", "failed", "busy"):
-        raise ObserveProtocolError("status must be ok, failed or busy")
-    addr = msg.get("addr")
-    return status, None if addr is None else check_addr(addr)
+    return ObserveAnswer(observed, tuple(relays), db["status"], dialer,
+                         None if addr is None else check_addr(addr), error)

@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lattice.jobs.attach import AttachKind as AttachKind
 from lattice.jobs.kind import Contribution as Contribution
 from lattice.jobs.kind import Input as Input
 from lattice.jobs.kind import JobKind as JobKind
+from lattice.jobs.kind import KindLeft as KindLeft
 from lattice.jobs.kind import KindRefused as KindRefused
 from lattice.jobs.kind import OverLimit as OverLimit
 from lattice.jobs.kind import Result as Result
@@ -32,6 +34,7 @@ from lattice.jobs.train import TrainKind as TrainKind
 
 KINDS: Mapping[str, Callable[[Services], JobKind[Any]]] = {
     "train": TrainKind,
+    "attach": AttachKind,
     "merge": MergeKind,
 }
 

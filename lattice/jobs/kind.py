@@ -75,6 +75,8 @@ class Services:
     config: JobsConfig
     rng: random.Random
     clock: Callable[[], float]
+    asked_to_join: Callable[[str], bool] = lambda _job_id: False
+    """Whether a local user asked to take part in this job (`JobSupervisor.join`)."""
 
 
 class RunContext(Protocol):
@@ -150,6 +152,12 @@ class KindRefused(Exception):
     over our limits...); the message is recorded as our participation's reason."""
 
 
-class OverLimit(KindRefused):
+class KindLeft(Exception):
+    """This participant leaves the job (e.g. the user's attached loop went away); our
+    entry says ``left`` with the message as its reason, and the others go on."""
+
+
+class OverLimit(KindLeft):
     """The volunteer's limits (memory, disk) do not allow taking part: the participation
-    is *left* with this reason (not failed), and the job goes on without us."""
+    is *left* with this reason, and the job goes on without us."""
+

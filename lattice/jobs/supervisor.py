@@ -17,7 +17,8 @@ The decisions are `lattice.core.jobs`' (pure). Must not import libp2p.
 Failure policy. A peer that vanishes only costs the exchanges with it and, if it never
 publishes its contribution, a wait of ``merge_timeout`` before the merge goes ahead
 without it (it is listed as missing). A job this daemon cannot take part in after all
-(`KindRefused`) fails *our* participation, with the reason, not the job. A daemon
+(`KindRefused`) fails *our* participation, with the reason, not the job; a kind that
+leaves (`KindLeft`: an attached loop went away) says ``left`` and the others go on. A daemon
 stopped mid-job keeps its entry ``running``; restarted with the same checkpoint dir it
 resumes from the last checkpoint, and without one it leaves the job and says so. Local
 state errors and bugs propagate.
@@ -65,8 +66,9 @@ from lattice.core.jobs import (
 )
 from lattice.core.jobs.train import BUILTIN_TASKS
 from lattice.core.state import LocalStateError, Set, StateStore
+from lattice.jobs.attach import AttachConfig
 from lattice.jobs.checkpoints import CheckpointError, Checkpoints
-from lattice.jobs.kind import Contribution, Input, JobKind, KindRefused, OverLimit, Services
+from lattice.jobs.kind import Contribution, Input, JobKind, KindLeft, KindRefused, OverLimit, Services
 from lattice.jobs.merge import MergeConfig
 from lattice.net.blob import (
     BlobConfig,
@@ -131,7 +133,14 @@ class JobsConfig:
     join_timeout: float = 600.0
     """A job joined but not sealed within this long is left (`Policy.join_timeout`)."""
     progress_interval: float = 1.0
-    """Seconds between progress writes to our participation entry (plus every transition)."""
+    """Seconds between progress writes to our participation entry (plus every transition),
+    at least; a large roster spaces them further (`progress_rate`)."""
+    progress_rate: float = 8.0
+    """Progress writes per second one whole job may cost the network, shared by its
+    roster: each write is replicated to every daemon, so 256 participants writing every
+    second would flood it; each waits ``roster / progress_rate`` seconds instead (`jobs
+    watch` still sees the job's totals move about this often). Jobs of up to this many
+    participants write every ``progress_interval`` as before."""
     checkpoint_every: int = 20
     """Rounds between checkpoints (0: only when training ends)."""
     sync_patience: float = 2.0
@@ -149,6 +158,7 @@ class JobsConfig:
     e.g. a huge hidden layer must not exhaust our memory."""
     gossip: GossipConfig = field(default_factory=GossipConfig)
     blob: BlobConfig = field(default_factory=BlobConfig)
+    attach: AttachConfig = field(default_factory=AttachConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
 
@@ -235,12 +245,19 @@ class _Context:
         self._closers.clear()
 
 
+def progress_spacing(roster_size: int, config: JobsConfig) -> float:
+    """Seconds between one participant's progress writes: the job as a whole writes at
+    most ``config.progress_rate`` times a second."""
+    return max(config.progress_interval, roster_size / max(config.progress_rate, 1e-9))
+
+
 class JobSupervisor:
     """The running job service (what `serve_jobs` hands back)."""
 
     def __init__(self, network: PeerNetwork, store: StateStore, sync: Any,
                  kinds: Mapping[str, JobKind[Any]], services: Services,
-                 checkpoints: Checkpoints, governance: Governance | None = None) -> None:
+                 checkpoints: Checkpoints, asked: set[str] | None = None,
+                 governance: Governance | None = None) -> None:
         self.network = network
         self.store = store
         self.sync = sync
@@ -260,6 +277,9 @@ class JobSupervisor:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        # jobs a local user asked to take part in (`join`), read by the kinds through
+        # `Services.asked_to_join`; only ids of jobs we know, dropped once they end
+        self._asked = asked if asked is not None else set()
         self.counts: Counter[str] = Counter()
         self._unsubscribe = store.subscribe(self._on_state_change)
 
@@ -309,14 +329,21 @@ class JobSupervisor:
         return job_token(self.store.identity, job_id)
 
     def join(self, job_id: str, token: str | None = None) -> bool:
-        """Join a job explicitly (a private one with its token); False if we take part
-        already. Raises JobNotFound, `lattice.core.jobs.JoinRefused`."""
+        """This daemon's local user wants to take part in ``job_id`` (a private one: with
+        the token its submitter handed out): we join it now, and its kind knows a local
+        user asked (`Services.asked_to_join`: an attach job runs only where one did).
+        False if we take part already. Raises JobNotFound, `lattice.core.jobs.JoinRefused`."""
         view = self._job_view(job_id)
         if view is None:
             raise JobNotFound(job_id)
         entry = join_entry(self.me, job_id, view, self._clock(), token)
+        if job_id not in self._asked:
+            self._asked.add(job_id)
+            self.counts["asked_to_join"] += 1
+            log.info("job=%s a local user asked to take part", job_id)
         if entry is not None:
             self._write_entry(job_id, None, entry)
+        self._wake()
         return entry is not None
 
     def cancel(self, job_id: str) -> bool:
@@ -371,6 +398,11 @@ class JobSupervisor:
         governor pauses compute)."""
         return dict(Counter(r.published or r.state for r in self._runs.values()))
 
+    def partners(self) -> set[str]:
+        """The peers in the rosters of the jobs this daemon runs now (the connection
+        manager keeps their connections)."""
+        return {p for run in self._runs.values() for p in run.roster if p != self.me}
+
     def statistics(self) -> dict[str, Any]:
         kinds: Counter[str] = Counter()
         for kind in self.kinds.values():
@@ -382,18 +414,23 @@ class JobSupervisor:
                               "rank": r.rank, **r.progress}
                         for jid, r in self._runs.items()},
             "paused": self.paused,
+            "asked_to_join": len(self._asked),
             "kinds": {name: kind.statistics() for name, kind in self.kinds.items()},
             "gossip": self.services.gossip.statistics(),
             "blobs": self.services.blobs.statistics(),
         }
+
+    def _wake(self) -> None:
+        """Wake everything waiting on a change of the board (`_changed`)."""
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
 
     # -- the board ------------------------------------------------------------------------------
     def _on_state_change(self, event: Any) -> None:
         if not (event.path.startswith("jobs/") or event.path.startswith("members/")
                 or event.path.startswith("models/")):
             return
-        changed, self._changed = self._changed, trio.Event()
-        changed.set()
+        self._wake()
         if event.path.startswith("jobs/") and event.value is not None and self._listeners:
             note = {"job": event.path[5:], "summary": job_summary(event.value)}
             for listener in list(self._listeners):
@@ -484,6 +521,8 @@ class JobSupervisor:
             1 for jid, v in jobs.items()
             if jid not in self._runs and v["status"] not in TERMINAL
             and v["participants"].get(self.me, {}).get("state") == "joined")
+        self._asked.intersection_update(
+            jid for jid, v in jobs.items() if v["status"] not in TERMINAL)
         for job_id, view in jobs.items():
             spec = self._spec(job_id, view)
             if spec is None:
@@ -548,8 +587,7 @@ class JobSupervisor:
             if ctx is not None:
                 ctx.close()
             self._runs.pop(run.job_id, None)
-            changed, self._changed = self._changed, trio.Event()
-            changed.set()
+            self._wake()
         if run.stop_reason is not None and run.scope.cancelled_caught:
             self._publish_bare(run, "left", reason=run.stop_reason)
             self.checkpoints.drop(run.job_id)
@@ -593,13 +631,19 @@ class JobSupervisor:
             self._publish_progress(run, force=True)
             try:
                 run.final = await run.kind.participate(run, ctx)
-            except (KindRefused, BlobStoreFull) as e:
-                # over the volunteer's limits we leave (the job goes on without us);
-                # a kind that cannot run here fails our participation
-                leave = isinstance(e, (OverLimit, BlobStoreFull))
+            except KindRefused as e:
                 log.warning("job=%s cannot take part: %s", run.job_id, e)
-                self._publish_bare(run, "left" if leave else "failed", reason=str(e)[:200])
-                self.counts["left_over_limit" if leave else "failed_kind"] += 1
+                self._publish_bare(run, "failed", reason=str(e)[:200])
+                self.counts["failed_kind"] += 1
+                return
+            except (KindLeft, BlobStoreFull) as e:
+                # over the volunteer's limits (memory, a full blob store) we leave too:
+                # the job goes on without us
+                over = isinstance(e, (OverLimit, BlobStoreFull))
+                log.info("job=%s leaving: %s", run.job_id, e)
+                self._publish_bare(run, "left", reason=str(e)[:200])
+                self.checkpoints.drop(run.job_id)
+                self.counts["left_over_limit" if over else "left_kind"] += 1
                 return
             if run.final is None:
                 return
@@ -701,7 +745,7 @@ class JobSupervisor:
         now = trio.current_time()
         if not force and now < run.next_publish:
             return
-        run.next_publish = now + self.config.progress_interval
+        run.next_publish = now + progress_spacing(len(run.roster), self.config)
         self._publish(run, run.state, **extra)
 
     def _publish(self, run: Run, state: str, *, also: Sequence[Any] = (), **extra: Any) -> None:
@@ -799,12 +843,13 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
             task_status=task_status))
         models = open_model_service(blobs, store, sync, config.models, clock=clock,
                                     compute=model_compute)
+        asked: set[str] = set()
         services = Services(network, gossip, blobs, models, compute, config,
-                            rng or random.Random(), clock)
+                            rng or random.Random(), clock, asked_to_join=asked.__contains__)
         supervisor = JobSupervisor(
             network, store, sync, (kinds or builtin_kinds)(services),
             services, Checkpoints(Path(checkpoint_dir) if checkpoint_dir is not None else None),
-            governance)
+            asked=asked, governance=governance)
         supervisor._nursery = nursery
         try:
             if governance is not None:

@@ -1,9 +1,9 @@
-"""The trio driver of `/lattice/crdt-sync/1`, and the file that persists the state.
+"""The trio driver of `/lattice/crdt-sync/2`, and the file that persists the state.
 
 Owns the I/O around `lattice.core.state`: running `SyncSession` machines over
 `PeerNetwork` streams (a session with each peer as its connection comes up, told by the
-network's peer events; accepting inbound sessions, waking writers, periodic
-anti-entropy, penalizing peers that send invalid envelopes) and
+network's peer events; accepting inbound sessions, waking writers, the overlay's gossip
+tick, periodic anti-entropy, penalizing peers that send invalid envelopes) and
 `FileStateLog`, the append-only log in the state dir. Must not import libp2p: it talks
 to the network only through `lattice.net.streams.PeerNetwork`, so it runs unchanged
 over the real host and `lattice.testing.memnet`.
@@ -46,7 +46,10 @@ from lattice.core.state.log import LOG_MAGIC, Record, encode_record, scan
 from lattice.core.state.schema import Change, Set
 from lattice.core.state.store import AuthorBanned, LocalStateError, StateStore
 from lattice.core.state.sync import (
-    FORWARD_FANOUT,
+    LAZY_FANOUT,
+    MESH_DEGREE,
+    MESH_HIGH,
+    MESH_LOW,
     PROTOCOL_ID,
     SessionRefused,
     SyncHub,
@@ -249,7 +252,11 @@ class SyncConfig:
     """Driver settings (daemon config section ``[state]``)."""
 
     anti_entropy_interval: float = 10.0
-    """Mean seconds between summary exchanges with one random connected peer."""
+    """Mean seconds between reconciliations with one random connected peer (when the
+    two hold the same, one fingerprint each way)."""
+    gossip_interval: float = 1.0
+    """Seconds between overlay ticks: mesh upkeep and announcing what changed to a few
+    sessions outside the mesh (gossipsub's heartbeat, 1 s)."""
     session_retry: float = 2.0
     """A session that ended while its peer stays connected is dialed again this long
     after (or when the peer's backoff ends, if it was penalized)."""
@@ -263,8 +270,14 @@ class SyncConfig:
     backoff_base: float = 5.0
     backoff_max: float = 600.0
     max_batch_bytes: int = MAX_BATCH_BYTES
-    forward_fanout: int = FORWARD_FANOUT
-    """Sessions an envelope received from a peer is passed on to (our own: all)."""
+    mesh_degree: int = MESH_DEGREE
+    """Sync sessions each new update is pushed to (the overlay's mesh degree; a graft is
+    accepted up to 8). Others hear of it at the next gossip tick and pull what they lack."""
+    mesh_low: int = MESH_LOW
+    mesh_high: int = MESH_HIGH
+    """The mesh is grafted up below ``mesh_low`` and pruned above ``mesh_high`` (both
+    widened to include ``mesh_degree``)."""
+    lazy_fanout: int = LAZY_FANOUT
     initial_sync_timeout: float = 10.0
     """How long local writes wait for a peer to confirm our own history after a start
     with an identity that may have published before (see `CrdtSync.write`)."""
@@ -282,7 +295,11 @@ class CrdtSync:
         self._rng = rng
         self.hub = SyncHub(store, max_sessions=config.max_sessions,
                            backoff_base=config.backoff_base, backoff_max=config.backoff_max,
-                           forward_fanout=config.forward_fanout, rng=rng, wake=self._wake)
+                           mesh_degree=config.mesh_degree,
+                           mesh_low=min(config.mesh_low, config.mesh_degree),
+                           mesh_high=max(config.mesh_high, config.mesh_degree),
+                           lazy_fanout=config.lazy_fanout,
+                           rng=rng, wake=self._wake)
         self._wakers: dict[int, trio.Event] = {}
         self._dialing: set[str] = set()
         self._connected: set[str] = set()  # from the network's peer events
@@ -365,12 +382,12 @@ class CrdtSync:
         return self.store.apply_local(changes, self._clock())
 
     def sync_now(self) -> int:
-        """Ask every open session for a summary exchange (used after a partition heals
-        or by `lattice state sync`); returns how many were asked."""
+        """Reconcile with every open session (used after a partition heals or by
+        `lattice state sync`); returns how many were asked."""
         n = 0
         for session in list(self.hub.sessions.values()):
             if session.open:
-                session.request_summary()
+                session.request_recon()
                 self._wake(session)
                 n += 1
         return n
@@ -586,10 +603,16 @@ class CrdtSync:
             await trio.sleep(interval * self._rng.uniform(0.5, 1.5))
             session = self.hub.pick_anti_entropy(self._rng, self._clock())
             if session is not None:
-                session.request_summary()
+                session.request_recon()
                 self._wake(session)
                 self.anti_entropy_rounds += 1
 
+
+    async def _gossip_loop(self) -> None:
+        interval = self.config.gossip_interval
+        while True:
+            await trio.sleep(interval * self._rng.uniform(0.9, 1.1))
+            self.hub.tick()
 
 
 async def serve_heartbeat(store: StateStore,
@@ -599,9 +622,9 @@ async def serve_heartbeat(store: StateStore,
                           task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Publish our member record (``member``: name, version, reachability, addrs,
     capabilities; see `lattice.core.state.schema`; a callable is asked at the first
-    write) and refresh its heartbeat every ``interval`` seconds until cancelled. Others
-    show us as alive while the heartbeat is younger than their ``heartbeat_timeout``
-    (default 60 s: keep interval well below).
+    write) and refresh its heartbeat every ``interval`` seconds until cancelled (0:
+    never; daemons take liveness from `lattice.net.membership`, and fall back to the
+    heartbeat's age, ``heartbeat_timeout``, only for members it has no news of).
 
     With ``sync``, the first write waits for `CrdtSync.wait_writable`. A member record
     the schema refuses raises `LocalStateError` before ``task_status.started()`` (a
@@ -617,6 +640,8 @@ async def serve_heartbeat(store: StateStore,
                           + [Set("member/heartbeat", clock())], clock())
         task_status.started()
         started = True
+        if interval <= 0:  # liveness comes from the failure detector (issue 16)
+            await trio.sleep_forever()
         while True:
             await trio.sleep(interval)
             store.apply_local([Set("member/heartbeat", clock())], clock())
@@ -655,6 +680,7 @@ async def serve_crdt_sync(network: PeerNetwork, store: StateStore, *,
         nursery.start_soon(sync._keep_sessions)
         nursery.start_soon(sync._redial_when_due)
         nursery.start_soon(sync._anti_entropy_loop)
+        nursery.start_soon(sync._gossip_loop)
         task_status.started(sync)
         try:
             await trio.sleep_forever()

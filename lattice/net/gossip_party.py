@@ -84,11 +84,17 @@ class AveragingParty:
     take part: never while it trains (an offer is then *held* until the round ends, at
     most ``hold_timeout``), one exchange at a time, never after it finished. The runner
     trains only through `train`, so parameters change only there and in a committed
-    exchange."""
+    exchange.
+
+    ``average_into``, when given, returns where an exchange writes its average (or None:
+    a new array): a buffer that is neither the current parameters nor anything a
+    trainer touches until the commit adopts it (an attached loop's spare slot in shared
+    memory, so adopting the average copies nothing)."""
 
     def __init__(self, job_id: str, me: str, roster: list[str], participant: Any, *,
                  weighting: str = "uniform", bound: NormBound | None = NormBound(),
-                 compute: Compute = compute_inline) -> None:
+                 compute: Compute = compute_inline,
+                 average_into: Callable[[], np.ndarray | None] | None = None) -> None:
         self.job_id = job_id
         self.me = me
         self.roster = frozenset(roster) - {me}
@@ -96,6 +102,7 @@ class AveragingParty:
         self.weighting = weighting
         self.bound = bound
         self.compute = compute
+        self.average_into = average_into
         self.training = False
         self.closed = False
         self.exchange: str | None = None
@@ -165,15 +172,27 @@ class AveragingParty:
     async def train(self, fn: Callable[[], T]) -> T:
         """Run one training round (``fn``, through ``compute``); offers arriving
         meanwhile are held and served as soon as it returns."""
+        async with self.training_round():
+            return await self.compute(fn)
+
+    @asynccontextmanager
+    async def training_round(self) -> AsyncIterator[None]:
+        """A training round that runs elsewhere for the duration of the block (an
+        attached loop in the user's process): offers are held meanwhile and served as
+        soon as it ends, exactly as during `train`."""
         await self.wait_idle()
-        self.mixed = False
-        self._mixed_event = trio.Event()
+        self.new_round()
         self.training = True
         try:
-            return await self.compute(fn)
+            yield
         finally:
             self.training = False
             self._release_held()
+
+    def new_round(self) -> None:
+        """A round starts: whether a peer averaged with us (`mixed`) counts afresh."""
+        self.mixed = False
+        self._mixed_event = trio.Event()
 
     def _release_held(self) -> None:
         held, self.held = self.held, None
@@ -205,7 +224,8 @@ class AveragingParty:
         theirs = parse_peer_input(self.channel.receive, payload, self.params, self.bound,
                                   keep=(InvalidTensor,))
         w_own, w_peer = pair_weights(self.samples, peer_samples, self.weighting)
-        return pair_average(out.estimate, theirs, w_own, w_peer)
+        into = self.average_into() if self.average_into is not None else None
+        return pair_average(out.estimate, theirs, w_own, w_peer, out=into)
 
     def _apply(self, out: Outgoing, average: np.ndarray) -> None:
         """The commit: adopt the average (through the outer step, if any)."""

@@ -50,6 +50,7 @@ from libp2p.utils.address_validation import expand_wildcard_address
 
 from lattice.core.identity import Identity
 from lattice.net.streams import (
+    ADDED,
     CONNECTED,
     DISCONNECTED,
     PeerError,
@@ -339,6 +340,13 @@ class Libp2pNode:
     def peer_events(self, *, buffer: int = 64) -> PeerEvents:
         return self.events.subscribe(buffer)
 
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id`` (`lattice.net.connmgr` trims)."""
+        try:
+            await self.host.disconnect(ID.from_base58(peer_id))
+        except (OSError, ValueError, KeyError) as e:  # already gone, or not a peer id
+            raise PeerError(f"disconnect {peer_id}: {e}") from e
+
     # -- address book (lattice.net.dht.AddressBook) ------------------------------------
     def add_addrs(self, peer_id: str, addrs: Sequence[str], ttl: float = 3600.0) -> None:
         """Remember addresses a protocol learned so `open_stream` can dial the peer;
@@ -524,9 +532,10 @@ class Libp2pNode:
         relayed = any("p2p-circuit" in a for a in addrs)
         first = peer_id not in self._conns
         self._conns[peer_id] = _Conn(_direction(conn), addrs, relayed, time.time())
-        if first:  # a second connection to a connected peer (a punched direct one) is no news
-            self.events.publish(PeerEvent(CONNECTED, peer_id, _direction(conn),
-                                          addrs[0] if addrs else "", relayed))
+        # a second connection to a connected peer (a punched direct one) is no news to
+        # those who count peers, but it is to the hole puncher (lattice.net.nat)
+        self.events.publish(PeerEvent(CONNECTED if first else ADDED, peer_id,
+                                      _direction(conn), addrs[0] if addrs else "", relayed))
 
     def _on_disconnected(self, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id.to_base58()
@@ -663,7 +672,7 @@ def build_host(identity: Identity, listen: list[str], *, max_connections: int = 
                                            low_watermark=0, max_connections=max_connections,
                                            high_watermark=max_connections),
         enable_mDNS=False,  # lattice.net.mdns starts it after the node is up
-        enable_upnp=False,  # lattice.net.nat does UPnP when configured (no 1 s stall)
+        enable_upnp=False,  # lattice.net.nat.upnp does UPnP when configured (no 1 s stall)
         transports=[ListenPortTCP()],
     )
     # One attempt per dial: the swarm's own retries (3, with backoff) made a dial to a
@@ -693,6 +702,10 @@ async def open_libp2p_node(identity: Identity, listen: list[str], *,
             for t in host.get_network().transport_manager.get_transports():
                 if isinstance(t, ListenPortTCP):
                     t.source = _listen_endpoint(host)
+            # py-libp2p's auto-connector dials every peer in the peerstore until it
+            # holds (low + high water) / 2 = 128 connections: a full mesh at any size
+            # we run, fighting lattice.net.connmgr. Connections are ours to manage.
+            await host.get_network().auto_connector.stop()
             try:
                 yield node
             finally:

@@ -196,6 +196,9 @@ class GovernedNetwork:
     def connected_peers(self) -> list[str]:
         return self.network.connected_peers()
 
+    async def disconnect(self, peer_id: str) -> None:
+        await self.network.disconnect(peer_id)
+
     def peer_events(self, *, buffer: int = 64) -> PeerEvents:
         return self.network.peer_events(buffer=buffer)
 

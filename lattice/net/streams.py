@@ -132,14 +132,18 @@ class CountingStream:
 
 CONNECTED = "connected"
 DISCONNECTED = "disconnected"
+ADDED = "added"
 LAGGED = "lagged"
 
 
 @dataclass(frozen=True)
 class PeerEvent:
     """A peer's first connection came up (``connected``) or its last one went down
-    (``disconnected``). ``lagged`` (no peer) tells a subscriber that fell behind that
-    events were dropped: re-read `PeerNetwork.connected_peers` once."""
+    (``disconnected``). ``added``: another connection to a connected peer came up
+    (``relayed`` says which kind: a punched direct one beside a relayed one, for
+    lattice.net.nat); subscribers that count peers ignore it. ``lagged`` (no peer)
+    tells a subscriber that fell behind that events were dropped: re-read
+    `PeerNetwork.connected_peers` once."""
 
     kind: str
     peer_id: str = ""
@@ -226,6 +230,10 @@ class PeerNetwork(Protocol):
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None: ...
 
     def connected_peers(self) -> list[str]: ...
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close our connections to ``peer_id`` (the connection manager trims)."""
+        ...
 
     def peer_events(self, *, buffer: int = 64) -> PeerEvents:
         """Subscribe to peer connect/disconnect events from now on (`PeerEvents`);

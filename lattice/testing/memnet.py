@@ -114,6 +114,13 @@ class MemoryPeer:
             raise PeerError(f"cannot reach {peer_id}")
         self._net.link_up(self.peer_id, peer_id)
 
+    async def disconnect(self, peer_id: str) -> None:
+        """Close the link to ``peer_id`` (its open streams are reset)."""
+        await trio.lowlevel.checkpoint()
+        pair = {self.peer_id, peer_id}
+        self._net._reset_streams(lambda s, owner: {owner, s.remote_peer_id} == pair)
+        self._net._links_down(lambda a, b: {a, b} == pair)
+
     async def open_stream(self, peer_id: str, protocol: str, *, route: bool = True) -> MemoryStream:
         await trio.lowlevel.checkpoint()
         remote = self._net.peers.get(peer_id)

@@ -1,9 +1,10 @@
-"""A NAT testbed out of Linux network namespaces, veth pairs and iptables.
+"""A NAT testbed out of Linux network namespaces, veth pairs and nftables.
 
-Owns: building a topology from a declarative `Spec` (a public "internet" segment and
-private LANs behind NAT routers), running commands and creating sockets inside its
-namespaces, and removing every trace of it again (`Testbed.build` is a context manager;
-`down_all` cleans up after crashed runs). Also the `natlab` command (`main`).
+Owns: building a topology from a declarative `Spec` (a routed public "internet",
+private LANs behind NAT routers, carrier-grade NATs in front of some), running commands
+and creating sockets inside its namespaces, and removing every trace of it again
+(`Testbed.build` is a context manager; `down_all` cleans up after crashed runs). Also
+the `natlab` command (`main`).
 Must not import libp2p, trio or anything from `lattice.net`: it is plumbing that tests,
 benchmarks and developers put daemons into, not part of a daemon. Needs root.
 
@@ -11,32 +12,46 @@ Topology (theory of operation)
 ------------------------------
 ::
 
-    ns <p>-inet: bridge br0 ("the internet", 198.18.0.0/24; 198.18.0.1 drops the rest)
+    ns <p>-inet: "the internet", a router (198.18.0.1 on every link) with one veth per
+       |         attachment and a /32 route to each: every packet between two sites
+       |         crosses it (one hop, TTL - 1), as between two homes on the real internet
        |-- veth --> ns <p>-bootstrap  eth0 198.18.0.10    (public host)
        |-- veth --> ns <p>-relay      eth0 198.18.0.11    (public host)
        |-- veth --> ns <p>-gw-<lan>   wan0 198.18.0.101   (NAT router, one per LAN)
-                        lan0 198.19.1.1 -- LAN bridge --> ns <p>-a  eth0 198.19.1.10
+       |                lan0 198.19.1.1 -- LAN bridge --> ns <p>-a  eth0 198.19.1.10
+       `-- veth --> ns <p>-cgn-<c>    wan0 198.18.0.201   (carrier-grade NAT)
+                        lan0 198.18.65.1 -- carrier segment (its own range, standing
+                        for 100.64.0.0/10) --> ns <p>-gw-<lan> wan0 198.18.65.101 ...
 
-Routers SNAT LAN traffic leaving wan0: endpoint-independent mapping (`MASQUERADE`, which
-keeps the source port when it is free) for `Nat.CONE`, or a fresh random port for every
-new connection (`MASQUERADE --random-fully`) for `Nat.SYMMETRIC`. Both filter like a home
-router: from the WAN only packets conntrack knows (ESTABLISHED,RELATED) get in, NEW
-traffic is dropped silently, in FORWARD *and* INPUT. INPUT matters: an unsolicited SYN
-to the router's own WAN address that matches no NAT mapping is local traffic; without
-the drop the router's kernel answers with a RST, which kills the peer's half of a TCP
-simultaneous open (real routers that do this break hole punching; ours do not).
+Routers (nftables, table ``ip natlab``) translate what leaves wan0: endpoint-
+independent mapping (``masquerade``, which keeps the source port when it is free) for
+`Nat.CONE`, a fresh random port for every new connection (``masquerade fully-random``)
+for `Nat.SYMMETRIC`. From the WAN they let in what conntrack knows (established,
+related) and, by `Filtering`: nothing else (``PORT``: address- and port-dependent,
+Linux's own and most home routers'), new connections from an address the inside
+endpoint has sent to (``ADDRESS``), or from anyone (``NONE``: a "full cone"); the
+last two forward to the inside endpoint the mapped port belongs to (a dynamic map
+filled as mappings are made). What is not let in meets `Reject`: ``DROP`` (silence),
+``RST`` (no rule on the router's own INPUT, so its kernel answers a SYN to its WAN
+address with a RST, as a Linux router without a DROP rule does; forwarded traffic
+gets ``reject with tcp reset``), or ``ICMP`` (``reject`` with ICMP port unreachable,
+iptables' default REJECT). The counter ``unsolicited`` counts all of it
+(`Router.unsolicited_drops`). A rejecting router matters for hole punching: its RST
+or ICMP error kills the peer's connecting socket, and a RST also closes the peer's
+own NAT entry (docs/natlab.md). `hairpin`: a LAN host dialing the router's WAN
+address at a mapped port is forwarded back inside (and masqueraded), as routers with
+"NAT loopback" do; without it such a dial meets `Reject`.
 Inside a LAN, hosts reach each other directly through the router's LAN bridge, as
-through a home router's switch, multicast (mDNS) included. The router's FORWARD chain
+through a home router's switch, multicast (mDNS) included. The router's forward chain
 accepts lan0 -> lan0 explicitly: where the host kernel has br_netfilter loaded (docker,
 for one, loads it; net.bridge.bridge-nf-call-iptables is then 1 in every namespace),
-frames switched between two LAN ports traverse the router's iptables FORWARD chain, whose
-policy is DROP; without the rule two hosts on one LAN could not exchange a single packet.
+frames switched between two LAN ports traverse the router's forward hook.
 A `firewalled` public host has a public address but drops NEW inbound traffic itself.
-The internet itself (198.18.0.1 on br0, the default route of every public host and
-router) silently drops packets for destinations it does not hold, as the real internet
-does with private addresses: a dial to a peer's LAN address from elsewhere hangs until
-its timeout instead of failing fast (libraries that dial every advertised address must
-survive that). ``Spec(unknown_dst="unreachable")`` answers with ICMP instead.
+The internet router silently drops packets for destinations it does not hold, as the
+real internet does with private addresses: a dial to a peer's LAN address from
+elsewhere hangs until its timeout instead of failing fast (libraries that dial every
+advertised address must survive that). ``Spec(unknown_dst="unreachable")`` answers
+with ICMP instead.
 
 Every namespace is named ``<prefix>-<role>`` where prefix is ``nl`` + 6 hex digits,
 unique per run, so parallel runs never clash. Links are created directly inside the
@@ -73,9 +88,12 @@ from typing import Any
 
 PUBLIC_NET = ipaddress.ip_network("198.18.0.0/24")
 LAN_NET_TEMPLATE = "198.19.{n}.0/24"
+CARRIER_NET_TEMPLATE = "198.18.{n}.0/24"  # carrier segment k: 198.18.(64 + k).0/24
 _INET_ADDR = 1  # 198.18.0.1: the internet's router, where unknown destinations die
 _PUBLIC_HOST_BASE = 10  # public hosts: 198.18.0.10, .11, ...
-_ROUTER_WAN_BASE = 100  # router of LAN n: 198.18.0.(100 + n)
+_ROUTER_WAN_BASE = 100  # router of LAN n: 198.18.0.(100 + n), or .(100 + n) behind a CGN
+_CARRIER_WAN_BASE = 200  # carrier k: 198.18.0.(200 + k)
+_CARRIER_NET_BASE = 64
 _LAN_HOST_BASE = 10  # hosts of LAN n: 198.19.n.10, .11, ...
 
 _PREFIX_RE = re.compile(r"^nl[0-9a-f]{6}$")
@@ -92,8 +110,26 @@ class TestbedError(RuntimeError):
 
 
 class Nat(enum.Enum):
-    CONE = "cone"  # endpoint-independent mapping, port-preserving (MASQUERADE)
-    SYMMETRIC = "symmetric"  # new random port per connection (--random-fully)
+    """How a router maps inside endpoints to outside ports."""
+
+    CONE = "cone"  # endpoint-independent mapping, port-preserving (masquerade)
+    SYMMETRIC = "symmetric"  # new random port per connection (masquerade fully-random)
+
+
+class Filtering(enum.Enum):
+    """Which new connections from the WAN a router lets in to a mapped port (RFC 4787)."""
+
+    PORT = "port"  # address- and port-dependent: none (Linux conntrack, most homes)
+    ADDRESS = "address"  # address-dependent: from IPs the inside endpoint sent to
+    NONE = "none"  # endpoint-independent: from anyone ("full cone")
+
+
+class Reject(enum.Enum):
+    """What a router does with what it does not let in."""
+
+    DROP = "drop"  # silence
+    RST = "rst"  # TCP RST (its own stack answers on INPUT; tcp reset when forwarding)
+    ICMP = "icmp"  # ICMP port unreachable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,58 +143,129 @@ class Lan:
     name: str
     nat: Nat
     hosts: tuple[str, ...]
+    filtering: Filtering = Filtering.PORT
+    reject: Reject = Reject.DROP
+    hairpin: bool = False
+    behind: str | None = None  # the name of a `Carrier` (double NAT), or on the internet
+    forward: tuple[int, ...] = ()  # TCP ports forwarded to the LAN's first host
+
+
+@dataclasses.dataclass(frozen=True)
+class Carrier:
+    """A carrier-grade NAT: its inside is a segment of home routers' WAN ports."""
+
+    name: str
+    nat: Nat = Nat.CONE
+    filtering: Filtering = Filtering.PORT
+    reject: Reject = Reject.DROP
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """What to build: hosts on the public segment and LANs behind NAT routers."""
+    """What to build: hosts on the public internet and LANs behind NAT routers."""
 
     name: str
     public: tuple[PublicHost, ...] = ()
     lans: tuple[Lan, ...] = ()
+    carriers: tuple[Carrier, ...] = ()
     # What happens to packets for addresses outside the testbed (e.g. a peer's LAN
     # address dialed from another LAN): "blackhole" drops them silently like the real
     # internet; "unreachable" answers with ICMP so such dials fail at once.
     unknown_dst: str = "blackhole"
+    # one-way delay the internet router adds to every packet it forwards, ms (0: none;
+    # a userspace delay line, `natlab_delay`, since this kernel has no netem)
+    delay_ms: float = 0.0
 
     def __post_init__(self) -> None:
         names = [h.name for h in self.public] + [h for lan in self.lans for h in lan.hosts]
-        roles = names + ["gw-" + lan.name for lan in self.lans]
-        for name in names + [lan.name for lan in self.lans]:
+        roles = (names + ["gw-" + lan.name for lan in self.lans]
+                 + ["cgn-" + c.name for c in self.carriers])
+        for name in names + [lan.name for lan in self.lans] + [c.name for c in self.carriers]:
             if not _NAME_RE.match(name):
                 raise ValueError(f"bad name {name!r}: want [a-z][a-z0-9]{{0,11}}")
         if len(set(roles)) != len(roles) or "inet" in roles:
             raise ValueError(f"names must be unique and not 'inet': {roles}")
+        if not 0 <= self.delay_ms <= 500:
+            raise ValueError(f"delay_ms must be within [0, 500], got {self.delay_ms}")
         if self.unknown_dst not in ("blackhole", "unreachable"):
             raise ValueError(f"unknown_dst must be blackhole or unreachable: {self.unknown_dst!r}")
-        if len(self.lans) > 150 or len(self.public) > 80:
-            raise ValueError("too many LANs or public hosts for the address plan")
+        carriers = {c.name for c in self.carriers}
+        for lan in self.lans:
+            if lan.behind is not None and lan.behind not in carriers:
+                raise ValueError(f"LAN {lan.name} is behind unknown carrier {lan.behind!r}")
+        if len(self.lans) > 90 or len(self.public) > 80 or len(self.carriers) > 50:
+            raise ValueError("too many LANs, carriers or public hosts for the address plan")
 
 
-def _two_peer_case(name: str, a: Nat | None, b: Nat | None) -> Spec:
+def _two_peer_case(name: str, a: Nat | None, b: Nat | None, *,
+                   reject: Reject = Reject.DROP, filtering: Filtering = Filtering.PORT,
+                   a_filtering: Filtering | None = None) -> Spec:
     public = [PublicHost("bootstrap"), PublicHost("relay")]
     lans = []
     for peer, nat in (("a", a), ("b", b)):
         if nat is None:
             public.append(PublicHost(peer))
         else:
-            lans.append(Lan(f"lan{peer}", nat, (peer,)))
+            f = a_filtering if peer == "a" and a_filtering is not None else filtering
+            lans.append(Lan(f"lan{peer}", nat, (peer,), filtering=f, reject=reject))
     return Spec(name, tuple(public), tuple(lans))
 
 
+CARRIER = Carrier("isp")
+# Every case but the single LAN has the internet add this one-way delay (ms), as between
+# two homes: hole punching is a matter of timing that a sub-millisecond testbed hides
+# (a SYN that must cross the other's path inside one one-way delay, docs/natlab.md).
+INTERNET_DELAY_MS = 10.0
+
+
+def _across_internet(spec: Spec) -> Spec:
+    """``spec`` with the internet's delay, where its traffic crosses the internet."""
+    crosses = bool(spec.public) or len(spec.lans) > 1 or bool(spec.carriers)
+    return dataclasses.replace(spec, delay_ms=INTERNET_DELAY_MS) if crosses else spec
+
+
 CASES: dict[str, Spec] = {
-    s.name: s
+    s.name: _across_internet(s)
     for s in (
         _two_peer_case("public_x_public", None, None),
         _two_peer_case("public_x_cone", None, Nat.CONE),
         _two_peer_case("nat_cone_x_cone", Nat.CONE, Nat.CONE),
+        # routers that answer unsolicited SYNs (issue 15): a RST, or ICMP unreachable
+        _two_peer_case("nat_cone_x_cone_rst", Nat.CONE, Nat.CONE, reject=Reject.RST),
+        _two_peer_case("nat_cone_x_cone_icmp", Nat.CONE, Nat.CONE, reject=Reject.ICMP),
+        # filtering: endpoint-independent (a "full cone"), address-dependent
+        _two_peer_case("nat_fullcone_x_cone", Nat.CONE, Nat.CONE,
+                       a_filtering=Filtering.NONE),
+        _two_peer_case("nat_restricted_x_cone", Nat.CONE, Nat.CONE,
+                       a_filtering=Filtering.ADDRESS),
         _two_peer_case("nat_cone_x_symmetric", Nat.CONE, Nat.SYMMETRIC),
+        _two_peer_case("nat_cone_x_symmetric_rst", Nat.CONE, Nat.SYMMETRIC, reject=Reject.RST),
         _two_peer_case("nat_symmetric_x_symmetric", Nat.SYMMETRIC, Nat.SYMMETRIC),
         Spec(
             "firewalled_x_cone",
             (PublicHost("bootstrap"), PublicHost("relay"), PublicHost("a", firewalled=True)),
             (Lan("lanb", Nat.CONE, ("b",)),),
         ),
+        # a home cone NAT behind a carrier-grade cone NAT, against a plain home NAT
+        Spec("double_nat_x_cone", (PublicHost("bootstrap"), PublicHost("relay")),
+             (Lan("lana", Nat.CONE, ("a",), behind="isp"), Lan("lanb", Nat.CONE, ("b",))),
+             (CARRIER,)),
+        # two volunteers behind one home NAT, found by peer id (mDNS off)
+        Spec("same_nat", (PublicHost("bootstrap"), PublicHost("relay")),
+             (Lan("lan", Nat.CONE, ("a", "b")),)),
+        Spec("same_nat_hairpin", (PublicHost("bootstrap"), PublicHost("relay")),
+             (Lan("lan", Nat.CONE, ("a", "b"), hairpin=True),)),
+        # the only public daemon is the bootstrap; every volunteer at home
+        Spec("lone_bootstrap", (PublicHost("bootstrap"),),
+             (Lan("lana", Nat.CONE, ("a",)), Lan("lanb", Nat.CONE, ("b",)))),
+        Spec("lone_bootstrap_rst", (PublicHost("bootstrap"),),
+             (Lan("lana", Nat.CONE, ("a",), reject=Reject.RST),
+              Lan("lanb", Nat.CONE, ("b",), reject=Reject.RST))),
+        # nothing public: every volunteer at home; c forwarded its port on its router
+        # (reachable: it can relay), a and b did not
+        Spec("none_public", (),
+             (Lan("lana", Nat.CONE, ("a",)), Lan("lanb", Nat.CONE, ("b",)),
+              Lan("lanc", Nat.CONE, ("c",), forward=(4001,)))),
         # one home LAN and nothing public: what daemons find there without any bootstrap
         Spec("same_lan", (), (Lan("lan", Nat.CONE, ("a", "b", "c", "d")),)),
     )
@@ -189,10 +296,10 @@ def unavailable_reason() -> str | None:
     if sys.platform != "linux":
         return "natlab needs Linux network namespaces"
     if os.geteuid() != 0:
-        return "natlab needs root (network namespaces, iptables)"
-    for tool in ("ip", "iptables", "iptables-restore"):
+        return "natlab needs root (network namespaces, nftables)"
+    for tool in ("ip", "nft"):
         if shutil.which(tool) is None:
-            return (f"natlab needs `{tool}`: apt-get install -y iproute2 iptables conntrack")
+            return f"natlab needs `{tool}`: apt-get install -y iproute2 nftables conntrack"
     try:
         _run(["ip", "netns", "list"])
     except (TestbedError, OSError) as e:
@@ -252,8 +359,17 @@ class Node:
     addr: str  # the address others use: public hosts and routers: on 198.18.0.0/24
     role: str  # "public" | "firewalled" | "private" | "router"
     lan: str | None = None
-    gateway: Router | None = None  # the NAT router in front of a private host
+    gateway: Router | None = None  # the NAT in front (of a private host, or of a router
+    # behind a carrier-grade NAT)
     _testbed: Testbed | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def public_ip(self) -> str:
+        """Where the internet sees this node: the outermost NAT's WAN address."""
+        node: Node = self
+        while node.gateway is not None:
+            node = node.gateway
+        return node.addr
 
     def cmd(self, argv: Sequence[str]) -> list[str]:
         """``argv`` prefixed so it runs inside this node's namespace."""
@@ -287,64 +403,105 @@ class Router(Node):
     nat: Nat = Nat.CONE
     lan_addr: str = ""
     lan_net: str = ""
+    filtering: Filtering = Filtering.PORT
+    reject: Reject = Reject.DROP
+    hairpin: bool = False
 
     @property
     def wan_addr(self) -> str:
         return self.addr
 
     def unsolicited_drops(self) -> int:
-        """Packets from the WAN dropped because no connection of ours expected them."""
-        return _drop_counter(self)
+        """Packets from the WAN refused (dropped or rejected) because no connection of
+        ours expected them."""
+        return _unsolicited_count(self)
 
     def conntrack(self) -> str:
         """The router's connection-tracking table (needs the `conntrack` tool)."""
         return self.run(["conntrack", "-L"], check=False).stdout
 
 
-def _drop_counter(node: Node) -> int:
-    out = node.run(["iptables", "-w", "-L", "UNSOLICITED", "-v", "-x", "-n"]).stdout
-    for line in out.splitlines():
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == "DROP":
-            return int(fields[0])
-    raise TestbedError(f"no DROP rule in {node.netns} UNSOLICITED chain:\n{out}")
+def _unsolicited_count(node: Node) -> int:
+    out = node.run(["nft", "list", "counter", "ip", "natlab", "unsolicited"]).stdout
+    m = re.search(r"packets (\d+)", out)
+    if m is None:
+        raise TestbedError(f"no unsolicited counter in {node.netns}:\n{out}")
+    return int(m.group(1))
 
 
-def _router_rules(nat: Nat) -> str:
-    masq = "-j MASQUERADE --random-fully" if nat is Nat.SYMMETRIC else "-j MASQUERADE"
-    return f"""*nat
-:PREROUTING ACCEPT [0:0]
-:INPUT ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:POSTROUTING ACCEPT [0:0]
--A POSTROUTING -o wan0 {masq}
-COMMIT
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
-:UNSOLICITED - [0:0]
--A UNSOLICITED -j DROP
--A INPUT -i wan0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
--A INPUT -i wan0 -j UNSOLICITED
--A FORWARD -i lan0 -o lan0 -j ACCEPT
--A FORWARD -i lan0 -o wan0 -j ACCEPT
--A FORWARD -i wan0 -o lan0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
--A FORWARD -i wan0 -j UNSOLICITED
-COMMIT
-"""
+def router_rules(wan: str, nat: Nat, filtering: Filtering, reject: Reject,
+                 hairpin: bool, forward: dict[int, str] | None = None) -> str:
+    """The nftables ruleset of one NAT router (module docstring); ``forward``: port ->
+    inside address, the port forwards a volunteer set up on its router."""
+    masq = "masquerade fully-random" if nat is Nat.SYMMETRIC else "masquerade"
+    refuse_fwd = {Reject.DROP: ["drop"],
+                  Reject.RST: ["meta l4proto tcp reject with tcp reset",
+                               "reject with icmp type port-unreachable"],
+                  Reject.ICMP: ["reject with icmp type port-unreachable"]}[reject]
+    # RST: nothing on INPUT; the router's own stack answers (RST, ICMP for UDP)
+    refuse_in = {Reject.DROP: "drop", Reject.RST: "accept",
+                 Reject.ICMP: "reject with icmp type port-unreachable"}[reject]
+    pre = [f'iifname "wan0" ip daddr {wan} tcp dport {port} dnat ip to {host}:{port}'
+           for port, host in (forward or {}).items()]
+    if hairpin:
+        pre.append(f'iifname "lan0" ip daddr {wan} meta l4proto tcp '
+                   "dnat ip to tcp dport map @mapped")
+    if filtering is not Filtering.PORT:
+        pre.append(f'iifname "wan0" ip daddr {wan} ct state new meta l4proto tcp '
+                   "dnat ip to tcp dport map @mapped")
+    inbound = {Filtering.PORT: (['iifname "wan0" ct status dnat accept'] if forward else []),
+               Filtering.NONE: ['iifname "wan0" ct status dnat accept'],
+               Filtering.ADDRESS: ['iifname "wan0" ct status dnat '
+                                   "ip daddr . tcp dport . ip saddr @contacted accept"]}[filtering]
+    lines = [
+        "table ip natlab {",
+        "  counter unsolicited {}",
+        # mapped port -> the inside endpoint it belongs to; what inside endpoints sent to
+        "  map mapped { type inet_service : ipv4_addr . inet_service; "
+        "flags dynamic,timeout; timeout 30m; }",
+        "  set contacted { type ipv4_addr . inet_service . ipv4_addr; "
+        "flags dynamic,timeout; timeout 30m; }",
+        "  chain prerouting { type nat hook prerouting priority dstnat; policy accept;",
+        *(f"    {r}" for r in pre),
+        "  }",
+        "  chain postrouting { type nat hook postrouting priority srcnat; policy accept;",
+        f'    oifname "wan0" {masq}',
+        *(['    iifname "lan0" oifname "lan0" ct status dnat masquerade'] if hairpin else []),
+        "  }",
+        "  chain mappings { type filter hook postrouting priority 110; policy accept;",
+        '    oifname "wan0" ct state new meta l4proto tcp update @mapped '
+        "{ ct reply proto-dst : ct original ip saddr . ct original proto-src }",
+        '    oifname "wan0" ct state new meta l4proto tcp update @contacted '
+        "{ ct original ip saddr . ct original proto-src . ct original ip daddr }",
+        "  }",
+        "  chain input { type filter hook input priority filter; policy accept;",
+        '    iifname "wan0" ct state established,related accept',
+        f'    iifname "wan0" counter name "unsolicited" {refuse_in}',
+        "  }",
+        "  chain forward { type filter hook forward priority filter; policy drop;",
+        # what conntrack cannot place (e.g. a SYN-ACK out of the window it tracks) would
+        # leave untranslated: routers drop it
+        "    ct state invalid drop",
+        '    iifname "lan0" oifname "lan0" accept',
+        '    iifname "lan0" oifname "wan0" accept',
+        '    iifname "wan0" ct state established,related accept',
+        *(f"    {r}" for r in inbound),
+        *(f'    iifname "wan0" counter name "unsolicited" {r}' for r in refuse_fwd),
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
-_FIREWALL_RULES = """*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
-:UNSOLICITED - [0:0]
--A UNSOLICITED -j DROP
--A INPUT -i lo -j ACCEPT
--A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
--A INPUT -j UNSOLICITED
-COMMIT
+_FIREWALL_RULES = """table ip natlab {
+  counter unsolicited {}
+  chain input { type filter hook input priority filter; policy accept;
+    iifname "lo" accept
+    ct state established,related accept
+    counter name "unsolicited" drop
+  }
+  chain forward { type filter hook forward priority filter; policy drop; }
+}
 """
 
 
@@ -389,6 +546,7 @@ class Testbed:
         self.prefix = prefix
         self._nodes: dict[str, Node] = {}
         self._routers: dict[str, Router] = {}
+        self._carriers: dict[str, Router] = {}
         self._procs: list[subprocess.Popen[Any]] = []
         self._created: list[str] = []  # namespaces, in creation order
         self.inet = f"{prefix}-inet"
@@ -462,57 +620,112 @@ class Testbed:
         _run(["ip", "-n", ns, "addr", "add", cidr, "dev", ifname])
         _run(["ip", "-n", ns, "link", "set", ifname, "up"])
 
-    def _restore(self, ns: str, rules: str) -> None:
-        _run(["ip", "netns", "exec", ns, "iptables-restore", "-w"], input=rules)
+    def _nft(self, ns: str, rules: str) -> None:
+        _run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=rules)
+
+    def _attach(self, ns: str, ifname: str, addr: str) -> None:
+        """A veth from the internet router to ``ifname`` in ``ns``, holding ``addr``/32:
+        a point-to-point link, so everything ``ns`` sends crosses the internet router."""
+        port = f"v{len(self._created)}"
+        inet_ip = str(PUBLIC_NET[_INET_ADDR])
+        _run(["ip", "-n", self.inet, "link", "add", port, "type", "veth",
+              "peer", "name", ifname, "netns", ns])
+        _run(["ip", "-n", self.inet, "addr", "add", f"{inet_ip}/32", "dev", port])
+        _run(["ip", "-n", self.inet, "link", "set", port, "up"])
+        _run(["ip", "-n", self.inet, "route", "add", f"{addr}/32", "dev", port])
+        _run(["ip", "-n", ns, "addr", "add", f"{addr}/32", "dev", ifname])
+        _run(["ip", "-n", ns, "link", "set", ifname, "up"])
+        _run(["ip", "-n", ns, "route", "add", f"{inet_ip}/32", "dev", ifname])
+        _run(["ip", "-n", ns, "route", "add", "default", "via", inet_ip, "dev", ifname])
+
+    def _start_delay(self, ms: float) -> None:
+        """Every forwarded packet through the delay line (`natlab_delay`); returns once
+        it listens. ``bypass``: if it dies, packets pass undelayed rather than vanish."""
+        script = Path(__file__).with_name("natlab_delay.py")
+        self.internet.popen([sys.executable, str(script), "--ms", str(ms)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10.0
+        while "\n" not in self.internet.run(
+                ["cat", "/proc/net/netfilter/nfnetlink_queue"], check=False).stdout:
+            if time.monotonic() > deadline:
+                raise TestbedError("the delay line did not bind its netfilter queue")
+            time.sleep(0.02)
+        # iptables' NFQUEUE target: this kernel lacks nft's own queue expression
+        _run(["ip", "netns", "exec", self.inet, "iptables", "-w", "-A", "FORWARD", "-j",
+              "NFQUEUE", "--queue-num", "0", "--queue-bypass"])
+
+    def _router(self, role: str, wan: str, uplink: tuple[str, str] | None, inside: str,
+                nat: Nat, filtering: Filtering, reject: Reject, hairpin: bool,
+                lan: str, forward: dict[int, str] | None = None) -> Router:
+        """A NAT router: wan0 at ``wan`` on the internet (``uplink`` None) or on a
+        carrier segment (``uplink`` = (carrier namespace, its gateway)); lan0 a bridge
+        holding the first address of ``inside``."""
+        net = ipaddress.ip_network(inside)
+        gw_ip = str(net[1])
+        ns = self._add_netns(role)
+        if uplink is None:
+            self._attach(ns, "wan0", wan)
+        else:
+            carrier_ns, carrier_gw = uplink
+            self._plug(carrier_ns, "lan0", f"v-{role[-10:]}", ns, "wan0", f"{wan}/24")
+            _run(["ip", "-n", ns, "route", "add", "default", "via", carrier_gw])
+        _run(["ip", "-n", ns, "link", "add", "lan0", "type", "bridge"])
+        _run(["ip", "-n", ns, "link", "set", "lan0", "up"])
+        _run(["ip", "-n", ns, "addr", "add", f"{gw_ip}/{net.prefixlen}", "dev", "lan0"])
+        self._sysctl(ns, "net.ipv4.ip_forward", "1")
+        self._nft(ns, router_rules(wan, nat, filtering, reject, hairpin, forward))
+        return Router(role, ns, wan, "router", lan=lan, nat=nat, lan_addr=gw_ip,
+                      lan_net=str(net), filtering=filtering, reject=reject,
+                      hairpin=hairpin, _testbed=self)
 
     def _build(self) -> None:
-        plen = PUBLIC_NET.prefixlen
-        pub = list(PUBLIC_NET.hosts())
         self._add_netns("inet")
-        _run(["ip", "-n", self.inet, "link", "add", "br0", "type", "bridge"])
-        _run(["ip", "-n", self.inet, "link", "set", "br0", "up"])
-        inet_ip = str(pub[_INET_ADDR - 1])
-        _run(["ip", "-n", self.inet, "addr", "add", f"{inet_ip}/{plen}", "dev", "br0"])
         _run(["ip", "-n", self.inet, "route", "add", self.spec.unknown_dst, "default"])
         self._sysctl(self.inet, "net.ipv4.ip_forward", "1")
+        if self.spec.delay_ms:
+            self._start_delay(self.spec.delay_ms)
         # A blackhole route on the sending host itself fails connect() at once (EINVAL);
         # only a router's blackhole makes a SYN vanish. So hosts route via the internet.
 
         for i, host in enumerate(self.spec.public):
-            addr = str(pub[_PUBLIC_HOST_BASE + i - 1])
+            addr = str(PUBLIC_NET[_PUBLIC_HOST_BASE + i])
             ns = self._add_netns(host.name)
-            self._plug(self.inet, "br0", f"v-{host.name}", ns, "eth0", f"{addr}/{plen}")
-            _run(["ip", "-n", ns, "route", "add", "default", "via", inet_ip])
+            self._attach(ns, "eth0", addr)
             role = "firewalled" if host.firewalled else "public"
             if host.firewalled:
-                self._restore(ns, _FIREWALL_RULES)
+                self._nft(ns, _FIREWALL_RULES)
             self._nodes[host.name] = Node(host.name, ns, addr, role, _testbed=self)
+
+        uplinks: dict[str, tuple[str, str]] = {}
+        for k, c in enumerate(self.spec.carriers, start=1):
+            segment = CARRIER_NET_TEMPLATE.format(n=_CARRIER_NET_BASE + k)
+            cgn = self._router("cgn-" + c.name, str(PUBLIC_NET[_CARRIER_WAN_BASE + k]), None,
+                               segment, c.nat, c.filtering, c.reject, False, c.name)
+            self._carriers[c.name] = cgn
+            uplinks[c.name] = (cgn.netns, cgn.lan_addr)
 
         for n, lan in enumerate(self.spec.lans, start=1):
             lan_net = ipaddress.ip_network(LAN_NET_TEMPLATE.format(n=n))
-            lan_hosts = list(lan_net.hosts())
-            wan = str(pub[_ROUTER_WAN_BASE + n - 1])
-            gw_ip = str(lan_hosts[0])
-            gw = self._add_netns("gw-" + lan.name)
-            self._plug(self.inet, "br0", f"v-gw-{lan.name}", gw, "wan0", f"{wan}/{plen}")
-            # The LAN side is a bridge in the router too, so a LAN can hold many hosts.
-            _run(["ip", "-n", gw, "link", "add", "lan0", "type", "bridge"])
-            _run(["ip", "-n", gw, "link", "set", "lan0", "up"])
-            router = Router(
-                "gw-" + lan.name, gw, wan, "router", lan=lan.name, nat=lan.nat,
-                lan_addr=gw_ip, lan_net=str(lan_net), _testbed=self,
-            )
+            if lan.behind is None:
+                wan, uplink = str(PUBLIC_NET[_ROUTER_WAN_BASE + n]), None
+            else:
+                carrier = self._carriers[lan.behind]
+                wan = str(ipaddress.ip_network(carrier.lan_net)[_ROUTER_WAN_BASE + n])
+                uplink = uplinks[lan.behind]
+            first = str(lan_net[_LAN_HOST_BASE])
+            router = self._router("gw-" + lan.name, wan, uplink, str(lan_net), lan.nat,
+                                  lan.filtering, lan.reject, lan.hairpin, lan.name,
+                                  {port: first for port in lan.forward})
+            if lan.behind is not None:
+                router.gateway = self._carriers[lan.behind]
             for j, name in enumerate(lan.hosts):
-                addr = str(lan_hosts[_LAN_HOST_BASE + j - 1])
+                addr = str(lan_net[_LAN_HOST_BASE + j])
                 ns = self._add_netns(name)
-                self._plug(gw, "lan0", f"v-{name}", ns, "eth0", f"{addr}/{lan_net.prefixlen}")
-                _run(["ip", "-n", ns, "route", "add", "default", "via", gw_ip])
+                self._plug(router.netns, "lan0", f"v-{name}", ns, "eth0",
+                           f"{addr}/{lan_net.prefixlen}")
+                _run(["ip", "-n", ns, "route", "add", "default", "via", router.lan_addr])
                 self._nodes[name] = Node(name, ns, addr, "private", lan=lan.name,
                                          gateway=router, _testbed=self)
-            _run(["ip", "-n", gw, "addr", "add", f"{gw_ip}/{lan_net.prefixlen}", "dev", "lan0"])
-            _run(["ip", "-n", gw, "route", "add", "default", "via", inet_ip])
-            self._sysctl(gw, "net.ipv4.ip_forward", "1")
-            self._restore(gw, _router_rules(lan.nat))
             self._routers[lan.name] = router
 
     # -- access
@@ -526,11 +739,20 @@ class Testbed:
     def router(self, lan: str) -> Router:
         return self._routers[lan]
 
+    @property
+    def internet(self) -> Node:
+        """The internet's router (its namespace), e.g. to add a route or watch traffic."""
+        return Node("inet", self.inet, str(PUBLIC_NET[_INET_ADDR]), "internet", _testbed=self)
+
+    def carrier(self, name: str) -> Router:
+        return self._carriers[name]
+
     def hosts(self) -> list[Node]:
         return list(self._nodes.values())
 
     def routers(self) -> list[Router]:
-        return list(self._routers.values())
+        """Home routers, then carrier-grade NATs."""
+        return list(self._routers.values()) + list(self._carriers.values())
 
     def namespaces(self) -> list[str]:
         return list(self._created)
@@ -538,8 +760,9 @@ class Testbed:
     def describe(self) -> str:
         """Human-readable: namespaces, addresses, and how to poke at them."""
         lines = [f"natlab {self.spec.name}  prefix={self.prefix}",
-                 f"  {self.inet:<28} internet bridge br0, {PUBLIC_NET}, unknown "
-                 f"destinations: {self.spec.unknown_dst}"]
+                 f"  {self.inet:<28} internet router, {PUBLIC_NET}, unknown "
+                 f"destinations: {self.spec.unknown_dst}, one-way delay "
+                 f"{self.spec.delay_ms:g} ms"]
         for node in self.hosts():
             where = f"{node.addr}"
             if node.gateway is not None:
@@ -549,8 +772,10 @@ class Testbed:
                 where += "  (public, drops unsolicited inbound)"
             lines.append(f"  {node.netns:<28} {node.role:<10} {where}")
         for r in self.routers():
+            up = f", behind {r.gateway.netns}" if r.gateway is not None else ""
             lines.append(f"  {r.netns:<28} router     WAN {r.wan_addr}  LAN {r.lan_addr} "
-                         f"({r.lan_net}, {r.nat.value})")
+                         f"({r.lan_net}, {r.nat.value} NAT, {r.filtering.value}-filtering, "
+                         f"{r.reject.value}{', hairpin' if r.hairpin else ''}{up})")
         first_priv = next((n for n in self.hosts() if n.gateway is not None), None)
         first_pub = next((n for n in self.hosts() if n.role == "public"), None)
         lines.append("try:")
@@ -563,7 +788,7 @@ class Testbed:
                 priv_gw = first_priv.gateway
                 assert priv_gw is not None
                 lines.append(f"  ip netns exec {priv_gw.netns} conntrack -L     # see the NAT mapping")
-                lines.append(f"  ip netns exec {gw.netns} iptables -L UNSOLICITED -v -n")
+                lines.append(f"  ip netns exec {priv_gw.netns} nft list table ip natlab")
         lines.append(f"  ip netns exec {self.hosts()[0].netns} bash   # a shell in a host")
         lines.append(f"remove: tools/natlab down {self.prefix}")
         return "\n".join(lines)
@@ -700,6 +925,21 @@ def down_all(*, include_running: bool = False) -> list[str]:
 # --- the `natlab` command -------------------------------------------------------------
 
 
+def _lan_words(lan: Lan) -> str:
+    words = [lan.nat.value]
+    if lan.filtering is not Filtering.PORT:
+        words.append(f"{lan.filtering.value}-filtering")
+    if lan.reject is not Reject.DROP:
+        words.append(lan.reject.value)
+    if lan.hairpin:
+        words.append("hairpin")
+    if lan.forward:
+        words.append("forwards " + ",".join(map(str, lan.forward)))
+    if lan.behind:
+        words.append(f"behind {lan.behind}")
+    return " ".join(words)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="natlab", description="Network-namespace NAT testbed (needs root).")
@@ -707,6 +947,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("up", help="build a case and leave it running")
     up.add_argument("case", choices=sorted(CASES))
     up.add_argument("--prefix", help="use this run prefix (nl + 6 hex digits)")
+    up.add_argument("--delay", type=float, metavar="MS",
+                    help="one-way delay of the internet, ms (default: the case's)")
     dn = sub.add_parser("down", help="remove hand-made testbeds, one prefix, or leftovers")
     dn.add_argument("prefix", nargs="?", help="the run to remove")
     dn.add_argument("--all", action="store_true",
@@ -718,7 +960,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.cmd == "cases":
         for name, spec in CASES.items():
-            lans = ", ".join(f"{lan.name}({lan.nat.value}: {' '.join(lan.hosts)})"
+            lans = ", ".join(f"{lan.name}({_lan_words(lan)}: {' '.join(lan.hosts)})"
                              for lan in spec.lans)
             print(f"{name:<28} public: {' '.join(h.name for h in spec.public)}"
                   + (f"; {lans}" if lans else ""))
@@ -728,7 +970,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"natlab: {reason}", file=sys.stderr)
         return 2
     if args.cmd == "up":
-        tb = Testbed.create(args.case, prefix=args.prefix, owner_pid=None)
+        spec = case(args.case)
+        if args.delay is not None:
+            spec = dataclasses.replace(spec, delay_ms=args.delay)
+        tb = Testbed.create(spec, prefix=args.prefix, owner_pid=None)
         print(tb.describe())
         return 0
     if args.cmd == "list":

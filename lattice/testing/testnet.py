@@ -19,10 +19,14 @@ from lattice.testing.daemons import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
+LONE_COMPOSE_FILE = ROOT / "docker" / "compose.lone.yaml"  # the lone public bootstrap
 BUILD_IMAGES = ROOT / "docker" / "build-images"
 # the services of compose.yaml that run a daemon (the routers do not)
 WORKERS = ("worker-a1", "worker-a2", "worker-b1", "worker-c1")
 DAEMONS = ("bootstrap", "relay", *WORKERS)
+# and of compose.lone.yaml
+LONE_WORKERS = ("worker-x1", "worker-y1")
+LONE_DAEMONS = ("bootstrap", *LONE_WORKERS)
 
 
 def compose_command() -> list[str] | None:
@@ -56,14 +60,17 @@ def build_images(timeout: float = 1200) -> None:
 
 class Testnet:
     """The testnet as compose project ``project``: `up`, then `run`/`lattice` in its
-    services, `logs`, `down` (with its volumes)."""
+    services, `logs`, `down` (with its volumes). ``compose_file`` and the services of it
+    that run a daemon (``daemons``): compose.yaml by default."""
 
-    def __init__(self, project: str) -> None:
+    def __init__(self, project: str, compose_file: Path = COMPOSE_FILE,
+                 daemons: tuple[str, ...] = DAEMONS) -> None:
         compose = compose_command()
         if compose is None:
             raise RuntimeError(unavailable_reason() or "no compose")
         self.project = project
-        self.base = [*compose, "-p", project, "-f", str(COMPOSE_FILE)]
+        self.daemons = daemons
+        self.base = [*compose, "-p", project, "-f", str(compose_file)]
 
     def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([*self.base, *args], capture_output=True, text=True,
@@ -85,7 +92,7 @@ class Testnet:
 
     def _formed(self) -> dict[str, str] | None:
         ids = {}
-        for service in DAEMONS:
+        for service in self.daemons:
             try:
                 status = self.lattice(service, "status")
             except (RuntimeError, ValueError):  # not up yet: no socket, no JSON
@@ -93,7 +100,7 @@ class Testnet:
             if status["state"] != "running":
                 return None
             ids[service] = status["peer_id"]
-        for service in DAEMONS:
+        for service in self.daemons:
             members = self.lattice(service, "members")
             if {p for p, m in members.items() if m["alive"]} != set(ids.values()):
                 return None

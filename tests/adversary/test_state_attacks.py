@@ -1,5 +1,5 @@
 """Hostile peers against real daemons' replicated state (issue 11): a py-libp2p attacker
-speaks /lattice/crdt-sync/1 with the kit in `lattice.testing.hostile.state`. Each
+speaks /lattice/crdt-sync/2 with the kit in `lattice.testing.hostile.state`. Each
 attack is refused or bounded, counted, its sender penalized where it broke the
 protocol, and the daemon keeps serving its honest peers. Real time: every wait is on
 a condition with a deadline."""
@@ -101,7 +101,8 @@ WRONG = {
     # name: (what the attacker sends after the hellos, the penalty it earns)
     "not-msgpack": (b"\x00\x00\x00\x03\xc1\xc1\xc1", "malformed"),
     "oversized-frame": (b"\x7f\xff\xff\xff", "malformed"),
-    "second-hello": ({"t": "hello", "v": 1, "summary": {}, "banned": []}, "unexpected"),
+    "second-hello": ({"t": "hello", "v": 2, "root": [0, bytes(8)], "summary": {}, "banned": []},
+                     "unexpected"),
     "other-session-id": ({"t": "summary", "sid": "not-ours", "summary": {}, "reply": True},
                          "malformed"),
     "huge-summary": ({"t": "summary", "summary": {f"a{i}": [1, b"12345678"]

@@ -6,6 +6,7 @@ of seconds stand for "the packet was dropped", and the router's drop counter con
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import subprocess
@@ -93,14 +94,15 @@ async def test_unsolicited_inbound_to_a_natted_host_is_dropped(mixed_tb, nursery
             return True
         return False
 
-    # To the router's WAN address (no mapping: local INPUT) and, for an attacker on the
-    # same segment who routes the LAN prefix via the router, straight to the host (FORWARD).
-    boot.run(["ip", "route", "add", gw.lan_net, "via", gw.wan_addr])
+    # To the router's WAN address (no mapping: local INPUT) and, for an attacker next to
+    # the router (its ISP) who routes the LAN prefix to it, straight to the host (FORWARD).
+    inet = mixed_tb.internet
+    inet.run(["ip", "route", "add", gw.lan_net, "via", gw.wan_addr])
     try:
         assert not await dial(gw.wan_addr)
         assert not await dial(a.addr)
     finally:
-        boot.run(["ip", "route", "del", gw.lan_net, "via", gw.wan_addr])
+        inet.run(["ip", "route", "del", gw.lan_net, "via", gw.wan_addr])
     listener.close()
     # Dropped silently, not refused: a RST would have ended connect() at once. SYN
     # retransmissions may add to the count, so at least one per dial.
@@ -174,6 +176,11 @@ async def _simultaneous_open(tb: Testbed) -> bool:
     ("public_x_cone", True),
     ("firewalled_x_cone", True),
     ("nat_cone_x_cone", True),
+    # rejecting routers: only because both SYNs leave within one one-way delay (10 ms)
+    # of each other, so each meets the other's mapping already open
+    ("nat_cone_x_cone_rst", True),
+    ("nat_cone_x_cone_icmp", True),
+    ("double_nat_x_cone", True),
     # The symmetric side's SYN leaves from a port nobody announced, so the other NAT
     # drops it as unsolicited; plain simultaneous open cannot work (port prediction could).
     ("nat_cone_x_symmetric", False),
@@ -182,6 +189,94 @@ async def _simultaneous_open(tb: Testbed) -> bool:
 async def test_tcp_simultaneous_open_crosses_only_port_preserving_nats(case, expect_direct):
     with Testbed.build(case) as tb:
         assert await _simultaneous_open(tb) is expect_direct
+
+
+async def _dial(node: Node, target: tuple[str, int], *, port: int = 0,
+                timeout: float = 1.0) -> str:
+    """"connected", "refused", "unreachable" or "timeout": what a dial from ``node`` met."""
+    s = _bound_socket(node, port)
+    with s:
+        try:
+            with trio.move_on_after(timeout):
+                await s.connect(target)
+                return "connected"
+        except ConnectionRefusedError:
+            return "refused"
+        except OSError:
+            return "unreachable"
+    return "timeout"
+
+
+@pytest.mark.parametrize(("case", "met"), [("nat_cone_x_cone", "timeout"),
+                                          ("nat_cone_x_cone_rst", "refused"),
+                                          ("nat_cone_x_cone_icmp", "refused")])
+async def test_routers_drop_or_reject_what_they_do_not_let_in(case, met):
+    # ICMP port unreachable in answer to a SYN reads ECONNREFUSED, as a RST does
+    with Testbed.build(case) as tb:
+        gw = tb.host("a").gateway
+        before = gw.unsolicited_drops()
+        t0 = trio.current_time()
+        assert await _dial(tb.host("bootstrap"), (gw.wan_addr, 42000)) == met
+        if met != "timeout":
+            assert trio.current_time() - t0 < 0.5  # answered, not waited out
+        assert gw.unsolicited_drops() > before
+
+
+@pytest.mark.parametrize(("case", "from_other_ip", "from_other_port"), [
+    ("nat_cone_x_cone", False, False),  # address- and port-dependent filtering
+    ("nat_restricted_x_cone", False, True),  # address-dependent
+    ("nat_fullcone_x_cone", True, True),  # endpoint-independent
+])
+async def test_filtering_decides_who_may_open_a_mapped_port(case, from_other_ip, from_other_port,
+                                                            nursery):
+    with Testbed.build(case) as tb:
+        a, boot, relay = tb.host("a"), tb.host("bootstrap"), tb.host("relay")
+        await nursery.start(_serve_reflector, boot)
+        listener = _bound_socket(a, 43000)
+        listener.listen(4)
+        with listener:
+            mapped = await _observed(a, 43000, boot)  # a talked to boot's reflector port
+            assert mapped == (a.public_ip, 43000)
+            assert (await _dial(relay, mapped) == "connected") is from_other_ip
+            assert (await _dial(boot, mapped, port=43999) == "connected") is from_other_port
+
+
+async def test_double_nat_maps_through_the_home_router_and_the_carrier(nursery):
+    with Testbed.build("double_nat_x_cone") as tb:
+        a, boot = tb.host("a"), tb.host("bootstrap")
+        home, cgn = a.gateway, tb.carrier("isp")
+        assert home.gateway is cgn and a.public_ip == cgn.wan_addr
+        assert ipaddress.ip_address(home.wan_addr) in ipaddress.ip_network(cgn.lan_net)
+        await nursery.start(_serve_reflector, boot)
+        assert await _observed(a, 41000, boot) == (cgn.wan_addr, 41000)  # port kept twice
+        assert await _dial(boot, (cgn.wan_addr, 41001), timeout=0.5) == "timeout"
+
+
+@pytest.mark.parametrize(("case", "hairpin"), [("same_nat", False), ("same_nat_hairpin", True)])
+async def test_hairpin_forwards_a_dial_to_our_own_public_address_back_inside(case, hairpin,
+                                                                             nursery):
+    with Testbed.build(case) as tb:
+        a, b, boot = tb.host("a"), tb.host("b"), tb.host("bootstrap")
+        await nursery.start(_serve_reflector, boot)
+        listener = _bound_socket(b, 44000)
+        listener.listen(4)
+        with listener:
+            mapped = await _observed(b, 44000, boot)  # b's mapping exists now
+            assert mapped == (b.public_ip, 44000) == (a.public_ip, 44000)
+            assert (await _dial(a, mapped) == "connected") is hairpin
+            assert await _dial(a, (b.addr, 44000)) == "connected"  # the LAN always works
+
+
+async def test_the_internet_delays_what_crosses_it():
+    with Testbed.build("public_x_public") as tb:
+        boot, relay = tb.host("bootstrap"), tb.host("relay")
+        listener = _bound_socket(relay, 45000)
+        listener.listen(4)
+        with listener:
+            t0 = trio.current_time()
+            assert await _dial(boot, (relay.addr, 45000)) == "connected"
+            rtt = trio.current_time() - t0
+    assert rtt >= 2 * tb.spec.delay_ms / 1000 > 0
 
 
 def _netns_names() -> set[str]:

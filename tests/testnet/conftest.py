@@ -16,13 +16,23 @@ import os
 
 import pytest
 
-from lattice.testing.testnet import Testnet, build_images
+from lattice.testing.testnet import LONE_COMPOSE_FILE, LONE_DAEMONS, Testnet, build_images
 
 
 @pytest.fixture(scope="module")
 def testnet(request):
+    yield from _testnet(request, Testnet(f"latticetest{os.getpid()}"))
+
+
+@pytest.fixture(scope="module")
+def lone_testnet(request):
+    """docker/compose.lone.yaml: the bootstrap is the only public daemon."""
+    yield from _testnet(request, Testnet(f"latticelone{os.getpid()}", LONE_COMPOSE_FILE,
+                                         LONE_DAEMONS))
+
+
+def _testnet(request, net: Testnet):
     build_images()
-    net = Testnet(f"latticetest{os.getpid()}")
     try:
         net.up()
         net.wait_formed()

@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
-from latticed.localapi import dht, governor, jobs, models, peers, state, system
+from latticed.localapi import attach, dht, governor, jobs, models, peers, state, system
 from latticed.rpc_server import Handler
 
 if TYPE_CHECKING:
     from latticed.node import Node
 
-SUBSYSTEMS = (system, peers, state, dht, jobs, models, governor)
+SUBSYSTEMS = (system, peers, state, dht, jobs, attach, models, governor)
 
 
 def build_handlers(node: Node) -> dict[str, Handler]:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from lattice.api.errors import (
     InvalidArgumentError,
     NotFoundError,
     NotReadyError,
     PermissionDeniedError,
 )
-from lattice.core.jobs import KIND_MERGE, JobSpecError, JoinRefused
+from lattice.core.jobs import KIND_MERGE, STATUS_ORDER, JobSpecError, JoinRefused
 from lattice.jobs import JobNotFound, JobSupervisor, NotSubmitter
 from lattice.jobs.merge import prepare_merge_job
 from latticed.localapi.modelerrors import translated
@@ -41,16 +43,27 @@ async def jobs_submit(node: Node, client: ClientConnection, spec: dict[str, Any]
     return {"job_id": job_id, **({"token": jobs.token(job_id)} if private else {})}
 
 
+async def wait_for_job(node: Node, job_id: str, timeout: float) -> dict[str, Any]:
+    """The job's summary once it reached this daemon's replica (a job submitted
+    elsewhere a moment ago may not have yet); NotFoundError after ``timeout`` s."""
+    jobs = require_jobs(node)
+    with trio.move_on_after(max(0.0, min(timeout, 300.0))):
+        return await jobs.wait_job(job_id, frozenset(STATUS_ORDER))
+    raise NotFoundError(f"no job {job_id} (not known here after {timeout:g} s)")
+
+
 async def jobs_join(node: Node, client: ClientConnection, job_id: str,
-                    token: str | None = None) -> dict[str, Any]:
+                    token: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
     jobs = require_jobs(node)
     await wait_writable(node)
+    summary = await wait_for_job(node, job_id, timeout)
     try:
-        return {"joined": jobs.join(job_id, token)}
+        joined = jobs.join(job_id, token)
     except JobNotFound:
         raise NotFoundError(f"no job {job_id}") from None
     except JoinRefused as e:
         raise PermissionDeniedError(str(e)) from None
+    return {**summary, "job_id": job_id, "joined": joined}
 
 
 async def jobs_list(node: Node, client: ClientConnection) -> list[dict[str, Any]]:

@@ -29,7 +29,12 @@ def require_host(node: Node) -> Libp2pNode:
 
 
 async def peers_list(node: Node, client: ClientConnection) -> list[dict[str, Any]]:
-    return require_host(node).connections()
+    rows = require_host(node).connections()
+    if node.nat is not None:
+        for row in rows:  # why a relayed peer is not direct (lattice.net.nat)
+            if row["connection"] == "relayed":
+                row["why_relayed"] = node.nat.why_relayed(row["peer_id"])
+    return rows
 
 
 async def peers_connect(node: Node, client: ClientConnection, addr: str,

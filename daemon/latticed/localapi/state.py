@@ -68,6 +68,8 @@ async def state_stats(node: Node, client: ClientConnection) -> dict[str, Any]:
         out["sync"] = node.sync.statistics()
     if node.state_log is not None:
         out["log"] = node.state_log.statistics()
+    if node.membership is not None:
+        out["membership"] = node.membership.statistics()
     return out
 
 

@@ -39,6 +39,8 @@ def node_status(node: Node) -> dict[str, Any]:
         "observed_addrs": host.observed_addrs() if host else [],
         "reachability": node.nat.status() if node.nat else None,
         "peers": len(host.connected_peers()) if host else 0,
+        "connections": node.connections.statistics() if node.connections else None,
+        "membership": node.membership.statistics() if node.membership else None,
         "net": {"stream_retries": host.stream_retries,
                 "peer_events_dropped": host.events.dropped,
                 "libp2p_routine_failures": sum(f.demoted for f in node.libp2p_log_filters),

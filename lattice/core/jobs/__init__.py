@@ -3,7 +3,7 @@
 Owns the job record and id (`compute_job_id`), the job and participant state machines,
 roster selection, the reconciliation planner (`plan`: what this daemon should do about
 one job, given the replicated view), the merge decisions, and the spec types of the
-job kinds (`TrainSpec`, `MergeJobSpec`, ...), each parsed and bounded from a plain dict so the same
+job kinds (`TrainSpec`, `AttachSpec`, `MergeJobSpec`), each parsed and bounded from a plain dict so the same
 check runs on a spec typed by a user and one received from the network. Must not
 import trio, libp2p, sockets, lattice.learn or read the clock: time is passed in as
 ``now``. The supervisor that runs jobs is `lattice.jobs`; the wire and state formats
@@ -53,6 +53,12 @@ from lattice.core.jobs.access import job_token as job_token
 from lattice.core.jobs.access import join_entry as join_entry
 from lattice.core.jobs.access import join_proof as join_proof
 from lattice.core.jobs.access import may_volunteer as may_volunteer
+from lattice.core.jobs.attach import KIND_ATTACH as KIND_ATTACH
+from lattice.core.jobs.attach import AttachSpec as AttachSpec
+from lattice.core.jobs.attach import Manifest as Manifest
+from lattice.core.jobs.attach import ManifestError as ManifestError
+from lattice.core.jobs.attach import parse_attach_spec as parse_attach_spec
+from lattice.core.jobs.attach import parse_manifest as parse_manifest
 from lattice.core.jobs.lifecycle import DEFAULT_PARSERS as DEFAULT_PARSERS
 from lattice.core.jobs.lifecycle import JOB_ID_HEX as JOB_ID_HEX
 from lattice.core.jobs.lifecycle import JOB_TRANSITIONS as JOB_TRANSITIONS

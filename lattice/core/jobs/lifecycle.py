@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from lattice.core.codec import canonical
 from lattice.core.jobs.access import check_access, eligible, may_volunteer, normalize_access
+from lattice.core.jobs.attach import KIND_ATTACH, parse_attach_spec
 from lattice.core.jobs.merge import KIND_MERGE, parse_merge_spec
 from lattice.core.jobs.spec import JobSpecError
 from lattice.core.jobs.train import KIND_TRAIN, parse_train_spec
@@ -40,6 +41,7 @@ class JobSpecLike(Protocol):
 
 SpecParser = Callable[[Any], JobSpecLike]
 DEFAULT_PARSERS: Mapping[str, SpecParser] = {KIND_TRAIN: parse_train_spec,
+                                             KIND_ATTACH: parse_attach_spec,
                                              KIND_MERGE: parse_merge_spec}
 
 # -- states -------------------------------------------------------------------------------
@@ -402,7 +404,7 @@ def job_summary(view: Mapping[str, Any]) -> dict[str, Any]:
         "id": view.get("id"),
         "status": view.get("status"),
         "kind": record.get("kind", KIND_TRAIN),
-        "task": spec.get("task"),
+        "task": spec.get("task") or spec.get("name") or None,  # an attach job's name
         "submitter": view.get("submitter"),
         "min_peers": _count(spec.get("min_peers")) or None,
         "roster": list(roster),

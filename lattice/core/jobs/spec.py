@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._\-]{0,63}")
+_COMPRESSION_RE = re.compile(r"none|fp16|int8(?::([0-9]{1,9}))?|topk:([0-9.eE+\-]+)")
 _OPTION_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 MAX_STR = 64
 
@@ -119,3 +120,14 @@ def positive(text: str) -> bool:
     except ValueError:
         return False
     return math.isfinite(x) and x > 0
+
+
+def check_compression(value: str, name: str = "compression") -> None:
+    """A codec spec's syntax (`lattice.learn.compression` owns its meaning): none,
+    fp16, int8[:CHUNK] or topk:RATIO. Raises JobSpecError."""
+    m = _COMPRESSION_RE.fullmatch(value)
+    bad_chunk = m is not None and m.group(1) is not None and int(m.group(1)) < 1
+    bad_ratio = m is not None and m.group(2) is not None and not (
+        positive(m.group(2)) and float(m.group(2)) <= 1)
+    if m is None or bad_chunk or bad_ratio:
+        raise JobSpecError(name, "must be none, fp16, int8[:CHUNK] or topk:RATIO (0 < RATIO <= 1)")

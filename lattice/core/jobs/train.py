@@ -19,6 +19,7 @@ from lattice.core.jobs.spec import (
     Fields,
     FloatBound,
     JobSpecError,
+    check_compression,
     parse_fields,
     parse_options,
     positive,
@@ -33,7 +34,6 @@ MAX_PEERS = 256
 
 _PARTITION_RE = re.compile(r"iid|dirichlet:([0-9.eE+\-]+)")
 _SCHEDULE_RE = re.compile(r"constant|(late|tail)(?::([0-9.eE+\-]+))?")
-_COMPRESSION_RE = re.compile(r"none|fp16|int8(?::([0-9]{1,9}))?|topk:([0-9.eE+\-]+)")
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,4 @@ def _check_strings(spec: TrainSpec) -> None:
     m = _PARTITION_RE.fullmatch(spec.partition)
     if m is None or (m.group(1) is not None and not positive(m.group(1))):
         raise JobSpecError("partition", "must be 'iid' or 'dirichlet:ALPHA' with ALPHA > 0")
-    m = _COMPRESSION_RE.fullmatch(spec.compression)
-    bad_chunk = m is not None and m.group(1) is not None and int(m.group(1)) < 1
-    bad_ratio = m is not None and m.group(2) is not None and not (
-        positive(m.group(2)) and float(m.group(2)) <= 1)
-    if m is None or bad_chunk or bad_ratio:
-        raise JobSpecError("compression", "must be none, fp16, int8[:CHUNK] or topk:RATIO (0 < RATIO <= 1)")
+    check_compression(spec.compression)

@@ -41,6 +41,8 @@ always fits, whatever its size)."""
 MAX_ITEMS_PER_MESSAGE = 1024
 MAX_SUMMARY_ENTRIES = 8192
 """A summary names at most this many authors (about 500 KiB), so it fits a frame."""
+MAX_RANGES_PER_MESSAGE = 1024
+"""Reconciliation ranges in one ``recon`` message (each level of a split is 16)."""
 
 
 @dataclass(frozen=True)

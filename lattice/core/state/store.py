@@ -226,6 +226,12 @@ class StateStore:
         envelopes are gone from the store; the log drops them at its next rewrite)."""
         self._eviction_listeners.append(callback)
 
+    def set_liveness(self, liveness: views.Liveness | None) -> None:
+        """Take members' ``alive`` and ``age`` from ``liveness`` (the failure detector,
+        `lattice.core.membership`) where it has news of them; else from the age of
+        their heartbeat, as before."""
+        self._views.liveness = liveness
+
     def set_connected(self, peers: Iterable[str]) -> None:
         """The peers we run sync sessions with: their authors are never evicted."""
         self._connected = frozenset(peers)

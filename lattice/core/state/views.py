@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from lattice.core.jobs import STATUS_ORDER, JobSpecError, verify_record
@@ -74,12 +74,22 @@ def join_status(*states: str) -> str:
     return best
 
 
+Liveness = Callable[[str, float], "tuple[bool | None, float | None]"]
+"""``(peer, now) -> (alive, age)`` from the failure detector (`lattice.core.membership`);
+``alive`` None when it has no news of the peer."""
+
+
 def member_view(author: str, content: Content, now: float,
-                timeout: float) -> dict[str, Any] | None:
+                timeout: float, liveness: Liveness | None = None) -> dict[str, Any] | None:
     record = content.get(ROOT_MEMBER)
     if not record:
         return None
     out = dict(record)
+    if liveness is not None:
+        alive, age = liveness(author, now)
+        if alive is not None:  # news from the failure detector beats the record's age
+            out["alive"], out["age"] = alive, age
+            return out
     beat = record.get("heartbeat")
     if beat is None:
         out["alive"], out["age"] = False, None
@@ -107,6 +117,8 @@ class Views:
         if max_jobs_per_author < 1:
             raise ValueError("max_jobs_per_author must be at least 1")
         self.max_jobs_per_author = max_jobs_per_author
+        self.liveness: Liveness | None = None
+        """Set by the daemon to its failure detector (`StateStore.set_liveness`)."""
         self._contents: dict[str, Content] = {}
         self._members: set[str] = set()
         self._valid_jobs: dict[str, dict[str, float]] = {}
@@ -217,7 +229,8 @@ class Views:
     # -- members ------------------------------------------------------------------------------
     def member(self, author: str, now: float, timeout: float) -> dict[str, Any] | None:
         content = self._contents.get(author)
-        return None if content is None else member_view(author, content, now, timeout)
+        return None if content is None else member_view(author, content, now, timeout,
+                                                        self.liveness)
 
     def members(self, now: float, timeout: float) -> dict[str, dict[str, Any]]:
         out = {}

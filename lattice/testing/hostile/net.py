@@ -157,16 +157,46 @@ class HostilePeer:
 
 @asynccontextmanager
 async def open_hostile_peer(identity: Identity | None = None, *,
-                            listen: str = "/ip4/127.0.0.1/tcp/0") -> AsyncIterator[HostilePeer]:
+                            listen: str = "/ip4/127.0.0.1/tcp/0",
+                            look_alive: bool = True) -> AsyncIterator[HostilePeer]:
     """Run an attacker's host for the duration of the block. ``identity``: whose key to
     use (e.g. a roster member's, to get past "are you in this job?"); ``listen``: any
     loopback address works on Linux (127.0.1.2 is another /24 than 127.0.0.1, to test
-    quotas per source network on one machine)."""
+    quotas per source network on one machine); ``look_alive``: answer the victims'
+    membership probes as a live member would (`answer_membership_probes`), which costs
+    an attacker nothing, so that a victim counts a roster identity we took over alive."""
     from lattice.net.host import open_libp2p_node  # libp2p takes ~1 s to import
 
     identity = identity or Identity.generate()
     async with open_libp2p_node(identity, [listen]) as node:
-        yield HostilePeer(node, identity)
+        peer = HostilePeer(node, identity)
+        if look_alive:
+            answer_membership_probes(peer)
+        yield peer
+
+
+def answer_membership_probes(peer: HostilePeer) -> None:
+    """Answer `/lattice/swim/1` pings with acks, refuting whatever they say of us (a
+    higher incarnation each time we hear we are suspect or dead)."""
+    from lattice.net.membership import PROTOCOL
+
+    incarnation = 0
+
+    async def handler(stream: HostileStream) -> None:
+        nonlocal incarnation
+        msg = await stream.recv_frame()
+        if not isinstance(msg, dict) or msg.get("t") not in ("ping", "members"):
+            return
+        for rumour in msg.get("g") or []:
+            if isinstance(rumour, list) and len(rumour) == 3 and rumour[0] == peer.peer_id \
+                    and rumour[1] != "alive" and isinstance(rumour[2], int):
+                incarnation = max(incarnation, rumour[2] + 1)
+        if msg["t"] == "ping":
+            await stream.send_frame({"t": "ack", "n": msg.get("n"),
+                                     "g": [[peer.peer_id, "alive", incarnation]]})
+        await stream.close()
+
+    peer.serve(PROTOCOL, handler)
 
 
 # -- /lattice/gossip-avg/2 ------------------------------------------------------------------

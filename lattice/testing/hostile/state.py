@@ -3,7 +3,7 @@
 Owns building hostile Yjs updates (nesting that overflows the decoder's stack, nested
 shared types), signing them into envelopes, minting Sybil authors with valid histories
 of any size, forged job, model and participation records, and an attacker that speaks
-`/lattice/crdt-sync/1` from its own py-libp2p host (a hello, then whatever it likes, or
+`/lattice/crdt-sync/2` from its own py-libp2p host (a hello, then whatever it likes, or
 nothing at all). For tests and benchmarks, ours and users': nothing in `lattice` or
 `latticed` imports it.
 
@@ -200,7 +200,7 @@ class Fleet:
 
 
 class RawSession:
-    """One `/lattice/crdt-sync/1` stream the attacker drives by hand."""
+    """One `/lattice/crdt-sync/2` stream the attacker drives by hand."""
 
     def __init__(self, stream: Stream, sid: str, hello: dict[str, Any] | None) -> None:
         self.stream = stream
@@ -249,7 +249,8 @@ class RawSession:
 
 
 def hello(sid: str, summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    return {"t": "hello", "sid": sid, "v": 1, "summary": dict(summary or {}), "banned": []}
+    return {"t": "hello", "sid": sid, "v": 2, "root": [0, bytes(8)],
+            "summary": dict(summary or {}), "banned": []}
 
 
 class Attacker:

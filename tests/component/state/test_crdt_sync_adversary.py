@@ -22,8 +22,8 @@ def signed_write(identity, seq, entries, prev=b""):
 
 async def open_raw_session(mallory, victim, summary=None):
     stream = await mallory.open_stream(victim.peer_id, PROTOCOL)
-    await send_frame(stream, {"t": "hello", "sid": "evil", "v": 1, "summary": summary or {},
-                              "banned": []})
+    await send_frame(stream, {"t": "hello", "sid": "evil", "v": 2, "root": [0, bytes(8)],
+                              "summary": summary or {}, "banned": []})
     hello = await recv_frame(stream)
     assert hello["t"] == "hello" and hello["sid"] == "evil"
     return stream
@@ -86,7 +86,7 @@ async def test_invalid_envelopes_are_rejected_counted_and_penalized(cluster, aut
     assert victim.sync.hub.in_backoff(mallory.peer_id, trio.current_time())
     # while in backoff, mallory cannot even open a session
     again = await mallory.open_stream(victim.peer_id, PROTOCOL)
-    await send_frame(again, {"t": "hello", "sid": "evil2", "v": 1, "summary": {},
+    await send_frame(again, {"t": "hello", "sid": "evil2", "v": 2, "root": [0, bytes(8)], "summary": {},
                              "banned": []})
     assert await ended_by_victim(again)
     assert victim.sync.statistics()["sync"]["sessions_refused"] == 1

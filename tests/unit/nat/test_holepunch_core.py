@@ -3,11 +3,15 @@ back to back with no network (h11-style), time passed in by hand."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lattice.core import holepunch as hp
 from lattice.core.codec import pack, unpack
 from lattice.core.holepunch import (
+    DEFAULT_BIRTHDAY,
+    Birthday,
     Closed,
     Dial,
     DirectUp,
@@ -16,6 +20,9 @@ from lattice.core.holepunch import (
     HolePunchSession,
     Observation,
     PeerView,
+    Prime,
+    Primed,
+    Probe,
     Received,
     Send,
     Start,
@@ -57,10 +64,10 @@ def test_endpoint_independent_but_port_changing_nat_is_still_cone():
     assert view.kind == "cone" and view.addrs == ((WAN_A, 61000),)
 
 
-def test_different_mappings_per_observer_is_symmetric_with_nothing_to_punch():
+def test_different_mappings_per_observer_is_symmetric_and_only_the_ip_is_of_use():
     view = classify_nat(LISTEN, [obs("boot", LISTEN, (WAN_A, 40123)),
                                  obs("relay", LISTEN, (WAN_A, 51999))])
-    assert view.kind == "symmetric" and view.addrs == ()
+    assert view.kind == "symmetric" and {ip for ip, _ in view.addrs} == {WAN_A}
 
 
 def test_one_observer_port_kept_is_cone_port_changed_is_unknown_but_worth_a_try():
@@ -77,12 +84,19 @@ def test_only_listen_port_observations_say_where_the_listen_port_maps():
 
 # -- decide --------------------------------------------------------------------------------
 
-PUB = PeerView("public", "none", (("198.18.0.12", LISTEN),))
-CONE = PeerView("private", "cone", ((WAN_A, LISTEN),))
-CONE_B = PeerView("private", "cone", ((WAN_B, LISTEN),))
-SYM = PeerView("private", "symmetric", ())
-FIREWALLED = PeerView("private", "none", (("198.18.0.12", LISTEN),))
-NOTHING = PeerView("unknown", "unknown", ())
+ALL = ("lan", "birthday")
+PUB = PeerView("public", "none", (("198.18.0.12", LISTEN),), caps=ALL)
+CONE = PeerView("private", "cone", ((WAN_A, LISTEN),), "drop", (("198.19.1.10", LISTEN),), ALL)
+CONE_B = PeerView("private", "cone", ((WAN_B, LISTEN),), "drop", (("198.19.2.10", LISTEN),), ALL)
+SYM = PeerView("private", "symmetric", ((WAN_B, 40123), (WAN_B, 51999)), caps=ALL)
+SYM_A = PeerView("private", "symmetric", ((WAN_A, 40999),), caps=ALL)
+FIREWALLED = PeerView("private", "none", (("198.18.0.12", LISTEN),), caps=ALL)
+NOTHING = PeerView("unknown", "unknown", (), caps=ALL)
+# a port forward or a full-cone NAT: reachable, but through a NAT (it punches)
+FORWARDED = PeerView("public", "cone", ((WAN_B, LISTEN),), "open", caps=ALL)
+SAME_NAT = PeerView("private", "cone", ((WAN_A, 4002),), "drop", (("198.19.1.11", 4002),), ALL)
+REJECTING = PeerView("private", "cone", ((WAN_A, LISTEN),), "reject", caps=ALL)
+OLD = PeerView("private", "cone", ((WAN_B, LISTEN),))  # a v1 peer: no caps
 
 
 @pytest.mark.parametrize(("initiator", "responder", "plan"), [
@@ -92,14 +106,35 @@ NOTHING = PeerView("unknown", "unknown", ())
     (PUB, CONE, "responder_dials"),
     (CONE, CONE_B, "punch"),
     (CONE, FIREWALLED, "punch"),
-    (CONE, SYM, None),
-    (SYM, CONE, None),
-    (SYM, SYM, None),
+    (CONE_B, FORWARDED, "punch"),
+    (REJECTING, CONE_B, "punch"),
+    (CONE, SAME_NAT, "lan"),
+    (SAME_NAT, CONE, "lan"),
+    (CONE, SYM, "birthday"),
+    (SYM, CONE, "birthday"),
+    (REJECTING, SYM, None),  # the cone side's router would reset the primer's SYNs
+    (SYM_A, SYM, None),
     (CONE, NOTHING, None),
+    (CONE, dataclasses.replace(SYM, caps=("lan",)), None),  # birthday off on one side
+    (OLD, dataclasses.replace(SAME_NAT, addrs=((WAN_B, 4002),)), "punch"),  # no lan cap
 ])
 def test_decision_table(initiator, responder, plan):
-    got, reason = decide(initiator, responder)
-    assert got == plan and reason
+    d = decide(initiator, responder)
+    assert d.plan == plan and d.reason
+
+
+def test_the_symmetric_side_primes_and_the_other_probes():
+    assert decide(CONE, SYM).primer == "responder"
+    assert decide(SYM, CONE).primer == "initiator"
+
+
+@pytest.mark.parametrize(("initiator", "responder", "words"), [
+    (SYM_A, SYM, "both NATs are symmetric"),
+    (REJECTING, SYM, "their NAT is symmetric and our router rejects"),
+    (CONE, NOTHING, "no observed public address for them"),
+])
+def test_a_decision_to_stay_relayed_says_whose_nat_and_why(initiator, responder, words):
+    assert words in decide(initiator, responder).reason
 
 
 # -- two sessions back to back -----------------------------------------------------------
@@ -124,6 +159,71 @@ class Pair:
                 self.dials[side].append(act)
             elif isinstance(act, Done):
                 self.done[side] = act
+
+
+class BirthdayPair(Pair):
+    """`Pair`, recording Prime and Probe actions too."""
+
+    def __init__(self, ours_b: PeerView, ours_a: PeerView, *, b_limits=DEFAULT_BIRTHDAY,
+                 a_limits=DEFAULT_BIRTHDAY) -> None:
+        super().__init__(ours_b, ours_a)
+        self.b = HolePunchSession("initiator", ours_b, session_id=b"\x01" * 8, now=0.0,
+                                  birthday=b_limits)
+        self.a = HolePunchSession("responder", ours_a, now=0.0, birthday=a_limits)
+        self.primes: dict[str, list[Prime]] = {"a": [], "b": []}
+        self.probes: dict[str, list[Probe]] = {"a": [], "b": []}
+
+    def run(self, side, actions, now):
+        rest = []
+        for act in actions:
+            if isinstance(act, Prime):
+                self.primes[side].append(act)
+            elif isinstance(act, Probe):
+                self.probes[side].append(act)
+            else:
+                rest.append(act)
+        super().run(side, rest, now)
+
+
+@pytest.mark.parametrize(("b", "a", "primer"), [(CONE, SYM, "a"), (SYM, CONE, "b")])
+def test_birthday_the_symmetric_side_primes_then_the_cone_side_probes_its_ip(b, a, primer):
+    p = BirthdayPair(b, a, b_limits=Birthday(256, 1024, 500.0),
+                     a_limits=Birthday(128, 2048, 1000.0))
+    prober = "b" if primer == "a" else "a"
+    p.run("b", p.b.handle(Start(), 0.0), 0.0)
+    (prime,) = p.primes[primer]
+    cone = b if primer == "a" else a
+    # each side is held to its own limits: a primer A to its 128 ports
+    assert prime.target == cone.addrs[0] and prime.rate == 500.0
+    assert prime.ports == (128 if primer == "a" else 256)
+    assert p.probes[prober] == []  # not before the primer's SYNs are out
+    session = getattr(p, primer)
+    p.run(primer, session.handle(Primed(), 0.3), 0.3)
+    (probe,) = p.probes[prober]
+    sym = a if primer == "a" else b
+    assert probe.ips == (sym.addrs[0][0],) and probe.count == 1024 and probe.rate == 500.0
+    assert probe.until == pytest.approx(0.3 + 1024 / 500.0 + hp.ROUND_TIMEOUT)
+    for side in ("a", "b"):
+        p.run(side, getattr(p, side).handle(DirectUp(), 1.0), 1.0)
+    assert {d.outcome for d in p.done.values()} == {"direct"}
+    assert p.b.tried == "birthday, 1 round"
+
+
+def test_a_birthday_asked_beyond_our_limits_is_clamped_to_them():
+    a = HolePunchSession("responder", SYM, now=0.0, birthday=Birthday(64, 256, 100.0))
+    a.handle(Received({"type": "connect", "id": b"\x05" * 8, "round": 0, **hp.encode_view(CONE)}), 0)
+    (prime,) = a.handle(Received({"type": "sync", "id": b"\x05" * 8, "round": 0,
+                                  "plan": "birthday", "primer": "responder",
+                                  "ports": 10**6, "probes": 10**9, "rate": 1e9}), 0.0)
+    assert (prime.ports, prime.rate) == (64, 100.0)
+
+
+def test_lan_plan_dials_the_lan_address_first_then_the_public_one():
+    p = Pair(SAME_NAT, CONE)
+    p.run("b", p.b.handle(Start(), 0.0), 0.0)
+    (dial,) = p.dials["b"]
+    assert dial.addrs == CONE.local + CONE.addrs and dial.noise_initiator
+    assert p.dials["a"] == []
 
 
 def test_cone_x_cone_punches_with_fixed_noise_roles_and_rtt_half_delay():
@@ -163,7 +263,9 @@ def test_public_initiator_is_dialed_by_the_responder_as_an_ordinary_dial():
     assert p.dials["b"] == [] and [d.noise_initiator for d in p.dials["a"]] == [True]
 
 
-@pytest.mark.parametrize(("b", "a"), [(SYM, SYM), (CONE, SYM), (SYM, CONE_B)])
+@pytest.mark.parametrize(("b", "a"), [(SYM_A, SYM),
+                                      (CONE, dataclasses.replace(SYM, caps=())),
+                                      (dataclasses.replace(SYM_A, caps=()), CONE_B)])
 def test_symmetric_nat_stays_relayed_at_once_with_the_reason_on_both_sides(b, a):
     p = Pair(b, a)
     p.run("b", p.b.handle(Start(), 0.0), 0.0)
@@ -214,6 +316,11 @@ def test_closed_stream_ends_the_session_and_later_events_are_ignored():
     {"type": "connect", "id": b"\x01" * 8, "round": 0, "reach": "private", "nat": "cone",
      "addrs": [["1.2.3.4", 1]] * (hp.MAX_ADDRS + 1)},
     {"type": "hello"},
+    {"type": "primed", "id": b"\x01" * 8, "round": 0},  # primed out of the blue
+    {"type": "connect", "id": b"\x01" * 8, "round": 0, "reach": "private", "nat": "cone",
+     "addrs": [], "filtering": "sometimes"},
+    {"type": "connect", "id": b"\x01" * 8, "round": 0, "reach": "private", "nat": "cone",
+     "addrs": [], "local": [["10.0.0.1", 1]] * (hp.MAX_LOCAL_ADDRS + 1)},
 ])
 def test_malformed_or_unexpected_messages_are_the_peers_fault(msg):
     a = HolePunchSession("responder", CONE, now=0.0)
@@ -226,6 +333,20 @@ def test_sync_with_an_unknown_plan_or_nothing_to_dial_is_refused():
     a.handle(Received({"type": "connect", "id": b"\x04" * 8, "round": 0, **hp.encode_view(NOTHING)}), 0)
     with pytest.raises(HolePunchProtocolError):
         a.handle(Received({"type": "sync", "id": b"\x04" * 8, "round": 0, "plan": "punch"}), 0)
+
+
+@pytest.mark.parametrize("extra", [
+    {"primer": "nobody", "ports": 1, "probes": 1, "rate": 1},
+    {"primer": "responder", "ports": 0, "probes": 1, "rate": 1},
+    {"primer": "responder", "ports": 1, "probes": "many", "rate": 1},
+    {"primer": "responder", "ports": 1, "probes": 1, "rate": True},
+])
+def test_a_malformed_birthday_sync_is_refused(extra):
+    a = HolePunchSession("responder", SYM, now=0.0)
+    a.handle(Received({"type": "connect", "id": b"\x06" * 8, "round": 0, **hp.encode_view(CONE)}), 0)
+    with pytest.raises(HolePunchProtocolError):
+        a.handle(Received({"type": "sync", "id": b"\x06" * 8, "round": 0, "plan": "birthday",
+                           **extra}), 0.0)
 
 
 def test_bad_addresses_from_a_peer_are_dropped_not_dialed():
@@ -242,3 +363,10 @@ def test_largest_message_fits_the_frame_limit():
     assert len(pack(msg)) < hp.MAX_MESSAGE
     cancel = {"type": "cancel", "id": b"\xff" * 8, "reason": "x" * hp.MAX_REASON_CHARS}
     assert len(pack(cancel)) < hp.MAX_MESSAGE
+
+
+def test_each_side_words_the_reason_from_its_own_side():
+    p = Pair(REJECTING, SYM)  # b: cone behind a rejecting router; a: symmetric
+    p.run("b", p.b.handle(Start(), 0.0), 0.0)
+    assert p.done["b"].reason.startswith("their NAT is symmetric and our router rejects")
+    assert p.done["a"].reason.startswith("our NAT is symmetric and their router rejects")

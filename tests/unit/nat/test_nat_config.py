@@ -3,7 +3,7 @@ and errors that name the key."""
 
 import pytest
 
-from lattice.net.nat import NatConfig
+from lattice.net.nat_config import NatConfig
 
 
 def test_daemon_keys_map_onto_fields():
@@ -34,3 +34,15 @@ def test_defaults_carry_control_traffic_and_small_jobs_but_bound_the_uplink():
     assert cfg.relay_max_circuits * limits.data <= 4 << 30
     assert limits.max_reservations == cfg.relay_max_reservations
     assert limits.max_circuit_conns == cfg.relay_max_circuits_per_peer
+
+
+def test_the_relay_patch_refuses_a_py_libp2p_it_was_not_written_for():
+    from lattice.net.nat.relay_hop import (
+        SUPPORTED_LIBP2P,
+        UnsupportedLibp2pError,
+        check_libp2p_version,
+    )
+
+    assert check_libp2p_version() in SUPPORTED_LIBP2P  # what pyproject.toml pins
+    with pytest.raises(UnsupportedLibp2pError, match=r"py-libp2p 0\.9\.0 is installed.*libp2p=="):
+        check_libp2p_version("0.9.0")

@@ -26,13 +26,17 @@ def table_row(doc: str, name: str) -> str:
     ("exchange timeout, s", hp.EXCHANGE_TIMEOUT),
     ("round timeout, s", hp.ROUND_TIMEOUT),
     ("rounds", hp.MAX_ROUNDS),
+    ("LAN addresses per side", hp.MAX_LOCAL_ADDRS),
+    ("birthday ports asked, at most", hp.MAX_BIRTHDAY_PORTS),
+    ("birthday probes asked, at most", hp.MAX_BIRTHDAY_PROBES),
+    ("birthday SYNs per second, at most", hp.MAX_BIRTHDAY_RATE),
 ])
 def test_holepunch_limits_table_matches_the_code(name, value):
     assert table_row("holepunch.md", name) == str(value)
 
 
 def test_holepunch_session_cap_matches_the_driver_default():
-    from lattice.net.holepunch import HolePunchConfig
+    from lattice.net.nat.holepunch import HolePunchConfig
 
     assert table_row("holepunch.md", "sessions at once (both roles)") == str(
         HolePunchConfig().max_concurrent)

@@ -215,7 +215,8 @@ def test_anti_entropy_goes_first_to_a_refused_peer_once_its_allowance_refilled()
     for i in range(4):
         s = hub.open_session(Identity.generate().peer_id, initiator=True, session_id=f"s{i}",
                              now=NOW)
-        s.handle({"t": "hello", "sid": f"s{i}", "v": 1, "summary": {}, "banned": []}, NOW)
+        s.handle({"t": "hello", "sid": f"s{i}", "v": 2, "summary": {}, "root": [0, bytes(8)],
+                  "banned": []}, NOW)
         s.next_message()
         sessions.append(s)
     flooder = Author(snapshots=False)
@@ -225,7 +226,7 @@ def test_anti_entropy_goes_first_to_a_refused_peer_once_its_allowance_refilled()
     rng = random.Random(1)
     # while its allowance is empty (a flood), it is not preferred...
     assert {hub.pick_anti_entropy(rng, NOW) for _ in range(50)} == set(sessions)
-    # ...once refilled it is, until it got our summary
+    # ...once refilled it is, until we offered it a reconciliation
     assert {hub.pick_anti_entropy(rng, NOW + 10.0) for _ in range(20)} == {refused}
-    refused.request_summary()
-    assert refused.next_message()["t"] == "summary" and not refused.refused_since_summary
+    refused.request_recon()
+    assert refused.next_message()["t"] == "recon" and not refused.refused_since_summary

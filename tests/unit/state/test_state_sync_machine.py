@@ -7,9 +7,16 @@ import pytest
 from lattice.core.codec import pack, unpack
 from lattice.core.identity import Identity
 from lattice.core.state import Set, StateStore, SyncHub, SyncProtocolError
-from lattice.core.state.sync import FORWARD_FANOUT, SessionRefused
+from lattice.core.state.sync import (
+    MESH_DEGREE,
+    MESH_HIGH,
+    MESH_LOW,
+    SessionRefused,
+    encode_summary,
+)
 
 NOW = 100.0
+ROOT = [0, bytes(8)]
 
 
 class Peer:
@@ -25,7 +32,12 @@ class Peer:
 def connect(a: Peer, b: Peer):
     sa = a.hub.open_session(b.identity.peer_id, initiator=True, session_id="s1", now=NOW)
     sb = b.hub.open_session(a.identity.peer_id, initiator=False, session_id=None, now=NOW)
+    HUB_OF[id(sa)], HUB_OF[id(sb)] = a.hub, b.hub
     return sa, sb
+
+
+HUB_OF = {}
+"""The hub of each session `connect` made: `pump` delivers through it, as the driver."""
 
 
 def pump(sa, sb, *, drop=lambda msg: False):
@@ -39,7 +51,8 @@ def pump(sa, sb, *, drop=lambda msg: False):
                 progressed = True
                 sent.append(msg)
                 if not drop(msg):
-                    dst.handle(unpack(pack(msg)), NOW)  # through the wire encoding
+                    # through the wire encoding, and the hub as the driver does
+                    HUB_OF[id(dst)].handle(dst, unpack(pack(msg)), NOW)
         if not progressed:
             return sent
     raise AssertionError("sessions never went quiet")
@@ -72,68 +85,123 @@ def test_new_writes_are_pushed_to_open_sessions_and_forwarded_unchanged():
     assert sent[0]["items"] == [env.raw]  # b relayed a's bytes, not a copy of its own
 
 
-def test_a_received_envelope_is_forwarded_to_a_few_sessions_our_own_writes_to_all():
-    # b is connected to the author a and to ten others: a's write reaches b, which
-    # passes it on to FORWARD_FANOUT of the ten (never back to a); b's own write goes
-    # to all eleven. Forwarding everything everywhere is O(N^2) in a full mesh.
+def test_new_envelopes_go_to_the_mesh_and_are_announced_to_the_rest():
+    # b is connected to the author a and to ten others, with a mesh of MESH_DEGREE: a's
+    # write reaches b, which pushes it to its other mesh sessions only (never back to
+    # a); at the next tick it announces it to the rest, which pull it. Nobody gets it
+    # twice, and b's own writes also go to its mesh alone.
     a, b = Peer(), Peer()
     others = [Peer() for _ in range(10)]
     ab, ba = connect(a, b)
     pump(ab, ba)
+    assert ab.eager and ba.eager  # a grafted b; b took the graft
     links = []
     for c in others:
         bc, cb = connect(b, c)
         pump(bc, cb)
         links.append((bc, cb))
+    assert b.hub.statistics()["mesh"] == MESH_DEGREE
     a.write("x", 1)
     msg = ab.next_message()
     b.hub.handle(ba, unpack(pack(msg)), NOW)
     assert b.store.counters() == {"x": 1} and not ba.has_pending()
-    forwarded = [cb for bc, cb in links if bc.has_pending()]
-    assert len(forwarded) == FORWARD_FANOUT
+    pushed = [cb for bc, cb in links if bc.has_pending()]
+    assert len(pushed) == MESH_DEGREE - 1 and all(bc.eager for bc, cb in links if cb in pushed)
     for bc, cb in links:
         pump(bc, cb)
-    assert sum(c.store.counters() == {"x": 1} for c in others) == FORWARD_FANOUT
-    # the rest learn it from anti-entropy with b
-    for bc, cb in links:
-        cb.request_summary()
-        pump(bc, cb)
+    assert sum(c.store.counters() == {"x": 1} for c in others) == MESH_DEGREE - 1
+    b.hub.tick()  # the lazy sessions hear "have" and answer "want"
+    sent = [m for bc, cb in links for m in pump(bc, cb)]
     assert all(c.store.counters() == {"x": 1} for c in others)
+    assert sorted({m["t"] for m in sent}) == ["envelopes", "have", "want"]
+    assert sum(cb.duplicates_received for _, cb in links) == 0
     b.write("y", 2)
-    assert ba.has_pending() and all(bc.has_pending() for bc, _ in links)
+    assert ba.has_pending() and sum(bc.has_pending() for bc, _ in links) == MESH_DEGREE - 1
 
 
-def test_peers_the_author_reaches_itself_are_not_forwarded_to():
-    # a has sessions with b, c, d; b with a, c, d and f, which a does not know. a's
-    # write reaches b with a's current peer list, so b forwards it to f alone: c and d
-    # have it from a already. In a full mesh nothing is forwarded at all.
-    a, b, c, d, f = (Peer() for _ in range(5))
-    ab, ba = connect(a, b)
-    pump(ab, ba)  # a's hello named no other peers: it had none yet
-    for x in (c, d):
-        pump(*connect(a, x))
-    links = {}
-    for x in (c, d, f):
-        bx, xb = connect(b, x)
-        pump(bx, xb)
-        links[x] = (bx, xb)
+def test_a_graft_beyond_the_high_degree_is_pruned_and_a_thin_mesh_grows_at_tick():
+    hub_peer = Peer()
+    peers = [Peer() for _ in range(MESH_HIGH + 2)]
+    links = []
+    for p in peers:  # every peer dials hub_peer and grafts it
+        ps, hs = connect(p, hub_peer)
+        pump(ps, hs)
+        links.append((ps, hs))
+    assert hub_peer.hub.statistics()["mesh"] == MESH_HIGH
+    assert sum(ps.eager for ps, _ in links) == MESH_HIGH  # told of the prune
+    for ps, hs in links[:MESH_HIGH - MESH_LOW + 1]:
+        ps.set_mesh(False)  # they leave: hub_peer's mesh drops below MESH_LOW
+        pump(ps, hs)
+    assert hub_peer.hub.statistics()["mesh"] < MESH_LOW
+    hub_peer.hub.tick()
+    for ps, hs in links:
+        pump(ps, hs)
+    assert hub_peer.hub.statistics()["mesh"] == MESH_DEGREE
+
+
+def test_a_gap_is_pulled_from_the_peer_that_pushed_past_it():
+    a, b = Peer(), Peer()
+    sa, sb = connect(a, b)
+    pump(sa, sb)
     a.write("x", 1)
-    msg = ab.next_message()
-    assert sorted(msg["peers"]) == sorted(x.identity.peer_id for x in (c, d))
-    b.hub.handle(ba, unpack(pack(msg)), NOW)
-    assert [x for x, (bx, _) in links.items() if bx.has_pending()] == [f]
-    assert ab.next_message() is None  # told once; the next messages do not repeat it
-    pump(*links[f])
-    # a's envelope coming to b through c (anti-entropy) is not sent back to its author
+    pump(sa, sb, drop=lambda m: m["t"] == "envelopes")  # lost in flight
     a.write("x", 2)
-    ca, ac = next((s, t) for s in c.hub.sessions.values() for t in a.hub.sessions.values()
-                  if s.remote_peer == a.identity.peer_id and t.remote_peer == c.identity.peer_id)
-    pump(ac, ca)
-    bc, cb = links[c]
-    bc.request_summary()
-    pump(bc, cb)
+    sent = pump(sa, sb)  # b buffers seq 2, asks for what precedes it
     assert b.store.counters() == {"x": 2}
-    assert not ba.has_pending() and links[f][0].has_pending() and not links[d][0].has_pending()
+    assert [m["t"] for m in sent] == ["envelopes", "want", "envelopes"]
+
+
+def _shared_authors(n, *stores):
+    for _ in range(n):
+        author = Peer()
+        env = author.write("n", 1)
+        for store in stores:
+            store.receive(env.raw, NOW)
+
+
+def _wire_bytes(messages):
+    return sum(len(pack(m)) for m in messages)
+
+
+def test_reconciliation_costs_what_differs_not_what_is_held():
+    a, b = Peer(), Peer()
+    _shared_authors(300, a.store, b.store)
+    sa, sb = connect(a, b)
+    same = pump(sa, sb)  # equal fingerprints in the hellos: nothing more is said
+    assert [m["t"] for m in same] == ["hello", "hello", "mesh"]
+    sa.request_recon()
+    assert [m["t"] for m in pump(sa, sb)] == ["recon"]
+    for k in (1, 8):
+        _shared_authors(k, a.store)
+        sa.request_recon()
+        sent = pump(sa, sb)
+        assert b.store.summary() == a.store.summary()
+        assert sa.envelopes_sent + sb.envelopes_sent == k * (k == 1) + (1 + 8) * (k == 8)
+        full = len(pack(encode_summary(a.store)))
+        assert _wire_bytes(m for m in sent if m["t"] == "recon") < full / 4, (k, full)
+
+
+def test_catch_up_after_a_partition_exchanges_only_what_is_missing():
+    a, b = Peer(), Peer()
+    _shared_authors(200, a.store, b.store)
+    _shared_authors(3, a.store)  # written while apart
+    _shared_authors(2, b.store)
+    b.write("b", 1)
+    sa, sb = connect(a, b)
+    pump(sa, sb)
+    assert a.store.summary() == b.store.summary()
+    assert sa.envelopes_sent == 3 and sb.envelopes_sent == 3
+
+
+def test_a_full_summary_exchange_still_repairs_everything():
+    a, b = Peer(), Peer()
+    sa, sb = connect(a, b)
+    pump(sa, sb)
+    a.write("x", 1)
+    pump(sa, sb, drop=lambda m: m["t"] == "envelopes")
+    sb.request_summary()
+    pump(sa, sb)
+    assert b.store.counters() == {"x": 1}
 
 
 def test_anti_entropy_repairs_what_a_lost_message_missed():
@@ -143,7 +211,7 @@ def test_anti_entropy_repairs_what_a_lost_message_missed():
     a.write("x", 1)
     pump(sa, sb, drop=lambda m: m["t"] == "envelopes")  # lost in flight
     assert b.store.counters() == {}
-    sb.request_summary()
+    sb.request_recon()
     pump(sa, sb)
     assert b.store.counters() == {"x": 1}
 
@@ -157,6 +225,9 @@ def test_batches_respect_the_byte_limit():
     sb.handle(unpack(pack(sa.next_message())), NOW)
     sa.handle(unpack(pack(sb.next_message())), NOW)
     msg = sa.next_message(max_bytes=1000)
+    while msg["t"] != "envelopes":  # the mesh graft, the reconciliation
+        sb.handle(unpack(pack(msg)), NOW)
+        msg = sa.next_message(max_bytes=1000)
     assert msg["t"] == "envelopes" and 1 <= len(msg["items"]) <= 5
     sb.handle(unpack(pack(msg)), NOW)
     pump(sa, sb)
@@ -178,12 +249,17 @@ def test_an_invalid_envelope_ends_the_session_and_changes_nothing():
 
 @pytest.mark.parametrize("msg, reason", [
     ({"t": "envelopes", "sid": "s1", "items": []}, "unexpected"),
-    ({"t": "hello", "sid": "s1", "v": 2, "summary": {}, "banned": []}, "version"),
-    ({"t": "hello", "sid": "s1", "v": 1, "summary": {"x": -1}, "banned": []}, "malformed"),
-    ({"t": "hello", "sid": "s1", "v": 1, "summary": {"x": [1, b"short"]}, "banned": []},
+    ({"t": "hello", "sid": "s1", "v": 1, "summary": {}, "banned": []}, "version"),
+    ({"t": "hello", "sid": "s1", "v": 2, "summary": {"x": -1}, "root": ROOT, "banned": []},
      "malformed"),
-    ({"t": "hello", "sid": "s1", "v": 1, "summary": {}, "banned": "x"}, "malformed"),
-    ({"t": "hello", "v": 1, "summary": {}, "banned": []}, "malformed"),
+    ({"t": "hello", "sid": "s1", "v": 2, "summary": {"x": [1, b"short"]}, "root": ROOT,
+      "banned": []}, "malformed"),
+    ({"t": "hello", "sid": "s1", "v": 2, "summary": {}, "root": ROOT, "banned": "x"},
+     "malformed"),
+    ({"t": "hello", "sid": "s1", "v": 2, "summary": {}, "root": [0, b"1"], "banned": []},
+     "malformed"),
+    ({"t": "hello", "sid": "s1", "v": 2, "summary": {}, "banned": []}, "malformed"),
+    ({"t": "hello", "v": 2, "summary": {}, "root": ROOT, "banned": []}, "malformed"),
     (["hello"], "malformed"),
 ])
 def test_protocol_violations_are_blamed_on_the_remote(msg, reason):
@@ -202,7 +278,14 @@ def test_messages_after_hello_are_validated():
                 {"t": "envelopes", "sid": "s1", "items": ["text"]},
                 {"t": "summary", "sid": "s1", "summary": {}},
                 {"t": "proof", "sid": "s1", "envelopes": [b"x"]},
-                {"t": "hello", "sid": "s1", "v": 1, "summary": {}, "banned": []},
+                {"t": "hello", "sid": "s1", "v": 2, "summary": {}, "root": ROOT, "banned": []},
+                {"t": "recon", "sid": "s1", "ranges": [[0, 1, 0, [0, bytes(8)]]]},
+                {"t": "recon", "sid": "s1", "ranges": [[1, 3, 1, {"x": [1, bytes(8)]}]]},
+                {"t": "recon", "sid": "s1", "ranges": [[0, 0, 7, {}]]},
+                {"t": "recon", "sid": "s1", "ranges": [[0, 0, 0, [0, b"1"]]] * 1025},
+                {"t": "have", "sid": "s1", "tips": {"x": -1}},
+                {"t": "want", "sid": "s1", "seqs": ["x"]},
+                {"t": "mesh", "sid": "s1", "on": 1},
                 {"t": "gossip", "sid": "s1"}):
         with pytest.raises(SyncProtocolError):
             sb.handle(msg, NOW)
