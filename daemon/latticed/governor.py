@@ -5,7 +5,7 @@ of compute threads, and the trio service that runs it (`serve_governor`, handing
 Owns: the signal sources (battery from /sys/class/power_supply, other programs' CPU load
 from /proc/stat minus our own /proc/PID/stat, the user's last input from logind's
 ``IdleHint`` over the system D-Bus, else terminal access times, memory from
-/proc/PID/statm, free disk from statvfs), each rooted in a directory or a callable so
+/proc/PID/statm), each rooted in a directory or a callable so
 tests pass fakes; the compute threads (dedicated, so their idle priority, pinning and
 name never leak into trio's shared thread cache); `GovernedCompute`, the drop-in
 ``await compute(fn)`` of `lattice.net.gossip_avg.Compute` that blocks new work while
@@ -16,8 +16,11 @@ by the user, kept in ``<state dir>/governor.json`` across restarts. The decision
 
 The seams the job supervisor and the transfer code use: `Governor.state` and
 `Governor.wait_change` (mark participations paused with the reason, and back),
-`Governor.compute`, `Governor.upload` / `Governor.download`, `Governor.memory`
-(reserve a job's estimate) with `Governor.check_memory`, and `Governor.check_disk`.
+`Governor.compute`, `Governor.memory` (reserve a job's estimate) with
+`Governor.check_memory`, and the `lattice.net.shaping.ByteBudget` the transfer seam
+awaits (`Governor.refusal`, `Governor.send`, `Governor.receive`: the upload and
+download `TransferGate`s and the data allowance). The blob store keeps
+``keep_free_gb`` itself (`lattice.net.blob_store.BlobStore`).
 
 Failure policy: a signal that cannot be read (a file missing or garbled, no D-Bus) is
 unknown, pauses nothing and is counted under ``signal_errors``; the D-Bus connection is
@@ -56,11 +59,9 @@ from lattice.core.governor import (
     Now,
     Signals,
     TokenBucket,
-    TransfersPaused,
     UserPause,
     VolunteerConfig,
     decide,
-    disk_refusal,
 )
 
 log = logging.getLogger("latticed.governor")
@@ -79,10 +80,6 @@ BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"
                     "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 Clock = Callable[[], Now]
-# Settings kept here that the job supervisor and transfer code do not consult yet
-# (issue 18, second round); the daemon warns when a volunteer sets one.
-NOT_YET_APPLIED = ("max_memory_mb", "keep_free_gb", "upload_mbit_s", "download_mbit_s",
-                   "monthly_data_gb", "network_schedule")
 
 
 def system_now() -> Now:
@@ -162,12 +159,10 @@ class Sources:
     def __init__(self, *, proc: Path = Path("/proc"), sys: Path = Path("/sys"),
                  dev: Path = Path("/dev"), pid: int | None = None,
                  idle_hint: IdleHint | None = None,
-                 statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
                  page_size: int | None = None) -> None:
         self.proc, self.sys, self.dev = Path(proc), Path(sys), Path(dev)
         self.pid = os.getpid() if pid is None else pid
         self.idle_hint: IdleHint = idle_hint if idle_hint is not None else LogindIdleHint()
-        self.statvfs = statvfs
         self.page_size = page_size or resource.getpagesize()
         self.input_source = "none"  # what last_input read last: logind | tty | none
         self.errors: Counter[str] = Counter()
@@ -223,14 +218,6 @@ class Sources:
             self.errors["memory"] += 1
             return None
         return pages * self.page_size
-
-    def free_bytes(self, path: Path) -> int | None:
-        try:
-            st = self.statvfs(str(path))
-        except OSError:
-            self.errors["disk"] += 1
-            return None
-        return st.f_bavail * st.f_frsize
 
     async def last_input(self, now: float) -> float | None:
         """Epoch time of the user's last input (``now`` while logind says a session is
@@ -453,10 +440,9 @@ class GovernedCompute:
 
 
 class TransferGate:
-    """``await acquire(nbytes)`` before moving ``nbytes`` of a transfer one way: raises
-    `TransfersPaused` outside the transfer schedule or once the data allowance is spent
-    (the caller refuses or defers the transfer), else counts the bytes against the
-    allowance and waits as the rate limit requires."""
+    """One direction's rate limit: ``await acquire(nbytes)`` counts ``nbytes`` against
+    the data allowance and waits as the token bucket requires. Whether a transfer may
+    start at all is `Governor.refusal`'s."""
 
     def __init__(self, governor: Governor, direction: str, mbit_s: float, burst_s: float) -> None:
         self._governor = governor
@@ -464,15 +450,10 @@ class TransferGate:
         self.rate = mbit_s * 1e6 / 8  # bytes per second; 0: no limit
         self._bucket = TokenBucket(self.rate, self.rate * burst_s) if self.rate else None
         self.bytes = 0
-        self.refused = 0
         self.waits = 0
         self.wait_seconds = 0.0
 
     async def acquire(self, nbytes: int) -> None:
-        state = self._governor.state
-        if not state.network:
-            self.refused += 1
-            raise TransfersPaused(state.network_reasons[0])
         self._governor._count_data(nbytes)
         self.bytes += nbytes
         if self._bucket is not None:
@@ -483,7 +464,7 @@ class TransferGate:
                 await trio.sleep(wait)
 
     def statistics(self) -> dict[str, Any]:
-        return {"bytes": self.bytes, "limit_bytes_s": self.rate or None, "refused": self.refused,
+        return {"bytes": self.bytes, "limit_bytes_s": self.rate or None,
                 "waits": self.waits, "wait_seconds": round(self.wait_seconds, 3)}
 
 
@@ -526,6 +507,7 @@ class Governor:
         self.version = 0
         self.since = clock().wall
         self.pauses: Counter[str] = Counter()  # how often compute paused, by first reason
+        self.transfers_refused = 0
         self.rss_baseline: int | None = None
         self._changed = trio.Event()
         self._data_dirty = False
@@ -551,12 +533,21 @@ class Governor:
             return None
         return self.memory.over(max(0, rss - self.rss_baseline))
 
-    def check_disk(self, path: Path, nbytes: int) -> str | None:
-        """Why writing ``nbytes`` under ``path`` would leave less than ``keep_free_gb``."""
-        free = self.sources.free_bytes(path)
-        if free is None:
+    # -- the transfer seam (`lattice.net.shaping.ByteBudget`) ---------------------------------
+    def refusal(self) -> str | None:
+        """Why no transfer may start now: outside the transfer schedule, or the
+        month's data allowance spent (None: they may)."""
+        state = self.state
+        if state.network:
             return None
-        return disk_refusal(free, nbytes, int(self.config.keep_free_gb * 1e9))
+        self.transfers_refused += 1
+        return state.network_reasons[0].text
+
+    async def send(self, nbytes: int) -> None:
+        await self.upload.acquire(nbytes)
+
+    async def receive(self, nbytes: int) -> None:
+        await self.download.acquire(nbytes)
 
     # -- the local API ---------------------------------------------------------------------------
     def pause(self, for_s: float | None = None, reason: str = "") -> dict[str, Any]:
@@ -611,6 +602,7 @@ class Governor:
             "compute": self.compute.statistics(),
             "upload": self.upload.statistics(),
             "download": self.download.statistics(),
+            "transfers_refused": self.transfers_refused,
             "data_used_bytes": self.data.used(now),
             "memory_reserved_bytes": self.memory.reserved,
             "signal_errors": dict(self.sources.errors),
@@ -761,6 +753,6 @@ async def serve_governor(config: VolunteerConfig, *, compute_threads: int = 1,
                 await threads.aclose()
 
 
-__all__ = ["BLAS_THREAD_VARS", "NOT_YET_APPLIED", "THREAD_NAME", "ComputeThreads", "CpuControls", "Governor",
+__all__ = ["BLAS_THREAD_VARS", "THREAD_NAME", "ComputeThreads", "CpuControls", "Governor",
            "GovernedCompute", "LogindIdleHint", "Sources", "TransferGate", "WorkerPool",
            "cap_blas_threads", "choose_cpus", "serve_governor", "system_now"]

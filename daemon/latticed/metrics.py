@@ -57,18 +57,30 @@ FAMILIES: tuple[Family, ...] = (
     Family("lattice_uptime_seconds", "gauge", "Seconds since the daemon started."),
     Family("lattice_peers", "gauge", "Connected peers by connection kind.", ("connection",)),
     Family("lattice_transfer_bytes_total", "counter", "Bytes moved to and from peers, by "
-           "protocol and direction (in | out).", ("protocol", "direction")),
+           "protocol (or side channel, relay) and direction (in | out).",
+           ("protocol", "direction")),
+    Family("lattice_transfers_refused_total", "counter", "Job transfers refused while the "
+           "volunteer's limits pause them, by protocol.", ("protocol",)),
     Family("lattice_relay_reservations", "gauge", "Peers holding a relay slot on this daemon."),
     Family("lattice_relay_circuits", "gauge", "Relayed connections through this daemon now."),
+    Family("lattice_relay_circuits_opened_total", "counter", "Relayed connections through "
+           "this daemon since it started."),
+    Family("lattice_relay_circuits_refused_total", "counter", "Relay circuits refused, by "
+           "reason.", ("reason",)),
     Family("lattice_relay_bytes_total", "counter", "Bytes relayed for others."),
     Family("lattice_dht_routing_table_peers", "gauge", "Peers in the DHT routing table."),
     Family("lattice_dht_records", "gauge", "DHT records held, by kind (stored for others, "
            "providers, own).", ("kind",)),
     Family("lattice_state_members_alive", "gauge", "Members whose heartbeat is fresh."),
-    Family("lattice_state_sync_sessions_total", "counter", "Replicated-state sync sessions."),
+    Family("lattice_state_sync_sessions_open", "gauge", "Replicated-state sync sessions open "
+           "now."),
+    Family("lattice_state_sync_sessions_total", "counter", "Replicated-state sync sessions "
+           "opened."),
     Family("lattice_state_sync_rejections_total", "counter", "Replicated-state updates "
            "refused, by reason.", ("reason",)),
     Family("lattice_jobs", "gauge", "Jobs in the replicated state, by status.", ("status",)),
+    Family("lattice_jobs_participations", "gauge", "This daemon's job participations by "
+           "state (running, paused, merging...).", ("state",)),
     Family("lattice_compute_seconds_total", "counter", "CPU seconds job compute has used."),
     Family("lattice_governor_compute_paused", "gauge", "1 while job compute is paused."),
     Family("lattice_governor_pause_reason", "gauge", "1 for each reason compute is paused "
@@ -146,13 +158,10 @@ class MetricsRegistry:
 
 # -- feeds -------------------------------------------------------------------------------------
 
-# RpcStats field -> the error code it counts (errors handlers raise are not counted
-# by the RPC server yet; the supervisor round connects a counter per code)
-_RPC_ERROR_FIELDS = {"parse_errors": "PARSE_ERROR", "invalid_requests": "INVALID_REQUEST",
-                     "unknown_methods": "METHOD_NOT_FOUND", "invalid_params": "INVALID_PARAMS",
-                     "oversized_frames": "FRAME_TOO_LARGE", "internal_errors": "INTERNAL",
-                     "refused_overloaded": "OVERLOADED",
-                     "refused_credentials": "PERMISSION_DENIED"}
+# RpcStats fields counting refusals made before a client could be answered, by the
+# code they stand for; every error answered is in RpcStats.errors by code name
+_RPC_REFUSAL_FIELDS = {"refused_overloaded": "OVERLOADED",
+                       "refused_credentials": "PERMISSION_DENIED"}
 
 
 def feed_status(registry: MetricsRegistry) -> None:
@@ -172,6 +181,19 @@ def feed_status(registry: MetricsRegistry) -> None:
         return one(service.get(key))
     registry.feed("lattice_relay_reservations", lambda s: relay(s, "reservations"))
     registry.feed("lattice_relay_circuits", lambda s: relay(s, "circuits"))
+    registry.feed("lattice_relay_circuits_opened_total", lambda s: relay(s, "circuits_total"))
+    registry.feed("lattice_relay_bytes_total", lambda s: relay(s, "bytes_relayed"))
+    registry.feed("lattice_relay_circuits_refused_total", lambda s: sorted(
+        ((reason,), n) for reason, n in (((s.get("reachability") or {}).get("relay_service")
+                                          or {}).get("refused") or {}).items()))
+
+    def transfers(s: Snapshot) -> Mapping[str, Any]:
+        return s.get("transfers") or {}
+    registry.feed("lattice_transfer_bytes_total", lambda s: [
+        ((label, direction), n) for label, by_direction in sorted(transfers(s).get("bytes", {}).items())
+        for direction, n in sorted(by_direction.items())])
+    registry.feed("lattice_transfers_refused_total", lambda s: sorted(
+        ((protocol,), n) for protocol, n in transfers(s).get("refused", {}).items()))
 
     registry.feed("lattice_dht_routing_table_peers",
                   lambda s: one((s.get("dht") or {}).get("routing_table_size")))
@@ -181,12 +203,24 @@ def feed_status(registry: MetricsRegistry) -> None:
         if field in (s.get("dht") or {})])
     registry.feed("lattice_state_members_alive",
                   lambda s: one((s.get("state_sync") or {}).get("members_alive")))
+    registry.feed("lattice_state_sync_sessions_open",
+                  lambda s: one((s.get("state_sync") or {}).get("sessions")))
+    registry.feed("lattice_state_sync_sessions_total",
+                  lambda s: one((s.get("state_sync") or {}).get("sessions_opened")))
+    registry.feed("lattice_state_sync_rejections_total", lambda s: sorted(
+        ((reason,), n) for reason, n in ((s.get("state_sync") or {}).get("rejected") or {}).items()))
+    registry.feed("lattice_jobs_participations", lambda s: sorted(
+        ((state,), n) for state, n in ((s.get("jobs_here") or {}).items())))
     registry.feed("lattice_jobs", lambda s: sorted(
         Counter((j.get("status") or "unknown",) for j in s.get("jobs") or []).items()))
     registry.feed("lattice_rpc_requests_total", lambda s: one((s.get("rpc") or {}).get("requests")))
-    registry.feed("lattice_rpc_errors_total", lambda s: [
-        ((code,), (s.get("rpc") or {})[field]) for field, code in _RPC_ERROR_FIELDS.items()
-        if field in (s.get("rpc") or {})])
+    def rpc_errors(s: Snapshot) -> list[Sample]:
+        rpc = s.get("rpc") or {}
+        by_code: Counter[str] = Counter(rpc.get("errors") or {})
+        for field, code in _RPC_REFUSAL_FIELDS.items():
+            by_code[code] += rpc.get(field, 0)
+        return [((code,), n) for code, n in sorted(by_code.items()) if n]
+    registry.feed("lattice_rpc_errors_total", rpc_errors)
     registry.feed("lattice_events_dropped_total",
                   lambda s: one((s.get("events") or {}).get("dropped")))
 

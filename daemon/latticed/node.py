@@ -40,11 +40,12 @@ from lattice.net.gossip_party import GossipConfig
 from lattice.net.membership import MembershipConfig, MembershipService, serve_membership
 from lattice.net.modelstore import ModelsConfig, ModelService
 from lattice.net.nat_config import NatConfig
+from lattice.net.shaping import GovernedNetwork
 from latticed import discovery, metrics, presence, statedir
 from latticed.config import Config
 from latticed.discovery import DiscoveryConfig
 from latticed.events import EventBus
-from latticed.governor import NOT_YET_APPLIED, Governor, serve_governor
+from latticed.governor import Governor, serve_governor
 from latticed.localapi import build_handlers
 from latticed.rpc_server import RpcConfig, RpcServer, SocketInUse
 
@@ -77,6 +78,9 @@ class Node:
     store: StateStore | None = None
     state_log: FileStateLog | None = None
     host: Libp2pNode | None = None
+    network: GovernedNetwork | None = None
+    """The host as our protocols use it: metered by protocol, job transfers shaped by
+    the governor."""
     nat: NatManager | None = None
     dht: KademliaDHT | None = None
     sync: CrdtSync | None = None
@@ -131,9 +135,6 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
         node.governor = await nursery.start(functools.partial(
             serve_governor, cfg.build(VolunteerConfig), compute_threads=cfg["jobs.compute_threads"],
             state_dir=cfg.state_dir))
-        for name in NOT_YET_APPLIED:
-            if cfg.sources[f"volunteer.{name}"] != "default":
-                log.warning("volunteer.%s is set, but not applied yet by this version", name)
         if cfg["metrics.listen"]:
             node.metrics = await _start_metrics(node, nursery)
 
@@ -151,6 +152,7 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
                     node.identity, cfg["node.listen"],
                     max_connections=cfg.build(DiscoveryConfig).max_connections) as host:
                 node.host = host
+                node.network = GovernedNetwork(host, node.governor)
                 try:
                     await _start_services(node, nursery, host_mod)
                     node.ready_seconds = time.monotonic() - node.started_monotonic
@@ -177,14 +179,15 @@ async def serve_node(node: Node, *, task_status: trio.TaskStatus[Node] = trio.TA
 
 async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleType) -> None:
     """Everything that runs on the host, in dependency order."""
-    cfg, host = node.config, node.host
-    assert host is not None and node.store is not None
+    cfg, host, network = node.config, node.host, node.network
+    assert host is not None and network is not None and node.store is not None
     nat_mod = await _import("lattice.net.nat")
     node.nat = await nursery.start(functools.partial(
-        nat_mod.serve_nat, host, config=cfg.build(NatConfig), bootstrap=cfg["node.bootstrap"]))
+        nat_mod.serve_nat, host, config=cfg.build(NatConfig), bootstrap=cfg["node.bootstrap"],
+        budget=network.budget_for("relay")))
     node.dht = await discovery.start_dht(node, nursery)
     node.sync = await nursery.start(functools.partial(
-        serve_crdt_sync, host, node.store,
+        serve_crdt_sync, network, node.store,
         config=cfg.build(SyncConfig),
         history_is_new=node.identity_created))
     membership: MembershipService = await nursery.start(functools.partial(
@@ -205,22 +208,24 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
 
 
 async def _start_jobs(node: Node, nursery: trio.Nursery) -> JobSupervisor:
-    cfg = node.config
-    assert node.host is not None and node.dht is not None and node.store is not None
-    config = cfg.build(JobsConfig, gossip=cfg.build(GossipConfig), blob=cfg.build(BlobConfig),
+    cfg, network, governor = node.config, node.network, node.governor
+    assert network is not None and node.dht is not None and node.store is not None
+    assert governor is not None
+    blob = cfg.build(BlobConfig, keep_free_bytes=int(governor.config.keep_free_gb * 1e9))
+    config = cfg.build(JobsConfig, gossip=cfg.build(GossipConfig), blob=blob,
                        models=cfg.build(ModelsConfig), merge=cfg.build(MergeConfig),
                        attach=cfg.build(AttachConfig))
     transport: TensorTransport | None = None
     if cfg["bulk.direct"]:
         node.bulk = await discovery.start_bulk_listener(node, nursery)
         if node.bulk is not None:
-            transport = BulkTensorTransport(listener=node.bulk)
-    assert node.governor is not None
+            transport = BulkTensorTransport(listener=node.bulk,
+                                            budget=network.budget_for("bulk-side-channel"))
     jobs: JobSupervisor = await nursery.start(functools.partial(
-        serve_jobs, node.host, node.store, node.sync, config=config,
+        serve_jobs, network, node.store, node.sync, config=config,
         checkpoint_dir=cfg.state_dir / "jobs", blob_dir=cfg.state_dir / "blobs",
         providers=DhtProviders(node.dht), transport=transport,
-        compute=node.governor.compute))
+        compute=governor.compute, governance=governor))
     jobs.subscribe(lambda note: node.bus.publish("jobs", {"event": "progress", **note}))
     return jobs
 

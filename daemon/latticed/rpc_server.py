@@ -25,9 +25,9 @@ import os
 import socket
 import stat
 import struct
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +107,13 @@ class RpcStats:
     notifications_sent: int = 0
     fds_received: int = 0
     fds_refused: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    """Every error answered, by code name (the metrics' RPC errors by code)."""
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["errors"] = dict(self.errors)
+        return out
 
 
 class ClientConnection:
@@ -429,6 +433,7 @@ class RpcServer:
 
 
 async def _reply_error(client: ClientConnection, msgid: int | None, error: LatticeError) -> None:
+    client.server.stats.errors[error.code.name] += 1
     # Plain msgpack-RPC clients get Neovim's error shape, [code, message] (pynvim and
     # its kin index it so); our framed clients get the map with name and data.
     wire = ([int(error.code), f"{error.code.name}: {error.message}"] if client.plain

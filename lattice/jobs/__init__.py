@@ -18,10 +18,12 @@ from lattice.jobs.kind import Input as Input
 from lattice.jobs.kind import JobKind as JobKind
 from lattice.jobs.kind import KindLeft as KindLeft
 from lattice.jobs.kind import KindRefused as KindRefused
+from lattice.jobs.kind import OverLimit as OverLimit
 from lattice.jobs.kind import Result as Result
 from lattice.jobs.kind import Services as Services
 from lattice.jobs.merge import MergeConfig as MergeConfig
 from lattice.jobs.merge import MergeKind as MergeKind
+from lattice.jobs.supervisor import Governance as Governance
 from lattice.jobs.supervisor import JobNotFound as JobNotFound
 from lattice.jobs.supervisor import JobsConfig as JobsConfig
 from lattice.jobs.supervisor import JobSupervisor as JobSupervisor

@@ -105,7 +105,13 @@ class RunContext(Protocol):
         """Run ``callback`` when the participation ends (after the merge phase)."""
 
     def candidates(self) -> list[str]:
-        """Roster members that may still exchange with us: not finished, not known dead."""
+        """Roster members that may still exchange with us: not finished, not paused,
+        not known dead."""
+
+    def reserve_memory(self, nbytes: int) -> None:
+        """Reserve ``nbytes`` of the volunteer's compute memory (``max_memory_mb``) for
+        this participation, released when it ends; raises `OverLimit` when it would
+        exceed the cap."""
 
     def entries(self) -> dict[str, Mapping[str, Any]]:
         """The roster members' participation entries as this daemon sees them now."""
@@ -149,4 +155,9 @@ class KindRefused(Exception):
 class KindLeft(Exception):
     """This participant leaves the job (e.g. the user's attached loop went away); our
     entry says ``left`` with the message as its reason, and the others go on."""
+
+
+class OverLimit(KindLeft):
+    """The volunteer's limits (memory, disk) do not allow taking part: the participation
+    is *left* with this reason, and the job goes on without us."""
 

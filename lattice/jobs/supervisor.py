@@ -6,8 +6,12 @@ Owns what every kind shares: watching the job board in the replicated state, joi
 jobs a kind volunteers for, sealing the roster of jobs this daemon submitted, one
 participation per job (its entry in the replicated state, with the participant state
 machine enforced where it is written, progress at a bounded rate, checkpoints), the
-merge phase (who merges, takeovers, the model record) and cancellation. What a
-participant does and how the result is produced are the kind's (`lattice.jobs.kind`).
+merge phase (who merges, takeovers, the model record), cancellation, and the
+volunteer's limits (`Governance`): while the governor pauses compute our running
+participations say ``paused`` with the reason (partners skip us, we go on where we
+stopped when it lifts), and one that would exceed the memory cap, or finds the blob
+store full, leaves its job with that reason. What a participant does and how the
+result is produced are the kind's (`lattice.jobs.kind`).
 The decisions are `lattice.core.jobs`' (pure). Must not import libp2p.
 
 Failure policy. A peer that vanishes only costs the exchanges with it and, if it never
@@ -31,11 +35,12 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import trio
 
+from lattice.core.governor import GovernorState, MemoryBudget
 from lattice.core.jobs import (
     JOB_TRANSITIONS,
     PARTICIPANT_TRANSITIONS,
@@ -63,9 +68,16 @@ from lattice.core.jobs.train import BUILTIN_TASKS
 from lattice.core.state import LocalStateError, Set, StateStore
 from lattice.jobs.attach import AttachConfig
 from lattice.jobs.checkpoints import CheckpointError, Checkpoints
-from lattice.jobs.kind import Contribution, Input, JobKind, KindLeft, KindRefused, Services
+from lattice.jobs.kind import Contribution, Input, JobKind, KindLeft, KindRefused, OverLimit, Services
 from lattice.jobs.merge import MergeConfig
-from lattice.net.blob import BlobConfig, BlobService, BlobStore, Providers, serve_blobs
+from lattice.net.blob import (
+    BlobConfig,
+    BlobService,
+    BlobStore,
+    BlobStoreFull,
+    Providers,
+    serve_blobs,
+)
 from lattice.net.gossip_avg import (
     Compute,
     GossipConfig,
@@ -79,6 +91,25 @@ from lattice.net.streams import PeerNetwork
 log = logging.getLogger("lattice.jobs")
 
 _FINISHED = ("merging", "done", "left", "failed")
+_NOT_PARTNERS = (*_FINISHED, "paused")  # a paused participant is busy: skipped, not dead
+
+
+class Governance(Protocol):
+    """What the supervisor asks of the volunteer's governor
+    (`latticed.governor.Governor`): its decision, a change subscription, and the
+    memory cap of job compute."""
+
+    version: int
+    state: GovernorState
+    memory: MemoryBudget
+
+    async def wait_change(self, after: int) -> GovernorState:
+        """The state once `version` has moved past ``after``."""
+        ...
+
+    def check_memory(self) -> str | None:
+        """Why job compute must give memory back now, or None."""
+        ...
 
 
 class JobNotFound(KeyError):
@@ -191,6 +222,15 @@ class _Context:
     def candidates(self) -> list[str]:
         return self._sup.candidates(self._run)
 
+    def reserve_memory(self, nbytes: int) -> None:
+        governance = self._sup.governance
+        if governance is None:
+            return
+        why = governance.memory.reserve(self._run.job_id, nbytes)
+        if why is not None:
+            raise OverLimit(why)
+        self.on_close(lambda: governance.memory.release(self._run.job_id))
+
     def entries(self) -> dict[str, Mapping[str, Any]]:
         view = self._sup._job_view(self._run.job_id)
         found = view["participants"] if view is not None else {}
@@ -216,7 +256,8 @@ class JobSupervisor:
 
     def __init__(self, network: PeerNetwork, store: StateStore, sync: Any,
                  kinds: Mapping[str, JobKind[Any]], services: Services,
-                 checkpoints: Checkpoints, asked: set[str] | None = None) -> None:
+                 checkpoints: Checkpoints, asked: set[str] | None = None,
+                 governance: Governance | None = None) -> None:
         self.network = network
         self.store = store
         self.sync = sync
@@ -224,6 +265,8 @@ class JobSupervisor:
         self.services = services
         self.config = services.config
         self.checkpoints = checkpoints
+        self.governance = governance
+        self.paused: str | None = None  # why the governor stops our compute now
         self.me = network.peer_id
         self._clock = services.clock
         self._rng = services.rng
@@ -350,6 +393,11 @@ class JobSupervisor:
         return await blobs.fetch(model_id, hints=hints,
                                  timeout=timeout if timeout is not None else self.config.fetch_timeout)
 
+    def participation_states(self) -> dict[str, int]:
+        """Our participations by the state our entries say (``paused`` while the
+        governor pauses compute)."""
+        return dict(Counter(r.published or r.state for r in self._runs.values()))
+
     def partners(self) -> set[str]:
         """The peers in the rosters of the jobs this daemon runs now (the connection
         manager keeps their connections)."""
@@ -365,6 +413,7 @@ class JobSupervisor:
             "running": {jid: {"kind": r.kind.name, "round": r.round, "state": r.state,
                               "rank": r.rank, **r.progress}
                         for jid, r in self._runs.items()},
+            "paused": self.paused,
             "asked_to_join": len(self._asked),
             "kinds": {name: kind.statistics() for name, kind in self.kinds.items()},
             "gossip": self.services.gossip.statistics(),
@@ -427,8 +476,42 @@ class JobSupervisor:
             await self.sync.wait_writable()
         while True:
             self._reconcile()
+            self._check_memory()
             with trio.move_on_after(self.config.reconcile_interval):
                 await self._changed.wait()
+
+    # -- the volunteer's limits ----------------------------------------------------------------
+    async def _follow_governor(self, governance: Governance) -> None:
+        """Mirror the governor's decision: our running participations say ``paused``
+        with the reason while compute may not run (the governed compute itself blocks
+        the math), and gossip takes part in no exchange while compute or transfers are
+        paused."""
+        seen = -1
+        while True:
+            state = await governance.wait_change(seen)
+            seen = governance.version
+            paused = None if state.compute else state.compute_reasons[0].text
+            self.services.gossip.paused = paused or (
+                None if state.network else state.network_reasons[0].text)
+            if paused != self.paused:
+                self.paused = paused
+                log.info("jobs %s", f"paused: {paused}" if paused else "resumed")
+                for run in list(self._runs.values()):
+                    if run.state == "running" and run.published in ("running", "paused"):
+                        self._publish_progress(run, force=True)
+
+    def _check_memory(self) -> None:
+        """Stop every participation holding memory when job compute is over the cap:
+        each leaves its job with the reason."""
+        why = self.governance.check_memory() if self.governance is not None else None
+        if why is None:
+            return
+        for run in list(self._runs.values()):
+            if run.stop_reason is None and run.state in ("running", "merging"):
+                log.warning("job=%s leaving: %s", run.job_id, why)
+                self.counts["left_over_limit"] += 1
+                run.stop_reason = why
+                run.scope.cancel()
 
     def _reconcile(self) -> None:
         now = self._clock()
@@ -553,15 +636,23 @@ class JobSupervisor:
                 self._publish_bare(run, "failed", reason=str(e)[:200])
                 self.counts["failed_kind"] += 1
                 return
-            except KindLeft as e:
+            except (KindLeft, BlobStoreFull) as e:
+                # over the volunteer's limits (memory, a full blob store) we leave too:
+                # the job goes on without us
+                over = isinstance(e, (OverLimit, BlobStoreFull))
                 log.info("job=%s leaving: %s", run.job_id, e)
                 self._publish_bare(run, "left", reason=str(e)[:200])
                 self.checkpoints.drop(run.job_id)
-                self.counts["left_kind"] += 1
+                self.counts["left_over_limit" if over else "left_kind"] += 1
                 return
             if run.final is None:
                 return
-        await self._merge_phase(run, ctx)
+        try:
+            await self._merge_phase(run, ctx)
+        except BlobStoreFull as e:  # no room for the merged model: a later candidate merges
+            log.warning("job=%s cannot merge: %s", run.job_id, e)
+            self._publish_bare(run, "left", reason=str(e)[:200])
+            self.counts["left_over_limit"] += 1
 
     async def _merge_phase(self, run: Run, ctx: _Context) -> None:
         run.state = run.job_state = "merging"
@@ -646,7 +737,8 @@ class JobSupervisor:
         entries = view["participants"] if view else {}
         alive = self._alive(self.store.members(self._clock()))
         return [p for p in run.roster
-                if p != self.me and entries.get(p, {}).get("state") not in _FINISHED and alive(p)]
+                if p != self.me and entries.get(p, {}).get("state") not in _NOT_PARTNERS
+                and alive(p)]
 
     # -- progress ----------------------------------------------------------------------------------
     def _publish_progress(self, run: Run, *, force: bool = False, **extra: Any) -> None:
@@ -657,6 +749,9 @@ class JobSupervisor:
         self._publish(run, run.state, **extra)
 
     def _publish(self, run: Run, state: str, *, also: Sequence[Any] = (), **extra: Any) -> None:
+        paused = state == "running" and self.paused is not None
+        if paused:
+            state = "paused"  # the kind's loop is held in the governed compute meanwhile
         entry: dict[str, Any] = {"peer_id": self.me, "state": state, "rank": run.rank,
                                  "round": run.round, "updated": self._clock()}
         if run.job_state is not None:  # a claim, once made, stays (the status is their max)
@@ -679,6 +774,8 @@ class JobSupervisor:
         if reason is not None:
             entry["reason"] = reason
             run.reason = reason
+        if paused:
+            entry["reason"] = self.paused
         try:
             self._write_entry(run.job_id, run.published, entry, also=also)
         except LocalStateError as e:
@@ -711,6 +808,7 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
                      providers: Providers | None = None,
                      transport: TensorTransport | None = None,
                      compute: Compute | None = None,
+                     governance: Governance | None = None,
                      model_compute: Compute | None = None,
                      clock: Callable[[], float] = time.time,
                      rng: random.Random | None = None,
@@ -727,14 +825,16 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
     ``config.compute_threads`` worker threads; the daemon passes its governor's);
     ``model_compute`` the model store's own work for local users (imports, exports,
     merges over the RPC; default: its ``config.models.compute_threads`` worker
-    threads). ``clock`` is the wall clock of records and member liveness (tests pass
+    threads); ``governance`` the volunteer's governor (pauses, the memory cap; None: no
+    limits). ``clock`` is the wall clock of records and member liveness (tests pass
     ``trio.current_time``); ``rng`` the randomness of nonces and partner choice (seed it
     to replay a test). Failure policy: see the module docstring."""
     from lattice.jobs import builtin_kinds
 
     if compute is None:
         compute = thread_compute(trio.CapacityLimiter(config.compute_threads))
-    blob_store = BlobStore(blob_dir, max_bytes=config.blob.max_store_bytes)
+    blob_store = BlobStore(blob_dir, max_bytes=config.blob.max_store_bytes,
+                           keep_free_bytes=config.blob.keep_free_bytes)
     async with trio.open_nursery() as nursery:
         gossip = await nursery.start(lambda task_status: serve_gossip_avg(
             network, config=config.gossip, transport=transport, task_status=task_status))
@@ -749,9 +849,11 @@ async def serve_jobs(network: PeerNetwork, store: StateStore, sync: Any = None, 
         supervisor = JobSupervisor(
             network, store, sync, (kinds or builtin_kinds)(services),
             services, Checkpoints(Path(checkpoint_dir) if checkpoint_dir is not None else None),
-            asked=asked)
+            asked=asked, governance=governance)
         supervisor._nursery = nursery
         try:
+            if governance is not None:
+                nursery.start_soon(supervisor._follow_governor, governance)
             nursery.start_soon(supervisor._serve_board)
             task_status.started(supervisor)
             await trio.sleep_forever()

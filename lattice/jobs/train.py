@@ -39,6 +39,16 @@ from lattice.net.gossip_avg import AveragingParty
 log = logging.getLogger("lattice.jobs.train")
 
 FINAL_TENSOR = "params"
+# float32 copies of the parameters one participant holds at most: the parameters, the
+# momentum, a gradient, the channel's estimate and error feedback, the outer
+# optimizer's anchor and momentum, and one averaging payload (the peer's)
+PARAM_COPIES = 8
+
+
+def memory_estimate(task: Task) -> int:
+    """Bytes one participant of ``task`` needs: its parameter copies and its data."""
+    x, y = task.train_data()
+    return 4 * task.num_params * PARAM_COPIES + int(x.nbytes) + int(y.nbytes)
 
 
 def merge_finals(task: Task, job_id: str, finals: list[tuple[int, np.ndarray, int]]
@@ -85,6 +95,7 @@ class TrainKind:
             if task.num_params > self.config.max_params:
                 raise TaskError(f"{task.num_params} parameters exceed this daemon's limit of "
                                 f"{self.config.max_params}")
+            ctx.reserve_memory(memory_estimate(task))  # OverLimit over the volunteer's cap
             participant: Participant = await compute(
                 lambda: make_participant(lspec, task, run.rank))
         except (TaskError, DatasetsUnavailable, ValueError) as e:

@@ -66,6 +66,9 @@ class BlobConfig:
 
     max_store_bytes: int = 4 << 30
     """Disk used for model blobs, at most."""
+    keep_free_bytes: int = 0
+    """The store refuses a write that would leave less free space on its disk
+    (``[volunteer] keep_free_gb``)."""
     max_blob_bytes: int = 1 << 30
     chunk_bytes: int = 256 * 1024
     """Bytes per ``get`` (a provider serves at most max_chunk_bytes per request)."""
@@ -244,15 +247,21 @@ class BlobService:
         """The blob's bytes, from the local store or any provider (``hints`` first, then
         `Providers.find_providers`); stored locally once verified. A provider announcing
         more than ``max_bytes`` (default: the config's max_blob_bytes) is refused.
-        Raises BlobNotFound."""
+        Raises BlobNotFound, or BlobStoreFull when the store has no room for it."""
         if not is_blob_id(bid):
             raise ValueError(f"not a blob id: {bid!r}")
         lock = self._fetching.setdefault(bid, trio.Lock())
         async with lock:  # one download per blob; later callers find it stored
-            if not self.store.has(bid):
-                with trio.move_on_after(timeout if timeout is not None else float("inf")):
-                    await self._download(bid, list(hints), max_bytes or self.config.max_blob_bytes)
-            self._fetching.pop(bid, None)
+            try:
+                if not self.store.has(bid):
+                    with trio.move_on_after(timeout if timeout is not None else float("inf")):
+                        await self._download(bid, list(hints), max_bytes or self.config.max_blob_bytes)
+            except BlobStoreFull:
+                self.store.discard_partial(bid)  # no room: nothing half-kept either
+                self.counts["fetch_store_full"] += 1
+                raise
+            finally:
+                self._fetching.pop(bid, None)
         if not self.store.has(bid):
             self.counts["fetch_failed"] += 1
             raise BlobNotFound(f"no provider delivered blob {bid}")

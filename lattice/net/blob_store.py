@@ -1,6 +1,7 @@
 """The local blob store of `/lattice/blob/1` (proto/blob.md, "The local store"): blobs
 by id (the SHA-256 of their bytes), complete ones as files named by id, downloads in
-progress as partial files, bounded in total size.
+progress as partial files, bounded in total size and by the free space it must leave
+on its disk (the volunteer's ``keep_free_gb``).
 
 Owns `BlobStore`, blob ids (`blob_id`, `is_blob_id`) and the store's errors. Blocking
 file I/O: callers run the big operations off the event loop. Must not import libp2p.
@@ -12,8 +13,11 @@ import hashlib
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeGuard
+
+from lattice.core.governor import disk_refusal
 
 _ID_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -35,7 +39,8 @@ class BlobNotFound(BlobError, KeyError):
 
 
 class BlobStoreFull(BlobError):
-    """Storing this blob would exceed the store's byte limit."""
+    """Storing this blob would exceed the store's byte limit, or leave less free disk
+    than the store must keep free."""
 
 
 class BlobStore:
@@ -44,11 +49,17 @@ class BlobStore:
     Complete blobs are ``<root>/<id>``; partial downloads ``<root>/partial/<id>``. A blob
     is written to a temp file, fsynced and renamed, so a crash leaves no torn blob.
     Methods do blocking file I/O: call the big ones (`put`, `finish_partial`) off the
-    event loop."""
+    event loop. ``keep_free_bytes``: a write that would leave less free space on the
+    store's disk is refused (``free_bytes`` reads it; default: statvfs of ``root``)."""
 
-    def __init__(self, root: Path | str | None, *, max_bytes: int = 4 << 30) -> None:
+    def __init__(self, root: Path | str | None, *, max_bytes: int = 4 << 30,
+                 keep_free_bytes: int = 0,
+                 free_bytes: Callable[[], int] | None = None) -> None:
         self.root = Path(root) if root is not None else None
         self.max_bytes = max_bytes
+        self.keep_free_bytes = keep_free_bytes
+        self._free_bytes = free_bytes or self._statvfs_free
+        self.refused_disk = 0
         self._memory: dict[str, bytes] = {}
         self._partial_memory: dict[str, bytearray] = {}
         self._sizes: dict[str, int] = {}
@@ -73,9 +84,21 @@ class BlobStore:
     def ids(self) -> list[str]:
         return sorted(self._sizes)
 
-    def _reserve(self, n: int) -> None:
+    def _statvfs_free(self) -> int:
+        if self.root is None:
+            return 1 << 62  # in memory: no disk to fill
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def _reserve(self, n: int, new: int | None = None) -> None:
+        """Room for a blob of ``n`` bytes, ``new`` of them (default: all) not on disk yet."""
         if self.used_bytes + n > self.max_bytes:
             raise BlobStoreFull(f"storing {n} bytes would exceed the limit of {self.max_bytes}")
+        if self.keep_free_bytes:
+            why = disk_refusal(self._free_bytes(), n if new is None else new, self.keep_free_bytes)
+            if why is not None:
+                self.refused_disk += 1
+                raise BlobStoreFull(why)
 
     def put(self, data: bytes | bytearray | memoryview) -> str:
         """Store ``data``; returns its id (idempotent)."""
@@ -130,7 +153,7 @@ class BlobStore:
     def append_partial(self, bid: str, offset: int, data: bytes) -> None:
         if offset != self.partial_size(bid):
             raise BlobError(f"partial {bid[:12]} is at {self.partial_size(bid)}, not {offset}")
-        self._reserve(offset + len(data))
+        self._reserve(offset + len(data), len(data))
         if self.root is None:
             self._partial_memory.setdefault(bid, bytearray()).extend(data)
             return
@@ -168,4 +191,5 @@ class BlobStore:
         return True
 
     def statistics(self) -> dict[str, Any]:
-        return {"blobs": len(self._sizes), "bytes": self.used_bytes, "max_bytes": self.max_bytes}
+        return {"blobs": len(self._sizes), "bytes": self.used_bytes, "max_bytes": self.max_bytes,
+                "keep_free_bytes": self.keep_free_bytes, "refused_disk": self.refused_disk}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import trio
@@ -52,6 +52,9 @@ from lattice.net.streams import (
     send_frame,
 )
 
+if TYPE_CHECKING:
+    from lattice.net.shaping import ByteBudget
+
 log = logging.getLogger("lattice.net.bulk")
 
 
@@ -76,8 +79,12 @@ class Session:
 
     def __init__(self, stream: Stream, config: BulkConfig, listener: BulkListener | None, *,
                  sent_progress: Progress | None = None,
-                 received_progress: Progress | None = None) -> None:
+                 received_progress: Progress | None = None,
+                 budget: ByteBudget | None = None) -> None:
         self.stream = stream
+        # the side channel is the one path of job bytes that crosses no stream of ours:
+        # its pumps await the volunteer's rate limits themselves (lattice.net.shaping)
+        self.budget = budget
         self.config = config
         self.listener = listener
         self.sent_progress = sent_progress
@@ -322,6 +329,8 @@ class Session:
             sealed = scratch[:stop - start + bf.TAG_BYTES]
             aead.encrypt_into(bf.nonce(number), srcs[index][start:stop], None, sealed)
             with _within(self.config.idle_timeout, "sending on the side channel"):
+                if self.budget is not None:
+                    await self.budget.send(len(sealed))
                 await conn.send_all(sealed)
             done += stop - start
             if self.sent_progress is not None:
@@ -387,6 +396,8 @@ class Session:
                         raise BulkTruncatedError(
                             f"side channel ended at byte {done + filled} of {total}")
                     filled += n
+                if self.budget is not None:
+                    await self.budget.receive(len(sealed))
             try:
                 aead.decrypt_into(bf.nonce(number), sealed, None, dsts[index][start:stop])
             except InvalidTag:

@@ -110,6 +110,10 @@ class GossipAverager:
         self._outcomes: OrderedDict[tuple[str, str], str] = OrderedDict()
         self.counts: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
+        self.paused: str | None = None
+        """Why this daemon takes part in no exchange now (the volunteer's governor
+        paused compute or transfers; set by the job supervisor): offers get ``busy``
+        at once instead of being held, and we start none."""
 
     # registry -----------------------------------------------------------------------------
     def register(self, party: AveragingParty) -> None:
@@ -130,6 +134,9 @@ class GossipAverager:
         await party.wait_idle()  # an offer held during training is served first
         if party.mixed:
             return "served"
+        if self.paused is not None:
+            party.stats["skipped"] += 1
+            return "skipped"
         deadline = trio.current_time() + patience
         while True:
             now = trio.current_time()
@@ -305,6 +312,8 @@ class GossipAverager:
             reason = "not_participant"
         elif self.health.is_penalized(peer, trio.current_time()):
             reason = "penalized"
+        elif self.paused is not None:
+            reason = "paused"
         elif offer["codec"] != party.channel.codec.spec:
             reason = "codec_mismatch"
         else:
@@ -420,6 +429,7 @@ class GossipAverager:
             **self.counts,
             "rejected": dict(self.rejected),
             "jobs": len(self._parties),
+            "paused": self.paused,
             "outcomes_remembered": len(self._outcomes),
             **self.health.statistics(trio.current_time()),
         }

@@ -107,9 +107,10 @@ class BulkTensorTransport:
 
     name = "bulk"
 
-    def __init__(self, *, listener: Any = None, config: Any = None) -> None:
+    def __init__(self, *, listener: Any = None, config: Any = None, budget: Any = None) -> None:
         self.listener = listener
         self.config = config
+        self.budget = budget  # lattice.net.shaping.ByteBudget of the side channel
 
     async def exchange(self, stream: Stream, ours: Mapping[str, np.ndarray], *,
                        expect: Mapping[str, np.dtype], max_bytes: int
@@ -124,7 +125,7 @@ class BulkTensorTransport:
                 raise ArrayFormatError(f"arrays of {[str(d) for d in got]}, expected "
                                        f"{[str(np.dtype(expect[n])) for n in names]}")
 
-        kwargs = {"listener": self.listener,
+        kwargs = {"listener": self.listener, "budget": self.budget,
                   **({"config": self.config} if self.config is not None else {})}
         theirs = await bulk.exchange(stream, [ours[n] for n in names],
                                      limits=ArrayLimits(max_bytes=max(1, max_bytes)),

@@ -53,6 +53,8 @@ def node_status(node: Node) -> dict[str, Any]:
         "state_sync": _state_summary(node),
         "dht": _dht_summary(node),
         "bulk": node.bulk.statistics() if node.bulk else None,
+        "transfers": node.network.statistics() if node.network else None,
+        "jobs_here": _participations(node),
         "governor": node.governor.status() if node.governor else None,
         "metrics": node.metrics.statistics() if node.metrics else None,
     }
@@ -67,13 +69,25 @@ def _dht_summary(node: Node) -> dict[str, Any] | None:
     return {k: st[k] for k in keep if k in st}
 
 
+def _participations(node: Node) -> dict[str, int] | None:
+    return node.jobs.participation_states() if node.jobs is not None else None
+
+
 def _state_summary(node: Node) -> dict[str, Any] | None:
     if node.store is None:
         return None
     st = node.store.statistics()
+    sync = node.sync.statistics()["sync"] if node.sync is not None else {}
+    # every envelope refused (bad signature, out of bounds, quota...) and every sync
+    # session refused, by reason
+    rejected = {**st["rejected"], **{f"refused_{k}": v for k, v in st["refused"].items()}}
+    if sync.get("sessions_refused"):
+        rejected["session_refused"] = sync["sessions_refused"]
     return {"authors": st["authors"], "members_alive": sum(
         1 for m in node.store.members(time.time()).values() if m.get("alive")),
         "banned": st["banned"],
+        "sessions": sync.get("sessions"), "sessions_opened": sync.get("sessions_opened"),
+        "rejected": rejected,
         # quotas (proto/crdt-sync.md): use and limit, and what they turned away
         "state_bytes": st["held_bytes"], "max_state_bytes": st["max_state_bytes"],
         "max_authors": st["max_authors"], "evicted": st["evicted"],

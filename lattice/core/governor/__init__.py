@@ -28,7 +28,6 @@ from lattice.core.governor.policy import USER_ACTIVE as USER_ACTIVE
 from lattice.core.governor.policy import GovernorState as GovernorState
 from lattice.core.governor.policy import Reason as Reason
 from lattice.core.governor.policy import Signals as Signals
-from lattice.core.governor.policy import TransfersPaused as TransfersPaused
 from lattice.core.governor.policy import UserPause as UserPause
 from lattice.core.governor.policy import VolunteerConfig as VolunteerConfig
 from lattice.core.governor.policy import VolunteerConfigError as VolunteerConfigError
@@ -41,7 +40,7 @@ __all__ = [
     "CpuSample", "DataAllowance", "LoadMeter", "MemoryBudget", "TokenBucket", "disk_refusal",
     "format_bytes", "Now", "next_period_start", "BATTERY", "BUSY", "COMPUTE_REASONS",
     "DATA_CAP", "NETWORK_REASONS", "NETWORK_SCHEDULE", "SCHEDULE", "USER", "USER_ACTIVE",
-    "GovernorState", "Reason", "Signals", "TransfersPaused", "UserPause", "VolunteerConfig",
+    "GovernorState", "Reason", "Signals", "UserPause", "VolunteerConfig",
     "VolunteerConfigError", "decide",
     "Schedule", "ScheduleError", "parse_schedule",
 ]

@@ -26,6 +26,9 @@ from lattice.core.governor.localtime import Now, next_period_start
 from lattice.core.governor.schedule import Schedule, ScheduleError, parse_schedule
 
 RUN_WHEN = ("always", "idle")
+# A shaped read takes up to 256 KiB (lattice.net.shaping.READ_SLICE) and then waits for
+# its tokens: at 1 Mbit/s about 2 s, inside py-libp2p's 5 s Yamux window timeout.
+MIN_DOWNLOAD_MBIT_S = 1.0
 PRIORITIES = ("idle", "low", "normal")
 
 # reason kinds, in the order the summary prefers them
@@ -83,7 +86,8 @@ class VolunteerConfig:
     upload_mbit_s: float = 0.0
     """Upload rate limit for transfers, Mbit/s (0: none)."""
     download_mbit_s: float = 0.0
-    """Download rate limit for transfers, Mbit/s (0: none)."""
+    """Download rate limit for transfers, Mbit/s (0: none; else at least 1: a slower
+    reader would stall a libp2p stream past its 5 s window timeout)."""
     monthly_data_gb: float = 0.0
     """Transfers stop once this much has moved (up + down) in a month, GB (0: no cap)."""
     data_reset_day: int = 1
@@ -112,6 +116,8 @@ class VolunteerConfig:
         for name in ("idle_after_min", "max_memory_mb", "keep_free_gb", "upload_mbit_s",
                      "download_mbit_s", "monthly_data_gb"):
             need(getattr(self, name) >= 0, name, "must not be negative")
+        need(self.download_mbit_s == 0 or self.download_mbit_s >= MIN_DOWNLOAD_MBIT_S,
+             "download_mbit_s", f"must be 0 or at least {MIN_DOWNLOAD_MBIT_S:g}")
         for name in ("busy_window_s", "signal_interval_s", "duty_burst_s", "rate_burst_s"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name in ("compute", "network"):
@@ -212,16 +218,6 @@ class GovernorState:
         (``user active 40 s ago`` ticks every second)."""
         return (tuple(r.kind for r in self.compute_reasons),
                 tuple(r.kind for r in self.network_reasons))
-
-
-class TransfersPaused(Exception):
-    """Raised by a transfer gate's ``acquire`` while transfers may not run (outside
-    their schedule, data allowance spent): the transfer is refused or deferred, not
-    slowed for hours."""
-
-    def __init__(self, reason: Reason) -> None:
-        super().__init__(f"transfers paused: {reason.text}")
-        self.reason = reason
 
 
 def decide(config: VolunteerConfig, now: Now, signals: Signals) -> GovernorState:

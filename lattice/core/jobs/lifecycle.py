@@ -65,7 +65,9 @@ record (`lattice.jobs`)."""
 PARTICIPANT_TRANSITIONS: dict[str | None, frozenset[str]] = {
     None: frozenset({"joined", "running"}),  # running directly: resumed after a restart
     "joined": frozenset({"joined", "running", "left", "failed"}),
-    "running": frozenset({"running", "merging", "left", "failed"}),
+    "running": frozenset({"running", "paused", "merging", "left", "failed"}),
+    # the volunteer's governor stopped our compute: partners skip us, we go on after
+    "paused": frozenset({"paused", "running", "merging", "left", "failed"}),
     "merging": frozenset({"merging", "done", "left", "failed"}),
     "done": frozenset({"done"}),
     "left": frozenset({"left"}),
@@ -317,7 +319,8 @@ def plan(me: str, job_id: str, view: Mapping[str, Any], spec: JobSpecLike, *, vo
         # a roster we never volunteered for (a submitter cannot draft us): ignore it
         return actions
     if our_state not in _OUR_FINISHED:
-        actions.append(Start(job_id, list(roster), rank, resume=our_state in ("running", "merging")))
+        actions.append(Start(job_id, list(roster), rank,
+                             resume=our_state in ("running", "paused", "merging")))
     elif (our_state in ("left", "failed") and ours.get("job_state") != "failed"
           and all(participants.get(p, {}).get("state") in ("left", "failed")
                   and final_of(participants.get(p, {})) is None for p in roster)):

@@ -42,7 +42,7 @@ CAPABILITY_FIELDS = frozenset({"cpus", "tasks", "memory_mb"})
 # Job lifecycle (DESIGN.md, Jobs). The submitter's spec may only say submitted or
 # cancelled (cancel is the submitter's alone); participants claim the rest.
 SPEC_STATES = ("submitted", "cancelled")
-PARTICIPANT_STATES = ("joined", "running", "merging", "done", "failed", "left")
+PARTICIPANT_STATES = ("joined", "running", "paused", "merging", "done", "failed", "left")
 CLAIMABLE_JOB_STATES = ("running", "merging", "done", "failed")
 SUMMED_FIELDS = ("samples", "steps", "bytes_sent", "bytes_received")
 

@@ -33,6 +33,7 @@ from lattice.net.nat.relay_hop import CircuitRelay, check_libp2p_version
 from lattice.net.nat.reservations import RelayDirectory, ReservationKeeper, maddr
 from lattice.net.nat.upnp import Upnp, serve_upnp
 from lattice.net.nat_config import NatConfig
+from lattice.net.shaping import ByteBudget
 from lattice.net.streams import ADDED, CONNECTED, DISCONNECTED, PeerEvents
 
 log = logging.getLogger("lattice.net.nat")
@@ -46,13 +47,13 @@ class NatManager:
     """Handle returned by `serve_nat`; see the module docstring."""
 
     def __init__(self, node: Any, config: NatConfig, bootstrap: list[str], *,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, budget: ByteBudget | None = None) -> None:
         self.node = node
         self.config = config
         self.me = node.peer_id
         self.rng = rng or random.Random()
         self.upnp = Upnp(enabled=config.upnp, state="searching" if config.upnp else "off")
-        self.relay = CircuitRelay(node.host, config, self._on_relayed_inbound)
+        self.relay = CircuitRelay(node.host, config, self._on_relayed_inbound, budget)
         self.directory = RelayDirectory(self.me, bootstrap, on_new=self._relay_heard_of)
         self.keeper = ReservationKeeper(node, config, self.directory, rng=self.rng,
                                         wanted=self._wants_reservations,
@@ -304,14 +305,15 @@ def holepunch_config(config: NatConfig) -> HolePunchConfig:
 
 
 async def serve_nat(node: Any, *, config: NatConfig, bootstrap: list[str],
-                    rng: random.Random | None = None,
+                    rng: random.Random | None = None, budget: ByteBudget | None = None,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the connectivity manager for ``node`` (a `lattice.net.host.Libp2pNode`) until
     cancelled; hands back the `NatManager` once its protocol handlers are registered.
     Start it right after the node is up, before anything dials out. Raises
-    `UnsupportedLibp2pError` at once on a py-libp2p version the relay was not written for."""
+    `UnsupportedLibp2pError` at once on a py-libp2p version the relay was not written for.
+    ``budget``: the volunteer's transfer limits, which relaying for others obeys."""
     check_libp2p_version()
-    m = NatManager(node, config, bootstrap, rng=rng)
+    m = NatManager(node, config, bootstrap, rng=rng, budget=budget)
     # every service's streams reach peers by id as `lattice peers connect` does: a
     # NATed peer is dialed through a relay (and hole-punched from there)
     node.set_peer_router(m.connect)

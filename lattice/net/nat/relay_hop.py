@@ -40,6 +40,7 @@ from libp2p.tools.constants import MAX_READ_LEN
 
 from lattice.net.host import PEER_ERRORS
 from lattice.net.nat_config import NatConfig
+from lattice.net.shaping import ByteBudget, Unlimited
 
 # The py-libp2p versions whose private relay methods this module was written against.
 SUPPORTED_LIBP2P = ("0.8.1",)
@@ -79,11 +80,14 @@ class CircuitRelay(CircuitV2Protocol):
       (py-libp2p tags it only after the swarm's "connected" notification).
     - Our own byte pump (`_relay_data`): py-libp2p's cleans up by *peer id*, so the end
       of one circuit closed another circuit of the same peer; and it checked the
-      duration limit only when bytes arrived, so an idle circuit outlived it.
+      duration limit only when bytes arrived, so an idle circuit outlived it. It goes
+      through the volunteer's transfer budget (`lattice.net.shaping`: rate limits,
+      data cap), and no circuit opens while that budget refuses transfers.
     """
 
     def __init__(self, host: Any, config: NatConfig,
-                 on_relayed_inbound: Callable[[str], None]) -> None:
+                 on_relayed_inbound: Callable[[str], None],
+                 budget: ByteBudget | None = None) -> None:
         super().__init__(host, limits=config.relay_limits(), allow_hop=True)
         self.serving = False
         self.max_circuits = config.relay_max_circuits
@@ -91,9 +95,11 @@ class CircuitRelay(CircuitV2Protocol):
         self.active_circuits = 0
         self.circuits_total = 0
         self.bytes_relayed = 0
+        self.budget: ByteBudget = budget if budget is not None else Unlimited()
         self.circuits_cut = {"duration": 0, "bytes": 0}
         self._pumps: dict[frozenset[int], list[trio.CancelScope]] = {}  # per circuit
-        self.refused = {"not_serving": 0, "circuit_limit": 0, "relayed": 0, "malformed": 0}
+        self.refused = {"not_serving": 0, "circuit_limit": 0, "relayed": 0, "malformed": 0,
+                        "transfers_paused": 0}
         self._reserved: dict[ID, None] = {}
 
     def active_reservations(self) -> int:
@@ -147,6 +153,9 @@ class CircuitRelay(CircuitV2Protocol):
     async def _handle_connect(self, stream: Any, msg: Any) -> None:
         if self.active_circuits >= self.max_circuits:
             await self._refuse(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "circuit_limit")
+            return
+        if self.budget.refusal() is not None:
+            await self._refuse(stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "transfers_paused")
             return
         self.active_circuits += 1
         self.circuits_total += 1
@@ -206,6 +215,8 @@ class CircuitRelay(CircuitV2Protocol):
                     self.circuits_cut["bytes"] += 1
                     return
                 circuit_data_limit[0] -= len(data)
+            await self.budget.receive(len(data))
+            await self.budget.send(len(data))
             await dst_stream.write(data)
             self.bytes_relayed += len(data)
 

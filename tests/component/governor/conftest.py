@@ -34,7 +34,6 @@ class FakeMachine:
         (self.dev / "pts").mkdir(parents=True)
         self._fds: dict[Path, int] = {}
         self.logind: tuple[bool, float] | None = None  # None: no system bus
-        self.free_disk = 100 * 10**9
         self._busy = self._own = self._total = 0
         self._others_share = 0.0  # of the whole machine
         self._own_share = 0.0
@@ -46,11 +45,8 @@ class FakeMachine:
         async def idle_hint():
             return self.logind
 
-        def statvfs(path):
-            return os.statvfs_result((4096, 4096, 0, 0, self.free_disk // 4096, 0, 0, 0, 0, 255))
-
         return Sources(proc=self.proc, sys=self.sys, dev=self.dev, pid=PID, idle_hint=idle_hint,
-                       statvfs=statvfs, page_size=4096)
+                       page_size=4096)
 
     # -- power ---------------------------------------------------------------------------------
     def power(self, *, ac: bool | None = None, battery: str | None = None) -> None:

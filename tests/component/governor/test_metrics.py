@@ -22,11 +22,19 @@ from latticed.metrics import (
 
 STATUS = {
     "peer_id": "12D3KooWTest", "version": "0.1.0", "uptime_s": 12.5,
-    "reachability": {"relay_service": {"active": True, "reservations": 3, "circuits": 2}},
+    "reachability": {"relay_service": {"active": True, "reservations": 3, "circuits": 2,
+                                       "circuits_total": 9, "bytes_relayed": 4096,
+                                       "refused": {"circuit_limit": 1, "transfers_paused": 4}}},
     "dht": {"mode": "server", "routing_table_size": 17, "records_stored": 40,
             "providers_stored": 5, "own_records": 2},
-    "state_sync": {"authors": 4, "members_alive": 4},
-    "rpc": {"requests": 90, "parse_errors": 1, "invalid_params": 2, "internal_errors": 0},
+    "state_sync": {"authors": 4, "members_alive": 4, "sessions": 3, "sessions_opened": 11,
+                   "rejected": {"bad_signature": 2, "session_refused": 1}},
+    "rpc": {"requests": 90, "refused_overloaded": 1,
+            "errors": {"INVALID_PARAMS": 2, "NOT_FOUND": 3}},
+    "transfers": {"bytes": {"/lattice/blob/1": {"in": 100, "out": 7},
+                            "relay": {"in": 50, "out": 50}},
+                  "refused": {"/lattice/gossip-avg/2": 6}},
+    "jobs_here": {"paused": 1},
     "events": {"dropped": 7},
     "connections": [{"connection": "direct"}, {"connection": "direct"}, {"connection": "relayed"}],
     "jobs": [{"status": "running"}, {"status": "done"}, {"status": "done"}],
@@ -56,7 +64,23 @@ async def test_every_family_is_exposed_and_status_fields_land_where_they_belong(
     assert m["lattice_jobs"][("lattice_jobs", (("status", "done"),))] == 2
     assert m["lattice_relay_circuits"] == {("lattice_relay_circuits", ()): 2}
     assert m["lattice_dht_records"][("lattice_dht_records", (("kind", "providers"),))] == 5
-    assert m["lattice_rpc_errors"][("lattice_rpc_errors_total", (("code", "INVALID_PARAMS"),))] == 2
+    errors = {dict(k[1])["code"]: v for k, v in m["lattice_rpc_errors"].items()}
+    assert errors == {"INVALID_PARAMS": 2, "NOT_FOUND": 3, "OVERLOADED": 1}
+    traffic = {tuple(sorted(dict(k[1]).items())): v for k, v in m["lattice_transfer_bytes"].items()}
+    assert traffic[(("direction", "in"), ("protocol", "/lattice/blob/1"))] == 100
+    assert traffic[(("direction", "out"), ("protocol", "relay"))] == 50
+    assert m["lattice_transfers_refused"] == {
+        ("lattice_transfers_refused_total", (("protocol", "/lattice/gossip-avg/2"),)): 6}
+    assert m["lattice_relay_bytes"] == {("lattice_relay_bytes_total", ()): 4096}
+    assert m["lattice_relay_circuits_refused"][
+        ("lattice_relay_circuits_refused_total", (("reason", "transfers_paused"),))] == 4
+    assert m["lattice_state_sync_sessions"] == {("lattice_state_sync_sessions_total", ()): 11}
+    assert m["lattice_state_sync_sessions_open"] == {("lattice_state_sync_sessions_open", ()): 3}
+    assert m["lattice_relay_circuits_opened"] == {("lattice_relay_circuits_opened_total", ()): 9}
+    rejections = m["lattice_state_sync_rejections"]
+    assert rejections[("lattice_state_sync_rejections_total", (("reason", "bad_signature"),))] == 2
+    assert m["lattice_jobs_participations"] == {
+        ("lattice_jobs_participations", (("state", "paused"),)): 1}
     assert m["lattice_events_dropped"] == {("lattice_events_dropped_total", ()): 7}
     info = m["lattice_info"]
     assert info == {("lattice_info", (("peer_id", "12D3KooWTest"), ("version", "0.1.0"))): 1}

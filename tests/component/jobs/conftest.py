@@ -52,15 +52,16 @@ class Node:
             sync=self.sync, task_status=task_status))
 
     async def start_jobs(self, config: JobsConfig | None = None, *, kinds_factory=None,
-                         **kw) -> None:
-        """Start the supervisor; ``kinds_factory(services)`` replaces the built-in kinds."""
+                         network=None, **kw) -> None:
+        """Start the supervisor; ``kinds_factory(services)`` replaces the built-in kinds;
+        ``network`` wraps this peer (e.g. a `GovernedNetwork`)."""
         options = dict(checkpoint_dir=self.dir / "checkpoints", blob_dir=self.dir / "blobs",
                        compute=virtual_compute(random.Random(self.cluster.seed + self.index)),
                        clock=trio.current_time,
                        rng=random.Random(self.cluster.seed + 100 + self.index))
         options.update(kw)
         self.jobs = await self._start(lambda task_status: serve_jobs(
-            self.peer, self.store, self.sync, config=config or self.cluster.config,
+            network or self.peer, self.store, self.sync, config=config or self.cluster.config,
             kinds=kinds_factory, task_status=task_status, **options), jobs=True)
 
     async def _start(self, fn, jobs: bool = False):

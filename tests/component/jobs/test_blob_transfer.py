@@ -193,4 +193,33 @@ def test_the_store_survives_a_reopen_refuses_to_overfill_and_cleans_torn_writes(
     assert not (tmp_path / ".tmp-deadbeef").exists()
     assert again.partial_size("a" * 64) == 3  # a download resumes after a restart
     assert not again.finish_partial("a" * 64) and again.partial_size("a" * 64) == 0
-    assert again.statistics() == {"blobs": 1, "bytes": len(DATA), "max_bytes": 15_000}
+    assert again.statistics() == {"blobs": 1, "bytes": len(DATA), "max_bytes": 15_000,
+                                  "keep_free_bytes": 0, "refused_disk": 0}
+
+
+def test_the_store_leaves_keep_free_bytes_free_on_its_disk(tmp_path):
+    """``[volunteer] keep_free_gb``: a put or a download chunk that would leave less
+    free disk is refused (the fetch then fails with BlobStoreFull, nothing half-kept)."""
+    free = [20_500]
+    store = BlobStore(tmp_path, keep_free_bytes=8_000, free_bytes=lambda: free[0])
+    assert store.put(DATA) == BID  # 10.5 kB of 20.5 kB free: 10 kB left
+    free[0] -= len(DATA)
+    with pytest.raises(BlobStoreFull, match="to keep free"):
+        store.put(os.urandom(2_001))
+    store.append_partial("a" * 64, 0, b"x" * 2_000)  # exactly 8 kB left: allowed
+    free[0] -= 2_000
+    with pytest.raises(BlobStoreFull, match="to keep free"):
+        store.append_partial("a" * 64, 2_000, b"x")
+    assert store.statistics()["refused_disk"] == 2 and store.ids() == [BID]
+
+
+async def test_a_fetch_the_store_has_no_room_for_fails_typed_and_keeps_nothing(
+        swarm, autojump_clock):
+    _, (client, provider) = await swarm(2)
+    await provider.put(DATA)
+    client.store.keep_free_bytes = 1_000
+    client.store._free_bytes = lambda: 1_500  # a 1 kB chunk would leave 0.5 kB
+    with pytest.raises(BlobStoreFull):
+        await client.fetch(BID, hints=[provider.network.peer_id])
+    assert client.store.partial_size(BID) == 0 and not client.store.has(BID)
+    assert client.statistics()["fetch_store_full"] == 1
