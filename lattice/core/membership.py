@@ -158,11 +158,13 @@ class Membership:
             elif e.status == DEAD and now >= e.changed + self.dead_ttl and e.transmits == 0:
                 del self._entries[peer]
         while self._recheck:
-            peer = self._recheck.pop()
+            peer = min(self._recheck)  # not set.pop(): its order is the hash seed's
+            self._recheck.discard(peer)
             if peer not in self._neighbours:
                 return [self._ping(peer, now)]
         if not self._order:
-            self._order = list(self._neighbours)  # a dead one may answer: it refutes
+            # sorted first: a set's order follows the hash seed, the shuffle our rng
+            self._order = sorted(self._neighbours)  # a dead one may answer: it refutes
             self.rng.shuffle(self._order)
         while self._order:
             peer = self._order.pop()
