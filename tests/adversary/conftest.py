@@ -20,6 +20,14 @@ def daemons(tmp_path):
     factory.close()
 
 
+@pytest.fixture
+def daemon(daemons):
+    """One fresh running daemon for a test that may leave it penalizing its attacker."""
+    d = daemons()
+    d.wait_running()
+    return d
+
+
 @pytest.fixture(scope="module")
 def victim(tmp_path_factory):
     """One running daemon shared by a module's attacks (each attack uses a fresh attacker
@@ -39,6 +47,10 @@ async def running(d: DaemonProc) -> dict:
 async def call(d: DaemonProc, method: str, **params):
     async with lattice.open_client(d.socket) as client:
         return await client.call(method, **params)
+
+
+async def status(d: DaemonProc) -> dict:
+    return await call(d, "status")
 
 
 async def eventually(check, what: str, timeout: float = 30.0, interval: float = 0.05):

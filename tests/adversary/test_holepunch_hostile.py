@@ -6,11 +6,8 @@ addresses it names by asking for a "punch" over a direct connection.
 from __future__ import annotations
 
 import pytest
-import trio
 
-import lattice
 from lattice.core import holepunch as hp
-from lattice.testing.daemons import DaemonProc
 from lattice.testing.hostile.nat import (
     MALFORMED_HOLEPUNCH,
     SID,
@@ -20,24 +17,11 @@ from lattice.testing.hostile.nat import (
     open_hostile_node,
 )
 
+from .conftest import status
+
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProc(tmp_path / "d").start()
-    try:
-        d.wait_running()
-        yield d
-    finally:
-        d.stop()
-
-
-async def status(d: DaemonProc) -> dict:
-    def call():
-        with lattice.connect(d.socket, timeout=30) as c:
-            return c.status()
-    return await trio.to_thread.run_sync(call)
 
 
 async def test_asking_for_a_punch_over_a_direct_connection_dials_nothing(daemon, nursery):

@@ -9,9 +9,7 @@ third party an attacker would like the daemon to dial: it must never be knocked 
 from __future__ import annotations
 
 import pytest
-import trio
 
-import lattice
 from lattice.testing.daemons import DaemonProc
 from lattice.testing.hostile.nat import (
     MALFORMED_OBSERVE,
@@ -23,24 +21,11 @@ from lattice.testing.hostile.nat import (
     open_hostile_node,
 )
 
+from .conftest import status
+
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def daemon(tmp_path):
-    d = DaemonProc(tmp_path / "d").start()
-    try:
-        d.wait_running()
-        yield d
-    finally:
-        d.stop()
-
-
-async def status(d: DaemonProc) -> dict:
-    def call():
-        with lattice.connect(d.socket, timeout=30) as c:
-            return c.status()
-    return await trio.to_thread.run_sync(call)
 
 
 async def attach(d: DaemonProc):
