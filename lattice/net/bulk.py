@@ -76,7 +76,7 @@ from lattice.net.bulk_listener import serve_bulk_listener as serve_bulk_listener
 from lattice.net.bulk_session import Check as Check
 from lattice.net.bulk_session import Session
 from lattice.net.shaping import ByteBudget
-from lattice.net.streams import PeerNetwork, Stream
+from lattice.net.streams import PeerNetwork, Stream, quietly
 
 PROTOCOL = bf.PROTOCOL
 
@@ -206,7 +206,7 @@ async def push_arrays(network: PeerNetwork, peer_id: str, arrays: Sequence[np.nd
         await send_arrays(stream, arrays, config=config, on_progress=on_progress)
         await stream.close_write()
     except BaseException:
-        await stream.reset()
+        await quietly(stream.reset)  # shielded; a peer already gone must not hide the cause
         raise
     await stream.close()
 
