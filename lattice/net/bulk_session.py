@@ -398,13 +398,20 @@ class Session:
                     filled += n
                 if self.budget is not None:
                     await self.budget.receive(len(sealed))
-            try:
-                aead.decrypt_into(bf.nonce(number), sealed, None, dsts[index][start:stop])
-            except InvalidTag:
-                raise BulkIntegrityError(f"chunk {number} failed authentication") from None
-            done += stop - start
-            if self.received_progress is not None:
-                await self.received_progress(done, total)
+            done = await self._open_chunk(aead, number, sealed, dsts[index][start:stop],
+                                          done, total)
+
+    async def _open_chunk(self, aead: AESGCM, number: int, sealed: Any, dst: memoryview,
+                          done: int, total: int) -> int:
+        """Decrypt one received chunk into its place; reports and returns the bytes done."""
+        try:
+            aead.decrypt_into(bf.nonce(number), sealed, None, dst)
+        except InvalidTag:
+            raise BulkIntegrityError(f"chunk {number} failed authentication") from None
+        done += dst.nbytes
+        if self.received_progress is not None:
+            await self.received_progress(done, total)
+        return done
 
     async def _pump_in_stream(self, aead: AESGCM, dsts: list[memoryview], sizes: list[int],
                               chunk: int) -> None:
@@ -417,13 +424,8 @@ class Session:
             with _within(self.config.idle_timeout, "receiving on the stream"):
                 msg = await self._in_recv.receive()
             sealed = parse_peer_input(bf.parse_data, msg, number, stop - start + bf.TAG_BYTES)
-            try:
-                aead.decrypt_into(bf.nonce(number), sealed, None, dsts[index][start:stop])
-            except InvalidTag:
-                raise BulkIntegrityError(f"chunk {number} failed authentication") from None
-            done += stop - start
-            if self.received_progress is not None:
-                await self.received_progress(done, total)
+            done = await self._open_chunk(aead, number, sealed, dsts[index][start:stop],
+                                          done, total)
             if number + 1 < count and number + 1 - self._credited >= batch:
                 self._credited = number + 1
                 await self._send(bf.credit(number + 1))
