@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
                 "exchange_s": statistics.median(x for _, x in syncs) if syncs else 0.0,
                 "syncs": len(syncs)})
             with lattice.connect(sockets[0]) as c:
-                wait_for(lambda: c.job(job)["status"] == "done", 120, "the CNN job to end", 0.2)
+                wait_for(lambda job=job: c.job(job)["status"] == "done", 120, "the CNN job to end", 0.2)
         _say("4 loops without Lattice (again)")
         again = _procs(args, sockets, None)
         out["without_again_steps_per_s"] = statistics.mean(o["steps_per_s"] for o in again)
