@@ -28,8 +28,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--sync-every", type=int, default=50)
-    p.add_argument("--algorithm", default="gossip")
+    p.add_argument("--algorithm", default="noloco")
     p.add_argument("--overlap", type=int, default=0, help="the job's overlap (0 or 1)")
+    p.add_argument("--seed", type=int, default=0, help="the partition's and the loops' seed")
     p.add_argument("--partitions", nargs="+", default=["iid", "dirichlet:0.3"])
     p.add_argument("--corrections", nargs="+", default=["none", "logit-adjust"],
                    help="the loop's label-skew correction (the example's --correction); "
@@ -49,6 +50,7 @@ def main() -> int:
             run_args = ex.parser().parse_args(
                 ["--steps", str(args.steps), "--sync-every", str(args.sync_every),
                  "--algorithm", args.algorithm, "--overlap", str(args.overlap),
+                 "--seed", str(args.seed),
                  "--partition", partition,
                  "--correction", correction])
             try:
