@@ -119,14 +119,17 @@ def test_a_participant_killed_mid_merge_has_its_share_merged_by_the_others(tmp_p
                      "4 live members", interval=0.1)
         ids = {name: _cli_json(s0, "models", "import", str(path), "--name", name)["id"]
                for name, path in paths.items()}
-        # the victim's volunteer pauses its compute: it joins and is given its share but
-        # merges none of it, so when it dies every one of its tensors is still to be done
+        # the victim's volunteer pauses its compute and then asks to take part (a paused
+        # daemon volunteers for nothing on its own): it is given its share but merges none
+        # of it, so when it dies every one of its tensors is still to be done
         assert run_cli("pause", "--reason", "test", socket=s3).returncode == 0
         r = run_cli("jobs", "submit", "merge", "--method", "ties", "--base", "base", "--models", "ft1",
                     "ft2", "--density", "0.5", "--dtype", "bfloat16", "--min-peers", "4",
                     "--max-peers", "4", socket=s0)
         assert r.returncode == 0, r.stderr
         job_id = r.stdout.strip()
+        joined = run_cli("jobs", "join", job_id, socket=s3)
+        assert joined.returncode == 0, joined.stdout + joined.stderr
         def merging_without_the_victim(c):
             job = c.job(job_id)
             return victim.peer_id in (job["roster"] or []) and any(
