@@ -234,16 +234,22 @@ class ReservationKeeper:
                         for pid, addr in todo:
                             nursery.start_soon(self._reserve, pid, addr)
                     continue  # look again at once: some may have failed, others appeared
-            wait = 30.0
-            for r in self.reservations.values():
-                wait = min(wait, r.expires - r.refresh_margin() - time.time())
-            now = trio.current_time()
-            for pid, _ in self.directory.candidates(now):
-                b = self.backoff.get(pid)
-                if b is not None and pid not in self.reservations:
-                    wait = min(wait, b.until - now)
-            with trio.move_on_after(max(0.05, wait)):
+            with trio.move_on_after(self.next_look(trio.current_time(), time.time())):
                 await self._wake.wait()
+
+    def next_look(self, now: float, wall: float) -> float:
+        """Seconds until something is due: a reservation's refresh, or a relay's backoff
+        ending. Only backoffs still running count: one that ended while every slot is
+        taken is no reason to look (it made this loop wake every 50 ms, forever, on
+        every NATed daemon holding max_relays reservations)."""
+        wait = 30.0
+        for r in self.reservations.values():
+            wait = min(wait, r.expires - r.refresh_margin() - wall)
+        for pid, _ in self.directory.candidates(now):
+            b = self.backoff.get(pid)
+            if b is not None and pid not in self.reservations and b.until > now:
+                wait = min(wait, b.until - now)
+        return max(0.05, wait)
 
     async def _reserve(self, relay: str, addr: str) -> None:
         backoff = self.backoff.setdefault(relay, Backoff())
