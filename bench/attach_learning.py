@@ -28,7 +28,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--sync-every", type=int, default=50)
-    p.add_argument("--algorithm", default="gossip")
+    p.add_argument("--algorithm", default="noloco")
+    p.add_argument("--overlap", type=int, default=0, help="the job's overlap (0 or 1)")
+    p.add_argument("--seed", type=int, default=0, help="the partition's and the loops' seed")
     p.add_argument("--partitions", nargs="+", default=["iid", "dirichlet:0.3"])
     p.add_argument("--corrections", nargs="+", default=["none", "logit-adjust"],
                    help="the loop's label-skew correction (the example's --correction); "
@@ -47,7 +49,9 @@ def main() -> int:
         for correction in args.corrections[:1] if partition == "iid" else args.corrections:
             run_args = ex.parser().parse_args(
                 ["--steps", str(args.steps), "--sync-every", str(args.sync_every),
-                 "--algorithm", args.algorithm, "--partition", partition,
+                 "--algorithm", args.algorithm, "--overlap", str(args.overlap),
+                 "--seed", str(args.seed),
+                 "--partition", partition,
                  "--correction", correction])
             try:
                 rows.append(ex.run(run_args))
@@ -58,7 +62,8 @@ def main() -> int:
         print(json.dumps(rows))
         return 0
     print(f"Fashion-MNIST CNN, 4 attached loops, {args.steps} steps each, {args.algorithm}, "
-          f"sync every {args.sync_every}; one process: the same samples, 4x the steps")
+          f"sync every {args.sync_every}, overlap {args.overlap}; one process: the same "
+          "samples, 4x the steps")
     print(f"  {'partition':<16} {'correction':<13} {'merged':>8} {'one process':>12} "
           f"{'difference':>11}  target")
     for row in rows:

@@ -242,7 +242,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--sync-every", type=int, default=50)
-    p.add_argument("--algorithm", default="gossip", help="gossip | noloco | diloco")
+    p.add_argument("--algorithm", default="noloco", help="noloco (the default) | gossip | diloco")
     p.add_argument("--compression", default="none")
     p.add_argument("--overlap", type=int, default=0)
     p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA")

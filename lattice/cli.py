@@ -242,13 +242,25 @@ def cmd_jobs_submit(args: argparse.Namespace) -> int:
             spec[name] = value
     with connect(args.socket) as c:
         r = c.submit_job(spec, allow=args.allow or None, private=args.private or None)
+    _print_submitted(args, r, spec=spec)
+    return 0
+
+
+def _print_submitted(args: argparse.Namespace, r: dict[str, Any], **shown: Any) -> None:
     if args.json:
-        _emit_json({**r, "spec": spec})
+        _emit_json({**r, **shown})
     else:
         print(r["job_id"])
         if "token" in r:  # hand it to the peers that may join: lattice jobs join ID --token T
             print(r["token"])
-    return 0
+
+
+def _access_arguments(p: argparse.ArgumentParser) -> None:
+    """Who may take part in a submitted job (proto/jobs.md, "Access")."""
+    p.add_argument("--allow", action="append", metavar="PEER_ID",
+                   help="only this peer may take part (repeatable)")
+    p.add_argument("--private", action="store_true",
+                   help="only peers given the token (printed after the id) may take part")
 
 
 def cmd_jobs_join(args: argparse.Namespace) -> int:
@@ -485,11 +497,8 @@ def cmd_jobs_submit_merge(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             request[name] = getattr(args, name)
     with connect(args.socket, timeout=None) as c:
-        job_id = c.submit_job(request)["job_id"]
-    if args.json:
-        _emit_json({"job_id": job_id, "request": request})
-    else:
-        print(job_id)
+        r = c.submit_job(request, allow=args.allow or None, private=args.private or None)
+    _print_submitted(args, r, request=request)
     return 0
 
 
@@ -677,10 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--seed", type=int)
     j.add_argument("--batch", type=int)
     j.add_argument("--lr", type=float)
-    j.add_argument("--allow", action="append", metavar="PEER_ID",
-                   help="only this peer may take part (repeatable)")
-    j.add_argument("--private", action="store_true",
-                   help="only peers given the token (printed after the id) may take part")
+    _access_arguments(j)
     j.set_defaults(func=cmd_jobs_submit)
     j = ksub.add_parser("merge", parents=[common, js], help="merge models by id across the daemons "
                         "that accept merge jobs (proto/jobs.md); the result records how it was made",
@@ -694,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long volunteers are gathered before the merge starts (default 5)")
     j.add_argument("--merge-timeout", type=float, metavar="SECONDS",
                    help="how long the merger waits for the others' shares (default 120)")
+    _access_arguments(j)
     j.set_defaults(func=cmd_jobs_submit_merge)
     j = jsub.add_parser("join", parents=[common], help="take part in a job (a private one: "
                         "with its token)")

@@ -71,6 +71,8 @@ class DecentralizedTraining:
         self._offsets = list(zip(self.loop.manifest.offsets,
                                  (t.size for t in self.loop.manifest.tensors), strict=True))
         self._staging: torch.Tensor | None = None
+        # the copies of the last stage_out, still reading the staging buffer on the GPU
+        self._copied: torch.cuda.Event | None = None
         if self.resident:
             for name, t in self.tensors:
                 self.loop.arrays[name][...] = t.detach().numpy()
@@ -131,15 +133,23 @@ class DecentralizedTraining:
             for (_, t), (offset, size) in zip(self.tensors, self._offsets, strict=True):
                 self._staging[offset:offset + size].copy_(t.reshape(-1), non_blocking=True)
             if self.on_gpu:
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()  # the parameters are final, and stage_out's copies done
+                self._copied = None
         np.copyto(self.loop.slot, self._staging.numpy())
 
     def _stage_out(self) -> None:
-        """Shared memory -> pinned staging -> model."""
+        """Shared memory -> pinned staging -> model. Returns once the copies are queued:
+        they run in stream order before the loop's next kernels, so the loop's queued
+        work is not drained here (a synchronize cost ~4 ms a sync on an H200 with four
+        loops). Only the staging buffer must outlive them: the next write to it waits."""
         assert self._staging is not None
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
         np.copyto(self._staging.numpy(), self.loop.slot)
         with torch.no_grad():
             for (_, t), (offset, size) in zip(self.tensors, self._offsets, strict=True):
                 t.copy_(self._staging[offset:offset + size].view(t.shape), non_blocking=True)
-            if self.on_gpu:
-                torch.cuda.synchronize()
+        if self.on_gpu:
+            self._copied = torch.cuda.Event()
+            self._copied.record()

@@ -528,7 +528,11 @@ class JobSupervisor:
             if spec is None:
                 continue
             kind = self.kinds[view["spec"]["kind"]]
-            actions = plan(self.me, job_id, view, spec, volunteer=kind.volunteers(job_id, spec),
+            # paused by the volunteer's limits, we offer no room to other people's jobs
+            # (a roster holding us would wait on us); a local user's own ask still counts
+            volunteer = kind.volunteers(job_id, spec) and (
+                self.paused is None or job_id in self._asked)
+            actions = plan(self.me, job_id, view, spec, volunteer=volunteer,
                            policy=self._policy, active=set(self._runs), reserved=reserved,
                            alive=alive, now=now,
                            token=self.token(job_id) if view["submitter"] == self.me else None)

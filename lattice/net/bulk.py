@@ -75,6 +75,7 @@ from lattice.net.bulk_listener import BulkListener as BulkListener
 from lattice.net.bulk_listener import serve_bulk_listener as serve_bulk_listener
 from lattice.net.bulk_session import Check as Check
 from lattice.net.bulk_session import Session
+from lattice.net.bulk_session import UnreachableChannels as UnreachableChannels
 from lattice.net.shaping import ByteBudget
 from lattice.net.streams import PeerNetwork, Stream, quietly
 
@@ -126,16 +127,19 @@ async def exchange(stream: Stream, ours: Sequence[np.ndarray], *,
                    check: Check | None = None,
                    out: Sequence[np.ndarray] | None = None,
                    on_progress: Progress | None = None,
-                   budget: ByteBudget | None = None) -> list[np.ndarray]:
+                   budget: ByteBudget | None = None,
+                   unreachable: UnreachableChannels | None = None) -> list[np.ndarray]:
     """Send ``ours`` and receive the peer's arrays, both directions at once, in one
     session (one key agreement however many arrays); the peer calls `exchange` too.
     ``check`` and ``out`` as for `receive_arrays`; ``on_progress`` reports the inbound
     direction. ``budget``: the volunteer's rate limits for the side channel's bytes
-    (`lattice.net.shaping`; bytes on ``stream`` are the stream's to shape)."""
+    (`lattice.net.shaping`; bytes on ``stream`` are the stream's to shape).
+    ``unreachable``: side-channel offers that failed before, to go straight to the
+    stream instead of waiting ``connect_timeout`` again (keep one per daemon)."""
     if out is not None:
         check = same_as([check_out(o) for o in out])
     result = await Session(stream, config, listener, received_progress=on_progress,
-                           budget=budget).run(
+                           budget=budget, unreachable=unreachable).run(
         outgoing=list(ours), receive=True, limits=limits, check=check,
         out=list(out) if out is not None else None)
     assert result is not None

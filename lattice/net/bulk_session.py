@@ -74,14 +74,52 @@ def _within(seconds: float, what: str) -> Iterator[None]:
 _SOCKET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
+class UnreachableChannels:
+    """Side-channel offers this sender could not connect to, skipped for ``retry_after``
+    seconds. A receiver behind a NAT that drops unsolicited TCP (a symmetric NAT maps
+    each destination apart) offers the same unreachable address in every exchange, and
+    each attempt would cost ``connect_timeout`` before the stream fallback: in a job,
+    every round with that peer. Keyed by the offered addresses, not the peer: a peer
+    that moves offers new ones and is tried again. At most ``max_entries`` (a peer
+    offering a new address each time evicts the oldest, never grows us)."""
+
+    def __init__(self, retry_after: float = 600.0, max_entries: int = 1024) -> None:
+        self.retry_after = retry_after
+        self.max_entries = max_entries
+        self._until: dict[tuple[tuple[str, int], ...], float] = {}
+        self.skipped = 0
+
+    def known(self, addrs: list[tuple[str, int]]) -> bool:
+        until = self._until.get(tuple(addrs))
+        if until is None:
+            return False
+        if trio.current_time() >= until:
+            del self._until[tuple(addrs)]
+            return False
+        self.skipped += 1
+        return True
+
+    def remember(self, addrs: list[tuple[str, int]]) -> None:
+        key = tuple(addrs)
+        self._until.pop(key, None)
+        while len(self._until) >= self.max_entries:
+            del self._until[next(iter(self._until))]  # the oldest
+        self._until[key] = trio.current_time() + self.retry_after
+
+    def statistics(self) -> dict[str, int]:
+        return {"unreachable_offers": len(self._until), "skipped": self.skipped}
+
+
 class Session:
     """One run of the protocol on one control stream (proto/bulk.md, "Session")."""
 
     def __init__(self, stream: Stream, config: BulkConfig, listener: BulkListener | None, *,
                  sent_progress: Progress | None = None,
                  received_progress: Progress | None = None,
-                 budget: ByteBudget | None = None) -> None:
+                 budget: ByteBudget | None = None,
+                 unreachable: UnreachableChannels | None = None) -> None:
         self.stream = stream
+        self.unreachable = unreachable
         # the side channel is the one path of job bytes that crosses no stream of ours:
         # its pumps await the volunteer's rate limits themselves (lattice.net.shaping)
         self.budget = budget
@@ -293,11 +331,14 @@ class Session:
         aead = AESGCM(keys.data_key)
         sizes = [spec.nbytes for spec in specs]
         conn = None
-        if verdict.addrs and self.config.direct and sum(sizes):
+        if (verdict.addrs and self.config.direct and sum(sizes)
+                and not (self.unreachable is not None and self.unreachable.known(verdict.addrs))):
             conn = await _connect(verdict.addrs, self.config.connect_timeout)
             if conn is None:
                 log.info("peer=%s sid=%s side channel %s unreachable; using the stream",
                          self.peer, sid.hex()[:12], verdict.addrs)
+                if self.unreachable is not None:
+                    self.unreachable.remember(verdict.addrs)
         if conn is not None:
             async with conn:
                 what = "waiting for the receiver's confirmation"

@@ -432,6 +432,8 @@ class GossipAverager:
             "paused": self.paused,
             "outcomes_remembered": len(self._outcomes),
             **self.health.statistics(trio.current_time()),
+            **({"side_channel": self.transport.unreachable.statistics()}
+               if isinstance(self.transport, BulkTensorTransport) else {}),
         }
 
 

@@ -111,6 +111,8 @@ class BulkTensorTransport:
         self.listener = listener
         self.config = config
         self.budget = budget  # lattice.net.shaping.ByteBudget of the side channel
+        # offers we could not reach (a peer behind a symmetric NAT): not retried each round
+        self.unreachable = bulk.UnreachableChannels()
 
     async def exchange(self, stream: Stream, ours: Mapping[str, np.ndarray], *,
                        expect: Mapping[str, np.dtype], max_bytes: int
@@ -126,6 +128,7 @@ class BulkTensorTransport:
                                        f"{[str(np.dtype(expect[n])) for n in names]}")
 
         kwargs = {"listener": self.listener, "budget": self.budget,
+                  "unreachable": self.unreachable,
                   **({"config": self.config} if self.config is not None else {})}
         theirs = await bulk.exchange(stream, [ours[n] for n in names],
                                      limits=ArrayLimits(max_bytes=max(1, max_bytes)),

@@ -154,3 +154,30 @@ def test_a_participant_killed_mid_merge_has_its_share_merged_by_the_others(tmp_p
         assert alone["id"] == job["model"]
         verdict = run_cli("models", "verify", job["model"], socket=s1, timeout=120)
         assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+
+
+def test_a_merge_job_limited_to_listed_peers_takes_only_them(tmp_path):
+    paths = _checkpoints(tmp_path)
+    with LocalNet(3, tmp_path / "net", log_level="warning") as net:
+        net.start()
+        s0 = net.nodes[0].socket
+        me, listed, unlisted = (n.peer_id for n in net.nodes)
+        with lattice.connect(s0) as c:
+            wait_for(lambda: sum(1 for m in c.members().values() if m.get("alive")) >= 3, 60,
+                     "3 live members", interval=0.1)
+        for name, path in paths.items():
+            _cli_json(s0, "models", "import", str(path), "--name", name)
+        job_id = _cli_json(s0, "jobs", "submit", "merge", "--method", "linear", "--models",
+                           "ft1", "ft2", "--min-peers", "2", "--join-window", "2",
+                           "--allow", me, "--allow", listed)["job_id"]
+        watch = run_cli("jobs", "watch", job_id, socket=s0, timeout=300)
+        assert watch.returncode == 0, watch.stdout + watch.stderr
+        job = _cli_json(s0, "jobs", "get", job_id)
+        assert job["status"] == "done" and sorted(job["roster"]) == sorted([me, listed])
+        assert unlisted not in job["roster"] and unlisted not in job["participants"]
+
+        private = run_cli("jobs", "submit", "merge", "--method", "linear", "--models", "ft1",
+                          "ft2", "--private", socket=s0)
+        assert private.returncode == 0, private.stderr
+        job_line, token_line = private.stdout.split()
+        assert len(job_line) == 32 and len(token_line) == 32  # the token to hand out

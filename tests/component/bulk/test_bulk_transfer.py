@@ -13,6 +13,7 @@ from lattice.net.bulk import (
     BulkConfig,
     BulkHeaderError,
     BulkRejectedError,
+    UnreachableChannels,
     exchange,
     exchange_arrays,
     push_array,
@@ -83,17 +84,40 @@ async def test_sender_can_refuse_the_side_channel(stream_pair, listener):
     assert listener.statistics()["authenticated"] == 0
 
 
-async def test_unreachable_side_channel_falls_back_to_the_stream(stream_pair, nursery):
-    # A listener advertising an address nobody listens on (NAT, firewall).
+@pytest.fixture
+async def unreachable(nursery):
+    """A listener advertising an address nobody listens on (NAT, firewall)."""
     probe = trio.socket.socket()
     await probe.bind(("127.0.0.1", 0))
     dead = probe.getsockname()
     probe.close()
-    unreachable = await nursery.start(lambda task_status: serve_bulk_listener(
+    return await nursery.start(lambda task_status: serve_bulk_listener(
         advertise=[dead], task_status=task_status))
+
+
+async def test_unreachable_side_channel_falls_back_to_the_stream(stream_pair, unreachable):
     a, b = await stream_pair()
     sent = ARRAYS["f64-3d"]
     assert_same(await transfer(a, b, sent, listener=unreachable), sent)
+
+
+async def test_an_offer_that_failed_once_goes_straight_to_the_stream(stream_pair, unreachable):
+    # A peer behind a symmetric NAT offers the same unreachable address every round: the
+    # sender remembers it instead of waiting out the connect timeout each time.
+    memory = UnreachableChannels(retry_after=600.0)
+    ours = np.arange(20_000, dtype=np.float32)
+    for round_ in range(3):
+        a, b = await stream_pair()
+        got = {}
+        async with trio.open_nursery() as n:
+            async def side_b():
+                # b sends to a, whose offer cannot be reached
+                got["b"] = await exchange(b, [-ours], config=SMALL_CHUNKS, unreachable=memory)
+            n.start_soon(side_b)
+            got["a"] = await exchange(a, [ours], listener=unreachable, config=SMALL_CHUNKS)
+        assert_same(got["b"][0], ours)
+        assert_same(got["a"][0], -ours)
+        assert memory.statistics() == {"unreachable_offers": 1, "skipped": round_}
 
 
 async def test_an_unreachable_first_address_does_not_delay_the_side_channel(stream_pair,

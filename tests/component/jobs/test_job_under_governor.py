@@ -200,6 +200,24 @@ async def test_each_pause_reason_pauses_a_participant_which_resumes_and_the_job_
     assert entry(submitter, job_id, volunteer.peer_id)["steps"] == 150  # on to the end
 
 
+async def test_a_paused_volunteer_takes_no_new_job_until_it_resumes(
+        cluster, small_job, tmp_path, autojump_clock, nursery):
+    _, gov, _, nodes, _ = await start_volunteer(cluster, nursery, tmp_path, VolunteerConfig())
+    volunteer, submitter = nodes[2], nodes[0]
+    gov.pause(reason="gaming")
+    await cluster.wait_until(lambda: volunteer.jobs.paused is not None)
+    first = submitter.jobs.submit(small_job(min_peers=2, steps=30, merge_timeout=30))
+    with trio.fail_after(900):
+        assert (await submitter.jobs.wait_job(first))["status"] == "done"
+    assert entry(submitter, first, volunteer.peer_id) == {}  # never offered to take part
+
+    gov.resume()
+    second = submitter.jobs.submit(small_job(min_peers=3, steps=30, merge_timeout=30))
+    with trio.fail_after(900):
+        assert (await submitter.jobs.wait_job(second))["status"] == "done"
+    assert volunteer.peer_id in submitter.jobs.get(second)["roster"]
+
+
 async def test_a_participant_over_the_memory_cap_leaves_with_the_reason_and_the_job_completes(
         cluster, small_job, tmp_path, autojump_clock, nursery):
     # digits-softmax: 650 parameters, 1437 training images of 64 float64 pixels

@@ -20,7 +20,9 @@ def test_defaults_are_resolved_so_the_record_says_what_participants_run():
     assert (spec.max_peers, spec.outer_lr, spec.outer_momentum) == (4, 0.7, 0.9)
     assert parse_attach_spec({"algorithm": "noloco"}).outer_momentum == 0.3
     assert parse_attach_spec({"algorithm": "noloco", "outer_momentum": 0.5}).outer_momentum == 0.5
-    assert parse_attach_spec({}).outer is False
+    default = parse_attach_spec({})  # NoLoCo: the best under label skew (bench/attach_learning.py)
+    assert (default.algorithm, default.outer, default.outer_momentum) == ("noloco", True, 0.3)
+    assert parse_attach_spec({"algorithm": "gossip"}).outer is False
     # the stored form parses back to the same spec, and the id commits to it
     job_id, record = new_job_record(spec, "peer", "n" * 16, 0.0, kind="attach")
     assert read_job(job_id, record) == spec
