@@ -2,14 +2,18 @@
 
 Starts N `latticed` processes (default config, mDNS off, logs at warning) bootstrapped
 off the first, waits until every daemon lists every member alive, lets them settle,
-then measures over --idle seconds:
+waits until every daemon holds at most the high water mark of connections (the
+connection manager trims only connections older than its grace period; after
+--connections-timeout it goes on and says the connections did not settle), then
+measures over --idle seconds:
 
 - idle CPU per daemon (utime + stime from /proc, % of one core), mean and max;
 - idle sync traffic of all daemons (`state.stats` bytes, both directions halved) and
   all loopback traffic (/proc/net/dev, includes DHT, membership probes, pings);
 - connections per daemon (`status`), mean and max;
-- one write (`state.set counters/...` on one daemon): the sync bytes it cost in all
-  (minus the idle rate over the same time), as a multiple of N x its envelope size, and
+- one write (`state.set counters/...` on one daemon), once the sync traffic is flat
+  (two 3 s windows agree): the sync bytes it cost in all, minus the idle rate of the
+  window right before over the same time, as a multiple of N x its envelope size, and
   the time until every daemon's `state` subscription reported it;
 - DHT put on one daemon, then a fresh get on another (median of --dht-runs);
 - a --job-steps digits-mlp job with N participants (submit to done; --job-max limits the
@@ -41,12 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
 
 import lattice
+from lattice.core.connections import WaterMarks
 from lattice.core.identity import Identity
 from lattice.core.state import Set, StateStore
 from lattice.testing.daemons import DaemonProc, wait_for
 
 TICKS = os.sysconf("SC_CLK_TCK")
-HIGH_WATER = 64
+HIGH_WATER = WaterMarks().high
 
 
 def cpu_seconds(pid: int) -> float:
@@ -109,6 +114,47 @@ def wait_members(daemons: list[DaemonProc], timeout: float) -> float:
     return time.monotonic() - t0
 
 
+def connections(daemons: list[DaemonProc], pool: ThreadPoolExecutor) -> list[int]:
+    def one(d: DaemonProc) -> int:
+        with d.client() as c:
+            return int(c.status()["peers"])
+    return list(pool.map(one, daemons))
+
+
+def wait_connections(daemons: list[DaemonProc], timeout: float, pool: ThreadPoolExecutor
+                     ) -> tuple[float, bool]:
+    """Wait until every daemon holds at most the high water mark of connections (the
+    connection manager trims a connection only after its grace period), or ``timeout``
+    seconds; returns (seconds waited, whether they settled)."""
+    t0 = time.monotonic()
+    while True:
+        if max(connections(daemons, pool)) <= HIGH_WATER:
+            return time.monotonic() - t0, True
+        if time.monotonic() - t0 >= timeout:
+            return time.monotonic() - t0, False
+        time.sleep(1.0)
+
+
+def wait_quiet_sync(daemons: list[DaemonProc], pool: ThreadPoolExecutor, *, window: float,
+                    timeout: float) -> tuple[float, bool]:
+    """The idle sync rate (all daemons, bytes/s) once two windows in a row agree within
+    25 % (or 200 B/s), so the start-up traffic does not count as the cost of a write;
+    after ``timeout`` seconds, the last window's rate. Returns (rate, whether flat)."""
+    t0 = time.monotonic()
+    last_bytes, last_t = sync_bytes(daemons, pool), time.monotonic()
+    rate = None
+    while True:
+        time.sleep(window)
+        b, t = sync_bytes(daemons, pool), time.monotonic()
+        new_rate = (b - last_bytes) / (t - last_t)
+        last_bytes, last_t = b, t
+        if rate is not None and abs(new_rate - rate) <= max(0.25 * rate, 200.0):
+            return new_rate, True
+        rate = new_rate
+        if t - t0 >= timeout:
+            return rate, False
+
+
 def measure_idle(daemons: list[DaemonProc], seconds: float, pool: ThreadPoolExecutor
                  ) -> dict[str, Any]:
     pids = [d.proc.pid for d in daemons]
@@ -123,8 +169,11 @@ def measure_idle(daemons: list[DaemonProc], seconds: float, pool: ThreadPoolExec
             "sync_bps": (s1 - s0) / dt, "lo_bps": (l1 - l0) / dt}
 
 
-def write_one(daemons: list[DaemonProc], idle_sync_bps: float, pool: ThreadPoolExecutor
-              ) -> dict[str, Any]:
+def write_one(daemons: list[DaemonProc], pool: ThreadPoolExecutor) -> dict[str, Any]:
+    """One `state.set` on the first daemon: the time until every daemon's subscription
+    saw it, and the sync bytes it cost in all, less the idle rate measured right before
+    (`wait_quiet_sync`) over the same time."""
+    idle_sync_bps, flat = wait_quiet_sync(daemons, pool, window=3.0, timeout=30.0)
     path = "counters/scale-bench"
     value = int(time.time())
     arrived: dict[int, float] = {}
@@ -155,7 +204,8 @@ def write_one(daemons: list[DaemonProc], idle_sync_bps: float, pool: ThreadPoolE
     reach = max(arrived.values()) - t0 if len(arrived) == len(daemons) else float("inf")
     time.sleep(2.0)  # announcements and pulls of the gossip tick after it
     spent = sync_bytes(daemons, pool) - before - idle_sync_bps * (time.monotonic() - t0)
-    return {"reach_s": reach, "bytes": max(spent, 0.0), "reached": len(arrived)}
+    return {"reach_s": reach, "bytes": max(spent, 0.0), "reached": len(arrived),
+            "idle_bps": idle_sync_bps, "idle_flat": flat}
 
 
 def dht_latency(daemons: list[DaemonProc], runs: int) -> tuple[float, float]:
@@ -174,23 +224,45 @@ def dht_latency(daemons: list[DaemonProc], runs: int) -> tuple[float, float]:
 
 
 def run_job(daemons: list[DaemonProc], steps: int, timeout: float) -> dict[str, Any]:
+    """Submit a digits-mlp job for every daemon and follow it on the submitter: seconds
+    from submission to each phase (roster sealed, running, first steps counted, half and
+    all steps counted, merging, done), read from `jobs.get` every 0.25 s."""
     spec = {"task": "digits-mlp", "steps": steps, "min_peers": len(daemons)}
+    phases: dict[str, float] = {}
+
+    def mark(name: str, now: float) -> None:
+        phases.setdefault(name, now - t0)
+
     with daemons[0].client() as c:
         submitted = c.call("jobs.submit", spec=spec)
         job_id = submitted["job_id"] if isinstance(submitted, dict) else submitted
         t0 = time.monotonic()
-        running_at = None
         while time.monotonic() - t0 < timeout:
             job = c.call("jobs.get", job_id=job_id)
-            status = job.get("status")
-            if status == "running" and running_at is None:
-                running_at = time.monotonic()
+            now, status = time.monotonic(), job.get("status")
+            joined = sum(1 for v in (job.get("peers") or {}).values() if v is not None)
+            if joined >= len(daemons):
+                mark("all joined", now)
+            if job.get("roster"):
+                mark("roster sealed", now)
+            if status in ("running", "merging", "done"):
+                mark("running", now)
+            total, done_steps = job.get("steps_total") or 0, job.get("steps") or 0
+            if done_steps > 0:
+                mark("first steps", now)
+            if total and done_steps >= total / 2:
+                mark("half the steps", now)
+            if total and done_steps >= total:
+                mark("all steps", now)
+            if status in ("merging", "done"):
+                mark("merging", now)
             if status in ("done", "failed", "cancelled"):
-                end = time.monotonic()
-                return {"status": status, "total_s": end - t0,
-                        "running_s": end - running_at if running_at else None}
-            time.sleep(0.5)
-    return {"status": "timeout", "total_s": float("inf"), "running_s": None}
+                mark(status, now)
+                return {"status": status, "total_s": now - t0, "phases": phases,
+                        "running_s": now - t0 - phases["running"] if "running" in phases
+                        else None}
+            time.sleep(0.25)
+    return {"status": "timeout", "total_s": float("inf"), "running_s": None, "phases": phases}
 
 
 def one_n(n: int, args: argparse.Namespace, size: int) -> dict[str, Any]:
@@ -203,13 +275,15 @@ def one_n(n: int, args: argparse.Namespace, size: int) -> dict[str, Any]:
             started = time.monotonic() - t0
             members_s = wait_members(daemons, args.settle_timeout)
             time.sleep(args.settle)
+            settle_s, settled = wait_connections(daemons, args.connections_timeout, pool)
             idle = measure_idle(daemons, args.idle, pool)
-            conns = [d.client().status()["peers"] for d in daemons]
-            write = write_one(daemons, idle["sync_bps"], pool)
+            conns = connections(daemons, pool)
+            write = write_one(daemons, pool)
             put, get = dht_latency(daemons, args.dht_runs)
             job = (run_job(daemons, args.job_steps, args.job_timeout)
                    if n <= args.job_max else None)
-            return {"n": n, "started_s": started, "members_s": members_s, **idle,
+            return {"n": n, "started_s": started, "members_s": members_s,
+                    "conn_settle_s": settle_s, "conn_settled": settled, **idle,
                     "conn_mean": statistics.mean(conns), "conn_max": max(conns),
                     "write": write, "size": size, "dht": (put, get), "job": job}
         finally:
@@ -233,6 +307,9 @@ def report(r: dict[str, Any]) -> None:
                 f"{job['total_s']:.1f} s ({job['status']}; running {job['running_s'] or 0:.1f} s)")
     rows = [
         ("daemons up / all members alive", f"{r['started_s']:.0f} s / {r['members_s']:.0f} s", ""),
+        ("connections ≤ high water before idle",
+         f"{'settled' if r['conn_settled'] else 'NOT settled'} after {r['conn_settle_s']:.0f} s",
+         ""),
         ("idle CPU per daemon", f"{r['cpu_mean']:.2f} % of a core (max {r['cpu_max']:.2f})",
          "< 0.5 %, flat in N"),
         ("idle sync traffic, all daemons", f"{r['sync_bps'] / 1e3:.2f} KB/s "
@@ -241,6 +318,8 @@ def report(r: dict[str, Any]) -> None:
          f"({r['lo_bps'] / n:.0f} B/s per daemon)", "< 2 KB/s per daemon"),
         ("bytes to replicate one write", f"{w['bytes'] / 1e3:.1f} KB = {factor:.1f}·N·size "
          f"(size {r['size']} B)", "≤ 20·N·size"),
+        ("  idle sync rate subtracted", f"{w['idle_bps'] / 1e3:.2f} KB/s "
+         f"({'flat' if w['idle_flat'] else 'NOT flat within 30 s'})", ""),
         ("one write reaches all", f"{1000 * w['reach_s']:.0f} ms ({w['reached']}/{n})",
          "≤ 1 s at 96"),
         ("connections per daemon", f"{r['conn_mean']:.1f} (max {r['conn_max']})",
@@ -252,6 +331,9 @@ def report(r: dict[str, Any]) -> None:
     width = max(len(a) for a, _, _ in rows)
     for name, value, target in rows:
         print(f"  {name:<{width}}  {value:<46} {('target ' + target) if target else ''}")
+    if job is not None:
+        print("  job phases, s after submit: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(job["phases"].items(), key=lambda kv: kv[1])))
     sys.stdout.flush()
 
 
@@ -262,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=10.0,
                    help="seconds after every member is alive before measuring")
     p.add_argument("--settle-timeout", type=float, default=120.0)
+    p.add_argument("--connections-timeout", type=float, default=90.0,
+                   help="seconds to wait for every daemon to be at most the high water "
+                        "mark of connections before the idle window")
     p.add_argument("--dht-runs", type=int, default=5)
     p.add_argument("--job-steps", type=int, default=100)
     p.add_argument("--job-max", type=int, default=48,

@@ -135,7 +135,7 @@ SECTIONS: tuple[Section, ...] = (
          expose("max_passed_fds", minimum=1)),
     _sec("limits", DiscoveryConfig, expose("max_connections", minimum=1),
          expose("bootstrap_retry_max", "bootstrap_retry_max_s", minimum=0.1)),
-    _sec("limits", PresenceConfig, expose("ping_interval", "ping_interval_s", minimum=1.0)),
+    _sec("limits", PresenceConfig, expose("ping_interval", "ping_interval_s", minimum=0.0)),
     _sec("state", PresenceConfig,
          expose("heartbeat_interval", "heartbeat_interval_s", minimum=0.0)),
     _sec("state", StateLimits, expose("heartbeat_timeout", "heartbeat_timeout_s", minimum=1.0)),

@@ -199,7 +199,8 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
     node.models = node.jobs.services.models
     nursery.start_soon(presence.fan_out_peer_events, node,
                        host.peer_events(buffer=cfg["rpc.subscriber_queue"]))
-    nursery.start_soon(presence.measure_rtts, node)
+    if cfg.build(presence.PresenceConfig).ping_interval > 0:
+        nursery.start_soon(presence.measure_rtts, node)
     node.connections = await nursery.start(functools.partial(
         serve_connection_manager, host, cfg.build(WaterMarks),
         protected=functools.partial(presence.protected_peers, node)))

@@ -35,8 +35,12 @@ class PresenceConfig:
     """Our member record's heartbeat is refreshed this often, seconds; 0: only when the
     record is written. Liveness comes from [membership] (O(1) messages per daemon per
     second); a replicated heartbeat costs every daemon O(N)."""
-    ping_interval: float = 15.0
-    """Peers' round-trip time is measured this often, seconds."""
+    ping_interval: float = 0.0
+    """Peers' round-trip time is re-measured by an echo stream this often, seconds; 0:
+    never after the first (on connect). Yamux pings every connection itself every 30 s
+    (one 12-byte frame each way, `Libp2pNode.connections` shows it); an echo stream per
+    peer every 15 s cost each daemon O(connections) stream setups, the largest share
+    of its idle CPU at 96 daemons (issue 16)."""
 
 
 def member_record(node: Node) -> dict[str, Any]:
@@ -119,8 +123,8 @@ async def measure_one(node: Node, peer_id: str) -> None:
 
 
 async def measure_rtts(node: Node) -> None:
-    """Re-measure each connected peer's RTT once per ping interval, spread over the
-    interval: all at once, every node of a network pinged all its peers in the same
+    """Re-measure each connected peer's RTT once per ping interval (> 0), spread over
+    the interval: all at once, every node of a network pinged all its peers in the same
     instant, a burst of stream setups that delayed everything else."""
     host = node.host
     assert host is not None

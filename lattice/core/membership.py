@@ -7,7 +7,9 @@ one still suspected after the suspicion timeout is declared *dead*. Changes of s
 (``alive``/``suspect``/``dead`` at an incarnation) are rumours that ride on every probe
 and ack, each retransmitted about λ·log2(N) times, so every daemon hears of a failure
 in O(log N) probe rounds while each sends O(1) messages per round, whatever N. A daemon
-that hears itself suspected or declared dead refutes it with a higher incarnation.
+that hears itself suspected or declared dead refutes it with a higher incarnation, and
+says it again whenever it hears the stale news (a refutation rides on a bounded number
+of messages: one that missed it would otherwise hold a live daemon dead).
 (Das, Gupta, Motivala, "SWIM", DSN 2002; the suspicion mechanism of its section 4.2.)
 
 A daemon announces its own start as a rumour, and hands each new neighbour its table
@@ -84,7 +86,7 @@ class Membership:
         self._nonce = 0
         self._own_rumour = self._transmits() if gossip_joins else 0  # start, refutations
         self.counts = {"pings": 0, "acks": 0, "suspected": 0, "declared_dead": 0,
-                       "refuted": 0, "malformed": 0}
+                       "refuted": 0, "reasserted": 0, "malformed": 0}
 
     # -- the overlay ----------------------------------------------------------------------
     def add_neighbour(self, peer: str, now: float) -> None:
@@ -218,10 +220,13 @@ class Membership:
     def _rumour(self, peer: str, status: str, inc: int, now: float, *,
                 news: bool = True) -> None:
         if peer == self.me:
-            if status != ALIVE and inc >= self.incarnation:
-                self.incarnation = inc + 1  # refute (SWIM 4.2)
+            if status != ALIVE:
+                if inc >= self.incarnation:
+                    self.incarnation = inc + 1  # refute (SWIM 4.2)
+                    self.counts["refuted"] += 1
+                else:  # refuted already, but the sender missed it: say it again
+                    self.counts["reasserted"] += 1
                 self._own_rumour = self._transmits()
-                self.counts["refuted"] += 1
             return
         e = self._entries.get(peer)
         if e is None:

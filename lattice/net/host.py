@@ -521,9 +521,19 @@ class Libp2pNode:
                 "addrs": addrs,
                 "direction": c.direction,
                 "connection": kind,
-                "rtt_ms": self._rtt_ms.get(peer_id),
+                "rtt_ms": self.rtt_ms(peer_id),
             })
         return out
+
+    def rtt_ms(self, peer_id: str) -> float | None:
+        """The peer's round-trip time in ms: the muxer's own (yamux pings every
+        connection every 30 s, one frame each way: it stays current at no cost of
+        ours; issue 16), else the echo `measure_rtt` took on connect, else None."""
+        for conn in sorted(self.live_connections(peer_id), key=is_relayed):  # direct first
+            muxer_rtt = getattr(conn.muxed_conn, "rtt", None)
+            if muxer_rtt is not None and muxer_rtt() > 0:
+                return float(muxer_rtt()) * 1000.0
+        return self._rtt_ms.get(peer_id)
 
     # -- events -------------------------------------------------------------------
     def _on_connected(self, conn: INetConn) -> None:

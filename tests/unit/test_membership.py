@@ -79,6 +79,30 @@ def test_a_suspected_member_that_is_alive_refutes_it_with_a_higher_incarnation()
     assert alive and age is not None and age < 12
 
 
+def test_a_member_still_held_dead_after_the_refutation_was_spent_is_told_again():
+    """A refutation rides on a bounded number of messages; a neighbour that missed it
+    (a loaded machine: suspicions everywhere, rumours crowding each message) keeps
+    telling the member the stale news. The member must answer with its incarnation
+    again, else the neighbour shows a live daemon dead until the entry expires."""
+    net = Net(["a", "b", "c"])
+    a, b = net.m["a"], net.m["b"]
+    net.link("b", "c")
+    b.handle("c", {"t": "ack", "n": 0, "g": [["b", SUSPECT, 0]]}, 0.0)
+    assert b.incarnation == 1  # b refuted ...
+    for t in range(40):  # ... and its refutation has ridden all the messages it gets
+        net.round(float(t))
+    a.handle("c", {"t": "ack", "n": 0, "g": [["b", DEAD, 0]]}, 40.0)  # a missed it
+    assert a.status("b") == DEAD
+    net.link("a", "b", 41.0)
+    t = 41.0
+    while a.status("b") != "alive":
+        net.round(t)
+        t += 1.0
+        assert t < 50, "a never heard b's incarnation again"
+    assert a.liveness("b", t)[0] is True
+    assert b.incarnation == 1  # no new incarnation: the news was only stale
+
+
 def test_liveness_of_a_member_never_heard_of_is_unknown():
     m = Membership("me")
     assert m.liveness("stranger", 5.0) == (None, None)

@@ -1,7 +1,7 @@
 """`Libp2pNode.measure_rtt` between two real py-libp2p hosts on loopback: what
 `lattice peers` shows as ``rtt_ms``. A ping stream that ends under us while the peer
 stays connected (a relayed connection retired for a direct one does this) must not
-leave the peer without an RTT until the next ping round, 15 s later."""
+leave the peer without an RTT until the muxer's own ping, up to 30 s later."""
 
 from __future__ import annotations
 
@@ -49,7 +49,21 @@ async def test_the_rtt_of_a_healthy_peer_is_measured_and_shown():
         rtt = await a.measure_rtt(b.peer_id)
         assert rtt is not None and 0 < rtt < 1000
         (row,) = a.connections()
-        assert row["peer_id"] == b.peer_id and row["rtt_ms"] == rtt
+        # the echo's figure, or the muxer's own if its first ping came back already
+        assert row["peer_id"] == b.peer_id and 0 < row["rtt_ms"] < 1000
+
+
+async def test_the_rtt_stays_current_without_a_ping_stream():
+    """Yamux pings every connection itself (one frame each way): `rtt_ms` shows its
+    figure, so no peer is pinged on a stream of ours after the first (issue 16)."""
+    async with two_connected_nodes() as (a, b):
+        streams: list[int] = []
+        b.set_stream_handler(PING_PROTOCOL, ping_handler(3, streams))
+        with trio.fail_after(10):  # the muxer's first ping goes out 0.5 s after connect
+            while a.connections()[0]["rtt_ms"] is None:
+                await trio.sleep(0.05)  # nothing to wait on: a poll with a deadline
+        assert 0 < a.connections()[0]["rtt_ms"] < 1000
+        assert streams == []
 
 
 @pytest.mark.parametrize("echoes_before_the_cut,streams_used", [
@@ -71,4 +85,4 @@ async def test_a_peer_that_never_echoes_has_no_rtt_once_the_timeout_passes():
         b.set_stream_handler(PING_PROTOCOL, ping_handler(None, streams))
         with trio.fail_after(3):
             assert await a.measure_rtt(b.peer_id, timeout=0.5) is None
-        assert a.connections()[0]["rtt_ms"] is None
+        # (`rtt_ms` may still show the muxer's figure: its pings need no handler)
