@@ -115,8 +115,8 @@ def _dht_state_path(node: Node) -> os.PathLike[str]:
 async def start_dht(node: Node, nursery: trio.Nursery) -> KademliaDHT:
     """Serve the DHT, rejoining from the routing table and records saved by the last
     run (a corrupt file is logged and ignored), then bootstrap in the background."""
-    cfg, host = node.config, node.host
-    assert host is not None
+    cfg, host, network = node.config, node.host, node.network
+    assert host is not None and network is not None
     mode = cfg.build(DiscoveryConfig).dht_mode
     config = cfg.build(DHTConfig, mode=Mode("server" if mode == "auto" else mode))
     path = _dht_state_path(node)
@@ -125,7 +125,9 @@ async def start_dht(node: Node, nursery: trio.Nursery) -> KademliaDHT:
             state: bytes | None = f.read()
     except FileNotFoundError:
         state = None
-    start = functools.partial(serve_dht, host, node.identity, config=config,
+    # over the governed network: its bytes are metered by protocol like every other
+    # (not shaped: lookups keep the daemon in the network while transfers are paused)
+    start = functools.partial(serve_dht, network, node.identity, config=config,
                               address_book=host, self_addrs=host.dialable_addrs,
                               source_ip=host.remote_ip)
     try:

@@ -136,3 +136,15 @@ def test_a_daemon_on_a_wildcard_address_announces_addresses_peers_can_dial(daemo
         found = cb.find_peer(status["peer_id"])["addrs"]
     assert set(advertised) <= set(found), (advertised, found)
     assert not any("/0.0.0.0/" in x for x in found), found
+
+
+def test_dht_traffic_is_counted_by_protocol_with_every_other(tmp_path):
+    # a volunteer's `status` (and the metrics endpoint) say what the DHT moved
+    with LocalNet(2, tmp_path / "net", log_level="warning") as net:
+        net.start()
+        with lattice.connect(net.nodes[0].socket, timeout=60) as c:
+            wait_for(lambda: c.status()["dht"]["routing_table_size"] >= 1, 60,
+                     "the other daemon in the routing table", interval=0.2)
+            assert c.dht_put("counted", "x" * 1000, 60)["stored_at"] >= 1
+            kad = c.status()["transfers"]["bytes"]["/lattice/kad/1"]
+        assert kad["out"] > 1000 and kad["in"] > 0
