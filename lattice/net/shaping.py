@@ -28,7 +28,14 @@ from typing import Any, Protocol
 from lattice.core.bulk_frames import PROTOCOL as BULK_PROTOCOL
 from lattice.core.gossip_messages import PROTOCOL as GOSSIP_PROTOCOL
 from lattice.net.blob import PROTOCOL as BLOB_PROTOCOL
-from lattice.net.streams import PeerError, PeerEvents, PeerNetwork, Stream, StreamHandler
+from lattice.net.streams import (
+    PeerError,
+    PeerEvents,
+    PeerNetwork,
+    Stream,
+    StreamHandler,
+    StreamWrapper,
+)
 
 JOB_PROTOCOLS = frozenset({GOSSIP_PROTOCOL, BLOB_PROTOCOL, BULK_PROTOCOL})
 """The protocols that move a job's bulk bytes: shaped by default."""
@@ -110,15 +117,13 @@ class MeteredBudget:
         await self._budget.receive(nbytes)
 
 
-class MeteredStream:
+class MeteredStream(StreamWrapper):
     """``stream``, its bytes counted (and, with a budget, shaped)."""
 
     def __init__(self, stream: Stream, budget: MeteredBudget, shaped: bool) -> None:
-        self._stream = stream
+        super().__init__(stream)
         self._budget = budget
         self._shaped = shaped
-        self.remote_peer_id = stream.remote_peer_id
-        self.protocol = stream.protocol
 
     async def read(self, max_bytes: int) -> bytes:
         data = await self._stream.read(min(max_bytes, READ_SLICE) if self._shaped else max_bytes)
@@ -129,15 +134,6 @@ class MeteredStream:
     async def write(self, data: bytes | memoryview) -> None:
         await self._budget.send(len(data))
         await self._stream.write(data)
-
-    async def close_write(self) -> None:
-        await self._stream.close_write()
-
-    async def close(self) -> None:
-        await self._stream.close()
-
-    async def reset(self) -> None:
-        await self._stream.reset()
 
 
 class GovernedNetwork:

@@ -98,15 +98,32 @@ class Stream(Protocol):
 StreamHandler = Callable[[Stream], Awaitable[None]]
 
 
-class CountingStream:
+class StreamWrapper:
+    """A `Stream` around ``stream``: its identity and its ends pass through; a subclass
+    says what happens to the bytes (``read``/``write``)."""
+
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+        self.remote_peer_id = stream.remote_peer_id
+        self.protocol = stream.protocol
+
+    async def close_write(self) -> None:
+        await self._stream.close_write()
+
+    async def close(self) -> None:
+        await self._stream.close()
+
+    async def reset(self) -> None:
+        await self._stream.reset()
+
+
+class CountingStream(StreamWrapper):
     """``stream``, counting its bytes both ways into ``counts``: any object with
     ``bytes_sent`` and ``bytes_received`` (a sync session that reports them while it
     runs), by default this wrapper itself."""
 
     def __init__(self, stream: Stream, counts: Any = None) -> None:
-        self._stream = stream
-        self.remote_peer_id = stream.remote_peer_id
-        self.protocol = stream.protocol
+        super().__init__(stream)
         self.bytes_sent = 0
         self.bytes_received = 0
         self._counts = self if counts is None else counts
@@ -119,15 +136,6 @@ class CountingStream:
     async def write(self, data: bytes | memoryview) -> None:
         await self._stream.write(data)
         self._counts.bytes_sent += len(data)
-
-    async def close_write(self) -> None:
-        await self._stream.close_write()
-
-    async def close(self) -> None:
-        await self._stream.close()
-
-    async def reset(self) -> None:
-        await self._stream.reset()
 
 
 CONNECTED = "connected"
