@@ -111,6 +111,12 @@ def entry(observer, job_id, peer) -> dict:
     return (view["participants"].get(peer) or {}) if view else {}
 
 
+async def finished(node, job_id) -> dict:
+    """The job's summary once it ended (virtual time: a hung job fails the test)."""
+    with trio.fail_after(900):
+        return await node.jobs.wait_job(job_id)
+
+
 def offers_to(node) -> int:
     """Averaging offers ``node`` was sent (answered, held or refused as busy)."""
     counts = node.jobs.services.gossip.counts
@@ -190,8 +196,7 @@ async def test_each_pause_reason_pauses_a_participant_which_resumes_and_the_job_
     await cluster.wait_until(lambda: entry(submitter, job_id, volunteer.peer_id).get("state")
                              in ("running", "merging", "done"))
     assert "reason" not in entry(submitter, job_id, volunteer.peer_id)
-    with trio.fail_after(900):
-        summary = await submitter.jobs.wait_job(job_id)
+    summary = await finished(submitter, job_id)
     assert summary["status"] == "done"
     await cluster.wait_until(lambda: any(r.get("job") == job_id
                                          for r in submitter.store.models().values()))
@@ -207,14 +212,12 @@ async def test_a_paused_volunteer_takes_no_new_job_until_it_resumes(
     gov.pause(reason="gaming")
     await cluster.wait_until(lambda: volunteer.jobs.paused is not None)
     first = submitter.jobs.submit(small_job(min_peers=2, steps=30, merge_timeout=30))
-    with trio.fail_after(900):
-        assert (await submitter.jobs.wait_job(first))["status"] == "done"
+    assert (await finished(submitter, first))["status"] == "done"
     assert entry(submitter, first, volunteer.peer_id) == {}  # never offered to take part
 
     gov.resume()
     second = submitter.jobs.submit(small_job(min_peers=3, steps=30, merge_timeout=30))
-    with trio.fail_after(900):
-        assert (await submitter.jobs.wait_job(second))["status"] == "done"
+    assert (await finished(submitter, second))["status"] == "done"
     assert volunteer.peer_id in submitter.jobs.get(second)["roster"]
 
 
@@ -231,8 +234,7 @@ async def test_a_participant_over_the_memory_cap_leaves_with_the_reason_and_the_
     assert reason.startswith("memory: needs ") and "of the 100.0 kB compute cap left" in reason
     listed = {j["id"]: j for j in submitter.jobs.list()}[job_id]
     assert listed["peers"][volunteer.peer_id] == "left"
-    with trio.fail_after(900):
-        assert (await submitter.jobs.wait_job(job_id))["status"] == "done"
+    assert (await finished(submitter, job_id))["status"] == "done"
     (record,) = [r for r in submitter.store.models().values() if r.get("job") == job_id]
     assert record["missing"] == [volunteer.peer_id] and record["metrics"]["participants"] == 2
     assert gov.memory.reserved == 0
@@ -250,8 +252,7 @@ async def test_a_participant_growing_over_the_memory_cap_while_it_runs_leaves(
                              == "left")
     assert entry(submitter, job_id, volunteer.peer_id)["reason"] == \
         "memory: job compute uses 25.0 MB, over the 20.0 MB cap"
-    with trio.fail_after(900):
-        assert (await submitter.jobs.wait_job(job_id))["status"] == "done"
+    assert (await finished(submitter, job_id))["status"] == "done"
     assert gov.memory.reserved == 0
 
 
@@ -284,8 +285,7 @@ async def test_outside_the_transfer_schedule_a_participant_trains_alone_then_ave
 
     machine.clock_offset = 0.0
     await cluster.wait_until(lambda: exchanges() > before)
-    with trio.fail_after(900):
-        assert (await submitter.jobs.wait_job(job_id))["status"] == "done"
+    assert (await finished(submitter, job_id))["status"] == "done"
     (record,) = [r for r in submitter.store.models().values() if r.get("job") == job_id]
     assert record["missing"] == []
     assert network.traffic.bytes[("/lattice/gossip-avg/2", "out")] > 0
