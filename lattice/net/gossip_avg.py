@@ -127,9 +127,9 @@ class GossipAverager:
     # initiator ------------------------------------------------------------------------------
     async def average_once(self, party: AveragingParty, candidates: Callable[[], list[str]], *,
                            patience: float, rng: Any) -> str:
-        """AD-PSGD style: average with one random live candidate; busy -> try another;
-        when all are busy, wait idle for a jittered pause (so others can reach us) and
-        retry until ``patience`` runs out. Returns "served" (a peer averaged with us
+        """AD-PSGD style: average with one random live candidate; busy -> try another,
+        up to ``offers_per_pass``; then wait idle for a jittered pause (so others can
+        reach us) and retry until ``patience`` runs out. Returns "served" (a peer averaged with us
         meanwhile), "committed" or "skipped"."""
         await party.wait_idle()  # an offer held during training is served first
         if party.mixed:
@@ -142,7 +142,7 @@ class GossipAverager:
             now = trio.current_time()
             peers = [p for p in candidates() if p != party.me and not self.health.blocked(p, now)]
             rng.shuffle(peers)
-            for peer in peers:
+            for peer in peers[:self.config.offers_per_pass]:
                 await party.wait_idle()
                 if party.mixed:
                     return "served"

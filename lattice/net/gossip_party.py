@@ -54,7 +54,12 @@ class GossipConfig:
     resolve_timeout: float = 10.0
     """Initiator: how long to keep asking for the outcome of an exchange whose ack was lost."""
     retry_pause: float = 0.05
-    """Mean idle pause before retrying when every candidate was busy."""
+    """Mean idle pause before retrying when every candidate offered to was busy."""
+    offers_per_pass: int = 3
+    """Candidates offered to before that pause. Nearly every participant of a busy job
+    is itself offering (and so busy to others), so offering to all of them costs a
+    stream per peer per round (O(N)) and keeps us busy to everyone else; a few offers
+    and then listening lets others reach us, at a cost independent of the roster."""
     max_payload_bytes: int = 1 << 31
     """Largest tensor payload accepted from a peer (the job's model bounds it too)."""
     outcome_memory: int = 1024
