@@ -61,15 +61,15 @@ from lattice.net.streams import (
     StreamHandler,
     read_exactly,
 )
+from lattice.net.yamux_credit import release_credit_like_go_yamux
 
 log = logging.getLogger("lattice.net.host")
 
-# py-libp2p's Yamux sends a WINDOW_UPDATE frame after every read by default (one more
-# encrypted write per message received); go-yamux's rule instead releases credit once
-# half the window has been consumed. Our protocols exchange many small messages, where
-# those frames were ~15% of a daemon's CPU. Read at call time by py-libp2p; a value the
-# user set wins.
-os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+# py-libp2p's Yamux sends a WINDOW_UPDATE frame after nearly every read (one more
+# encrypted write per message received); go-yamux releases credit once half the window
+# is consumed. Our protocols exchange many small messages, where those frames were ~15%
+# of a daemon's busy CPU (lattice.net.yamux_credit).
+release_credit_like_go_yamux()
 
 # What a libp2p stream or dial raises when the remote vanished or misbehaved.
 _LIBP2P_PEER_ERRORS: tuple[type[BaseException], ...] = (
