@@ -189,7 +189,7 @@ class GossipAverager:
             with trio.fail_after(cfg.accept_timeout):
                 await send_frame(stream, {"t": "offer", "v": VERSION, "job": party.job_id, "xid": xid,
                                           "samples": party.samples, "codec": party.channel.codec.spec,
-                                          "transports": list(self.transports)})
+                                          "transports": self._offerable(party)})
                 reply = await _receive(stream, ("accept", "busy"), xid)
             self.health.reachable(peer)
             if reply["t"] == "busy":
@@ -351,6 +351,15 @@ class GossipAverager:
             party.bytes_received += stream.bytes_received
         self.counts[f"responded_{outcome.value}"] += 1
         party.stats[outcome.value] += 1
+
+    def _offerable(self, party: AveragingParty) -> list[str]:
+        """The transports we offer for ``party``'s payload, preferred first. A small
+        model's round goes framed on the stream: a bulk session would add a key
+        agreement and two round trips (and a side-channel connection) to a payload the
+        stream carries in one flight."""
+        if party.params.nbytes < self.config.small_payload_bytes:
+            return ["framed"]
+        return list(self.transports)
 
     def _pick_transport(self, offer: dict[str, Any]) -> TensorTransport | None:
         """Our preferred transport among those the initiator offered (absent: framed)."""

@@ -60,6 +60,9 @@ class GossipConfig:
     is itself offering (and so busy to others), so offering to all of them costs a
     stream per peer per round (O(N)) and keeps us busy to everyone else; a few offers
     and then listening lets others reach us, at a cost independent of the roster."""
+    small_payload_bytes: int = 256 << 10
+    """Models under this many float32 bytes average over the framed transport on the
+    stream (about one Yamux window, one flight), never a bulk session."""
     max_payload_bytes: int = 1 << 31
     """Largest tensor payload accepted from a peer (the job's model bounds it too)."""
     outcome_memory: int = 1024

@@ -5,6 +5,7 @@ their own parameters)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -34,6 +35,8 @@ from lattice.testing.memnet import MemoryNetwork
 
 JOB = "0123456789abcdef0123456789abcdef"
 CONFIG = GossipConfig(accept_timeout=3.0, hold_timeout=2.0, step_timeout=2.0, resolve_timeout=3.0)
+# this test's tiny model takes a bulk transport only when no size is "small"
+ANY_SIZE = dataclasses.replace(CONFIG, small_payload_bytes=0)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +108,9 @@ class _FaultyStream:
 class Pair:
     """Two participants of one job on two memnet peers, each serving gossip-avg."""
 
-    def __init__(self, nursery, task, spec: TrainSpec, transport=None) -> None:
+    def __init__(self, nursery, task, spec: TrainSpec, transport=None, config=CONFIG) -> None:
         self.nursery, self.task, self.spec, self.transport = nursery, task, spec, transport
+        self.config = config
 
     async def start(self):
         self.net = MemoryNetwork()
@@ -116,7 +120,8 @@ class Pair:
         self.nets = [FaultyNetwork(p) for p in peers]
         transports = self.transport if isinstance(self.transport, list) else [self.transport] * 2
         self.services = [await self.nursery.start(lambda task_status, n=n, t=t: serve_gossip_avg(
-            n, config=CONFIG, transport=t, task_status=task_status)) for n, t in zip(self.nets, transports)]
+            n, config=self.config, transport=t, task_status=task_status))
+            for n, t in zip(self.nets, transports)]
         roster = sorted(p.peer_id for p in peers)
         self.parties = []
         for net, service in zip(self.nets, self.services):
@@ -135,9 +140,9 @@ class Pair:
 
 @pytest.fixture
 def pair(nursery, task):
-    async def make(transport=None, **kw):
+    async def make(transport=None, config=CONFIG, **kw):
         spec = TrainSpec(task="digits-softmax", min_peers=2, steps=20, sync_every=5, seed=4, **kw)
-        return await Pair(nursery, task, spec, transport).start()
+        return await Pair(nursery, task, spec, transport, config).start()
     return make
 
 
@@ -151,7 +156,7 @@ async def test_a_committed_exchange_gives_both_the_in_process_result_bit_for_bit
 @pytest.mark.parametrize("options", [{}, {"compression": "int8"}, {"compression": "topk:0.5"}])
 async def test_the_bulk_transport_plugs_into_the_same_exchange(pair, options, monkeypatch):
     # real clock: bulk's timers are its own (the fallback path runs over the memnet stream)
-    p = await pair(transport=BulkTensorTransport(), **options)
+    p = await pair(transport=BulkTensorTransport(), config=ANY_SIZE, **options)
     made = []
     real = bulk_frames.EphemeralKey
     monkeypatch.setattr(bulk_frames, "EphemeralKey", lambda *a: made.append(1) or real(*a))
@@ -164,9 +169,9 @@ async def test_the_bulk_transport_plugs_into_the_same_exchange(pair, options, mo
 async def test_bytes_sent_over_the_bulk_side_channel_are_counted_like_bytes_on_the_stream(pair, nursery):
     # real clock: bulk's timers are its own. Daemons move payloads over the raw TCP side
     # channel, which the stream's counters never see; job progress must still show them.
-    on_stream = await pair(transport=BulkTensorTransport())
+    on_stream = await pair(transport=BulkTensorTransport(), config=ANY_SIZE)
     listeners = [await nursery.start(serve_bulk_listener) for _ in range(2)]
-    side = await pair(transport=[BulkTensorTransport(listener=x) for x in listeners])
+    side = await pair(transport=[BulkTensorTransport(listener=x) for x in listeners], config=ANY_SIZE)
     with trio.fail_after(30):
         await _check_exchange_matches_the_reference(on_stream)
         await _check_exchange_matches_the_reference(side)
@@ -179,8 +184,23 @@ async def test_bytes_sent_over_the_bulk_side_channel_are_counted_like_bytes_on_t
         assert abs(b.bytes_received - a.bytes_received) < 0.15 * a.bytes_received
 
 
+async def test_a_small_models_round_goes_framed_even_where_bulk_is_spoken(pair, nursery, monkeypatch):
+    # real clock. A bulk session costs a key agreement, two round trips and a side-channel
+    # connection: more than a payload under small_payload_bytes, which the stream carries
+    # in one flight (a 12-daemon digits job spent its rounds on that setup).
+    listeners = [await nursery.start(serve_bulk_listener) for _ in range(2)]
+    p = await pair(transport=[BulkTensorTransport(listener=x) for x in listeners])
+    assert p.parties[0].params.nbytes < CONFIG.small_payload_bytes
+    made = []
+    real = bulk_frames.EphemeralKey
+    monkeypatch.setattr(bulk_frames, "EphemeralKey", lambda *a: made.append(1) or real(*a))
+    with trio.fail_after(30):
+        await _check_exchange_matches_the_reference(p)
+    assert made == [] and [x.statistics()["authenticated"] for x in listeners] == [0, 0]
+
+
 async def test_peers_with_different_transports_agree_on_one_they_both_speak(pair):
-    p = await pair(transport=[BulkTensorTransport(), None])
+    p = await pair(transport=[BulkTensorTransport(), None], config=ANY_SIZE)
     with trio.fail_after(30):
         await _check_exchange_matches_the_reference(p)  # bulk offered, framed chosen
     p.services.reverse()
