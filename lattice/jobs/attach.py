@@ -50,7 +50,16 @@ import trio
 
 from lattice.core.jobs import AttachSpec, parse_attach_spec
 from lattice.core.jobs.attach import Manifest, ManifestError, manifest_from_json, manifest_of
-from lattice.jobs.kind import Contribution, Input, KindLeft, KindRefused, Result, RunContext, Services
+from lattice.jobs.kind import (
+    Contribution,
+    Input,
+    KindLeft,
+    KindRefused,
+    Result,
+    RunContext,
+    Services,
+    math_compute,
+)
 from lattice.learn.gossip import ParamChannel
 from lattice.learn.merge import ModelFormatError, canonical_model_bytes, loads_safetensors, weighted_average
 from lattice.learn.optim import OuterNesterov
@@ -68,12 +77,6 @@ _HEX = frozenset("0123456789abcdef")
 _NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
                  np.dtype(np.float64): "float64"}
 _AVG_CHUNK = 1 << 18  # elements per chunk of in-place slot updates (1 MiB of float32)
-# A sync's own work (apply a delta, snapshot, adopt a result) on models up to this many
-# parameters runs on the event loop: ~1 ms of numpy at most, where a hop to the compute
-# thread waits behind averaging already queued there and runs at the volunteer's idle
-# priority while the user's loop, the one waiting, holds the cores. (bench/attach_gpu.py:
-# a 9k-parameter CNN syncing every 80 ms spent 6.5 ms a sync.)
-_INLINE_SYNC_PARAMS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -359,7 +362,7 @@ class AttachKind:
         party = AveragingParty(run.job_id, self.services.network.peer_id, run.roster,
                                participant, weighting=spec.weighting,
                                bound=NormBound(factor=spec.norm_factor), compute=compute,
-                               average_into=into)
+                               math=math_compute(compute, session.slot.size), average_into=into)
         resumed = ctx.checkpoint is not None
         if ctx.checkpoint is not None:
             arrays, meta = ctx.checkpoint
@@ -547,10 +550,8 @@ class AttachKind:
 
     async def _sync_work(self, session: LoopSession, fn: Callable[[], T]) -> T:
         """Work the loop waits on in a sync: inline when the model is small (see
-        `_INLINE_SYNC_PARAMS`), else on a compute thread."""
-        if session.slot.size <= _INLINE_SYNC_PARAMS:
-            return fn()
-        return await self.services.compute(fn)
+        `INLINE_MATH_PARAMS`), else on a compute thread."""
+        return await math_compute(self.services.compute, session.slot.size)(fn)
 
     async def _overlapped(self, run: Run, ctx: RunContext, session: LoopSession,
                           party: AveragingParty, init_blob: str) -> _Request:

@@ -21,7 +21,16 @@ import numpy as np
 
 from lattice.core.codec import canonical
 from lattice.core.jobs import TrainSpec, parse_train_spec
-from lattice.jobs.kind import Contribution, Input, KindRefused, Result, RunContext, Services
+from lattice.jobs.kind import (
+    INLINE_EVAL_WORK,
+    Contribution,
+    Input,
+    KindRefused,
+    Result,
+    RunContext,
+    Services,
+    math_compute,
+)
 from lattice.jobs.supervisor import Run
 from lattice.learn.merge import ModelFormatError, canonical_model_bytes, loads_safetensors, weighted_average
 from lattice.learn.participant import (
@@ -34,7 +43,7 @@ from lattice.learn.participant import (
 from lattice.learn.tasks import DatasetsUnavailable, Task, TaskError, get_task
 from lattice.learn.validate import NormBound
 from lattice.net.blob import BlobNotFound, blob_id
-from lattice.net.gossip_avg import AveragingParty
+from lattice.net.gossip_avg import AveragingParty, compute_inline
 
 log = logging.getLogger("lattice.jobs.train")
 
@@ -102,7 +111,8 @@ class TrainKind:
             raise KindRefused(f"task: {e}") from None
         party = AveragingParty(run.job_id, self.services.network.peer_id, run.roster,
                                participant, weighting=spec.weighting,
-                               bound=NormBound(factor=spec.norm_factor), compute=compute)
+                               bound=NormBound(factor=spec.norm_factor), compute=compute,
+                               math=math_compute(compute, task.num_params))
         if ctx.checkpoint is not None:
             arrays, meta = ctx.checkpoint
             await compute(lambda: _restore(participant, arrays, meta))
@@ -168,8 +178,10 @@ class TrainKind:
             "skipped": int(party.stats["skipped"]), **extra}
         if force or ctx.due():
             params = trainer.params
-            metrics = await self.services.compute(
-                lambda: task.evaluate(params, *task.test_data()))
+            X, y = task.test_data()
+            evaluate = compute_inline if task.num_params * len(y) <= INLINE_EVAL_WORK \
+                else self.services.compute
+            metrics = await evaluate(lambda: task.evaluate(params, X, y))
             progress["accuracy"] = float(metrics["accuracy"])
         await ctx.report(force=force, **progress)
 

@@ -268,7 +268,7 @@ class GossipAverager:
     async def _commit(self, party: AveragingParty, out: Outgoing, average: np.ndarray) -> None:
         # Shielded: once the commit is decided, a cancellation must not leave it half-done.
         with trio.CancelScope(shield=True):
-            await party.compute(lambda: party._apply(out, average))
+            await party.math(lambda: party._apply(out, average))
         party.stats["exchanges"] += 1
 
     async def _refuse(self, stream: CountingStream, party: AveragingParty, peer: str, xid: str,
@@ -371,7 +371,7 @@ class GossipAverager:
         """Both sides' middle: prepare ours, swap payloads over ``transport``, mix.
         Returns (what we prepared, the average); raises InvalidTensor when the peer's
         payload fails validation."""
-        out = await party.compute(lambda: party.channel.prepare(party.params))
+        out = await party.math(lambda: party.channel.prepare(party.params))
         sent_before, received_before = stream.bytes_sent, stream.bytes_received
         with trio.fail_after(self.config.step_timeout):
             payload, sent, received = await transport.exchange(
@@ -382,7 +382,7 @@ class GossipAverager:
         # whichever way the arrays went
         stream.bytes_sent += max(0, sent - (stream.bytes_sent - sent_before))
         stream.bytes_received += max(0, received - (stream.bytes_received - received_before))
-        average = await party.compute(lambda: party._mix(out, payload, peer_samples))
+        average = await party.math(lambda: party._mix(out, payload, peer_samples))
         return out, average
 
     async def _respond_exchange(self, stream: CountingStream, party: AveragingParty, peer: str,

@@ -101,7 +101,7 @@ class AveragingParty:
 
     def __init__(self, job_id: str, me: str, roster: list[str], participant: Any, *,
                  weighting: str = "uniform", bound: NormBound | None = NormBound(),
-                 compute: Compute = compute_inline,
+                 compute: Compute = compute_inline, math: Compute | None = None,
                  average_into: Callable[[], np.ndarray | None] | None = None) -> None:
         self.job_id = job_id
         self.me = me
@@ -109,7 +109,8 @@ class AveragingParty:
         self.participant = participant
         self.weighting = weighting
         self.bound = bound
-        self.compute = compute
+        self.compute = compute  # training rounds
+        self.math = math or compute  # an exchange's encode, mix and apply
         self.average_into = average_into
         self.training = False
         self.closed = False
@@ -224,7 +225,7 @@ class AveragingParty:
             held.state = "expired"
             held.go.set()
 
-    # the math (pure, run through compute) ------------------------------------------------
+    # the math (pure, run through math) ---------------------------------------------------
     def _mix(self, out: Outgoing, payload: dict[str, np.ndarray], peer_samples: int
              ) -> np.ndarray:
         """Validate the peer's payload and compute the average; mutates nothing.

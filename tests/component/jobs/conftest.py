@@ -20,8 +20,10 @@ FAST = JobsConfig(progress_interval=1.0, checkpoint_every=5, sync_patience=1.0, 
                                       resolve_timeout=3.0))
 
 
-def virtual_compute(rng: random.Random, cost: float = 0.01):
-    """Run math inline, after a jittered virtual delay standing for the time it takes."""
+def virtual_compute(rng: random.Random, cost: float = 0.04):
+    """Run math inline, after a jittered virtual delay standing for the time it takes.
+    (Only training rounds and large models' math come here: a small model's averaging
+    math runs on the event loop, so a round costs about one of these.)"""
     async def run(fn):
         await trio.sleep(cost * rng.uniform(0.5, 1.5))
         return fn()

@@ -85,7 +85,8 @@ class FakeMachine:
 
 
 class VirtualPool:
-    """Compute steps that take jittered virtual time, as the cluster's own compute."""
+    """Compute steps that take jittered virtual time, as the cluster's own compute
+    (`virtual_compute`): a training round's worth."""
 
     threads = 1
 
@@ -94,7 +95,7 @@ class VirtualPool:
         self.steps_at: list[float] = []
 
     async def run(self, fn):
-        cost = 0.01 * self.rng.uniform(0.5, 1.5)
+        cost = 0.04 * self.rng.uniform(0.5, 1.5)
         await trio.sleep(cost)
         self.steps_at.append(trio.current_time())
         return fn(), cost
