@@ -207,7 +207,9 @@ async def _relays_through_dht(node: Node, dht: KademliaDHT) -> None:
             elif not nat.relaying and provided:
                 dht.unprovide(RELAY_KEY)
                 provided = False
-            if nat.status().get("reachability") != "public":
+            # a lookup walks the DHT (about a query per DHT neighbour): only while we
+            # lack reservations, not every minute of a NATed daemon's life
+            if nat.needs_relays:
                 found = await dht.find_providers(RELAY_KEY)
                 nat.learn_relays([(p.peer_id, [a.split("/p2p/")[0] for a in p.addrs])
                                   for p in found])

@@ -477,7 +477,11 @@ class JobSupervisor:
         while True:
             self._reconcile()
             self._check_memory()
-            with trio.move_on_after(self.config.reconcile_interval):
+            # time moves a live job on (roster waits, dead partners, takeovers); with
+            # none, only a change can: an idle daemon does not wake every second
+            pending = self._runs or self._asked or any(
+                v["status"] not in TERMINAL for v in self.store.jobs().values())
+            with trio.move_on_after(self.config.reconcile_interval if pending else math.inf):
                 await self._changed.wait()
 
     # -- the volunteer's limits ----------------------------------------------------------------

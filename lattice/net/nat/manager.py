@@ -129,6 +129,12 @@ class NatManager:
             self.directory.learn(pid, [f"{a}/p2p/{pid}" for a in addrs], now)
 
     @property
+    def needs_relays(self) -> bool:
+        """True while we are not public and hold fewer reservations than ``max_relays``:
+        only then is it worth looking for more relays."""
+        return self._hungry()
+
+    @property
     def relaying(self) -> bool:
         """True while we serve as a relay hop for others."""
         return bool(self.relay.serving)
