@@ -18,6 +18,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import trio
 
 from lattice.core.codec import canonical
 from lattice.core.jobs import TrainSpec, parse_train_spec
@@ -48,6 +49,7 @@ from lattice.net.gossip_avg import AveragingParty, compute_inline
 log = logging.getLogger("lattice.jobs.train")
 
 FINAL_TENSOR = "params"
+FETCH_CONCURRENCY = 8  # participants' final models the merger fetches at once
 # float32 copies of the parameters one participant holds at most: the parameters, the
 # momentum, a gradient, the channel's estimate and error feedback, the outer
 # optimizer's anchor and momentum, and one averaging payload (the peer's)
@@ -198,10 +200,21 @@ class TrainKind:
     async def produce(self, run: Run, ctx: RunContext, inputs: list[Input]) -> Result | None:
         spec: TrainSpec = run.spec
         task = await self._task(spec)
+        # fetched a few at once: one after another, a 48-participant merge waited out
+        # 48 round trips to as many peers
+        fetched: list[np.ndarray | None] = [None] * len(inputs)
+        limit = trio.CapacityLimiter(FETCH_CONCURRENCY)
+
+        async def fetch(i: int, inp: Input) -> None:
+            async with limit:
+                fetched[i] = await self._final_params(run, inp, task)
+
+        async with trio.open_nursery() as nursery:
+            for i, inp in enumerate(inputs):
+                nursery.start_soon(fetch, i, inp)
         found: list[tuple[int, np.ndarray, int]] = []
         used: list[Input] = []
-        for inp in inputs:
-            params = await self._final_params(run, inp, task)
+        for inp, params in zip(inputs, fetched):
             if params is not None:
                 found.append((inp.rank, params, inp.weight))
                 used.append(inp)
