@@ -1,7 +1,10 @@
 """N real daemons on loopback: the columns of issue 16's table, with its targets.
 
 Starts N `latticed` processes (default config, mDNS off, logs at warning) bootstrapped
-off the first, waits until every daemon lists every member alive, lets them settle,
+off the first, waits until every daemon lists every member alive, lets them settle
+(--settle, 60 s by default: past the startup schedule of a daemon, whose DHT looks
+itself up 3, 10 and 30 s after joining and whose relays announce themselves once
+reachability is known; with 10 s those one-off lookups were most of the "idle" CPU),
 waits until every daemon holds at most the high water mark of connections (the
 connection manager trims only connections older than its grace period; after
 --connections-timeout it goes on and says the connections did not settle), then
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nodes", type=int, nargs="+", default=[8])
     p.add_argument("--idle", type=float, default=30.0, help="idle seconds measured")
-    p.add_argument("--settle", type=float, default=10.0,
+    p.add_argument("--settle", type=float, default=60.0,
                    help="seconds after every member is alive before measuring")
     p.add_argument("--settle-timeout", type=float, default=120.0)
     p.add_argument("--connections-timeout", type=float, default=90.0,
