@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from importlib import metadata
 from typing import Any
 
 from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+from lattice.net.libp2p_version import installed_libp2p
 
 log = logging.getLogger("lattice.net.yamux_credit")
 
@@ -56,10 +57,7 @@ def release_credit_like_go_yamux(installed: str | None = None) -> bool:
     """Patch `YamuxStream` (once); False (nothing patched) on a py-libp2p version this
     was not written for."""
     if installed is None:
-        try:
-            installed = metadata.version("libp2p")
-        except metadata.PackageNotFoundError:
-            installed = "unknown"
+        installed = installed_libp2p()
     if installed not in WRITTEN_FOR:
         log.info("py-libp2p %s: yamux credit left to its own rule (this override was "
                  "written for %s)", installed, ", ".join(WRITTEN_FOR))

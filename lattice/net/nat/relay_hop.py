@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any
 
 import trio
@@ -39,6 +38,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.constants import MAX_READ_LEN
 
 from lattice.net.host import PEER_ERRORS
+from lattice.net.libp2p_version import installed_libp2p
 from lattice.net.nat_config import NatConfig
 from lattice.net.shaping import ByteBudget, Unlimited
 
@@ -57,10 +57,7 @@ class UnsupportedLibp2pError(RuntimeError):
 def check_libp2p_version(installed: str | None = None) -> str:
     """The installed py-libp2p version, or `UnsupportedLibp2pError` saying what to do."""
     if installed is None:
-        try:
-            installed = metadata.version("libp2p")
-        except metadata.PackageNotFoundError:
-            installed = "unknown"
+        installed = installed_libp2p()
     if installed not in SUPPORTED_LIBP2P:
         raise UnsupportedLibp2pError(
             f"py-libp2p {installed} is installed, but lattice.net.nat.relay_hop overrides "
