@@ -372,6 +372,11 @@ class AttachKind:
             party.bytes_received = int(meta.get("bytes_received", 0))
             party.stats["exchanges"] = int(meta.get("exchanges", 0))
         gossip = self.services.gossip
+        # From "ready" on the loop runs in its slot: until its first sync (the first
+        # training round of `_rounds`/`_overlapped`) offers are held, as during any
+        # round, or an exchange landing now would write into the slot under the loop
+        # (two would reach the active one) before it even read its start weights.
+        party.training = True
         gossip.register(party)
         ctx.on_close(lambda: gossip.unregister(run.job_id))
         if not resumed:
