@@ -337,14 +337,23 @@ class ComputeThreads:
         self._closed = False
 
     def start(self) -> None:
+        """Start the threads; returns once each has applied its controls (they do it
+        first thing, at normal priority: milliseconds), so `applied` is whole."""
         self._token = trio.lowlevel.current_trio_token()
+        ready = []
         for i in range(self.threads):
-            t = threading.Thread(target=self._main, name=f"{THREAD_NAME}-{i}", daemon=True)
+            applied = threading.Event()
+            t = threading.Thread(target=self._main, args=(applied,), name=f"{THREAD_NAME}-{i}",
+                                 daemon=True)
             t.start()
             self._threads.append(t)
+            ready.append(applied)
+        for applied in ready:
+            applied.wait(timeout=10.0)
 
-    def _main(self) -> None:
+    def _main(self, applied: threading.Event) -> None:
         self.applied.append(self.controls.apply_to_current_thread())
+        applied.set()
         mark = time.thread_time()
         while True:
             item = self._queue.get()
