@@ -476,12 +476,11 @@ class JobSupervisor:
             # history is confirmed (`CrdtSync.write`), not on a view missing our records
             await self.sync.wait_writable()
         while True:
-            self._reconcile()
+            live = self._reconcile()
             self._check_memory()
             # time moves a live job on (roster waits, dead partners, takeovers); with
             # none, only a change can: an idle daemon does not wake every second
-            pending = self._runs or self._asked or any(
-                v["status"] not in TERMINAL for v in self.store.jobs().values())
+            pending = live or bool(self._runs)
             with trio.move_on_after(self.config.reconcile_interval if pending else math.inf):
                 await self._changed.wait()
 
@@ -518,16 +517,17 @@ class JobSupervisor:
                 run.stop_reason = why
                 run.scope.cancel()
 
-    def _reconcile(self) -> None:
+    def _reconcile(self) -> bool:
+        """Act on the board; whether any job on it is still live."""
         now = self._clock()
         alive = self._alive(self.store.members(now))
         jobs = self.store.jobs()
+        live = {jid for jid, v in jobs.items() if v["status"] not in TERMINAL}
         reserved = len(self._runs) + sum(
-            1 for jid, v in jobs.items()
-            if jid not in self._runs and v["status"] not in TERMINAL
-            and v["participants"].get(self.me, {}).get("state") == "joined")
-        self._asked.intersection_update(
-            jid for jid, v in jobs.items() if v["status"] not in TERMINAL)
+            1 for jid in live
+            if jid not in self._runs
+            and jobs[jid]["participants"].get(self.me, {}).get("state") == "joined")
+        self._asked.intersection_update(live)
         for job_id, view in jobs.items():
             spec = self._spec(job_id, view)
             if spec is None:
@@ -544,6 +544,7 @@ class JobSupervisor:
             for action in actions:
                 reserved += isinstance(action, Join)
                 self._do(action, view, kind, spec)
+        return bool(live)
 
     def _do(self, action: Any, view: Mapping[str, Any], kind: JobKind[Any], spec: Any) -> None:
         job_id = action.job_id
