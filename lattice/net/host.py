@@ -530,9 +530,9 @@ class Libp2pNode:
         connection every 30 s, one frame each way: it stays current at no cost of
         ours; issue 16), else the echo `measure_rtt` took on connect, else None."""
         for conn in sorted(self.live_connections(peer_id), key=is_relayed):  # direct first
-            muxer_rtt = getattr(conn.muxed_conn, "rtt", None)
-            if muxer_rtt is not None and muxer_rtt() > 0:
-                return float(muxer_rtt()) * 1000.0
+            muxer_rtt = getattr(conn.muxed_conn, "rtt", lambda: 0.0)()
+            if muxer_rtt > 0:
+                return float(muxer_rtt) * 1000.0
         return self._rtt_ms.get(peer_id)
 
     # -- events -------------------------------------------------------------------
