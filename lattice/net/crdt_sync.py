@@ -262,9 +262,12 @@ class SyncConfig:
     after (or when the peer's backoff ends, if it was penalized)."""
     hello_timeout: float = 10.0
     """A session whose peer has not said hello by then ends."""
-    idle_timeout: float = 60.0
+    idle_timeout: float = 120.0
     """A session whose remote sends no frame for this long (or does not take one of
-    ours) ends; with nothing to send we send a keepalive after a third of it."""
+    ours) ends; with nothing to send we send a keepalive after half of it. Keepalives
+    are an idle daemon's cost per connection held (two frames per keepalive period each
+    way, with yamux's pings), so the period is long; a peer that vanishes without
+    closing is found sooner by SWIM (`lattice.net.membership`)."""
     max_sessions: int = 256
     """Sync sessions at once, in all."""
     backoff_base: float = 5.0
@@ -477,7 +480,7 @@ class CrdtSync:
         """End the session when the remote is silent (no hello within ``hello_timeout``,
         then no whole frame within ``idle_timeout``: a trickle does not hold us) or does
         not take a frame of ours within ``idle_timeout``; ask for a keepalive when we
-        sent nothing for a third of it. One task per session that wakes a few times per
+        sent nothing for half of it. One task per session that wakes a few times per
         idle period, so a message costs a timestamp, not a cancel scope."""
         idle = self.config.idle_timeout
         while True:
@@ -492,10 +495,10 @@ class CrdtSync:
             if live.writing_since is not None:
                 wake = min(wake, live.writing_since + idle)
             elif session.open:
-                if now >= live.sent + idle / 3:
+                if now >= live.sent + idle / 2:
                     live.keepalive_due = True
                     self._wake(session)
-                wake = min(wake, max(live.sent, now) + idle / 3)
+                wake = min(wake, max(live.sent, now) + idle / 2)
             await trio.sleep_until(wake)
 
     async def _read_loop(self, stream: CountingStream, session: SyncSession, *,

@@ -42,6 +42,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.exceptions import MuxedStreamError
+from libp2p.stream_muxer.yamux import yamux as _yamux
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.exceptions import OpenConnectionError
@@ -70,6 +71,15 @@ log = logging.getLogger("lattice.net.host")
 # is consumed. Our protocols exchange many small messages, where those frames were ~15%
 # of a daemon's busy CPU (lattice.net.yamux_credit).
 release_credit_like_go_yamux()
+
+YAMUX_PING_INTERVAL_S = 60  # an int: py-libp2p declares it one
+"""py-libp2p's Yamux pings each connection from both ends every 30 s (`RTT_MEASURE_
+INTERVAL`, read at each round): four frames per connection held, which is most of what
+an idle daemon's connections cost it (issue 16). Every 60 s keeps RTTs current enough
+for ranking peers and the connection warm in any NAT's table (TCP mappings last minutes
+at the least)."""
+if hasattr(_yamux, "RTT_MEASURE_INTERVAL"):
+    _yamux.RTT_MEASURE_INTERVAL = YAMUX_PING_INTERVAL_S
 
 # What a libp2p stream or dial raises when the remote vanished or misbehaved.
 _LIBP2P_PEER_ERRORS: tuple[type[BaseException], ...] = (
@@ -527,7 +537,7 @@ class Libp2pNode:
 
     def rtt_ms(self, peer_id: str) -> float | None:
         """The peer's round-trip time in ms: the muxer's own (yamux pings every
-        connection every 30 s, one frame each way: it stays current at no cost of
+        connection every `YAMUX_PING_INTERVAL_S`, one frame each way: it stays current at no cost of
         ours; issue 16), else the echo `measure_rtt` took on connect, else None."""
         for conn in sorted(self.live_connections(peer_id), key=is_relayed):  # direct first
             muxer_rtt = getattr(conn.muxed_conn, "rtt", lambda: 0.0)()
