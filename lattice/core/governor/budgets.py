@@ -8,6 +8,7 @@ Must not import trio, sockets or read the clock.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lattice.core.governor.localtime import Now, month_period
@@ -144,9 +145,13 @@ class MemoryBudget:
     estimate before it joins (`reserve` says why not, when it would exceed the cap) and
     checks what compute really uses while it runs (`over`)."""
 
-    def __init__(self, cap_bytes: int) -> None:
+    def __init__(self, cap_bytes: int,
+                 before_first: Callable[[], None] | None = None) -> None:
         self.cap = max(0, int(cap_bytes))
         self._reserved: dict[str, int] = {}
+        self._before_first = before_first
+        """Called as a reservation is made while none is held (the governor reads the
+        daemon's own memory then, the baseline compute's use is measured from)."""
 
     @property
     def reserved(self) -> int:
@@ -159,6 +164,8 @@ class MemoryBudget:
         if self.cap and others + nbytes > self.cap:
             return (f"memory: needs {format_bytes(nbytes)}, {format_bytes(self.cap - others)} "
                     f"of the {format_bytes(self.cap)} compute cap left")
+        if not self._reserved and self._before_first is not None:
+            self._before_first()
         self._reserved[key] = int(nbytes)
         return None
 

@@ -94,7 +94,8 @@ class VolunteerConfig:
     """Day of the month (1-28) the data allowance starts over, like a billing cycle."""
     signal_interval_s: float = 0.5
     """How often battery, input, CPU load and memory are read (a pause takes effect
-    within this, plus the compute step running then)."""
+    within this, plus the compute step running then); every 5 s while no compute runs
+    or waits (`latticed.governor.IDLE_SIGNAL_INTERVAL_S`)."""
     duty_burst_s: float = 1.0
     """The duty cycle's bucket holds this many seconds of allowed CPU time: compute runs
     in short bursts instead of a minute on, a minute off."""

@@ -9,8 +9,10 @@ import trio
 import trio.testing
 
 from lattice.core.governor import VolunteerConfig
+from latticed.governor import IDLE_SIGNAL_INTERVAL_S
 
 INTERVAL = 0.5  # VolunteerConfig.signal_interval_s
+IDLE_INTERVAL = IDLE_SIGNAL_INTERVAL_S  # how often they are read with no compute around
 COST = 0.05     # one virtual compute step
 
 
@@ -163,7 +165,7 @@ async def test_resume_lifts_only_the_users_pause(machine, start_governor, stream
     gov, _ = await start_governor(nursery, VolunteerConfig())
     machine.power(ac=False, battery="Discharging")
     gov.pause(reason="x")
-    await trio.sleep(1)
+    await trio.sleep(IDLE_INTERVAL + INTERVAL)  # nothing computes: read within IDLE_INTERVAL
     assert [r.kind for r in gov.state.compute_reasons] == ["user", "battery"]
     assert gov.resume()["summary"] == "paused: on battery"
 
@@ -177,7 +179,7 @@ async def test_subscribers_see_each_change_of_kind_once(machine, start_governor,
         while True:
             state = await gov.wait_change(version)
             version = gov.version
-            seen.append(state.summary)
+            seen.append([r.kind for r in state.compute_reasons])
 
     nursery.start_soon(watch)
     machine.terminal_input(machine.now().wall)
@@ -185,6 +187,29 @@ async def test_subscribers_see_each_change_of_kind_once(machine, start_governor,
     machine.power(ac=False, battery="Discharging")
     await trio.sleep(40)   # battery and input; input lifts at 60 s
     machine.power(ac=True)
-    await trio.sleep(5)
-    assert seen == ["paused: user active now", "paused: on battery", "paused: on battery",
-                    "running"]
+    await trio.sleep(IDLE_INTERVAL)
+    assert seen == [["user_active"], ["battery", "user_active"], ["battery"], []]
+
+
+async def test_with_nothing_computing_a_step_reads_the_signals_before_it_starts(
+        machine, start_governor, stream_of, nursery, autojump_clock):
+    # Idle, the signals are read every IDLE_INTERVAL; a step must not start on an
+    # older reading than one signal interval, and the service must go back to reading
+    # every INTERVAL while compute is wanted.
+    gov, workers = await start_governor(nursery, VolunteerConfig())
+    await trio.sleep(3 * IDLE_INTERVAL + 1)  # between two idle reads
+    machine.power(ac=False, battery="Discharging")
+    stream = stream_of(gov.compute)
+    t_wanted = trio.current_time()
+    nursery.start_soon(stream.run)
+    await wait_state(gov, lambda st: not st.compute, timeout=INTERVAL)
+    assert gov.state.summary == "paused: on battery"
+    assert stream.done == [] and workers.started_between(t_wanted, trio.current_time()) == 0
+    machine.power(ac=True, battery="Charging")
+    await wait_state(gov, lambda st: st.compute, timeout=INTERVAL + 0.01)
+    await trio.sleep(1)
+    assert len(stream.done) > 10
+    machine.power(ac=False, battery="Discharging")
+    t_signal = trio.current_time()
+    await wait_state(gov, lambda st: not st.compute, timeout=INTERVAL + 0.01)
+    assert trio.current_time() - t_signal <= INTERVAL
