@@ -89,3 +89,26 @@ async def test_a_malformed_probe_is_counted_and_the_service_keeps_going(
     assert services[0].machine.counts["malformed"] == 1
     await trio.sleep(5)
     assert services[0].machine.counts["acks"] > 0
+
+
+async def test_probes_ride_one_kept_stream_per_neighbour_and_a_lost_one_is_replaced(
+        nursery, autojump_clock, lattice_seed):
+    from lattice.net.membership import PROTOCOL
+
+    net = MemoryNetwork(seed=lattice_seed)
+    peers, services = await start(nursery, net, 6, lattice_seed)
+    await trio.sleep(30)  # 30 probe rounds: each neighbour probed 7-8 times
+    for s in services:
+        assert s.machine.counts["pings"] >= 25
+        # one stream to each neighbour, not one per message (table + probes)
+        assert s.streams_opened == len(s.machine.neighbours())
+        # (a probe sent while the services were starting may have gone unanswered)
+        assert all(s.machine.status(p.peer_id) == "alive" for p in peers)
+    opened = [s.streams_opened for s in services]
+    suspected = [s.machine.counts["suspected"] for s in services]
+    for stream in [s for s in peers[0].streams if s.protocol == PROTOCOL]:
+        await stream.reset()  # every membership stream of one daemon, both ways
+    await trio.sleep(30)
+    assert [s.machine.counts["suspected"] for s in services] == suspected
+    assert all(s.machine.status(peers[0].peer_id) == "alive" for s in services[1:])
+    assert sum(s.streams_opened for s in services) > sum(opened)  # replaced, not given up
