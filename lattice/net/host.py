@@ -81,6 +81,14 @@ at the least)."""
 if hasattr(_yamux, "RTT_MEASURE_INTERVAL"):
     _yamux.RTT_MEASURE_INTERVAL = YAMUX_PING_INTERVAL_S
 
+YAMUX_SWEEP_INTERVAL_S = 120.0
+"""py-libp2p's Yamux wakes every 30 s on each connection to forget streams that closed
+(`_STALE_STREAM_SWEEP_INTERVAL`, read at each round): with 30 connections that is a
+wakeup a second of an idle daemon. Our protocols keep their streams (sync sessions,
+SWIM links) and close few, so sweeping every 2 min holds little longer."""
+if hasattr(_yamux, "_STALE_STREAM_SWEEP_INTERVAL"):
+    _yamux._STALE_STREAM_SWEEP_INTERVAL = YAMUX_SWEEP_INTERVAL_S
+
 # What a libp2p stream or dial raises when the remote vanished or misbehaved.
 _LIBP2P_PEER_ERRORS: tuple[type[BaseException], ...] = (
     StreamError, MuxedStreamError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
