@@ -563,8 +563,8 @@ class Governor:
     def check_memory(self) -> str | None:
         """Why job compute must give memory back now, or None. What compute uses is
         estimated as the process's RSS above what it was when the first of the jobs
-        holding a `memory` reservation now reserved it (one heap serves everything, so it is an estimate; the
-        reservations are the precise part)."""
+        holding a `memory` reservation now reserved it (one heap serves everything, so it
+        is an estimate; the reservations are the precise part)."""
         rss = self.sources.rss_bytes()
         if rss is None or self.rss_baseline is None or not self.memory.reserved:
             return None
@@ -653,10 +653,14 @@ class Governor:
         signals are read every `signal_interval_s`, else every `IDLE_SIGNAL_INTERVAL_S`."""
         return self.compute.in_use(trio.current_time()) or self.memory.reserved > 0
 
+    def next_read(self) -> float:
+        """When the signals are next due, on the short interval (trio time)."""
+        return self._last_tick + self.config.signal_interval_s
+
     async def refresh(self) -> None:
         """Read the signals now unless the last read is under `signal_interval_s` old,
         and put the service's loop back on its short interval."""
-        if trio.current_time() - self._last_tick >= self.config.signal_interval_s:
+        if trio.current_time() >= self.next_read():
             await self.tick()
         self._wanted.set()
 
@@ -797,11 +801,12 @@ async def serve_governor(config: VolunteerConfig, *, compute_threads: int = 1,
         last_save = trio.current_time()
         while True:
             if governor.in_use():
-                await trio.sleep(config.signal_interval_s)
+                await trio.sleep_until(governor.next_read())
             else:
                 await governor.wait_until_wanted(max(config.signal_interval_s,
                                                      IDLE_SIGNAL_INTERVAL_S))
-            await governor.tick()
+            # a step that woke us has just read them: no second read of the same moment
+            await governor.refresh()
             if governor._data_dirty and trio.current_time() - last_save >= SAVE_INTERVAL_S:
                 governor._save()
                 last_save = trio.current_time()

@@ -545,8 +545,9 @@ class Libp2pNode:
 
     def rtt_ms(self, peer_id: str) -> float | None:
         """The peer's round-trip time in ms: the muxer's own (yamux pings every
-        connection every `YAMUX_PING_INTERVAL_S`, one frame each way: it stays current at no cost of
-        ours; issue 16), else the echo `measure_rtt` took on connect, else None."""
+        connection every `YAMUX_PING_INTERVAL_S`, one frame each way: it stays current
+        at no cost of ours; issue 16), else the echo `measure_rtt` took on connect, else
+        None."""
         for conn in sorted(self.live_connections(peer_id), key=is_relayed):  # direct first
             muxer_rtt = getattr(conn.muxed_conn, "rtt", lambda: 0.0)()
             if muxer_rtt > 0:
