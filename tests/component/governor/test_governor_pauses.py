@@ -165,7 +165,9 @@ async def test_resume_lifts_only_the_users_pause(machine, start_governor, stream
     gov, _ = await start_governor(nursery, VolunteerConfig())
     machine.power(ac=False, battery="Discharging")
     gov.pause(reason="x")
-    await trio.sleep(IDLE_INTERVAL + INTERVAL)  # nothing computes: read within IDLE_INTERVAL
+    # nothing computes: the battery is read within IDLE_INTERVAL
+    await wait_state(gov, lambda st: len(st.compute_reasons) == 2,
+                     timeout=IDLE_INTERVAL + INTERVAL)
     assert [r.kind for r in gov.state.compute_reasons] == ["user", "battery"]
     assert gov.resume()["summary"] == "paused: on battery"
 
@@ -187,7 +189,8 @@ async def test_subscribers_see_each_change_of_kind_once(machine, start_governor,
     machine.power(ac=False, battery="Discharging")
     await trio.sleep(40)   # battery and input; input lifts at 60 s
     machine.power(ac=True)
-    await trio.sleep(IDLE_INTERVAL)
+    await wait_state(gov, lambda st: st.compute, timeout=IDLE_INTERVAL + INTERVAL)
+    await trio.testing.wait_all_tasks_blocked()  # the watcher has taken the last change
     assert seen == [["user_active"], ["battery", "user_active"], ["battery"], []]
 
 
