@@ -73,6 +73,8 @@ from lattice.net.dht_publish import Publications
 from lattice.net.dht_server import KadServer
 from lattice.net.streams import PeerError, PeerNetwork, RemoteProtocolError
 
+REJOIN_FIRST_RETRY_S = 2.0  # then doubling, up to `DHTConfig.refresh_interval`
+
 log = logging.getLogger("lattice.net.dht")
 
 
@@ -128,6 +130,7 @@ class KademliaDHT:
         self._pings_in_flight = 0
         self._nursery: trio.Nursery | None = None
         self._republish_now = trio.Event()
+        self._alone = trio.Event()  # set when a refresh found no peer to join through
 
     # --- public operations ----------------------------------------------------------
 
@@ -147,17 +150,24 @@ class KademliaDHT:
             for pid in ids:
                 nursery.start_soon(self._ping_quietly, pid)
         await self.refresh()
-        self.joined = True
         if self.published.own or self.published.providing or self.mode is Mode.CLIENT:
             self._republish_now.set()
         return len(self.table)
 
     async def refresh(self) -> None:
-        """A self lookup, then one random walk per bucket (Kademlia bucket refresh)."""
+        """A self lookup, then one random walk per bucket (Kademlia bucket refresh).
+        We count as joined once the self lookup leaves us with a table (our closest
+        peers now know us), or when nobody was given to join through (the first node
+        of a network); the walks only fill the farther buckets."""
         if not len(self.table) and self._bootstrap_peers:
             for pid in self._bootstrap_peers:
                 self.table.add_unverified(pid, trio.current_time())
         await self.find_closest_peers(peer_hash(self.peer_id))
+        if len(self.table) or not self._bootstrap_peers:
+            self.joined = True
+        else:
+            self._alone.set()  # nobody answered: `_refresh_loop` retries soon
+            return
         targets = self.table.refresh_targets(
             [self._rng.getrandbits(256) for _ in range(16)])
         for target in targets:
@@ -397,9 +407,22 @@ class KademliaDHT:
             log.info("peer=%s bootstrap ping failed: %s", peer_id, e)
 
     async def _refresh_loop(self) -> NoReturn:
+        # A node whose bootstrap peers did not answer (down, restarting, or too slow
+        # under load) would otherwise sit outside the DHT until the next refresh, 10 min
+        # later: while it is alone, it retries through them 2 s, 4 s, 8 s... apart.
+        retry = REJOIN_FIRST_RETRY_S
         while True:
-            await trio.sleep(self.config.refresh_interval)
+            with trio.move_on_after(self.config.refresh_interval):
+                await self._alone.wait()
+            if self._alone.is_set():
+                self._alone = trio.Event()
+                await trio.sleep(retry)
+                retry = min(retry * 2, self.config.refresh_interval)
+                log.info("dht: no peer answered, rejoining through %d bootstrap peers",
+                         len(self._bootstrap_peers))
             await self.refresh()
+            if len(self.table):
+                retry = REJOIN_FIRST_RETRY_S
 
     async def _republish_loop(self) -> NoReturn:
         while True:

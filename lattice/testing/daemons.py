@@ -16,15 +16,18 @@ from lattice.api.paths import child_env
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.01):
-    """Poll a condition we cannot subscribe to (a file appearing, a process exiting)."""
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.01, detail=None):
+    """Poll a condition we cannot subscribe to (a file appearing, a process exiting).
+    On timeout the error names ``what`` and, when given, what ``detail()`` says about
+    the state it was left in."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            seen = f": {detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}{seen}")
         time.sleep(interval)
 
 

@@ -32,7 +32,10 @@ def test_24_daemons_find_each_other_and_every_record_everywhere_then_survive_chu
                 wait_for(lambda: (dht := c.status()["dht"])["joined"]
                          and dht["routing_table_size"] >= n // 2,
                          max(1.0, deadline - time.monotonic()),
-                         f"node {i} to join the DHT", interval=0.2)
+                         f"node {i} to join the DHT", interval=0.2,
+                         detail=lambda: {k: c.status()["dht"].get(k) for k in (
+                             "joined", "routing_table_size", "request_failures",
+                             "requests_out", "inflight_out")})
 
             keys = {}
             for j in range(6):

@@ -265,6 +265,26 @@ async def test_restarted_node_rejoins_from_its_state_and_republishes(swarm, auto
     assert [p.peer_id for p in await nodes[0].find_providers("model-1")] == [fresh.peer_id]
 
 
+async def test_a_node_whose_bootstrap_peer_is_down_joins_when_it_comes_back(
+        swarm, autojump_clock):
+    nodes = await swarm.grow(8)
+    seed = nodes[0]
+    swarm.net.disconnect(seed.peer_id)
+    late = await swarm.add()
+    assert await late.bootstrap([seed.peer_id]) == 0
+    assert not late.statistics()["joined"]
+    # the seed restarts a minute later: the newcomer is in well before the 10 min refresh
+    await trio.sleep(60)
+    swarm.net.reconnect(seed.peer_id)
+    started = trio.current_time()
+    with trio.fail_after(120):
+        while not late.statistics()["joined"]:
+            await trio.sleep(1)
+    assert trio.current_time() - started <= 64  # the retry backs off to 64 s at most here
+    assert len(late.table) >= 8
+    assert late.peer_id in {p for n in nodes[1:] for p in n.table.peers()}
+
+
 async def test_statistics_report_the_table_mode_and_traffic(swarm, autojump_clock):
     nodes = await swarm.grow(4)
     stats = nodes[0].statistics()
