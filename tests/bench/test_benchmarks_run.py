@@ -59,7 +59,7 @@ CASES = [
      [r"merged model \(network run\)\s+accuracy 0\.\d+", r"centralized SGD baseline"]),
     ("attach_handoff.py", ["--params", "1000000", "--syncs", "2"],
      [r"hand-off \(loop <-> daemon\)\s+[\d.]+ s", r"network exchange.*\s+[\d.]+ s"]),
-    ("attach_overhead.py", ["--steps", "60"],
+    ("attach_overhead.py", ["--steps", "30", "--participants", "2", "--sync-every", "10"],
      [r"(with|without|lattice)\s+[\d.]+ steps/s|^skipped: "]),
     ("attach_learning.py", ["--steps", "60", "--partitions", "iid"],
      [r"iid\s+none\s+[\d.]+%|^skipped: "]),
