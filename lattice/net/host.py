@@ -72,12 +72,12 @@ log = logging.getLogger("lattice.net.host")
 # of a daemon's busy CPU (lattice.net.yamux_credit).
 release_credit_like_go_yamux()
 
-YAMUX_PING_INTERVAL_S = 60  # an int: py-libp2p declares it one
+YAMUX_PING_INTERVAL_S = 300  # an int: py-libp2p declares it one
 """py-libp2p's Yamux pings each connection from both ends every 30 s (`RTT_MEASURE_
-INTERVAL`, read at each round): four frames per connection held, which is most of what
-an idle daemon's connections cost it (issue 16). Every 60 s keeps RTTs current enough
-for ranking peers and the connection warm in any NAT's table (TCP mappings last minutes
-at the least)."""
+INTERVAL`, read at each round): four frames per connection held, which was most of what
+an idle daemon's connections cost it (issue 16). The RTT it keeps is only shown
+(`peers.list`), and the connection stays warm in NAT tables through the sync session's
+keepalives (one each way a minute, `[sync] idle_timeout`), so every 5 min is enough."""
 if hasattr(_yamux, "RTT_MEASURE_INTERVAL"):
     _yamux.RTT_MEASURE_INTERVAL = YAMUX_PING_INTERVAL_S
 
