@@ -37,10 +37,10 @@ class PresenceConfig:
     second); a replicated heartbeat costs every daemon O(N)."""
     ping_interval: float = 0.0
     """Peers' round-trip time is re-measured by an echo stream this often, seconds; 0:
-    never after the first (on connect). Yamux pings every connection itself every 5 min
-    (`YAMUX_PING_INTERVAL_S`; `Libp2pNode.connections` shows it); an echo stream per
-    peer every 15 s cost each daemon O(connections) stream setups, the largest share
-    of its idle CPU at 96 daemons (issue 16)."""
+    never after the first (on connect). Yamux pings every connection itself (every
+    `lattice.net.host.YAMUX_PING_INTERVAL_S`; `Libp2pNode.connections` shows it); an
+    echo stream per peer every 15 s cost each daemon O(connections) stream setups, the
+    largest share of its idle CPU at 96 daemons (issue 16)."""
 
 
 def member_record(node: Node) -> dict[str, Any]:
