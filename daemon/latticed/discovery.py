@@ -40,6 +40,11 @@ class DiscoveryConfig:
     """Peer connections kept at most."""
     bootstrap_retry_max: float = 30.0
     """Longest wait between redials of a lost bootstrap peer, seconds."""
+    bootstrap_min_peers: int = 4
+    """A lost bootstrap peer is redialed only while we hold fewer connections than this
+    (as IPFS's bootstrapper): a daemon that has its peers does not need it, and a
+    network bootstrapped off one daemon would otherwise redial it each time its
+    connection manager trims them."""
     dht_mode: str = "auto"
     """server: answer DHT queries; client: only ask (for daemons that others cannot
     dial); auto: client once reachability says we are behind a NAT, server otherwise."""
@@ -67,8 +72,10 @@ class SideChannelConfig:
 
 RELAY_KEY = "lattice:circuit-relay-v2"  # relays provide this name in the DHT
 RELAY_DISCOVERY_INTERVAL_S = 60.0
-"""Relays re-announce and NATed nodes look for relays this often: the announcement is
-cheap to repeat and a NATed node's candidates age out."""
+"""A NATed node short of reservations looks for relays this often (its candidates age
+out), and each node checks whether its announcement as a relay is still right; both
+also happen at once when our reachability changes. The DHT republishes the
+announcement itself."""
 EARLY_SELF_LOOKUPS_S = (3.0, 10.0, 30.0)
 DHT_PERSIST_INTERVAL_S = 300.0
 
@@ -78,20 +85,21 @@ DHT_PERSIST_INTERVAL_S = 300.0
 
 async def keep_bootstrap_peer(node: Node, addr: str,
                               dial_errors: tuple[type[BaseException], ...]) -> None:
-    """Dial a bootstrap peer and redial with exponential backoff whenever it drops
-    (told by the host's peer events)."""
+    """Dial a bootstrap peer, and dial it again with exponential backoff whenever it is
+    gone while we hold fewer than ``bootstrap_min_peers`` connections (the host's peer
+    events tell when to look again)."""
     host = node.host
     assert host is not None
     peer_id = addr.rsplit("/p2p/", 1)[-1]
     backoff = 0.25
-    max_backoff = node.config.build(DiscoveryConfig).bootstrap_retry_max
+    config = node.config.build(DiscoveryConfig)
     with host.peer_events(buffer=16) as events:
         while True:
-            if peer_id in host.connected_peers():
+            peers = host.connected_peers()
+            if peer_id in peers or len(peers) >= config.bootstrap_min_peers:
                 backoff = 0.25
-                async for event in events:  # until it drops (or we lost track)
-                    if event.kind == "lagged" or (event.kind == "disconnected"
-                                                  and event.peer_id == peer_id):
+                async for event in events:  # until a peer drops (or we lost track)
+                    if event.kind != "connected":
                         break
                 continue
             try:
@@ -102,7 +110,7 @@ async def keep_bootstrap_peer(node: Node, addr: str,
                 log.warning("bootstrap peer=%s unreachable (%s); retry in %.1f s",
                             peer_id, e, backoff)
             await trio.sleep(backoff)
-            backoff = min(backoff * 2, max_backoff)
+            backoff = min(backoff * 2, config.bootstrap_retry_max)
 
 
 # -- the DHT ---------------------------------------------------------------------------------
@@ -215,7 +223,11 @@ async def _relays_through_dht(node: Node, dht: KademliaDHT) -> None:
                                   for p in found])
         except (RecordError, PeerError) as e:
             log.warning("relay discovery through the DHT failed: %s", e)
-        await trio.sleep(RELAY_DISCOVERY_INTERVAL_S)
+        # A node that just became a relay (or learnt it is NATed) acts on it at once, not
+        # up to a minute later: relays are found sooner, and the announcement joins the
+        # start-up work instead of landing in what should be an idle daemon's first minute.
+        with trio.move_on_after(RELAY_DISCOVERY_INTERVAL_S):
+            await nat.wait_reachability_change()
 
 
 async def lan_peer_found(node: Node, peer_id: str, addrs: list[str]) -> None:
