@@ -203,7 +203,8 @@ async def _start_services(node: Node, nursery: trio.Nursery, host_mod: ModuleTyp
         nursery.start_soon(presence.measure_rtts, node)
     node.connections = await nursery.start(functools.partial(
         serve_connection_manager, host, cfg.build(WaterMarks),
-        protected=functools.partial(presence.protected_peers, node)))
+        protected=functools.partial(presence.protected_peers, node),
+        before_close=membership.say_bye))
     for addr in cfg["node.bootstrap"]:
         nursery.start_soon(discovery.keep_bootstrap_peer, node, addr, host_mod.PEER_ERRORS)
 

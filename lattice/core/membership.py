@@ -12,6 +12,11 @@ says it again whenever it hears the stale news (a refutation rides on a bounded 
 of messages: one that missed it would otherwise hold a live daemon dead).
 (Das, Gupta, Motivala, "SWIM", DSN 2002; the suspicion mechanism of its section 4.2.)
 
+A daemon that closes a connection on purpose (its connection manager trims it) first
+says ``bye`` on it, and neither side probes the other once more for the closed
+connection: that recheck is for crashes, and after a trim it redialed the connection
+just closed, on both sides, undoing every trim.
+
 A daemon announces its own start as a rumour, and hands each new neighbour its table
 (``members``, once per connection), so a daemon that joins late learns who is alive
 and who died without waiting for news. Memory is what a daemon has heard of, at most
@@ -80,27 +85,42 @@ class Membership:
         self._neighbours: set[str] = set()
         self._order: list[str] = []
         self._recheck: set[str] = set()
+        self._parting: set[str] = set()
+        """Peers whose connection is being closed on purpose (a ``bye`` either way): its
+        close is not a crash to recheck."""
         self._tell: set[str] = set()
         """Peers that spoke to us while we hold them suspect or dead."""
         self._awaiting: dict[int, tuple[str, float]] = {}  # nonce -> (peer, deadline)
         self._nonce = 0
         self._own_rumour = self._transmits() if gossip_joins else 0  # start, refutations
         self.counts = {"pings": 0, "acks": 0, "suspected": 0, "declared_dead": 0,
-                       "refuted": 0, "reasserted": 0, "malformed": 0}
+                       "refuted": 0, "reasserted": 0, "malformed": 0, "byes": 0}
 
     # -- the overlay ----------------------------------------------------------------------
     def add_neighbour(self, peer: str, now: float) -> None:
         """A connection to ``peer`` exists: probe it from now on."""
         if peer != self.me:
             self._neighbours.add(peer)
+            self._parting.discard(peer)
             self._evidence(peer, None, now)
 
     def remove_neighbour(self, peer: str) -> None:
         """The connection to ``peer`` closed: probe it once more at the next tick (a
-        crash closes connections too), then no longer."""
+        crash closes connections too), then no longer; not when either side said
+        ``bye`` first."""
         if peer in self._neighbours:
             self._neighbours.discard(peer)
-            self._recheck.add(peer)
+            if peer in self._parting:
+                self._parting.discard(peer)
+            else:
+                self._recheck.add(peer)
+
+    def part(self, peer: str) -> dict[str, Any]:
+        """We are about to close our connection to ``peer`` on purpose: the ``bye`` to
+        send it first, so that neither side takes the close for a crash."""
+        self._parting.add(peer)
+        self._recheck.discard(peer)
+        return {"t": "bye", "n": 0, "g": self._rumours(peer)}
 
     def neighbours(self) -> set[str]:
         return set(self._neighbours)
@@ -162,7 +182,7 @@ class Membership:
         while self._recheck:
             peer = min(self._recheck)  # not set.pop(): its order is the hash seed's
             self._recheck.discard(peer)
-            if peer not in self._neighbours:
+            if peer not in self._neighbours and peer not in self._parting:
                 return [self._ping(peer, now)]
         if not self._order:
             # sorted first: a set's order follows the hash seed, the shuffle our rng
@@ -191,6 +211,11 @@ class Membership:
         self._evidence(sender, None, now)
         for peer, status, inc in gossip:
             self._rumour(peer, status, inc, now, news=kind != "members")
+        if kind == "bye":  # it closes the connection on purpose next
+            self.counts["byes"] += 1
+            self._parting.add(sender)
+            self._recheck.discard(sender)
+            return []
         if kind == "members":
             return []
         if kind == "ping":
@@ -286,10 +311,10 @@ class Membership:
 
 
 def _check(msg: Any) -> tuple[str, int, list[tuple[str, str, int]]]:
-    if not isinstance(msg, dict) or msg.get("t") not in ("ping", "ack", "members") \
+    if not isinstance(msg, dict) or msg.get("t") not in ("ping", "ack", "members", "bye") \
             or type(msg.get("n")) is not int or not isinstance(msg.get("g"), list) \
             or len(msg["g"]) > (MAX_TABLE if msg["t"] == "members" else MAX_PIGGYBACK + 1):
-        raise MembershipError("a membership message is {t: ping|ack|members, n: int, "
+        raise MembershipError("a membership message is {t: ping|ack|members|bye, n: int, "
                               "g: [rumour]}")
     out = []
     for r in msg["g"]:

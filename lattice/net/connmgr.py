@@ -6,6 +6,10 @@ takes the count above the high water mark (and every ``interval`` seconds, for
 connections whose grace period ended since). Must not import libp2p: it closes
 connections through `PeerNetwork.disconnect`.
 
+Before closing, ``before_close`` is awaited with the peers chosen (the daemon has its
+failure detector say ``bye`` to them, so neither side takes the close for a crash and
+dials again to recheck).
+
 Failure policy: a disconnect that fails (the peer is already gone) is ignored; what is
 protected is asked of ``protected()`` at each trim, so it is always current.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -29,10 +33,12 @@ log = logging.getLogger("lattice.net.connmgr")
 class ConnectionManager:
     def __init__(self, network: PeerNetwork, marks: WaterMarks,
                  protected: Callable[[], set[str]], clock: Callable[[], float],
-                 rng: random.Random) -> None:
+                 rng: random.Random,
+                 before_close: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
         self.network = network
         self.marks = marks
         self.protected = protected
+        self.before_close = before_close
         self._clock = clock
         self._rng = rng
         self.opened: dict[str, float] = {}
@@ -51,6 +57,8 @@ class ConnectionManager:
             self.trims += 1
             log.info("trimming %d of %d connections (high water %d)", len(victims),
                      len(self.opened), self.marks.high)
+            if self.before_close is not None:
+                await self.before_close(victims)
         for peer in victims:
             self.opened.pop(peer, None)
             try:
@@ -86,8 +94,11 @@ async def serve_connection_manager(network: PeerNetwork, marks: WaterMarks, *,
                                    protected: Callable[[], set[str]],
                                    clock: Callable[[], float] = time.time,
                                    rng: random.Random | None = None, interval: float = 10.0,
+                                   before_close: Callable[[list[str]], Awaitable[None]]
+                                   | None = None,
                                    task_status=trio.TASK_STATUS_IGNORED) -> None:
-    manager = ConnectionManager(network, marks, protected, clock, rng or random.Random())
+    manager = ConnectionManager(network, marks, protected, clock, rng or random.Random(),
+                                before_close)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(manager._track)
         nursery.start_soon(manager._periodic, interval)

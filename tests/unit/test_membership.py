@@ -150,6 +150,30 @@ def test_a_neighbour_whose_connection_closed_is_probed_once_more_and_then_let_go
     assert net.m["a"].status("b") == DEAD and "b" not in net.m["a"].neighbours()
 
 
+def test_a_connection_closed_on_purpose_is_not_probed_again_by_either_side():
+    # a's connection manager trims its connection to b: a says bye, then closes. A
+    # recheck probe would dial b again (on either side) and undo the trim.
+    net = Net(["a", "b", "c"], probe_interval=1.0, probe_timeout=0.5, suspicion_timeout=2.0)
+    net.link("a", "b")
+    net.link("a", "c")
+    net.link("b", "c")
+    net.send("a", [("b", net.m["a"].part("b"))], 0.0)
+    net.m["a"].remove_neighbour("b")
+    net.m["b"].remove_neighbour("a")
+    for t in range(1, 8):
+        for name in ("a", "b"):
+            other = "b" if name == "a" else "a"
+            assert all(target != other for target, _ in net.m[name].tick(float(t)))
+        net.round(float(t) + 0.5)
+    # and nobody took the other for dead: both still alive everywhere
+    assert net.m["a"].status("b") == "alive" and net.m["b"].status("a") == "alive"
+    assert net.m["c"].status("a") == "alive" and net.m["b"].counts["byes"] == 1
+    # a connection made again later and then lost without a bye is rechecked as before
+    net.link("a", "b", now=9.0)
+    net.m["a"].remove_neighbour("b")
+    assert net.m["a"].tick(10.0)[0][0] == "b"
+
+
 def test_a_late_joiner_learns_the_table_from_its_first_neighbour():
     net = ring(10, probe_interval=1.0, probe_timeout=0.5, suspicion_timeout=2.0)
     net.down.add("p5")
