@@ -20,7 +20,11 @@ measures over --idle seconds:
   the time until every daemon's `state` subscription reported it;
 - DHT put on one daemon, then a fresh get on another (median of --dht-runs);
 - a --job-steps digits-mlp job with N participants (submit to done; --job-max limits the
-  N it runs at).
+  N it runs at), and the CPU all daemons spent meanwhile, as a share of the machine: a
+  job that keeps every core busy scales with participants per core, not with networking.
+
+A daemon that exits during the run is named, with the end of its log. --water LOW HIGH
+sets the daemons' connection water marks, to see the trimmed regime on a small box.
 
     .venv/bin/python bench/scale.py --nodes 8 --idle 20                 # a small box
     .venv/bin/python bench/scale.py --nodes 16 48 96 --idle 30          # 16 cores
@@ -54,7 +58,6 @@ from lattice.core.state import Set, StateStore
 from lattice.testing.daemons import DaemonProc, wait_for
 
 TICKS = os.sysconf("SC_CLK_TCK")
-HIGH_WATER = WaterMarks().high
 
 
 def cpu_seconds(pid: int) -> float:
@@ -88,8 +91,14 @@ def envelope_size() -> int:
     return len(env.raw)
 
 
-def start_all(n: int, root: Path, pool: ThreadPoolExecutor) -> list[DaemonProc]:
-    extra = ("--log-level", "warning")
+def start_all(n: int, root: Path, pool: ThreadPoolExecutor, water: WaterMarks
+              ) -> list[DaemonProc]:
+    extra: tuple[str, ...] = ("--log-level", "warning")
+    if water != WaterMarks():  # a small box can try the trimmed regime at small N
+        config = root / "latticed.toml"
+        config.write_text(f"[connections]\nlow_water = {water.low}\n"
+                          f"high_water = {water.high}\n")
+        extra += ("--config", str(config))
     first = DaemonProc(root / "d0", *extra).start()
     first.wait_running(60)
     boot = first.addr()
@@ -124,14 +133,14 @@ def connections(daemons: list[DaemonProc], pool: ThreadPoolExecutor) -> list[int
     return list(pool.map(one, daemons))
 
 
-def wait_connections(daemons: list[DaemonProc], timeout: float, pool: ThreadPoolExecutor
-                     ) -> tuple[float, bool]:
+def wait_connections(daemons: list[DaemonProc], high: int, timeout: float,
+                     pool: ThreadPoolExecutor) -> tuple[float, bool]:
     """Wait until every daemon holds at most the high water mark of connections (the
     connection manager trims a connection only after its grace period), or ``timeout``
     seconds; returns (seconds waited, whether they settled)."""
     t0 = time.monotonic()
     while True:
-        if max(connections(daemons, pool)) <= HIGH_WATER:
+        if max(connections(daemons, pool)) <= high:
             return time.monotonic() - t0, True
         if time.monotonic() - t0 >= timeout:
             return time.monotonic() - t0, False
@@ -232,6 +241,8 @@ def run_job(daemons: list[DaemonProc], steps: int, timeout: float) -> dict[str, 
     all steps counted, merging, done), read from `jobs.get` every 0.25 s."""
     spec = {"task": "digits-mlp", "steps": steps, "min_peers": len(daemons)}
     phases: dict[str, float] = {}
+    pids = [d.proc.pid for d in daemons if d.proc is not None]
+    cpu0 = sum(cpu_seconds(p) for p in pids)
 
     def mark(name: str, now: float) -> None:
         phases.setdefault(name, now - t0)
@@ -261,7 +272,9 @@ def run_job(daemons: list[DaemonProc], steps: int, timeout: float) -> dict[str, 
                 mark("merging", now)
             if status in ("done", "failed", "cancelled"):
                 mark(status, now)
+                cpu = sum(cpu_seconds(p) for p in pids) - cpu0
                 return {"status": status, "total_s": now - t0, "phases": phases,
+                        "cpu_s": cpu, "busy": cpu / ((now - t0) * (os.cpu_count() or 1)),
                         "running_s": now - t0 - phases["running"] if "running" in phases
                         else None}
             time.sleep(0.25)
@@ -274,11 +287,12 @@ def one_n(n: int, args: argparse.Namespace, size: int) -> dict[str, Any]:
         daemons: list[DaemonProc] = []
         try:
             t0 = time.monotonic()
-            daemons = start_all(n, Path(tmp), pool)
+            daemons = start_all(n, Path(tmp), pool, args.water)
             started = time.monotonic() - t0
             members_s = wait_members(daemons, args.settle_timeout)
             time.sleep(args.settle)
-            settle_s, settled = wait_connections(daemons, args.connections_timeout, pool)
+            settle_s, settled = wait_connections(daemons, args.water.high,
+                                                 args.connections_timeout, pool)
             idle = measure_idle(daemons, args.idle, pool)
             conns = connections(daemons, pool)
             write = write_one(daemons, pool)
@@ -288,9 +302,22 @@ def one_n(n: int, args: argparse.Namespace, size: int) -> dict[str, Any]:
             return {"n": n, "started_s": started, "members_s": members_s,
                     "conn_settle_s": settle_s, "conn_settled": settled, **idle,
                     "conn_mean": statistics.mean(conns), "conn_max": max(conns),
-                    "write": write, "size": size, "dht": (put, get), "job": job}
+                    "write": write, "size": size, "dht": (put, get), "job": job,
+                    "high": args.water.high}
+        except BaseException:
+            report_dead(daemons)
+            raise
         finally:
             list(pool.map(_stop, daemons))
+
+
+def report_dead(daemons: list[DaemonProc]) -> None:
+    """Name the daemons that exited while the benchmark ran, with their logs' last
+    lines: the figures cannot be measured, and the crash is the finding."""
+    for i, d in enumerate(daemons):
+        if d.proc is not None and d.proc.poll() is not None:
+            print(f"\n  daemon d{i} exited with {d.proc.returncode}; its log ends:\n"
+                  f"{d.log_text()}", file=sys.stderr)
 
 
 def _stop(d: DaemonProc) -> None:
@@ -308,6 +335,9 @@ def report(r: dict[str, Any]) -> None:
     job = r["job"]
     job_text = ("not run" if job is None else
                 f"{job['total_s']:.1f} s ({job['status']}; running {job['running_s'] or 0:.1f} s)")
+    job_cpu = ("" if job is None or "cpu_s" not in job else
+               f"{job['cpu_s']:.0f} core-s ({job['cpu_s'] / n:.2f} per daemon), "
+               f"{100 * job['busy']:.0f} % of the machine")
     rows = [
         ("daemons up / all members alive", f"{r['started_s']:.0f} s / {r['members_s']:.0f} s", ""),
         ("connections ≤ high water before idle",
@@ -326,10 +356,12 @@ def report(r: dict[str, Any]) -> None:
         ("one write reaches all", f"{1000 * w['reach_s']:.0f} ms ({w['reached']}/{n})",
          "≤ 1 s at 96"),
         ("connections per daemon", f"{r['conn_mean']:.1f} (max {r['conn_max']})",
-         f"≤ {HIGH_WATER} + job partners"),
+         f"≤ {r['high']} + job partners"),
         ("DHT put / fresh get", f"{1000 * r['dht'][0]:.0f} / {1000 * r['dht'][1]:.1f} ms", ""),
         (f"digits-mlp job, {n} participants", job_text, "48 within 2x the 16"),
     ]
+    if job_cpu:  # a job that saturates the cores cannot get faster by better networking
+        rows.append(("  CPU of all daemons during it", job_cpu, ""))
     print(f"\nN = {n} real daemons")
     width = max(len(a) for a, _, _ in rows)
     for name, value, target in rows:
@@ -355,7 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job-max", type=int, default=48,
                    help="run the job only at N up to this")
     p.add_argument("--job-timeout", type=float, default=300.0)
+    p.add_argument("--water", type=int, nargs=2, metavar=("LOW", "HIGH"),
+                   default=[WaterMarks().low, WaterMarks().high],
+                   help="the daemons' connection water marks (default the daemon's): "
+                        "lower ones show the trimmed regime with fewer daemons")
     args = p.parse_args(argv)
+    args.water = WaterMarks(low=args.water[0], high=args.water[1])
     print(f"scale: real latticed daemons on loopback, {lattice.__name__} from "
           f"{Path(lattice.__file__).parent}, {os.cpu_count()} cores")
     size = envelope_size()
