@@ -23,6 +23,7 @@ tests/nat/test_nat_relay_loopback.py exercises each of them.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -41,6 +42,8 @@ from lattice.net.host import PEER_ERRORS
 from lattice.net.libp2p_version import installed_libp2p
 from lattice.net.nat_config import NatConfig
 from lattice.net.shaping import ByteBudget, Unlimited
+
+log = logging.getLogger("lattice.net.nat")
 
 # The py-libp2p versions whose private relay methods this module was written against.
 SUPPORTED_LIBP2P = ("0.8.1",)
@@ -96,7 +99,7 @@ class CircuitRelay(CircuitV2Protocol):
         self.circuits_cut = {"duration": 0, "bytes": 0}
         self._pumps: dict[frozenset[int], list[trio.CancelScope]] = {}  # per circuit
         self.refused = {"not_serving": 0, "circuit_limit": 0, "relayed": 0, "malformed": 0,
-                        "transfers_paused": 0}
+                        "transfers_paused": 0, "failed": 0}
         self._reserved: dict[ID, None] = {}
 
     def active_reservations(self) -> int:
@@ -132,7 +135,27 @@ class CircuitRelay(CircuitV2Protocol):
         except _HOP_READ_ERRORS:
             await self._refuse(stream, StatusCode.MALFORMED_MESSAGE, "malformed")
             return
+        try:
+            await self._handle_one(stream, msg)
+        except PEER_ERRORS:
+            pass  # the peer went away meanwhile
+        except Exception as e:  # noqa: BLE001 — see below
+            # py-libp2p's handlers raise on paths of their own (a RESERVE whose peer is
+            # no longer connected when the reservation is read back hits a NetStream
+            # method that does not exist); raised here, it would end the host's
+            # service and the daemon with it. The request fails; we carry on.
+            log.info("peer=%s relay request failed: %r", stream.muxed_conn.peer_id, e)
+            self.refused["failed"] += 1
+            try:
+                await stream.reset()
+            except PEER_ERRORS:
+                pass
+
+    async def _handle_one(self, stream: Any, msg: Any) -> None:
         if msg.type == HopMessage.RESERVE:
+            # A reservation is for the peer on this connection (as go- and rust-libp2p
+            # read it); py-libp2p would take a `peer` field naming anyone.
+            msg.ClearField("peer")
             # noted first: py-libp2p's handler lingers 0.1 s after answering
             self._reserved[stream.muxed_conn.peer_id] = None
             if len(self._reserved) > 2 * self.limits.max_reservations:
