@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -282,8 +283,8 @@ def run_job(daemons: list[DaemonProc], steps: int, timeout: float) -> dict[str, 
 
 
 def one_n(n: int, args: argparse.Namespace, size: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix=f"lattice-scale-{n}-") as tmp, \
-            ThreadPoolExecutor(max_workers=32) as pool:
+    tmp = tempfile.mkdtemp(prefix=f"lattice-scale-{n}-")
+    with ThreadPoolExecutor(max_workers=32) as pool:
         daemons: list[DaemonProc] = []
         try:
             t0 = time.monotonic()
@@ -299,21 +300,29 @@ def one_n(n: int, args: argparse.Namespace, size: int) -> dict[str, Any]:
             put, get = dht_latency(daemons, args.dht_runs)
             job = (run_job(daemons, args.job_steps, args.job_timeout)
                    if n <= args.job_max else None)
-            return {"n": n, "started_s": started, "members_s": members_s,
-                    "conn_settle_s": settle_s, "conn_settled": settled, **idle,
-                    "conn_mean": statistics.mean(conns), "conn_max": max(conns),
-                    "write": write, "size": size, "dht": (put, get), "job": job,
-                    "high": args.water.high}
+            result = {"n": n, "started_s": started, "members_s": members_s,
+                      "conn_settle_s": settle_s, "conn_settled": settled, **idle,
+                      "conn_mean": statistics.mean(conns), "conn_max": max(conns),
+                      "write": write, "size": size, "dht": (put, get), "job": job,
+                      "high": args.water.high}
         except BaseException:
             report_dead(daemons)
+            print(f"  (state dirs and logs kept in {tmp})", file=sys.stderr)
             raise
         finally:
             list(pool.map(_stop, daemons))
+    shutil.rmtree(tmp, ignore_errors=True)  # kept above when the run failed
+    return result
 
 
 def report_dead(daemons: list[DaemonProc]) -> None:
     """Name the daemons that exited while the benchmark ran, with their logs' last
-    lines: the figures cannot be measured, and the crash is the finding."""
+    lines: the figures cannot be measured, and the crash is the finding. One whose
+    socket just failed may still be on its way out: a few seconds for that."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and all(
+            d.proc is None or d.proc.poll() is None for d in daemons):
+        time.sleep(0.5)
     for i, d in enumerate(daemons):
         if d.proc is not None and d.proc.poll() is not None:
             print(f"\n  daemon d{i} exited with {d.proc.returncode}; its log ends:\n"
