@@ -103,9 +103,13 @@ class MembershipService:
     async def say_bye(self, peers: list[str]) -> None:
         """Tell each of ``peers`` that we close our connection to it on purpose next
         (the connection manager's trim; `Membership.part`), at most the probe timeout
-        each, all at once. Its close then costs no recheck on either side."""
+        each, all at once. Its close then costs no recheck on either side. A peer
+        already gone is skipped: opening a stream to it would dial it again."""
+        connected = set(self.network.connected_peers())
         async with trio.open_nursery() as nursery:
             for peer in peers:
+                if peer not in connected:
+                    continue
                 self._in_flight += 1  # `_exchange` gives it back
                 nursery.start_soon(self._exchange, peer, self.machine.part(peer))
 

@@ -60,3 +60,26 @@ async def test_trimmed_connections_stay_closed_and_their_peers_stay_alive(
     for detector in detectors:
         assert detector.statistics()["suspected"] == 0
     assert sum(d.statistics()["byes"] for d in detectors) == 8
+
+
+async def test_a_bye_to_a_peer_already_gone_does_not_dial_it_again(
+        nursery, autojump_clock, lattice_seed):
+    # The trim chose it, then its connection closed before the bye went out: opening a
+    # stream to say bye would dial it again only to close the new connection.
+    net = MemoryNetwork(seed=lattice_seed)
+    hub, gone, kept = net.add_peer(), net.add_peer(), net.add_peer()
+    detectors = []
+    for i, peer in enumerate((hub, gone, kept)):
+        await nursery.start(peer.serve)
+        detectors.append(await nursery.start(lambda task_status, p=peer, k=i: serve_membership(
+            p, config=MembershipConfig(probe_interval=1.0, probe_timeout=0.5,
+                                       suspicion_timeout=3.0),
+            clock=trio.current_time, rng=random.Random(lattice_seed + k),
+            task_status=task_status)))
+    net.link_up(hub.peer_id, gone.peer_id)
+    net.link_up(hub.peer_id, kept.peer_id)
+    await hub.disconnect(gone.peer_id)
+    await detectors[0].say_bye([gone.peer_id, kept.peer_id])
+    await trio.testing.wait_all_tasks_blocked()
+    assert detectors[1].statistics()["byes"] == 0
+    assert detectors[2].statistics()["byes"] == 1
