@@ -73,6 +73,9 @@ from lattice.net.streams import (
 log = logging.getLogger("lattice.net.crdt_sync")
 
 PROTOCOL = PROTOCOL_ID
+DIAL_RETRY_MAX_S = 60.0
+"""A session dial that keeps failing while its peer stays connected is retried at
+``session_retry`` doubling up to this (a peer that does not speak sync costs little)."""
 
 
 @dataclass
@@ -307,6 +310,7 @@ class CrdtSync:
         self._dialing: set[str] = set()
         self._connected: set[str] = set()  # from the network's peer events
         self._redial_at: dict[str, float] = {}
+        self._dial_failures: dict[str, int] = {}  # failed dials in a row, per peer
         self._redial_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._closed = False
@@ -315,6 +319,7 @@ class CrdtSync:
         self._deferred: list[list[Change]] = []
         self.deferred_writes = 0
         self.anti_entropy_rounds = 0
+        self.failed_dials = 0
         self.timeouts: Counter[str] = Counter()
 
     # -- public -------------------------------------------------------------------------
@@ -329,10 +334,19 @@ class CrdtSync:
         try:
             stream = await self.network.open_stream(peer_id, PROTOCOL)
         except PeerError as e:
-            log.debug("peer=%s crdt-sync dial failed: %s", peer_id, e)
+            # Connected but the stream failed (a relayed connection closing as a direct
+            # one takes over, a peer still starting): nothing else would ever start this
+            # session while the connection stays up, so try again, less often each time.
+            fails = self._dial_failures[peer_id] = self._dial_failures.get(peer_id, 0) + 1
+            self.failed_dials += 1
+            retry = min(self.config.session_retry * 2 ** (fails - 1), DIAL_RETRY_MAX_S)
+            log.debug("peer=%s crdt-sync dial failed (%d in a row, again in %.0f s): %s",
+                      peer_id, fails, retry, e)
+            self._schedule_redial(peer_id, self._clock() + retry)
             return False
         finally:
             self._dialing.discard(peer_id)
+        self._dial_failures.pop(peer_id, None)
         self._nursery.start_soon(self._run_session, stream, True, None)
         return True
 
@@ -398,6 +412,7 @@ class CrdtSync:
     def statistics(self) -> dict[str, Any]:
         return {"store": self.store.statistics(),
                 "sync": {**self.hub.statistics(), "anti_entropy_rounds": self.anti_entropy_rounds,
+                         "failed_dials": self.failed_dials,
                          "timeouts": dict(self.timeouts),
                          "writable": self.writable, "deferred_writes": self.deferred_writes,
                          "sessions_detail": [s.statistics() for s in self.hub.sessions.values()]}}
@@ -553,6 +568,7 @@ class CrdtSync:
                 elif event.kind == DISCONNECTED:
                     self._connected.discard(event.peer_id)
                     self._redial_at.pop(event.peer_id, None)
+                    self._dial_failures.pop(event.peer_id, None)
                 else:  # lagged: events were dropped, read the truth once
                     self._resync_connected()
 

@@ -5,7 +5,7 @@ import trio
 
 from lattice.core.identity import Identity
 from lattice.core.state import LocalStateError, Set, StateLimits
-from lattice.net.crdt_sync import FileStateLog, open_state, serve_heartbeat
+from lattice.net.crdt_sync import PROTOCOL, FileStateLog, open_state, serve_heartbeat
 
 SIXTEEN_PLUS = 20
 
@@ -252,3 +252,24 @@ async def test_a_new_identity_writes_at_once_a_lone_restart_after_the_timeout(
     await lone.sync.wait_writable()  # no peer to ask: after initial_sync_timeout
     assert trio.current_time() - start == pytest.approx(cluster.config.initial_sync_timeout)
     assert lone.store.seq_of(lone.peer_id) == 1
+
+
+async def test_a_session_whose_redial_fails_is_dialed_again_while_connected(
+        cluster, autojump_clock):
+    # Seen across NATs: the session ran on the relayed connection; as it closed, the
+    # redial's stream failed, and the two stayed connected (direct) with no session.
+    a, b = await cluster.add(2)
+    dialer, other = sorted((a, b), key=lambda n: n.peer_id)  # the smaller id dials
+    await dialer.peer.connect(other.peer_id)
+    await cluster.wait_until(lambda: dialer.sync.hub.has_session(other.peer_id))
+    handler = other.peer._handlers.pop(PROTOCOL)  # its next streams fail
+    for stream in list(dialer.peer.streams):
+        await stream.reset()
+    await cluster.wait_until(lambda: dialer.sync.failed_dials >= 1)  # the redial came
+    assert not dialer.sync.hub.has_session(other.peer_id)
+    assert other.peer_id in dialer.peer.connected_peers()
+    other.peer._handlers[PROTOCOL] = handler
+    dialer.announce("dialer, after the failed redial")
+    await cluster.wait_until(cluster.converged, timeout=4 * cluster.config.session_retry)
+    assert other.store.get(f"members/{dialer.peer_id}/name", 0) == \
+        "dialer, after the failed redial"
