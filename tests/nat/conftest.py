@@ -27,9 +27,10 @@ LISTEN_PORT = 4001
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.05) -> Any:
-    """Poll a condition of another process (no event to subscribe to), with a deadline."""
-    return wait_for(predicate, timeout, what, interval)
+               interval: float = 0.05, detail: Callable[[], Any] | None = None) -> Any:
+    """Poll a condition of another process (no event to subscribe to), with a deadline;
+    on timeout the error adds what ``detail()`` says."""
+    return wait_for(predicate, timeout, what, interval, detail)
 
 
 class NatDaemon:

@@ -126,7 +126,7 @@ def test_daemons_reach_each_other_by_peer_id_across_nats(natnet, case):
         c.state_set(f"counters/{case}-{token}", 7)
     with b.client() as c:
         wait(lambda: c.state_get("counters").get(f"{case}-{token}") == 7, 10,
-             "b to see a's write")
+             "b to see a's write", detail=lambda: {x.name: _sync_sessions(x) for x in (a, b)})
     row = b.peer_row(a.peer_id)
     assert row is not None and row["connection"] == expect
 
@@ -241,3 +241,11 @@ def test_upnp_with_no_gateway_finds_none_and_says_so(natnet):
     net = natnet("public_x_cone")
     assert net.tb.host("b").call(lambda: upnp_map(4001)) == ("none", None,
                                                               "no UPnP gateway found")
+
+
+def _sync_sessions(daemon) -> dict:
+    """What a daemon's replication says of its sessions, for a failure message."""
+    with daemon.client() as c:
+        sync = c.state_stats()["sync"]["sync"]
+    return {"sessions": sync.get("sessions"), "failed_dials": sync.get("failed_dials"),
+            "peers": daemon.peers()}
