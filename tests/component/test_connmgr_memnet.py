@@ -38,14 +38,7 @@ async def test_trimmed_connections_stay_closed_and_their_peers_stay_alive(
     # trim the hub says bye first, so neither side redials, and nobody is suspected.
     net = MemoryNetwork(seed=lattice_seed)
     peers = [net.add_peer() for _ in range(13)]
-    detectors = []
-    for i, peer in enumerate(peers):
-        await nursery.start(peer.serve)
-        detectors.append(await nursery.start(lambda task_status, p=peer, k=i: serve_membership(
-            p, config=MembershipConfig(probe_interval=1.0, probe_timeout=0.5,
-                                       suspicion_timeout=3.0),
-            clock=trio.current_time, rng=random.Random(lattice_seed + k),
-            task_status=task_status)))
+    detectors = await _serve_with_detectors(nursery, peers, lattice_seed)
     hub, others = peers[0], peers[1:]
     manager = await nursery.start(lambda task_status: serve_connection_manager(
         hub, WaterMarks(low=4, high=8, grace=5.0), protected=set, clock=trio.current_time,
@@ -68,14 +61,7 @@ async def test_a_bye_to_a_peer_already_gone_does_not_dial_it_again(
     # stream to say bye would dial it again only to close the new connection.
     net = MemoryNetwork(seed=lattice_seed)
     hub, gone, kept = net.add_peer(), net.add_peer(), net.add_peer()
-    detectors = []
-    for i, peer in enumerate((hub, gone, kept)):
-        await nursery.start(peer.serve)
-        detectors.append(await nursery.start(lambda task_status, p=peer, k=i: serve_membership(
-            p, config=MembershipConfig(probe_interval=1.0, probe_timeout=0.5,
-                                       suspicion_timeout=3.0),
-            clock=trio.current_time, rng=random.Random(lattice_seed + k),
-            task_status=task_status)))
+    detectors = await _serve_with_detectors(nursery, [hub, gone, kept], lattice_seed)
     net.link_up(hub.peer_id, gone.peer_id)
     net.link_up(hub.peer_id, kept.peer_id)
     await hub.disconnect(gone.peer_id)
@@ -83,3 +69,15 @@ async def test_a_bye_to_a_peer_already_gone_does_not_dial_it_again(
     await trio.testing.wait_all_tasks_blocked()
     assert detectors[1].statistics()["byes"] == 0
     assert detectors[2].statistics()["byes"] == 1
+
+
+async def _serve_with_detectors(nursery, peers, seed):
+    """Serve each peer with a fast failure detector (1 s probes); returns the detectors."""
+    detectors = []
+    for i, peer in enumerate(peers):
+        await nursery.start(peer.serve)
+        detectors.append(await nursery.start(lambda task_status, p=peer, k=i: serve_membership(
+            p, config=MembershipConfig(probe_interval=1.0, probe_timeout=0.5,
+                                       suspicion_timeout=3.0),
+            clock=trio.current_time, rng=random.Random(seed + k), task_status=task_status)))
+    return detectors
