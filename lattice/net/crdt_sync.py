@@ -334,15 +334,10 @@ class CrdtSync:
         try:
             stream = await self.network.open_stream(peer_id, PROTOCOL)
         except PeerError as e:
-            # Connected but the stream failed (a relayed connection closing as a direct
-            # one takes over, a peer still starting): nothing else would ever start this
-            # session while the connection stays up, so try again, less often each time.
-            fails = self._dial_failures[peer_id] = self._dial_failures.get(peer_id, 0) + 1
             self.failed_dials += 1
-            retry = min(self.config.session_retry * 2 ** (fails - 1), DIAL_RETRY_MAX_S)
-            log.debug("peer=%s crdt-sync dial failed (%d in a row, again in %.0f s): %s",
-                      peer_id, fails, retry, e)
-            self._schedule_redial(peer_id, self._clock() + retry)
+            log.debug("peer=%s crdt-sync dial failed: %s", peer_id, e)
+            if peer_id in self._connected:
+                self._redial_after_failure(peer_id)
             return False
         finally:
             self._dialing.discard(peer_id)
@@ -584,6 +579,15 @@ class CrdtSync:
             self._nursery.start_soon(self.connect, peer)
         elif self.hub.in_backoff(peer, now):
             self._schedule_redial(peer, self.hub.backoff_until(peer) or now)
+
+    def _redial_after_failure(self, peer: str) -> None:
+        """Connected but the stream failed (a relayed connection closing as a direct
+        one takes over, a peer still starting): nothing else would ever start this
+        session while the connection stays up, so try again, less often each time.
+        The count is kept while connected only (a disconnect drops it)."""
+        fails = self._dial_failures[peer] = self._dial_failures.get(peer, 0) + 1
+        self._schedule_redial(peer, self._clock() + min(
+            self.config.session_retry * 2 ** (fails - 1), DIAL_RETRY_MAX_S))
 
     def _schedule_redial(self, peer: str, at: float) -> None:
         if peer not in self._connected or self.network.peer_id >= peer:
