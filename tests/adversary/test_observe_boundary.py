@@ -1,7 +1,8 @@
 """The handler boundary of `/lattice/observe/1` and `/lattice/holepunch/1` (issue 11):
 an exception of any type raised while parsing a peer's message is that peer's fault.
 It is counted and penalized, and it never escapes the handler (which would end the
-daemon): the node keeps serving other peers.
+daemon): the node keeps serving other peers. Likewise the relay's HOP handler, whose
+reservations py-libp2p serves.
 
 In-process py-libp2p hosts on loopback with the real connectivity manager; the
 exception is injected into the parser the handler calls.
@@ -108,3 +109,36 @@ async def test_an_exception_in_holepunch_parsing_is_the_peers_fault(nodes, monke
     replies = await exchange(c, a.peer_id, hp.PROTOCOL_ID, [holepunch_connect(addrs=[])])
     assert not replies  # direct: refused, by the handler
     assert a_nat.status()["holepunch"]["refused_direct"] >= 1
+
+
+async def test_a_reserve_naming_another_peer_reserves_for_the_sender_and_the_relay_lives_on(
+        nodes):
+    # py-libp2p reserved for whatever peer the message named, then read the reservation
+    # back, found that peer unconnected, and raised from its error path (a NetStream
+    # method that does not exist): the exception ended the relay's host, and its daemon.
+    from libp2p.peer.id import ID
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+    from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
+    from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP
+    from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+    from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
+
+    from lattice.net.nat.reservations import hop_status
+
+    relay, relay_nat = await nodes(config=NatConfig(relay_service="on"))
+    evil, _ = await nodes(bootstrap=[addr(relay)])
+    with trio.fail_after(10):
+        while relay.peer_id not in evil.connected_peers():
+            await trio.sleep(0.01)  # another task's progress: nothing to wait on
+    stranger = ID.from_base58(Identity.generate().peer_id)
+    for _ in range(2):
+        stream = await evil.host.new_stream(ID.from_base58(relay.peer_id), [HOP])
+        with trio.fail_after(10):
+            await write_delimited_msg(stream, HopMessage(
+                type=HopMessage.RESERVE, peer=CircuitPeerId(id=stranger.to_bytes())))
+            answer = await read_delimited_msg(stream, HopMessage)
+        assert hop_status(answer) == StatusCode.OK
+    hop = relay_nat.relay
+    assert hop.resource_manager.get_reservation(ID.from_base58(evil.peer_id)) is not None
+    assert hop.resource_manager.get_reservation(stranger) is None
+    assert relay_nat.status()["relay_service"]["reservations"] == 1

@@ -139,10 +139,10 @@ class CircuitRelay(CircuitV2Protocol):
             await self._handle_one(stream, msg)
         except PEER_ERRORS:
             pass  # the peer went away meanwhile
-        except Exception as e:  # noqa: BLE001 — see below
-            # py-libp2p's handlers raise on paths of their own (a RESERVE whose peer is
-            # no longer connected when the reservation is read back hits a NetStream
-            # method that does not exist); raised here, it would end the host's
+        except AttributeError as e:
+            # py-libp2p's handlers catch everything themselves, but its RESERVE error
+            # path (a reserving peer gone before the reservation is read back) calls a
+            # NetStream method that does not exist; raised here, it would end the host's
             # service and the daemon with it. The request fails; we carry on.
             log.info("peer=%s relay request failed: %r", stream.muxed_conn.peer_id, e)
             self.refused["failed"] += 1
